@@ -1,0 +1,83 @@
+// merge_scatter on the CPU: Chan's exact merge of two partial scatter statistics,
+//   count = na + nb,  mean_c = (na mu_a + nb mu_b) / n,
+//   S_w = S_w^a + S_w^b + sum_c w_c (mu_a,c - mu_b,c)(mu_a,c - mu_b,c)^T,  w_c = na nb / n.
+// The class sum is one GEMM, Delta^T diag(w) Delta. Exact in exact arithmetic and associative, which is what
+// lets batches, layers and processes be accumulated in any order.
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/chan_merge.h"
+#include "common/checks.h"
+
+namespace gpp_ext {
+namespace {
+
+constexpr const char* kOp = "merge_scatter";
+
+void check_stats(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& within, const char* which,
+                 int64_t num_classes, int64_t d) {
+  const std::string suffix = std::string("_") + which;
+  const std::string c = "count" + suffix, m = "mean" + suffix, w = "within" + suffix;
+  for (const auto* t : {&count, &mean, &within}) {
+    check_cpu(*t, kOp, "statistics");
+    check_strided(*t, kOp, "statistics");
+  }
+  check_double(count, kOp, c.c_str());
+  check_double(mean, kOp, m.c_str());
+  check_double(within, kOp, w.c_str());
+  check_dim(count, 1, kOp, c.c_str(), "[C]");
+  check_dim(mean, 2, kOp, m.c_str(), "[C, D]");
+  check_dim(within, 2, kOp, w.c_str(), "[D, D]");
+  TORCH_CHECK_VALUE(count.size(0) == num_classes && mean.size(0) == num_classes && mean.size(1) == d &&
+                        within.size(0) == d && within.size(1) == d,
+                    kOp, ": the two statistics must have the same number of classes and the same dimension, got ",
+                    "count_a ", num_classes, " classes and D = ", d, " but ", c, " ", count.sizes(), ", ", m, " ",
+                    mean.sizes(), ", ", w, " ", within.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_scatter_cpu(const at::Tensor& count_a, const at::Tensor& mean_a,
+                                                                 const at::Tensor& within_a, const at::Tensor& count_b,
+                                                                 const at::Tensor& mean_b,
+                                                                 const at::Tensor& within_b) {
+  TORCH_CHECK_VALUE(count_a.dim() == 1 && mean_a.dim() == 2, kOp,
+                    ": count_a must be [C] and mean_a [C, D], got ", count_a.sizes(), " and ", mean_a.sizes());
+  const int64_t num_classes = count_a.size(0);
+  const int64_t d = mean_a.size(1);
+  check_stats(count_a, mean_a, within_a, "a", num_classes, d);
+  check_stats(count_b, mean_b, within_b, "b", num_classes, d);
+
+  const at::Tensor ca = count_a.contiguous(), cb = count_b.contiguous();
+  const at::Tensor ma = mean_a.contiguous(), mb = mean_b.contiguous();
+  at::Tensor count = ca + cb;
+  at::Tensor mean = at::empty({num_classes, d}, ma.options());
+  at::Tensor delta = at::empty({num_classes, d}, ma.options());
+  at::Tensor weight = at::empty({num_classes}, ma.options());
+  const double* cap = ca.const_data_ptr<double>();
+  const double* cbp = cb.const_data_ptr<double>();
+  const double* map = ma.const_data_ptr<double>();
+  const double* mbp = mb.const_data_ptr<double>();
+  double* mp = mean.mutable_data_ptr<double>();
+  double* dp = delta.mutable_data_ptr<double>();
+  double* wp = weight.mutable_data_ptr<double>();
+  at::parallel_for(0, num_classes, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      wp[c] = chan_merge_class(cap[c], map + c * d, cbp[c], mbp + c * d, d, mp + c * d, dp + c * d);
+    }
+  });
+  // within_a + within_b + Delta^T (w * Delta)
+  at::Tensor within = at::addmm(within_a + within_b, delta.t(), delta * weight.unsqueeze(1));
+  within = (within + within.t()).mul_(0.5);
+  return {count, mean, within};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gpp_ext, CPU, m) { m.impl("merge_scatter", &merge_scatter_cpu); }
+
+}  // namespace gpp_ext

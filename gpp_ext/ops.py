@@ -1,0 +1,294 @@
+"""Public ops of gpp_ext: discriminant analysis of activations and channel surgery.
+
+Each op validates its arguments, then runs the compiled kernel (`torch.ops.gpp_ext.*`, chosen by the
+dispatcher from the tensors' device) or, where the extension is missing or has no kernel for that device,
+the pure-PyTorch version in `gpp_ext.reference`, which defines the semantics. Fake (meta) kernels make the
+compiled ops traceable by `torch.compile`; `class_scatter` and `merge_scatter` have autograd formulas.
+
+Shapes: `N` samples, `D` features, `C` classes. Statistics are float64 whatever the feature dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import _checks, reference
+from .stats import ScatterStats
+
+__all__ = [
+    "ScatterStats", "class_scatter", "merge_scatter", "generalized_eigh", "discriminant_utility",
+    "fisher_utility", "deconv_backproject", "slice_channels", "extension_available", "has_kernel",
+]
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.gpp_ext.*)
+    _LOAD_ERROR = None
+except (ImportError, OSError) as error:  # not built, or built against another torch
+    _C = None
+    _LOAD_ERROR = error
+    warnings.warn(
+        f"gpp_ext: the compiled extension gpp_ext._C could not be loaded ({error}); gpp_ext.ops falls back to "
+        f"the pure-PyTorch reference ops, which are correct but slower. Build it against the installed torch "
+        f"with `pip install --no-build-isolation -e .` (or `make build`).", RuntimeWarning, stacklevel=2)
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+_kernel_cache: dict = {}
+
+
+def extension_available() -> bool:
+    """True when the compiled ops are loaded."""
+    return _C is not None
+
+
+def load_error():
+    """The exception that stopped the extension from loading, or None."""
+    return _LOAD_ERROR
+
+
+def has_kernel(op: str, device) -> bool:
+    """True when `torch.ops.gpp_ext.<op>` has a compiled kernel for `device` (a torch.device or a string)."""
+    if _C is None:
+        return False
+    device_type = torch.device(device).type
+    key = (op, device_type)
+    if key not in _kernel_cache:
+        dispatch_key = _DISPATCH_KEYS.get(device_type)
+        _kernel_cache[key] = dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"gpp_ext::{op}", dispatch_key)
+    return _kernel_cache[key]
+
+
+def _compiled(op: str, t: torch.Tensor) -> bool:
+    # Fake tensors under torch.compile report their real device, so they take the compiled op and its fake.
+    return has_kernel(op, t.device)
+
+
+# ---------------------------------------------------------------------------------------------- the ops
+
+def class_scatter(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> ScatterStats:
+    """Per-class scatter statistics of a batch of features.
+
+    Args:
+        x: `[N, D]` features, float32 or float64 (float16/bfloat16 are upcast to float32). Must be finite.
+        y: `[N]` integer labels in `[0, num_classes)`.
+        num_classes: `C >= 1`; classes absent from the batch get count 0 and mean 0.
+
+    Returns:
+        `ScatterStats` with `count [C]`, `mean [C, D]`, `within [D, D]` (unnormalised `S_w`), all float64.
+        Differentiable w.r.t. `x` (through `mean` and `within`).
+
+    Rows are centred by their float64 class mean before the Gram product, so float32 features with a large
+    mean keep their precision. For float32 input the Gram product of the centred rows runs in float32 over
+    blocks of 4096 rows, accumulated in float64 (relative error ~1e-6); float64 input stays float64.
+    """
+    x, y, num_classes = _checks.scatter_inputs(x, y, num_classes)
+    if not _compiled("class_scatter", x):
+        return reference.class_scatter(x, y, num_classes)
+    return ScatterStats(*torch.ops.gpp_ext.class_scatter(x, y, num_classes))
+
+
+def merge_scatter(a: ScatterStats, b: ScatterStats) -> ScatterStats:
+    """Exact merge of the statistics of two disjoint sample sets (Chan's parallel formula).
+
+    `merge_scatter(class_scatter(x1, y1, C), class_scatter(x2, y2, C))` equals `class_scatter` of the
+    concatenation up to round-off; merging is associative and commutative, so batches, files and processes
+    can be combined in any order. Differentiable w.r.t. the means and scatters.
+    """
+    ca, ma, wa = _checks.stats_tensors(a, "merge_scatter", "a")
+    cb, mb, wb = _checks.stats_tensors(b, "merge_scatter", "b")
+    if ma.shape != mb.shape:
+        raise ValueError(f"merge_scatter: a and b must have the same number of classes and dimension, got mean "
+                         f"shapes {tuple(ma.shape)} and {tuple(mb.shape)}")
+    if not _compiled("merge_scatter", ma):
+        return reference.merge_scatter(a, b)
+    return ScatterStats(*torch.ops.gpp_ext.merge_scatter(ca, ma, wa, cb, mb, wb))
+
+
+def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
+    """Generalized symmetric eigenproblem `a e = λ (b + ridge·tr(b)/D·I) e`, batched over leading dims.
+
+    Args:
+        a: `[..., D, D]` symmetric (e.g. between-class scatter `S_b`).
+        b: `[..., D, D]` symmetric positive semi-definite (e.g. within-class scatter `S_w`).
+        ridge: regulariser relative to the scale of `b` (`r = ridge·tr(b)/D`); use > 0 when `b` is singular.
+
+    Returns:
+        `(eigenvalues [..., D], eigenvectors [..., D, D])`, eigenvalues descending, eigenvectors as columns with
+        `E^T (b + r I) E = I` and their largest-magnitude entry positive. Dead dimensions (zero variance in `b`)
+        are excluded from the solve and get eigenvalue 0 and their coordinate vector. Computed in float64,
+        returned in the promoted input dtype. Raises `ValueError` if `b + r I` is singular on its live part.
+    """
+    a = _checks.square_stack(a, "generalized_eigh", "a")
+    b = _checks.square_stack(b, "generalized_eigh", "b")
+    ridge = _checks.real(ridge, "generalized_eigh", "ridge")
+    if a.shape != b.shape:
+        raise ValueError(f"generalized_eigh: b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    if not _compiled("generalized_eigh", a):
+        return reference.generalized_eigh(a, b, ridge)
+    return tuple(torch.ops.gpp_ext.generalized_eigh(a, b, ridge))
+
+
+def discriminant_utility(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, k: int | None = None):
+    """Neuron utility from discriminants: `u_r = Σ_{j<k} max(λ_j, 0)·|e_{r,j}| / ‖e_j‖`.
+
+    Args:
+        eigenvalues: `[..., D]`, descending (as from `generalized_eigh`).
+        eigenvectors: `[..., D, D]`, discriminants as columns.
+        k: how many leading discriminants count (default all; `C - 1` carry all the between-class scatter).
+
+    Returns:
+        `[..., D]` utility per neuron (row of `eigenvectors`), in the promoted input dtype.
+    """
+    lam = _checks.features(eigenvalues, "discriminant_utility", "eigenvalues")
+    vec = _checks.square_stack(eigenvectors, "discriminant_utility", "eigenvectors")
+    if k is not None:
+        k = _checks.integer(k, "discriminant_utility", "k", minimum=0)
+    if lam.shape != vec.shape[:-1] or not _compiled("discriminant_utility", vec):
+        return reference.discriminant_utility(lam, vec, k)
+    return torch.ops.gpp_ext.discriminant_utility(lam, vec, k)
+
+
+def fisher_utility(stats: ScatterStats, eps: float = 1e-6) -> torch.Tensor:
+    """Per-neuron Fisher ratio `v_j = S_b[j,j] / (S_w[j,j] + eps·tr(S_t)/D)`, `[D]` float64.
+
+    Exact as a discriminant measure when the scatter matrices are near diagonal. The ridge is relative to the
+    total scatter, so the utility does not depend on the features' scale; a neuron with no variance gets 0.
+    """
+    count, mean, within = _checks.stats_tensors(stats, "fisher_utility", "stats")
+    eps = _checks.real(eps, "fisher_utility", "eps")
+    if not _compiled("fisher_utility", mean):
+        return reference.fisher_utility(stats, eps)
+    return torch.ops.gpp_ext.fisher_utility(count, mean, within, eps)
+
+
+def deconv_backproject(signal: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1,
+                       output_size=None) -> torch.Tensor:
+    """Carries a signal at a layer's output back to the layer's input through its weight.
+
+    For a convolution weight `[C_out, C_in/groups, k...]` this is the transposed convolution with the layer's
+    stride, padding, dilation and groups (the adjoint of the forward convolution), mapping `signal
+    [B, C_out, H, W]` (or 1-D/3-D) to `[B, C_in, H_in, W_in]`; pass `output_size` (the layer input's spatial
+    size, or its full shape) when a stride makes it ambiguous. For a linear weight `[out, in]`, `signal [B, out]`
+    maps to `signal @ weight`, `[B, in]`.
+    """
+    signal, weight, stride, padding, dilation, groups, output_size = reference.deconv_arguments(
+        signal, weight, stride, padding, dilation, groups, output_size)
+    if not _compiled("deconv_backproject", signal):
+        return reference.deconv_backproject(signal, weight, stride, padding, dilation, groups, output_size)
+    return torch.ops.gpp_ext.deconv_backproject(signal, weight, stride, padding, dilation, groups, output_size)
+
+
+def slice_channels(t: torch.Tensor, dim: int, index) -> torch.Tensor:
+    """Contiguous copy of `t` keeping the entries `index` (`[K]` ints, any order, repeats allowed) along `dim`.
+
+    Used to slice weights, biases and BatchNorm buffers when channels are pruned; any dtype.
+    """
+    t = _checks.tensor(t, "slice_channels", "t")
+    index = _checks.channel_index(index, "slice_channels", t.device)
+    dim = _checks.integer(dim, "slice_channels", "dim")
+    if not _compiled("slice_channels", t):
+        return reference.slice_channels(t, dim, index)
+    return torch.ops.gpp_ext.slice_channels(t, dim, index)
+
+
+# ------------------------------------------------------------------- fake kernels and autograd formulas
+
+def _register():
+    lib = "gpp_ext::"
+
+    @torch.library.register_fake(lib + "class_scatter")
+    def _(x, y, num_classes):
+        d = x.shape[1]
+        f64 = dict(dtype=torch.float64)
+        return x.new_empty((num_classes,), **f64), x.new_empty((num_classes, d), **f64), x.new_empty((d, d), **f64)
+
+    @torch.library.register_fake(lib + "class_scatter_backward")
+    def _(grad_mean, grad_within, x, y, count, mean):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "merge_scatter")
+    def _(count_a, mean_a, within_a, count_b, mean_b, within_b):
+        return torch.empty_like(count_a), torch.empty_like(mean_a), torch.empty_like(within_a)
+
+    @torch.library.register_fake(lib + "generalized_eigh")
+    def _(a, b, ridge):
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return a.new_empty(a.shape[:-1], dtype=dtype), a.new_empty(a.shape, dtype=dtype)
+
+    @torch.library.register_fake(lib + "discriminant_utility")
+    def _(eigenvalues, eigenvectors, k):
+        return eigenvalues.new_empty(eigenvalues.shape,
+                                     dtype=torch.promote_types(eigenvalues.dtype, eigenvectors.dtype))
+
+    @torch.library.register_fake(lib + "fisher_utility")
+    def _(count, mean, within, eps):
+        return mean.new_empty((mean.shape[1],))
+
+    @torch.library.register_fake(lib + "deconv_backproject")
+    def _(signal, weight, stride, padding, dilation, groups, output_size):
+        if weight.dim() == 2:
+            return signal.new_empty((signal.shape[0], weight.shape[1]))
+        spatial = weight.dim() - 2
+        expand = [(v * spatial if len(v) == 1 else list(v)) for v in (stride, padding, dilation)]
+        extra = reference.deconv_output_padding(signal.shape, weight.shape, *expand, output_size)
+        s, p, dl = expand
+        sizes = [(signal.shape[2 + i] - 1) * s[i] - 2 * p[i] + dl[i] * (weight.shape[2 + i] - 1) + 1 + extra[i]
+                 for i in range(spatial)]
+        return signal.new_empty((signal.shape[0], weight.shape[1] * groups, *sizes))
+
+    @torch.library.register_fake(lib + "slice_channels")
+    def _(t, dim, index):
+        shape = list(t.shape)
+        shape[dim] = index.shape[0]
+        return t.new_empty(shape)
+
+    def class_scatter_setup(ctx, inputs, output):
+        x, y, _ = inputs
+        count, mean, _ = output
+        ctx.save_for_backward(x, y, count, mean)
+
+    def class_scatter_backward(ctx, grad_count, grad_mean, grad_within):
+        x, y, count, mean = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        d = x.shape[1]
+        if grad_mean is None:
+            grad_mean = mean.new_zeros(mean.shape)
+        if grad_within is None:
+            grad_within = mean.new_zeros((d, d))
+        return torch.ops.gpp_ext.class_scatter_backward(grad_mean, grad_within, x, y, count, mean), None, None
+
+    torch.library.register_autograd(lib + "class_scatter", class_scatter_backward,
+                                    setup_context=class_scatter_setup)
+
+    def merge_setup(ctx, inputs, output):
+        count_a, mean_a, _, count_b, mean_b, _ = inputs
+        ctx.save_for_backward(count_a, mean_a, count_b, mean_b)
+
+    def merge_backward(ctx, grad_count, grad_mean, grad_within):
+        ca, ma, cb, mb = ctx.saved_tensors
+        n = ca + cb
+        safe = n.clamp_min(1e-300)
+        fa = torch.where(n > 0, ca / safe, torch.zeros_like(n)).unsqueeze(1)
+        fb = torch.where(n > 0, cb / safe, torch.zeros_like(n)).unsqueeze(1)
+        g_ma = torch.zeros_like(ma)
+        g_mb = torch.zeros_like(mb)
+        g_w = None
+        if grad_mean is not None:
+            g_ma = g_ma + grad_mean * fa
+            g_mb = g_mb + grad_mean * fb
+        if grad_within is not None:
+            g_sym = grad_within + grad_within.mT
+            g_delta = (ca.unsqueeze(1) * fb) * ((ma - mb) @ g_sym)
+            g_ma = g_ma + g_delta
+            g_mb = g_mb - g_delta
+            g_w = 0.5 * g_sym
+        return None, g_ma, g_w, None, g_mb, g_w
+
+    torch.library.register_autograd(lib + "merge_scatter", merge_backward, setup_context=merge_setup)
+
+
+if _C is not None:
+    _register()

@@ -1,0 +1,256 @@
+"""Pure-PyTorch versions of every op in `gpp_ext.ops`.
+
+They are the semantics written plainly: the oracle the tests compare the kernels against, the baseline the
+benchmarks time, and the fallback `gpp_ext.ops` uses when the compiled extension is missing or has no kernel
+for a device. They take and return what the public ops do, validate the same way, work on any device, and
+are differentiable by ordinary autograd. Statistics are computed in float64 throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from .stats import ScatterStats
+
+# A b-diagonal entry at or below this fraction of the largest is a dead (zero-variance) dimension.
+DEAD_RELATIVE = 1e-12
+
+
+def class_scatter(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> ScatterStats:
+    """Per-class counts, means and within-class scatter of `x [N, D]` with labels `y [N]` in [0, C)."""
+    x, y, num_classes = _checks.scatter_inputs(x, y, num_classes)
+    _checks.labels_in_range(y, num_classes)
+    xd = x.to(torch.float64)
+    count = torch.bincount(y, minlength=num_classes).to(torch.float64)
+    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device).index_add(0, y, xd)
+    if not bool(torch.isfinite(sums).all()):
+        raise ValueError("class_scatter: x must be finite, found NaN or Inf")
+    mean = sums / count.clamp_min(1.0).unsqueeze(1)
+    centred = xd - mean[y]  # centre before the Gram product: no cancellation for large means
+    within = centred.T @ centred
+    return ScatterStats(count, mean, within)
+
+
+def merge_scatter(a: ScatterStats, b: ScatterStats) -> ScatterStats:
+    """Exact merge of two partial statistics (Chan et al.'s parallel formula)."""
+    ca, ma, wa = _checks.stats_tensors(a, "merge_scatter", "a")
+    cb, mb, wb = _checks.stats_tensors(b, "merge_scatter", "b")
+    if ma.shape != mb.shape:
+        raise ValueError(f"merge_scatter: a and b must have the same number of classes and dimension, got mean "
+                         f"shapes {tuple(ma.shape)} and {tuple(mb.shape)}")
+    n = ca + cb
+    safe = n.clamp_min(1e-300)
+    fa = torch.where(n > 0, ca / safe, torch.zeros_like(n))
+    fb = torch.where(n > 0, cb / safe, torch.zeros_like(n))
+    mean = fa.unsqueeze(1) * ma + fb.unsqueeze(1) * mb
+    delta = ma - mb
+    within = wa + wb + (delta * (ca * fb).unsqueeze(1)).T @ delta
+    return ScatterStats(n, mean, 0.5 * (within + within.T))
+
+
+def _solve_definite(a: torch.Tensor, b: torch.Tensor):
+    chol, info = torch.linalg.cholesky_ex(b)
+    if bool((info != 0).any()):
+        first = int((info != 0).nonzero()[0, 0])
+        raise ValueError(f"generalized_eigh: b (+ ridge) is not positive definite on its non-dead dimensions "
+                         f"(batch entry {first}); b is singular, e.g. fewer samples than dimensions or collinear "
+                         f"features. Pass ridge > 0 (1e-3 is a common choice) to regularise it.")
+    m = torch.linalg.solve_triangular(chol, a, upper=False)
+    m = torch.linalg.solve_triangular(chol, m.mT, upper=False)
+    w, u = torch.linalg.eigh(0.5 * (m + m.mT))
+    e = torch.linalg.solve_triangular(chol.mT, u, upper=True)
+    return w.flip(-1), e.flip(-1)
+
+
+def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
+    """Solves `a e = λ (b + ridge·tr(b)/D·I) e` for symmetric `a`, `b` of shape `[..., D, D]`.
+
+    Returns `(eigenvalues [..., D], eigenvectors [..., D, D])`: eigenvalues descending, eigenvectors as columns
+    normalised so that `E^T (b + ridge·tr(b)/D·I) E = I`, the largest-magnitude entry of each made positive.
+    Dead dimensions (zero diagonal of `b`) get eigenvalue 0 and their coordinate vector. Computed in float64,
+    returned in the promoted input dtype.
+    """
+    op = "generalized_eigh"
+    a = _checks.square_stack(a, op, "a")
+    b = _checks.square_stack(b, op, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    ridge = _checks.real(ridge, op, "ridge")
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    d = a.shape[-1]
+    if a.numel() == 0:
+        return a.new_empty(a.shape[:-1], dtype=out_dtype), a.new_empty(a.shape, dtype=out_dtype)
+    A = a.to(torch.float64).reshape(-1, d, d)
+    B = b.to(torch.float64).reshape(-1, d, d)
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError(f"{op}: a must be finite, found NaN or Inf")
+    if not bool(torch.isfinite(B).all()):
+        raise ValueError(f"{op}: b must be finite, found NaN or Inf")
+    A = 0.5 * (A + A.mT)
+    B = 0.5 * (B + B.mT)
+    diag = B.diagonal(dim1=-2, dim2=-1)
+    largest = diag.abs().amax(-1, keepdim=True)
+    if not bool((diag >= -DEAD_RELATIVE * largest).all()):
+        raise ValueError(f"{op}: b must be positive semi-definite (a scatter or covariance matrix), "
+                         f"found a negative diagonal")
+    dead = diag <= DEAD_RELATIVE * largest
+    shift = diag.sum(-1) * (ridge / d)
+    B = B + shift.view(-1, 1, 1) * torch.eye(d, dtype=B.dtype, device=B.device)
+    if not bool(dead.any()):
+        values, vectors = _solve_definite(A, B)
+    else:
+        values = torch.zeros(A.shape[:-1], dtype=A.dtype, device=A.device)
+        vectors = torch.zeros_like(A)
+        for i in range(A.shape[0]):
+            live = (~dead[i]).nonzero().squeeze(1)
+            dead_idx = dead[i].nonzero().squeeze(1)
+            n_live = live.numel()
+            w = torch.zeros(d, dtype=A.dtype, device=A.device)
+            e = torch.zeros(d, d, dtype=A.dtype, device=A.device)
+            if n_live:
+                wl, el = _solve_definite(A[i][live][:, live][None], B[i][live][:, live][None])
+                w[:n_live] = wl[0]
+                e[live, :n_live] = el[0]
+            bjj = B[i].diagonal()[dead_idx]
+            scale = torch.where(bjj > 0, bjj.clamp_min(1e-300).rsqrt(), torch.ones_like(bjj))
+            e[dead_idx, n_live + torch.arange(dead_idx.numel(), device=A.device)] = scale
+            w, order = torch.sort(w, stable=True, descending=True)
+            values[i], vectors[i] = w, e[:, order]
+    pivot = vectors.abs().argmax(-2, keepdim=True)
+    sign = vectors.gather(-2, pivot).sign()
+    vectors = vectors * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return values.reshape(a.shape[:-1]).to(out_dtype), vectors.reshape(a.shape).to(out_dtype)
+
+
+def discriminant_utility(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, k: int | None = None):
+    """`u_r = Σ_{j<k} max(λ_j, 0)·|e_{r,j}|/‖e_j‖`: eigenvalue-weighted loadings of the top-k discriminants."""
+    op = "discriminant_utility"
+    lam = _checks.features(eigenvalues, op, "eigenvalues")
+    vec = _checks.square_stack(eigenvectors, op, "eigenvectors")
+    if lam.shape != vec.shape[:-1]:
+        raise ValueError(f"{op}: eigenvalues must be [..., D] matching eigenvectors {tuple(vec.shape)}, "
+                         f"got {tuple(lam.shape)}")
+    d = vec.shape[-1]
+    k = d if k is None else _checks.integer(k, op, "k", minimum=0)
+    if k > d:
+        raise ValueError(f"{op}: k must be in [0, D] = [0, {d}], got {k}")
+    out_dtype = torch.promote_types(lam.dtype, vec.dtype)
+    e = vec[..., :k].to(torch.float64)
+    norm = e.norm(dim=-2, keepdim=True)
+    weight = lam[..., :k].to(torch.float64).clamp_min(0.0).unsqueeze(-2)
+    weight = torch.where(norm > 0, weight / norm.clamp_min(1e-300), torch.zeros_like(weight))
+    return (e.abs() * weight).sum(-1).to(out_dtype)
+
+
+def fisher_utility(stats: ScatterStats, eps: float = 1e-6) -> torch.Tensor:
+    """`v_j = S_b[j,j] / (S_w[j,j] + eps·tr(S_t)/D)` per neuron (0 for a neuron with no variance)."""
+    count, mean, within = _checks.stats_tensors(stats, "fisher_utility", "stats")
+    eps = _checks.real(eps, "fisher_utility", "eps")
+    d = mean.shape[1]
+    n = count.sum()
+    if d == 0 or float(n) <= 0:
+        return torch.zeros(d, dtype=torch.float64, device=mean.device)
+    mu = (count @ mean) / n
+    between = (count.unsqueeze(1) * (mean - mu) ** 2).sum(0)
+    within_diag = within.diagonal()
+    denom = within_diag + eps * (between.sum() + within_diag.sum()) / d
+    inf_or_zero = torch.where(between > 0, torch.full_like(between, float("inf")), torch.zeros_like(between))
+    return torch.where(denom > 0, between / denom.clamp_min(1e-300), inf_or_zero)
+
+
+_CONV_TRANSPOSE = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
+
+
+def deconv_output_padding(signal_shape, weight_shape, stride, padding, dilation, output_size):
+    """The output_padding that makes a transposed convolution produce `output_size` (the layer's input size)."""
+    op = "deconv_backproject"
+    spatial = len(weight_shape) - 2
+    extra = []
+    for i in range(spatial):
+        minimal = (signal_shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight_shape[2 + i] - 1) + 1
+        if output_size is None:
+            if minimal < 1:
+                raise ValueError(f"{op}: the transposed convolution would have an empty output for signal "
+                                 f"{tuple(signal_shape)}; check stride and padding")
+            extra.append(0)
+            continue
+        e = output_size[i] - minimal
+        if not 0 <= e < max(stride[i], dilation[i]):
+            raise ValueError(f"{op}: output_size {list(output_size)} is not an input size that this convolution "
+                             f"maps to the signal's spatial size {list(signal_shape[2:])}")
+        extra.append(e)
+    return extra
+
+
+def deconv_arguments(signal, weight, stride, padding, dilation, groups, output_size):
+    """Validates and normalises deconv_backproject's arguments (shared with `gpp_ext.ops`)."""
+    op = "deconv_backproject"
+    signal = _checks.features(signal, op, "signal")
+    weight = _checks.features(weight, op, "weight")
+    if signal.dtype != weight.dtype:
+        raise TypeError(f"{op}: signal and weight must share a dtype, got {signal.dtype} and {weight.dtype}")
+    if not 2 <= weight.dim() <= 5:
+        raise ValueError(f"{op}: weight must be a linear weight [out, in] or a convolution weight "
+                         f"[C_out, C_in/groups, k...], got shape {tuple(weight.shape)}")
+    groups = _checks.integer(groups, op, "groups", minimum=1)
+    if weight.dim() == 2:
+        if groups != 1:
+            raise ValueError(f"{op}: groups must be 1 for a linear weight, got {groups}")
+        if signal.dim() != 2 or signal.shape[1] != weight.shape[0]:
+            raise ValueError(f"{op}: signal must be [B, out_features] = [B, {weight.shape[0]}] for a linear weight "
+                             f"{tuple(weight.shape)}, got {tuple(signal.shape)}")
+        return signal, weight, [1], [0], [1], 1, None
+    spatial = weight.dim() - 2
+    if signal.dim() != weight.dim() or signal.shape[1] != weight.shape[0]:
+        raise ValueError(f"{op}: signal must be [B, {weight.shape[0]}, spatial...] with {spatial} spatial dims for "
+                         f"weight {tuple(weight.shape)}, got {tuple(signal.shape)}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups ({groups}) must divide the output channels of weight ({weight.shape[0]})")
+    params = []
+    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        v = _checks.int_list(value, op, name)
+        if len(v) not in (1, spatial):
+            raise ValueError(f"{op}: {name} must have 1 or {spatial} entries for a {spatial}-D convolution, got {v}")
+        params.append(v * spatial if len(v) == 1 else v)
+    stride, padding, dilation = params
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{op}: stride and dilation must be >= 1 and padding >= 0, got stride {stride}, "
+                         f"padding {padding}, dilation {dilation}")
+    if output_size is not None:
+        output_size = _checks.int_list(list(output_size), op, "output_size")
+        if len(output_size) == spatial + 2:  # a full input shape [B, C_in, spatial...]
+            output_size = output_size[2:]
+        if len(output_size) != spatial:
+            raise ValueError(f"{op}: output_size must list the {spatial} spatial sizes of the layer input, "
+                             f"got {output_size}")
+    return signal, weight, stride, padding, dilation, groups, output_size
+
+
+def deconv_backproject(signal, weight, stride=1, padding=0, dilation=1, groups=1, output_size=None):
+    """Back-projects `signal` at a layer's output to its input through the layer's weight (transposed conv)."""
+    signal, weight, stride, padding, dilation, groups, output_size = deconv_arguments(
+        signal, weight, stride, padding, dilation, groups, output_size)
+    if weight.dim() == 2:
+        return signal @ weight
+    output_padding = deconv_output_padding(signal.shape, weight.shape, stride, padding, dilation, output_size)
+    return _CONV_TRANSPOSE[weight.dim()](signal, weight, None, stride, padding, output_padding, groups, dilation)
+
+
+def slice_channels(t: torch.Tensor, dim: int, index) -> torch.Tensor:
+    """Contiguous copy of `t` keeping the entries `index` along `dim` (index_select semantics)."""
+    op = "slice_channels"
+    t = _checks.tensor(t, op, "t")
+    if t.dim() == 0:
+        raise ValueError(f"{op}: t must have at least one dimension, got a scalar")
+    dim = _checks.integer(dim, op, "dim")
+    if not -t.dim() <= dim < t.dim():
+        raise ValueError(f"{op}: dim must be in [{-t.dim()}, {t.dim()}) for a {t.dim()}-D tensor, got {dim}")
+    index = _checks.channel_index(index, op, t.device)
+    size = t.shape[dim]
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+        bad = int(index.min()) if int(index.min()) < 0 else int(index.max())
+        raise ValueError(f"{op}: index must hold entries in [0, {size}) for dim {dim % t.dim()} of t "
+                         f"{tuple(t.shape)}, got {bad}")
+    return t.index_select(dim, index).contiguous()
