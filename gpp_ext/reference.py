@@ -30,7 +30,7 @@ def class_scatter(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Scatter
     mean = sums / count.clamp_min(1.0).unsqueeze(1)
     centred = xd - mean[y]  # centre before the Gram product: no cancellation for large means
     within = centred.T @ centred
-    return ScatterStats(count, mean, within)
+    return ScatterStats(count, mean, 0.5 * (within + within.T))
 
 
 def merge_scatter(a: ScatterStats, b: ScatterStats) -> ScatterStats:

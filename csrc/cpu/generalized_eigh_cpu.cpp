@@ -144,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor> generalized_eigh_cpu(const at::Tensor& a_in, 
   vectors = vectors * sign;
 
   std::vector<int64_t> vector_shape(a_in.sizes().begin(), a_in.sizes().end());
-  return {values.reshape(value_shape).to(out_dtype), vectors.reshape(vector_shape).to(out_dtype)};
+  return {values.reshape(value_shape).to(out_dtype).contiguous(),
+          vectors.reshape(vector_shape).to(out_dtype).contiguous()};
 }
 
 }  // namespace

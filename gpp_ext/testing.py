@@ -1,0 +1,62 @@
+"""Input factories shared by the tests and the benchmarks, so both exercise the same data.
+
+Everything is seeded and built locally (the `digits` set ships with scikit-learn); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_features(n: int, d: int, num_classes: int, *, mean: float = 0.0, spread: float = 3.0,
+                  dtype=torch.float32, seed: int = 0, device="cpu", relu: bool = False):
+    """Labelled features `x [n, d]`, `y [n]` with separated class centres and unit within-class noise.
+
+    `mean` offsets every feature (e.g. 1e4 to test cancellation); `relu=True` clips at 0 like post-ReLU
+    activations (then some neurons may be dead). Every class is present when `n >= num_classes`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    centres = spread * torch.randn(num_classes, d, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % num_classes
+    y = y[torch.randperm(n, generator=g)]
+    x = centres[y] + torch.randn(n, d, generator=g, dtype=torch.float64) + mean
+    if relu:
+        x = x.clamp_min(0.0)
+    return x.to(dtype=dtype, device=device), y.to(device)
+
+
+def make_scatter_pair(d: int, batch=(), *, rank: int | None = None, seed: int = 0, dtype=torch.float64,
+                      device="cpu"):
+    """A symmetric PSD `a` of rank `rank` (like a between-class scatter, default `d`) and a well-conditioned
+    symmetric positive definite `b` (like a within-class scatter), each `[*batch, d, d]`."""
+    g = torch.Generator().manual_seed(seed)
+    rank = d if rank is None else rank
+    fa = torch.randn(*batch, d, rank, generator=g, dtype=torch.float64)
+    fb = torch.randn(*batch, d, 2 * d + 8, generator=g, dtype=torch.float64)
+    a = fa @ fa.mT
+    b = fb @ fb.mT / (2 * d + 8)
+    return a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
+
+
+def make_conv_case(batch: int, c_in: int, c_out: int, size: int, kernel: int, *, stride: int = 1,
+                   padding: int = 0, dilation: int = 1, groups: int = 1, dims: int = 2, seed: int = 0,
+                   dtype=torch.float32, device="cpu"):
+    """A convolution's weight, an input shape and a signal at its output, for deconv_backproject.
+
+    Returns `(signal, weight, input_shape)` where `signal` has the shape the forward convolution would
+    produce from `input_shape`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(c_out, c_in // groups, *([kernel] * dims), generator=g)
+    input_shape = (batch, c_in, *([size] * dims))
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    signal = torch.randn(batch, c_out, *([out] * dims), generator=g).relu()
+    return signal.to(dtype=dtype, device=device), weight.to(dtype=dtype, device=device), input_shape
+
+
+def digits(dtype=torch.float32):
+    """scikit-learn's 8x8 handwritten digits: `x [1797, 64]` pixel intensities 0..16, `y [1797]` in 0..9."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return torch.as_tensor(data.data, dtype=dtype), torch.as_tensor(data.target, dtype=torch.long)

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+import gpp_ext
+from gpp_ext import ops, reference
+
+CUDA = torch.cuda.is_available()
+cuda_param = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])
+
+
+@pytest.fixture(params=["cpu", cuda_param])
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=["ops", "reference"])
+def impl(request):
+    """The public op (compiled kernel where built) and the pure-PyTorch reference: both must behave alike."""
+    return ops if request.param == "ops" else reference
+
+
+def rel_err(a, b):
+    """Relative Frobenius error of a against b (b non-zero)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64).cpu(), torch.as_tensor(b, dtype=torch.float64).cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    return f"gpp_ext build_info: {gpp_ext.build_info()}"
