@@ -57,13 +57,13 @@ def extensions():
     debug = os.environ.get("GPP_EXT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # ATen's parallel_for is header-inlined OpenMP: without -fopenmp our kernels would run on one thread.
-    cxx = opt + ["-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]  # the C++ standard: torch's own choice
     args = {"cxx": cxx}
     macros = []
     if with_cuda:
         sources += lists["GPP_EXT_CUDA_SOURCES"]
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        args["nvcc"] = opt + ["-std=c++17", "--expt-relaxed-constexpr"]
+        args["nvcc"] = opt + ["--expt-relaxed-constexpr"]
         macros.append(("GPP_EXT_WITH_CUDA", "1"))
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     print(f"gpp_ext build: torch {torch.__version__}, cuda kernels {'on' if with_cuda else 'off'} "

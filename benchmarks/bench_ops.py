@@ -1,0 +1,188 @@
+"""Kernel benchmarks: for each op and shape, rows `impl in {extension, reference, ...}` on the same inputs.
+
+Every row checks its result against an expected value before it is timed. Rows are grouped per op and shape
+so pytest-benchmark prints them side by side; `benchmarks/run_kernels.py` turns a run into ratios.
+Inputs come from `gpp_ext.testing`, the factories the tests use.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from gpp_ext import ops, reference
+from gpp_ext.testing import make_conv_case, make_features
+
+from conftest import MODE
+
+FULL = MODE == "full"
+ROUNDS = 5 if FULL else 1
+SCATTER_SHAPES = ([(65536, d, c) for d in (256, 512, 1024) for c in (10, 100)] if FULL else [(2048, 64, 10)])
+EIGH_SHAPES = [(1, 256), (1, 512), (1, 1024), (8, 256)] if FULL else [(2, 32)]
+UTILITY_SHAPES = [(100, 512), (100, 2048)] if FULL else [(10, 64)]
+DECONV_CASES = ({  # name: (batch, c_in, c_out, size, kernel, stride, padding, groups)
+    "vgg_conv3x3": (16, 128, 128, 32, 3, 1, 1, 1),
+    "strided_conv": (16, 128, 256, 32, 3, 2, 1, 1),
+    "depthwise": (16, 256, 256, 16, 3, 1, 1, 256),
+    "inception_1x1": (16, 256, 64, 16, 1, 1, 0, 1),
+} if FULL else {"small_conv": (2, 8, 16, 8, 3, 1, 1, 1)})
+SLICE_CASES = ({  # name: (shape, dim, kept)
+    "conv_out": ((512, 512, 3, 3), 0, 256),
+    "conv_in": ((512, 512, 3, 3), 1, 256),
+    "linear_in": ((4096, 4096), 1, 1024),
+} if FULL else {"small": ((16, 8, 3, 3), 1, 4)})
+
+
+def run(benchmark, fn, *args, rounds=ROUNDS):
+    """Times fn(*args) (one warm-up) and returns its result."""
+    return benchmark.pedantic(fn, args=args, rounds=rounds, iterations=1, warmup_rounds=1 if FULL else 0)
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def require_extension(impl):
+    if impl == "extension" and not ops.extension_available():
+        pytest.skip("extension not built")
+
+
+# -------------------------------------------------------------------------------------------- class_scatter
+
+@functools.lru_cache(maxsize=1)
+def scatter_case(n, d, c):
+    x, y = make_features(n, d, c, mean=5.0, relu=True, seed=d + c)  # post-ReLU-like features
+    return x, y, reference.class_scatter(x, y, c)
+
+
+@pytest.mark.parametrize("impl", ["extension", "reference", "gemm_floor", "sklearn"])
+@pytest.mark.parametrize("n,d,c", SCATTER_SHAPES, ids=lambda v: str(v))
+def test_class_scatter(benchmark, impl, n, d, c):
+    require_extension(impl)
+    benchmark.group = f"class_scatter N={n} D={d} C={c}"
+    x, y, expected = scatter_case(n, d, c)
+    if impl == "gemm_floor":  # one float32 X^T X of the same shape: the floor the kernel is held to
+        g = run(benchmark, lambda x: x.T @ x, x)
+        assert torch.allclose(g[:8, :8].double(), x[:, :8].double().T @ x[:, :8].double(), rtol=1e-4)
+        return
+    if impl == "sklearn":
+        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+        xn, yn = x.numpy(), y.numpy()
+        lda = run(benchmark, lambda: LinearDiscriminantAnalysis(solver="eigen", store_covariance=True,
+                                                                shrinkage=1e-3).fit(xn, yn),
+                  rounds=min(ROUNDS, 2))
+        assert rel_err(torch.as_tensor(lda.means_), expected.mean) < 1e-5
+        return
+    fn = ops.class_scatter if impl == "extension" else reference.class_scatter
+    s = run(benchmark, fn, x, y, c)
+    assert rel_err(s.within, expected.within) < 2e-5 and rel_err(s.mean, expected.mean) < 1e-10
+
+
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+@pytest.mark.parametrize("parts", [64] if FULL else [4])
+def test_merge_scatter(benchmark, impl, parts):
+    require_extension(impl)
+    n, d, c = (65536, 512, 100) if FULL else (2048, 64, 10)
+    benchmark.group = f"merge_scatter parts={parts} D={d} C={c}"
+    x, y = make_features(n, d, c, dtype=torch.float64, seed=1)
+    stats = [ops.class_scatter(x[i::parts], y[i::parts], c) for i in range(parts)]
+    merge = ops.merge_scatter if impl == "extension" else reference.merge_scatter
+
+    def fold():
+        acc = stats[0]
+        for s in stats[1:]:
+            acc = merge(acc, s)
+        return acc
+
+    s = run(benchmark, fold)
+    assert rel_err(s.within, ops.class_scatter(x, y, c).within) < 1e-9
+
+
+# ------------------------------------------------------------------------------------------ generalized_eigh
+
+@functools.lru_cache(maxsize=1)
+def eigh_case(batch, d):
+    pairs = []
+    for i in range(batch):
+        x, y = make_features(4 * d, d, 100, relu=True, seed=i)
+        s = ops.class_scatter(x, y, 100)
+        pairs.append((s.between(), s.within))
+    a = torch.stack([p[0] for p in pairs])
+    b = torch.stack([p[1] for p in pairs])
+    return a, b, reference.generalized_eigh(a, b, 1e-3)[0]
+
+
+@pytest.mark.parametrize("impl", ["extension", "reference", "scipy"])
+@pytest.mark.parametrize("batch,d", EIGH_SHAPES, ids=lambda v: str(v))
+def test_generalized_eigh(benchmark, impl, batch, d):
+    require_extension(impl)
+    benchmark.group = f"generalized_eigh batch={batch} D={d}"
+    a, b, expected = eigh_case(batch, d)
+    if impl == "scipy":
+        import numpy as np
+        import scipy.linalg
+
+        bp = (b + 1e-3 * b.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] / d * torch.eye(d, dtype=b.dtype))
+        an, bn = a.numpy(), bp.numpy()
+        w = run(benchmark, lambda: np.stack([scipy.linalg.eigh(an[i], bn[i])[0] for i in range(batch)]))
+        assert rel_err(torch.as_tensor(w[:, ::-1].copy()), expected) < 1e-8
+        return
+    fn = ops.generalized_eigh if impl == "extension" else reference.generalized_eigh
+    values, _ = run(benchmark, fn, a, b, 1e-3)
+    assert rel_err(values, expected) < 1e-10
+
+
+# --------------------------------------------------------------------------------------------- utilities
+
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+@pytest.mark.parametrize("c,d", UTILITY_SHAPES, ids=lambda v: str(v))
+def test_discriminant_utility(benchmark, impl, c, d):
+    require_extension(impl)
+    benchmark.group = f"discriminant_utility D={d} k={c - 1}"
+    g = torch.Generator().manual_seed(d)
+    values = torch.rand(d, generator=g, dtype=torch.float64).sort(descending=True).values
+    vectors = torch.randn(d, d, generator=g, dtype=torch.float64)
+    expected = reference.discriminant_utility(values, vectors, c - 1)
+    fn = ops.discriminant_utility if impl == "extension" else reference.discriminant_utility
+    assert rel_err(run(benchmark, fn, values, vectors, c - 1, rounds=ROUNDS * 20), expected) < 1e-12
+
+
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+@pytest.mark.parametrize("c,d", UTILITY_SHAPES, ids=lambda v: str(v))
+def test_fisher_utility(benchmark, impl, c, d):
+    require_extension(impl)
+    benchmark.group = f"fisher_utility C={c} D={d}"
+    x, y = make_features(2 * d, d, c, seed=c)
+    s = ops.class_scatter(x, y, c)
+    expected = reference.fisher_utility(s)
+    fn = ops.fisher_utility if impl == "extension" else reference.fisher_utility
+    assert rel_err(run(benchmark, fn, s, rounds=ROUNDS * 20), expected) < 1e-12
+
+
+# --------------------------------------------------------------------------------- deconv and slicing
+
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+@pytest.mark.parametrize("case", list(DECONV_CASES))
+def test_deconv_backproject(benchmark, impl, case):
+    require_extension(impl)
+    batch, c_in, c_out, size, kernel, stride, padding, groups = DECONV_CASES[case]
+    benchmark.group = f"deconv_backproject {case} {DECONV_CASES[case]}"
+    signal, weight, shape = make_conv_case(batch, c_in, c_out, size, kernel, stride=stride, padding=padding,
+                                           groups=groups)
+    args = (signal, weight, stride, padding, 1, groups, shape)
+    expected = reference.deconv_backproject(*args)
+    fn = ops.deconv_backproject if impl == "extension" else reference.deconv_backproject
+    assert rel_err(run(benchmark, fn, *args, rounds=ROUNDS * 4), expected) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+@pytest.mark.parametrize("case", list(SLICE_CASES))
+def test_slice_channels(benchmark, impl, case):
+    require_extension(impl)
+    shape, dim, kept = SLICE_CASES[case]
+    benchmark.group = f"slice_channels {case} {shape} dim={dim} keep={kept}"
+    t = torch.randn(shape)
+    index = torch.randperm(shape[dim], generator=torch.Generator().manual_seed(0))[:kept].sort().values
+    fn = ops.slice_channels if impl == "extension" else reference.slice_channels
+    assert torch.equal(run(benchmark, fn, t, dim, index, rounds=ROUNDS * 10), t.index_select(dim, index))

@@ -1,0 +1,155 @@
+"""Runs the kernel benchmarks once and saves the figures with the context needed to read them.
+
+    python benchmarks/run_kernels.py                 # full sizes, all cores
+    python benchmarks/run_kernels.py --quick         # small shapes, a smoke run of the harness
+    python benchmarks/run_kernels.py -k class_scatter --threads 1
+
+Writes benchmarks/results/kernels.json (machine, threads, torch, build, git commit, every row's median and
+interquartile range) and kernels.md, and prints the table: per op and shape, each row's median time, the
+reference's time over the row's (speed-up, > 1 is faster than the pure-PyTorch reference) and, for
+class_scatter, the row's time over one float32 X^T X of the same shape (the GEMM floor; target <= 1.2).
+Methodology: medians of 5 rounds after one warm-up (pytest-benchmark pedantic mode), threads pinned with
+torch.set_num_threads, seeded inputs, every row checked against the reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def rows_from(bench_json: dict) -> list[dict]:
+    rows = []
+    for b in bench_json["benchmarks"]:
+        impl = b["params"]["impl"]
+        s = b["stats"]
+        rows.append({"group": b["group"], "op": b["group"].split()[0], "impl": impl, "median_s": s["median"],
+                     "iqr_s": s["iqr"], "min_s": s["min"], "rounds": s["rounds"]})
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Per group: reference/row (speed-up) and row/gemm_floor."""
+    out = {}
+    for group in dict.fromkeys(r["group"] for r in rows):
+        times = {r["impl"]: r["median_s"] for r in rows if r["group"] == group}
+        entry = {}
+        if "reference" in times:
+            entry["speedup_vs_reference"] = {k: times["reference"] / v for k, v in times.items()}
+        if "gemm_floor" in times:
+            entry["vs_gemm_floor"] = {k: v / times["gemm_floor"] for k, v in times.items()}
+        out[group] = entry
+    return out
+
+
+def table(rows: list[dict], rat: dict) -> str:
+    lines = ["| op and shape | impl | median | IQR | reference / impl | impl / GEMM floor |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        g = rat.get(r["group"], {})
+        speed = g.get("speedup_vs_reference", {}).get(r["impl"])
+        floor = g.get("vs_gemm_floor", {}).get(r["impl"])
+        lines.append(f"| {r['group']} | {r['impl']} | {r['median_s'] * 1e3:.3f} ms | {r['iqr_s'] * 1e3:.3f} ms | "
+                     f"{'' if speed is None else f'{speed:.2f}x'} | {'' if floor is None else f'{floor:.2f}'} |")
+    return "\n".join(lines)
+
+
+def write_atomic(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run of the harness)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("-k", default=None, help="pytest -k expression selecting benchmarks")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"), help="output JSON path")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+
+    env = dict(os.environ, GPP_EXT_BENCH="smoke" if args.quick else "full", GPP_EXT_BENCH_THREADS=str(args.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.json")
+        cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "bench_ops.py"), "-q", "-p", "no:cacheprovider",
+               "--benchmark-only", f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds",
+               "--benchmark-sort=name"]
+        if args.k:
+            cmd += ["-k", args.k]
+        code = subprocess.call(cmd, cwd=ROOT, env=env)
+        if code != 0:
+            print(f"run_kernels: the benchmark run failed (pytest exit {code})", file=sys.stderr)
+            return code
+        with open(raw) as f:
+            bench = json.load(f)
+
+    import torch
+
+    import gpp_ext
+
+    rows = rows_from(bench)
+    rat = ratios(rows)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full",
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "build_info": gpp_ext.build_info(),
+        "commit": git_commit(),
+        "rows": rows,
+        "ratios": rat,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    md = (f"# Kernel benchmarks\n\n{result['date']}, commit {result['commit']}, {result['machine']['cpu']}, "
+          f"{args.threads} threads, torch {result['torch']}, mode {result['mode']}.\n"
+          f"Produced by `python benchmarks/run_kernels.py`; medians of 5 rounds after a warm-up.\n\n"
+          f"{table(rows, rat)}\n")
+    write_atomic(os.path.splitext(args.out)[0] + ".md", md)
+    print()
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
