@@ -6,6 +6,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -15,6 +17,28 @@ namespace gpp_ext {
 namespace {
 
 constexpr const char* kOp = "slice_channels";
+
+// Slabs at least this many bytes are moved with memcpy; smaller ones element by element.
+constexpr int64_t kMemcpySlab = 64;
+
+// out[o, j, e] = src[o, index[j], e] for slabs of `inner` elements of type word_t (the element's size).
+template <typename word_t>
+void gather_small(const char* src_bytes, char* dst_bytes, int64_t outer, int64_t size, int64_t inner,
+                  const int64_t* index, int64_t k) {
+  const auto* src = reinterpret_cast<const word_t*>(src_bytes);
+  auto* dst = reinterpret_cast<word_t*>(dst_bytes);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k * inner, 1));
+  at::parallel_for(0, outer, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const word_t* s = src + o * size * inner;
+      word_t* out = dst + o * k * inner;
+      for (int64_t j = 0; j < k; ++j) {
+        const word_t* from = s + index[j] * inner;
+        for (int64_t e = 0; e < inner; ++e) out[j * inner + e] = from[e];
+      }
+    }
+  });
+}
 
 at::Tensor slice_channels_cpu(const at::Tensor& t, int64_t dim_in, const at::Tensor& index_in) {
   check_cpu(t, kOp, "t");
@@ -46,14 +70,29 @@ at::Tensor slice_channels_cpu(const at::Tensor& t, int64_t dim_in, const at::Ten
   const int64_t slab = inner * static_cast<int64_t>(t.element_size());
   const auto* sp = static_cast<const char*>(src.const_data_ptr());
   auto* dp = static_cast<char*>(out.mutable_data_ptr());
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(slab, 1));
-  at::parallel_for(0, outer * k, grain, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t o = q / k;
-      const int64_t j = q % k;
-      std::memcpy(dp + q * slab, sp + (o * size + ip[j]) * slab, static_cast<size_t>(slab));
-    }
-  });
+  if (slab >= kMemcpySlab) {
+    const int64_t grain = std::max<int64_t>(1, 65536 / slab);
+    at::parallel_for(0, outer * k, grain, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t o = q / k;
+        const int64_t j = q % k;
+        std::memcpy(dp + q * slab, sp + (o * size + ip[j]) * slab, static_cast<size_t>(slab));
+      }
+    });
+    return out;
+  }
+  // Small slabs (slicing the last dims, e.g. a linear weight's inputs or a 1x1 conv): a memcpy call per few
+  // bytes costs more than the copy, so gather whole words of the element size instead.
+  switch (t.element_size()) {
+    case 1: gather_small<uint8_t>(sp, dp, outer, size, inner, ip, k); break;
+    case 2: gather_small<uint16_t>(sp, dp, outer, size, inner, ip, k); break;
+    case 4: gather_small<uint32_t>(sp, dp, outer, size, inner, ip, k); break;
+    case 8: gather_small<uint64_t>(sp, dp, outer, size, inner, ip, k); break;
+    default:  // complex128 and wider: memcpy per slab
+      for (int64_t q = 0; q < outer * k; ++q) {
+        std::memcpy(dp + q * slab, sp + ((q / k) * size + ip[q % k]) * slab, static_cast<size_t>(slab));
+      }
+  }
   return out;
 }
 

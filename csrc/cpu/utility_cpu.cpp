@@ -108,22 +108,25 @@ at::Tensor fisher_utility_cpu(const at::Tensor& count_in, const at::Tensor& mean
   for (int64_t c = 0; c < num_classes; ++c) total += cp[c];
   if (total <= 0.0) return out;
 
-  // Per-neuron between-class scatter S_b[j,j] = sum_c n_c (mu_cj - mu_j)^2 and within diagonal.
-  std::vector<double> between(static_cast<size_t>(d)), within_diag(static_cast<size_t>(d));
+  // Per-neuron between-class scatter S_b[j,j] = sum_c n_c (mu_cj - mu_j)^2 and the within diagonal. Classes
+  // in the outer loop so the inner loop runs along contiguous rows of `mean` (and vectorises).
+  std::vector<double> mu(static_cast<size_t>(d), 0.0), between(static_cast<size_t>(d), 0.0),
+      within_diag(static_cast<size_t>(d));
   const auto w_acc = within_in.accessor<double, 2>();
-  at::parallel_for(0, d, 256, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      double mu = 0.0;
-      for (int64_t c = 0; c < num_classes; ++c) mu += cp[c] * mp[c * d + j];
-      mu /= total;
-      double sb = 0.0;
-      for (int64_t c = 0; c < num_classes; ++c) {
-        const double diff = mp[c * d + j] - mu;
-        sb += cp[c] * diff * diff;
-      }
-      between[j] = sb;
-      within_diag[j] = w_acc[j][j];
+  at::parallel_for(0, d, 2048, [&](int64_t j0, int64_t j1) {
+    for (int64_t c = 0; c < num_classes; ++c) {
+      const double* m = mp + c * d;
+      for (int64_t j = j0; j < j1; ++j) mu[j] += cp[c] * m[j];
     }
+    for (int64_t j = j0; j < j1; ++j) mu[j] /= total;
+    for (int64_t c = 0; c < num_classes; ++c) {
+      const double* m = mp + c * d;
+      for (int64_t j = j0; j < j1; ++j) {
+        const double diff = m[j] - mu[j];
+        between[j] += cp[c] * diff * diff;
+      }
+    }
+    for (int64_t j = j0; j < j1; ++j) within_diag[j] = w_acc[j][j];
   });
   double trace = 0.0;
   for (int64_t j = 0; j < d; ++j) trace += between[j] + within_diag[j];
