@@ -6,16 +6,15 @@ Inputs come from `gpp_ext.testing`, the factories the tests use.
 """
 
 import functools
+import os
 
 import pytest
 import torch
 
 from gpp_ext import ops, reference
-from gpp_ext.testing import make_conv_case, make_features
+from gpp_ext.testing import make_conv_case, make_features, rel_err
 
-from conftest import MODE
-
-FULL = MODE == "full"
+FULL = os.environ.get("GPP_EXT_BENCH", "full") == "full"  # validated in conftest.py
 ROUNDS = 5 if FULL else 1
 SCATTER_SHAPES = ([(65536, d, c) for d in (256, 512, 1024) for c in (10, 100)] if FULL else [(2048, 64, 10)])
 EIGH_SHAPES = [(1, 256), (1, 512), (1, 1024), (8, 256)] if FULL else [(2, 32)]
@@ -36,10 +35,6 @@ SLICE_CASES = ({  # name: (shape, dim, kept)
 def run(benchmark, fn, *args, rounds=ROUNDS):
     """Times fn(*args) (one warm-up) and returns its result."""
     return benchmark.pedantic(fn, args=args, rounds=rounds, iterations=1, warmup_rounds=1 if FULL else 0)
-
-
-def rel_err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
 def require_extension(impl):

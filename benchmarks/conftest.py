@@ -6,12 +6,9 @@ the runner records it.
 """
 
 import os
-import sys
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODE = os.environ.get("GPP_EXT_BENCH", "full")
 if MODE not in ("smoke", "full"):

@@ -60,3 +60,10 @@ def digits(dtype=torch.float32):
 
     data = load_digits()
     return torch.as_tensor(data.data, dtype=dtype), torch.as_tensor(data.target, dtype=torch.long)
+
+
+def rel_err(a, b) -> float:
+    """Relative Frobenius error of `a` against `b`, in float64 (a zero `b` counts as norm 1e-300)."""
+    a = torch.as_tensor(a, dtype=torch.float64).detach().cpu()
+    b = torch.as_tensor(b, dtype=torch.float64).detach().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))

@@ -19,12 +19,6 @@ def impl(request):
     return ops if request.param == "ops" else reference
 
 
-def rel_err(a, b):
-    """Relative Frobenius error of a against b (b non-zero)."""
-    a, b = torch.as_tensor(a, dtype=torch.float64).cpu(), torch.as_tensor(b, dtype=torch.float64).cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

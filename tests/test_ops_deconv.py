@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from gpp_ext import ops, reference
-from gpp_ext.testing import make_conv_case
+from gpp_ext.testing import make_conv_case, rel_err
 
-from conftest import rel_err
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

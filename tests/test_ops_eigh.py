@@ -11,9 +11,8 @@ import scipy.linalg
 import torch
 
 from gpp_ext import ops, reference
-from gpp_ext.testing import digits, make_features, make_scatter_pair
+from gpp_ext.testing import digits, make_features, make_scatter_pair, rel_err
 
-from conftest import rel_err
 
 
 def ridged(b, ridge):

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from gpp_ext import ScatterStats, ops, reference
-from gpp_ext.testing import digits, make_features
+from gpp_ext.testing import digits, make_features, rel_err
 
-from conftest import rel_err
 
 F64_TOL = 1e-10
 F32_TOL = 2e-5

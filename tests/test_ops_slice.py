@@ -5,7 +5,6 @@ import torch
 
 from gpp_ext import ops, reference
 
-from conftest import device  # noqa: F401
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])

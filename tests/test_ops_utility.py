@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from gpp_ext import ScatterStats, ops, reference
-from gpp_ext.testing import digits, make_features, make_scatter_pair
+from gpp_ext.testing import digits, make_features, make_scatter_pair, rel_err
 
-from conftest import rel_err
 
 
 def numpy_discriminant_utility(values, vectors, k):
