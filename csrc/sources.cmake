@@ -18,6 +18,12 @@ set(GPP_EXT_CPU_SOURCES
 
 # CUDA kernels (TORCH_LIBRARY_IMPL(gpp_ext, CUDA, m)): only when GPP_EXT_CUDA resolves to on.
 set(GPP_EXT_CUDA_SOURCES
+    csrc/cuda/class_scatter_cuda.cu
+    csrc/cuda/merge_scatter_cuda.cu
+    csrc/cuda/generalized_eigh_cuda.cpp
+    csrc/cuda/utility_cuda.cu
+    csrc/cuda/deconv_backproject_cuda.cpp
+    csrc/cuda/slice_channels_cuda.cu
 )
 
 # The Python binding (PYBIND11_MODULE): build information only; the ops live in the dispatcher.

@@ -18,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/triu.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -27,15 +26,13 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/gram.h"
 
 namespace gpp_ext {
 namespace {
 
 constexpr const char* kOp = "class_scatter";
 constexpr int64_t kRowBlock = 4096;
-// Row bands of the Gram staircase: about 8 bands skip most of the lower triangle, and a band of at least 64
-// rows keeps each GEMM efficient. A function of D only, so the arithmetic never depends on the thread count.
-int64_t gram_band(int64_t d) { return std::max<int64_t>(64, ((d + 8 * 64 - 1) / (8 * 64)) * 64); }
 
 // Element budget per parallel chunk: below this, threading costs more than it saves.
 constexpr int64_t kGrainElements = 32768;
@@ -81,26 +78,6 @@ void centre_rows(const scalar_t* x, const int64_t* y, const double* mean, int64_
       for (int64_t j = 0; j < d; ++j) o[j] = static_cast<scalar_t>(static_cast<double>(row[j]) - m[j]);
     }
   });
-}
-
-// acc[i, j] += (rows^T rows)[i, j] for j >= i only. The Gram matrix is symmetric, so one GEMM per band of
-// rows computes the upper staircase: (1 + 1/bands)/2 of the multiply-adds of rows^T rows (56% with 8 bands),
-// which is what puts the kernel below one full float32 X^T X.
-void accumulate_upper_gram(const at::Tensor& rows, at::Tensor& acc) {
-  const int64_t d = rows.size(1);
-  const int64_t band_rows = gram_band(d);
-  for (int64_t i0 = 0; i0 < d; i0 += band_rows) {
-    const int64_t w = std::min(band_rows, d - i0);
-    const at::Tensor band = rows.narrow(1, i0, w);       // [B, w], row stride d: BLAS reads it in place
-    const at::Tensor rest = rows.narrow(1, i0, d - i0);  // [B, d - i0]
-    acc.narrow(0, i0, w).narrow(1, i0, d - i0).add_(at::mm(band.t(), rest));
-  }
-}
-
-// The full symmetric matrix from its upper triangle (the lower one was never accumulated).
-at::Tensor mirror_upper(const at::Tensor& upper) {
-  const at::Tensor strict = at::triu(upper, 1);
-  return at::triu(upper) + strict.t();
 }
 
 void check_features_finite(const double* mean, int64_t num_classes, int64_t d) {

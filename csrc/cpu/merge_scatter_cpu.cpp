@@ -67,7 +67,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_scatter_cpu(const at::Tenso
   double* wp = weight.mutable_data_ptr<double>();
   at::parallel_for(0, num_classes, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      wp[c] = chan_merge_class(cap[c], map + c * d, cbp[c], mbp + c * d, d, mp + c * d, dp + c * d);
+      const ChanWeights cw = chan_weights(cap[c], cbp[c]);
+      wp[c] = cw.w;
+      for (int64_t j = c * d; j < (c + 1) * d; ++j) {
+        mp[j] = chan_mean(cw, map[j], mbp[j]);
+        dp[j] = map[j] - mbp[j];
+      }
     }
   });
   // within_a + within_b + Delta^T (w * Delta)

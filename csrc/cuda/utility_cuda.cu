@@ -1,0 +1,172 @@
+// Neuron utilities on CUDA (definitions in csrc/cpu/utility_cpu.cpp). Every sum is a fixed-order loop or a
+// fixed shared-memory tree, so results are reproducible; no atomics, no host synchronisation.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+
+#include "common/checks.h"
+
+namespace gpp_ext {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Sums v over the block with a fixed tree; every thread gets the result.
+__device__ double block_sum(double v, double* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const double total = shared[0];
+  __syncthreads();
+  return total;
+}
+
+// weight[b, j] = max(lambda_j, 0) / ||e_j|| for j < k: one block per (column, batch entry).
+__global__ void discriminant_weight_kernel(const double* __restrict__ values, const double* __restrict__ vectors,
+                                           int64_t d, int64_t k, double* __restrict__ weight) {
+  __shared__ double shared[kThreads];
+  const int64_t j = blockIdx.x;
+  const int64_t b = blockIdx.y;
+  const double* e = vectors + b * d * d;
+  double sq = 0.0;
+  for (int64_t r = threadIdx.x; r < d; r += blockDim.x) sq += e[r * d + j] * e[r * d + j];
+  const double norm = sqrt(block_sum(sq, shared));
+  if (threadIdx.x == 0) {
+    const double lambda = fmax(values[b * d + j], 0.0);  // negative values are round-off of zero
+    weight[b * k + j] = norm > 0.0 ? lambda / norm : 0.0;
+  }
+}
+
+// u[b, r] = sum_{j<k} weight[b, j] |e_{r,j}|: one block per (row, batch entry), threads along the row.
+__global__ void discriminant_sum_kernel(const double* __restrict__ vectors, const double* __restrict__ weight,
+                                        int64_t d, int64_t k, double* __restrict__ out) {
+  __shared__ double shared[kThreads];
+  const int64_t r = blockIdx.x;
+  const int64_t b = blockIdx.y;
+  const double* row = vectors + b * d * d + r * d;
+  double acc = 0.0;
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) acc += weight[b * k + j] * fabs(row[j]);
+  const double total = block_sum(acc, shared);
+  if (threadIdx.x == 0) out[b * d + r] = total;
+}
+
+at::Tensor discriminant_utility_cuda(const at::Tensor& eigenvalues, const at::Tensor& eigenvectors,
+                                     std::optional<int64_t> k_opt) {
+  constexpr const char* op = "discriminant_utility";
+  TORCH_CHECK_VALUE(eigenvalues.is_cuda() && eigenvalues.device() == eigenvectors.device(), op,
+                    ": eigenvalues and eigenvectors must be on the same CUDA device, got ", eigenvalues.device(),
+                    " and ", eigenvectors.device());
+  check_strided(eigenvalues, op, "eigenvalues");
+  check_strided(eigenvectors, op, "eigenvectors");
+  check_float_or_double(eigenvalues, op, "eigenvalues");
+  check_float_or_double(eigenvectors, op, "eigenvectors");
+  TORCH_CHECK_VALUE(eigenvectors.dim() >= 2 && eigenvectors.size(-1) == eigenvectors.size(-2), op,
+                    ": eigenvectors must be [..., D, D] with eigenvectors as columns, got ", eigenvectors.sizes());
+  const auto vec_sizes = eigenvectors.sizes();
+  TORCH_CHECK_VALUE(eigenvalues.sizes() == vec_sizes.slice(0, vec_sizes.size() - 1), op,
+                    ": eigenvalues must be [..., D] matching eigenvectors ", vec_sizes, ", got ", eigenvalues.sizes());
+  const int64_t d = eigenvectors.size(-1);
+  const int64_t k = k_opt.value_or(d);
+  TORCH_CHECK_VALUE(k >= 0 && k <= d, op, ": k must be in [0, D] = [0, ", d, "], got ", k);
+  const c10::cuda::CUDAGuard guard(eigenvectors.device());
+  const auto out_dtype = c10::promoteTypes(eigenvalues.scalar_type(), eigenvectors.scalar_type());
+  at::Tensor out = at::zeros(eigenvalues.sizes(), eigenvalues.options().dtype(at::kDouble));
+  if (out.numel() == 0 || k == 0) return out.to(out_dtype);
+  const at::Tensor lam = eigenvalues.to(at::kDouble).contiguous().view({-1, d});
+  const at::Tensor vec = eigenvectors.to(at::kDouble).contiguous().view({-1, d, d});
+  const int64_t batch = lam.size(0);
+  TORCH_CHECK_VALUE(batch <= 65535, op, ": at most 65535 batch entries on CUDA, got ", batch);
+  at::Tensor weight = at::empty({batch, k}, lam.options());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  discriminant_weight_kernel<<<dim3(static_cast<unsigned>(k), static_cast<unsigned>(batch)), kThreads, 0, stream>>>(
+      lam.const_data_ptr<double>(), vec.const_data_ptr<double>(), d, k, weight.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  discriminant_sum_kernel<<<dim3(static_cast<unsigned>(d), static_cast<unsigned>(batch)), kThreads, 0, stream>>>(
+      vec.const_data_ptr<double>(), weight.const_data_ptr<double>(), d, k, out.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out.to(out_dtype);
+}
+
+// between[j] = sum_c n_c (mu_cj - mu_j)^2 and diag[j] = S_w[j, j]: one thread per feature, classes in order.
+__global__ void fisher_terms_kernel(const double* __restrict__ count, const double* __restrict__ mean,
+                                    const double* __restrict__ within, int64_t num_classes, int64_t d,
+                                    double* __restrict__ between, double* __restrict__ diag) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < d;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double total = 0.0, mu = 0.0;
+    for (int64_t c = 0; c < num_classes; ++c) {
+      total += count[c];
+      mu += count[c] * mean[c * d + j];
+    }
+    double sb = 0.0;
+    if (total > 0.0) {
+      mu /= total;
+      for (int64_t c = 0; c < num_classes; ++c) {
+        const double diff = mean[c * d + j] - mu;
+        sb += count[c] * diff * diff;
+      }
+    }
+    between[j] = sb;
+    diag[j] = total > 0.0 ? within[j * d + j] : 0.0;
+  }
+}
+
+at::Tensor fisher_utility_cuda(const at::Tensor& count_in, const at::Tensor& mean_in, const at::Tensor& within_in,
+                               double eps) {
+  constexpr const char* op = "fisher_utility";
+  for (const auto* t : {&count_in, &mean_in, &within_in}) {
+    TORCH_CHECK_VALUE(t->is_cuda() && t->device() == mean_in.device(), op,
+                      ": statistics must be on one CUDA device, got ", t->device());
+    check_strided(*t, op, "statistics");
+  }
+  check_double(count_in, op, "count");
+  check_double(mean_in, op, "mean");
+  check_double(within_in, op, "within");
+  check_dim(count_in, 1, op, "count", "[C]");
+  check_dim(mean_in, 2, op, "mean", "[C, D]");
+  check_dim(within_in, 2, op, "within", "[D, D]");
+  const int64_t num_classes = count_in.size(0);
+  const int64_t d = mean_in.size(1);
+  TORCH_CHECK_VALUE(mean_in.size(0) == num_classes && within_in.size(0) == d && within_in.size(1) == d, op,
+                    ": count [C], mean [C, D] and within [D, D] must agree, got ", count_in.sizes(), ", ",
+                    mean_in.sizes(), ", ", within_in.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  const c10::cuda::CUDAGuard guard(mean_in.device());
+  if (d == 0) return at::zeros({0}, mean_in.options());
+  const at::Tensor count = count_in.contiguous(), mean = mean_in.contiguous(), within = within_in.contiguous();
+  at::Tensor between = at::empty({d}, mean.options());
+  at::Tensor diag = at::empty({d}, mean.options());
+  const int64_t blocks = std::min<int64_t>((d + kThreads - 1) / kThreads, 65535);
+  fisher_terms_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      count.const_data_ptr<double>(), mean.const_data_ptr<double>(), within.const_data_ptr<double>(), num_classes, d,
+      between.mutable_data_ptr<double>(), diag.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The ridge eps * tr(S_t) / D stays a device scalar: no read-back.
+  const at::Tensor denom = diag + (between.sum() + diag.sum()) * (eps / static_cast<double>(d));
+  const at::Tensor inf_or_zero = at::where(between.gt(0), at::full_like(between, std::numeric_limits<double>::infinity()),
+                                           at::zeros_like(between));
+  return at::where(denom.gt(0), between / denom.clamp_min(1e-300), inf_or_zero);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gpp_ext, CUDA, m) {
+  m.impl("discriminant_utility", &discriminant_utility_cuda);
+  m.impl("fisher_utility", &fisher_utility_cuda);
+}
+
+}  // namespace gpp_ext
