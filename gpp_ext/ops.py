@@ -3,13 +3,15 @@
 Each op validates its arguments, then runs the compiled kernel (`torch.ops.gpp_ext.*`, chosen by the
 dispatcher from the tensors' device) or, where the extension is missing or has no kernel for that device,
 the pure-PyTorch version in `gpp_ext.reference`, which defines the semantics. Fake (meta) kernels make the
-compiled ops traceable by `torch.compile`; `class_scatter` and `merge_scatter` have autograd formulas.
+compiled ops traceable by `torch.compile`. `class_scatter` and `merge_scatter` have autograd formulas; the
+other ops run their (differentiable) reference when a gradient has to flow through them.
 
 Shapes: `N` samples, `D` features, `C` classes. Statistics are float64 whatever the feature dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -19,7 +21,7 @@ from .stats import ScatterStats
 
 __all__ = [
     "ScatterStats", "class_scatter", "merge_scatter", "generalized_eigh", "discriminant_utility",
-    "fisher_utility", "deconv_backproject", "slice_channels", "extension_available", "has_kernel",
+    "fisher_utility", "deconv_backproject", "slice_channels", "extension_available", "has_kernel", "data_checks",
 ]
 
 try:
@@ -34,7 +36,13 @@ except (ImportError, OSError) as error:  # not built, or built against another t
         f"with `pip install --no-build-isolation -e .` (or `make build`).", RuntimeWarning, stacklevel=2)
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
-_kernel_cache: dict = {}
+_OPS = ("class_scatter", "class_scatter_backward", "merge_scatter", "generalized_eigh", "discriminant_utility",
+        "fisher_utility", "deconv_backproject", "slice_channels")
+# Which ops have a compiled kernel for which device: read once from the dispatcher, so that choosing a path
+# is a dictionary lookup that torch.compile can trace.
+_KERNELS = {(op, device): _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"gpp_ext::{op}", key)
+            for op in _OPS for device, key in _DISPATCH_KEYS.items()}
+_data_checks = True
 
 
 def extension_available() -> bool:
@@ -49,20 +57,40 @@ def load_error():
 
 def has_kernel(op: str, device) -> bool:
     """True when `torch.ops.gpp_ext.<op>` has a compiled kernel for `device` (a torch.device or a string)."""
-    if _C is None:
-        return False
-    device_type = torch.device(device).type
-    key = (op, device_type)
-    if key not in _kernel_cache:
-        dispatch_key = _DISPATCH_KEYS.get(device_type)
-        _kernel_cache[key] = dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"gpp_ext::{op}", dispatch_key)
-    return _kernel_cache[key]
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _KERNELS.get((op, device_type), False)
 
 
 def _compiled(op: str, t: torch.Tensor) -> bool:
     # Fake tensors under torch.compile report their real device, so they take the compiled op and its fake.
-    return has_kernel(op, t.device)
+    return _KERNELS.get((op, t.device.type), False)
+
+
+def _differentiating(*tensors) -> bool:
+    """Ops without an autograd formula run the (differentiable) reference when a gradient must flow."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@contextlib.contextmanager
+def data_checks(enabled: bool):
+    """Switches the data-dependent input checks of ops on GPU tensors on or off within a block.
+
+    On a GPU, checking labels against `[0, num_classes)`, features for NaN/Inf or indices against a size means
+    reading a flag back to the host: a synchronisation per call. They are on by default; switch them off in a
+    hot training loop whose inputs are known to be valid. Without them, out-of-range labels are ignored by
+    `class_scatter` and out-of-range indices trip a device assert in `slice_channels`. CPU kernels always check
+    (it costs nothing there).
+    """
+    global _data_checks
+    previous, _data_checks = _data_checks, bool(enabled)
+    try:
+        yield
+    finally:
+        _data_checks = previous
+
+
+def _check_on_device(t: torch.Tensor) -> bool:
+    return _data_checks and t.device.type not in ("cpu", "meta")
 
 
 # ---------------------------------------------------------------------------------------------- the ops
@@ -86,7 +114,10 @@ def class_scatter(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Scatter
     x, y, num_classes = _checks.scatter_inputs(x, y, num_classes)
     if not _compiled("class_scatter", x):
         return reference.class_scatter(x, y, num_classes)
-    return ScatterStats(*torch.ops.gpp_ext.class_scatter(x, y, num_classes))
+    stats = ScatterStats(*torch.ops.gpp_ext.class_scatter(x, y, num_classes))
+    if _check_on_device(x):  # the CPU kernel checks inside its passes; on a GPU it costs one sync, here
+        _checks.scatter_data_on_device(y, num_classes, stats)
+    return stats
 
 
 def merge_scatter(a: ScatterStats, b: ScatterStats) -> ScatterStats:
@@ -119,13 +150,15 @@ def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
         `E^T (b + r I) E = I` and their largest-magnitude entry positive. Dead dimensions (zero variance in `b`)
         are excluded from the solve and get eigenvalue 0 and their coordinate vector. Computed in float64,
         returned in the promoted input dtype. Raises `ValueError` if `b + r I` is singular on its live part.
+        Dead dimensions are those with no variance in `b` nor in `a`; a dimension with none in `b` but some in
+        `a` (constant within each class, different between classes) is a perfect discriminant: it needs a ridge.
     """
     a = _checks.square_stack(a, "generalized_eigh", "a")
     b = _checks.square_stack(b, "generalized_eigh", "b")
     ridge = _checks.real(ridge, "generalized_eigh", "ridge")
     if a.shape != b.shape:
         raise ValueError(f"generalized_eigh: b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
-    if not _compiled("generalized_eigh", a):
+    if not _compiled("generalized_eigh", a) or _differentiating(a, b):
         return reference.generalized_eigh(a, b, ridge)
     return tuple(torch.ops.gpp_ext.generalized_eigh(a, b, ridge))
 
@@ -134,9 +167,10 @@ def discriminant_utility(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, 
     """Neuron utility from discriminants: `u_r = Σ_{j<k} max(λ_j, 0)·|e_{r,j}| / ‖e_j‖`.
 
     Args:
-        eigenvalues: `[..., D]`, descending (as from `generalized_eigh`).
+        eigenvalues: `[..., D]`, descending (as from `generalized_eigh`; note `torch.linalg.eigh` is ascending).
         eigenvectors: `[..., D, D]`, discriminants as columns.
-        k: how many leading discriminants count (default all; `C - 1` carry all the between-class scatter).
+        k: how many leading discriminants (the first k columns) count (default all; `C - 1` carry all the
+            between-class scatter).
 
     Returns:
         `[..., D]` utility per neuron (row of `eigenvectors`), in the promoted input dtype.
@@ -145,7 +179,7 @@ def discriminant_utility(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, 
     vec = _checks.square_stack(eigenvectors, "discriminant_utility", "eigenvectors")
     if k is not None:
         k = _checks.integer(k, "discriminant_utility", "k", minimum=0)
-    if lam.shape != vec.shape[:-1] or not _compiled("discriminant_utility", vec):
+    if lam.shape != vec.shape[:-1] or not _compiled("discriminant_utility", vec) or _differentiating(lam, vec):
         return reference.discriminant_utility(lam, vec, k)
     return torch.ops.gpp_ext.discriminant_utility(lam, vec, k)
 
@@ -158,7 +192,7 @@ def fisher_utility(stats: ScatterStats, eps: float = 1e-6) -> torch.Tensor:
     """
     count, mean, within = _checks.stats_tensors(stats, "fisher_utility", "stats")
     eps = _checks.real(eps, "fisher_utility", "eps")
-    if not _compiled("fisher_utility", mean):
+    if not _compiled("fisher_utility", mean) or _differentiating(count, mean, within):
         return reference.fisher_utility(stats, eps)
     return torch.ops.gpp_ext.fisher_utility(count, mean, within, eps)
 
@@ -175,7 +209,7 @@ def deconv_backproject(signal: torch.Tensor, weight: torch.Tensor, stride=1, pad
     """
     signal, weight, stride, padding, dilation, groups, output_size = reference.deconv_arguments(
         signal, weight, stride, padding, dilation, groups, output_size)
-    if not _compiled("deconv_backproject", signal):
+    if not _compiled("deconv_backproject", signal) or _differentiating(signal, weight):
         return reference.deconv_backproject(signal, weight, stride, padding, dilation, groups, output_size)
     return torch.ops.gpp_ext.deconv_backproject(signal, weight, stride, padding, dilation, groups, output_size)
 
@@ -188,8 +222,10 @@ def slice_channels(t: torch.Tensor, dim: int, index) -> torch.Tensor:
     t = _checks.tensor(t, "slice_channels", "t")
     index = _checks.channel_index(index, "slice_channels", t.device)
     dim = _checks.integer(dim, "slice_channels", "dim")
-    if not _compiled("slice_channels", t):
+    if not _compiled("slice_channels", t) or _differentiating(t):
         return reference.slice_channels(t, dim, index)
+    if _check_on_device(t) and -t.dim() <= dim < t.dim():
+        _checks.index_in_range(index, t.shape[dim], dim % t.dim(), t.shape, "slice_channels")  # one sync
     return torch.ops.gpp_ext.slice_channels(t, dim, index)
 
 
@@ -206,11 +242,11 @@ def _register():
 
     @torch.library.register_fake(lib + "class_scatter_backward")
     def _(grad_mean, grad_within, x, y, count, mean):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake(lib + "merge_scatter")
     def _(count_a, mean_a, within_a, count_b, mean_b, within_b):
-        return torch.empty_like(count_a), torch.empty_like(mean_a), torch.empty_like(within_a)
+        return count_a.new_empty(count_a.shape), mean_a.new_empty(mean_a.shape), within_a.new_empty(within_a.shape)
 
     @torch.library.register_fake(lib + "generalized_eigh")
     def _(a, b, ridge):

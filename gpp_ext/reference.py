@@ -50,13 +50,14 @@ def merge_scatter(a: ScatterStats, b: ScatterStats) -> ScatterStats:
     return ScatterStats(n, mean, 0.5 * (within + within.T))
 
 
-def _solve_definite(a: torch.Tensor, b: torch.Tensor):
+def _solve_definite(a: torch.Tensor, b: torch.Tensor, entry: int = 0):
     chol, info = torch.linalg.cholesky_ex(b)
     if bool((info != 0).any()):
-        first = int((info != 0).nonzero()[0, 0])
+        first = entry + int((info != 0).nonzero()[0, 0])
         raise ValueError(f"generalized_eigh: b (+ ridge) is not positive definite on its non-dead dimensions "
-                         f"(batch entry {first}); b is singular, e.g. fewer samples than dimensions or collinear "
-                         f"features. Pass ridge > 0 (1e-3 is a common choice) to regularise it.")
+                         f"(batch entry {first}); b is singular, e.g. fewer samples than dimensions, collinear "
+                         f"features, or a feature constant within every class but not across classes. Pass "
+                         f"ridge > 0 (1e-3 is a common choice) to regularise it.")
     m = torch.linalg.solve_triangular(chol, a, upper=False)
     m = torch.linalg.solve_triangular(chol, m.mT, upper=False)
     w, u = torch.linalg.eigh(0.5 * (m + m.mT))
@@ -69,8 +70,8 @@ def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
 
     Returns `(eigenvalues [..., D], eigenvectors [..., D, D])`: eigenvalues descending, eigenvectors as columns
     normalised so that `E^T (b + ridge·tr(b)/D·I) E = I`, the largest-magnitude entry of each made positive.
-    Dead dimensions (zero diagonal of `b`) get eigenvalue 0 and their coordinate vector. Computed in float64,
-    returned in the promoted input dtype.
+    Dead dimensions (zero diagonal in both `b` and `a`: no variance at all) get eigenvalue 0 and their coordinate
+    vector. Computed in float64, returned in the promoted input dtype.
     """
     op = "generalized_eigh"
     a = _checks.square_stack(a, op, "a")
@@ -95,7 +96,9 @@ def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
     if not bool((diag >= -DEAD_RELATIVE * largest).all()):
         raise ValueError(f"{op}: b must be positive semi-definite (a scatter or covariance matrix), "
                          f"found a negative diagonal")
-    dead = diag <= DEAD_RELATIVE * largest
+    # Dead: no variance in b nor in a. b_jj = 0 with a_jj > 0 is a perfect discriminant, not a dead neuron.
+    a_diag = A.diagonal(dim1=-2, dim2=-1).abs()
+    dead = (diag <= DEAD_RELATIVE * largest) & (a_diag <= DEAD_RELATIVE * a_diag.amax(-1, keepdim=True))
     shift = diag.sum(-1) * (ridge / d)
     B = B + shift.view(-1, 1, 1) * torch.eye(d, dtype=B.dtype, device=B.device)
     if not bool(dead.any()):
@@ -110,7 +113,7 @@ def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
             w = torch.zeros(d, dtype=A.dtype, device=A.device)
             e = torch.zeros(d, d, dtype=A.dtype, device=A.device)
             if n_live:
-                wl, el = _solve_definite(A[i][live][:, live][None], B[i][live][:, live][None])
+                wl, el = _solve_definite(A[i][live][:, live][None], B[i][live][:, live][None], i)
                 w[:n_live] = wl[0]
                 e[live, :n_live] = el[0]
             bjj = B[i].diagonal()[dead_idx]
@@ -248,9 +251,5 @@ def slice_channels(t: torch.Tensor, dim: int, index) -> torch.Tensor:
     if not -t.dim() <= dim < t.dim():
         raise ValueError(f"{op}: dim must be in [{-t.dim()}, {t.dim()}) for a {t.dim()}-D tensor, got {dim}")
     index = _checks.channel_index(index, op, t.device)
-    size = t.shape[dim]
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
-        bad = int(index.min()) if int(index.min()) < 0 else int(index.max())
-        raise ValueError(f"{op}: index must hold entries in [0, {size}) for dim {dim % t.dim()} of t "
-                         f"{tuple(t.shape)}, got {bad}")
+    _checks.index_in_range(index, t.shape[dim], dim % t.dim(), t.shape, op)
     return t.index_select(dim, index).contiguous()

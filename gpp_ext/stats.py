@@ -35,6 +35,12 @@ class ScatterStats:
                 or w.shape != (m.shape[1], m.shape[1]):
             raise ValueError(f"ScatterStats: expected count [C], mean [C, D], within [D, D], got "
                              f"{tuple(c.shape)}, {tuple(m.shape)}, {tuple(w.shape)}")
+        if not c.dtype == m.dtype == w.dtype == torch.float64:
+            raise TypeError(f"ScatterStats: count, mean and within must be float64, got {c.dtype}, {m.dtype}, "
+                            f"{w.dtype}")
+        if not c.device == m.device == w.device:
+            raise ValueError(f"ScatterStats: count, mean and within must be on one device, got {c.device}, "
+                             f"{m.device}, {w.device}")
 
     @classmethod
     def empty(cls, num_classes: int, dim: int, device=None) -> "ScatterStats":
@@ -76,11 +82,9 @@ class ScatterStats:
 
     __add__ = merge
 
-    def to(self, *args, **kwargs) -> "ScatterStats":
-        """Moves the statistics (e.g. `.to("cuda")`); float64 is kept whatever dtype is asked for."""
-        kwargs.pop("dtype", None)
-        args = tuple(a for a in args if not isinstance(a, torch.dtype))
-        return ScatterStats(*(t.to(*args, **kwargs) for t in (self.count, self.mean, self.within)))
+    def to(self, device) -> "ScatterStats":
+        """The statistics on another device (e.g. `.to("cuda")`); they stay float64."""
+        return ScatterStats(*(t.to(device=device) for t in (self.count, self.mean, self.within)))
 
     def detach(self) -> "ScatterStats":
         return ScatterStats(self.count.detach(), self.mean.detach(), self.within.detach())

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -26,3 +28,12 @@ def _seed():
 
 def pytest_report_header(config):
     return f"gpp_ext build_info: {gpp_ext.build_info()}"
+
+
+def pytest_sessionstart(session):
+    """Without the compiled ops every ops-vs-reference test would compare the reference with itself."""
+    if not ops.extension_available() and os.environ.get("GPP_EXT_ALLOW_FALLBACK") != "1":
+        raise pytest.UsageError(
+            f"gpp_ext's compiled extension is not loaded ({ops.load_error()}): build it with `make build` "
+            f"(or `pip install --no-build-isolation -e .`), or set GPP_EXT_ALLOW_FALLBACK=1 to test the "
+            f"pure-PyTorch fallback alone")

@@ -91,6 +91,13 @@ def test_bad_arguments(impl, kwargs, error, match):
         impl.deconv_backproject(**args)
 
 
+def test_gradient_flows(impl):
+    signal, weight, shape = make_conv_case(2, 4, 6, 9, 3, stride=2, padding=1, dtype=torch.float64)
+    signal.requires_grad_(True)
+    weight.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s, w: impl.deconv_backproject(s, w, 2, 1, 1, 1, shape), (signal, weight))
+
+
 def test_opcheck():
     if not ops.has_kernel("deconv_backproject", "cpu"):
         pytest.skip("extension not built")

@@ -94,6 +94,24 @@ def test_dead_dimensions():
         check_solution(A, B, values, vectors, 1e-2)
 
 
+def test_perfect_discriminant_is_not_dead():
+    """A feature constant within each class but not across them has b_jj = 0 and a_jj > 0: an infinite
+    eigenvalue without a ridge (an error that says so), a large finite one with it."""
+    x = torch.tensor([[0.0, 1.0, 0.5], [0.0, 2.0, -0.1], [0.0, 1.5, 0.3],
+                      [1.0, 3.0, 0.2], [1.0, 5.0, 0.9], [1.0, 4.1, -0.4]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    s = ops.class_scatter(x, y, 2)
+    assert s.within[0, 0] == 0 and s.between()[0, 0] > 0
+    for impl in (ops, reference):
+        with pytest.raises(ValueError, match="constant within every class"):
+            impl.generalized_eigh(s.between(), s.within)
+        values, vectors = impl.generalized_eigh(s.between(), s.within, 1e-3)
+        check_solution(s.between(), s.within, values, vectors, 1e-3)
+        assert int(vectors[:, 0].abs().argmax()) == 0  # the top discriminant is the perfect feature
+        u = impl.discriminant_utility(values, vectors, 1)
+        assert int(u.argmax()) == 0
+
+
 def test_digits_with_dead_pixels():
     x, y = digits(torch.float64)
     s = ops.class_scatter(x, y, 10)
@@ -146,6 +164,18 @@ def test_sign_convention_is_deterministic():
 def test_bad_arguments(impl, args, error, match):
     with pytest.raises(error, match=match):
         impl.generalized_eigh(*args)
+
+
+def test_gradient_flows_through_the_reference():
+    """The compiled op has no autograd formula; with inputs that need a gradient the wrapper runs the
+    (differentiable) reference, so the two paths never disagree about gradients."""
+    a, b = make_scatter_pair(6, rank=3, seed=9)
+    a.requires_grad_(True)
+    values, _ = ops.generalized_eigh(a, b, 1e-3)
+    (grad,) = torch.autograd.grad(values[:2].sum(), a)
+    ref_a = a.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(reference.generalized_eigh(ref_a, b, 1e-3)[0][:2].sum(), ref_a)
+    assert torch.allclose(grad, expected)
 
 
 def test_opcheck():

@@ -97,12 +97,15 @@ def test_streaming_equals_one_shot(dtype):
     rng = random.Random(0)
     tol = F64_TOL if dtype == torch.float64 else F32_TOL
     for trial in range(4):
-        cuts = sorted(rng.sample(range(1, 5000), 6)) + [5000, 5000]  # the repeated cut is an empty batch
+        # random cuts, a few 1-3 row batches (which miss most classes) and a repeated cut (an empty batch)
+        tiny = [c + k for c in rng.sample(range(10, 4990), 3) for k in (0, 1, 3)]
+        cuts = sorted(set(rng.sample(range(1, 5000), 6) + tiny)) + [5000, 5000]
         parts, start = [], 0
         for stop in cuts:
             parts.append(ops.class_scatter(x[start:stop], y[start:stop], 7))
             start = stop
-        parts.append(ops.class_scatter(x[y != 3][:40], y[y != 3][:40], 7).__class__.empty(7, 24))
+        assert any((p.count == 0).any() and p.count.sum() > 0 for p in parts)
+        parts.append(ScatterStats.empty(7, 24))
         rng.shuffle(parts)
         if trial % 2:  # left fold
             merged = parts[0]
@@ -242,6 +245,38 @@ def test_kernel_checks_its_own_arguments():
         torch.ops.gpp_ext.merge_scatter(a.count, a.mean, a.within, a.count[:1], a.mean, a.within)
 
 
+def test_float32_overflow_is_reported(impl):
+    x = torch.tensor([[3e19, 0.0], [-3e19, 1.0], [1.0, 2.0]], dtype=torch.float32)
+    y = torch.tensor([0, 0, 1])
+    if impl is ops:
+        with pytest.raises(ValueError, match="overflowed float32; pass x as float64"):
+            impl.class_scatter(x, y, 2)
+    assert torch.isfinite(impl.class_scatter(x.double(), y, 2).within).all()
+
+
+def test_backward_kernel_checks_its_arguments():
+    if not ops.has_kernel("class_scatter_backward", "cpu"):
+        pytest.skip("extension not built")
+    x, y = make_features(10, 3, 2, dtype=torch.float64)
+    s = ops.class_scatter(x, y, 2)
+    g_mean, g_within = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
+    bad = y.clone()
+    bad[4] = 7
+    with pytest.raises(ValueError, match="class_scatter_backward: y must hold labels"):
+        torch.ops.gpp_ext.class_scatter_backward(g_mean, g_within, x, bad, s.count, s.mean)
+    with pytest.raises(ValueError, match="class_scatter_backward: grad_mean must have shape"):
+        torch.ops.gpp_ext.class_scatter_backward(g_mean[:1], g_within, x, y, s.count, s.mean)
+
+
+def test_scatter_stats_validates_its_tensors():
+    s = ScatterStats.empty(2, 3)
+    with pytest.raises(TypeError, match="must be float64"):
+        ScatterStats(s.count.float(), s.mean, s.within)
+    with pytest.raises(ValueError, match=r"expected count \[C\], mean \[C, D\]"):
+        ScatterStats(s.count, s.mean[:1], s.within)
+    assert s.to("cpu").within.dtype == torch.float64
+
+
 def test_merge_rejects_mismatched_statistics(impl):
     a = ScatterStats.empty(3, 4)
     with pytest.raises(ValueError, match="same number of classes"):
@@ -304,6 +339,9 @@ def test_opcheck():
     a = ops.class_scatter(x[:30], y[:30], 3)
     b = ops.class_scatter(x[30:], y[30:], 3)
     torch.library.opcheck(torch.ops.gpp_ext.merge_scatter.default, (a.count, a.mean, a.within, b.count, b.mean, b.within))
+    # non-contiguous statistics: the fake must still describe the kernel's fresh contiguous outputs
+    torch.library.opcheck(torch.ops.gpp_ext.merge_scatter.default,
+                          (a.count, a.mean.T.contiguous().T, a.within.T, b.count, b.mean, b.within))
     s = ops.class_scatter(x, y, 3)
     torch.library.opcheck(torch.ops.gpp_ext.class_scatter_backward.default,
                           (torch.randn(3, 6, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64), x, y,

@@ -10,7 +10,8 @@ from gpp_ext import ops, reference
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])
 @pytest.mark.parametrize("dim", [0, 1, 2, -1])
 def test_matches_index_select(impl, device, dtype, dim):
-    t = (torch.randn(6, 7, 3, 5, device=device) * 10).to(dtype)
+    # random values of every dtype (bool: half True), so a wrong index shows
+    t = torch.randint(0, 2 if dtype == torch.bool else 100, (6, 7, 3, 5), device=device).to(dtype)
     size = t.shape[dim]
     index = torch.tensor([size - 1, 0, size // 2, size // 2], device=device)  # any order, repeats allowed
     out = impl.slice_channels(t, dim, index)
@@ -32,6 +33,20 @@ def test_empty_index_and_non_contiguous(impl):
     wt = w.T  # non-contiguous
     out = impl.slice_channels(wt, 1, torch.tensor([7, 0]))
     assert out.is_contiguous() and torch.equal(out, wt[:, [7, 0]])
+
+
+def test_lazy_conjugate_and_complex(impl):
+    z = torch.randn(4, 6, dtype=torch.complex64)
+    zc = z.conj()  # a lazy view with the conjugate bit set
+    assert torch.equal(impl.slice_channels(zc, 1, [5, 0]), zc[:, [5, 0]].resolve_conj())
+    zz = torch.randn(3, 4, dtype=torch.complex128)
+    assert torch.equal(impl.slice_channels(zz, 0, [2, 2]), zz[[2, 2]])
+
+
+def test_gradient_flows(impl):
+    w = torch.randn(5, 4, requires_grad=True)
+    impl.slice_channels(w, 0, [4, 1]).sum().backward()
+    assert w.grad[[1, 4]].eq(1).all() and w.grad[[0, 2, 3]].eq(0).all()
 
 
 def test_does_not_alias(impl):

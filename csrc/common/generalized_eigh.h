@@ -5,10 +5,12 @@
 // e = L^{-T} u. Eigenvalues come out descending, eigenvectors as columns with E^T b' E = I, and each
 // eigenvector's largest-magnitude entry made positive so results are reproducible.
 //
-// Dead dimensions: a dimension whose b diagonal is zero (to kDeadRelative of the largest) is a neuron with no
-// variance. It is taken out before the Cholesky factorisation; it gets eigenvalue 0 and the coordinate vector
-// as eigenvector (scaled by 1/sqrt(b'_jj) when the ridge makes b'_jj positive). Any entries of a coupling it
-// to other dimensions are ignored, as they are zero for real scatter matrices.
+// Dead dimensions: a dimension whose diagonals in b and in a are both zero (to kDeadRelative of the largest)
+// is a neuron with no variance at all; PSD scatter matrices then have zero rows there. It is taken out before
+// the Cholesky factorisation and gets eigenvalue 0 and the coordinate vector as eigenvector (scaled by
+// 1/sqrt(b'_jj) when the ridge makes b'_jj positive). A dimension with b_jj = 0 but a_jj > 0 (constant within
+// each class, different between classes) is not dead: it is a perfect discriminant, an infinite eigenvalue
+// without a ridge (a clear error) and a large finite one with it.
 //
 // Computation runs in float64 whatever the input dtype; results are returned in the promoted input dtype.
 #pragma once
@@ -43,14 +45,17 @@ namespace generalized_eigh_detail {
 constexpr const char* kOp = "generalized_eigh";
 constexpr double kDeadRelative = 1e-12;
 
-// Solves the problem for a stack [k, n, n] whose b' is positive definite; eigenvalues descending.
-inline std::tuple<at::Tensor, at::Tensor> solve_definite(const at::Tensor& a, const at::Tensor& b_ridged) {
+// Solves the problem for a stack [k, n, n] whose b' is positive definite; eigenvalues descending. `entry` is
+// the batch index of the first matrix, for the error message.
+inline std::tuple<at::Tensor, at::Tensor> solve_definite(const at::Tensor& a, const at::Tensor& b_ridged,
+                                                         int64_t entry = 0) {
   auto [chol, info] = at::linalg_cholesky_ex(b_ridged);
   if (info.ne(0).any().item<bool>()) {
-    const int64_t first = at::nonzero(info.ne(0)).select(1, 0)[0].item<int64_t>();
+    const int64_t first = entry + at::nonzero(info.ne(0)).select(1, 0)[0].item<int64_t>();
     TORCH_CHECK_VALUE(false, kOp, ": b (+ ridge) is not positive definite on its non-dead dimensions (batch entry ",
-                      first, "); b is singular, e.g. fewer samples than dimensions or collinear features. "
-                      "Pass ridge > 0 (1e-3 is a common choice) to regularise it.");
+                      first, "); b is singular, e.g. fewer samples than dimensions, collinear features, or a "
+                      "feature constant within every class but not across classes. Pass ridge > 0 (1e-3 is a "
+                      "common choice) to regularise it.");
   }
   const at::Tensor x = at::linalg_solve_triangular(chol, a, /*upper=*/false);
   at::Tensor m = at::linalg_solve_triangular(chol, x.mT(), /*upper=*/false);
@@ -62,7 +67,7 @@ inline std::tuple<at::Tensor, at::Tensor> solve_definite(const at::Tensor& a, co
 
 // One batch entry with dead dimensions: solve on the live block, then put the dead coordinates back.
 inline std::tuple<at::Tensor, at::Tensor> solve_with_dead(const at::Tensor& a, const at::Tensor& b_ridged,
-                                                   const at::Tensor& dead) {
+                                                          const at::Tensor& dead, int64_t entry) {
   const int64_t d = a.size(-1);
   const at::Tensor live = at::nonzero(dead.logical_not()).select(1, 0);
   const at::Tensor dead_idx = at::nonzero(dead).select(1, 0);
@@ -72,7 +77,7 @@ inline std::tuple<at::Tensor, at::Tensor> solve_with_dead(const at::Tensor& a, c
   if (n_live > 0) {
     const at::Tensor a_live = a.index_select(0, live).index_select(1, live);
     const at::Tensor b_live = b_ridged.index_select(0, live).index_select(1, live);
-    auto [w, e] = solve_definite(a_live.unsqueeze(0), b_live.unsqueeze(0));
+    auto [w, e] = solve_definite(a_live.unsqueeze(0), b_live.unsqueeze(0), entry);
     values.narrow(0, 0, n_live).copy_(w.squeeze(0));
     vectors.narrow(1, 0, n_live).index_copy_(0, live, e.squeeze(0));
   }
@@ -122,7 +127,9 @@ inline std::tuple<at::Tensor, at::Tensor> generalized_eigh_impl(const at::Tensor
   b = (b + b.mT()).mul_(0.5);
   const at::Tensor diag = b.diagonal(0, -2, -1);
   const at::Tensor largest = diag.abs().amax(-1, /*keepdim=*/true);
-  const at::Tensor dead = diag.le(kDeadRelative * largest);
+  const at::Tensor a_diag = a.diagonal(0, -2, -1).abs();
+  const at::Tensor dead =
+      diag.le(kDeadRelative * largest).logical_and(a_diag.le(kDeadRelative * a_diag.amax(-1, /*keepdim=*/true)));
   // Every data-dependent check in one read-back (one device sync on a GPU).
   const at::Tensor flags = at::stack({at::isfinite(a).all().logical_not(), at::isfinite(b).all().logical_not(),
                                       diag.lt(-kDeadRelative * largest).any(), dead.any()})
@@ -141,7 +148,7 @@ inline std::tuple<at::Tensor, at::Tensor> generalized_eigh_impl(const at::Tensor
   } else {
     std::vector<at::Tensor> vs, es;
     for (int64_t i = 0; i < a.size(0); ++i) {
-      auto [w, e] = solve_with_dead(a[i], b_ridged[i], dead[i]);
+      auto [w, e] = solve_with_dead(a[i], b_ridged[i], dead[i], i);
       vs.push_back(w);
       es.push_back(e);
     }

@@ -17,6 +17,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 
 #include "common/checks.h"
 #include "common/gram.h"
@@ -90,18 +92,18 @@ void check_features_finite(const double* mean, int64_t num_classes, int64_t d) {
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& y, int64_t num_classes) {
-  check_cpu(x, kOp, "x");
-  check_cpu(y, kOp, "y");
-  check_strided(x, kOp, "x");
-  check_strided(y, kOp, "y");
-  check_dim(x, 2, kOp, "x", "[N, D]");
-  check_float_or_double(x, kOp, "x");
-  check_dim(y, 1, kOp, "y", "[N]");
-  check_long(y, kOp, "y");
-  TORCH_CHECK_VALUE(y.size(0) == x.size(0), kOp, ": y must hold one label per row of x, got ", y.size(0),
+void check_inputs(const at::Tensor& x, const at::Tensor& y, int64_t num_classes, const char* op = kOp) {
+  check_cpu(x, op, "x");
+  check_cpu(y, op, "y");
+  check_strided(x, op, "x");
+  check_strided(y, op, "y");
+  check_dim(x, 2, op, "x", "[N, D]");
+  check_float_or_double(x, op, "x");
+  check_dim(y, 1, op, "y", "[N]");
+  check_long(y, op, "y");
+  TORCH_CHECK_VALUE(y.size(0) == x.size(0), op, ": y must hold one label per row of x, got ", y.size(0),
                     " labels for ", x.size(0), " rows");
-  TORCH_CHECK_VALUE(num_classes >= 1, kOp, ": num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(num_classes >= 1, op, ": num_classes must be >= 1, got ", num_classes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_scatter_cpu(const at::Tensor& x_, const at::Tensor& y_,
@@ -134,7 +136,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_scatter_cpu(const at::Tenso
       accumulate_upper_gram(block.narrow(0, 0, r1 - r0), within);
     }
   });
-  return {count, mean, mirror_upper(within)};
+  within = mirror_upper(within);
+  // Centred float32 rows cannot overflow unless |x - mean| > ~1e19; say so rather than return Inf.
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kDouble || at::isfinite(within).all().item<bool>(), kOp,
+                    ": the within-class scatter overflowed float32; pass x as float64");
+  return {count, mean, within};
 }
 
 // d/dx_i of <G_m, mean> + <G_w, S_w> = G_m[y_i] / n_{y_i} + (G_w + G_w^T)(x_i - mu_{y_i}).
@@ -143,12 +149,19 @@ at::Tensor class_scatter_backward_cpu(const at::Tensor& grad_mean, const at::Ten
                                       const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& count,
                                       const at::Tensor& mean) {
   constexpr const char* op = "class_scatter_backward";
-  check_inputs(x_, y_, count.size(0));
+  check_dim(count, 1, op, "count", "[C]");
+  check_inputs(x_, y_, count.size(0), op);
   const int64_t n = x_.size(0);
   const int64_t d = x_.size(1);
   const int64_t num_classes = count.size(0);
+  for (const auto& [t, name] : {std::pair{&grad_mean, "grad_mean"}, std::pair{&grad_within, "grad_within"},
+                               std::pair{&count, "count"}, std::pair{&mean, "mean"}}) {
+    check_cpu(*t, op, name);
+    check_strided(*t, op, name);
+  }
   check_dim(grad_mean, 2, op, "grad_mean", "[C, D]");
   check_dim(grad_within, 2, op, "grad_within", "[D, D]");
+  check_dim(mean, 2, op, "mean", "[C, D]");
   TORCH_CHECK_VALUE(grad_mean.size(0) == num_classes && grad_mean.size(1) == d, op,
                     ": grad_mean must have shape [C, D] = [", num_classes, ", ", d, "], got ", grad_mean.sizes());
   TORCH_CHECK_VALUE(grad_within.size(0) == d && grad_within.size(1) == d, op,
@@ -164,11 +177,15 @@ at::Tensor class_scatter_backward_cpu(const at::Tensor& grad_mean, const at::Ten
   const at::Tensor gm = grad_mean.to(at::kDouble).contiguous();
   const at::Tensor gw_sym = (grad_within + grad_within.t()).to(x.scalar_type()).contiguous();
 
+  const int64_t* yp = y.const_data_ptr<int64_t>();
+  const double* cp = count64.const_data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) {  // before any read through a label
+    TORCH_CHECK_VALUE(yp[i] >= 0 && yp[i] < num_classes && cp[yp[i]] > 0.0, op,
+                      ": y must hold labels of non-empty classes in [0, num_classes), got ", yp[i], " at index ", i);
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "class_scatter_backward_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const int64_t* yp = y.const_data_ptr<int64_t>();
     const double* mp = mean64.const_data_ptr<double>();
-    const double* cp = count64.const_data_ptr<double>();
     const double* gmp = gm.const_data_ptr<double>();
     at::Tensor block = at::empty({std::min(n, kRowBlock), d}, x.options());
     for (int64_t r0 = 0; r0 < n; r0 += kRowBlock) {
@@ -181,7 +198,7 @@ at::Tensor class_scatter_backward_cpu(const at::Tensor& grad_mean, const at::Ten
       at::parallel_for(r0, r1, grain, [&](int64_t a, int64_t b) {
         for (int64_t i = a; i < b; ++i) {
           const int64_t c = yp[i];
-          const double inv = 1.0 / cp[c];  // a sample's own class is never empty
+          const double inv = 1.0 / cp[c];
           const double* g = gmp + c * d;
           scalar_t* o = op_ + (i - r0) * d;
           for (int64_t j = 0; j < d; ++j) o[j] = static_cast<scalar_t>(static_cast<double>(o[j]) + g[j] * inv);

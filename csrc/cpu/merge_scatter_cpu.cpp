@@ -10,7 +10,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
+#include <utility>
 
 #include "common/chan_merge.h"
 #include "common/checks.h"
@@ -24,9 +26,9 @@ void check_stats(const at::Tensor& count, const at::Tensor& mean, const at::Tens
                  int64_t num_classes, int64_t d) {
   const std::string suffix = std::string("_") + which;
   const std::string c = "count" + suffix, m = "mean" + suffix, w = "within" + suffix;
-  for (const auto* t : {&count, &mean, &within}) {
-    check_cpu(*t, kOp, "statistics");
-    check_strided(*t, kOp, "statistics");
+  for (const auto& [t, name] : {std::pair{&count, &c}, std::pair{&mean, &m}, std::pair{&within, &w}}) {
+    check_cpu(*t, kOp, name->c_str());
+    check_strided(*t, kOp, name->c_str());
   }
   check_double(count, kOp, c.c_str());
   check_double(mean, kOp, m.c_str());

@@ -63,7 +63,8 @@ at::Tensor slice_channels_cpu(const at::Tensor& t, int64_t dim_in, const at::Ten
   at::Tensor out = at::empty(out_sizes, t.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
 
-  const at::Tensor src = t.contiguous();
+  // Bytes are copied, so lazy conjugate/negative views must be materialised first.
+  const at::Tensor src = t.resolve_conj().resolve_neg().contiguous();
   int64_t outer = 1, inner = 1;
   for (int64_t i = 0; i < dim; ++i) outer *= t.size(i);
   for (int64_t i = dim + 1; i < t.dim(); ++i) inner *= t.size(i);

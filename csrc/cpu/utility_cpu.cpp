@@ -17,6 +17,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -82,9 +83,10 @@ at::Tensor discriminant_utility_cpu(const at::Tensor& eigenvalues, const at::Ten
 at::Tensor fisher_utility_cpu(const at::Tensor& count_in, const at::Tensor& mean_in, const at::Tensor& within_in,
                               double eps) {
   constexpr const char* op = "fisher_utility";
-  for (const auto* t : {&count_in, &mean_in, &within_in}) {
-    check_cpu(*t, op, "statistics");
-    check_strided(*t, op, "statistics");
+  for (const auto& [t, name] : {std::pair{&count_in, "count"}, std::pair{&mean_in, "mean"},
+                                 std::pair{&within_in, "within"}}) {
+    check_cpu(*t, op, name);
+    check_strided(*t, op, name);
   }
   check_double(count_in, op, "count");
   check_double(mean_in, op, "mean");

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "common/chan_merge.h"
 #include "common/checks.h"
@@ -40,9 +41,10 @@ void check_stats(const at::Tensor& count, const at::Tensor& mean, const at::Tens
                  int64_t num_classes, int64_t d, const at::Device& device) {
   const std::string suffix = std::string("_") + which;
   const std::string c = "count" + suffix, m = "mean" + suffix, w = "within" + suffix;
-  for (const auto* t : {&count, &mean, &within}) {
-    TORCH_CHECK_VALUE(t->device() == device, kOp, ": all statistics must be on ", device, ", got ", t->device());
-    check_strided(*t, kOp, "statistics");
+  for (const auto& [t, name] : {std::pair{&count, &c}, std::pair{&mean, &m}, std::pair{&within, &w}}) {
+    TORCH_CHECK_VALUE(t->device() == device, kOp, ": ", *name, " must be on ", device, " like mean_a, got ",
+                      t->device());
+    check_strided(*t, kOp, name->c_str());
   }
   check_double(count, kOp, c.c_str());
   check_double(mean, kOp, m.c_str());

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <utility>
 
 #include "common/checks.h"
 
@@ -128,10 +129,11 @@ __global__ void fisher_terms_kernel(const double* __restrict__ count, const doub
 at::Tensor fisher_utility_cuda(const at::Tensor& count_in, const at::Tensor& mean_in, const at::Tensor& within_in,
                                double eps) {
   constexpr const char* op = "fisher_utility";
-  for (const auto* t : {&count_in, &mean_in, &within_in}) {
-    TORCH_CHECK_VALUE(t->is_cuda() && t->device() == mean_in.device(), op,
-                      ": statistics must be on one CUDA device, got ", t->device());
-    check_strided(*t, op, "statistics");
+  for (const auto& [t, name] : {std::pair{&count_in, "count"}, std::pair{&mean_in, "mean"},
+                                 std::pair{&within_in, "within"}}) {
+    TORCH_CHECK_VALUE(t->is_cuda() && t->device() == mean_in.device(), op, ": ", name,
+                      " must be on the CUDA device of mean, got ", t->device());
+    check_strided(*t, op, name);
   }
   check_double(count_in, op, "count");
   check_double(mean_in, op, "mean");
