@@ -6,8 +6,9 @@
 
 Writes benchmarks/results/kernels.json (machine, threads, torch, build, git commit, every row's median and
 interquartile range) and kernels.md, and prints the table: per op and shape, each row's median time, the
-reference's time over the row's (speed-up, > 1 is faster than the pure-PyTorch reference) and, for
-class_scatter, the row's time over one float32 X^T X of the same shape (the GEMM floor; target <= 1.2).
+reference's time over the row's (speed-up, > 1 is faster than the pure-PyTorch reference), for
+class_scatter the row's time over one float32 X^T X of the same shape (the GEMM floor; target <= 1.2), and
+for GPU rows the CPU extension's time over the row's (target >= 10). GPU rows appear when a GPU is present.
 Methodology: medians of 5 rounds after one warm-up (pytest-benchmark pedantic mode), threads pinned with
 torch.set_num_threads, seeded inputs, every row checked against the reference before it is timed.
 """
@@ -51,36 +52,47 @@ def git_commit() -> str:
 def rows_from(bench_json: dict) -> list[dict]:
     rows = []
     for b in bench_json["benchmarks"]:
-        impl = b["params"]["impl"]
         s = b["stats"]
-        rows.append({"group": b["group"], "op": b["group"].split()[0], "impl": impl, "median_s": s["median"],
-                     "iqr_s": s["iqr"], "min_s": s["min"], "rounds": s["rounds"]})
+        rows.append({"group": b["group"], "op": b["group"].split("[")[0], "device": b["params"]["device"],
+                     "impl": b["params"]["impl"], "median_s": s["median"], "iqr_s": s["iqr"], "min_s": s["min"],
+                     "rounds": s["rounds"]})
     return rows
 
 
 def ratios(rows: list[dict]) -> dict:
-    """Per group: reference/row (speed-up) and row/gemm_floor."""
+    """Per group: reference/row (speed-up), row/gemm_floor, and for GPU groups the CPU extension's time over
+    the row's (the GPU's speed-up over the CPU path on the same op and shape)."""
+    times = {}
+    for r in rows:
+        times.setdefault(r["group"], {})[r["impl"]] = r["median_s"]
     out = {}
-    for group in dict.fromkeys(r["group"] for r in rows):
-        times = {r["impl"]: r["median_s"] for r in rows if r["group"] == group}
+    for group, t in times.items():
         entry = {}
-        if "reference" in times:
-            entry["speedup_vs_reference"] = {k: times["reference"] / v for k, v in times.items()}
-        if "gemm_floor" in times:
-            entry["vs_gemm_floor"] = {k: v / times["gemm_floor"] for k, v in times.items()}
+        if "reference" in t:
+            entry["speedup_vs_reference"] = {k: t["reference"] / v for k, v in t.items()}
+        if "gemm_floor" in t:
+            entry["vs_gemm_floor"] = {k: v / t["gemm_floor"] for k, v in t.items()}
+        cpu = times.get(group.replace("[cuda]", "[cpu]"), {}).get("extension")
+        if "[cuda]" in group and cpu is not None:
+            entry["speedup_vs_cpu_extension"] = {k: cpu / v for k, v in t.items()}
         out[group] = entry
     return out
 
 
 def table(rows: list[dict], rat: dict) -> str:
-    lines = ["| op and shape | impl | median | IQR | reference / impl | impl / GEMM floor |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| op[device] and shape | impl | median | IQR | reference / impl | impl / GEMM floor | CPU ext / impl |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+
+    def fmt(value, suffix=""):
+        return "" if value is None else f"{value:.2f}{suffix}"
+
     for r in rows:
         g = rat.get(r["group"], {})
         speed = g.get("speedup_vs_reference", {}).get(r["impl"])
         floor = g.get("vs_gemm_floor", {}).get(r["impl"])
+        gpu = g.get("speedup_vs_cpu_extension", {}).get(r["impl"])
         lines.append(f"| {r['group']} | {r['impl']} | {r['median_s'] * 1e3:.3f} ms | {r['iqr_s'] * 1e3:.3f} ms | "
-                     f"{'' if speed is None else f'{speed:.2f}x'} | {'' if floor is None else f'{floor:.2f}'} |")
+                     f"{fmt(speed, 'x')} | {fmt(floor)} | {fmt(gpu, 'x')} |")
     return "\n".join(lines)
 
 
@@ -134,7 +146,8 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "threads": args.threads,
         "torch": torch.__version__,
         "build_info": gpp_ext.build_info(),
@@ -144,9 +157,11 @@ def main(argv=None) -> int:
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_atomic(args.out, json.dumps(result, indent=1) + "\n")
-    md = (f"# Kernel benchmarks\n\n{result['date']}, commit {result['commit']}, {result['machine']['cpu']}, "
-          f"{args.threads} threads, torch {result['torch']}, mode {result['mode']}.\n"
-          f"Produced by `python benchmarks/run_kernels.py`; medians of 5 rounds after a warm-up.\n\n"
+    gpu = f", GPU {result['machine']['gpu']}" if result["machine"]["gpu"] else ", no GPU"
+    rounds = "medians of 5 rounds after a warm-up" if not args.quick else "quick mode: one round, no warm-up (a smoke run, not a measurement)"
+    md = (f"# Kernel benchmarks\n\n{result['date']}, commit {result['commit']}, {result['machine']['cpu']}"
+          f"{gpu}, {args.threads} threads, torch {result['torch']}, mode {result['mode']}.\n"
+          f"Produced by `python benchmarks/run_kernels.py`; {rounds}.\n\n"
           f"{table(rows, rat)}\n")
     write_atomic(os.path.splitext(args.out)[0] + ".md", md)
     print()
