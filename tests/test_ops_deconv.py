@@ -36,11 +36,16 @@ CASES = [  # c_in, c_out, size, kernel, stride, padding, dilation, groups, dims
 
 
 @pytest.mark.parametrize("c_in,c_out,size,kernel,stride,padding,dilation,groups,dims", CASES)
-def test_matches_adjoint_of_convolution(impl, c_in, c_out, size, kernel, stride, padding, dilation, groups, dims):
+def test_matches_adjoint_of_convolution(impl, device, c_in, c_out, size, kernel, stride, padding, dilation, groups,
+                                        dims):
+    # float64 on a GPU: cuDNN may use TF32 for float32 convolutions by default
+    dtype = torch.float32 if device.type == "cpu" else torch.float64
     signal, weight, input_shape = make_conv_case(2, c_in, c_out, size, kernel, stride=stride, padding=padding,
-                                                 dilation=dilation, groups=groups, dims=dims, seed=size)
-    got = impl.deconv_backproject(signal, weight, stride, padding, dilation, groups, output_size=input_shape[2:])
+                                                 dilation=dilation, groups=groups, dims=dims, seed=size, dtype=dtype)
     expected = adjoint(signal, weight, input_shape, stride, padding, dilation, groups)
+    signal, weight = signal.to(device), weight.to(device)
+    got = impl.deconv_backproject(signal, weight, stride, padding, dilation, groups, output_size=input_shape[2:])
+    assert got.device == signal.device
     assert got.shape == expected.shape
     assert rel_err(got, expected) < 1e-5
     # the full input shape is accepted as output_size too

@@ -32,9 +32,11 @@ def check_solution(a, b, values, vectors, ridge, tol=1e-9):
 
 
 @pytest.mark.parametrize("d,rank,ridge", [(8, 8, 0.0), (32, 9, 0.0), (64, 9, 1e-3), (100, 99, 0.1)])
-def test_matches_scipy(impl, d, rank, ridge):
+def test_matches_scipy(impl, device, d, rank, ridge):
     a, b = make_scatter_pair(d, rank=rank, seed=d)
-    values, vectors = impl.generalized_eigh(a, b, ridge)
+    values, vectors = impl.generalized_eigh(a.to(device), b.to(device), ridge)
+    assert values.device == vectors.device == a.to(device).device
+    values, vectors = values.cpu(), vectors.cpu()
     w, v = scipy.linalg.eigh(a.numpy(), ridged(b, ridge).numpy())
     w, v = w[::-1].copy(), v[:, ::-1].copy()
     assert np.allclose(values.numpy(), w, rtol=0, atol=1e-9 * abs(w).max())

@@ -25,10 +25,10 @@ def numpy_discriminant_utility(values, vectors, k):
 
 
 @pytest.mark.parametrize("k", [None, 0, 1, 9, 40])
-def test_discriminant_utility_matches_numpy(impl, k):
+def test_discriminant_utility_matches_numpy(impl, device, k):
     a, b = make_scatter_pair(40, rank=9, seed=1)
     values, vectors = ops.generalized_eigh(a, b)
-    u = impl.discriminant_utility(values, vectors, k)
+    u = impl.discriminant_utility(values.to(device), vectors.to(device), k).cpu()
     expected = numpy_discriminant_utility(values, vectors, 40 if k is None else k)
     assert u.shape == (40,) and u.dtype == torch.float64
     if k == 0:
@@ -73,10 +73,10 @@ def test_fisher_utility_matches_sklearn_f_statistic():
     assert (v.numpy()[~live] == 0).all()  # constant pixels: 0/0 reads as 0
 
 
-def test_fisher_utility_ops_matches_reference_and_scale_invariance(impl):
+def test_fisher_utility_ops_matches_reference_and_scale_invariance(impl, device):
     x, y = make_features(2000, 30, 7, dtype=torch.float64, seed=4, relu=True)
     s = impl.class_scatter(x, y, 7)
-    v = impl.fisher_utility(s)
+    v = impl.fisher_utility(s.to(device)).cpu()
     assert rel_err(v, reference.fisher_utility(s)) < 1e-12
     assert rel_err(impl.fisher_utility(impl.class_scatter(1000 * x, y, 7)), v) < 1e-10
     direct = s.between().diagonal() / (s.within.diagonal() + 1e-6 * s.total().trace() / 30)

@@ -1,4 +1,5 @@
-"""The README's Python example runs as written and prints what it says."""
+"""The README's Python examples (```python blocks; ```py marks a fragment) run as written and print what they
+say."""
 
 import contextlib
 import io

@@ -27,7 +27,7 @@
 #include <tuple>
 #include <utility>
 
-#include "common/checks.h"
+#include "common/arguments.h"
 #include "common/gram.h"
 
 namespace gpp_ext {
@@ -92,23 +92,9 @@ void check_features_finite(const double* mean, int64_t num_classes, int64_t d) {
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& y, int64_t num_classes, const char* op = kOp) {
-  check_cpu(x, op, "x");
-  check_cpu(y, op, "y");
-  check_strided(x, op, "x");
-  check_strided(y, op, "y");
-  check_dim(x, 2, op, "x", "[N, D]");
-  check_float_or_double(x, op, "x");
-  check_dim(y, 1, op, "y", "[N]");
-  check_long(y, op, "y");
-  TORCH_CHECK_VALUE(y.size(0) == x.size(0), op, ": y must hold one label per row of x, got ", y.size(0),
-                    " labels for ", x.size(0), " rows");
-  TORCH_CHECK_VALUE(num_classes >= 1, op, ": num_classes must be >= 1, got ", num_classes);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_scatter_cpu(const at::Tensor& x_, const at::Tensor& y_,
                                                                  int64_t num_classes) {
-  check_inputs(x_, y_, num_classes);
+  check_class_scatter_args(x_, y_, num_classes);
   const int64_t n = x_.size(0);
   const int64_t d = x_.size(1);
   const auto options = x_.options().dtype(at::kDouble);
@@ -149,24 +135,10 @@ at::Tensor class_scatter_backward_cpu(const at::Tensor& grad_mean, const at::Ten
                                       const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& count,
                                       const at::Tensor& mean) {
   constexpr const char* op = "class_scatter_backward";
-  check_dim(count, 1, op, "count", "[C]");
-  check_inputs(x_, y_, count.size(0), op);
+  check_class_scatter_backward_args(grad_mean, grad_within, x_, y_, count, mean);
   const int64_t n = x_.size(0);
   const int64_t d = x_.size(1);
   const int64_t num_classes = count.size(0);
-  for (const auto& [t, name] : {std::pair{&grad_mean, "grad_mean"}, std::pair{&grad_within, "grad_within"},
-                               std::pair{&count, "count"}, std::pair{&mean, "mean"}}) {
-    check_cpu(*t, op, name);
-    check_strided(*t, op, name);
-  }
-  check_dim(grad_mean, 2, op, "grad_mean", "[C, D]");
-  check_dim(grad_within, 2, op, "grad_within", "[D, D]");
-  check_dim(mean, 2, op, "mean", "[C, D]");
-  TORCH_CHECK_VALUE(grad_mean.size(0) == num_classes && grad_mean.size(1) == d, op,
-                    ": grad_mean must have shape [C, D] = [", num_classes, ", ", d, "], got ", grad_mean.sizes());
-  TORCH_CHECK_VALUE(grad_within.size(0) == d && grad_within.size(1) == d, op,
-                    ": grad_within must have shape [D, D] = [", d, ", ", d, "], got ", grad_within.sizes());
-  TORCH_CHECK_VALUE(mean.size(0) == num_classes && mean.size(1) == d, op, ": mean must have shape [C, D]");
   at::Tensor grad_x = at::empty({n, d}, x_.options());
   if (n == 0 || d == 0) return grad_x;
 

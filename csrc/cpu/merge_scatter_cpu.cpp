@@ -10,49 +10,24 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <string>
 #include <tuple>
-#include <utility>
 
 #include "common/chan_merge.h"
-#include "common/checks.h"
+#include "common/arguments.h"
 
 namespace gpp_ext {
 namespace {
 
 constexpr const char* kOp = "merge_scatter";
 
-void check_stats(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& within, const char* which,
-                 int64_t num_classes, int64_t d) {
-  const std::string suffix = std::string("_") + which;
-  const std::string c = "count" + suffix, m = "mean" + suffix, w = "within" + suffix;
-  for (const auto& [t, name] : {std::pair{&count, &c}, std::pair{&mean, &m}, std::pair{&within, &w}}) {
-    check_cpu(*t, kOp, name->c_str());
-    check_strided(*t, kOp, name->c_str());
-  }
-  check_double(count, kOp, c.c_str());
-  check_double(mean, kOp, m.c_str());
-  check_double(within, kOp, w.c_str());
-  check_dim(count, 1, kOp, c.c_str(), "[C]");
-  check_dim(mean, 2, kOp, m.c_str(), "[C, D]");
-  check_dim(within, 2, kOp, w.c_str(), "[D, D]");
-  TORCH_CHECK_VALUE(count.size(0) == num_classes && mean.size(0) == num_classes && mean.size(1) == d &&
-                        within.size(0) == d && within.size(1) == d,
-                    kOp, ": the two statistics must have the same number of classes and the same dimension, got ",
-                    "count_a ", num_classes, " classes and D = ", d, " but ", c, " ", count.sizes(), ", ", m, " ",
-                    mean.sizes(), ", ", w, " ", within.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_scatter_cpu(const at::Tensor& count_a, const at::Tensor& mean_a,
                                                                  const at::Tensor& within_a, const at::Tensor& count_b,
                                                                  const at::Tensor& mean_b,
                                                                  const at::Tensor& within_b) {
-  TORCH_CHECK_VALUE(count_a.dim() == 1 && mean_a.dim() == 2, kOp,
-                    ": count_a must be [C] and mean_a [C, D], got ", count_a.sizes(), " and ", mean_a.sizes());
-  const int64_t num_classes = count_a.size(0);
-  const int64_t d = mean_a.size(1);
-  check_stats(count_a, mean_a, within_a, "a", num_classes, d);
-  check_stats(count_b, mean_b, within_b, "b", num_classes, d);
+  const StatsShape shape = check_stats_args(count_a, mean_a, within_a, kOp, "_a", mean_a.device());
+  check_stats_args(count_b, mean_b, within_b, kOp, "_b", mean_a.device(), shape);
+  const int64_t num_classes = shape.num_classes;
+  const int64_t d = shape.dim;
 
   const at::Tensor ca = count_a.contiguous(), cb = count_b.contiguous();
   const at::Tensor ma = mean_a.contiguous(), mb = mean_b.contiguous();

@@ -11,7 +11,7 @@
 #include <cstring>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/arguments.h"
 
 namespace gpp_ext {
 namespace {
@@ -41,15 +41,7 @@ void gather_small(const char* src_bytes, char* dst_bytes, int64_t outer, int64_t
 }
 
 at::Tensor slice_channels_cpu(const at::Tensor& t, int64_t dim_in, const at::Tensor& index_in) {
-  check_cpu(t, kOp, "t");
-  check_cpu(index_in, kOp, "index");
-  check_strided(t, kOp, "t");
-  TORCH_CHECK_VALUE(t.dim() >= 1, kOp, ": t must have at least one dimension, got a scalar");
-  TORCH_CHECK_VALUE(dim_in >= -t.dim() && dim_in < t.dim(), kOp, ": dim must be in [", -t.dim(), ", ", t.dim(),
-                    ") for a ", t.dim(), "-D tensor, got ", dim_in);
-  check_long(index_in, kOp, "index");
-  check_dim(index_in, 1, kOp, "index", "[K]");
-  const int64_t dim = dim_in < 0 ? dim_in + t.dim() : dim_in;
+  const int64_t dim = check_slice_channels_args(t, dim_in, index_in);
   const int64_t size = t.size(dim);
   const at::Tensor index = index_in.contiguous();
   const int64_t* ip = index.const_data_ptr<int64_t>();

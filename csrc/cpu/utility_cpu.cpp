@@ -17,32 +17,17 @@
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <utility>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/arguments.h"
 
 namespace gpp_ext {
 namespace {
 
 at::Tensor discriminant_utility_cpu(const at::Tensor& eigenvalues, const at::Tensor& eigenvectors,
                                     std::optional<int64_t> k_opt) {
-  constexpr const char* op = "discriminant_utility";
-  check_cpu(eigenvalues, op, "eigenvalues");
-  check_cpu(eigenvectors, op, "eigenvectors");
-  check_strided(eigenvalues, op, "eigenvalues");
-  check_strided(eigenvectors, op, "eigenvectors");
-  check_float_or_double(eigenvalues, op, "eigenvalues");
-  check_float_or_double(eigenvectors, op, "eigenvectors");
-  TORCH_CHECK_VALUE(eigenvectors.dim() >= 2 && eigenvectors.size(-1) == eigenvectors.size(-2), op,
-                    ": eigenvectors must be [..., D, D] with eigenvectors as columns, got ", eigenvectors.sizes());
-  const auto vec_sizes = eigenvectors.sizes();
-  TORCH_CHECK_VALUE(eigenvalues.sizes() == vec_sizes.slice(0, vec_sizes.size() - 1), op,
-                    ": eigenvalues must be [..., D] matching eigenvectors ", vec_sizes, ", got ", eigenvalues.sizes());
+  const int64_t k = check_discriminant_utility_args(eigenvalues, eigenvectors, k_opt);
   const int64_t d = eigenvectors.size(-1);
-  const int64_t k = k_opt.value_or(d);
-  TORCH_CHECK_VALUE(k >= 0 && k <= d, op, ": k must be in [0, D] = [0, ", d, "], got ", k);
-
   const auto out_dtype = c10::promoteTypes(eigenvalues.scalar_type(), eigenvectors.scalar_type());
   at::Tensor out = at::zeros(eigenvalues.sizes(), eigenvalues.options().dtype(at::kDouble));
   if (out.numel() == 0 || k == 0) return out.to(out_dtype);
@@ -82,24 +67,7 @@ at::Tensor discriminant_utility_cpu(const at::Tensor& eigenvalues, const at::Ten
 
 at::Tensor fisher_utility_cpu(const at::Tensor& count_in, const at::Tensor& mean_in, const at::Tensor& within_in,
                               double eps) {
-  constexpr const char* op = "fisher_utility";
-  for (const auto& [t, name] : {std::pair{&count_in, "count"}, std::pair{&mean_in, "mean"},
-                                 std::pair{&within_in, "within"}}) {
-    check_cpu(*t, op, name);
-    check_strided(*t, op, name);
-  }
-  check_double(count_in, op, "count");
-  check_double(mean_in, op, "mean");
-  check_double(within_in, op, "within");
-  check_dim(count_in, 1, op, "count", "[C]");
-  check_dim(mean_in, 2, op, "mean", "[C, D]");
-  check_dim(within_in, 2, op, "within", "[D, D]");
-  const int64_t num_classes = count_in.size(0);
-  const int64_t d = mean_in.size(1);
-  TORCH_CHECK_VALUE(mean_in.size(0) == num_classes && within_in.size(0) == d && within_in.size(1) == d, op,
-                    ": count [C], mean [C, D] and within [D, D] must agree, got ", count_in.sizes(), ", ",
-                    mean_in.sizes(), ", ", within_in.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  const auto [num_classes, d] = check_fisher_utility_args(count_in, mean_in, within_in, eps);
   at::Tensor out = at::zeros({d}, mean_in.options());
   if (d == 0) return out;
   const at::Tensor count = count_in.contiguous();

@@ -26,13 +26,12 @@
 #include <algorithm>
 #include <tuple>
 
-#include "common/checks.h"
+#include "common/arguments.h"
 #include "common/gram.h"
 
 namespace gpp_ext {
 namespace {
 
-constexpr const char* kOp = "class_scatter";
 constexpr int kColTile = 32;   // columns per block: one warp reads 32 consecutive features of a row
 constexpr int kRowLanes = 8;   // rows summed in parallel per block, then reduced in a fixed order
 constexpr int64_t kRowBlock = 16384;  // rows centred and multiplied per GEMM
@@ -97,20 +96,6 @@ __global__ void add_mean_grad_kernel(scalar_t* __restrict__ grad, const int64_t*
   }
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& y, int64_t num_classes) {
-  TORCH_CHECK_VALUE(x.is_cuda() && y.is_cuda() && x.device() == y.device(), kOp,
-                    ": x and y must be on the same CUDA device, got ", x.device(), " and ", y.device());
-  check_strided(x, kOp, "x");
-  check_strided(y, kOp, "y");
-  check_dim(x, 2, kOp, "x", "[N, D]");
-  check_float_or_double(x, kOp, "x");
-  check_dim(y, 1, kOp, "y", "[N]");
-  check_long(y, kOp, "y");
-  TORCH_CHECK_VALUE(y.size(0) == x.size(0), kOp, ": y must hold one label per row of x, got ", y.size(0),
-                    " labels for ", x.size(0), " rows");
-  TORCH_CHECK_VALUE(num_classes >= 1, kOp, ": num_classes must be >= 1, got ", num_classes);
-}
-
 // Class segments of the label-sorted rows: (order, offsets [C + 1]); all on the device.
 std::tuple<at::Tensor, at::Tensor> class_segments(const at::Tensor& y, int64_t num_classes) {
   auto [sorted, order] = at::sort(y, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -147,7 +132,7 @@ void centre_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mea
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> class_scatter_cuda(const at::Tensor& x_, const at::Tensor& y_,
                                                                   int64_t num_classes) {
-  check_inputs(x_, y_, num_classes);
+  check_class_scatter_args(x_, y_, num_classes);
   const c10::cuda::CUDAGuard guard(x_.device());
   const int64_t n = x_.size(0);
   const int64_t d = x_.size(1);
@@ -177,18 +162,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_scatter_cuda(const at::Tens
 at::Tensor class_scatter_backward_cuda(const at::Tensor& grad_mean, const at::Tensor& grad_within,
                                        const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& count,
                                        const at::Tensor& mean) {
-  constexpr const char* op = "class_scatter_backward";
+  check_class_scatter_backward_args(grad_mean, grad_within, x_, y_, count, mean);
   const int64_t num_classes = count.size(0);
-  check_inputs(x_, y_, num_classes);
   const c10::cuda::CUDAGuard guard(x_.device());
   const int64_t n = x_.size(0);
   const int64_t d = x_.size(1);
-  TORCH_CHECK_VALUE(grad_mean.dim() == 2 && grad_mean.size(0) == num_classes && grad_mean.size(1) == d, op,
-                    ": grad_mean must have shape [C, D] = [", num_classes, ", ", d, "], got ", grad_mean.sizes());
-  TORCH_CHECK_VALUE(grad_within.dim() == 2 && grad_within.size(0) == d && grad_within.size(1) == d, op,
-                    ": grad_within must have shape [D, D] = [", d, ", ", d, "], got ", grad_within.sizes());
-  TORCH_CHECK_VALUE(mean.dim() == 2 && mean.size(0) == num_classes && mean.size(1) == d, op,
-                    ": mean must have shape [C, D]");
   at::Tensor grad_x = at::empty({n, d}, x_.options());
   if (n == 0 || d == 0) return grad_x;
   const at::Tensor x = x_.contiguous();

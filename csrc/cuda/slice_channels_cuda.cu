@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "common/checks.h"
+#include "common/arguments.h"
 
 namespace gpp_ext {
 namespace {
@@ -50,16 +50,8 @@ void launch(const at::Tensor& src, at::Tensor& out, const at::Tensor& index, int
 }
 
 at::Tensor slice_channels_cuda(const at::Tensor& t, int64_t dim_in, const at::Tensor& index_in) {
-  TORCH_CHECK_VALUE(t.is_cuda() && index_in.device() == t.device(), kOp,
-                    ": t and index must be on the same CUDA device, got ", t.device(), " and ", index_in.device());
-  check_strided(t, kOp, "t");
-  TORCH_CHECK_VALUE(t.dim() >= 1, kOp, ": t must have at least one dimension, got a scalar");
-  TORCH_CHECK_VALUE(dim_in >= -t.dim() && dim_in < t.dim(), kOp, ": dim must be in [", -t.dim(), ", ", t.dim(),
-                    ") for a ", t.dim(), "-D tensor, got ", dim_in);
-  check_long(index_in, kOp, "index");
-  check_dim(index_in, 1, kOp, "index", "[K]");
+  const int64_t dim = check_slice_channels_args(t, dim_in, index_in);
   const c10::cuda::CUDAGuard guard(t.device());
-  const int64_t dim = dim_in < 0 ? dim_in + t.dim() : dim_in;
   const int64_t k = index_in.numel();
   std::vector<int64_t> out_sizes(t.sizes().begin(), t.sizes().end());
   out_sizes[dim] = k;

@@ -14,9 +14,8 @@
 #include <algorithm>
 #include <limits>
 #include <optional>
-#include <utility>
 
-#include "common/checks.h"
+#include "common/arguments.h"
 
 namespace gpp_ext {
 namespace {
@@ -67,22 +66,8 @@ __global__ void discriminant_sum_kernel(const double* __restrict__ vectors, cons
 
 at::Tensor discriminant_utility_cuda(const at::Tensor& eigenvalues, const at::Tensor& eigenvectors,
                                      std::optional<int64_t> k_opt) {
-  constexpr const char* op = "discriminant_utility";
-  TORCH_CHECK_VALUE(eigenvalues.is_cuda() && eigenvalues.device() == eigenvectors.device(), op,
-                    ": eigenvalues and eigenvectors must be on the same CUDA device, got ", eigenvalues.device(),
-                    " and ", eigenvectors.device());
-  check_strided(eigenvalues, op, "eigenvalues");
-  check_strided(eigenvectors, op, "eigenvectors");
-  check_float_or_double(eigenvalues, op, "eigenvalues");
-  check_float_or_double(eigenvectors, op, "eigenvectors");
-  TORCH_CHECK_VALUE(eigenvectors.dim() >= 2 && eigenvectors.size(-1) == eigenvectors.size(-2), op,
-                    ": eigenvectors must be [..., D, D] with eigenvectors as columns, got ", eigenvectors.sizes());
-  const auto vec_sizes = eigenvectors.sizes();
-  TORCH_CHECK_VALUE(eigenvalues.sizes() == vec_sizes.slice(0, vec_sizes.size() - 1), op,
-                    ": eigenvalues must be [..., D] matching eigenvectors ", vec_sizes, ", got ", eigenvalues.sizes());
+  const int64_t k = check_discriminant_utility_args(eigenvalues, eigenvectors, k_opt);
   const int64_t d = eigenvectors.size(-1);
-  const int64_t k = k_opt.value_or(d);
-  TORCH_CHECK_VALUE(k >= 0 && k <= d, op, ": k must be in [0, D] = [0, ", d, "], got ", k);
   const c10::cuda::CUDAGuard guard(eigenvectors.device());
   const auto out_dtype = c10::promoteTypes(eigenvalues.scalar_type(), eigenvectors.scalar_type());
   at::Tensor out = at::zeros(eigenvalues.sizes(), eigenvalues.options().dtype(at::kDouble));
@@ -90,7 +75,7 @@ at::Tensor discriminant_utility_cuda(const at::Tensor& eigenvalues, const at::Te
   const at::Tensor lam = eigenvalues.to(at::kDouble).contiguous().view({-1, d});
   const at::Tensor vec = eigenvectors.to(at::kDouble).contiguous().view({-1, d, d});
   const int64_t batch = lam.size(0);
-  TORCH_CHECK_VALUE(batch <= 65535, op, ": at most 65535 batch entries on CUDA, got ", batch);
+  TORCH_CHECK_VALUE(batch <= 65535, "discriminant_utility: at most 65535 batch entries on CUDA, got ", batch);
   at::Tensor weight = at::empty({batch, k}, lam.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   discriminant_weight_kernel<<<dim3(static_cast<unsigned>(k), static_cast<unsigned>(batch)), kThreads, 0, stream>>>(
@@ -128,25 +113,7 @@ __global__ void fisher_terms_kernel(const double* __restrict__ count, const doub
 
 at::Tensor fisher_utility_cuda(const at::Tensor& count_in, const at::Tensor& mean_in, const at::Tensor& within_in,
                                double eps) {
-  constexpr const char* op = "fisher_utility";
-  for (const auto& [t, name] : {std::pair{&count_in, "count"}, std::pair{&mean_in, "mean"},
-                                 std::pair{&within_in, "within"}}) {
-    TORCH_CHECK_VALUE(t->is_cuda() && t->device() == mean_in.device(), op, ": ", name,
-                      " must be on the CUDA device of mean, got ", t->device());
-    check_strided(*t, op, name);
-  }
-  check_double(count_in, op, "count");
-  check_double(mean_in, op, "mean");
-  check_double(within_in, op, "within");
-  check_dim(count_in, 1, op, "count", "[C]");
-  check_dim(mean_in, 2, op, "mean", "[C, D]");
-  check_dim(within_in, 2, op, "within", "[D, D]");
-  const int64_t num_classes = count_in.size(0);
-  const int64_t d = mean_in.size(1);
-  TORCH_CHECK_VALUE(mean_in.size(0) == num_classes && within_in.size(0) == d && within_in.size(1) == d, op,
-                    ": count [C], mean [C, D] and within [D, D] must agree, got ", count_in.sizes(), ", ",
-                    mean_in.sizes(), ", ", within_in.sizes());
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
+  const auto [num_classes, d] = check_fisher_utility_args(count_in, mean_in, within_in, eps);
   const c10::cuda::CUDAGuard guard(mean_in.device());
   if (d == 0) return at::zeros({0}, mean_in.options());
   const at::Tensor count = count_in.contiguous(), mean = mean_in.contiguous(), within = within_in.contiguous();
