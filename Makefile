@@ -37,7 +37,7 @@ all: test
 
 venv: $(STAMP)
 
-$(STAMP):
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH)"
 	$(PIP) install --quiet --disable-pip-version-check $(DEPS)
@@ -64,7 +64,7 @@ cpp-test: $(STAMP)
 
 test: pytest bench-smoke cpp-test
 
-$(CUDA_STAMP):
+$(CUDA_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_PY) -m pip install --quiet --disable-pip-version-check "$(CUDA_TORCH)"
 	$(CUDA_PY) -m pip install --quiet --disable-pip-version-check $(DEPS)
