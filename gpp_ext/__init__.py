@@ -1,18 +1,25 @@
 """gpp_ext: Grow-Push-Prune compression of PyTorch classifiers.
 
-`gpp_ext.ops` holds the kernels (discriminant analysis of activations, channel surgery); `gpp_ext.reference`
-their pure-PyTorch definitions; `gpp_ext.build_info()` says how the compiled core was built.
+`gpp_ext.ops` holds the kernels (discriminant analysis of activations, channel surgery) and `gpp_ext.reference`
+their pure-PyTorch definitions; `DiscriminantAnalyzer`, `ChannelGraph` and `prune` are the pruning engine;
+`gpp_ext.models` the built-in networks and `gpp_ext.io` saving compact models; `gpp_ext.build_info()` says how
+the compiled core was built.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import io, models, ops, reference
+from .analysis import DiscriminantAnalyzer
+from .cost import count_flops, count_params
+from .graph import ChannelGraph
+from .pruning import PruneReport, prune
 from .stats import ScatterStats
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "ScatterStats", "build_info", "__version__"]
+__all__ = ["ops", "reference", "io", "models", "ScatterStats", "DiscriminantAnalyzer", "ChannelGraph", "prune",
+           "PruneReport", "count_params", "count_flops", "build_info", "__version__"]
 
 
 def build_info() -> dict:

@@ -1,0 +1,560 @@
+"""`ChannelGraph`: which channels of a model must be pruned together, and the surgery that removes them.
+
+The model is traced with `torch.fx` and the shapes are propagated with the example inputs. Every tensor gets a
+*channel layout*: the list of segments its channel dimension (dim 1) is made of, each segment being all the
+channels of one *root* (the output of a convolution or linear layer, or a model input), possibly repeated
+`block` times per channel after a flatten. Layers that produce channels create roots; activations, pooling,
+normalisation and dropout pass the layout through; `torch.cat` concatenates layouts (Inception branches and
+DenseNet chains stay independently prunable); a residual add couples the roots of its two operands (they are
+pruned together); flatten turns a channel into a block of features for the linear layer that follows; a
+depthwise convolution passes its input layout to its output. Roots coupled by adds form a *group*, the unit
+of pruning. Model inputs, model outputs (the classifier's logits), and whatever passes through an op that
+cannot be sliced safely (grouped convolutions, channel split/chunk, modules the user asked to ignore) are
+*frozen*: those groups are listed in `frozen_groups` with the reason and never pruned.
+
+`prune(keep)` slices every weight, bias and BatchNorm/LayerNorm/GroupNorm/PReLU parameter and buffer touched by
+the kept groups (through `gpp_ext.ops.slice_channels`), updates the layers' `in/out_channels`,
+`in/out_features`, `num_features`, ... attributes, and leaves an ordinary `nn.Module` of the same classes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import ops
+
+__all__ = ["ChannelGraph", "Group"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+    nn.ReplicationPad2d, nn.Upsample,
+)
+_PASS_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.max_pool1d,
+    F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d, F.pad, F.interpolate, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
+    torch.abs, torch.neg, torch.exp, F.sigmoid, F.tanh, torch.square, torch.sqrt,
+}
+_PASS_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "contiguous", "clone",
+    "detach", "abs", "neg", "exp", "square", "sqrt", "float", "double", "half", "to",
+}
+_ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                operator.truediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
+_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+_NON_TENSOR_METHODS = {"size", "dim", "numel"}
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
+_CAT = {torch.cat, torch.concat}
+_SPLIT = {torch.split, torch.chunk, torch.tensor_split}
+_SPLIT_METHODS = {"split", "chunk", "tensor_split", "unbind"}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """All channels of one root, each repeated `block` times along the channel dimension (after a flatten)."""
+
+    root: int
+    size: int
+    block: int = 1
+
+    @property
+    def width(self) -> int:
+        return self.size * self.block
+
+
+@dataclass
+class Group:
+    """Channels that are pruned together: the outputs of `modules`, coupled by residual adds.
+
+    `name` is the first producing module's name; `size` the number of channels; `prunable` is False for
+    frozen groups, with `reason` saying why.
+    """
+
+    name: str
+    size: int
+    modules: list = field(default_factory=list)
+    prunable: bool = True
+    reason: str = ""
+
+    def __repr__(self) -> str:
+        state = "" if self.prunable else f", frozen: {self.reason}"
+        return f"Group({self.name!r}, size={self.size}, modules={self.modules}{state})"
+
+
+class _Tracer(torch.fx.Tracer):
+    def __init__(self, ignore: set):
+        super().__init__()
+        self.ignore = ignore
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.ignore or super().is_leaf_module(m, qualname)
+
+
+class ChannelGraph:
+    """Traces `model` on `example_inputs` and groups its coupled channels.
+
+    Args:
+        model: the network (any `nn.Module` that `torch.fx` can trace).
+        example_inputs: a tensor or a tuple of tensors the model accepts (used for shapes only, in eval mode
+            without gradients; the model's mode is restored).
+        ignore: names of submodules to treat as opaque: their inputs and outputs are frozen, so an op the
+            graph does not understand can be excluded without giving up pruning elsewhere.
+
+    Raises:
+        ValueError: listing every op the graph cannot handle, and how to exclude the module that contains it.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, ignore=()):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"ChannelGraph: model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        if not isinstance(example_inputs, (tuple, list)) or not all(
+                isinstance(t, torch.Tensor) for t in example_inputs):
+            raise TypeError("ChannelGraph: example_inputs must be a tensor or a tuple of tensors")
+        self.model = model
+        self.example_inputs = tuple(example_inputs)
+        names = dict(model.named_modules())
+        unknown = [n for n in ignore if n not in names]
+        if unknown:
+            raise ValueError(f"ChannelGraph: ignore names modules that do not exist: {unknown}")
+        self.ignore = set(ignore)
+        self._build()
+
+    # ------------------------------------------------------------------------------------------ analysis
+    def _build(self) -> None:
+        model = self.model
+        tracer = _Tracer(self.ignore)
+        try:
+            graph = tracer.trace(model)
+        except Exception as error:  # fx raises many kinds; say what to do about it
+            raise ValueError(f"ChannelGraph: torch.fx cannot trace {type(model).__name__} ({error}); data-dependent "
+                             f"control flow must live inside a module passed in ignore=[...]") from error
+        self.gm = torch.fx.GraphModule(model, graph)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(*self.example_inputs)
+        finally:
+            model.train(was_training)
+        self.modules = dict(model.named_modules())
+
+        self._parent: list[int] = []
+        self._root_size: list[int] = []
+        self._frozen: dict[int, str] = {}
+        self._producer_of: dict[int, str] = {}   # root -> producing module name
+        self._module_root: dict[str, int] = {}
+        self._producers: list[tuple[str, int]] = []          # (module, root): slice output channels
+        self._consumers: dict[str, tuple] = {}               # module -> input layout: slice input channels
+        self._depthwise: dict[str, tuple] = {}               # module -> layout of its channels (in = out)
+        self._attached: list[tuple[str, tuple]] = []         # norm/PReLU modules -> layout of their channels
+        self._unsupported: list[str] = []
+        layout: dict[torch.fx.Node, tuple | None] = {}
+        for node in self.gm.graph.nodes:
+            layout[node] = self._visit(node, layout)
+        if self._unsupported:
+            listed = "\n  ".join(sorted(set(self._unsupported)))
+            raise ValueError(f"ChannelGraph: cannot handle these ops of {type(model).__name__}:\n  {listed}\n"
+                             f"Put them inside a submodule and pass its name in ignore=[...] to keep its channels "
+                             f"untouched (its inputs and outputs are then not pruned).")
+        self._finish_groups()
+
+    def _new_root(self, size: int, frozen: str | None = None) -> int:
+        self._parent.append(len(self._parent))
+        self._root_size.append(size)
+        if frozen:
+            self._frozen[len(self._parent) - 1] = frozen
+        return len(self._parent) - 1
+
+    def _find(self, r: int) -> int:
+        while self._parent[r] != r:
+            self._parent[r] = self._parent[self._parent[r]]
+            r = self._parent[r]
+        return r
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:
+            self._parent[max(ra, rb)] = min(ra, rb)
+
+    def _freeze(self, lay, reason: str) -> None:
+        for seg in lay or ():
+            self._frozen.setdefault(seg.root, reason)
+
+    def _couple(self, a, b, where: str) -> None:
+        """Two layouts whose channels meet elementwise (residual add, shared weights) must prune alike."""
+        if a is None or b is None:
+            return
+        if len(a) == len(b) and all(x.size == y.size and x.block == y.block for x, y in zip(a, b)):
+            for x, y in zip(a, b):
+                self._union(x.root, y.root)
+        else:  # same width, different composition: no channel-wise correspondence we can keep
+            self._freeze(a, f"{where} adds tensors whose channels come from differently concatenated sources")
+            self._freeze(b, f"{where} adds tensors whose channels come from differently concatenated sources")
+
+    @staticmethod
+    def _shape(node) -> tuple | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def _visit(self, node: torch.fx.Node, layout: dict):
+        shape = self._shape(node)
+        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and layout.get(a) is not None]
+        first = layout.get(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) else None
+
+        if node.op == "placeholder":
+            if shape is None or len(shape) < 2:
+                return None
+            return (Segment(self._new_root(shape[1], "model input"), shape[1]),)
+        if node.op == "get_attr":
+            return None
+        if node.op == "output":
+            for arg in self._flat_nodes(node.args):
+                self._freeze(layout.get(arg), "model output")
+            return None
+        if node.op == "call_module":
+            return self._visit_module(node, self.modules[node.target], first, shape, tensor_args, layout)
+        return self._visit_function(node, first, shape, tensor_args, layout)
+
+    @staticmethod
+    def _flat_nodes(args):
+        out = []
+        torch.fx.node.map_arg(args, lambda n: out.append(n))
+        return out
+
+    def _producer_root(self, name: str, size: int) -> int:
+        if name not in self._module_root:  # a module called twice produces one group
+            root = self._new_root(size)
+            self._module_root[name] = root
+            self._producer_of[root] = name
+            self._producers.append((name, root))
+        return self._module_root[name]
+
+    def _consume(self, name: str, lay) -> None:
+        if name in self._consumers:
+            self._couple(self._consumers[name], lay, f"module {name!r} called twice")
+        else:
+            self._consumers[name] = lay
+
+    def _visit_module(self, node, m, first, shape, tensor_args, layout):
+        name = node.target
+        if name in self.ignore:
+            for arg in tensor_args:
+                self._freeze(layout[arg], f"input of ignored module {name!r}")
+            return (Segment(self._new_root(shape[1], f"output of ignored module {name!r}"), shape[1]),) \
+                if shape is not None and len(shape) >= 2 else None
+        if isinstance(m, _CONV):
+            if m.groups == 1:
+                self._consume(name, first)
+                return (Segment(self._producer_root(name, m.out_channels), m.out_channels),)
+            if m.groups == m.in_channels == m.out_channels:  # depthwise: channel i in, channel i out
+                self._depthwise[name] = first
+                return first
+            self._freeze(first, f"input of grouped convolution {name!r} (groups={m.groups})")
+            return (Segment(self._new_root(m.out_channels, f"output of grouped convolution {name!r}"),
+                            m.out_channels),)
+        if isinstance(m, nn.Linear):
+            in_shape = self._shape(node.args[0])
+            if in_shape is None or len(in_shape) != 2:
+                self._freeze(first, f"input of {name!r}, a linear layer applied to a {len(in_shape or ())}-D tensor")
+                return (Segment(self._new_root(m.out_features, f"output of {name!r}"), m.out_features),)
+            self._consume(name, first)
+            return (Segment(self._producer_root(name, m.out_features), m.out_features),)
+        if isinstance(m, _NORM):
+            self._attached.append((name, first))
+            return first
+        if isinstance(m, nn.PReLU):
+            if m.num_parameters > 1:
+                self._attached.append((name, first))
+            return first
+        if isinstance(m, nn.LayerNorm):
+            if shape is not None and len(shape) == 2 and tuple(m.normalized_shape) == (shape[1],):
+                self._attached.append((name, first))
+            else:
+                self._freeze(first, f"LayerNorm {name!r} normalises over more than the channel dimension")
+            return first
+        if isinstance(m, nn.GroupNorm):
+            if m.num_groups in (1, m.num_channels):
+                self._attached.append((name, first))
+            else:
+                self._freeze(first, f"GroupNorm {name!r} with {m.num_groups} groups of several channels")
+            return first
+        if isinstance(m, nn.Flatten):
+            return self._flatten(node, first, m.start_dim, m.end_dim)
+        if isinstance(m, _PASS_MODULES):
+            return first
+        self._unsupported.append(f"module {name!r} of type {type(m).__name__}")
+        return None
+
+    def _flatten(self, node, lay, start_dim, end_dim):
+        in_shape = self._shape(node.args[0])
+        if lay is None or in_shape is None:
+            return lay
+        if len(in_shape) <= 2:
+            return lay
+        if start_dim != 1 or end_dim not in (-1, len(in_shape) - 1):
+            self._unsupported.append(f"flatten({start_dim}, {end_dim}) of {node.name} (only flatten from dim 1)")
+            return None
+        block = math.prod(in_shape[2:])
+        return tuple(Segment(s.root, s.size, s.block * block) for s in lay)
+
+    def _visit_function(self, node, first, shape, tensor_args, layout):
+        target = node.target
+        where = node.name
+        if (node.op == "call_method" and target in _NON_TENSOR_METHODS) or target is getattr:
+            return None
+        if target is operator.getitem and isinstance(node.args[0], torch.fx.Node) \
+                and "gpp_split" in node.args[0].meta:  # one part of a split: a frozen root of its own
+            parts = node.args[0].meta["gpp_split"]
+            return parts[node.args[1]] if isinstance(node.args[1], int) and node.args[1] < len(parts) else None
+        if shape is None and not tensor_args:
+            return None  # arithmetic on sizes and other Python values
+        if (node.op == "call_function" and target in _PASS_FUNCTIONS) or \
+                (node.op == "call_method" and target in _PASS_METHODS):
+            return first
+        if (node.op == "call_function" and target in _ELEMENTWISE) or \
+                (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
+            others = [layout[a] for a in tensor_args]
+            operand_shapes = [self._shape(a) for a in tensor_args]
+            full = [lay for lay, s in zip(others, operand_shapes) if s is not None and len(s) >= 2 and s[1] > 1]
+            param_operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+            if param_operands and full:
+                self._unsupported.append(f"{where}: elementwise op with a parameter tensor ({target})")
+                return None
+            for other in full[1:]:
+                self._couple(full[0], other, where)
+            return full[0] if full else first
+        if (node.op == "call_function" and target in _CAT):
+            tensors = node.args[0]
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            if not isinstance(tensors, (list, tuple)) or not shape:
+                self._unsupported.append(f"{where}: cat of a non-list")
+                return None
+            lays = [layout.get(t) for t in tensors]
+            if dim in (1, 1 - len(shape)):
+                if any(lay is None for lay in lays):
+                    self._unsupported.append(f"{where}: cat of a tensor without a channel layout")
+                    return None
+                return tuple(seg for lay in lays for seg in lay)
+            for lay in lays[1:]:
+                self._couple(lays[0], lay, where)
+            return lays[0]
+        if (node.op == "call_function" and target is torch.flatten) or \
+                (node.op == "call_method" and target == "flatten"):
+            start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+            end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+            if start == 0:
+                self._unsupported.append(f"{where}: flatten from dim 0 mixes the batch with channels")
+                return None
+            return self._flatten(node, first, start, end)
+        if node.op == "call_method" and target in ("view", "reshape") or target in (torch.reshape,):
+            in_shape = self._shape(node.args[0])
+            if in_shape == shape:
+                return first
+            if in_shape is not None and shape is not None and len(shape) == 2 and shape[0] == in_shape[0] \
+                    and len(in_shape) > 2:
+                return self._flatten(node, first, 1, -1)
+            self._unsupported.append(f"{where}: {target} from {in_shape} to {shape}")
+            return None
+        if (node.op == "call_function" and target in _REDUCTIONS) or \
+                (node.op == "call_method" and target in _REDUCTION_METHODS):
+            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            in_shape = self._shape(node.args[0])
+            dims = (dims,) if isinstance(dims, int) else dims
+            if dims is not None and in_shape is not None and all(d % len(in_shape) >= 2 for d in dims):
+                return first
+            self._unsupported.append(f"{where}: {getattr(target, '__name__', target)} over the channel dimension")
+            return None
+        if (node.op == "call_function" and target in _SPLIT) or \
+                (node.op == "call_method" and target in _SPLIT_METHODS):
+            # The part sizes are constants in the model's code, so the channels on both sides stay as they are.
+            self._freeze(first, f"{where} splits channels into fixed-size parts")
+            metas = node.meta.get("tensor_meta")
+            metas = metas if isinstance(metas, (list, tuple)) and not hasattr(metas, "shape") else ()
+            node.meta["gpp_split"] = tuple(
+                (Segment(self._new_root(m.shape[1], f"part of {where}"), m.shape[1]),)
+                if hasattr(m, "shape") and len(m.shape) >= 2 else None for m in metas)
+            return None
+        label = getattr(target, "__name__", str(target))
+        self._unsupported.append(f"{node.op} {label} ({where})")
+        return None
+
+    def _finish_groups(self) -> None:
+        classes: dict[int, list[int]] = {}
+        for _, root in self._producers:
+            classes.setdefault(self._find(root), []).append(root)
+        frozen_class = {}
+        for root, reason in self._frozen.items():
+            frozen_class.setdefault(self._find(root), reason)
+        self._group_of_rep: dict[int, str] = {}
+        self.groups: list[Group] = []
+        self.frozen_groups: list[Group] = []
+        for rep, roots in classes.items():
+            members = [self._producer_of[r] for r in roots]
+            group = Group(members[0], self._root_size[rep], members)
+            if rep in frozen_class:
+                group.prunable, group.reason = False, frozen_class[rep]
+                self.frozen_groups.append(group)
+            else:
+                self.groups.append(group)
+            self._group_of_rep[rep] = group.name
+        self._groups_by_name = {g.name: g for g in self.groups + self.frozen_groups}
+
+    # ------------------------------------------------------------------------------------------ pruning
+    def group(self, name: str) -> Group:
+        if name not in self._groups_by_name:
+            raise KeyError(f"ChannelGraph: no group {name!r}; groups: {[g.name for g in self.groups]}")
+        return self._groups_by_name[name]
+
+    def group_of(self, module_name: str) -> Group:
+        """The group whose channels `module_name` produces."""
+        root = self._module_root.get(module_name)
+        if root is None:
+            raise KeyError(f"ChannelGraph: {module_name!r} does not produce channels (not a conv or linear layer)")
+        return self._groups_by_name[self._group_of_rep[self._find(root)]]
+
+    def _validate_keep(self, keep: dict) -> dict:
+        if not isinstance(keep, dict):
+            raise TypeError(f"ChannelGraph.prune: keep must be a dict of group name -> indices, got "
+                            f"{type(keep).__name__}")
+        checked = {}
+        for name, index in keep.items():
+            group = self._groups_by_name.get(name)
+            if group is None:
+                raise ValueError(f"ChannelGraph.prune: unknown group {name!r}; prunable groups: "
+                                 f"{[g.name for g in self.groups]}")
+            if not group.prunable:
+                raise ValueError(f"ChannelGraph.prune: group {name!r} cannot be pruned: {group.reason}")
+            if isinstance(index, (list, tuple, range)):
+                index = torch.tensor(list(index), dtype=torch.long)
+            if not isinstance(index, torch.Tensor) or index.dtype in (torch.bool,) or index.is_floating_point() \
+                    or index.dim() != 1:
+                raise TypeError(f"ChannelGraph.prune: keep[{name!r}] must be a 1-D integer tensor of channel "
+                                f"indices")
+            index = index.long().cpu()
+            if index.numel() == 0:
+                raise ValueError(f"ChannelGraph.prune: keep[{name!r}] is empty: a group cannot be pruned to zero "
+                                 f"channels")
+            if int(index.min()) < 0 or int(index.max()) >= group.size:
+                raise ValueError(f"ChannelGraph.prune: keep[{name!r}] must hold indices in [0, {group.size}), got "
+                                 f"{int(index.min())}..{int(index.max())}")
+            if index.unique().numel() != index.numel():
+                raise ValueError(f"ChannelGraph.prune: keep[{name!r}] holds duplicate indices")
+            checked[name] = index
+        return checked
+
+    def _layout_index(self, lay, keep: dict) -> torch.Tensor | None:
+        """Indices along a tensor's channel dimension that survive `keep` (None: nothing changes)."""
+        if lay is None:
+            return None
+        parts, offset, changed = [], 0, False
+        for seg in lay:
+            kept = keep.get(self._group_of_rep.get(self._find(seg.root)))
+            if kept is None:
+                parts.append(torch.arange(offset, offset + seg.width))
+            else:
+                changed = True
+                expanded = (kept.unsqueeze(1) * seg.block + torch.arange(seg.block)).reshape(-1)
+                parts.append(expanded + offset)
+            offset += seg.width
+        return torch.cat(parts) if changed else None
+
+    def prune(self, keep: dict) -> nn.Module:
+        """Keeps exactly the channels `keep[name]` (in that order) of each named group; returns the model.
+
+        Every argument is checked before anything changes, so on error the model is left as it was. Groups not
+        in `keep` are untouched. The graph is rebuilt afterwards, so the same `ChannelGraph` can prune again.
+        """
+        keep = self._validate_keep(keep)
+        if not keep:
+            return self.model
+        with torch.no_grad():
+            for name, root in self._producers:
+                kept = keep.get(self._group_of_rep[self._find(root)])
+                if kept is not None:
+                    self._slice_module(self.modules[name], kept, output=True)
+            for name, lay in self._consumers.items():
+                index = self._layout_index(lay, keep)
+                if index is not None:
+                    self._slice_module(self.modules[name], index, output=False)
+            for name, lay in self._depthwise.items():
+                index = self._layout_index(lay, keep)
+                if index is not None:
+                    self._slice_depthwise(self.modules[name], index)
+            for name, lay in self._attached:
+                index = self._layout_index(lay, keep)
+                if index is not None:
+                    self._slice_attached(self.modules[name], index)
+        self._build()
+        return self.model
+
+    @staticmethod
+    def _replace(module: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
+        tensor = getattr(module, attr, None)
+        if tensor is None:
+            return
+        sliced = ops.slice_channels(tensor.detach(), dim, index.to(tensor.device))
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+        else:
+            setattr(module, attr, sliced)
+
+    def _slice_module(self, m: nn.Module, index: torch.Tensor, output: bool) -> None:
+        if isinstance(m, _CONV):
+            if output:
+                self._replace(m, "weight", 0, index)
+                self._replace(m, "bias", 0, index)
+                m.out_channels = index.numel()
+            else:
+                self._replace(m, "weight", 1, index)
+                m.in_channels = index.numel()
+        elif isinstance(m, nn.Linear):
+            if output:
+                self._replace(m, "weight", 0, index)
+                self._replace(m, "bias", 0, index)
+                m.out_features = index.numel()
+            else:
+                self._replace(m, "weight", 1, index)
+                m.in_features = index.numel()
+
+    def _slice_depthwise(self, m: nn.Module, index: torch.Tensor) -> None:
+        self._replace(m, "weight", 0, index)
+        self._replace(m, "bias", 0, index)
+        m.in_channels = m.out_channels = m.groups = index.numel()
+
+    def _slice_attached(self, m: nn.Module, index: torch.Tensor) -> None:
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            self._replace(m, attr, 0, index)
+        k = index.numel()
+        if isinstance(m, _NORM):
+            m.num_features = k
+        elif isinstance(m, nn.PReLU):
+            m.num_parameters = k
+        elif isinstance(m, nn.LayerNorm):
+            m.normalized_shape = (k,)
+        elif isinstance(m, nn.GroupNorm):
+            if m.num_groups == m.num_channels:
+                m.num_groups = k
+            m.num_channels = k
+
+    def __repr__(self) -> str:
+        return (f"ChannelGraph({type(self.model).__name__}: {len(self.groups)} prunable groups, "
+                f"{len(self.frozen_groups)} frozen)")

@@ -1,0 +1,115 @@
+"""Saving and loading compact models without pickling classes.
+
+A file holds the architecture as data: the model's factory spec (`{"name", "kwargs"}` of a built-in model, or
+whatever a user factory needs), the structural attributes of every layer (`in_channels`, `out_features`,
+`num_features`, ...), and the `state_dict`. Everything is plain Python types and tensors, so it loads with
+`torch.load(..., weights_only=True)`: no code runs from the file. Loading rebuilds the model from its factory,
+gives each layer the saved widths and parameter shapes, and loads the weights. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+
+__all__ = ["save", "load", "FORMAT"]
+
+FORMAT = "gpp_ext.model/1"
+# Layer attributes that describe widths; pruning changes them, loading restores them.
+_WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+                "num_channels", "num_groups", "num_parameters", "normalized_shape")
+
+
+def _widths(model: nn.Module) -> dict:
+    out = {}
+    for name, m in model.named_modules():
+        # Only layers that hold tensors themselves: a container's width attributes are derived properties.
+        if not any(True for _ in m.parameters(recurse=False)) and not any(True for _ in m.buffers(recurse=False)):
+            continue
+        attrs = {}
+        for attr in _WIDTH_ATTRS:
+            value = getattr(m, attr, None)
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int):
+                attrs[attr] = value
+            elif isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+                attrs[attr] = list(value)
+        if attrs:
+            out[name] = attrs
+    return out
+
+
+def save(model: nn.Module, path, spec: dict | None = None) -> None:
+    """Writes `model` to `path` (atomically: a temporary file in the same folder, then a rename).
+
+    `spec` describes how to rebuild the architecture; it defaults to `model.spec()` for built-in models. User
+    models may leave it out and pass a `factory` to `load`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gpp_ext.io.save: model must be an nn.Module, got {type(model).__name__}")
+    if spec is None and hasattr(model, "spec"):
+        spec = model.spec()
+    payload = {"format": FORMAT, "spec": spec, "widths": _widths(model),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path, factory=None, map_location="cpu") -> nn.Module:
+    """Rebuilds a model saved with `save`.
+
+    Args:
+        path: the file.
+        factory: a callable returning the *unpruned* architecture (for user models); built-in models are
+            rebuilt from the saved spec when it is None.
+        map_location: where the weights go (default CPU).
+    """
+    data = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"gpp_ext.io.load: {path} is not a gpp_ext model file (format {FORMAT})")
+    if factory is None:
+        spec = data.get("spec")
+        if not spec:
+            raise ValueError(f"gpp_ext.io.load: {path} holds a user model; pass factory=<callable returning the "
+                             f"unpruned architecture>")
+        from . import models
+
+        model = models.build(spec["name"], **spec.get("kwargs", {}))
+    else:
+        model = factory() if callable(factory) else None
+        if not isinstance(model, nn.Module):
+            raise TypeError("gpp_ext.io.load: factory must be a callable returning an nn.Module")
+    modules = dict(model.named_modules())
+    missing = [name for name in data["widths"] if name not in modules]
+    if missing:
+        raise ValueError(f"gpp_ext.io.load: the factory's model has no layers {missing[:5]}; it is not the "
+                         f"architecture that was saved")
+    for name, attrs in data["widths"].items():
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, tuple(value) if isinstance(value, list) else value)
+    # Give every parameter and buffer the saved shape, then load the values.
+    state = data["state_dict"]
+    for key, saved in state.items():
+        module_name, _, attr = key.rpartition(".")
+        m = modules.get(module_name)
+        current = getattr(m, attr, None) if m is not None else None
+        if isinstance(current, torch.Tensor) and current.shape != saved.shape:
+            fresh = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+            setattr(m, attr, nn.Parameter(fresh, requires_grad=current.requires_grad)
+                    if isinstance(current, nn.Parameter) else fresh)
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,39 @@
+"""Built-in classifiers: LeNet-5, a small VGG, a growable Inception net and ResNet-20.
+
+All are plain PyTorch modules written for structural pruning:
+
+- the last module called is `model.classifier`, an `nn.Linear` whose output is the model's output; its input
+  is the pre-decision layer, also returned by `model.pre_decision(x)`;
+- every width is a constructor argument and `model.spec()` reads the widths back from the weights, so a
+  pruned (or grown) model is rebuilt with `build(spec["name"], **spec["kwargs"])` and its state dict loaded;
+- `forward` holds no channel counts and no data-dependent control flow, so `torch.fx.symbolic_trace` works
+  and a graph-based pruner can change widths without touching Python code.
+
+Input shapes: [B, C, H, W] images (1x28x28 MNIST-like, 3x32x32 CIFAR-like, 1x8x8 digits for LeNet-5 with
+`input_size=8`); output: logits [B, num_classes].
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .inception import InceptionModule, InceptionNet
+from .lenet import LeNet5
+from .resnet import BasicBlock, ResNet, ResNet20
+from .vgg import VGGSmall
+
+MODELS = {"lenet5": LeNet5, "vgg": VGGSmall, "inception": InceptionNet, "resnet20": ResNet20}
+
+__all__ = ["MODELS", "build", "LeNet5", "VGGSmall", "InceptionModule", "InceptionNet", "BasicBlock", "ResNet",
+           "ResNet20"]
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """A fresh model from the registry: `build("vgg", widths=[16, "M", 32, "M"])`.
+
+    `build(spec["name"], **spec["kwargs"])` rebuilds the architecture of `model.spec()` (weights are not
+    part of a spec). Unknown names raise ValueError listing the known ones.
+    """
+    if name not in MODELS:
+        raise ValueError(f"build: unknown model name {name!r}; known models: {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)

@@ -1,0 +1,258 @@
+"""ChannelGraph: grouping and physical pruning on real architectures.
+
+Exactness is checked to 1e-5 absolute on float32 outputs of order 1: pruning zeroed channels changes only the
+summation order inside the remaining convolutions.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpp_ext import io, models
+from gpp_ext.cost import count_flops, count_params
+from gpp_ext.graph import ChannelGraph
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNet-style: depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU, twice, then a classifier."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.dw1 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.pw1 = nn.Conv2d(16, 24, 1)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.dw2 = nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24, bias=False)
+        self.pw2 = nn.Conv2d(24, 32, 1)
+        self.classifier = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn2(self.pw1(F.relu(self.bn1(self.dw1(x))))))
+        x = F.relu(self.pw2(F.relu(self.dw2(x))))
+        return self.classifier(x.mean((2, 3)))
+
+
+class DenseChain(nn.Module):
+    """DenseNet-style: every layer sees the concatenation of all earlier outputs."""
+
+    def __init__(self, num_classes=4, growth=6):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.l1 = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, growth, 3, padding=1))
+        self.l2 = nn.Sequential(nn.BatchNorm2d(8 + growth), nn.ReLU(), nn.Conv2d(8 + growth, growth, 3, padding=1))
+        self.l3 = nn.Sequential(nn.BatchNorm2d(8 + 2 * growth), nn.ReLU(), nn.Conv2d(8 + 2 * growth, growth, 1))
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Linear((8 + 3 * growth) * 4, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.l1(x)], 1)
+        x = torch.cat([x, self.l2(x)], 1)
+        x = torch.cat([x, self.l3(x)], 1)
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+CASES = {  # name: (factory, input shape)
+    "lenet5": (lambda: models.build("lenet5"), (1, 28, 28)),
+    "vgg": (lambda: models.build("vgg"), (1, 28, 28)),
+    "inception": (lambda: models.build("inception"), (1, 28, 28)),
+    "resnet20": (lambda: models.build("resnet20"), (3, 32, 32)),
+    "depthwise": (DepthwiseSeparable, (3, 16, 16)),
+    "densenet": (DenseChain, (1, 12, 12)),
+}
+
+
+def make(name, seed=0):
+    torch.manual_seed(seed)
+    factory, shape = CASES[name]
+    model = factory()
+    # non-trivial BatchNorm statistics and affine parameters, so that a wrong slice shows in the outputs
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model.eval(), torch.randn(4, *shape)
+
+
+def zero_channels(graph, drop):
+    """Zeroes what produces the dropped channels (weights, biases, norm affine, depthwise filters)."""
+    with torch.no_grad():
+        for name, root in graph._producers:
+            group = graph._group_of_rep[graph._find(root)]
+            if group in drop:
+                m = graph.modules[name]
+                m.weight[drop[group]] = 0
+                if m.bias is not None:
+                    m.bias[drop[group]] = 0
+        for table in (graph._depthwise.items(), graph._attached):
+            for name, lay in table:
+                index = graph._layout_index(lay, drop)
+                m = graph.modules[name]
+                if index is not None:
+                    for attr in ("weight", "bias"):
+                        if getattr(m, attr, None) is not None:
+                            getattr(m, attr)[index] = 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pruning_zeroed_channels_is_exact(name):
+    model, x = make(name)
+    graph = ChannelGraph(model, x)
+    assert graph.groups, "nothing prunable"
+    g = torch.Generator().manual_seed(1)
+    keep, drop = {}, {}
+    for group in graph.groups:
+        perm = torch.randperm(group.size, generator=g)
+        k = max(1, group.size // 2)
+        keep[group.name], drop[group.name] = perm[:k].sort().values, perm[k:].sort().values
+    zero_channels(graph, drop)
+    before = model(x)
+    graph.prune(keep)
+    after = model(x)
+    assert after.shape == before.shape
+    assert (after - before).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_permutation_leaves_outputs_unchanged(name):
+    model, x = make(name, seed=2)
+    graph = ChannelGraph(model, x)
+    before = model(x)
+    graph.prune({group.name: torch.randperm(group.size) for group in graph.groups})
+    assert (model(x) - before).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_random_half_runs_counts_and_round_trips(name, tmp_path):
+    model, x = make(name, seed=3)
+    graph = ChannelGraph(model, x)
+    params, flops = count_params(model), count_flops(model, x)
+    sizes = {group.name: group.size for group in graph.groups}
+    graph.prune({n: torch.randperm(s)[: max(1, s // 2)] for n, s in sizes.items()})
+    out = model(x)
+    assert out.shape[0] == 4 and torch.isfinite(out).all()
+    assert count_params(model) < params and count_flops(model, x) < flops
+    assert {g.name: g.size for g in graph.groups} == {n: max(1, s // 2) for n, s in sizes.items()}
+    # every layer agrees with its new width
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups)
+        if isinstance(m, nn.Linear):
+            assert m.weight.shape == (m.out_features, m.in_features)
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.weight.shape == m.running_mean.shape == (m.num_features,)
+    factory = CASES[name][0]
+    io.save(model, tmp_path / "m.pt", spec=model.spec() if hasattr(model, "spec") else None)
+    back = io.load(tmp_path / "m.pt", factory=None if hasattr(model, "spec") else factory).eval()
+    assert torch.equal(back(x), model(x))
+    assert count_params(back) == count_params(model)
+
+
+def test_lenet_half_matches_a_narrower_lenet():
+    model, x = make("lenet5")
+    graph = ChannelGraph(model, x)
+    assert [g.name for g in graph.groups] == ["conv1", "conv2", "fc1", "fc2"]
+    graph.prune({g.name: torch.arange(g.size // 2) for g in graph.groups})
+    narrow = models.build("lenet5", conv1=3, conv2=8, fc1=60, fc2=42)
+    assert count_params(model) == count_params(narrow)
+    assert count_flops(model, x) == count_flops(narrow, x)
+
+
+def test_groups_of_resnet_couple_the_residual_stream():
+    model, x = make("resnet20")
+    graph = ChannelGraph(model, x)
+    stems = [g for g in graph.groups if len(g.modules) > 1]
+    assert len(stems) == 3  # one residual stream per stage
+    assert all(len(g.modules) == 4 for g in stems)  # stem or projection + the blocks' second convs
+    assert graph.frozen_groups[0].reason == "model output"
+
+
+def test_inception_branches_are_independent():
+    model, x = make("inception")
+    graph = ChannelGraph(model, x)
+    assert all(len(g.modules) == 1 for g in graph.groups)
+    assert len(graph.groups) == 1 + 2 * 7  # stem + seven convs per module (1, 1-3, 1-3-3, pool-1)
+
+
+def test_flops_of_a_known_layer():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    # conv: 16 outputs x 8 channels x (2 * 27 + 1); linear: 10 x (2 * 128 + 1)
+    assert count_flops(model, torch.randn(2, 3, 4, 4)) == 16 * 8 * 55 + 10 * 257
+    assert count_params(model) == 8 * 27 + 8 + 10 * 128 + 10
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.odd = Sorter()
+        self.classifier = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.classifier(self.odd(self.conv(x)).mean((2, 3)))
+
+
+class Sorter(nn.Module):
+    def forward(self, x):
+        return torch.sort(x, dim=1).values
+
+
+def test_unknown_op_is_refused_with_a_way_out():
+    model = Unknown()
+    with pytest.raises(ValueError, match=r"(?s)cannot handle.*sort.*ignore=\["):
+        ChannelGraph(model, torch.randn(1, 1, 6, 6))
+    graph = ChannelGraph(model, torch.randn(1, 1, 6, 6), ignore=["odd"])
+    assert graph.groups == [] and {g.name for g in graph.frozen_groups} == {"conv", "classifier"}
+
+
+def test_bad_keep_leaves_the_model_unchanged():
+    model, x = make("vgg")
+    graph = ChannelGraph(model, x)
+    state = copy.deepcopy(model.state_dict())
+    name = graph.groups[0].name
+    size = graph.groups[0].size
+    cases = [
+        ({name: torch.tensor([], dtype=torch.long)}, ValueError, "zero channels"),
+        ({name: torch.tensor([0, size])}, ValueError, r"indices in \[0, "),
+        ({name: torch.tensor([1, 1])}, ValueError, "duplicate"),
+        ({name: torch.tensor([0.0])}, TypeError, "integer tensor"),
+        ({"nope": torch.tensor([0])}, ValueError, "unknown group"),
+        ({"classifier": torch.tensor([0])}, ValueError, "cannot be pruned: model output"),
+        ([0, 1], TypeError, "must be a dict"),
+    ]
+    for keep, error, match in cases:
+        # a valid entry first: nothing may change before the bad one is found
+        full = {graph.groups[1].name: torch.arange(2)} | keep if isinstance(keep, dict) else keep
+        with pytest.raises(error, match=match):
+            graph.prune(full)
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_split_and_grouped_conv_are_frozen_not_fatal():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 8, 1)
+            self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.b = nn.Conv2d(4, 6, 1)
+            self.classifier = nn.Linear(6 + 4, 3)
+
+        def forward(self, x):
+            left, right = torch.chunk(self.g(self.a(x)), 2, dim=1)
+            return self.classifier(torch.cat([self.b(left), right], 1).mean((2, 3)))
+
+    graph = ChannelGraph(Net(), torch.randn(1, 2, 5, 5))
+    assert [g.name for g in graph.groups] == ["b"]
+    reasons = {g.name: g.reason for g in graph.frozen_groups}
+    assert "grouped convolution" in reasons["a"]
