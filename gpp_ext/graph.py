@@ -166,6 +166,7 @@ class ChannelGraph:
         self._consumers: dict[str, tuple] = {}               # module -> input layout: slice input channels
         self._depthwise: dict[str, tuple] = {}               # module -> layout of its channels (in = out)
         self._attached: list[tuple[str, tuple]] = []         # norm/PReLU modules -> layout of their channels
+        self._split_parts: dict[int, list[int]] = {}          # chunked producer root -> its coupled parts
         self._unsupported: list[str] = []
         layout: dict[torch.fx.Node, tuple | None] = {}
         for node in self.gm.graph.nodes:
@@ -385,22 +386,60 @@ class ChannelGraph:
             return None
         if (node.op == "call_function" and target in _SPLIT) or \
                 (node.op == "call_method" and target in _SPLIT_METHODS):
-            # The part sizes are constants in the model's code, so the channels on both sides stay as they are.
-            self._freeze(first, f"{where} splits channels into fixed-size parts")
             metas = node.meta.get("tensor_meta")
             metas = metas if isinstance(metas, (list, tuple)) and not hasattr(metas, "shape") else ()
-            node.meta["gpp_split"] = tuple(
-                (Segment(self._new_root(m.shape[1], f"part of {where}"), m.shape[1]),)
-                if hasattr(m, "shape") and len(m.shape) >= 2 else None for m in metas)
+            parts = self._equal_parts(node, first, metas)
+            if parts is None:
+                # Part sizes written as constants in the model's code: the channels on both sides stay as they are.
+                self._freeze(first, f"{where} splits channels into fixed-size parts")
+                parts = tuple((Segment(self._new_root(m.shape[1], f"part of {where}"), m.shape[1]),)
+                              if hasattr(m, "shape") and len(m.shape) >= 2 else None for m in metas)
+            node.meta["gpp_split"] = parts
             return None
         label = getattr(target, "__name__", str(target))
         self._unsupported.append(f"{node.op} {label} ({where})")
         return None
 
+    def _equal_parts(self, node, lay, metas):
+        """Layouts of the parts of `chunk(k, dim=1)` (or a split whose size comes from the tensor's own shape):
+        the parts are coupled position by position, so pruning keeps them equal and the code stays valid."""
+        chunk = node.target in (torch.chunk, "chunk")
+        dynamic_split = node.target in (torch.split, "split") and len(node.args) > 1 \
+            and isinstance(node.args[1], torch.fx.Node)
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        shapes = [tuple(m.shape) for m in metas if hasattr(m, "shape")]
+        if not (chunk or dynamic_split) or lay is None or len(lay) != 1 or lay[0].block != 1 or not shapes \
+                or len(shapes) != len(metas) or dim not in (1, 1 - len(shapes[0])):
+            return None
+        sizes = {s[1] for s in shapes}
+        root = lay[0].root
+        if len(sizes) != 1 or sizes.pop() * len(shapes) != lay[0].size or root not in self._producer_of:
+            return None
+        parts = self._split_parts.get(root)
+        if parts is None:
+            parts = [self._new_root(shapes[0][1]) for _ in shapes]
+            for p in parts[1:]:
+                self._union(parts[0], p)
+            self._split_parts[root] = parts
+        elif len(parts) != len(shapes):
+            return None
+        return tuple((Segment(p, shapes[0][1]),) for p in parts)
+
+    def _unit(self, root: int) -> int:
+        """The root that stands for `root` in a group: its first part when its output is chunked."""
+        parts = self._split_parts.get(root)
+        return parts[0] if parts else root
+
     def _finish_groups(self) -> None:
+        for root, parts in self._split_parts.items():
+            # A chunked output that is also coupled to other layers (or frozen) cannot be split alone.
+            coupled = [r for _, r in self._producers if r != root and self._find(r) == self._find(root)]
+            reason = next((why for r, why in self._frozen.items() if self._find(r) == self._find(root)), None)
+            if coupled or reason:
+                self._frozen.setdefault(parts[0], reason or "a chunked output also added to another layer's")
         classes: dict[int, list[int]] = {}
         for _, root in self._producers:
-            classes.setdefault(self._find(root), []).append(root)
+            classes.setdefault(self._find(self._unit(root)), []).append(root)
         frozen_class = {}
         for root, reason in self._frozen.items():
             frozen_class.setdefault(self._find(root), reason)
@@ -429,7 +468,7 @@ class ChannelGraph:
         root = self._module_root.get(module_name)
         if root is None:
             raise KeyError(f"ChannelGraph: {module_name!r} does not produce channels (not a conv or linear layer)")
-        return self._groups_by_name[self._group_of_rep[self._find(root)]]
+        return self._groups_by_name[self._group_of_rep[self._find(self._unit(root))]]
 
     def _validate_keep(self, keep: dict) -> dict:
         if not isinstance(keep, dict):
@@ -466,7 +505,11 @@ class ChannelGraph:
         if lay is None:
             return None
         parts, offset, changed = [], 0, False
-        for seg in lay:
+        expanded_lay = []
+        for seg in lay:  # a chunked root is the concatenation of its parts
+            split = self._split_parts.get(seg.root)
+            expanded_lay += [Segment(p, seg.size // len(split), seg.block) for p in split] if split else [seg]
+        for seg in expanded_lay:
             kept = keep.get(self._group_of_rep.get(self._find(seg.root)))
             if kept is None:
                 parts.append(torch.arange(offset, offset + seg.width))
@@ -488,7 +531,7 @@ class ChannelGraph:
             return self.model
         with torch.no_grad():
             for name, root in self._producers:
-                kept = keep.get(self._group_of_rep[self._find(root)])
+                kept = self._layout_index((Segment(root, self._root_size[root]),), keep)
                 if kept is not None:
                     self._slice_module(self.modules[name], kept, output=True)
             for name, lay in self._consumers.items():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gpp_ext import io, models
 from gpp_ext.cost import count_flops, count_params
-from gpp_ext.graph import ChannelGraph
+from gpp_ext.graph import ChannelGraph, Segment
 
 
 class DepthwiseSeparable(nn.Module):
@@ -58,6 +58,33 @@ class DenseChain(nn.Module):
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
+class ChunkNet(nn.Module):
+    """Gated halves (GLU-style): the two chunks of one convolution are pruned at the same positions."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.proj = nn.Conv2d(6, 8, 1)
+        self.classifier = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        a, b = self.bn(self.conv(x)).chunk(2, dim=1)
+        return self.classifier(self.proj(a * torch.sigmoid(b)).mean((2, 3)))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(3, 10, 5, padding=2), nn.BatchNorm1d(10), nn.ReLU(), nn.MaxPool1d(2),
+                                  nn.Conv1d(10, 14, 3, stride=2, padding=1), nn.BatchNorm1d(14), nn.ReLU(),
+                                  nn.Flatten(), nn.Linear(14 * 4, 16), nn.ReLU())
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
 CASES = {  # name: (factory, input shape)
     "lenet5": (lambda: models.build("lenet5"), (1, 28, 28)),
     "vgg": (lambda: models.build("vgg"), (1, 28, 28)),
@@ -65,6 +92,8 @@ CASES = {  # name: (factory, input shape)
     "resnet20": (lambda: models.build("resnet20"), (3, 32, 32)),
     "depthwise": (DepthwiseSeparable, (3, 16, 16)),
     "densenet": (DenseChain, (1, 12, 12)),
+    "chunk": (ChunkNet, (2, 6, 6)),
+    "conv1d": (Conv1dNet, (3, 16)),
 }
 
 
@@ -74,7 +103,7 @@ def make(name, seed=0):
     model = factory()
     # non-trivial BatchNorm statistics and affine parameters, so that a wrong slice shows in the outputs
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             nn.init.uniform_(m.weight, 0.5, 1.5)
@@ -86,12 +115,12 @@ def zero_channels(graph, drop):
     """Zeroes what produces the dropped channels (weights, biases, norm affine, depthwise filters)."""
     with torch.no_grad():
         for name, root in graph._producers:
-            group = graph._group_of_rep[graph._find(root)]
-            if group in drop:
+            index = graph._layout_index((Segment(root, graph._root_size[root]),), drop)
+            if index is not None:
                 m = graph.modules[name]
-                m.weight[drop[group]] = 0
+                m.weight[index] = 0
                 if m.bias is not None:
-                    m.bias[drop[group]] = 0
+                    m.bias[index] = 0
         for table in (graph._depthwise.items(), graph._attached):
             for name, lay in table:
                 index = graph._layout_index(lay, drop)
@@ -140,6 +169,9 @@ def test_random_half_runs_counts_and_round_trips(name, tmp_path):
     out = model(x)
     assert out.shape[0] == 4 and torch.isfinite(out).all()
     assert count_params(model) < params and count_flops(model, x) < flops
+    if hasattr(model, "spec"):  # the factory builds the same architecture from the pruned widths
+        spec = model.spec()
+        assert count_params(models.build(spec["name"], **spec["kwargs"])) == count_params(model)
     assert {g.name: g.size for g in graph.groups} == {n: max(1, s // 2) for n, s in sizes.items()}
     # every layer agrees with its new width
     for m in model.modules():
@@ -237,6 +269,15 @@ def test_bad_keep_leaves_the_model_unchanged():
             graph.prune(full)
         after = model.state_dict()
         assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_chunk_parts_are_pruned_together():
+    model, x = make("chunk")
+    graph = ChannelGraph(model, x)
+    assert graph.group_of("conv").size == 6  # one group for both halves, pruned at the same positions
+    graph.prune({"conv": torch.tensor([0, 4])})
+    assert model.conv.out_channels == 4 and model.proj.in_channels == 2 and model.bn.num_features == 4
+    assert model(x).shape == (4, 3)
 
 
 def test_split_and_grouped_conv_are_frozen_not_fatal():
