@@ -74,8 +74,9 @@ def _remove_hooks(handles: list) -> None:
     handles.clear()
 
 
-def _find_classifier(model: nn.Module, num_classes: int) -> str:
-    """The module name of the final classifier: `model.classifier` if it is a Linear, else the last Linear."""
+def find_classifier(model: nn.Module) -> str:
+    """The module name of the final classifier: `model.classifier` if it is a Linear, else the last Linear
+    (in `named_modules()` order). Raises `ValueError` when the model has none."""
     candidate = getattr(model, "classifier", None)
     linear = candidate if isinstance(candidate, nn.Linear) else None
     if linear is None:
@@ -86,7 +87,13 @@ def _find_classifier(model: nn.Module, num_classes: int) -> str:
                              f"to analyse (as in model.named_modules()), e.g. layers=['pool'], or "
                              f"layers=['head:input'] to analyse a module's input")
         linear = linears[-1]
-    name = next(n for n, m in model.named_modules() if m is linear)
+    return next(n for n, m in model.named_modules() if m is linear)
+
+
+def _find_classifier(model: nn.Module, num_classes: int) -> str:
+    """`find_classifier`, checked against the number of classes."""
+    name = find_classifier(model)
+    linear = dict(model.named_modules())[name]
     if linear.out_features != num_classes:
         raise ValueError(f"{_NAME}: the final classifier {name!r} (the last nn.Linear) has out_features="
                          f"{linear.out_features}, not num_classes={num_classes}; check num_classes, or pass "

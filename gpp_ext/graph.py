@@ -7,10 +7,13 @@ channels of one *root* (the output of a convolution or linear layer, or a model 
 normalisation and dropout pass the layout through; `torch.cat` concatenates layouts (Inception branches and
 DenseNet chains stay independently prunable); a residual add couples the roots of its two operands (they are
 pruned together); flatten turns a channel into a block of features for the linear layer that follows; a
-depthwise convolution passes its input layout to its output. Roots coupled by adds form a *group*, the unit
-of pruning. Model inputs, model outputs (the classifier's logits), and whatever passes through an op that
-cannot be sliced safely (grouped convolutions, channel split/chunk, modules the user asked to ignore) are
-*frozen*: those groups are listed in `frozen_groups` with the reason and never pruned.
+depthwise convolution passes its input layout to its output; `chunk(k)` into equal parts couples the parts
+position by position. Roots coupled by adds form a *group*, the unit of pruning. Model inputs, model outputs
+(the classifier's logits), and whatever passes through an op that cannot be sliced safely (grouped
+convolutions, splits into sizes written in the code, tied weights, modules the user asked to ignore) are
+*frozen*: those groups are listed in `frozen_groups` with the reason and never pruned. Norms over the channel
+dimension (LayerNorm on [N, C], GroupNorm with one group) are sliced, but their statistics include every
+channel, so removing channels changes them (pruning is exact only up to that renormalisation).
 
 `prune(keep)` slices every weight, bias and BatchNorm/LayerNorm/GroupNorm/PReLU parameter and buffer touched by
 the kept groups (through `gpp_ext.ops.slice_channels`), updates the layers' `in/out_channels`,
@@ -64,6 +67,8 @@ _REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
 _CAT = {torch.cat, torch.concat}
 _SPLIT = {torch.split, torch.chunk, torch.tensor_split}
 _SPLIT_METHODS = {"split", "chunk", "tensor_split", "unbind"}
+_WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+                "num_parameters", "normalized_shape", "num_channels", "num_groups")
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ class ChannelGraph:
         self._producers: list[tuple[str, int]] = []          # (module, root): slice output channels
         self._consumers: dict[str, tuple] = {}               # module -> input layout: slice input channels
         self._depthwise: dict[str, tuple] = {}               # module -> layout of its channels (in = out)
-        self._attached: list[tuple[str, tuple]] = []         # norm/PReLU modules -> layout of their channels
+        self._attached: dict[str, tuple] = {}                # norm/PReLU modules -> layout of their channels
         self._split_parts: dict[int, list[int]] = {}          # chunked producer root -> its coupled parts
         self._unsupported: list[str] = []
         layout: dict[torch.fx.Node, tuple | None] = {}
@@ -218,8 +223,11 @@ class ChannelGraph:
 
     def _visit(self, node: torch.fx.Node, layout: dict):
         shape = self._shape(node)
-        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and layout.get(a) is not None]
-        first = layout.get(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        # Inputs may come positionally or by keyword (torch.add(a, other=b), torch.cat(tensors=..., dim=1)).
+        inputs = [a for a in self._flat_nodes((node.args, node.kwargs)) if layout.get(a) is not None]
+        tensor_args = list(dict.fromkeys(inputs))
+        source = self._source(node)
+        first = layout.get(source) if source is not None else None
 
         if node.op == "placeholder":
             if shape is None or len(shape) < 2:
@@ -236,6 +244,14 @@ class ChannelGraph:
         return self._visit_function(node, first, shape, tensor_args, layout)
 
     @staticmethod
+    def _source(node):
+        """The node an op reads its main tensor from: its first positional or keyword tensor argument."""
+        for value in list(node.args) + list(node.kwargs.values()):
+            if isinstance(value, torch.fx.Node):
+                return value
+        return None
+
+    @staticmethod
     def _flat_nodes(args):
         out = []
         torch.fx.node.map_arg(args, lambda n: out.append(n))
@@ -248,6 +264,13 @@ class ChannelGraph:
             self._producer_of[root] = name
             self._producers.append((name, root))
         return self._module_root[name]
+
+    def _attach(self, table: dict, name: str, lay) -> None:
+        """A module sliced along the layout it runs on; called again, its layouts must prune alike."""
+        if name in table:
+            self._couple(table[name], lay, f"module {name!r} called twice")
+        else:
+            table[name] = lay
 
     def _consume(self, name: str, lay) -> None:
         if name in self._consumers:
@@ -267,46 +290,56 @@ class ChannelGraph:
                 self._consume(name, first)
                 return (Segment(self._producer_root(name, m.out_channels), m.out_channels),)
             if m.groups == m.in_channels == m.out_channels:  # depthwise: channel i in, channel i out
-                self._depthwise[name] = first
+                self._attach(self._depthwise, name, first)
                 return first
             self._freeze(first, f"input of grouped convolution {name!r} (groups={m.groups})")
             return (Segment(self._new_root(m.out_channels, f"output of grouped convolution {name!r}"),
                             m.out_channels),)
         if isinstance(m, nn.Linear):
-            in_shape = self._shape(node.args[0])
+            in_shape = self._shape(self._source(node))
             if in_shape is None or len(in_shape) != 2:
                 self._freeze(first, f"input of {name!r}, a linear layer applied to a {len(in_shape or ())}-D tensor")
                 return (Segment(self._new_root(m.out_features, f"output of {name!r}"), m.out_features),)
             self._consume(name, first)
             return (Segment(self._producer_root(name, m.out_features), m.out_features),)
         if isinstance(m, _NORM):
-            self._attached.append((name, first))
+            self._attach(self._attached, name, first)
             return first
         if isinstance(m, nn.PReLU):
             if m.num_parameters > 1:
-                self._attached.append((name, first))
+                self._attach(self._attached, name, first)
             return first
         if isinstance(m, nn.LayerNorm):
             if shape is not None and len(shape) == 2 and tuple(m.normalized_shape) == (shape[1],):
-                self._attached.append((name, first))
+                self._attach(self._attached, name, first)
             else:
                 self._freeze(first, f"LayerNorm {name!r} normalises over more than the channel dimension")
             return first
         if isinstance(m, nn.GroupNorm):
             if m.num_groups in (1, m.num_channels):
-                self._attached.append((name, first))
+                self._attach(self._attached, name, first)
             else:
                 self._freeze(first, f"GroupNorm {name!r} with {m.num_groups} groups of several channels")
             return first
         if isinstance(m, nn.Flatten):
             return self._flatten(node, first, m.start_dim, m.end_dim)
         if isinstance(m, _PASS_MODULES):
-            return first
+            return self._pass(node, first, f"module {name!r} ({type(m).__name__})")
         self._unsupported.append(f"module {name!r} of type {type(m).__name__}")
         return None
 
+    def _pass(self, node, lay, what: str):
+        """An op that keeps channel i at channel i: checked on the propagated shapes, not assumed."""
+        source = self._source(node)
+        in_shape, shape = self._shape(source), self._shape(node)
+        if lay is not None and (in_shape is None or shape is None or len(shape) < 2 or len(in_shape) < 2
+                                or shape[:2] != in_shape[:2]):
+            self._unsupported.append(f"{what} changes the channel dimension ({in_shape} -> {shape})")
+            return None
+        return lay
+
     def _flatten(self, node, lay, start_dim, end_dim):
-        in_shape = self._shape(node.args[0])
+        in_shape = self._shape(self._source(node))
         if lay is None or in_shape is None:
             return lay
         if len(in_shape) <= 2:
@@ -330,13 +363,13 @@ class ChannelGraph:
             return None  # arithmetic on sizes and other Python values
         if (node.op == "call_function" and target in _PASS_FUNCTIONS) or \
                 (node.op == "call_method" and target in _PASS_METHODS):
-            return first
+            return self._pass(node, first, f"{getattr(target, '__name__', target)} ({where})")
         if (node.op == "call_function" and target in _ELEMENTWISE) or \
                 (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
             others = [layout[a] for a in tensor_args]
             operand_shapes = [self._shape(a) for a in tensor_args]
             full = [lay for lay, s in zip(others, operand_shapes) if s is not None and len(s) >= 2 and s[1] > 1]
-            param_operands = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+            param_operands = [a for a in self._flat_nodes((node.args, node.kwargs)) if a.op == "get_attr"]
             if param_operands and full:
                 self._unsupported.append(f"{where}: elementwise op with a parameter tensor ({target})")
                 return None
@@ -344,8 +377,8 @@ class ChannelGraph:
                 self._couple(full[0], other, where)
             return full[0] if full else first
         if (node.op == "call_function" and target in _CAT):
-            tensors = node.args[0]
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+            dim = node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else 0))
             if not isinstance(tensors, (list, tuple)) or not shape:
                 self._unsupported.append(f"{where}: cat of a non-list")
                 return None
@@ -367,7 +400,7 @@ class ChannelGraph:
                 return None
             return self._flatten(node, first, start, end)
         if node.op == "call_method" and target in ("view", "reshape") or target in (torch.reshape,):
-            in_shape = self._shape(node.args[0])
+            in_shape = self._shape(self._source(node))
             if in_shape == shape:
                 return first
             if in_shape is not None and shape is not None and len(shape) == 2 and shape[0] == in_shape[0] \
@@ -378,7 +411,7 @@ class ChannelGraph:
         if (node.op == "call_function" and target in _REDUCTIONS) or \
                 (node.op == "call_method" and target in _REDUCTION_METHODS):
             dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            in_shape = self._shape(node.args[0])
+            in_shape = self._shape(self._source(node))
             dims = (dims,) if isinstance(dims, int) else dims
             if dims is not None and in_shape is not None and all(d % len(in_shape) >= 2 for d in dims):
                 return first
@@ -430,13 +463,30 @@ class ChannelGraph:
         parts = self._split_parts.get(root)
         return parts[0] if parts else root
 
+    def _freeze_tied_parameters(self) -> None:
+        """Layers sharing a tensor (tied weights) cannot be sliced one at a time: keep their channels."""
+        owners: dict[int, list[str]] = {}
+        for name, m in self.modules.items():
+            for p in m.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(name)
+        tied = {n for names in owners.values() if len(names) > 1 for n in names}
+        for name in tied:
+            reason = f"{name!r} shares parameters with another layer"
+            if name in self._module_root:
+                self._frozen.setdefault(self._module_root[name], reason)
+            for table in (self._consumers, self._depthwise, self._attached):
+                self._freeze(table.get(name), reason)
+
     def _finish_groups(self) -> None:
+        self._freeze_tied_parameters()
         for root, parts in self._split_parts.items():
             # A chunked output that is also coupled to other layers (or frozen) cannot be split alone.
             coupled = [r for _, r in self._producers if r != root and self._find(r) == self._find(root)]
             reason = next((why for r, why in self._frozen.items() if self._find(r) == self._find(root)), None)
             if coupled or reason:
-                self._frozen.setdefault(parts[0], reason or "a chunked output also added to another layer's")
+                why = reason or "a chunked output that is also added to another layer's"
+                self._frozen.setdefault(parts[0], why)
+                self._frozen.setdefault(root, why)
         classes: dict[int, list[int]] = {}
         for _, root in self._producers:
             classes.setdefault(self._find(self._unit(root)), []).append(root)
@@ -523,12 +573,39 @@ class ChannelGraph:
     def prune(self, keep: dict) -> nn.Module:
         """Keeps exactly the channels `keep[name]` (in that order) of each named group; returns the model.
 
-        Every argument is checked before anything changes, so on error the model is left as it was. Groups not
-        in `keep` are untouched. The graph is rebuilt afterwards, so the same `ChannelGraph` can prune again.
+        The arguments are checked before anything changes, and a failure while slicing or re-tracing undoes
+        every change, so on error the model is left as it was. Groups not in `keep` are untouched. The graph is
+        rebuilt afterwards, so the same `ChannelGraph` can prune again.
         """
         keep = self._validate_keep(keep)
         if not keep:
             return self.model
+        snapshot = self._snapshot()
+        try:
+            self._apply(keep)
+            self._build()  # also proves the pruned model still runs on the example inputs
+        except Exception:
+            self._restore(snapshot)
+            self._build()
+            raise
+        return self.model
+
+    def _snapshot(self) -> dict:
+        """References to every tensor and width attribute pruning may replace, to undo a failed prune."""
+        names = {n for n, _ in self._producers} | set(self._consumers) | set(self._depthwise) | set(self._attached)
+        return {n: (dict(self.modules[n]._parameters), dict(self.modules[n]._buffers),
+                    {a: getattr(self.modules[n], a) for a in _WIDTH_ATTRS if hasattr(self.modules[n], a)})
+                for n in names}
+
+    def _restore(self, snapshot: dict) -> None:
+        for name, (params, buffers, attrs) in snapshot.items():
+            m = self.modules[name]
+            m._parameters.update(params)
+            m._buffers.update(buffers)
+            for attr, value in attrs.items():
+                setattr(m, attr, value)
+
+    def _apply(self, keep: dict) -> None:
         with torch.no_grad():
             for name, root in self._producers:
                 kept = self._layout_index((Segment(root, self._root_size[root]),), keep)
@@ -542,12 +619,10 @@ class ChannelGraph:
                 index = self._layout_index(lay, keep)
                 if index is not None:
                     self._slice_depthwise(self.modules[name], index)
-            for name, lay in self._attached:
+            for name, lay in self._attached.items():
                 index = self._layout_index(lay, keep)
                 if index is not None:
                     self._slice_attached(self.modules[name], index)
-        self._build()
-        return self.model
 
     @staticmethod
     def _replace(module: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:

@@ -69,14 +69,16 @@ def _call(graph: ChannelGraph, node: torch.fx.Node, args, kwargs):
     return getattr(args[0], node.target)(*args[1:], **kwargs)
 
 
-def _transpose(graph: ChannelGraph, node: torch.fx.Node, values: dict, signal: torch.Tensor) -> dict:
-    """The signal at each tensor input of `node`, given the signal at its output (its vector-Jacobian product)."""
+def _transpose(graph: ChannelGraph, node: torch.fx.Node, values: dict, signal) -> dict:
+    """The signal at each tensor input of `node`, given the signal at its output (its vector-Jacobian product);
+    for an op with several outputs (a split) `signal` lists one tensor per output."""
     leaves = {}
 
     def leaf(arg):
         value = values[arg]
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            leaves[arg] = value.detach().requires_grad_(True)
+            if arg not in leaves:  # one leaf per input, however often the op reads it (cat([y, y]), x * x)
+                leaves[arg] = value.detach().requires_grad_(True)
             return leaves[arg].clone()  # a non-leaf copy, so in-place ops (x += y) can run on it
         return value
 
@@ -86,9 +88,10 @@ def _transpose(graph: ChannelGraph, node: torch.fx.Node, values: dict, signal: t
         if not leaves:
             return {}
         out = _call(graph, node, args, kwargs)
-        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        outs, signals = (list(out), list(signal)) if isinstance(out, (tuple, list)) else ([out], [signal])
+        if not all(isinstance(o, torch.Tensor) and o.requires_grad for o in outs):
             return {}
-        grads = torch.autograd.grad(out, list(leaves.values()), signal, allow_unused=True)
+        grads = torch.autograd.grad(outs, list(leaves.values()), signals, allow_unused=True)
     return {arg: g for arg, g in zip(leaves, grads) if g is not None}
 
 
@@ -100,15 +103,20 @@ def _backproject(graph: ChannelGraph, node: torch.fx.Node, values: dict, signal:
         weight = module.weight.detach()
         if isinstance(module, nn.Linear):
             return {source: ops.deconv_backproject(signal, weight.to(signal.dtype))}
-        if isinstance(module.padding, str):  # "same"/"valid": the transpose is the VJP
-            return _transpose(graph, node, values, signal)
+        if isinstance(module.padding, str) or module.padding_mode != "zeros":
+            return _transpose(graph, node, values, signal)  # "same"/"valid" or reflect padding: the plain VJP
         return {source: ops.deconv_backproject(signal, weight.to(signal.dtype), list(module.stride),
                                                list(module.padding), list(module.dilation), module.groups,
                                                list(values[source].shape[2:]))}
     if isinstance(module, _RELU_MODULES) or (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or \
             (node.op == "call_method" and node.target in _RELU_METHODS):
         out = signal.clamp_min(0)
-        return {source: out * (values[source] > 0) if rectify == "guided" else out}
+        if rectify == "deconvnet":
+            return {source: out}
+        mask = values[source] > 0
+        if isinstance(module, nn.ReLU6) or node.target is F.relu6:
+            mask &= values[source] < 6
+        return {source: out * mask}
     pool = _MAXPOOL.get(type(module)) if module is not None else None
     if pool is not None and module.dilation in (1, (1,), (1, 1), (1, 1, 1)):
         _, switches = pool(values[source], module.kernel_size, module.stride, module.padding, module.dilation,
@@ -125,6 +133,13 @@ def _channel_utility(signal: torch.Tensor) -> torch.Tensor:
     return mean.flatten(1).amax(1) if mean.dim() > 1 else mean
 
 
+def _fold(score: torch.Tensor, size: int) -> torch.Tensor:
+    """Scores of a layer's output channels as scores of its group: the parts of a chunked output are one group
+    pruned at the same positions, so their scores add up."""
+    score = score.detach().double().cpu()
+    return score if score.numel() == size else score.view(-1, size).sum(0)
+
+
 def trace_utility(graph: ChannelGraph, inputs: torch.Tensor, neurons: torch.Tensor, classifier: str | None = None,
                   rectify: str = "guided") -> dict:
     """Utility of every prunable group, traced from the selected pre-decision neurons down the network.
@@ -138,7 +153,8 @@ def trace_utility(graph: ChannelGraph, inputs: torch.Tensor, neurons: torch.Tens
         rectify: "guided" (rectify and apply the forward ReLU mask) or "deconvnet" (rectify only).
 
     Returns:
-        `{group name: utility [size] float64}` for every prunable group.
+        `{group name: utility [size] float64}` for every prunable group the signal reaches (groups it does not
+        reach, e.g. an auxiliary head, are left out, so a selection keeps them whole).
     """
     if rectify not in ("guided", "deconvnet"):
         raise ValueError(f"trace_utility: rectify must be 'guided' or 'deconvnet', got {rectify!r}")
@@ -171,18 +187,23 @@ def trace_utility(graph: ChannelGraph, inputs: torch.Tensor, neurons: torch.Tens
             signal = signals.get(node)
             if signal is None or node.op in ("placeholder", "get_attr"):
                 continue
-            if node.op == "call_function" and node.target is operator.getitem:
-                continue  # parts of a split are frozen channels: nothing to trace through them
+            if node.op == "call_function" and node.target is operator.getitem \
+                    and isinstance(values.get(node.args[0]), (tuple, list)):
+                parts = signals.setdefault(node.args[0], {})  # one part of a split: gathered for the split
+                index = node.args[1]
+                parts[index] = parts[index] + signal if index in parts else signal
+                continue
+            if isinstance(signal, dict):  # a split: every part's signal, zeros where none arrived
+                signal = [signal.get(i, torch.zeros_like(v)) for i, v in enumerate(values[node])]
             with torch.no_grad():
                 for source, s in _backproject(graph, node, values, signal, rectify).items():
                     signals[source] = signals[source] + s if source in signals else s
         utility = {}
         for group in graph.groups:
-            total = torch.zeros(group.size, dtype=torch.float64)
-            for node in nodes:
-                if node.op == "call_module" and node.target in group.modules and node in signals:
-                    total += _channel_utility(signals[node]).double().cpu()
-            utility[group.name] = total
+            reached = [n for n in nodes if n.op == "call_module" and n.target in group.modules
+                       and isinstance(signals.get(n), torch.Tensor)]
+            if reached:  # a group no signal reaches has no evidence either way and is left out (kept whole)
+                utility[group.name] = sum(_fold(_channel_utility(signals[n]), group.size) for n in reached)
         return utility
     finally:
         model.train(was_training)
@@ -197,7 +218,7 @@ def l1_importance(graph: ChannelGraph) -> dict:
         total = torch.zeros(group.size, dtype=torch.float64)
         for name in group.modules:
             w = graph.modules[name].weight.detach()
-            total += w.abs().flatten(1).sum(1).double().cpu()
+            total += _fold(w.abs().flatten(1).sum(1), group.size)
         out[group.name] = total
     return out
 
@@ -206,7 +227,7 @@ def _bn_after(graph: ChannelGraph) -> dict:
     """module name -> the BatchNorm applied directly to its output channels."""
     found = {}
     for name, root in graph._producers:
-        for bn_name, lay in graph._attached:
+        for bn_name, lay in graph._attached.items():
             m = graph.modules[bn_name]
             if isinstance(m, _NORM) and lay is not None and len(lay) == 1 and lay[0].root == root:
                 found.setdefault(name, m)
@@ -224,9 +245,9 @@ def bn_scale_importance(graph: ChannelGraph) -> dict:
         for name in group.modules:
             bn = bns.get(name)
             if bn is not None and bn.weight is not None:
-                total += bn.weight.detach().abs().double().cpu()
+                total += _fold(bn.weight.abs(), group.size)
             else:
-                w = graph.modules[name].weight.detach().abs().flatten(1).sum(1).double().cpu()
+                w = _fold(graph.modules[name].weight.abs().flatten(1).sum(1), group.size)
                 total += w / w.mean().clamp_min(1e-12)
         out[group.name] = total if total.any() else l1[group.name]
     return out
@@ -242,8 +263,9 @@ def taylor_importance(graph: ChannelGraph, inputs: torch.Tensor, labels: torch.T
     names = {name for group in graph.groups for name in group.modules}
     for name in names:
         def hook(m, args, out, name=name):
-            out.retain_grad()
-            outputs[name] = out
+            if out.requires_grad:  # layers whose parameters are frozen and inputs constant carry no gradient
+                out.retain_grad()
+                outputs.setdefault(name, []).append(out)
         handles.append(graph.modules[name].register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -252,16 +274,26 @@ def taylor_importance(graph: ChannelGraph, inputs: torch.Tensor, labels: torch.T
             model.zero_grad(set_to_none=True)
             loss_fn(model(inputs), labels).backward()
         scores = {}
-        for name, out in outputs.items():
-            prod = (out * out.grad).detach()
-            prod = prod.flatten(2).sum(2) if prod.dim() > 2 else prod
-            scores[name] = prod.abs().mean(0).double().cpu()
+        for name, outs in outputs.items():  # every call of a layer used more than once counts
+            for out in outs:
+                if out.grad is None:
+                    continue
+                prod = (out * out.grad).detach()
+                prod = prod.flatten(2).sum(2) if prod.dim() > 2 else prod
+                scores[name] = scores.get(name, 0) + prod.abs().mean(0).double().cpu()
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
         for h in handles:
             h.remove()
-    return {g.name: sum(scores[n] for n in g.modules) for g in graph.groups}
+    result = {}
+    for group in graph.groups:
+        total = torch.zeros(group.size, dtype=torch.float64)
+        for name in group.modules:
+            if name in scores:
+                total += _fold(scores[name], group.size)
+        result[group.name] = total
+    return result
 
 
 def random_importance(graph: ChannelGraph, generator: torch.Generator | None = None) -> dict:

@@ -19,6 +19,8 @@ __all__ = ["save", "load", "FORMAT"]
 
 FORMAT = "gpp_ext.model/1"
 # Layer attributes that describe widths; pruning changes them, loading restores them.
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+           nn.PReLU)
 _WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                 "num_channels", "num_groups", "num_parameters", "normalized_shape")
 
@@ -26,8 +28,8 @@ _WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_fea
 def _widths(model: nn.Module) -> dict:
     out = {}
     for name, m in model.named_modules():
-        # Only layers that hold tensors themselves: a container's width attributes are derived properties.
-        if not any(True for _ in m.parameters(recurse=False)) and not any(True for _ in m.buffers(recurse=False)):
+        # Only torch's own layers: a container's width attributes may be derived, read-only properties.
+        if not isinstance(m, _LAYERS):
             continue
         attrs = {}
         for attr in _WIDTH_ATTRS:
@@ -112,4 +114,4 @@ def load(path, factory=None, map_location="cpu") -> nn.Module:
             setattr(m, attr, nn.Parameter(fresh, requires_grad=current.requires_grad)
                     if isinstance(current, nn.Parameter) else fresh)
     model.load_state_dict(state, strict=True)
-    return model
+    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model

@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import importance
-from .analysis import DiscriminantAnalyzer
+from .analysis import DiscriminantAnalyzer, find_classifier
 from .cost import count_flops, count_params
 from .graph import ChannelGraph
 from .selection import select_channels
@@ -141,16 +141,15 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
         example_inputs = (example_inputs,)
     device = next(model.parameters()).device
     graph = ChannelGraph(model, example_inputs, ignore=ignore)
-    classifier = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not classifier:
-        raise ValueError("prune: the model has no linear classifier")
-    num_classes = num_classes or dict(model.named_modules())[classifier[-1]].out_features
+    # One classifier for every step: model.classifier, else the last linear layer.
+    classifier = find_classifier(model)
+    num_classes = num_classes or dict(model.named_modules())[classifier].out_features
     params0, flops0 = count_params(model), count_flops(model, example_inputs)
     before = {g.name: g.size for g in graph.groups}
     kept_neurons = None
 
     if criterion in ("lda", "fisher"):
-        with DiscriminantAnalyzer(model, num_classes) as analyzer:
+        with DiscriminantAnalyzer(model, num_classes, layers=[classifier + ":input"]) as analyzer:
             analyzer.run(loader, max_batches=max_batches, progress=progress, device=device)
             utility = analyzer.utility(kind=criterion)
         width = utility.numel()
@@ -162,7 +161,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
         weights = torch.zeros(width, dtype=torch.float64)
         weights[selected] = 1.0
         images = _tracing_images(loader, device, num_classes, tracing_per_class)
-        scores = importance.trace_utility(graph, images, weights.float().to(device))
+        scores = importance.trace_utility(graph, images, weights.float().to(device), classifier=classifier)
     elif criterion == "l1":
         scores = importance.l1_importance(graph)
     elif criterion == "bn_scale":

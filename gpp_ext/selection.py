@@ -6,13 +6,16 @@ Three ways, one result (`{group name: kept indices}` ready for `ChannelGraph.pru
 - `method="budget"`: one global threshold on utilities normalised per group (divided by the group's mean),
   found by bisection so the pruned model keeps at most `budget` of the original parameters (or FLOPs).
 Guards for every method: at least `min_channels` per group, widths rounded up to a multiple of `round_to`
-(hardware-friendly), and coupled channels are decided together because a group is scored as one.
+(hardware-friendly; a group narrower than that stays whole), and coupled channels are decided together because
+a group is scored as one. A utility of exactly zero means "carries nothing": with `eta=0` such channels still
+go (and only they do).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 
@@ -57,9 +60,11 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
     if unknown:
         raise ValueError(f"select_channels: utilities name groups that are not prunable: {sorted(unknown)}")
     for name, u in utilities.items():
-        if u.shape != (groups[name].size,):
-            raise ValueError(f"select_channels: utilities[{name!r}] must have shape [{groups[name].size}], "
-                             f"got {tuple(u.shape)}")
+        if not isinstance(u, torch.Tensor) or u.shape != (groups[name].size,):
+            raise ValueError(f"select_channels: utilities[{name!r}] must be a tensor of shape "
+                             f"[{groups[name].size}], got {getattr(u, 'shape', type(u).__name__)}")
+        if not bool(torch.isfinite(u).all()) or bool((u < 0).any()):
+            raise ValueError(f"select_channels: utilities[{name!r}] must be finite and >= 0")
     utilities = {n: u.detach().double().cpu() for n, u in utilities.items()}
 
     if method == "eta":
@@ -105,6 +110,11 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
     hi = max(float(u.max()) for u in normalised.values()) + 1e-9  # keeps only what the guards force
     if cost_at(lo) <= target:
         return keep_at(lo)
+    if cost_at(hi) > target:
+        warnings.warn(f"select_channels: a {budget_kind} budget of {budget:.1%} cannot be met with min_channels="
+                      f"{min_channels} and round_to={round_to}; returning the smallest model they allow",
+                      RuntimeWarning, stacklevel=2)
+        return keep_at(hi)
     for _ in range(30):  # bisection on the threshold: cost falls as the threshold rises
         mid = 0.5 * (lo + hi)
         if cost_at(mid) <= target:

@@ -121,7 +121,7 @@ def zero_channels(graph, drop):
                 m.weight[index] = 0
                 if m.bias is not None:
                     m.bias[index] = 0
-        for table in (graph._depthwise.items(), graph._attached):
+        for table in (graph._depthwise.items(), graph._attached.items()):
             for name, lay in table:
                 index = graph._layout_index(lay, drop)
                 m = graph.modules[name]
@@ -278,6 +278,89 @@ def test_chunk_parts_are_pruned_together():
     graph.prune({"conv": torch.tensor([0, 4])})
     assert model.conv.out_channels == 4 and model.proj.in_channels == 2 and model.bn.num_features == 4
     assert model(x).shape == (4, 3)
+
+
+def test_keyword_arguments_repeated_modules_and_tied_weights():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 6, 1)
+            self.b = nn.Conv2d(2, 6, 1)
+            self.bn = nn.BatchNorm2d(6)
+            self.c = nn.Conv2d(6, 5, 1)
+            self.d = nn.Conv2d(6, 5, 1)
+            self.d.weight = self.c.weight  # tied
+            self.classifier = nn.Linear(10, 2)
+
+        def forward(self, x):
+            y = torch.add(self.bn(self.a(x)), other=self.bn(self.b(x)))  # keyword operand, BN used twice
+            return self.classifier(torch.cat(tensors=[self.c(y), self.d(y)], dim=1).mean((2, 3)))
+
+    model = Net().eval()
+    x = torch.randn(3, 2, 4, 4)
+    graph = ChannelGraph(model, x)
+    frozen = {g.name: g for g in graph.frozen_groups}
+    assert frozen["a"].modules == ["a", "b"]  # coupled through the keyword add
+    assert "shares parameters" in frozen["a"].reason and "shares parameters" in frozen["c"].reason
+    assert graph.groups == []  # tied layers freeze what they read and write
+
+    model.d.weight = nn.Parameter(model.c.weight.detach().clone())  # untie: now a+b is one prunable group
+    graph = ChannelGraph(model, x)
+    assert [g.modules for g in graph.groups][0] == ["a", "b"]
+    before = model(x)
+    graph.prune({"a": torch.randperm(6)})  # the BatchNorm used twice is sliced once, consistently
+    assert (model(x) - before).abs().max() < 1e-5
+
+
+def test_a_failed_prune_undoes_everything(monkeypatch):
+    model, x = make("resnet20")
+    graph = ChannelGraph(model, x)
+    state = copy.deepcopy(model.state_dict())
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+    def broken(m, index):
+        raise RuntimeError("injected failure while slicing a norm")
+
+    monkeypatch.setattr(graph, "_slice_attached", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        graph.prune({g.name: torch.arange(g.size // 2) for g in graph.groups})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert widths == {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert model(x).shape == (4, 10)
+
+
+def test_pass_through_ops_must_keep_channels():
+    class PadChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.classifier = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.classifier(F.pad(self.conv(x), (0, 0, 0, 0, 1, 1)).mean((2, 3)))
+
+    with pytest.raises(ValueError, match="changes the channel dimension"):
+        ChannelGraph(PadChannels(), torch.randn(1, 1, 5, 5))
+
+
+def test_non_affine_group_norm_round_trips(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3)
+            self.gn = nn.GroupNorm(8, 8, affine=False)
+            self.classifier = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.classifier(self.gn(self.conv(x)).mean((2, 3)))
+
+    model = Net().eval()
+    x = torch.randn(2, 1, 6, 6)
+    ChannelGraph(model, x).prune({"conv": torch.tensor([0, 3, 5])})
+    assert model.gn.num_groups == model.gn.num_channels == 3
+    io.save(model, tmp_path / "gn.pt")
+    back = io.load(tmp_path / "gn.pt", factory=Net).eval()
+    assert torch.equal(back(x), model(x))
 
 
 def test_split_and_grouped_conv_are_frozen_not_fatal():

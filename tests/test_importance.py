@@ -57,6 +57,36 @@ def test_trace_reaches_every_group_of_real_architectures():
         assert all(v.sum() > 0 for v in u.values()), name  # the signal gets everywhere
 
 
+def test_trace_goes_through_chunks_and_repeated_inputs():
+    from test_graph import ChunkNet
+
+    torch.manual_seed(0)
+    model = ChunkNet().eval()
+    graph = ChannelGraph(model, torch.randn(2, 2, 6, 6))
+    u = importance.trace_utility(graph, torch.randn(5, 2, 6, 6), torch.ones(8))
+    assert u["conv"].shape == (6,) and (u["conv"] > 0).all()  # both halves' signals, folded onto one group
+    assert importance.l1_importance(graph)["conv"].shape == (6,)
+    assert importance.taylor_importance(graph, torch.randn(5, 2, 6, 6), torch.tensor([0, 1, 2, 0, 1]))["conv"].shape \
+        == (6,)
+
+    class Twice(nn.Module):  # one tensor read twice by one op: both paths carry signal
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 3, 1)
+            self.classifier = nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.classifier(torch.cat([y, y], 1).mean((2, 3)))
+
+    net = Twice().eval()
+    g = ChannelGraph(net, torch.randn(1, 1, 4, 4))
+    x = torch.randn(3, 1, 4, 4)
+    both = importance.trace_utility(g, x, torch.ones(6))["conv"]
+    left = importance.trace_utility(g, x, torch.tensor([1.0, 1, 1, 0, 0, 0]))["conv"]
+    assert torch.allclose(both, 2 * left)
+
+
 def test_baselines():
     model = models.build("vgg").eval()
     x = torch.randn(8, 1, 28, 28)
@@ -95,8 +125,12 @@ def test_selection_methods_and_guards():
     assert gpp_ext.count_params(trial) <= 0.3 * gpp_ext.count_params(model)
     with pytest.raises(ValueError, match="budget must be in"):
         select_channels(graph, u, method="budget", budget=1.5)
-    with pytest.raises(ValueError, match="must have shape"):
+    with pytest.raises(ValueError, match=r"must be a tensor of shape \[6\]"):
         select_channels(graph, {"conv1": torch.ones(3)})
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        select_channels(graph, {"conv1": torch.tensor([1.0, float("nan"), 0, 0, 0, 0])})
+    with pytest.warns(RuntimeWarning, match="cannot be met"):
+        select_channels(graph, u, method="budget", budget=0.001)
     with pytest.raises(ValueError, match="not prunable"):
         select_channels(graph, {"classifier": torch.ones(10)})
 
