@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_atomic(args.out, json.dumps(result, indent=1) + "\n")
     gpu = f", GPU {result['machine']['gpu']}" if result["machine"]["gpu"] else ", no GPU"
-    rounds = "medians of 5 rounds after a warm-up" if not args.quick else "quick mode: one round, no warm-up (a smoke run, not a measurement)"
+    rounds = ("medians of 5 rounds after a warm-up" if not args.quick
+              else "quick mode: one round, no warm-up (a smoke run, not a measurement)")
     md = (f"# Kernel benchmarks\n\n{result['date']}, commit {result['commit']}, {result['machine']['cpu']}"
           f"{gpu}, {args.threads} threads, torch {result['torch']}, mode {result['mode']}.\n"
           f"Produced by `python benchmarks/run_kernels.py`; {rounds}.\n\n"

@@ -636,22 +636,15 @@ class ChannelGraph:
             setattr(module, attr, sliced)
 
     def _slice_module(self, m: nn.Module, index: torch.Tensor, output: bool) -> None:
-        if isinstance(m, _CONV):
-            if output:
-                self._replace(m, "weight", 0, index)
-                self._replace(m, "bias", 0, index)
-                m.out_channels = index.numel()
-            else:
-                self._replace(m, "weight", 1, index)
-                m.in_channels = index.numel()
-        elif isinstance(m, nn.Linear):
-            if output:
-                self._replace(m, "weight", 0, index)
-                self._replace(m, "bias", 0, index)
-                m.out_features = index.numel()
-            else:
-                self._replace(m, "weight", 1, index)
-                m.in_features = index.numel()
+        """A conv or linear layer keeps `index` of its outputs (weight dim 0 and bias) or inputs (weight dim 1)."""
+        conv = isinstance(m, _CONV)
+        if output:
+            self._replace(m, "weight", 0, index)
+            self._replace(m, "bias", 0, index)
+            setattr(m, "out_channels" if conv else "out_features", index.numel())
+        else:
+            self._replace(m, "weight", 1, index)
+            setattr(m, "in_channels" if conv else "in_features", index.numel())
 
     def _slice_depthwise(self, m: nn.Module, index: torch.Tensor) -> None:
         self._replace(m, "weight", 0, index)

@@ -207,7 +207,7 @@ def deconv_backproject(signal: torch.Tensor, weight: torch.Tensor, stride=1, pad
     size, or its full shape) when a stride makes it ambiguous. For a linear weight `[out, in]`, `signal [B, out]`
     maps to `signal @ weight`, `[B, in]`.
     """
-    signal, weight, stride, padding, dilation, groups, output_size = reference.deconv_arguments(
+    signal, weight, stride, padding, dilation, groups, output_size = _checks.deconv_arguments(
         signal, weight, stride, padding, dilation, groups, output_size)
     if not _compiled("deconv_backproject", signal) or _differentiating(signal, weight):
         return reference.deconv_backproject(signal, weight, stride, padding, dilation, groups, output_size)
@@ -268,7 +268,7 @@ def _register():
             return signal.new_empty((signal.shape[0], weight.shape[1]))
         spatial = weight.dim() - 2
         expand = [(v * spatial if len(v) == 1 else list(v)) for v in (stride, padding, dilation)]
-        extra = reference.deconv_output_padding(signal.shape, weight.shape, *expand, output_size)
+        extra = _checks.deconv_output_padding(signal.shape, weight.shape, *expand, output_size)
         s, p, dl = expand
         sizes = [(signal.shape[2 + i] - 1) * s[i] - 2 * p[i] + dl[i] * (weight.shape[2 + i] - 1) + 1 + extra[i]
                  for i in range(spatial)]

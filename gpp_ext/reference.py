@@ -166,78 +166,14 @@ def fisher_utility(stats: ScatterStats, eps: float = 1e-6) -> torch.Tensor:
 _CONV_TRANSPOSE = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
 
 
-def deconv_output_padding(signal_shape, weight_shape, stride, padding, dilation, output_size):
-    """The output_padding that makes a transposed convolution produce `output_size` (the layer's input size)."""
-    op = "deconv_backproject"
-    spatial = len(weight_shape) - 2
-    extra = []
-    for i in range(spatial):
-        minimal = (signal_shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight_shape[2 + i] - 1) + 1
-        if output_size is None:
-            if minimal < 1:
-                raise ValueError(f"{op}: the transposed convolution would have an empty output for signal "
-                                 f"{tuple(signal_shape)}; check stride and padding")
-            extra.append(0)
-            continue
-        e = output_size[i] - minimal
-        if not 0 <= e < max(stride[i], dilation[i]):
-            raise ValueError(f"{op}: output_size {list(output_size)} is not an input size that this convolution "
-                             f"maps to the signal's spatial size {list(signal_shape[2:])}")
-        extra.append(e)
-    return extra
-
-
-def deconv_arguments(signal, weight, stride, padding, dilation, groups, output_size):
-    """Validates and normalises deconv_backproject's arguments (shared with `gpp_ext.ops`)."""
-    op = "deconv_backproject"
-    signal = _checks.features(signal, op, "signal")
-    weight = _checks.features(weight, op, "weight")
-    if signal.dtype != weight.dtype:
-        raise TypeError(f"{op}: signal and weight must share a dtype, got {signal.dtype} and {weight.dtype}")
-    if not 2 <= weight.dim() <= 5:
-        raise ValueError(f"{op}: weight must be a linear weight [out, in] or a convolution weight "
-                         f"[C_out, C_in/groups, k...], got shape {tuple(weight.shape)}")
-    groups = _checks.integer(groups, op, "groups", minimum=1)
-    if weight.dim() == 2:
-        if groups != 1:
-            raise ValueError(f"{op}: groups must be 1 for a linear weight, got {groups}")
-        if signal.dim() != 2 or signal.shape[1] != weight.shape[0]:
-            raise ValueError(f"{op}: signal must be [B, out_features] = [B, {weight.shape[0]}] for a linear weight "
-                             f"{tuple(weight.shape)}, got {tuple(signal.shape)}")
-        return signal, weight, [1], [0], [1], 1, None
-    spatial = weight.dim() - 2
-    if signal.dim() != weight.dim() or signal.shape[1] != weight.shape[0]:
-        raise ValueError(f"{op}: signal must be [B, {weight.shape[0]}, spatial...] with {spatial} spatial dims for "
-                         f"weight {tuple(weight.shape)}, got {tuple(signal.shape)}")
-    if weight.shape[0] % groups:
-        raise ValueError(f"{op}: groups ({groups}) must divide the output channels of weight ({weight.shape[0]})")
-    params = []
-    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
-        v = _checks.int_list(value, op, name)
-        if len(v) not in (1, spatial):
-            raise ValueError(f"{op}: {name} must have 1 or {spatial} entries for a {spatial}-D convolution, got {v}")
-        params.append(v * spatial if len(v) == 1 else v)
-    stride, padding, dilation = params
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"{op}: stride and dilation must be >= 1 and padding >= 0, got stride {stride}, "
-                         f"padding {padding}, dilation {dilation}")
-    if output_size is not None:
-        output_size = _checks.int_list(list(output_size), op, "output_size")
-        if len(output_size) == spatial + 2:  # a full input shape [B, C_in, spatial...]
-            output_size = output_size[2:]
-        if len(output_size) != spatial:
-            raise ValueError(f"{op}: output_size must list the {spatial} spatial sizes of the layer input, "
-                             f"got {output_size}")
-    return signal, weight, stride, padding, dilation, groups, output_size
-
-
 def deconv_backproject(signal, weight, stride=1, padding=0, dilation=1, groups=1, output_size=None):
     """Back-projects `signal` at a layer's output to its input through the layer's weight (transposed conv)."""
-    signal, weight, stride, padding, dilation, groups, output_size = deconv_arguments(
+    signal, weight, stride, padding, dilation, groups, output_size = _checks.deconv_arguments(
         signal, weight, stride, padding, dilation, groups, output_size)
     if weight.dim() == 2:
         return signal @ weight
-    output_padding = deconv_output_padding(signal.shape, weight.shape, stride, padding, dilation, output_size)
+    output_padding = _checks.deconv_output_padding(signal.shape, weight.shape, stride, padding, dilation,
+                                                   output_size)
     return _CONV_TRANSPOSE[weight.dim()](signal, weight, None, stride, padding, output_padding, groups, dilation)
 
 

@@ -6,7 +6,6 @@ to float32 and multiplies them in float32 over blocks of 4096 rows (accumulated 
 relative error is ~sqrt(4096)·eps32 ≈ 4e-6, so float32 results are held to 2e-5 (and the 1e-4 contract).
 """
 
-import itertools
 import random
 
 import numpy as np
@@ -175,7 +174,8 @@ def test_non_contiguous_inputs(impl):
     a, b = impl.class_scatter(xt, yy, 6), impl.class_scatter(x, y, 6)
     assert rel_err(a.within, b.within) < F64_TOL
     sub = x[::2, 5:20]
-    assert rel_err(impl.class_scatter(sub, y[::2], 6).within, impl.class_scatter(sub.contiguous(), y[::2], 6).within) < F64_TOL
+    strided = impl.class_scatter(sub, y[::2], 6).within
+    assert rel_err(strided, impl.class_scatter(sub.contiguous(), y[::2], 6).within) < F64_TOL
 
 
 def test_half_precision_and_int32_labels(impl):
@@ -338,7 +338,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.gpp_ext.class_scatter.default, (x.clone().requires_grad_(True), y, 3))
     a = ops.class_scatter(x[:30], y[:30], 3)
     b = ops.class_scatter(x[30:], y[30:], 3)
-    torch.library.opcheck(torch.ops.gpp_ext.merge_scatter.default, (a.count, a.mean, a.within, b.count, b.mean, b.within))
+    torch.library.opcheck(torch.ops.gpp_ext.merge_scatter.default,
+                          (a.count, a.mean, a.within, b.count, b.mean, b.within))
     # non-contiguous statistics: the fake must still describe the kernel's fresh contiguous outputs
     torch.library.opcheck(torch.ops.gpp_ext.merge_scatter.default,
                           (a.count, a.mean.T.contiguous().T, a.within.T, b.count, b.mean, b.within))

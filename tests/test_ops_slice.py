@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gpp_ext import ops, reference
+from gpp_ext import ops
 
 
 
