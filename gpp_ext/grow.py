@@ -1,0 +1,72 @@
+"""Growing (DESIGN.md 2.7): add Inception modules to the stages of a network while it still pays.
+
+`grow` takes a model with growable stages (`InceptionNet.add_module_to_stage`), a training routine and a
+validation measure. Stage by stage, it appends a module (by default with the widths of the stage's last
+module, so every existing weight is kept: a warm start), trains the grown model, and keeps it only if
+validation accuracy rose by more than `threshold`; otherwise it moves on to the next stage. The history says
+what was tried and why it was kept or not.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .cost import count_params
+
+__all__ = ["grow", "GrowthStep"]
+
+
+@dataclass
+class GrowthStep:
+    """One attempt: the stage grown, its module count after the attempt, the accuracy and size reached."""
+
+    stage: int
+    modules: int
+    accuracy: float
+    params: int
+    kept: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_modules_per_stage: int = 3,
+         progress: bool = True):
+    """Grows `model` while validation accuracy improves; returns `(model, history)`.
+
+    Args:
+        model: a trained network with `stages` (a list of `nn.Sequential`) and `add_module_to_stage(i)`.
+        train: `train(model) -> model`, fine-tunes a grown candidate (it may train in place).
+        evaluate: `evaluate(model) -> float`, validation accuracy in [0, 1].
+        threshold: the gain in accuracy a new module must bring to be kept.
+        max_modules_per_stage: no stage grows beyond this many modules.
+    """
+    if not hasattr(model, "add_module_to_stage") or not hasattr(model, "stages"):
+        raise TypeError(f"grow: {type(model).__name__} has no growable stages (use models.InceptionNet)")
+    if threshold < 0 or max_modules_per_stage < 1:
+        raise ValueError(f"grow: threshold must be >= 0 and max_modules_per_stage >= 1, got {threshold}, "
+                         f"{max_modules_per_stage}")
+    best = float(evaluate(model))
+    history = [GrowthStep(-1, 0, best, count_params(model), True)]
+    bar = tqdm(total=len(model.stages) * max_modules_per_stage, desc="growing", disable=not progress, leave=False)
+    try:
+        for stage in range(len(model.stages)):
+            while len(model.stages[stage]) < max_modules_per_stage:
+                candidate = copy.deepcopy(model)
+                candidate.add_module_to_stage(stage)
+                candidate = train(candidate) or candidate
+                accuracy = float(evaluate(candidate))
+                kept = accuracy > best + threshold
+                history.append(GrowthStep(stage, len(candidate.stages[stage]), accuracy, count_params(candidate),
+                                          kept))
+                bar.update(1)
+                if not kept:
+                    break
+                model, best = candidate, accuracy
+    finally:
+        bar.close()
+    return model, history
