@@ -1,5 +1,6 @@
 # gpp_ext developer entry points. `make test` on a fresh clone does the whole set-up by itself.
 #
+#   make demo            set up, then a short compression run (`gpp demo`) with a printed summary
 #   make test            venv + torch + deps, build the extension, Python tests, benchmark smoke run, C++ tests
 #   make build           (re)build the extension into the venv (editable install)
 #   make bench           full kernel benchmarks -> benchmarks/results/kernels.{json,md}
@@ -18,7 +19,7 @@ TORCH ?= torch==2.13.0
 MAX_JOBS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEPS := numpy tqdm scipy scikit-learn pytest pytest-benchmark expecttest pybind11 ninja cmake "setuptools>=64" wheel
+DEPS := numpy tqdm matplotlib scipy scikit-learn pytest pytest-benchmark expecttest pybind11 ninja cmake "setuptools>=64" wheel
 # One stamp per torch spec, so `make test TORCH=...` reinstalls when the spec changes.
 STAMP := $(VENV)/.deps-$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH))))
 CMAKE_BUILD := build/cmake
@@ -31,7 +32,7 @@ CUDA_PY := $(abspath $(CUDA_VENV))/bin/python
 
 export MAX_JOBS
 
-.PHONY: all venv build test pytest bench-smoke bench cpp-test cuda-check clean distclean
+.PHONY: all venv build test pytest bench-smoke bench cpp-test cuda-check demo clean distclean
 
 all: test
 
@@ -85,6 +86,10 @@ cuda-check: $(CUDA_STAMP)
 		$(CUDA_PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall .
 	cd build/cuda-run && $(CUDA_PY) -c "import gpp_ext, sys; info = gpp_ext.build_info(); print('gpp_ext (CUDA build) build_info:', info); sys.exit(0 if info['extension'] and info['cuda'] else 1)"
 	cd build/cuda-run && GPP_EXT_EXPECT_CUDA=1 $(CUDA_PY) -m pytest $(CURDIR)/tests -q -p no:cacheprovider --rootdir=$(CURDIR)
+
+# A short grow-push-prune run with a printed summary (Fashion-MNIST when installed, else digits).
+demo: build
+	$(VENV)/bin/gpp demo
 
 bench: build
 	$(PY) benchmarks/run_kernels.py

@@ -1,0 +1,170 @@
+"""The `gpp` command: compress a built-in model for a data set, run the demo, show a report.
+
+    gpp compress --model lenet5 --data fashion-mnist --target-params 0.1 --out runs/lenet5
+    gpp demo                      # Fashion-MNIST when installed, else digits; writes runs/demo/
+    gpp report runs/demo          # the summary table of a finished run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+__all__ = ["main"]
+
+MODELS = ("lenet5", "vgg", "inception", "resnet20")
+DATA = ("fashion-mnist", "digits")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpp", description="Grow-Push-Prune: turn a generalist classifier into a "
+                                     "compact, task-specific one.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compress = sub.add_parser("compress", help="train, (grow,) push and prune a built-in model on a data set",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    compress.add_argument("--model", choices=MODELS, default="lenet5", help="built-in architecture")
+    compress.add_argument("--data", choices=DATA, default="digits", help="data set (local files only)")
+    compress.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    compress.add_argument("--out", default=None, help="output folder (default runs/MODEL-DATA)")
+    compress.add_argument("--target-params", type=_fraction, default=0.1, help="stop at this fraction of the "
+                          "base model's parameters")
+    compress.add_argument("--target-flops", type=_fraction, default=None, help="also reach this fraction of FLOPs")
+    compress.add_argument("--accuracy-floor", type=float, default=0.02, help="largest drop of validation accuracy "
+                          "(a fraction) the compact model may show")
+    compress.add_argument("--epochs", type=int, default=5, help="initial training epochs")
+    compress.add_argument("--push-epochs", type=int, default=1, help="push epochs per iteration")
+    compress.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per iteration")
+    compress.add_argument("--max-iterations", type=int, default=8, help="push-prune-fine-tune iterations at most")
+    compress.add_argument("--batch-size", type=int, default=128)
+    compress.add_argument("--lr", type=float, default=2e-3)
+    compress.add_argument("--criterion", choices=("lda", "fisher", "l1", "bn_scale", "taylor", "random"),
+                          default="lda", help="channel utility")
+    compress.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
+                          help="grow Inception modules first (default: on for --model inception)")
+    compress.add_argument("--seed", type=int, default=0)
+    compress.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    compress.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    demo = sub.add_parser("demo", help="a short compression run with a printed summary")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--data", choices=DATA, default=None, help="default: fashion-mnist when installed, else digits")
+    demo.add_argument("--data-dir", default=None)
+    demo.add_argument("--quiet", action="store_true")
+
+    report = sub.add_parser("report", help="print the summary of a finished run")
+    report.add_argument("dir", help="a run's output folder (holding report.json)")
+    return parser
+
+
+def _build_model(name: str, splits):
+    from . import models
+
+    channels, size = splits.input_shape[0], splits.input_shape[-1]
+    kwargs = {"in_channels": channels, "num_classes": splits.num_classes}
+    if name == "lenet5":
+        kwargs["input_size"] = size
+    return models.build(name, **kwargs)
+
+
+def _compress(args, config_overrides=None) -> int:
+    import torch
+
+    from . import data
+    from .loop import GrowPushPrune, LoopConfig
+    from .report import summary_table, write_reports
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=args.seed)
+    model = _build_model(args.model, splits)
+    grow = args.grow if args.grow is not None else args.model == "inception"
+    config = LoopConfig(epochs=args.epochs, push_epochs=args.push_epochs, finetune_epochs=args.finetune_epochs,
+                        batch_size=args.batch_size, lr=args.lr, target_params=args.target_params,
+                        target_flops=args.target_flops, accuracy_floor=args.accuracy_floor,
+                        max_iterations=args.max_iterations, criterion=args.criterion, grow=grow, seed=args.seed,
+                        **(config_overrides or {}))
+    out = args.out or os.path.join("runs", f"{args.model}-{args.data}")
+    loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet)
+    print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
+          f"{len(splits.test)} test), target {args.target_params:.0%} of the parameters -> {out}", flush=True)
+    report = loop.run(resume=args.resume)
+    write_reports(report, out, loop.final_model)
+    print(summary_table(report))
+    print(f"gpp: {report['stopped']}; {report['seconds']:.0f} s; report in {os.path.join(out, 'report.md')}")
+    return 0
+
+
+def _demo(args) -> int:
+    from . import data
+
+    name = args.data
+    if name is None:
+        try:
+            data.find_fashion_mnist(args.data_dir)
+            name = "fashion-mnist"
+        except FileNotFoundError:
+            name = "digits"
+            print("gpp demo: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); using "
+                  "scikit-learn's digits instead", flush=True)
+    settings = {"fashion-mnist": dict(epochs=3, push=1, finetune=1, iterations=4, batch=128),
+                "digits": dict(epochs=30, push=2, finetune=6, iterations=6, batch=64)}[name]
+    ns = argparse.Namespace(model="lenet5", data=name, data_dir=args.data_dir, out=args.out, target_params=0.2,
+                            target_flops=None, accuracy_floor=0.03, epochs=settings["epochs"],
+                            push_epochs=settings["push"], finetune_epochs=settings["finetune"],
+                            max_iterations=settings["iterations"], batch_size=settings["batch"], lr=3e-3,
+                            criterion="lda", grow=False, seed=0, threads=None, resume=False, quiet=args.quiet)
+    print(f"gpp demo: LeNet-5 on {name}", flush=True)
+    return _compress(ns)
+
+
+def _report(args) -> int:
+    from .report import summary_table
+
+    path = os.path.join(args.dir, "report.json")
+    if not os.path.exists(path):
+        print(f"gpp report: no report.json in {args.dir}", file=sys.stderr)
+        return 1
+    with open(path) as f:
+        report = json.load(f)
+    print(summary_table(report))
+    print(f"stopped: {report['stopped']}; {len(report['iterations'])} iterations; {report['seconds']:.0f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        if args.command == "compress":
+            return _compress(args)
+        if args.command == "demo":
+            code = _demo(args)
+            print(f"gpp demo: done in {time.perf_counter() - started:.0f} s")
+            return code
+        return _report(args)
+    except FileNotFoundError as error:
+        print(f"gpp: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"gpp: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpp: interrupted; run the same command with --resume to continue from the last stage",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

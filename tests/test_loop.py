@@ -1,0 +1,106 @@
+"""The grow-push-prune loop end to end on digits, resume after a crash, and the `gpp` command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpp_ext
+from gpp_ext import data, loop as loop_module, models
+from gpp_ext.loop import GrowPushPrune, LoopConfig
+from gpp_ext.report import write_reports
+
+FAST = dict(epochs=4, push_epochs=1, finetune_epochs=2, max_iterations=3, batch_size=64, lr=3e-3,
+            target_params=0.5, accuracy_floor=0.05, eta_start=0.3, eta_step=0.3)
+
+
+def build(name="lenet5", seed=0):
+    torch.manual_seed(seed)
+    splits = data.load_dataset("digits", seed=0)
+    kwargs = {"input_size": 8} if name == "lenet5" else {}
+    return models.build(name, in_channels=1, num_classes=10, **kwargs), splits
+
+
+def test_end_to_end_grows_pushes_prunes_and_reports(tmp_path):
+    model, splits = build("inception")
+    config = LoopConfig(**FAST, grow=True, grow_epochs=1, max_modules_per_stage=2)
+    run = GrowPushPrune(model, splits, config, out_dir=tmp_path, progress=False)
+    report = run.run()
+    write_reports(report, tmp_path, run.final_model)
+    assert len(report["growth"]) > 1 and report["growth"][0]["kept"]  # the base entry, then the attempts
+    assert report["iterations"] and all("val_accuracy_after_prune" in it for it in report["iterations"])
+    base, final = report["base"], report["final"]
+    assert final["params"] < base["params"]
+    assert final["val_accuracy"] >= base["val_accuracy"] - config.accuracy_floor
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["input_shape"] == [1, 8, 8]
+    for key in ("params", "flops", "test_accuracy"):
+        assert key in saved["base"] and key in saved["final"]
+    assert 0 <= saved["final"]["test_accuracy"] <= 1
+    assert (tmp_path / "progress.png").stat().st_size > 1000 and "| params |" in (tmp_path / "report.md").read_text()
+    compact = gpp_ext.io.load(tmp_path / "model.pt").eval()
+    assert gpp_ext.count_params(compact) == final["params"]
+
+
+def _comparable(report):
+    drop = ("latency_ms_b1", "latency_ms_b64")
+    its = [{k: v for k, v in it.items() if k not in drop} for it in report["iterations"]]
+    return {k: v for k, v in report["final"].items() if k not in drop}, its
+
+
+def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
+    config = LoopConfig(**FAST)
+    model, splits = build()
+    straight = GrowPushPrune(model, splits, config, out_dir=tmp_path / "a", progress=False).run()
+
+    calls = {"n": 0}
+    real_prune = loop_module.prune
+
+    def crashing_prune(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C hit the second prune
+        return real_prune(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "prune", crashing_prune)
+    model, splits = build()
+    with pytest.raises(KeyboardInterrupt):
+        GrowPushPrune(model, splits, config, out_dir=tmp_path / "b", progress=False).run()
+    monkeypatch.setattr(loop_module, "prune", real_prune)
+    model, splits = build(seed=123)  # whatever the caller builds, the checkpoint's model is used
+    resumed = GrowPushPrune(model, splits, config, out_dir=tmp_path / "b", progress=False).run(resume=True)
+    assert _comparable(resumed) == _comparable(straight)
+
+    other = LoopConfig(**{**FAST, "lr": 1e-3})
+    with pytest.raises(ValueError, match="another configuration"):
+        GrowPushPrune(model, splits, other, out_dir=tmp_path / "b", progress=False).run(resume=True)
+
+
+def gpp(*args):
+    return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_help_errors_and_missing_data(tmp_path):
+    out = gpp("--help")
+    assert out.returncode == 0 and "compress" in out.stdout and "demo" in out.stdout
+    out = gpp("compress", "--help")
+    assert out.returncode == 0 and "--target-params" in out.stdout
+    out = gpp("compress", "--target-params", "2")
+    assert out.returncode == 2 and "must be in (0, 1]" in out.stderr
+    out = gpp("compress", "--model", "alexnet")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    out = gpp("compress", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
+    assert out.returncode == 1 and "apt-get install dataset-fashion-mnist" in out.stderr
+    out = gpp("report", str(tmp_path))
+    assert out.returncode == 1 and "no report.json" in out.stderr
+
+
+def test_cli_compress_runs_and_reports(tmp_path):
+    out = gpp("compress", "--model", "lenet5", "--data", "digits", "--epochs", "3", "--max-iterations", "2",
+              "--finetune-epochs", "1", "--target-params", "0.5", "--out", str(tmp_path), "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "| params |" in out.stdout
+    shown = gpp("report", str(tmp_path))
+    assert shown.returncode == 0 and "| test accuracy |" in shown.stdout
