@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     compress.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    compress.add_argument("--peers", default=None, help="JSON list of peer results (method, model, dataset, params, "
+                          "test_accuracy), e.g. benchmarks/results/compression.json, to mark on progress.png")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = sub.add_parser("demo", help="a short compression run with a printed summary")
@@ -100,6 +102,11 @@ def _compress(args, config_overrides=None) -> int:
     print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
           f"{len(splits.test)} test), target {args.target_params:.0%} of the parameters -> {out}", flush=True)
     report = loop.run(resume=args.resume)
+    if getattr(args, "peers", None):
+        with open(args.peers) as f:
+            records = json.load(f)
+        report["peers"] = [r for r in records if r.get("model") == args.model and r.get("dataset") == args.data
+                           and "params" in r and "test_accuracy" in r]
     write_reports(report, out, loop.final_model)
     print(summary_table(report))
     print(f"gpp: {report['stopped']}; {report['seconds']:.0f} s; report in {os.path.join(out, 'report.md')}")
@@ -118,15 +125,17 @@ def _demo(args) -> int:
             name = "digits"
             print("gpp demo: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); using "
                   "scikit-learn's digits instead", flush=True)
-    settings = {"fashion-mnist": dict(epochs=3, push=1, finetune=1, iterations=4, batch=128),
+    # Sized to finish in a few minutes on 2 CPU cores; small eta steps keep accuracy right after each prune up.
+    settings = {"fashion-mnist": dict(epochs=10, push=1, finetune=4, iterations=6, batch=128),
                 "digits": dict(epochs=30, push=2, finetune=6, iterations=6, batch=64)}[name]
     ns = argparse.Namespace(model="lenet5", data=name, data_dir=args.data_dir, out=args.out, target_params=0.2,
                             target_flops=None, accuracy_floor=0.03, epochs=settings["epochs"],
                             push_epochs=settings["push"], finetune_epochs=settings["finetune"],
                             max_iterations=settings["iterations"], batch_size=settings["batch"], lr=3e-3,
-                            criterion="lda", grow=False, seed=0, threads=None, resume=False, quiet=args.quiet)
+                            criterion="lda", grow=False, seed=0, threads=None, resume=False, quiet=args.quiet,
+                            peers=None)
     print(f"gpp demo: LeNet-5 on {name}", flush=True)
-    return _compress(ns)
+    return _compress(ns, config_overrides=dict(eta_start=0.05, eta_step=0.05))
 
 
 def _report(args) -> int:

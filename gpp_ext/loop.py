@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import io
+from .data import labels_of
 from .cost import count_flops, count_params
 from .grow import grow
 from .pruning import prune
@@ -169,7 +170,7 @@ class GrowPushPrune:
     def _loader(self, stage: int, balanced: bool = False) -> DataLoader:
         train = self.splits.train
         if balanced:
-            labels = torch.tensor([int(train[i][1]) for i in range(len(train))])
+            labels = labels_of(train)
             sampler = ClassBalancedSampler(labels, max(self.config.batch_size, self.splits.num_classes),
                                            seed=self.config.seed * 1_000_003 + stage)
             return DataLoader(train, batch_sampler=sampler)

@@ -98,9 +98,15 @@ def test_cli_help_errors_and_missing_data(tmp_path):
 
 
 def test_cli_compress_runs_and_reports(tmp_path):
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps([{"method": "l1", "model": "lenet5", "dataset": "digits", "params": 5000,
+                                  "test_accuracy": 0.9}, {"method": "l1", "model": "vgg", "dataset": "digits",
+                                                          "params": 1, "test_accuracy": 0.1}]))
     out = gpp("compress", "--model", "lenet5", "--data", "digits", "--epochs", "3", "--max-iterations", "2",
-              "--finetune-epochs", "1", "--target-params", "0.5", "--out", str(tmp_path), "--quiet")
+              "--finetune-epochs", "1", "--target-params", "0.5", "--out", str(tmp_path), "--quiet",
+              "--peers", str(peers))
     assert out.returncode == 0, out.stderr
     assert "| params |" in out.stdout
+    assert [p["method"] for p in json.loads((tmp_path / "report.json").read_text())["peers"]] == ["l1"]
     shown = gpp("report", str(tmp_path))
     assert shown.returncode == 0 and "| test accuracy |" in shown.stdout

@@ -21,13 +21,13 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .idx import read_idx
 
 __all__ = ["DataSplits", "load_dataset", "fashion_mnist", "digits", "make_splits", "find_fashion_mnist",
-           "FASHION_MNIST_CLASSES"]
+           "labels_of", "FASHION_MNIST_CLASSES"]
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
 _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-_SEARCH = ("/usr/share/dataset-fashion-mnist", "/usr/share/fashion-mnist", "/usr/share/datasets/fashion-mnist",
+_SEARCH = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist", "/usr/share/fashion-mnist",
            "/usr/local/share/fashion-mnist")
 _HOW_TO_GET = ("install Debian's package (`apt-get install dataset-fashion-mnist`), or pass the folder holding "
                "train-images-idx3-ubyte[.gz] and the other three IDX files as data_dir (--data-dir on the command "
@@ -92,9 +92,12 @@ def digits() -> TensorDataset:
     return TensorDataset(x, torch.as_tensor(data.target, dtype=torch.long))
 
 
-def _labels(dataset: Dataset) -> torch.Tensor:
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """All labels of a labelled data set, `[N]` int64 (read without loading inputs for tensor data sets)."""
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[1].long()
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
 
 
@@ -123,7 +126,7 @@ def make_splits(train: Dataset, test: Dataset | None = None, val_fraction: float
     if len(train) == 0:
         raise ValueError("make_splits: the training data set is empty")
     g = torch.Generator().manual_seed(seed)
-    labels = _labels(train)
+    labels = labels_of(train)
     pool = torch.arange(len(train))
     if test is None:
         rest, held = _stratified(labels, test_fraction, g)
