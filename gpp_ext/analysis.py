@@ -335,7 +335,7 @@ class DiscriminantAnalyzer:
             total = max_batches if total is None else min(total, max_batches)
         if max_batches == 0:
             return self
-        with tqdm(loader, total=total, desc="analysing", disable=not progress) as bar:
+        with tqdm(loader, total=total, desc="analysing", disable=None if progress else True) as bar:
             for i, batch in enumerate(bar):
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                     raise TypeError(f"{_NAME}.run: loader must yield (inputs, labels) pairs, got "

@@ -52,7 +52,8 @@ def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_module
                          f"{max_modules_per_stage}")
     best = float(evaluate(model))
     history = [GrowthStep(-1, 0, best, count_params(model), True)]
-    bar = tqdm(total=len(model.stages) * max_modules_per_stage, desc="growing", disable=not progress, leave=False)
+    bar = tqdm(total=len(model.stages) * max_modules_per_stage, desc="growing", leave=False,
+               disable=None if progress else True)  # None: bars on terminals only
     try:
         for stage in range(len(model.stages)):
             while len(model.stages[stage]) < max_modules_per_stage:

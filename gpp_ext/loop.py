@@ -150,7 +150,7 @@ class GrowPushPrune:
         config: a `LoopConfig`.
         out_dir: where checkpoints go (and the caller's reports).
         factory: rebuilds a user model's unpruned architecture (built-in models need none).
-        progress: tqdm bars on every long step.
+        progress: tqdm bars on every long step (on a terminal; redirected output stays clean).
     """
 
     def __init__(self, model: nn.Module, splits, config: LoopConfig | None = None, out_dir: str = "runs/gpp",
@@ -186,7 +186,8 @@ class GrowPushPrune:
         tap = PreDecisionTap(model) if push is not None else None
         try:
             for epoch in range(epochs):
-                bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not self.progress, leave=False)
+                bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                           disable=None if self.progress else True)
                 for x, y in bar:
                     x, y = x.to(self.device), y.to(self.device)
                     opt.zero_grad(set_to_none=True)

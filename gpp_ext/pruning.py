@@ -100,7 +100,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, num_batches: int = 50, devic
             m.momentum = None
         model.train()
         for x, _ in tqdm(_batches(loader, device, num_batches), total=num_batches, desc="recalibrating BN",
-                         disable=not progress, leave=False):
+                         disable=None if progress else True, leave=False):
             model(x)
     finally:
         for m, momentum in saved:
