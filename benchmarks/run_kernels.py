@@ -96,21 +96,6 @@ def table(rows: list[dict], rat: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run of the harness)")
@@ -139,6 +124,7 @@ def main(argv=None) -> int:
     import torch
 
     import gpp_ext
+    from gpp_ext.io import write_text_atomic
 
     rows = rows_from(bench)
     rat = ratios(rows)
@@ -156,7 +142,7 @@ def main(argv=None) -> int:
         "ratios": rat,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     gpu = f", GPU {result['machine']['gpu']}" if result["machine"]["gpu"] else ", no GPU"
     rounds = ("medians of 5 rounds after a warm-up" if not args.quick
               else "quick mode: one round, no warm-up (a smoke run, not a measurement)")
@@ -164,7 +150,7 @@ def main(argv=None) -> int:
           f"{gpu}, {args.threads} threads, torch {result['torch']}, mode {result['mode']}.\n"
           f"Produced by `python benchmarks/run_kernels.py`; {rounds}.\n\n"
           f"{table(rows, rat)}\n")
-    write_atomic(os.path.splitext(args.out)[0] + ".md", md)
+    write_text_atomic(os.path.splitext(args.out)[0] + ".md", md)
     print()
     print(md)
     return 0

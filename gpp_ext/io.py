@@ -15,7 +15,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
-__all__ = ["save", "load", "FORMAT"]
+__all__ = ["save", "load", "payload", "from_payload", "write_atomic", "save_atomic", "write_text_atomic", "FORMAT"]
 
 FORMAT = "gpp_ext.model/1"
 # Layer attributes that describe widths; pruning changes them, loading restores them.
@@ -45,30 +45,57 @@ def _widths(model: nn.Module) -> dict:
     return out
 
 
+def write_atomic(path, write) -> None:
+    """Calls `write(tmp_path)`, then renames the temporary file onto `path`: readers never see half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # keep the extension: torch.save names its archive after the file, and a bare ".tmp-x" name is refused
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_atomic(obj, path) -> None:
+    """`torch.save(obj, path)` through a temporary file and a rename."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Writes a text file through a temporary file and a rename."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomic(path, write)
+
+
+def payload(model: nn.Module, spec: dict | None = None) -> dict:
+    """The model as data: spec, layer widths and weights (plain types and CPU tensors)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gpp_ext.io: model must be an nn.Module, got {type(model).__name__}")
+    if spec is None and hasattr(model, "spec"):
+        spec = model.spec()
+    return {"format": FORMAT, "spec": spec, "widths": _widths(model),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+
+
 def save(model: nn.Module, path, spec: dict | None = None) -> None:
     """Writes `model` to `path` (atomically: a temporary file in the same folder, then a rename).
 
     `spec` describes how to rebuild the architecture; it defaults to `model.spec()` for built-in models. User
     models may leave it out and pass a `factory` to `load`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"gpp_ext.io.save: model must be an nn.Module, got {type(model).__name__}")
-    if spec is None and hasattr(model, "spec"):
-        spec = model.spec()
-    payload = {"format": FORMAT, "spec": spec, "widths": _widths(model),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_atomic(payload(model, spec), path)
 
 
 def load(path, factory=None, map_location="cpu") -> nn.Module:
@@ -78,11 +105,17 @@ def load(path, factory=None, map_location="cpu") -> nn.Module:
         path: the file.
         factory: a callable returning the *unpruned* architecture (for user models); built-in models are
             rebuilt from the saved spec when it is None.
-        map_location: where the weights go (default CPU).
+        map_location: the device the model ends up on (default CPU).
     """
-    data = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    data = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"gpp_ext.io.load: {path} is not a gpp_ext model file (format {FORMAT})")
+    return from_payload(data, factory, map_location, where=os.fspath(path))
+
+
+def from_payload(data: dict, factory=None, map_location="cpu", where: str = "the model data") -> nn.Module:
+    """Rebuilds a model from `payload(model)` (what `load` does after reading the file)."""
+    path = where
     if factory is None:
         spec = data.get("spec")
         if not spec:

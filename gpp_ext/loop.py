@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -103,33 +102,6 @@ def latency_ms(model: nn.Module, input_shape, batch: int, repeats: int = 20) -> 
     return statistics.median(times)
 
 
-def _write_atomic(payload, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _model_state(model: nn.Module) -> dict:
-    """The io payload of a model, in memory (architecture as data plus weights)."""
-    return {"spec": model.spec() if hasattr(model, "spec") else None, "widths": io._widths(model),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-
-
-def _model_from_state(state: dict, factory=None) -> nn.Module:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.pt")
-        torch.save({"format": io.FORMAT, **state}, path)
-        return io.load(path, factory=factory)
-
-
 @dataclass
 class _State:
     stage: int = 0                   # stages completed
@@ -211,8 +183,8 @@ class GrowPushPrune:
 
     def _save(self) -> None:
         state = asdict(self.state)
-        _write_atomic({"format": "gpp_ext.loop/1", "config": asdict(self.config), "state": state,
-                       "model": _model_state(self.model)}, self.checkpoint)
+        io.save_atomic({"format": "gpp_ext.loop/1", "config": asdict(self.config), "state": state,
+                        "model": io.payload(self.model)}, self.checkpoint)
 
     def _resume(self) -> bool:
         if not os.path.exists(self.checkpoint):
@@ -224,7 +196,7 @@ class GrowPushPrune:
             raise ValueError(f"GrowPushPrune: {self.checkpoint} was written with another configuration; use a "
                              f"new output folder or the same settings to resume")
         self.state = _State(**data["state"])
-        self.model = _model_from_state(data["model"], self.factory).to(self.device)
+        self.model = io.from_payload(data["model"], self.factory).to(self.device)
         return True
 
     # ------------------------------------------------------------------------------------------------ run
@@ -285,7 +257,7 @@ class GrowPushPrune:
                 self.model = self._train(self.model, cfg.finetune_epochs, stage, f"fine-tune {i}")
                 metrics = self._metrics(self.model)
                 self.state.iterations[-1].update(metrics)
-                snapshot = {"metrics": self.state.iterations[-1], "model": _model_state(self.model)}
+                snapshot = {"metrics": self.state.iterations[-1], "model": io.payload(self.model)}
                 best = self.state.best_accuracy
                 if best is None or metrics["val_accuracy"] > best["metrics"]["val_accuracy"]:
                     self.state.best_accuracy = snapshot
@@ -304,7 +276,7 @@ class GrowPushPrune:
         if not self.state.stopped:
             self.state.stopped = f"{cfg.max_iterations} iterations done"
         chosen = self.state.best_size or self.state.best_accuracy
-        final_model = _model_from_state(chosen["model"], self.factory) if chosen else self.model
+        final_model = io.from_payload(chosen["model"], self.factory) if chosen else self.model
         final = chosen["metrics"] if chosen else base
         self.final_model = final_model
         return {"input_shape": list(self.splits.input_shape), "dataset": self.splits.name,

@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+
+from . import io
 
 __all__ = ["write_reports", "render_markdown", "summary_table"]
-
-
-def _atomic_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def summary_table(report: dict) -> str:
@@ -79,24 +68,17 @@ def _plot(report: dict, path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        io.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_reports(report: dict, out_dir: str, model=None) -> None:
     """Writes report.json, report.md, progress.png (and model.pt when `model` is given), each atomically."""
-    from . import io
-
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
-    _atomic_text(os.path.join(out_dir, "report.md"), render_markdown(report))
+    io.write_text_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
+    io.write_text_atomic(os.path.join(out_dir, "report.md"), render_markdown(report))
     _plot(report, os.path.join(out_dir, "progress.png"))
     if model is not None:
         io.save(model, os.path.join(out_dir, "model.pt"))
