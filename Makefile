@@ -4,6 +4,7 @@
 #   make test            venv + torch + deps, build the extension, Python tests, benchmark smoke run, C++ tests
 #   make build           (re)build the extension into the venv (editable install)
 #   make bench           full kernel benchmarks -> benchmarks/results/kernels.{json,md}
+#   make bench-compression  GPP vs baselines vs Torch-Pruning -> benchmarks/results/compression.* (QUICK=1)
 #   make cpp-test        CMake build of the same sources + ctest
 #   make cuda-check      build the CUDA kernels with a CUDA build of torch (no GPU needed), install, load, test
 #   make clean           remove build products (keeps the venv); `make distclean` removes it too
@@ -32,7 +33,7 @@ CUDA_PY := $(abspath $(CUDA_VENV))/bin/python
 
 export MAX_JOBS
 
-.PHONY: all venv build test pytest bench-smoke bench cpp-test cuda-check demo clean distclean
+.PHONY: all venv build test pytest bench-smoke bench bench-compression cpp-test cuda-check demo clean distclean
 
 all: test
 
@@ -93,6 +94,11 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/run_kernels.py
+
+# GPP against our baselines and Torch-Pruning (an optional dependency, installed here). QUICK=1 for a few minutes.
+bench-compression: build
+	$(PIP) install --quiet --disable-pip-version-check torch-pruning
+	$(PY) -m benchmarks.compression $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf build *.egg-info gpp_ext/_C*.so .pytest_cache .benchmarks
