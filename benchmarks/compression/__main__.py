@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader
 
 import gpp_ext
 from gpp_ext import data, models
-from gpp_ext.graph import ChannelGraph
 from gpp_ext.io import write_atomic, write_text_atomic
 from gpp_ext.loop import evaluate, latency_ms
 from gpp_ext.pruning import recalibrate_batchnorm
@@ -188,10 +187,10 @@ def render(records: list, meta: dict) -> str:
              "| model | budget | method | params | FLOPs | acc after cut | test acc | latency b1 (ms) | b64 (ms) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (model, budget, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
-        lines.append(f"| {model} | {budget:.0%} | {method} | {statistics.mean(r['params'] for r in rs):,.0f} | "
-                     f"{statistics.mean(r['flops'] for r in rs):,.0f} | {ms([r['acc_after_prune'] for r in rs])} | "
-                     f"{ms([r['test_accuracy'] for r in rs])} | {statistics.mean(r['latency_ms_b1'] for r in rs):.3f} | "
-                     f"{statistics.mean(r['latency_ms_b64'] for r in rs):.2f} |")
+        mean = {k: statistics.mean(r[k] for r in rs) for k in ("params", "flops", "latency_ms_b1", "latency_ms_b64")}
+        lines.append(f"| {model} | {budget:.0%} | {method} | {mean['params']:,.0f} | {mean['flops']:,.0f} | "
+                     f"{ms([r['acc_after_prune'] for r in rs])} | {ms([r['test_accuracy'] for r in rs])} | "
+                     f"{mean['latency_ms_b1']:.3f} | {mean['latency_ms_b64']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
