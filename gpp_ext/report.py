@@ -11,6 +11,11 @@ from . import io
 __all__ = ["write_reports", "render_markdown", "summary_table"]
 
 
+def _speed(before: float, after: float) -> str:
+    ratio = before / after
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
 def summary_table(report: dict) -> str:
     """Base against compact: parameters, FLOPs, test accuracy, CPU latency (batch 1 and 64)."""
     base, final = report["base"], report["final"]
@@ -19,9 +24,9 @@ def summary_table(report: dict) -> str:
             ("test accuracy", f"{base['test_accuracy']:.4f}", f"{final['test_accuracy']:.4f}",
              f"{final['test_accuracy'] - base['test_accuracy']:+.4f}"),
             ("latency b=1 (ms)", f"{base['latency_ms_b1']:.3f}", f"{final['latency_ms_b1']:.3f}",
-             f"{base['latency_ms_b1'] / final['latency_ms_b1']:.2f}x faster"),
+             _speed(base["latency_ms_b1"], final["latency_ms_b1"])),
             ("latency b=64 (ms)", f"{base['latency_ms_b64']:.2f}", f"{final['latency_ms_b64']:.2f}",
-             f"{base['latency_ms_b64'] / final['latency_ms_b64']:.2f}x faster")]
+             _speed(base["latency_ms_b64"], final["latency_ms_b64"]))]
     lines = ["| | base | compact | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
