@@ -5,8 +5,11 @@ few pre-decision neurons, which pruning can then keep.
 
 on the pre-decision features `h [B, D]` of a batch, from differentiable scatter statistics
 (`ops.class_scatter`, optionally merged with an exponential moving average of earlier batches):
-- `L_sep`, separation: `-mean_j S_b[j,j] / (S_w[j,j] + eps)` (`separation="fisher"`, cheap, per neuron) or
-  `-mean(top C-1 generalized eigenvalues of (S_b, S_w + ridge))` (`separation="lda"`, the Deep-LDA form);
+- `L_sep`, separation: `-mean_j log(1 + S_b[j,j] / (S_w[j,j] + eps))` (`separation="fisher"`, cheap, per
+  neuron) or `-mean(top C-1 generalized eigenvalues of (S_b, S_w + ridge))` (`separation="lda"`, the Deep-LDA
+  form). The logarithm matters: the plain ratio is unbounded, one neuron that is nearly constant within each
+  class of a batch can grow it without limit, and on a Fashion-MNIST LeNet-5 one epoch at alpha=0.3 then
+  cost 27 points of accuracy (0.88 -> 0.61) against 1 point with the logarithm;
 - `L_cov`, decorrelation: mean squared off-diagonal entry of the within- and between-class correlation
   matrices, which drives each discriminant toward a single neuron;
 - `L_compact`, concentration: `||v||_1 / (||v||_2 sqrt(D))` of the per-neuron Fisher utilities `v`
@@ -126,7 +129,7 @@ class PushLoss(nn.Module):
         fisher = b_diag / (w_diag + floor)
         if self.alpha:
             if self.separation == "fisher":
-                sep = -fisher.mean()
+                sep = -torch.log1p(fisher).mean()
             else:
                 values, _ = ops.generalized_eigh(between, within, self.ridge)
                 sep = -values[: self.num_classes - 1].mean()
