@@ -12,6 +12,7 @@ Shapes: `N` samples in a batch, `D` features of a layer, `C` classes.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _checks, ops
+from . import distributed as gdist
 from .stats import ScatterStats
 
 __all__ = ["DiscriminantAnalyzer", "LayerAnalysis"]
@@ -309,24 +311,83 @@ class DiscriminantAnalyzer:
         return self
 
     def run(self, loader, max_batches: int | None = None, progress: bool = True,
-            device=None) -> "DiscriminantAnalyzer":
+            device=None, distributed: bool | None = None) -> "DiscriminantAnalyzer":
         """Streams a data set through `update`.
 
         Args:
             loader: an iterable of `(inputs, labels)` pairs (e.g. a `DataLoader`), inputs `[B, ...]`, labels `[B]`.
-            max_batches: stop after this many batches (default: all).
-            progress: show a tqdm progress bar ("analysing").
+            max_batches: stop after this many batches (default: all; per process when distributed).
+            progress: show a tqdm progress bar ("analysing"; on rank 0 only when distributed).
             device: where batches are moved before the forward pass (default: the device of the model's first
                 parameter or buffer, else CPU).
+            distributed: analyse the data across the processes of `torch.distributed` (default: whenever a
+                process group of more than one process is initialised, e.g. under `torchrun`). Each process
+                then analyses its own share of the data and the statistics of this run are combined exactly
+                (`gpp_ext.distributed.all_reduce_scatter`), identical on every process. A `DataLoader` with a
+                plain sampler is split by `gpp_ext.distributed.ShardSampler` (every sample once); one with a
+                `DistributedSampler` or `ShardSampler` is used as it is; any other loader must already yield a
+                disjoint part of the data on each process. Every process must call `run`.
 
         Returns self.
         """
         if max_batches is not None:
             max_batches = _checks.integer(max_batches, f"{_NAME}.run", "max_batches", minimum=0)
+        if distributed is None:
+            distributed = gdist.is_distributed()
+        elif distributed and not gdist.is_distributed():
+            raise RuntimeError(f"{_NAME}.run: distributed=True needs an initialised torch.distributed process group "
+                               f"of more than one process (torchrun, or init_process_group)")
+        if not distributed:
+            return self._run(loader, max_batches, progress, device)
+        sharded = gdist.shard_loader(loader)
+        if sharded is None:
+            warnings.warn(f"{_NAME}.run: cannot split a {type(loader).__name__} over the processes (it is not a "
+                          f"DataLoader with a plain sampler); its statistics are combined as if each process's "
+                          f"loader yielded a disjoint part of the data", RuntimeWarning, stacklevel=2)
+            sharded = loader
+        # Only this run's statistics are combined across processes: what the analyzer held before is already
+        # the same everywhere (or local by the user's choice) and is merged back afterwards.
+        before, before_samples = self._stats, self._num_samples
+        self._stats, self._num_samples = {name: None for name in self._layers}, 0
+        try:
+            self._run(sharded, max_batches, progress and gdist.rank() == 0, device)
+            self.all_reduce()
+        except BaseException:
+            self._stats, self._num_samples = before, before_samples
+            raise
+        for name, old in before.items():
+            if old is not None:
+                new = self._stats[name]
+                self._stats[name] = old if new is None else ops.merge_scatter(old, new.to(old.mean.device))
+        self._num_samples += before_samples
+        return self
+
+    def all_reduce(self, group=None) -> "DiscriminantAnalyzer":
+        """Combines the statistics every process has accumulated into those of all their data, exactly and
+        identically on every process (`gpp_ext.distributed.all_reduce_scatter`; every process must call it, once
+        per disjoint set of samples). `run` does this by itself when distributed. Without a process group it does
+        nothing. Returns self."""
+        if not gdist.is_distributed(group):
+            return self
+        # A process that saw no data does not know a layer's width: agree on it first (one small all-reduce).
+        dims = torch.tensor([-1 if s is None else s.dim for s in self._stats.values()], dtype=torch.float64)
+        device = next((s.mean.device for s in self._stats.values() if s is not None), None)
+        device = _model_device(self.model) if device is None else device
+        dims = gdist.all_reduce_max(dims, group)
+        reduced = {}
+        for (name, stats), dim in zip(self._stats.items(), dims.tolist()):
+            if dim < 0:
+                reduced[name] = None  # no process has data for this layer
+                continue
+            local = stats if stats is not None else ScatterStats.empty(self.num_classes, int(dim), device=device)
+            reduced[name] = gdist.all_reduce_scatter(local, group)
+        self._stats = reduced
+        self._num_samples = int(gdist.all_reduce_sum(torch.tensor([float(self._num_samples)]), group)[0])
+        return self
+
+    def _run(self, loader, max_batches, progress, device) -> "DiscriminantAnalyzer":
         if device is None:
-            tensor = next(iter(self.model.parameters()), None)
-            tensor = tensor if tensor is not None else next(iter(self.model.buffers()), None)
-            device = tensor.device if tensor is not None else torch.device("cpu")
+            device = _model_device(self.model)
         try:
             total = len(loader)
         except TypeError:
@@ -470,6 +531,13 @@ class DiscriminantAnalyzer:
         self._stats = merged
         self._num_samples += other._num_samples
         return self
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer, else CPU."""
+    tensor = next(iter(model.parameters()), None)
+    tensor = tensor if tensor is not None else next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _to_device(value, device):

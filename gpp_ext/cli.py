@@ -83,13 +83,42 @@ def _build_model(name: str, splits):
 def _compress(args, config_overrides=None) -> int:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with _process_group():
+        return _compress_run(args, config_overrides)
+
+
+class _process_group:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) joins the job's process group for the run (gloo: the
+    command runs on the CPU) and leaves it afterwards; otherwise does nothing."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+        if self.joined:
+            dist.init_process_group("gloo")
+        return self
+
+    def __exit__(self, *exc):
+        if self.joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _compress_run(args, config_overrides=None) -> int:
+    import torch
+
     from . import data
+    from . import distributed as gdist
     from .loop import GrowPushPrune, LoopConfig
     from .report import summary_table, write_reports
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    lead = gdist.rank() == 0  # under torchrun, rank 0 speaks and writes; every process computes
     splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=args.seed)
+    torch.manual_seed(args.seed)  # the initial weights follow --seed, whatever ran before in this process
     model = _build_model(args.model, splits)
     grow = args.grow if args.grow is not None else args.model == "inception"
     config = LoopConfig(epochs=args.epochs, push_epochs=args.push_epochs, finetune_epochs=args.finetune_epochs,
@@ -99,9 +128,14 @@ def _compress(args, config_overrides=None) -> int:
                         **(config_overrides or {}))
     out = args.out or os.path.join("runs", f"{args.model}-{args.data}")
     loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet)
-    print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
-          f"{len(splits.test)} test), target {args.target_params:.0%} of the parameters -> {out}", flush=True)
+    if lead:
+        processes = f", {gdist.world_size()} processes" if gdist.is_distributed() else ""
+        print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
+              f"{len(splits.test)} test{processes}), target {args.target_params:.0%} of the parameters -> {out}",
+              flush=True)
     report = loop.run(resume=args.resume)
+    if not lead:
+        return 0
     if getattr(args, "peers", None):
         with open(args.peers) as f:
             records = json.load(f)

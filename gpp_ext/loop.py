@@ -9,6 +9,13 @@ after the last completed stage. Every stage draws its randomness from generators
 so a resumed run gives the same results as one that was never interrupted. The accuracy-first model (best
 validation accuracy among the pruned ones) and the size-first model (smallest one above the floor) are kept;
 the final model is the size-first one when any iteration stayed above the floor.
+
+Under `torch.distributed` (e.g. `torchrun --nproc-per-node 2 -m gpp_ext.cli compress ...`), every process runs
+the loop on the same model: training stages run under DistributedDataParallel, each process taking its slice of
+the same global batches (`RankSlicedBatchSampler`, so the global batch is `config.batch_size` whatever the
+number of processes), and the model is wrapped afresh after every structural change; the analysis is split
+over the processes and combined exactly, rank 0's pruning decision is applied everywhere, metrics are measured
+on rank 0 and shared, and only rank 0 writes checkpoints (resume reads them on rank 0 and shares them).
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from . import distributed as gdist
 from . import io
 from .data import labels_of
 from .cost import count_flops, count_params
@@ -130,7 +139,8 @@ class GrowPushPrune:
         self.config = config or LoopConfig()
         self.config.validate()
         self.model, self.splits, self.out_dir, self.factory = model, splits, os.fspath(out_dir), factory
-        self.progress, self.device = progress, torch.device(device)
+        self.device = torch.device(device)
+        self.progress = progress and gdist.rank() == 0  # one set of bars per job
         self.checkpoint = os.path.join(self.out_dir, "checkpoint.pt")
         self.state = _State()
         self.example = torch.zeros(2, *splits.input_shape, device=self.device)
@@ -139,22 +149,32 @@ class GrowPushPrune:
     def _generator(self, stage: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + stage)
 
-    def _loader(self, stage: int, balanced: bool = False) -> DataLoader:
+    def _loader(self, stage: int, balanced: bool = False, sliced: bool = False) -> DataLoader:
+        """The stage's training batches; `sliced`: this process's slice of them under torch.distributed."""
         train = self.splits.train
+        generator = None
         if balanced:
             labels = labels_of(train)
-            sampler = ClassBalancedSampler(labels, max(self.config.batch_size, self.splits.num_classes),
+            batches = ClassBalancedSampler(labels, max(self.config.batch_size, self.splits.num_classes),
                                            seed=self.config.seed * 1_000_003 + stage)
-            return DataLoader(train, batch_sampler=sampler)
-        return DataLoader(train, batch_size=self.config.batch_size, shuffle=True, generator=self._generator(stage))
+        else:
+            # what DataLoader(shuffle=True, generator=g) builds, spelled out so that it can be sliced per process
+            generator = self._generator(stage)
+            batches = BatchSampler(RandomSampler(train, generator=generator), self.config.batch_size, drop_last=False)
+        if sliced and gdist.is_distributed():
+            batches = gdist.RankSlicedBatchSampler(batches)
+        return DataLoader(train, batch_sampler=batches, generator=generator)
 
     def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, push: PushLoss | None = None):
         if epochs <= 0:
             return model
         torch.manual_seed(self.config.seed * 1_000_003 + stage)  # dropout and any other global draws
         model.to(self.device).train()
+        # wrapped afresh for every stage: pruning changes the parameters DDP would otherwise keep in sync
+        distributed = gdist.is_distributed()
+        net = DistributedDataParallel(model) if distributed else model
         opt = torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
-        loader = self._loader(stage, balanced=push is not None)
+        loader = self._loader(stage, balanced=push is not None, sliced=True)
         tap = PreDecisionTap(model) if push is not None else None
         try:
             for epoch in range(epochs):
@@ -163,8 +183,13 @@ class GrowPushPrune:
                 for x, y in bar:
                     x, y = x.to(self.device), y.to(self.device)
                     opt.zero_grad(set_to_none=True)
-                    logits = model(x)
-                    loss = push(logits, tap.features, y) if push is not None else F.cross_entropy(logits, y)
+                    logits = net(x)
+                    if push is not None:
+                        loss = push(logits, tap.features, y)
+                    elif distributed:  # this process's share of the global batch mean (see loss_scale)
+                        loss = F.cross_entropy(logits, y, reduction="sum") * gdist.loss_scale(y.shape[0])
+                    else:
+                        loss = F.cross_entropy(logits, y)
                     loss.backward()
                     opt.step()
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
@@ -174,6 +199,12 @@ class GrowPushPrune:
         return model.eval()
 
     def _metrics(self, model: nn.Module, **extra) -> dict:
+        """Size, accuracy and latency, measured on rank 0 (latency would suffer from processes running beside
+        it) and shared with every process."""
+        metrics = self._measure(model, **extra) if gdist.rank() == 0 else None
+        return gdist.broadcast_object(metrics)
+
+    def _measure(self, model: nn.Module, **extra) -> dict:
         shape = self.splits.input_shape
         return {"params": count_params(model), "flops": count_flops(model, self.example),
                 "val_accuracy": evaluate(model, self.splits.val, device=self.device),
@@ -182,14 +213,20 @@ class GrowPushPrune:
                 **extra}
 
     def _save(self) -> None:
+        if gdist.rank() != 0:
+            return
         state = asdict(self.state)
         io.save_atomic({"format": "gpp_ext.loop/1", "config": asdict(self.config), "state": state,
                         "model": io.payload(self.model)}, self.checkpoint)
 
     def _resume(self) -> bool:
-        if not os.path.exists(self.checkpoint):
+        # Rank 0 reads the checkpoint and shares it, so the other processes need not see its folder.
+        data = None
+        if gdist.rank() == 0 and os.path.exists(self.checkpoint):
+            data = torch.load(self.checkpoint, weights_only=True)
+        data = gdist.broadcast_object(data)
+        if data is None:
             return False
-        data = torch.load(self.checkpoint, weights_only=True)
         if data.get("format") != "gpp_ext.loop/1":
             raise ValueError(f"GrowPushPrune: {self.checkpoint} is not a gpp_ext loop checkpoint")
         if data["config"] != asdict(self.config):

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed as gdist
 from . import importance
 from .analysis import DiscriminantAnalyzer, find_classifier
 from .cost import count_flops, count_params
@@ -86,7 +87,9 @@ def recalibrate_batchnorm(model: nn.Module, loader, num_batches: int = 50, devic
     """Re-estimates every BatchNorm's running statistics on training data (after a structural change).
 
     Resets the running mean/variance, runs `num_batches` batches forward in train mode without gradients with
-    a cumulative average (momentum None), then restores the model's modes.
+    a cumulative average (momentum None), then restores the model's modes. Under `torch.distributed` (a process
+    group of more than one process) every process recalibrates on its own batches and the estimates are then
+    averaged, so the model stays identical on every process.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -107,6 +110,12 @@ def recalibrate_batchnorm(model: nn.Module, loader, num_batches: int = 50, devic
             m.momentum = momentum
         for m, mode in modes.items():
             m.training = mode
+    if gdist.is_distributed():
+        world = gdist.world_size()
+        for m in norms:
+            for buffer in (m.running_mean, m.running_var):
+                if buffer is not None:
+                    buffer.copy_(gdist.all_reduce_sum(buffer) / world)
     return model
 
 
@@ -132,6 +141,11 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
         ignore: module names the graph should treat as opaque (see `ChannelGraph`).
         inplace: prune `model` itself instead of a copy.
         progress: progress bars on the long passes.
+        seed: seed of the "random" criterion.
+
+    Under `torch.distributed` (e.g. `torchrun`), call it on every process with the same model: the analysis
+    splits `loader` over the processes and combines their statistics exactly, rank 0's selection is applied
+    everywhere, and BatchNorm recalibration is averaged, so every process ends with the same compact model.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"prune: criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -174,6 +188,9 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
 
     keep = select_channels(graph, scores, method=method, eta=eta, ratio=ratio, budget=budget,
                            budget_kind=budget_kind, min_channels=min_channels, round_to=round_to)
+    # Under torch.distributed the statistics are already identical everywhere, but tracing images, Taylor's
+    # batch and random scores are each process's own: rank 0 decides, and every process cuts the same channels.
+    keep = gdist.broadcast_object(keep)
     graph.prune(keep)
     if recalibrate:
         recalibrate_batchnorm(model, loader, device=device, progress=progress)

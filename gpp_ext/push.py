@@ -15,7 +15,9 @@ on the pre-decision features `h [B, D]` of a batch, from differentiable scatter 
 - `L_compact`, concentration: `||v||_1 / (||v||_2 sqrt(D))` of the per-neuron Fisher utilities `v`
   (`compact="ratio"`), or the share of utility outside the current top-`keep` neurons (`compact="outside"`).
 Each ratio is scale free (statistics over N samples scale both sides alike). `PushLoss.terms` reports every
-term of the last call for logging.
+term of the last call for logging. Under `torch.distributed` (DDP), the statistics are computed on the global
+batch: every process's features are gathered (differentiably), so the push terms are those one process would
+compute on the whole batch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
+from . import distributed as gdist
 from . import ops
 from .analysis import find_classifier
 from .stats import ScatterStats
@@ -113,15 +116,22 @@ class PushLoss(nn.Module):
         return merged
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Total loss (a scalar); `logits [B, C]`, `features [B, D]` (pre-decision), `labels [B]`."""
+        """Total loss (a scalar); `logits [B, C]`, `features [B, D]` (pre-decision), `labels [B]`.
+
+        Under torch.distributed the statistics are those of the global batch (every process's rows, gathered
+        with their gradients), and cross-entropy is this process's share of the global batch mean, so that
+        DDP's average of the gradients is the gradient one process would compute on the whole batch."""
         if features.dim() != 2:
             raise ValueError(f"PushLoss: features must be [B, D] pre-decision features, got {tuple(features.shape)}")
-        ce = F.cross_entropy(logits, labels)
+        if not gdist.is_distributed():
+            ce = F.cross_entropy(logits, labels)
+        else:  # this process's share of the global batch mean (DDP averages the processes' gradients)
+            ce = F.cross_entropy(logits, labels, reduction="sum") * gdist.loss_scale(labels.shape[0])
         total = ce
         self.terms = {"ce": float(ce.detach())}
         if self.alpha == self.beta == self.gamma == 0:
             return total
-        stats = self._stats(features, labels)
+        stats = self._stats(*gdist.gather_batch(features, labels))
         between, within = stats.between(), stats.within
         d = within.shape[0]
         w_diag, b_diag = within.diagonal(), between.diagonal()

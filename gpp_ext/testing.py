@@ -67,3 +67,49 @@ def rel_err(a, b) -> float:
     a = torch.as_tensor(a, dtype=torch.float64).detach().cpu()
     b = torch.as_tensor(b, dtype=torch.float64).detach().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on right now (for a test's process group)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _process_main(rank: int, fn, world_size: int, port: int, backend: str, timeout: float, args) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the processes share the machine's cores
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_processes(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 120.0) -> None:
+    """Runs `fn(rank, world_size, *args)` in `world_size` fresh processes joined in a `torch.distributed`
+    process group on 127.0.0.1 (a free port), and waits for them. `fn` must be importable (a module-level
+    function). A failing process raises here with its traceback; processes still running after `timeout`
+    seconds are killed and `TimeoutError` is raised, so a hung collective cannot hang the caller."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_process_main, args=(fn, world_size, free_port(), backend, timeout, args),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run_processes: {world_size} processes still running after {timeout:g} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()

@@ -1,0 +1,232 @@
+"""Distributed analysis (issue 7): statistics combined across processes equal the single-process statistics.
+
+Two processes on 127.0.0.1 with the gloo backend, spawned by the test (`gpp_ext.testing.run_processes`, which
+kills them after a time limit). Tolerance 1e-10 relative: the combination is exact algebra, and its round-off
+(sums of float64 class sums and of re-centred scatters) is a few ulps of the entries, ~1e-15 relative; 1e-10
+leaves room for the different summation order of a blocked Gram product without hiding a missing term, which
+would be O(1) wrong.
+"""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from gpp_ext import ops
+from gpp_ext.analysis import DiscriminantAnalyzer
+from gpp_ext.distributed import ShardSampler, all_reduce_scatter, shard_loader
+from gpp_ext.stats import ScatterStats
+from gpp_ext.testing import make_features, rel_err, run_processes
+
+C, D = 6, 24
+
+
+def uneven_parts(mean=0.0):
+    """1003 samples split 640 / 363; class 3 appears only in rank 0's part."""
+    x, y = make_features(1003, D, C, mean=mean, dtype=torch.float64, seed=3)
+    order = torch.argsort((y == 3).double(), descending=True, stable=True)  # every class-3 sample first
+    x, y = x[order], y[order]
+    return (x[:640], y[:640]), (x[640:], y[640:]), (x, y)
+
+
+def _scatter_worker(rank, world, out, mean):
+    parts = uneven_parts(mean)
+    x, y = parts[rank]
+    if rank == 1:
+        assert not (y == 3).any()
+    combined = all_reduce_scatter(ops.class_scatter(x, y, C))
+    torch.save(combined.state_dict(), out / f"rank{rank}.pt")
+
+
+def assert_stats_close(got: ScatterStats, want: ScatterStats, tol: float) -> None:
+    assert torch.equal(got.count, want.count)
+    assert rel_err(got.mean, want.mean) < tol
+    assert rel_err(got.within, want.within) < tol
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e4], ids=["centred", "mean 1e4"])
+def test_all_reduce_scatter_equals_one_process(tmp_path, mean):
+    run_processes(_scatter_worker, 2, tmp_path, mean)
+    x, y = uneven_parts(mean)[2]
+    want = ops.class_scatter(x, y, C)
+    ranks = [ScatterStats.from_state_dict(torch.load(tmp_path / f"rank{r}.pt", weights_only=True)) for r in (0, 1)]
+    for got in ranks:
+        assert_stats_close(got, want, 1e-10)
+    for a, b in zip(ranks[0].state_dict().values(), ranks[1].state_dict().values()):
+        assert torch.equal(a, b)  # bit-identical on every rank: identical decisions downstream
+
+
+def _mismatch_worker(rank, world, out):
+    stats = ScatterStats.empty(C, D + rank)
+    try:
+        all_reduce_scatter(stats)
+    except ValueError as e:
+        (out / f"rank{rank}.txt").write_text(str(e))
+
+
+def test_all_reduce_scatter_refuses_different_shapes(tmp_path):
+    run_processes(_mismatch_worker, 2, tmp_path)
+    for r in (0, 1):
+        assert "same shape" in (tmp_path / f"rank{r}.txt").read_text()
+
+
+def test_without_a_process_group_it_is_the_identity():
+    stats = ops.class_scatter(*make_features(50, 4, 3, dtype=torch.float64), 3)
+    assert all_reduce_scatter(stats) is stats
+    with pytest.raises(TypeError, match="ScatterStats"):
+        all_reduce_scatter({"count": stats.count})
+
+
+def test_shard_sampler_covers_every_sample_once():
+    data = list(range(11))
+    shards = [list(ShardSampler(data, 3, r)) for r in range(3)]
+    assert sorted(sum(shards, [])) == data
+    assert [len(ShardSampler(data, 3, r)) for r in range(3)] == [4, 4, 3]
+    with pytest.raises(ValueError, match="rank"):
+        ShardSampler(data, 2, 2)
+    loader = DataLoader(TensorDataset(torch.zeros(5, 1)), batch_size=2)
+    assert shard_loader(loader) is not None and shard_loader(iter([])) is None
+
+
+class _Net(torch.nn.Module):
+    """float64, so that the features do not depend on how the samples are batched (a float32 GEMM's rounding
+    does, by ~1e-7, and the processes batch differently from one process)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU())
+        self.classifier = torch.nn.Linear(32, 10)
+        self.double()
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def _digits_loader():
+    from gpp_ext.data import digits
+
+    data = digits()
+    x, y = data.tensors
+    return DataLoader(TensorDataset(x.flatten(1).double(), y), batch_size=64, shuffle=True,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def _analyzer_worker(rank, world, out):
+    model = _Net()
+    with DiscriminantAnalyzer(model, 10, layers=["body", "classifier:input"]) as analyzer:
+        analyzer.run(_digits_loader(), progress=False)
+        torch.save({"state": analyzer.state_dict(), "lda": analyzer.utility(kind="lda")}, out / f"rank{rank}.pt")
+
+
+def test_analyzer_run_is_exact_across_processes(tmp_path):
+    run_processes(_analyzer_worker, 2, tmp_path)
+    with DiscriminantAnalyzer(_Net(), 10, layers=["body", "classifier:input"]) as analyzer:
+        analyzer.run(_digits_loader(), progress=False)
+        want = analyzer.state_dict()
+        lda = analyzer.utility(kind="lda")
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["state"]["num_samples"] == want["num_samples"] == 1797
+        for name, stats in want["layers"].items():
+            assert_stats_close(ScatterStats.from_state_dict(got["state"]["layers"][name]),
+                               ScatterStats.from_state_dict(stats), 1e-10)
+        assert rel_err(got["lda"], lda) < 1e-8  # an eigen-solve of the same matrices, conditioned ~1e2
+
+
+# ------------------------------------------------------------------------------------ the loop under torchrun
+
+COMPRESS = ["compress", "--model", "lenet5", "--data", "digits", "--epochs", "3", "--push-epochs", "1",
+            "--finetune-epochs", "1", "--max-iterations", "2", "--batch-size", "64", "--target-params", "0.05",
+            "--seed", "3", "--quiet"]
+
+
+def _widths(out):
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    return [it["widths"] for it in report["iterations"]], report
+
+
+def test_torchrun_two_processes_prune_like_one(tmp_path):
+    """`torchrun --nproc-per-node 2 -m gpp_ext.cli compress` on CPU (gloo) cuts the same channels as one
+    process with the same seed and global batch, writes one set of outputs, and resumes from them."""
+    import os
+    import subprocess
+    import sys
+
+    from gpp_ext import cli
+    from gpp_ext.testing import free_port
+
+    one = tmp_path / "one"
+    assert cli.main(COMPRESS + ["--out", str(one)]) == 0
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "gpp_ext.cli"] + COMPRESS + ["--out", str(two)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("gpp: lenet5 on digits") == 1 and "2 processes" in done.stdout  # rank 0 speaks
+    widths_one, report_one = _widths(one)
+    widths_two, report_two = _widths(two)
+    assert len(widths_one) >= 1 and widths_two == widths_one
+    assert report_two["final"]["params"] == report_one["final"]["params"]
+    assert abs(report_two["final"]["test_accuracy"] - report_one["final"]["test_accuracy"]) < 0.02
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    # resuming a finished run under torchrun: rank 0 reads the checkpoint and shares it, nothing is redone
+    command[command.index("--master-port") + 1] = str(free_port())
+    again = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _widths(two)[0] == widths_two
+
+
+def _gradients(push: bool, batch: int):
+    """Gradients of one training step of the loop on digits: on one process, or this process's under DDP."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gpp_ext import data, distributed, models
+    from gpp_ext.loop import GrowPushPrune, LoopConfig
+    from gpp_ext.push import PreDecisionTap, PushLoss
+
+    splits = data.load_dataset("digits", seed=3)
+    torch.manual_seed(3)
+    model = models.build("lenet5", in_channels=1, num_classes=10, input_size=8).double()
+    loop = GrowPushPrune(model, splits, LoopConfig(batch_size=batch, seed=3), progress=False)
+    net = DistributedDataParallel(model) if distributed.is_distributed() else model
+    x, y = next(iter(loop._loader(1, balanced=push, sliced=True)))
+    with PreDecisionTap(model) as tap:
+        logits = net(x.double())
+        if push:
+            loss = PushLoss(10, alpha=1.0, beta=1.0, gamma=0.1)(logits, tap.features, y)
+        else:
+            loss = F.cross_entropy(logits, y, reduction="sum") * distributed.loss_scale(y.shape[0])
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, y.shape[0]
+
+
+def _gradient_worker(rank, world, out, batch):
+    torch.save([_gradients(False, batch), _gradients(True, batch)], out / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("batch", [64, 15], ids=["even", "odd global batch"])
+def test_ddp_step_has_the_gradient_of_one_process(tmp_path, batch):
+    """The loop's DDP step (rank-sliced batches, sum-reduced cross-entropy scaled by `loss_scale`, push
+    statistics on the gathered batch) gives the gradient one process computes on the whole global batch.
+    float64, so the only difference is summation order: 1e-10 relative."""
+    run_processes(_gradient_worker, 2, tmp_path, batch)
+    want = [_gradients(False, batch), _gradients(True, batch)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for (grads, n), (one, total) in zip(got[0], want):
+        assert n in (total // 2, total - total // 2)
+        for name in one:
+            assert rel_err(grads[name], one[name]) < 1e-10, name
+    for a, b in zip(got[0], got[1]):
+        assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])  # DDP leaves the same gradient everywhere
+
+
+def test_rank_sliced_batches_partition_each_batch():
+    from gpp_ext.distributed import RankSlicedBatchSampler
+
+    batches = [[0, 1, 2, 3, 4], [5, 6], [7]]
+    parts = [list(RankSlicedBatchSampler(batches, 2, r)) for r in (0, 1)]
+    assert parts == [[[0, 2, 4], [5]], [[1, 3], [6]]]  # the one-item batch is skipped by both
