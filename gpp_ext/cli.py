@@ -101,10 +101,15 @@ class _process_group:
             dist.init_process_group("gloo")
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.joined:
             import torch.distributed as dist
 
+            # Leave together: a process that tears down its gloo connections while rank 0 still works (writing
+            # the reports) can abort the job ("terminate called without an active exception"). After an error
+            # the others may never arrive, so then leave at once.
+            if exc_type is None:
+                dist.barrier()
             dist.destroy_process_group()
 
 

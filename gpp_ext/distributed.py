@@ -143,21 +143,22 @@ class ShardSampler(Sampler):
 
 def shard_loader(loader):
     """This rank's share of `loader`'s data for an exact distributed analysis, or `None` when it cannot be
-    derived: a `DataLoader` over a map-style data set with a plain (sequential or random) sampler is rebuilt
-    around a `ShardSampler` with the same batch size, workers and collate function; one that already samples
-    per rank (`DistributedSampler`, `ShardSampler`) is returned as it is."""
+    derived: a `DataLoader` over a map-style data set batched by a `BatchSampler` around a plain (sequential
+    or random) sampler — what `DataLoader(data, batch_size, shuffle=...)` builds — is rebuilt around a
+    `ShardSampler` with the same batch size, workers and collate function; one that already samples per rank
+    (`DistributedSampler`, `ShardSampler`) is returned as it is."""
     if not isinstance(loader, DataLoader):
         return None
-    sampler = loader.sampler
-    if isinstance(sampler, (ShardSampler, torch.utils.data.DistributedSampler)):
+    if isinstance(loader.sampler, (ShardSampler, torch.utils.data.DistributedSampler)):
         return loader
+    batches = loader.batch_sampler
     plain = (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)
-    if loader.batch_size is None or not isinstance(sampler, plain) or \
+    if type(batches) is not torch.utils.data.BatchSampler or not isinstance(batches.sampler, plain) or \
             isinstance(loader.dataset, torch.utils.data.IterableDataset):
         return None
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=ShardSampler(loader.dataset),
+    return DataLoader(loader.dataset, batch_size=batches.batch_size, sampler=ShardSampler(loader.dataset),
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                      drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn)
+                      drop_last=batches.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn)
 
 
 class RankSlicedBatchSampler(Sampler):

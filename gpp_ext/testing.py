@@ -88,6 +88,7 @@ def _process_main(rank: int, fn, world_size: int, port: int, backend: str, timeo
                             timeout=datetime.timedelta(seconds=timeout))
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # leave together (see gpp_ext.cli: a gloo peer leaving early can abort the others)
     finally:
         dist.destroy_process_group()
 

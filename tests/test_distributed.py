@@ -83,8 +83,15 @@ def test_shard_sampler_covers_every_sample_once():
     assert [len(ShardSampler(data, 3, r)) for r in range(3)] == [4, 4, 3]
     with pytest.raises(ValueError, match="rank"):
         ShardSampler(data, 2, 2)
-    loader = DataLoader(TensorDataset(torch.zeros(5, 1)), batch_size=2)
-    assert shard_loader(loader) is not None and shard_loader(iter([])) is None
+    data = TensorDataset(torch.arange(5.0).unsqueeze(1))
+    loader = DataLoader(data, batch_size=2, shuffle=True)
+    sharded = shard_loader(loader)
+    assert isinstance(sharded.sampler, ShardSampler) and sharded.batch_size == 2
+    spelled_out = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data), 2, drop_last=True)
+    assert shard_loader(DataLoader(data, batch_sampler=spelled_out)).drop_last
+    assert shard_loader(sharded) is sharded
+    balanced = [[0, 1], [2, 3]]  # any other batch sampler: the caller must split the data itself
+    assert shard_loader(DataLoader(data, batch_sampler=balanced)) is None and shard_loader(iter([])) is None
 
 
 class _Net(torch.nn.Module):
@@ -135,8 +142,11 @@ def test_analyzer_run_is_exact_across_processes(tmp_path):
 
 # ------------------------------------------------------------------------------------ the loop under torchrun
 
+# One push-prune-fine-tune iteration. Later iterations can differ by a channel or two: float32 GEMMs round
+# differently for other batch shapes (~1e-7), and training amplifies that (a DDP step itself has the
+# one-process gradient: test_ddp_step_has_the_gradient_of_one_process).
 COMPRESS = ["compress", "--model", "lenet5", "--data", "digits", "--epochs", "3", "--push-epochs", "1",
-            "--finetune-epochs", "1", "--max-iterations", "2", "--batch-size", "64", "--target-params", "0.05",
+            "--finetune-epochs", "1", "--max-iterations", "1", "--batch-size", "64", "--target-params", "0.05",
             "--seed", "3", "--quiet"]
 
 
@@ -165,6 +175,7 @@ def test_torchrun_two_processes_prune_like_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "cannot split" not in done.stderr  # the analysis was split over the processes
     assert done.stdout.count("gpp: lenet5 on digits") == 1 and "2 processes" in done.stdout  # rank 0 speaks
     widths_one, report_one = _widths(one)
     widths_two, report_two = _widths(two)
