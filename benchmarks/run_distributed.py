@@ -1,13 +1,14 @@
 """Wall time of the discriminant analysis on one process against several (torch.distributed, gloo, CPU).
 
-    python benchmarks/run_distributed.py                          # VGG-BN on Fashion-MNIST's 60,000 images
+    python benchmarks/run_distributed.py                          # VGG-BN on the 54,000 Fashion-MNIST training images
     python benchmarks/run_distributed.py --model lenet5 --processes 1,2 --out /tmp/d.json
 
 The same analysis (`DiscriminantAnalyzer.run` on the pre-decision layer and every conv block of a VGG-BN,
 whole training set) runs once in one process using every core, then in N processes that split the cores and
 the data and combine their statistics exactly (`gpp_ext.distributed.all_reduce_scatter`). Each row is the
 median of `--repeats` timed runs after a warm-up, measured on rank 0 from a barrier before the run to the end
-of the all-reduce; the combined statistics are checked against the one-process ones before anything is timed.
+of the all-reduce; the combined statistics are checked against the one-process ones (to 1e-5: the float32 features
+themselves round differently in other batch shapes).
 Writes benchmarks/results/distributed.{json,md}.
 """
 
@@ -37,7 +38,7 @@ from gpp_ext.testing import rel_err, run_processes  # noqa: E402
 
 
 def _setup(model_name: str, data_name: str):
-    splits = data.load_dataset(data_name, val_fraction=0.0 if data_name == "fashion-mnist" else 0.1)
+    splits = data.load_dataset(data_name)
     torch.manual_seed(0)
     kwargs = {"input_size": splits.input_shape[-1]} if model_name == "lenet5" else {}
     model = models.build(model_name, in_channels=splits.input_shape[0], num_classes=splits.num_classes, **kwargs)
@@ -92,7 +93,9 @@ def main(argv=None) -> int:
         assert got["state"]["num_samples"] == want["num_samples"]
         error = max(rel_err(got["state"]["layers"][n][k], want["layers"][n][k])
                     for n in want["layers"] for k in ("count", "mean", "within"))
-        assert error < 1e-8, f"distributed statistics differ from one process's by {error:.2e}"
+        # float32 forward passes of other batch shapes round differently (~1e-7 a feature); a missing or
+        # doubled term of the combination would be O(1)
+        assert error < 1e-5, f"distributed statistics differ from one process's by {error:.2e}"
         median = statistics.median(got["times"])
         rows.append({"processes": world, "threads_each": threads, "seconds": got["times"], "median_s": median,
                      "max_rel_err_vs_one_process": error})
