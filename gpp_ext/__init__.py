@@ -1,25 +1,29 @@
 """gpp_ext: Grow-Push-Prune compression of PyTorch classifiers.
 
 `gpp_ext.ops` holds the kernels (discriminant analysis of activations, channel surgery) and `gpp_ext.reference`
-their pure-PyTorch definitions; `DiscriminantAnalyzer`, `ChannelGraph` and `prune` are the pruning engine;
-`gpp_ext.models` the built-in networks and `gpp_ext.io` saving compact models; `gpp_ext.build_info()` says how
-the compiled core was built.
+their pure-PyTorch definitions; `DiscriminantAnalyzer` analyses a model's activations; `gpp_ext.pruning`
+(`ChannelGraph`, the criterion registry, `prune`) cuts channels; `gpp_ext.push`, `gpp_ext.grow` and
+`gpp_ext.loop` are the rest of the method; `gpp_ext.training` trains and measures; `gpp_ext.models` and
+`gpp_ext.data` are the built-in networks and data sets, `gpp_ext.io` saves compact models; `build_info()` says
+how the compiled core was built. docs/design.md describes the whole.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import io, models, ops, reference
+from . import data, io, models, ops, reference, training
 from .analysis import DiscriminantAnalyzer
 from .cost import count_flops, count_params
-from .graph import ChannelGraph
-from .pruning import PruneReport, prune
+from .pruning import ChannelGraph, PruneReport, criteria, prune
 from .stats import ScatterStats
 
+register_criterion = criteria.register
+
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "io", "models", "ScatterStats", "DiscriminantAnalyzer", "ChannelGraph", "prune",
-           "PruneReport", "count_params", "count_flops", "build_info", "__version__"]
+__all__ = ["ops", "reference", "io", "models", "data", "training", "ScatterStats", "DiscriminantAnalyzer",
+           "ChannelGraph", "prune", "PruneReport", "criteria", "register_criterion", "count_params", "count_flops",
+           "build_info", "__version__"]
 
 
 def build_info() -> dict:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import _checks, ops
 from . import distributed as gdist
+from .classifier import find_classifier
 from .stats import ScatterStats
 
 __all__ = ["DiscriminantAnalyzer", "LayerAnalysis"]
@@ -76,25 +77,12 @@ def _remove_hooks(handles: list) -> None:
     handles.clear()
 
 
-def find_classifier(model: nn.Module) -> str:
-    """The module name of the final classifier: `model.classifier` if it is a Linear, else the last Linear
-    (in `named_modules()` order). Raises `ValueError` when the model has none."""
-    candidate = getattr(model, "classifier", None)
-    linear = candidate if isinstance(candidate, nn.Linear) else None
-    if linear is None:
-        linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(f"{_NAME}: cannot find the final classifier: the model has no nn.Linear (nor a "
-                             f"`classifier` attribute that is one); pass layers=[...] with the names of the modules "
-                             f"to analyse (as in model.named_modules()), e.g. layers=['pool'], or "
-                             f"layers=['head:input'] to analyse a module's input")
-        linear = linears[-1]
-    return next(n for n, m in model.named_modules() if m is linear)
-
-
 def _find_classifier(model: nn.Module, num_classes: int) -> str:
-    """`find_classifier`, checked against the number of classes."""
-    name = find_classifier(model)
+    """`gpp_ext.classifier.find_classifier`, checked against the number of classes."""
+    try:
+        name = find_classifier(model)
+    except ValueError as error:
+        raise ValueError(f"{_NAME}: {error}") from None
     linear = dict(model.named_modules())[name]
     if linear.out_features != num_classes:
         raise ValueError(f"{_NAME}: the final classifier {name!r} (the last nn.Linear) has out_features="

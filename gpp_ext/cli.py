@@ -1,8 +1,9 @@
-"""The `gpp` command: compress a built-in model for a data set, run the demo, show a report.
+"""The `gpp` command: compress a built-in model for a data set, run the demo, show a report, list criteria.
 
     gpp compress --model lenet5 --data fashion-mnist --target-params 0.1 --out runs/lenet5
     gpp demo                      # Fashion-MNIST when installed, else digits; writes runs/demo/
     gpp report runs/demo          # the summary table of a finished run
+    gpp criteria                  # the registered pruning criteria, with what each measures
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import os
 import sys
 import time
+
+from .pruning import criteria
 
 __all__ = ["main"]
 
@@ -48,8 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--max-iterations", type=int, default=8, help="push-prune-fine-tune iterations at most")
     compress.add_argument("--batch-size", type=int, default=128)
     compress.add_argument("--lr", type=float, default=2e-3)
-    compress.add_argument("--criterion", choices=("lda", "fisher", "l1", "bn_scale", "taylor", "random"),
-                          default="lda", help="channel utility")
+    compress.add_argument("--criterion", choices=criteria.names(), default="lda",
+                          help="channel utility (registered criteria; `gpp criteria` describes them)")
+    compress.add_argument("--schedule", choices=("eta", "budget"), default="eta",
+                          help="eta: each iteration prunes below a threshold raised every iteration; budget: "
+                          "iteration i of --max-iterations keeps target-params**(i/n) of the base parameters")
+    compress.add_argument("--cuts", type=int, default=1, help="cuts per prune stage, each analysed afresh "
+                          "(--schedule budget)")
     compress.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
                           help="grow Inception modules first (default: on for --model inception)")
     compress.add_argument("--seed", type=int, default=0)
@@ -67,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="print the summary of a finished run")
     report.add_argument("dir", help="a run's output folder (holding report.json)")
+
+    sub.add_parser("criteria", help="list the registered pruning criteria")
     return parser
 
 
@@ -130,7 +140,7 @@ def _compress_run(args, config_overrides=None) -> int:
                         batch_size=args.batch_size, lr=args.lr, target_params=args.target_params,
                         target_flops=args.target_flops, accuracy_floor=args.accuracy_floor,
                         max_iterations=args.max_iterations, criterion=args.criterion, grow=grow, seed=args.seed,
-                        **(config_overrides or {}))
+                        schedule=args.schedule, cuts=args.cuts, **(config_overrides or {}))
     out = args.out or os.path.join("runs", f"{args.model}-{args.data}")
     loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet)
     if lead:
@@ -172,7 +182,7 @@ def _demo(args) -> int:
                             push_epochs=settings["push"], finetune_epochs=settings["finetune"],
                             max_iterations=settings["iterations"], batch_size=settings["batch"], lr=3e-3,
                             criterion="lda", grow=False, seed=0, threads=None, resume=False, quiet=args.quiet,
-                            peers=None)
+                            peers=None, schedule="eta", cuts=1)
     print(f"gpp demo: LeNet-5 on {name}", flush=True)
     return _compress(ns, config_overrides=dict(eta_start=0.05, eta_step=0.05))
 
@@ -191,6 +201,14 @@ def _report(args) -> int:
     return 0
 
 
+def _criteria(args) -> int:
+    described = criteria.describe()
+    width = max(map(len, described))
+    for name, summary in described.items():
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     started = time.perf_counter()
@@ -201,6 +219,8 @@ def main(argv=None) -> int:
             code = _demo(args)
             print(f"gpp demo: done in {time.perf_counter() - started:.0f} s")
             return code
+        if args.command == "criteria":
+            return _criteria(args)
         return _report(args)
     except FileNotFoundError as error:
         print(f"gpp: {error}", file=sys.stderr)

@@ -12,9 +12,9 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["count_params", "count_flops"]
+from .layers import CONV
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+__all__ = ["count_params", "count_flops"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -40,7 +40,7 @@ def count_flops(model: nn.Module, example_inputs) -> int:
 
     handles = []
     for m in model.modules():
-        if isinstance(m, _CONV):
+        if isinstance(m, CONV):
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))

@@ -1,4 +1,4 @@
-"""Discriminant analysis across processes with `torch.distributed` (DESIGN.md 2.1: statistics merge exactly).
+"""Discriminant analysis across processes with `torch.distributed` (docs/design.md §2.1: statistics merge exactly).
 
     torch.distributed.init_process_group("gloo")        # or "nccl"; torchrun sets the environment
     stats = all_reduce_scatter(local_stats)              # identical on every rank, exact

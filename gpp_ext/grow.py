@@ -1,4 +1,4 @@
-"""Growing (DESIGN.md 2.7): add Inception modules to the stages of a network while it still pays.
+"""Growing (docs/design.md §2.7): add Inception modules to the stages of a network while it still pays.
 
 `grow` takes a model with growable stages (`InceptionNet.add_module_to_stage`), a training routine and a
 validation measure. Stage by stage, it appends a module (by default with the widths of the stage's last

@@ -15,24 +15,19 @@ import tempfile
 import torch
 import torch.nn as nn
 
+from .layers import WIDTH_ATTRS, WIDTH_LAYERS
+
 __all__ = ["save", "load", "payload", "from_payload", "write_atomic", "save_atomic", "write_text_atomic", "FORMAT"]
 
 FORMAT = "gpp_ext.model/1"
-# Layer attributes that describe widths; pruning changes them, loading restores them.
-_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
-           nn.PReLU)
-_WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                "num_channels", "num_groups", "num_parameters", "normalized_shape")
-
-
 def _widths(model: nn.Module) -> dict:
     out = {}
     for name, m in model.named_modules():
         # Only torch's own layers: a container's width attributes may be derived, read-only properties.
-        if not isinstance(m, _LAYERS):
+        if not isinstance(m, WIDTH_LAYERS):
             continue
         attrs = {}
-        for attr in _WIDTH_ATTRS:
+        for attr in WIDTH_ATTRS:
             value = getattr(m, attr, None)
             if isinstance(value, bool):
                 continue

@@ -1,7 +1,12 @@
-"""`GrowPushPrune`: the whole method as one resumable loop (DESIGN.md 2.8).
+"""`GrowPushPrune`: the whole method as one resumable loop (docs/design.md §2.8).
 
     [grow while accuracy improves] -> train -> repeat { push -> prune -> recalibrate BN -> fine-tune }
     until the size target is reached or validation accuracy falls below the floor.
+
+An iteration is built from two functions that the benchmarks call too, so that what is benchmarked is what
+users run: `push_stage` (the push loss for `push_epochs`, its weights from the `LoopConfig`) and `prune_stage`
+(one prune or several toward the iteration's goal: a threshold `eta` raised every iteration, or with
+`schedule="budget"` a parameter budget reached geometrically over `max_iterations`).
 
 Every stage ends with a checkpoint written atomically to `out_dir/checkpoint.pt` (architecture as data plus
 weights, metrics so far, the stage reached; loadable with `weights_only=True`). `run(resume=True)` continues
@@ -20,28 +25,24 @@ on rank 0 and shared, and only rank 0 writes checkpoints (resume reads them on r
 
 from __future__ import annotations
 
-import copy
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
-from tqdm.auto import tqdm
 
 from . import distributed as gdist
 from . import io
-from .data import labels_of
 from .cost import count_flops, count_params
 from .grow import grow
-from .pruning import prune
-from .push import ClassBalancedSampler, PreDecisionTap, PushLoss
+from .pruning import criteria, prune
+from .push import PushLoss
+from .training import evaluate, fit, latency_ms, training_batches
 
-__all__ = ["LoopConfig", "GrowPushPrune", "evaluate", "latency_ms"]
+__all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed"]
+
+SCHEDULES = ("eta", "budget")
 
 
 @dataclass
@@ -57,10 +58,13 @@ class LoopConfig:
     target_params: float = 0.1       # stop once params <= target_params * base params
     target_flops: float | None = None
     accuracy_floor: float = 0.02     # stop once validation accuracy < base accuracy - accuracy_floor
+    schedule: str = "eta"            # "eta": prune below eta * std per layer, eta raised every iteration;
+                                     # "budget": iteration i of n keeps target_params ** (i / n) of the base
     eta_start: float = 0.1           # pruning threshold eta * std, raised every iteration
     eta_step: float = 0.1
     max_iterations: int = 8
-    alpha: float = 0.3               # push weights (DESIGN.md 2.8: push strength needs tuning; mild defaults)
+    cuts: int = 1                    # cuts per prune stage, each analysed afresh (schedule "budget")
+    alpha: float = 0.3               # push weights (docs/design.md §2.8: push strength needs tuning; mild defaults)
     beta: float = 0.3
     gamma: float = 0.05
     separation: str = "fisher"
@@ -80,35 +84,57 @@ class LoopConfig:
                              f"{self.target_flops}")
         if not 0 <= self.accuracy_floor < 1 or self.max_iterations < 1 or self.eta_start < 0:
             raise ValueError("LoopConfig: accuracy_floor must be in [0, 1), max_iterations >= 1, eta_start >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"LoopConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.cuts < 1 or (self.cuts > 1 and self.schedule != "budget"):
+            raise ValueError(f"LoopConfig: cuts must be >= 1, and more than one cut per stage needs "
+                             f"schedule='budget' (got cuts={self.cuts}, schedule={self.schedule!r})")
+        if not isinstance(self.criterion, str) or self.criterion not in criteria.names():
+            raise ValueError(f"LoopConfig: criterion must be one of {tuple(criteria.names())}, got "
+                             f"{self.criterion!r}")
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int = 512, device="cpu") -> float:
-    """Accuracy of `model` on a labelled data set, in eval mode (the mode is restored)."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        for x, y in DataLoader(dataset, batch_size=batch_size):
-            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-            total += y.numel()
-    finally:
-        model.train(was_training)
-    return correct / max(total, 1)
+def stage_seed(seed: int, stage: int) -> int:
+    """The seed of stage `stage` of a run seeded `seed`: every stage draws from its own stream, so a resumed
+    run gives what an uninterrupted one would."""
+    return seed * 1_000_003 + stage
 
 
-@torch.no_grad()
-def latency_ms(model: nn.Module, input_shape, batch: int, repeats: int = 20) -> float:
-    """Median CPU latency of one forward pass of `batch` inputs, in milliseconds."""
-    model = copy.deepcopy(model).cpu().eval()
-    x = torch.randn(batch, *input_shape)
-    model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def push_stage(model: nn.Module, splits, config: LoopConfig, seed: int, device="cpu", progress: bool = False,
+               desc: str = "push") -> nn.Module:
+    """The push stage of an iteration: `config.push_epochs` epochs of `PushLoss` training (weights
+    `config.alpha`, `beta`, `gamma`, separation `config.separation`) at the config's learning rate."""
+    push = PushLoss(splits.num_classes, config.alpha, config.beta, config.gamma, separation=config.separation)
+    return fit(model, splits.train, config.push_epochs, lr=config.lr, weight_decay=config.weight_decay,
+               batch_size=config.batch_size, seed=seed, push=push, device=device, progress=progress, desc=desc)
+
+
+def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, base_params: int, seed: int,
+                device="cpu", progress: bool = False):
+    """The prune stage of iteration `iteration` (from 1): returns `(model, [PruneReport, ...])`.
+
+    With `schedule="eta"` one prune below `eta = eta_start + (iteration - 1) * eta_step`; with
+    `schedule="budget"` the model is cut toward `target_params ** (iteration / max_iterations)` of
+    `base_params` in `config.cuts` steps (geometric, each analysed afresh; a step the model already meets is
+    skipped). Each prune recalibrates BatchNorm on training batches drawn with `seed`.
+    """
+    torch.manual_seed(seed)
+    loader = training_batches(splits.train, config.batch_size, seed)
+    example = torch.zeros(2, *splits.input_shape, device=device)
+    kwargs = dict(criterion=config.criterion, neurons=config.neurons, progress=progress)
+    if config.schedule == "eta":
+        eta = config.eta_start + (iteration - 1) * config.eta_step
+        model, report = prune(model, loader, example, splits.num_classes, eta=eta, **kwargs)
+        return model, [report]
+    reports = []
+    for cut in range(1, config.cuts + 1):
+        goal = config.target_params ** ((iteration - 1 + cut / config.cuts) / config.max_iterations)
+        relative = goal * base_params / count_params(model)
+        if relative < 1:
+            model, report = prune(model, loader, example, splits.num_classes, method="budget", budget=relative,
+                                  **kwargs)
+            reports.append(report)
+    return model, reports
 
 
 @dataclass
@@ -146,57 +172,11 @@ class GrowPushPrune:
         self.example = torch.zeros(2, *splits.input_shape, device=self.device)
 
     # -------------------------------------------------------------------------------------------- helpers
-    def _generator(self, stage: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + stage)
-
-    def _loader(self, stage: int, balanced: bool = False, sliced: bool = False) -> DataLoader:
-        """The stage's training batches; `sliced`: this process's slice of them under torch.distributed."""
-        train = self.splits.train
-        generator = None
-        if balanced:
-            labels = labels_of(train)
-            batches = ClassBalancedSampler(labels, max(self.config.batch_size, self.splits.num_classes),
-                                           seed=self.config.seed * 1_000_003 + stage)
-        else:
-            # what DataLoader(shuffle=True, generator=g) builds, spelled out so that it can be sliced per process
-            generator = self._generator(stage)
-            batches = BatchSampler(RandomSampler(train, generator=generator), self.config.batch_size, drop_last=False)
-        if sliced and gdist.is_distributed():
-            batches = gdist.RankSlicedBatchSampler(batches)
-        return DataLoader(train, batch_sampler=batches, generator=generator)
-
-    def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, push: PushLoss | None = None):
-        if epochs <= 0:
-            return model
-        torch.manual_seed(self.config.seed * 1_000_003 + stage)  # dropout and any other global draws
-        model.to(self.device).train()
-        # wrapped afresh for every stage: pruning changes the parameters DDP would otherwise keep in sync
-        distributed = gdist.is_distributed()
-        net = DistributedDataParallel(model) if distributed else model
-        opt = torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
-        loader = self._loader(stage, balanced=push is not None, sliced=True)
-        tap = PreDecisionTap(model) if push is not None else None
-        try:
-            for epoch in range(epochs):
-                bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
-                           disable=None if self.progress else True)
-                for x, y in bar:
-                    x, y = x.to(self.device), y.to(self.device)
-                    opt.zero_grad(set_to_none=True)
-                    logits = net(x)
-                    if push is not None:
-                        loss = push(logits, tap.features, y)
-                    elif distributed:  # this process's share of the global batch mean (see loss_scale)
-                        loss = F.cross_entropy(logits, y, reduction="sum") * gdist.loss_scale(y.shape[0])
-                    else:
-                        loss = F.cross_entropy(logits, y)
-                    loss.backward()
-                    opt.step()
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        finally:
-            if tap is not None:
-                tap.close()
-        return model.eval()
+    def _train(self, model: nn.Module, epochs: int, stage: int, desc: str) -> nn.Module:
+        cfg = self.config
+        return fit(model, self.splits.train, epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                   batch_size=cfg.batch_size, seed=stage_seed(cfg.seed, stage), device=self.device,
+                   progress=self.progress, desc=desc)
 
     def _metrics(self, model: nn.Module, **extra) -> dict:
         """Size, accuracy and latency, measured on rank 0 (latency would suffer from processes running beside
@@ -273,21 +253,23 @@ class GrowPushPrune:
                 break
             eta = cfg.eta_start + (i - 1) * cfg.eta_step
             if not step(f"push {i}"):
-                push = PushLoss(self.splits.num_classes, cfg.alpha, cfg.beta, cfg.gamma, separation=cfg.separation)
-                self.model = self._train(self.model, cfg.push_epochs, stage, f"push {i}", push=push)
+                self.model = push_stage(self.model, self.splits, cfg, stage_seed(cfg.seed, stage), self.device,
+                                        self.progress, desc=f"push {i}")
                 self.state.stage = stage
                 self._save()
             if not step(f"prune {i}"):
-                torch.manual_seed(cfg.seed * 1_000_003 + stage)
-                before = copy.deepcopy(self.model)
-                self.model, report = prune(self.model, self._loader(stage), self.example, self.splits.num_classes,
-                                           criterion=cfg.criterion, neurons=cfg.neurons, eta=eta,
-                                           progress=self.progress)
-                self.state.iterations.append({"iteration": i, "eta": eta, "widths": report.to_dict()["widths"],
-                                              "val_accuracy_after_prune": evaluate(self.model, self.splits.val,
-                                                                                   device=self.device)})
-                if count_params(self.model) >= count_params(before):
-                    self.state.iterations[-1]["note"] = "nothing pruned at this eta"
+                params_before = count_params(self.model)
+                self.model, reports = prune_stage(self.model, self.splits, cfg, i, base["params"],
+                                                  stage_seed(cfg.seed, stage), self.device, self.progress)
+                widths = _widths(reports)
+                entry = {"iteration": i, "eta": eta if cfg.schedule == "eta" else None, "widths": widths,
+                         "val_accuracy_after_prune": evaluate(self.model, self.splits.val, device=self.device)}
+                if cfg.schedule == "budget":
+                    entry["goal_params"] = cfg.target_params ** (i / cfg.max_iterations)
+                self.state.iterations.append(entry)
+                if count_params(self.model) >= params_before:
+                    self.state.iterations[-1]["note"] = "nothing pruned at this eta" if cfg.schedule == "eta" \
+                        else "the model already meets this iteration's budget"
                 self.state.stage = stage
                 self._save()
             if not step(f"finetune {i}"):
@@ -322,3 +304,12 @@ class GrowPushPrune:
                 "accuracy_first": self.state.best_accuracy["metrics"] if self.state.best_accuracy else None,
                 "size_first": self.state.best_size["metrics"] if self.state.best_size else None,
                 "seconds": time.perf_counter() - started}
+
+
+def _widths(reports: list) -> dict:
+    """`{group: [before, after]}` over the cuts of one prune stage (before the first, after the last)."""
+    widths = {}
+    for report in reports:
+        for name, (before, after) in report.to_dict()["widths"].items():
+            widths[name] = [widths.get(name, [before])[0], after]
+    return widths

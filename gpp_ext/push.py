@@ -1,4 +1,4 @@
-"""The push objective (DESIGN.md 2.6): train a classifier so that its discriminative information gathers in
+"""The push objective (docs/design.md §2.6): train a classifier so that its discriminative information gathers in
 few pre-decision neurons, which pruning can then keep.
 
     L = CE + alpha * L_sep + beta * L_cov + gamma * L_compact
@@ -31,36 +31,10 @@ from torch.utils.data import Sampler
 
 from . import distributed as gdist
 from . import ops
-from .analysis import find_classifier
+from .classifier import PreDecisionTap
 from .stats import ScatterStats
 
 __all__ = ["PushLoss", "PreDecisionTap", "ClassBalancedSampler"]
-
-
-class PreDecisionTap:
-    """Captures the input of a model's final classifier (its pre-decision features) on every forward pass.
-
-        with PreDecisionTap(model) as tap:
-            logits = model(x)
-            loss = push(logits, tap.features, y)
-    """
-
-    def __init__(self, model: nn.Module, classifier: str | None = None):
-        name = classifier or find_classifier(model)
-        self.features = None
-        self._handle = dict(model.named_modules())[name].register_forward_pre_hook(self._record)
-
-    def _record(self, module, args):
-        self.features = args[0]
-
-    def close(self) -> None:
-        self._handle.remove()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class PushLoss(nn.Module):

@@ -36,12 +36,13 @@ def render_markdown(report: dict) -> str:
     lines = [f"# Grow-push-prune on {report['dataset']}", "", summary_table(report), "",
              f"Stopped: {report['stopped']}. Input shape {report['input_shape']}, {report['num_classes']} classes, "
              f"{report['seconds']:.0f} s.", "", "## Iterations", "",
-             "| # | eta | params | FLOPs | val acc after prune | val acc | test acc | latency b=1 (ms) |",
+             "| # | eta / goal | params | FLOPs | val acc after prune | val acc | test acc | latency b=1 (ms) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for it in report["iterations"]:
         if "params" not in it:
             continue
-        lines.append(f"| {it['iteration']} | {it['eta']:.2f} | {it['params']:,} | {it['flops']:,} | "
+        knob = f"{it['eta']:.2f}" if it.get("eta") is not None else f"{it.get('goal_params', 0):.1%} params"
+        lines.append(f"| {it['iteration']} | {knob} | {it['params']:,} | {it['flops']:,} | "
                      f"{it['val_accuracy_after_prune']:.4f} | {it['val_accuracy']:.4f} | {it['test_accuracy']:.4f} | "
                      f"{it['latency_ms_b1']:.3f} |")
     if report.get("growth"):

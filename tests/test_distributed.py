@@ -196,15 +196,15 @@ def _gradients(push: bool, batch: int):
     from torch.nn.parallel import DistributedDataParallel
 
     from gpp_ext import data, distributed, models
-    from gpp_ext.loop import GrowPushPrune, LoopConfig
+    from gpp_ext.loop import stage_seed
     from gpp_ext.push import PreDecisionTap, PushLoss
+    from gpp_ext.training import training_batches
 
     splits = data.load_dataset("digits", seed=3)
     torch.manual_seed(3)
     model = models.build("lenet5", in_channels=1, num_classes=10, input_size=8).double()
-    loop = GrowPushPrune(model, splits, LoopConfig(batch_size=batch, seed=3), progress=False)
     net = DistributedDataParallel(model) if distributed.is_distributed() else model
-    x, y = next(iter(loop._loader(1, balanced=push, sliced=True)))
+    x, y = next(iter(training_batches(splits.train, batch, stage_seed(3, 1), balanced=push, sliced=True)))
     with PreDecisionTap(model) as tap:
         logits = net(x.double())
         if push:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gpp_ext import io, models
 from gpp_ext.cost import count_flops, count_params
-from gpp_ext.graph import ChannelGraph, Segment
+from gpp_ext.pruning import ChannelGraph, surgery
 
 
 class DepthwiseSeparable(nn.Module):
@@ -112,23 +112,10 @@ def make(name, seed=0):
 
 
 def zero_channels(graph, drop):
-    """Zeroes what produces the dropped channels (weights, biases, norm affine, depthwise filters)."""
-    with torch.no_grad():
-        for name, root in graph._producers:
-            index = graph._layout_index((Segment(root, graph._root_size[root]),), drop)
-            if index is not None:
-                m = graph.modules[name]
-                m.weight[index] = 0
-                if m.bias is not None:
-                    m.bias[index] = 0
-        for table in (graph._depthwise.items(), graph._attached.items()):
-            for name, lay in table:
-                index = graph._layout_index(lay, drop)
-                m = graph.modules[name]
-                if index is not None:
-                    for attr in ("weight", "bias"):
-                        if getattr(m, attr, None) is not None:
-                            getattr(m, attr)[index] = 0
+    """Zeroes what produces the dropped channels (weights, biases, norm affine, depthwise filters), through the
+    public group-parameter API."""
+    for name, channels in drop.items():
+        graph.scale_channels(name, channels, 0.0)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -148,6 +135,77 @@ def test_pruning_zeroed_channels_is_exact(name):
     after = model(x)
     assert after.shape == before.shape
     assert (after - before).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_group_zeroed_through_the_api_equals_it_pruned(name):
+    """Group by group: silencing channels with `scale_channels(..., 0)` and cutting them give the same outputs."""
+    model, x = make(name, seed=4)
+    graph = ChannelGraph(model, x)
+    g = torch.Generator().manual_seed(5)
+    for group in ChannelGraph(model, x).groups:
+        silenced, _ = make(name, seed=4)
+        cut, _ = make(name, seed=4)
+        drop = torch.randperm(group.size, generator=g)[: group.size // 2]
+        keep = torch.tensor([c for c in range(group.size) if c not in set(drop.tolist())])
+        ChannelGraph(silenced, x).scale_channels(group.name, drop, 0.0)
+        ChannelGraph(cut, x).prune({group.name: keep})
+        assert (silenced(x) - cut(x)).abs().max() < 1e-5, group.name
+    assert graph.groups
+
+
+def _tensors(model):
+    return {f"{m}.{a}": t for m, mod in model.named_modules()
+            for a, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+            if t is not None and t.dim() > 0}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_channel_params_say_exactly_what_pruning_removes(name):
+    """For every group: the tensors `channel_params` lists are exactly those pruning changes, and each keeps
+    the positions `index` says, in order."""
+    model, x = make(name, seed=6)
+    g = torch.Generator().manual_seed(7)
+    for group in ChannelGraph(model, x).groups:
+        trial, _ = make(name, seed=6)
+        graph = ChannelGraph(trial, x)
+        params = graph.channel_params(group.name)
+        assert {p.role for p in params} >= {"producer"}
+        assert all(p.index.shape[0] == group.size and p.index.dtype == torch.long for p in params)
+        before = {k: t.detach().clone() for k, t in _tensors(trial).items()}
+        keep = torch.randperm(group.size, generator=g)[: max(1, group.size // 3)].sort().values
+        graph.prune({group.name: keep})
+        after = _tensors(trial)
+        listed = {f"{p.module}.{p.attr}": p for p in params}
+        changed = {k for k in before if after[k].shape != before[k].shape}
+        assert changed <= set(listed), changed - set(listed)
+        for key, p in listed.items():
+            removed = torch.ones(group.size, dtype=torch.bool)
+            removed[keep] = False
+            gone = set(p.index[removed].reshape(-1).tolist())
+            kept = torch.tensor([i for i in range(before[key].shape[p.dim]) if i not in gone])
+            assert torch.equal(after[key], before[key].index_select(p.dim, kept)), key
+
+
+def test_channel_params_roles_on_a_small_net():
+    model, x = make("depthwise")
+    graph = ChannelGraph(model, x)
+    params = {(p.module, p.attr): p for p in graph.channel_params("stem")}
+    assert params[("stem", "weight")].role == "producer" and params[("stem", "weight")].dim == 0
+    assert params[("bn0", "weight")].role == "norm" and params[("bn0", "running_var")].member == "stem"
+    assert params[("dw1", "weight")].role == "depthwise"
+    assert params[("pw1", "weight")].role == "consumer" and params[("pw1", "weight")].dim == 1
+    assert ("stem", "bias") not in params  # stem has no bias
+    flat = {(p.module, p.attr): p for p in ChannelGraph(*make("lenet5")).channel_params("conv2")}
+    assert flat[("fc1", "weight")].index.shape == (16, 25)  # each channel is a 5x5 block of fc1's inputs
+    chunked = {(p.module, p.attr): p for p in ChannelGraph(*make("chunk")).channel_params("conv")}
+    assert chunked[("conv", "weight")].index.tolist()[0] == [0, 6]  # both halves of the output, together
+    with pytest.raises(KeyError, match="no group"):
+        graph.channel_params("nope")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 16\)"):
+        graph.scale_channels("stem", [16], 0.0)
+    with pytest.raises(ValueError, match="must have shape"):
+        graph.scale_channels("stem", torch.ones(3, dtype=torch.bool), 0.0)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -321,7 +379,7 @@ def test_a_failed_prune_undoes_everything(monkeypatch):
     def broken(m, index):
         raise RuntimeError("injected failure while slicing a norm")
 
-    monkeypatch.setattr(graph, "_slice_attached", broken)
+    monkeypatch.setattr(surgery, "slice_attached", broken)
     with pytest.raises(RuntimeError, match="injected"):
         graph.prune({g.name: torch.arange(g.size // 2) for g in graph.groups})
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

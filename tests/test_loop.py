@@ -110,3 +110,29 @@ def test_cli_compress_runs_and_reports(tmp_path):
     assert [p["method"] for p in json.loads((tmp_path / "report.json").read_text())["peers"]] == ["l1"]
     shown = gpp("report", str(tmp_path))
     assert shown.returncode == 0 and "| test accuracy |" in shown.stdout
+
+
+def test_budget_schedule_reaches_the_target_in_its_iterations(tmp_path):
+    """schedule="budget": iteration i of n keeps target ** (i / n) of the base parameters, in `cuts` cuts."""
+    config = LoopConfig(**{**FAST, "target_params": 0.3, "max_iterations": 2, "accuracy_floor": 0.5},
+                        schedule="budget", cuts=2)
+    model, splits = build()
+    run = GrowPushPrune(model, splits, config, out_dir=tmp_path, progress=False)
+    report = run.run()
+    base = report["base"]["params"]
+    assert [it["iteration"] for it in report["iterations"]] == [1, 2]
+    for it in report["iterations"]:
+        assert it["eta"] is None and it["params"] <= it["goal_params"] * base
+    assert report["iterations"][0]["goal_params"] == pytest.approx(0.3 ** 0.5)
+    assert report["stopped"] == "size target reached"
+    write_reports(report, tmp_path, run.final_model)
+    assert "params |" in (tmp_path / "report.md").read_text()
+
+
+def test_loop_config_refuses_bad_settings():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        LoopConfig(schedule="cosine").validate()
+    with pytest.raises(ValueError, match="needs schedule='budget'"):
+        LoopConfig(cuts=2).validate()
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        LoopConfig(criterion="magic").validate()

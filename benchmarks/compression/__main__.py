@@ -14,10 +14,12 @@ statistics recalibrated, and is fine-tuned with the same epochs and learning rat
 parameters, FLOPs, test accuracy right after the cut (before any fine-tuning) and after fine-tuning, CPU
 latency at batch 1 and 64.
 
-Methods: `gpp` (push, then the discriminant criterion in two steps toward the budget), `gpp-nopush` (the same
-without push), `l1`, `slimming` (BN-scale pruning after the sparsity training), `taylor`, `random` (ours, one
-shot), and `torch_pruning:<magnitude|bn_scale|taylor|random>:<local|global>` when the optional `torch-pruning`
-package is installed. Results are written after every run (atomically) to benchmarks/results/compression.json;
+Methods: `gpp` (the library's own loop iteration, `gpp_ext.loop.push_stage` then `prune_stage` with the
+budget schedule in two cuts; the push weights are `LoopConfig`'s), `gpp-nopush` (the same without push),
+`slimming` (BN-scale pruning after the sparsity training), every criterion of the registry in one shot (`l1`,
+`taylor`, `random` by default; `lda`, `fisher`, `bn_scale` on request), and
+`torch_pruning:<magnitude|bn_scale|taylor|random>:<local|global>` when the optional `torch-pruning` package is
+installed. All training goes through `gpp_ext.training.fit`, as in the `gpp` command. Results are written after every run (atomically) to benchmarks/results/compression.json;
 the table (.md) and the accuracy-vs-parameters plot (.png) are rendered from all the records at the end. Base
 and prepared models are cached under runs/compression/ so that `--resume` does not retrain them.
 """
@@ -36,56 +38,55 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import gpp_ext
 from gpp_ext import data, models
+from gpp_ext.classifier import find_classifier
 from gpp_ext.io import write_atomic, write_text_atomic
-from gpp_ext.loop import evaluate, latency_ms
-from gpp_ext.pruning import recalibrate_batchnorm
-from gpp_ext.push import ClassBalancedSampler, PreDecisionTap, PushLoss
+from gpp_ext.layers import is_batch_norm
+from gpp_ext.loop import LoopConfig, prune_stage, push_stage
+from gpp_ext.pruning import criteria
+from gpp_ext.training import evaluate, fit, latency_ms, recalibrate_batchnorm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
+# the methods run by default (with Torch-Pruning's); every other registered criterion runs on request
 OURS = ("gpp", "gpp-nopush", "l1", "slimming", "taylor", "random")
+LOOP_METHODS = ("gpp", "gpp-nopush")
 TP_CRITERIA = ("magnitude", "bn_scale", "taylor", "random")
+SLIMMING_L1 = 1e-4  # network slimming's sparsity weight on |gamma|
 
 
-def train(model, dataset, epochs, lr, seed, batch_size=128, push=None, slimming=0.0):
-    """Plain training (cross-entropy), optionally with a PushLoss or an L1 penalty on BatchNorm scales."""
-    if epochs <= 0:
-        return model.eval()
-    torch.manual_seed(seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    if push is not None:
-        loader = DataLoader(dataset, batch_sampler=ClassBalancedSampler(data.labels_of(dataset), batch_size, seed))
-    else:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed))
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    with PreDecisionTap(model) as tap:
-        for _ in range(epochs):
-            for x, y in loader:
-                opt.zero_grad(set_to_none=True)
-                logits = model(x)
-                loss = push(logits, tap.features, y) if push is not None else F.cross_entropy(logits, y)
-                if slimming:
-                    loss = loss + slimming * sum(m.weight.abs().sum() for m in norms)
-                loss.backward()
-                opt.step()
-    return model.eval()
+def known_methods() -> list:
+    """Every method the harness can run without Torch-Pruning: the loop, slimming, each registered criterion."""
+    return list(dict.fromkeys(list(LOOP_METHODS) + ["slimming"] + criteria.names()))
+
+
+def loop_config(args, seed, budget=1.0) -> LoopConfig:
+    """The library's loop settings for the `gpp` methods: its own push weights and criterion, the harness's
+    epochs and learning rate, and the budget schedule in two cuts (the first to sqrt(budget))."""
+    return LoopConfig(push_epochs=args.prep_epochs, lr=args.lr, seed=seed, schedule="budget", target_params=budget,
+                      max_iterations=1, cuts=2)
+
+
+def train(model, dataset, epochs, lr, seed, penalty=None):
+    """Cross-entropy training (plus an optional penalty) with the library's `fit`."""
+    return fit(model, dataset, epochs, lr=lr, seed=seed, penalty=penalty).eval()
+
+
+def _slimming_penalty(model):
+    return SLIMMING_L1 * sum(m.weight.abs().sum() for m in model.modules() if is_batch_norm(m) and m.weight is not None)
 
 
 def prepare(kind, base, splits, args, seed):
     """The extra training every method gets before its cut (module docstring): "ce", "push" or "slimming"."""
     model = copy.deepcopy(base)
     if kind == "push":
-        return train(model, splits.train, args.prep_epochs, args.lr, seed,
-                     push=PushLoss(splits.num_classes, 0.3, 0.3, 0.05))
-    return train(model, splits.train, args.prep_epochs, args.lr, seed, slimming=1e-4 if kind == "slimming" else 0.0)
+        return push_stage(model, splits, loop_config(args, seed), seed).eval()
+    return train(model, splits.train, args.prep_epochs, args.lr, seed,
+                 penalty=_slimming_penalty if kind == "slimming" else None)
 
 
 def preparation(method: str) -> str:
@@ -94,17 +95,12 @@ def preparation(method: str) -> str:
 
 def ours(method, model, splits, budget, args, seed):
     """One of our methods on its prepared model; returns the cut (not yet fine-tuned) model."""
+    if method in LOOP_METHODS:
+        model, _ = prune_stage(model, splits, loop_config(args, seed, budget), 1, args.base_params, seed)
+        return model
     loader = DataLoader(splits.train, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(seed))
     example = torch.zeros(2, *splits.input_shape)
-    if method in ("gpp", "gpp-nopush"):
-        # two steps toward the budget, each analysed afresh: sqrt(budget) first, then the rest (DESIGN.md 2.8)
-        for step in (budget ** 0.5, budget):
-            relative = step / (gpp_ext.count_params(model) / args.base_params)
-            if relative < 1:
-                model, _ = gpp_ext.prune(model, loader, example, splits.num_classes, criterion="lda", method="budget",
-                                         budget=min(1.0, relative), progress=False)
-        return model
-    criterion = {"l1": "l1", "slimming": "bn_scale", "taylor": "taylor", "random": "random"}[method]
+    criterion = "bn_scale" if method == "slimming" else method
     model, _ = gpp_ext.prune(model, loader, example, splits.num_classes, criterion=criterion, method="budget",
                              budget=budget, progress=False, seed=seed)
     return model
@@ -125,8 +121,9 @@ def torch_pruning(method, model, splits, budget, seed):
                       "bn_scale": tp.importance.BNScaleImportance(),
                       "taylor": tp.importance.TaylorImportance(),
                       "random": tp.importance.RandomImportance()}[criterion]
+        classifier = dict(m.named_modules())[find_classifier(m)]
         pruner = tp.pruner.MetaPruner(m, example, importance=importance, pruning_ratio=ratio,
-                                      global_pruning=scope == "global", ignored_layers=[m.classifier])
+                                      global_pruning=scope == "global", ignored_layers=[classifier])
         if criterion == "taylor":
             m.zero_grad()
             F.cross_entropy(m(x), y).backward()
@@ -145,9 +142,14 @@ def torch_pruning(method, model, splits, budget, seed):
     return cut(hi)
 
 
+# Bumped whenever the harness's methods or training change, so --resume never mixes records of two harnesses
+# (2: every method trains through gpp_ext.training.fit, and `gpp` is the loop's own push and prune stages).
+HARNESS_VERSION = 2
+
+
 def settings(args, model: str) -> dict:
     """What a record's numbers depend on besides method, budget and seed; `--resume` reuses only matching ones."""
-    return {"dataset": args.data, "mode": args.mode, "epochs": args.epochs[model],
+    return {"harness": HARNESS_VERSION, "dataset": args.data, "mode": args.mode, "epochs": args.epochs[model],
             "prep_epochs": args.prep_epochs, "finetune_epochs": args.finetune_epochs, "lr": args.lr}
 
 
@@ -182,7 +184,7 @@ def run(args, records: list, save) -> None:
 
             base = cached(stem + "-base.pt", build_base, args.resume)
             args.base_params = gpp_ext.count_params(base)
-            has_bn = any(isinstance(m, nn.BatchNorm2d) for m in base.modules())
+            has_bn = any(is_batch_norm(m) for m in base.modules())
             prepared = {}
             base_acc = None
             print(f"{name} seed {seed}: base {args.base_params:,} params", flush=True)
@@ -207,7 +209,7 @@ def run(args, records: list, save) -> None:
                     model = torch_pruning(method, model, splits, budget, seed)
                 else:
                     model = ours(method, model, splits, budget, args, seed)
-                recalibrate_batchnorm(model, loader)  # for every method (DESIGN.md 2.8)
+                recalibrate_batchnorm(model, loader)  # for every method (docs/design.md §2.8)
                 after_prune = evaluate(model, splits.test)
                 model = train(model, splits.train, args.finetune_epochs, args.lr, seed)
                 example = torch.zeros(2, *splits.input_shape)
@@ -323,7 +325,7 @@ def plot(records: list, path: str) -> None:
 
 # models, seeds, budgets (one list, or one per model), base epochs per model, preparation and fine-tuning
 # epochs, learning rate. The full mode leaves VGG's 50% budget out: VGG costs about 50 s an epoch on 2 cores,
-# and the time goes to three seeds of the small budgets, where methods part (DESIGN.md 2.8).
+# and the time goes to three seeds of the small budgets, where methods part (docs/design.md §2.8).
 MODES = {
     "smoke": dict(models=["lenet5"], seeds=[0], budgets=[0.3], epochs={"lenet5": 1, "vgg": 1}, prep_epochs=1,
                   finetune_epochs=1, lr=3e-3),
@@ -415,9 +417,9 @@ def main(argv=None) -> int:
             setattr(args, key, value)
     if isinstance(args.budgets, list) and any(not 0 < b < 1 for b in args.budgets):
         parser.error(f"--budgets: every budget must be a fraction in (0, 1), got {args.budgets}")
-    known = list(OURS) + tp_methods
+    known = known_methods() + tp_methods
     if args.methods is None:
-        args.methods = known
+        args.methods = list(OURS) + tp_methods
     else:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in args.methods if m not in known]

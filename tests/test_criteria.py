@@ -1,13 +1,12 @@
-"""Deconvolution tracing of utility, the baseline criteria, channel selection and the one-call prune."""
+"""Deconvolution tracing of utility, the criteria and their registry, channel selection and the one-call prune."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 import gpp_ext
-from gpp_ext import importance, models
-from gpp_ext.graph import ChannelGraph
-from gpp_ext.selection import select_channels
+from gpp_ext import models
+from gpp_ext.pruning import ChannelGraph, CriterionContext, criteria, select_channels, trace_utility
 from gpp_ext.testing import digits
 
 
@@ -34,7 +33,7 @@ def test_trace_equals_a_hand_computation():
         net.fc2.bias.zero_()
     x = torch.randn(16, 3)
     graph = ChannelGraph(net, x)
-    u = importance.trace_utility(graph, x, torch.tensor([1]))  # keep pre-decision neuron 1 only
+    u = trace_utility(graph, x, torch.tensor([1]))  # keep pre-decision neuron 1 only
     # by hand: z1 = fc1(x), h1 = relu(z1), h2 = relu(fc2(h1)); signal s2 = h2 * [0, 1]
     z1 = x @ net.fc1.weight.T + net.fc1.bias
     h2 = torch.relu(torch.relu(z1) @ net.fc2.weight.T)
@@ -42,7 +41,7 @@ def test_trace_equals_a_hand_computation():
     s1 = torch.relu(s2 @ net.fc2.weight) * (z1 > 0)  # back through fc2, rectified with the forward mask
     assert torch.allclose(u["fc2"], s2.mean(0).abs().double(), atol=1e-6)
     assert torch.allclose(u["fc1"], s1.mean(0).abs().double(), atol=1e-6)
-    deconvnet = importance.trace_utility(graph, x, torch.tensor([1]), rectify="deconvnet")
+    deconvnet = trace_utility(graph, x, torch.tensor([1]), rectify="deconvnet")
     assert torch.allclose(deconvnet["fc1"], torch.relu(s2 @ net.fc2.weight).mean(0).abs().double(), atol=1e-6)
 
 
@@ -51,7 +50,7 @@ def test_trace_reaches_every_group_of_real_architectures():
         model = models.build(name).eval()
         graph = ChannelGraph(model, torch.randn(2, *shape))
         width = model.classifier.in_features
-        u = importance.trace_utility(graph, torch.randn(6, *shape), torch.ones(width))
+        u = trace_utility(graph, torch.randn(6, *shape), torch.ones(width))
         assert set(u) == {g.name for g in graph.groups}
         assert all(v.shape == (graph.group(n).size,) and torch.isfinite(v).all() for n, v in u.items())
         assert all(v.sum() > 0 for v in u.values()), name  # the signal gets everywhere
@@ -63,11 +62,11 @@ def test_trace_goes_through_chunks_and_repeated_inputs():
     torch.manual_seed(0)
     model = ChunkNet().eval()
     graph = ChannelGraph(model, torch.randn(2, 2, 6, 6))
-    u = importance.trace_utility(graph, torch.randn(5, 2, 6, 6), torch.ones(8))
+    u = trace_utility(graph, torch.randn(5, 2, 6, 6), torch.ones(8))
     assert u["conv"].shape == (6,) and (u["conv"] > 0).all()  # both halves' signals, folded onto one group
-    assert importance.l1_importance(graph)["conv"].shape == (6,)
-    assert importance.taylor_importance(graph, torch.randn(5, 2, 6, 6), torch.tensor([0, 1, 2, 0, 1]))["conv"].shape \
-        == (6,)
+    assert criteria.l1(graph)["conv"].shape == (6,)
+    batch = [(torch.randn(5, 2, 6, 6), torch.tensor([0, 1, 2, 0, 1]))]
+    assert criteria.taylor(graph, CriterionContext(loader=batch))["conv"].shape == (6,)
 
     class Twice(nn.Module):  # one tensor read twice by one op: both paths carry signal
         def __init__(self):
@@ -82,8 +81,8 @@ def test_trace_goes_through_chunks_and_repeated_inputs():
     net = Twice().eval()
     g = ChannelGraph(net, torch.randn(1, 1, 4, 4))
     x = torch.randn(3, 1, 4, 4)
-    both = importance.trace_utility(g, x, torch.ones(6))["conv"]
-    left = importance.trace_utility(g, x, torch.tensor([1.0, 1, 1, 0, 0, 0]))["conv"]
+    both = trace_utility(g, x, torch.ones(6))["conv"]
+    left = trace_utility(g, x, torch.tensor([1.0, 1, 1, 0, 0, 0]))["conv"]
     assert torch.allclose(both, 2 * left)
 
 
@@ -91,48 +90,17 @@ def test_baselines():
     model = models.build("vgg").eval()
     x = torch.randn(8, 1, 28, 28)
     graph = ChannelGraph(model, x)
-    l1 = importance.l1_importance(graph)
+    l1 = criteria.l1(graph)
     first = graph.groups[0]
     assert torch.allclose(l1[first.name], model.features[0].weight.abs().sum((1, 2, 3)).double())
-    bn = importance.bn_scale_importance(graph)
+    bn = criteria.bn_scale(graph)
     assert torch.allclose(bn[first.name], model.features[1].weight.abs().double())
-    taylor = importance.taylor_importance(graph, x, torch.randint(0, 10, (8,)))
+    taylor = criteria.taylor(graph, CriterionContext(loader=[(x, torch.randint(0, 10, (8,)))]))
     assert set(taylor) == set(l1) and all((v >= 0).all() for v in taylor.values())
     assert model.features[0].weight.grad is None  # no gradients left behind
-    r1 = importance.random_importance(graph, torch.Generator().manual_seed(1))
-    r2 = importance.random_importance(graph, torch.Generator().manual_seed(1))
+    r1 = criteria.random(graph, CriterionContext(seed=1))
+    r2 = criteria.random(graph, CriterionContext(seed=1))
     assert all(torch.equal(r1[k], r2[k]) for k in r1)
-
-
-def test_selection_methods_and_guards():
-    model = models.build("lenet5").eval()
-    graph = ChannelGraph(model, torch.randn(2, 1, 28, 28))
-    u = {g.name: torch.linspace(0, 1, g.size, dtype=torch.float64) for g in graph.groups}
-    keep = select_channels(graph, u, method="ratio", ratio=0.5)
-    assert {n: k.numel() for n, k in keep.items()} == {"conv1": 3, "conv2": 8, "fc1": 60, "fc2": 42}
-    assert torch.equal(keep["conv1"], torch.tensor([3, 4, 5]))  # the best, in their original order
-    keep = select_channels(graph, u, method="ratio", ratio=0.9, min_channels=2, round_to=4)
-    assert all(k.numel() % 4 == 0 or k.numel() == graph.group(n).size for n, k in keep.items())
-    assert all(k.numel() >= 2 for k in keep.values())
-    zeros = {n: torch.zeros_like(v) for n, v in u.items()}
-    keep = select_channels(graph, zeros, method="eta", eta=0.5)
-    assert all(k.numel() == 1 for k in keep.values())  # min_channels: never below one channel
-    keep = select_channels(graph, u, method="eta", eta=0.0)
-    assert all(k.numel() == graph.group(n).size - 1 for n, k in keep.items())  # only the zero-utility channel
-    keep = select_channels(graph, u, method="budget", budget=0.3)
-    trial = models.build("lenet5")
-    ChannelGraph(trial, torch.randn(2, 1, 28, 28)).prune(keep)
-    assert gpp_ext.count_params(trial) <= 0.3 * gpp_ext.count_params(model)
-    with pytest.raises(ValueError, match="budget must be in"):
-        select_channels(graph, u, method="budget", budget=1.5)
-    with pytest.raises(ValueError, match=r"must be a tensor of shape \[6\]"):
-        select_channels(graph, {"conv1": torch.ones(3)})
-    with pytest.raises(ValueError, match="must be finite and >= 0"):
-        select_channels(graph, {"conv1": torch.tensor([1.0, float("nan"), 0, 0, 0, 0])})
-    with pytest.warns(RuntimeWarning, match="cannot be met"):
-        select_channels(graph, u, method="budget", budget=0.001)
-    with pytest.raises(ValueError, match="not prunable"):
-        select_channels(graph, {"classifier": torch.ones(10)})
 
 
 def _digits_lenet():
@@ -174,3 +142,79 @@ def test_prune_budget_and_errors():
         gpp_ext.prune(model, loader, x[:4], criterion="magic", progress=False)
     with pytest.raises(ValueError, match="neurons must keep between 1 and 84"):
         gpp_ext.prune(model, loader, x[:4], neurons=500, progress=False)
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, graph, context):
+        """Prefers the last channels of every group (a toy criterion for the registry tests)."""
+        self.calls.append(context)
+        return {g.name: torch.arange(g.size, dtype=torch.float64) + 1 for g in graph.groups}
+
+
+def test_a_registered_criterion_prunes_by_name_and_as_a_callable():
+    model, loader, x, y = _digits_lenet()
+    mine = _Recorder()
+    criteria.register("last_channels", mine)
+    try:
+        assert "last_channels" in criteria.names()
+        assert criteria.describe()["last_channels"].startswith("Prefers the last channels")
+        small, report = gpp_ext.prune(model, loader, x[:4], criterion="last_channels", method="ratio", ratio=0.5,
+                                      progress=False, seed=7)
+        assert report.criterion == "last_channels" and report.widths["fc1"] == (120, 60)
+        context = mine.calls[-1]
+        assert context.loader is loader and context.classifier == "classifier" and context.num_classes == 10
+        assert context.seed == 7
+        # the kept channels are the last half: fc1's surviving weights are the original rows 60..119
+        # the kept channels are the last half of every group: fc1 keeps rows 60..119, fc2 rows 42..83
+        assert torch.equal(small.fc2.weight, model.fc2.weight[42:, 60:])
+        assert torch.equal(small.classifier.weight, model.classifier.weight[:, 42:])
+        by_callable, report2 = gpp_ext.prune(model, loader, x[:4], criterion=mine, method="ratio", ratio=0.5,
+                                             progress=False)
+        assert report2.criterion == "_Recorder"
+        assert torch.equal(by_callable(x[:5]), small(x[:5]))
+        with pytest.raises(ValueError, match="registered already"):
+            criteria.register("last_channels", lambda graph, context: {})
+        with pytest.raises(ValueError, match="without spaces"):
+            criteria.register("two words", mine)
+        with pytest.raises(TypeError, match="must be callable"):
+            criteria.register("not_callable", 3)
+    finally:
+        criteria.unregister("last_channels")
+    assert "last_channels" not in criteria.names()
+
+
+def test_a_criterion_returning_nonsense_is_refused():
+    model, loader, x, y = _digits_lenet()
+    with pytest.raises(TypeError, match="must return a dict"):
+        gpp_ext.prune(model, loader, x[:4], criterion=lambda graph, context: [1, 2], progress=False)
+    with pytest.raises(ValueError, match=r"must be a tensor of shape \[6\]"):
+        gpp_ext.prune(model, loader, x[:4], criterion=lambda graph, context: {"conv1": torch.ones(2)},
+                      progress=False)
+    with pytest.raises(TypeError, match="registered name"):
+        gpp_ext.prune(model, loader, x[:4], criterion=3, progress=False)
+
+
+def test_the_context_caches_the_analysis_and_says_what_is_missing():
+    model, loader, x, y = _digits_lenet()
+    graph = ChannelGraph(model, x[:2])
+    context = CriterionContext(loader=loader)
+    first = context.analysis(graph)
+    assert context.analysis(graph) is first and first.lda_utility.shape == (84,)
+    assert torch.equal(context.utility(graph, "fisher"), first.fisher_utility)
+    assert context.tracing_images(graph).shape == (40, 1, 8, 8)  # 4 per class
+    with pytest.raises(ValueError, match="needs training data"):
+        criteria.lda(graph, CriterionContext())
+
+
+def test_cli_lists_the_registered_criteria():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "criteria"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    listed = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+    assert listed == criteria.names()

@@ -15,9 +15,14 @@ convolutions, splits into sizes written in the code, tied weights, modules the u
 dimension (LayerNorm on [N, C], GroupNorm with one group) are sliced, but their statistics include every
 channel, so removing channels changes them (pruning is exact only up to that renormalisation).
 
-`prune(keep)` slices every weight, bias and BatchNorm/LayerNorm/GroupNorm/PReLU parameter and buffer touched by
-the kept groups (through `gpp_ext.ops.slice_channels`), updates the layers' `in/out_channels`,
-`in/out_features`, `num_features`, ... attributes, and leaves an ordinary `nn.Module` of the same classes.
+Two ways to act on a group go through the same tables, so they cannot disagree: `channel_params(name)` lists
+every parameter and buffer that carries the group's channels and where along which dimension (the public
+group-parameter API the criteria, the cost model and the push regularisers use; `scale_channels` multiplies
+the tensors that produce some channels, which at factor 0 silences them exactly as pruning would), and
+`prune(keep)` removes channels physically (`gpp_ext.pruning.surgery`): every weight, bias and
+BatchNorm/LayerNorm/GroupNorm/PReLU parameter and buffer touched by the kept groups is sliced, the layers'
+`in/out_channels`, `in/out_features`, `num_features`, ... are updated, and an ordinary `nn.Module` of the same
+classes is left.
 """
 
 from __future__ import annotations
@@ -32,12 +37,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import ops
+from ..layers import BATCH_NORMS, CONV
+from . import surgery
 
-__all__ = ["ChannelGraph", "Group"]
+__all__ = ["ChannelGraph", "Group", "ChannelParam", "Segment"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _PASS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
@@ -67,8 +71,14 @@ _REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
 _CAT = {torch.cat, torch.concat}
 _SPLIT = {torch.split, torch.chunk, torch.tensor_split}
 _SPLIT_METHODS = {"split", "chunk", "tensor_split", "unbind"}
-_WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                "num_parameters", "normalized_shape", "num_channels", "num_groups")
+# The tensors of a module that carry the channels of a layout, by the role the module plays, with the
+# dimension along which they do.
+_ROLE_TENSORS = {
+    "producer": (("weight", 0), ("bias", 0)),        # a conv or linear layer computing the channels
+    "consumer": (("weight", 1),),                    # a conv or linear layer reading them
+    "depthwise": (("weight", 0), ("bias", 0)),       # channel i in, channel i out
+    "norm": (("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)),
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,43 @@ class Group:
     def __repr__(self) -> str:
         state = "" if self.prunable else f", frozen: {self.reason}"
         return f"Group({self.name!r}, size={self.size}, modules={self.modules}{state})"
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelParam:
+    """One tensor that carries the channels of a group, and where.
+
+    Attributes:
+        module: name of the module that holds the tensor (as in `model.named_modules()`).
+        attr: the tensor's attribute: "weight", "bias", "running_mean" or "running_var".
+        dim: the dimension of the tensor along which the group's channels lie.
+        index: `[group.size, k]` int64, the positions along `dim` that carry each of the group's channels: row
+            `c` lists the positions of channel `c`. `k` is 1 for a layer applied right to the channels; it is
+            larger when one channel stands for several positions: the `k` features of a channel after a
+            flatten, the parts of a chunked output, a tensor that reads the group twice (`cat([y, y])`).
+        role: what the module does with the channels: "producer" (the conv or linear layer computing them:
+            weight rows and bias), "norm" (a BatchNorm, LayerNorm, GroupNorm or PReLU applied to them),
+            "depthwise" (a depthwise convolution: channel i in, channel i out), "consumer" (a conv or linear
+            layer reading them: weight columns, `dim` 1).
+        member: the group member (producing module) whose channels these are; for a producer, the module itself.
+        tensor: the parameter or buffer itself (the live object at the time of the call).
+    """
+
+    module: str
+    attr: str
+    dim: int
+    index: torch.Tensor
+    role: str
+    member: str
+    tensor: torch.Tensor
+
+    @property
+    def is_parameter(self) -> bool:
+        return isinstance(self.tensor, nn.Parameter)
+
+    def __repr__(self) -> str:
+        return (f"ChannelParam({self.module}.{self.attr}, dim={self.dim}, role={self.role}, "
+                f"index={list(self.index.shape)})")
 
 
 class _Tracer(torch.fx.Tracer):
@@ -172,6 +219,7 @@ class ChannelGraph:
         self._depthwise: dict[str, tuple] = {}               # module -> layout of its channels (in = out)
         self._attached: dict[str, tuple] = {}                # norm/PReLU modules -> layout of their channels
         self._split_parts: dict[int, list[int]] = {}          # chunked producer root -> its coupled parts
+        self._part_of: dict[int, int] = {}                    # part root -> the chunked producer root
         self._unsupported: list[str] = []
         layout: dict[torch.fx.Node, tuple | None] = {}
         for node in self.gm.graph.nodes:
@@ -285,7 +333,7 @@ class ChannelGraph:
                 self._freeze(layout[arg], f"input of ignored module {name!r}")
             return (Segment(self._new_root(shape[1], f"output of ignored module {name!r}"), shape[1]),) \
                 if shape is not None and len(shape) >= 2 else None
-        if isinstance(m, _CONV):
+        if isinstance(m, CONV):
             if m.groups == 1:
                 self._consume(name, first)
                 return (Segment(self._producer_root(name, m.out_channels), m.out_channels),)
@@ -302,7 +350,7 @@ class ChannelGraph:
                 return (Segment(self._new_root(m.out_features, f"output of {name!r}"), m.out_features),)
             self._consume(name, first)
             return (Segment(self._producer_root(name, m.out_features), m.out_features),)
-        if isinstance(m, _NORM):
+        if isinstance(m, BATCH_NORMS):
             self._attach(self._attached, name, first)
             return first
         if isinstance(m, nn.PReLU):
@@ -454,6 +502,7 @@ class ChannelGraph:
             for p in parts[1:]:
                 self._union(parts[0], p)
             self._split_parts[root] = parts
+            self._part_of.update({p: root for p in parts})
         elif len(parts) != len(shapes):
             return None
         return tuple((Segment(p, shapes[0][1]),) for p in parts)
@@ -507,8 +556,9 @@ class ChannelGraph:
             self._group_of_rep[rep] = group.name
         self._groups_by_name = {g.name: g for g in self.groups + self.frozen_groups}
 
-    # ------------------------------------------------------------------------------------------ pruning
+    # ------------------------------------------------------------------------------------------ groups
     def group(self, name: str) -> Group:
+        """The group (prunable or frozen) called `name`."""
         if name not in self._groups_by_name:
             raise KeyError(f"ChannelGraph: no group {name!r}; groups: {[g.name for g in self.groups]}")
         return self._groups_by_name[name]
@@ -520,151 +570,99 @@ class ChannelGraph:
             raise KeyError(f"ChannelGraph: {module_name!r} does not produce channels (not a conv or linear layer)")
         return self._groups_by_name[self._group_of_rep[self._find(self._unit(root))]]
 
-    def _validate_keep(self, keep: dict) -> dict:
-        if not isinstance(keep, dict):
-            raise TypeError(f"ChannelGraph.prune: keep must be a dict of group name -> indices, got "
-                            f"{type(keep).__name__}")
-        checked = {}
-        for name, index in keep.items():
-            group = self._groups_by_name.get(name)
-            if group is None:
-                raise ValueError(f"ChannelGraph.prune: unknown group {name!r}; prunable groups: "
-                                 f"{[g.name for g in self.groups]}")
-            if not group.prunable:
-                raise ValueError(f"ChannelGraph.prune: group {name!r} cannot be pruned: {group.reason}")
-            if isinstance(index, (list, tuple, range)):
-                index = torch.tensor(list(index), dtype=torch.long)
-            if not isinstance(index, torch.Tensor) or index.dtype in (torch.bool,) or index.is_floating_point() \
-                    or index.dim() != 1:
-                raise TypeError(f"ChannelGraph.prune: keep[{name!r}] must be a 1-D integer tensor of channel "
-                                f"indices")
-            index = index.long().cpu()
-            if index.numel() == 0:
-                raise ValueError(f"ChannelGraph.prune: keep[{name!r}] is empty: a group cannot be pruned to zero "
-                                 f"channels")
-            if int(index.min()) < 0 or int(index.max()) >= group.size:
-                raise ValueError(f"ChannelGraph.prune: keep[{name!r}] must hold indices in [0, {group.size}), got "
-                                 f"{int(index.min())}..{int(index.max())}")
-            if index.unique().numel() != index.numel():
-                raise ValueError(f"ChannelGraph.prune: keep[{name!r}] holds duplicate indices")
-            checked[name] = index
-        return checked
+    # ------------------------------------------------------------------- what carries a group's channels
+    def _tables(self):
+        """`(module name, role, layout)` for every module whose tensors carry channels (see `_ROLE_TENSORS`)."""
+        for name, root in self._producers:
+            yield name, "producer", (Segment(root, self._root_size[root]),)
+        for name, lay in self._consumers.items():
+            yield name, "consumer", lay
+        for name, lay in self._depthwise.items():
+            yield name, "depthwise", lay
+        for name, lay in self._attached.items():
+            yield name, "norm", lay
 
-    def _layout_index(self, lay, keep: dict) -> torch.Tensor | None:
-        """Indices along a tensor's channel dimension that survive `keep` (None: nothing changes)."""
-        if lay is None:
-            return None
-        parts, offset, changed = [], 0, False
-        expanded_lay = []
-        for seg in lay:  # a chunked root is the concatenation of its parts
+    def _segments(self, lay):
+        """`(offset, segment, group name or None)` along a tensor's channel dimension, for each segment of its
+        layout; a chunked root is the concatenation of its parts."""
+        offset = 0
+        for seg in lay or ():
             split = self._split_parts.get(seg.root)
-            expanded_lay += [Segment(p, seg.size // len(split), seg.block) for p in split] if split else [seg]
-        for seg in expanded_lay:
-            kept = keep.get(self._group_of_rep.get(self._find(seg.root)))
-            if kept is None:
-                parts.append(torch.arange(offset, offset + seg.width))
-            else:
-                changed = True
-                expanded = (kept.unsqueeze(1) * seg.block + torch.arange(seg.block)).reshape(-1)
-                parts.append(expanded + offset)
-            offset += seg.width
-        return torch.cat(parts) if changed else None
+            for part in ([Segment(p, seg.size // len(split), seg.block) for p in split] if split else [seg]):
+                yield offset, part, self._group_of_rep.get(self._find(part.root))
+                offset += part.width
 
+    def _member(self, root: int) -> str | None:
+        return self._producer_of.get(self._part_of.get(root, root))
+
+    def channel_params(self, name: str) -> list[ChannelParam]:
+        """Every parameter and buffer that carries channels of group `name`, with the dimension and positions
+        along which it does (see `ChannelParam`): producer weight rows and biases, the weights, biases and
+        running statistics of norms over the channels, depthwise filters and biases, consumer weight columns.
+
+        Criteria read scores from these tensors, the cost model counts them, and regularisers act on them; what
+        pruning a channel removes from each tensor is exactly `index[channel]` along `dim`.
+        """
+        group = self.group(name)
+        found = []
+        for module, role, lay in self._tables():
+            positions, member = [], None
+            for offset, seg, owner in self._segments(lay):
+                if owner != name:
+                    continue
+                channels = torch.arange(seg.size).unsqueeze(1) * seg.block + torch.arange(seg.block)
+                positions.append(channels + offset)
+                member = member or (module if role == "producer" else self._member(seg.root))
+            if not positions:
+                continue
+            index = torch.cat(positions, 1)
+            m = self.modules[module]
+            for attr, dim in _ROLE_TENSORS[role]:
+                tensor = getattr(m, attr, None)
+                if isinstance(tensor, torch.Tensor):
+                    found.append(ChannelParam(module, attr, dim, index, role, member, tensor))
+        return found
+
+    @torch.no_grad()
+    def scale_channels(self, name: str, channels, factor: float) -> None:
+        """Multiplies, in place, what produces channels `channels` of group `name` by `factor`: producer weight
+        rows and biases, norm weights and biases, depthwise filters and biases (consumers' columns and running
+        statistics are left alone). At `factor=0` the channels are silenced, and the model computes what it
+        would compute with them pruned (exactly, unless a norm normalises over them together with others).
+
+        Args:
+            name: a group name.
+            channels: indices in `[0, group.size)` (a tensor or a list), or a `[group.size]` boolean mask.
+            factor: the multiplier (a float).
+        """
+        group = self.group(name)
+        channels = torch.as_tensor(channels)
+        if channels.dtype == torch.bool:
+            if channels.shape != (group.size,):
+                raise ValueError(f"ChannelGraph.scale_channels: a mask for group {name!r} must have shape "
+                                 f"[{group.size}], got {list(channels.shape)}")
+            channels = channels.nonzero().squeeze(1)
+        if channels.is_floating_point() or channels.dim() != 1:
+            raise TypeError("ChannelGraph.scale_channels: channels must be 1-D integer indices or a boolean mask")
+        if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= group.size):
+            raise ValueError(f"ChannelGraph.scale_channels: channels of group {name!r} must lie in "
+                             f"[0, {group.size})")
+        for p in self.channel_params(name):
+            if p.role == "consumer" or p.attr.startswith("running_"):
+                continue
+            positions = p.index[channels.long().cpu()].reshape(-1).to(p.tensor.device)
+            where = (slice(None),) * p.dim + (positions,)
+            p.tensor[where] = p.tensor[where] * factor
+
+    # ------------------------------------------------------------------------------------------ pruning
     def prune(self, keep: dict) -> nn.Module:
         """Keeps exactly the channels `keep[name]` (in that order) of each named group; returns the model.
 
         The arguments are checked before anything changes, and a failure while slicing or re-tracing undoes
         every change, so on error the model is left as it was. Groups not in `keep` are untouched. The graph is
-        rebuilt afterwards, so the same `ChannelGraph` can prune again.
+        rebuilt afterwards, so the same `ChannelGraph` can prune again. See `gpp_ext.pruning.surgery`.
         """
-        keep = self._validate_keep(keep)
-        if not keep:
-            return self.model
-        snapshot = self._snapshot()
-        try:
-            self._apply(keep)
-            self._build()  # also proves the pruned model still runs on the example inputs
-        except Exception:
-            self._restore(snapshot)
-            self._build()
-            raise
-        return self.model
-
-    def _snapshot(self) -> dict:
-        """References to every tensor and width attribute pruning may replace, to undo a failed prune."""
-        names = {n for n, _ in self._producers} | set(self._consumers) | set(self._depthwise) | set(self._attached)
-        return {n: (dict(self.modules[n]._parameters), dict(self.modules[n]._buffers),
-                    {a: getattr(self.modules[n], a) for a in _WIDTH_ATTRS if hasattr(self.modules[n], a)})
-                for n in names}
-
-    def _restore(self, snapshot: dict) -> None:
-        for name, (params, buffers, attrs) in snapshot.items():
-            m = self.modules[name]
-            m._parameters.update(params)
-            m._buffers.update(buffers)
-            for attr, value in attrs.items():
-                setattr(m, attr, value)
-
-    def _apply(self, keep: dict) -> None:
-        with torch.no_grad():
-            for name, root in self._producers:
-                kept = self._layout_index((Segment(root, self._root_size[root]),), keep)
-                if kept is not None:
-                    self._slice_module(self.modules[name], kept, output=True)
-            for name, lay in self._consumers.items():
-                index = self._layout_index(lay, keep)
-                if index is not None:
-                    self._slice_module(self.modules[name], index, output=False)
-            for name, lay in self._depthwise.items():
-                index = self._layout_index(lay, keep)
-                if index is not None:
-                    self._slice_depthwise(self.modules[name], index)
-            for name, lay in self._attached.items():
-                index = self._layout_index(lay, keep)
-                if index is not None:
-                    self._slice_attached(self.modules[name], index)
-
-    @staticmethod
-    def _replace(module: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
-        tensor = getattr(module, attr, None)
-        if tensor is None:
-            return
-        sliced = ops.slice_channels(tensor.detach(), dim, index.to(tensor.device))
-        if isinstance(tensor, nn.Parameter):
-            setattr(module, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
-        else:
-            setattr(module, attr, sliced)
-
-    def _slice_module(self, m: nn.Module, index: torch.Tensor, output: bool) -> None:
-        """A conv or linear layer keeps `index` of its outputs (weight dim 0 and bias) or inputs (weight dim 1)."""
-        conv = isinstance(m, _CONV)
-        if output:
-            self._replace(m, "weight", 0, index)
-            self._replace(m, "bias", 0, index)
-            setattr(m, "out_channels" if conv else "out_features", index.numel())
-        else:
-            self._replace(m, "weight", 1, index)
-            setattr(m, "in_channels" if conv else "in_features", index.numel())
-
-    def _slice_depthwise(self, m: nn.Module, index: torch.Tensor) -> None:
-        self._replace(m, "weight", 0, index)
-        self._replace(m, "bias", 0, index)
-        m.in_channels = m.out_channels = m.groups = index.numel()
-
-    def _slice_attached(self, m: nn.Module, index: torch.Tensor) -> None:
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            self._replace(m, attr, 0, index)
-        k = index.numel()
-        if isinstance(m, _NORM):
-            m.num_features = k
-        elif isinstance(m, nn.PReLU):
-            m.num_parameters = k
-        elif isinstance(m, nn.LayerNorm):
-            m.normalized_shape = (k,)
-        elif isinstance(m, nn.GroupNorm):
-            if m.num_groups == m.num_channels:
-                m.num_groups = k
-            m.num_channels = k
+        return surgery.prune(self, keep)
 
     def __repr__(self) -> str:
         return (f"ChannelGraph({type(self.model).__name__}: {len(self.groups)} prunable groups, "

@@ -1,6 +1,6 @@
-"""How much each channel group matters: the discriminant utility traced down the network, and the baselines.
+"""Tracing the discriminant utility down the network: the data-driven deconvolution of docs/design.md §2.4.
 
-`trace_utility` is the data-driven deconvolution of DESIGN.md 2.4. A forward pass over a few tracing images
+`trace_utility` is that deconvolution. A forward pass over a few tracing images
 records every intermediate tensor (hence the ReLU masks and max-pool switches); the pre-decision layer's
 response is kept only for the selected neurons and walked back to the input, node by node in reverse order:
 convolutions and linear layers by `ops.deconv_backproject` with the layer's own weights, ReLUs by
@@ -10,11 +10,6 @@ its transpose, i.e. its vector-Jacobian product at the recorded input: a concate
 branch, an add sends it down both paths, and signals meeting at a tensor are summed. A channel's utility is
 the spatial maximum of the magnitude of the image-averaged signal reaching the layer that produced it; a group
 of coupled layers sums its members.
-
-The baselines a benchmark compares against take the same graph and return the same dict (group name ->
-`[size]` float64 scores): `l1_importance` (L1 norm of each output filter), `bn_scale_importance` (|gamma| of
-the BatchNorm after the layer, network-slimming style), `taylor_importance` (first-order Taylor,
-|activation · gradient|) and `random_importance`.
 """
 
 from __future__ import annotations
@@ -26,28 +21,18 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .graph import _CONV, _NORM, ChannelGraph
+from .. import ops
+from ..classifier import find_classifier, pre_decision_node
+from ..layers import CONV
+from .graph import ChannelGraph
 
-__all__ = ["trace_utility", "l1_importance", "bn_scale_importance", "taylor_importance", "random_importance",
-           "pre_decision_node"]
+__all__ = ["trace_utility", "fold_scores"]
 
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
 _RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
 _RELU_METHODS = {"relu", "relu_"}
 _MAXPOOL = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
 _UNPOOL = {F.max_pool1d: F.max_unpool1d, F.max_pool2d: F.max_unpool2d, F.max_pool3d: F.max_unpool3d}
-
-
-def pre_decision_node(graph: ChannelGraph, classifier: str | None = None) -> torch.fx.Node:
-    """The fx node feeding the final classifier (the last linear layer, or `classifier` by module name)."""
-    calls = [n for n in graph.gm.graph.nodes if n.op == "call_module"
-             and isinstance(graph.modules[n.target], nn.Linear)]
-    if classifier is not None:
-        calls = [n for n in calls if n.target == classifier]
-    if not calls:
-        raise ValueError("trace_utility: no linear classifier found in the model's graph; pass classifier=<name>")
-    return calls[-1].args[0]
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -99,7 +84,7 @@ def _backproject(graph: ChannelGraph, node: torch.fx.Node, values: dict, signal:
     """One step of the deconvolution: {input node: signal} for the op at `node`."""
     source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     module = graph.modules.get(node.target) if node.op == "call_module" else None
-    if isinstance(module, _CONV) or (isinstance(module, nn.Linear) and values[source].dim() == 2):
+    if isinstance(module, CONV) or (isinstance(module, nn.Linear) and values[source].dim() == 2):
         weight = module.weight.detach()
         if isinstance(module, nn.Linear):
             return {source: ops.deconv_backproject(signal, weight.to(signal.dtype))}
@@ -133,7 +118,7 @@ def _channel_utility(signal: torch.Tensor) -> torch.Tensor:
     return mean.flatten(1).amax(1) if mean.dim() > 1 else mean
 
 
-def _fold(score: torch.Tensor, size: int) -> torch.Tensor:
+def fold_scores(score: torch.Tensor, size: int) -> torch.Tensor:
     """Scores of a layer's output channels as scores of its group: the parts of a chunked output are one group
     pruned at the same positions, so their scores add up."""
     score = score.detach().double().cpu()
@@ -149,7 +134,7 @@ def trace_utility(graph: ChannelGraph, inputs: torch.Tensor, neurons: torch.Tens
         inputs: tracing images `[B, ...]` (a few per class; more for small data sets).
         neurons: which pre-decision neurons to keep: a boolean mask or float weights `[D]` (0 drops a neuron),
             or a 1-D tensor of indices.
-        classifier: the final linear layer's module name (default: the last linear layer).
+        classifier: the final linear layer's module name (default: `gpp_ext.classifier.find_classifier`).
         rectify: "guided" (rectify and apply the forward ReLU mask) or "deconvnet" (rectify only).
 
     Returns:
@@ -160,7 +145,7 @@ def trace_utility(graph: ChannelGraph, inputs: torch.Tensor, neurons: torch.Tens
         raise ValueError(f"trace_utility: rectify must be 'guided' or 'deconvnet', got {rectify!r}")
     if not isinstance(inputs, torch.Tensor):
         raise TypeError("trace_utility: inputs must be a tensor of tracing images")
-    pre = pre_decision_node(graph, classifier)
+    pre = pre_decision_node(graph.gm, classifier or find_classifier(graph.model))
     model = graph.model
     was_training = model.training
     model.eval()
@@ -203,99 +188,7 @@ def trace_utility(graph: ChannelGraph, inputs: torch.Tensor, neurons: torch.Tens
             reached = [n for n in nodes if n.op == "call_module" and n.target in group.modules
                        and isinstance(signals.get(n), torch.Tensor)]
             if reached:  # a group no signal reaches has no evidence either way and is left out (kept whole)
-                utility[group.name] = sum(_fold(_channel_utility(signals[n]), group.size) for n in reached)
+                utility[group.name] = sum(fold_scores(_channel_utility(signals[n]), group.size) for n in reached)
         return utility
     finally:
         model.train(was_training)
-
-
-# -------------------------------------------------------------------------------------------- baselines
-
-def l1_importance(graph: ChannelGraph) -> dict:
-    """L1 norm of each output filter (summed over a group's coupled layers)."""
-    out = {}
-    for group in graph.groups:
-        total = torch.zeros(group.size, dtype=torch.float64)
-        for name in group.modules:
-            w = graph.modules[name].weight.detach()
-            total += _fold(w.abs().flatten(1).sum(1), group.size)
-        out[group.name] = total
-    return out
-
-
-def _bn_after(graph: ChannelGraph) -> dict:
-    """module name -> the BatchNorm applied directly to its output channels."""
-    found = {}
-    for name, root in graph._producers:
-        for bn_name, lay in graph._attached.items():
-            m = graph.modules[bn_name]
-            if isinstance(m, _NORM) and lay is not None and len(lay) == 1 and lay[0].root == root:
-                found.setdefault(name, m)
-    return found
-
-
-def bn_scale_importance(graph: ChannelGraph) -> dict:
-    """|gamma| of the BatchNorm right after each layer (network slimming); layers without one use the L1 norm
-    of their filters, scaled to the same mean, so that a mixed network still ranks its channels sensibly."""
-    bns = _bn_after(graph)
-    l1 = l1_importance(graph)
-    out = {}
-    for group in graph.groups:
-        total = torch.zeros(group.size, dtype=torch.float64)
-        for name in group.modules:
-            bn = bns.get(name)
-            if bn is not None and bn.weight is not None:
-                total += _fold(bn.weight.abs(), group.size)
-            else:
-                w = _fold(graph.modules[name].weight.abs().flatten(1).sum(1), group.size)
-                total += w / w.mean().clamp_min(1e-12)
-        out[group.name] = total if total.any() else l1[group.name]
-    return out
-
-
-def taylor_importance(graph: ChannelGraph, inputs: torch.Tensor, labels: torch.Tensor, loss_fn=None) -> dict:
-    """First-order Taylor importance (Molchanov et al.): per channel, the batch mean of |sum over positions of
-    activation x gradient of the loss| at the layer's output, summed over a group's layers."""
-    loss_fn = loss_fn or nn.functional.cross_entropy
-    model = graph.model
-    outputs = {}
-    handles = []
-    names = {name for group in graph.groups for name in group.modules}
-    for name in names:
-        def hook(m, args, out, name=name):
-            if out.requires_grad:  # layers whose parameters are frozen and inputs constant carry no gradient
-                out.retain_grad()
-                outputs.setdefault(name, []).append(out)
-        handles.append(graph.modules[name].register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(inputs), labels).backward()
-        scores = {}
-        for name, outs in outputs.items():  # every call of a layer used more than once counts
-            for out in outs:
-                if out.grad is None:
-                    continue
-                prod = (out * out.grad).detach()
-                prod = prod.flatten(2).sum(2) if prod.dim() > 2 else prod
-                scores[name] = scores.get(name, 0) + prod.abs().mean(0).double().cpu()
-    finally:
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
-        for h in handles:
-            h.remove()
-    result = {}
-    for group in graph.groups:
-        total = torch.zeros(group.size, dtype=torch.float64)
-        for name in group.modules:
-            if name in scores:
-                total += _fold(scores[name], group.size)
-        result[group.name] = total
-    return result
-
-
-def random_importance(graph: ChannelGraph, generator: torch.Generator | None = None) -> dict:
-    """Uniform random scores: the baseline every criterion must beat."""
-    return {g.name: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in graph.groups}

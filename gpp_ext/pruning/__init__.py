@@ -1,0 +1,26 @@
+"""Structured pruning, in pipeline order (docs/design.md §2.3-2.5 and §3):
+
+- `graph`      `ChannelGraph`: the model traced with torch.fx into groups of coupled channels; the
+               group-parameter API (`channel_params`, `scale_channels`) says which tensors carry a group's
+               channels, along which dimension;
+- `trace`      `trace_utility`: the pre-decision response traced down the network by deconvolution;
+- `criteria`   the criterion registry (`lda`, `fisher`, `l1`, `bn_scale`, `taylor`, `random`, and yours) and the
+               `CriterionContext` a criterion reads its data from;
+- `selection`  `select_channels` (per-layer threshold, ratio, or a global parameter/FLOP budget) and the
+               `CostModel` the budget search bisects on;
+- `surgery`    the physical cut behind `ChannelGraph.prune`: checked first, sliced, undone on failure;
+- `pipeline`   `prune`: all of it in one call, with BatchNorm recalibration and a `PruneReport`.
+"""
+
+from __future__ import annotations
+
+from ..training import recalibrate_batchnorm
+from . import criteria
+from .criteria import CriterionContext
+from .graph import ChannelGraph, ChannelParam, Group
+from .pipeline import PruneReport, prune
+from .selection import CostModel, select_channels
+from .trace import trace_utility
+
+__all__ = ["ChannelGraph", "ChannelParam", "Group", "CriterionContext", "criteria", "prune", "PruneReport",
+           "select_channels", "CostModel", "trace_utility", "recalibrate_batchnorm"]

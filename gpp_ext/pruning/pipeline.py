@@ -1,0 +1,118 @@
+"""`gpp_ext.prune`: score -> select -> cut -> recalibrate in one call, with a report a person can read.
+
+    compact, report = gpp_ext.prune(model, loader, example_inputs, num_classes=10, eta=0.3)
+    print(report)
+
+The pipeline of docs/design.md §2.3-2.5: the model is traced into a `ChannelGraph`; a criterion from the
+registry (`gpp_ext.pruning.criteria`; by default "lda": the discriminant analysis of the pre-decision layer,
+the top `neurons` kept and their response traced down by deconvolution) scores every channel group; a
+selection rule (`select_channels`) turns scores into kept channels; `ChannelGraph.prune` removes the rest;
+BatchNorm statistics are recalibrated on training data (the single most effective step after a cut,
+docs/design.md §2.8).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .. import distributed as gdist
+from ..classifier import find_classifier
+from ..cost import count_flops, count_params
+from ..training import recalibrate_batchnorm
+from . import criteria
+from .graph import ChannelGraph
+from .selection import select_channels
+
+__all__ = ["prune", "PruneReport"]
+
+
+@dataclass
+class PruneReport:
+    """What a prune did: per-group widths before and after, parameters and FLOPs before and after."""
+
+    criterion: str
+    widths: dict = field(default_factory=dict)  # group name -> (before, after)
+    params: tuple = (0, 0)
+    flops: tuple = (0, 0)
+    neurons: int | None = None  # pre-decision neurons kept (discriminant criteria)
+
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "widths": {k: list(v) for k, v in self.widths.items()},
+                "params": list(self.params), "flops": list(self.flops), "neurons": self.neurons}
+
+    def __str__(self) -> str:
+        rows = [f"{'group':<32} {'before':>7} {'after':>7}"]
+        rows += [f"{name:<32} {b:>7} {a:>7}" for name, (b, a) in self.widths.items()]
+        p0, p1 = self.params
+        f0, f1 = self.flops
+        rows.append(f"params {p0:,} -> {p1:,} ({p1 / max(p0, 1):.1%}); FLOPs {f0:,} -> {f1:,} ({f1 / max(f0, 1):.1%})"
+                    f"; criterion {self.criterion}")
+        return "\n".join(rows)
+
+
+def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = None, criterion="lda",
+          neurons=0.5, method: str = "eta", eta: float = 0.1, ratio: float | None = None,
+          budget: float | None = None, budget_kind: str = "params", min_channels: int = 1, round_to: int = 1,
+          tracing_per_class: int = 4, max_batches: int | None = None, recalibrate: bool = True,
+          ignore=(), inplace: bool = False, progress: bool = True, seed: int = 0):
+    """Prunes `model` for the task in `loader` and returns `(compact_model, PruneReport)`.
+
+    Args:
+        model: a trained classifier ending in a linear layer (any torch.fx-traceable `nn.Module`).
+        loader: yields `(inputs, labels)` batches of the task's training data.
+        example_inputs: a batch (or tuple) the model accepts, for tracing shapes and counting FLOPs.
+        num_classes: number of classes (default: the classifier's `out_features`).
+        criterion: a registered criterion's name (`gpp_ext.pruning.criteria.names()`: "lda" and "fisher",
+            the discriminant utility traced by deconvolution, and the baselines "l1", "bn_scale", "taylor",
+            "random"), or any callable `(graph, context) -> {group name: [size] scores}`.
+        neurons: pre-decision neurons kept for tracing: a count (int) or a fraction (float in (0, 1]).
+        method, eta, ratio, budget, budget_kind, min_channels, round_to: see `select_channels`.
+        tracing_per_class: tracing images per class.
+        max_batches: limit the analysis pass (default: the whole loader).
+        recalibrate: re-estimate BatchNorm statistics on `loader` after pruning.
+        ignore: module names the graph should treat as opaque (see `ChannelGraph`).
+        inplace: prune `model` itself instead of a copy.
+        progress: progress bars on the long passes.
+        seed: seed of randomised criteria ("random").
+
+    Under `torch.distributed` (e.g. `torchrun`), call it on every process with the same model: the analysis
+    splits `loader` over the processes and combines their statistics exactly, rank 0's selection is applied
+    everywhere, and BatchNorm recalibration is averaged, so every process ends with the same compact model.
+    """
+    name, score = criteria.resolve(criterion)
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    device = next(model.parameters()).device
+    graph = ChannelGraph(model, example_inputs, ignore=ignore)
+    classifier = find_classifier(model)  # one classifier for every step (gpp_ext.classifier)
+    num_classes = num_classes or dict(model.named_modules())[classifier].out_features
+    params0, flops0 = count_params(model), count_flops(model, example_inputs)
+    before = {g.name: g.size for g in graph.groups}
+
+    context = criteria.CriterionContext(loader=loader, device=device, classifier=classifier,
+                                        num_classes=num_classes, seed=seed, neurons=neurons,
+                                        tracing_per_class=tracing_per_class, max_batches=max_batches,
+                                        progress=progress)
+    scores = score(graph, context)
+    if not isinstance(scores, dict):
+        raise TypeError(f"prune: criterion {name!r} must return a dict of group name -> [size] scores, got "
+                        f"{type(scores).__name__}")
+    keep = select_channels(graph, scores, method=method, eta=eta, ratio=ratio, budget=budget,
+                           budget_kind=budget_kind, min_channels=min_channels, round_to=round_to)
+    # Under torch.distributed the statistics are already identical everywhere, but tracing images, Taylor's
+    # batch and random scores are each process's own: rank 0 decides, and every process cuts the same channels.
+    keep = gdist.broadcast_object(keep)
+    graph.prune(keep)
+    if recalibrate:
+        recalibrate_batchnorm(model, loader, device=device, progress=progress)
+    after = {g.name: g.size for g in graph.groups}
+    report = PruneReport(name, {n: (before[n], after.get(n, before[n])) for n in before},
+                         (params0, count_params(model)), (flops0, count_flops(model, example_inputs)),
+                         context.notes.get("neurons"))
+    return model, report

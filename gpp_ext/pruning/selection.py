@@ -1,0 +1,232 @@
+"""Choosing the channels to keep from their utilities (docs/design.md §2.5), and what a choice would cost.
+
+Three ways, one result (`{group name: kept indices}` ready for `ChannelGraph.prune`):
+- `method="eta"`: per group, drop the channels whose utility is below `eta * std(non-zero utilities)`;
+- `method="ratio"`: per group, drop the fraction `ratio` of channels with the lowest utility;
+- `method="budget"`: one global threshold on utilities normalised per group (divided by the group's mean),
+  found by bisection so the pruned model keeps at most `budget` of the original parameters (or FLOPs).
+Guards for every method: at least `min_channels` per group, widths rounded up to a multiple of `round_to`
+(hardware-friendly; a group narrower than that stays whole), and coupled channels are decided together because
+a group is scored as one. A utility of exactly zero means "carries nothing": with `eta=0` such channels still
+go (and only they do).
+
+`CostModel` gives the parameters or FLOPs of the model a keep-set would leave, from the number of channels
+each group keeps, without cutting anything: every tensor that carries a group's channels loses
+`index.shape[1]` positions along its channel dimension per channel removed (the graph's group-parameter API
+says which tensors, along which dimension), and a convolution's or linear layer's FLOPs follow its weight
+(`positions per sample x (2 x weight elements + bias elements)`). The budget search bisects on it and checks
+its final choice once by a real cut (`search="cuts"` measures every candidate on a pruned copy instead: the
+slow reference it replaced, kept for the tests and benchmarks and as the fallback).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..cost import count_flops, count_params
+from ..layers import CONV
+from .graph import ChannelGraph
+
+__all__ = ["select_channels", "CostModel"]
+
+
+class CostModel:
+    """The cost (parameters or FLOPs per sample) of `graph.model` after pruning, as a function of the number of
+    channels each group keeps.
+
+        model = CostModel(graph, "params")
+        model.cost({"conv1": 3, "fc1": 60})    # == count_params of the model pruned to those widths
+
+    Exact for every tensor the graph slices; layers the graph leaves alone (frozen groups, ignored modules)
+    are a constant.
+    """
+
+    def __init__(self, graph: ChannelGraph, kind: str = "params"):
+        if kind not in ("params", "flops"):
+            raise ValueError(f"CostModel: kind must be 'params' or 'flops', got {kind!r}")
+        self.kind = kind
+        self.sizes = {g.name: g.size for g in graph.groups}
+        # (module, attr) -> [shape, [(dim, group, positions per channel)], is a parameter]
+        self._tensors: dict[tuple, list] = {}
+        for group in graph.groups:
+            for p in graph.channel_params(group.name):
+                entry = self._tensors.setdefault((p.module, p.attr), [list(p.tensor.shape), [], p.is_parameter])
+                entry[1].append((p.dim, group.name, p.index.shape[1]))
+        if kind == "params":
+            self._calls = []
+            self._constant = count_params(graph.model) - sum(
+                math.prod(shape) for shape, _, is_param in self._tensors.values() if is_param)
+            self._tensors = {k: v for k, v in self._tensors.items() if v[2]}
+            return
+        # FLOPs: every traced call of a conv or linear layer, with its output positions per sample
+        batch = graph.example_inputs[0].shape[0] if graph.example_inputs[0].dim() > 0 else 1
+        self._calls = []  # (positions per sample, weight key, weight shape, has bias)
+        for node in graph.gm.graph.nodes:
+            module = graph.modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(module, CONV + (nn.Linear,)):
+                continue
+            shape = tuple(node.meta["tensor_meta"].shape)
+            positions = math.prod(shape) // max(batch, 1) // module.weight.shape[0]
+            self._calls.append((positions, (node.target, "weight"), list(module.weight.shape),
+                                module.bias is not None))
+        full = {name: 0 for name in self.sizes}
+        self._constant = count_flops(graph.model, graph.example_inputs) - self._flops(full)
+
+    def _shape(self, key, shape, removed: dict) -> list:
+        entry = self._tensors.get(key)
+        if entry is None:
+            return shape
+        shape = list(entry[0])
+        for dim, group, per_channel in entry[1]:
+            shape[dim] -= removed[group] * per_channel
+        return shape
+
+    def _flops(self, removed: dict) -> int:
+        total = 0
+        for positions, key, shape, bias in self._calls:
+            new = self._shape(key, shape, removed)
+            total += positions * (2 * math.prod(new) + (new[0] if bias else 0))
+        return total
+
+    def cost(self, widths: dict) -> int:
+        """The cost with group `name` keeping `widths[name]` channels (groups not named stay whole)."""
+        unknown = set(widths) - set(self.sizes)
+        if unknown:
+            raise ValueError(f"CostModel.cost: widths name groups that are not prunable: {sorted(unknown)}")
+        removed = {name: size - int(widths.get(name, size)) for name, size in self.sizes.items()}
+        if self.kind == "flops":
+            return self._constant + self._flops(removed)
+        return self._constant + sum(math.prod(self._shape(key, entry[0], removed))
+                                    for key, entry in self._tensors.items())
+
+
+def _real_cost(graph: ChannelGraph, keep: dict, kind: str) -> int:
+    """The cost of `keep`, measured on a pruned copy of the model."""
+    if not keep:
+        return count_params(graph.model) if kind == "params" else count_flops(graph.model, graph.example_inputs)
+    trial = copy.deepcopy(graph.model)
+    ChannelGraph(trial, graph.example_inputs, ignore=graph.ignore).prune(keep)
+    return count_params(trial) if kind == "params" else count_flops(trial, graph.example_inputs)
+
+
+def _kept(utility: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` highest-utility channels, in their original order (stable for ties)."""
+    order = torch.sort(utility, descending=True, stable=True).indices
+    return order[:count].sort().values
+
+
+def _guarded(utility: torch.Tensor, count: int, min_channels: int, round_to: int) -> int:
+    size = utility.numel()
+    count = max(count, min(min_channels, size))
+    if round_to > 1:
+        count = min(size, int(math.ceil(count / round_to)) * round_to)
+    return max(1, count)
+
+
+def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", eta: float = 0.1,
+                    ratio: float | None = None, budget: float | None = None, budget_kind: str = "params",
+                    min_channels: int = 1, round_to: int = 1, search: str = "cost_model") -> dict:
+    """Indices to keep per group. See the module docstring for the methods.
+
+    Args:
+        graph: the model's `ChannelGraph` (its prunable groups are the candidates).
+        utilities: `{group name: [size] scores}`; groups missing from it are kept whole.
+        eta, ratio, budget: the knob of the chosen method (budget is a fraction of the original cost).
+        budget_kind: "params" or "flops".
+        min_channels, round_to: width guards (see above).
+        search: how the budget search measures a candidate: "cost_model" (the `CostModel`, checked once by a
+            real cut) or "cuts" (a pruned copy per candidate: the slow reference the cost model replaced).
+    """
+    if method not in ("eta", "ratio", "budget"):
+        raise ValueError(f"select_channels: method must be 'eta', 'ratio' or 'budget', got {method!r}")
+    if min_channels < 1 or round_to < 1:
+        raise ValueError(f"select_channels: min_channels and round_to must be >= 1, got {min_channels}, {round_to}")
+    groups = {g.name: g for g in graph.groups}
+    unknown = set(utilities) - set(groups)
+    if unknown:
+        raise ValueError(f"select_channels: utilities name groups that are not prunable: {sorted(unknown)}")
+    for name, u in utilities.items():
+        if not isinstance(u, torch.Tensor) or u.shape != (groups[name].size,):
+            raise ValueError(f"select_channels: utilities[{name!r}] must be a tensor of shape "
+                             f"[{groups[name].size}], got {getattr(u, 'shape', type(u).__name__)}")
+        if not bool(torch.isfinite(u).all()) or bool((u < 0).any()):
+            raise ValueError(f"select_channels: utilities[{name!r}] must be finite and >= 0")
+    utilities = {n: u.detach().double().cpu() for n, u in utilities.items()}
+
+    if method == "eta":
+        if eta < 0:
+            raise ValueError(f"select_channels: eta must be >= 0, got {eta}")
+        keep = {}
+        for name, u in utilities.items():
+            nonzero = u[u > 0]
+            threshold = eta * float(nonzero.std()) if nonzero.numel() > 1 else 0.0
+            count = int((u > threshold).sum()) if threshold > 0 else int((u > 0).sum())
+            keep[name] = _kept(u, _guarded(u, count, min_channels, round_to))
+        return keep
+    if method == "ratio":
+        if ratio is None or not 0 <= ratio < 1:
+            raise ValueError(f"select_channels: ratio must be in [0, 1) (the fraction to drop), got {ratio}")
+        return {n: _kept(u, _guarded(u, round(u.numel() * (1 - ratio)), min_channels, round_to))
+                for n, u in utilities.items()}
+
+    if budget is None or not 0 < budget <= 1:
+        raise ValueError(f"select_channels: budget must be in (0, 1] (the fraction of the cost to keep), got {budget}")
+    if budget_kind not in ("params", "flops"):
+        raise ValueError(f"select_channels: budget_kind must be 'params' or 'flops', got {budget_kind!r}")
+
+    if search not in ("cost_model", "cuts"):
+        raise ValueError(f"select_channels: search must be 'cost_model' or 'cuts', got {search!r}")
+
+    # Each group's utilities relative to their mean: a channel worth less than t times its layer's average
+    # goes, whatever the scale of the layer's signal (max-normalising instead would let one dominant channel
+    # empty the rest of its layer).
+    normalised = {n: u / u.mean().clamp_min(1e-300) for n, u in utilities.items()}
+
+    def widths_at(t):
+        return {n: _guarded(u, int((u >= t).sum()), min_channels, round_to) for n, u in normalised.items()}
+
+    def keep_at(t):
+        return {n: _kept(normalised[n], count) for n, count in widths_at(t).items()}
+
+    lo = 0.0  # keeps every channel with a non-negative utility
+    hi = max(float(u.max()) for u in normalised.values()) + 1e-9  # keeps only what the guards force
+    if search == "cuts":
+        full = _real_cost(graph, {}, budget_kind)
+        chosen, met = _bisect(lambda t: _real_cost(graph, keep_at(t), budget_kind), budget * full, lo, hi)
+    else:
+        model = CostModel(graph, budget_kind)
+        chosen, met = _bisect(lambda t: model.cost(widths_at(t)), budget * model.cost({}), lo, hi)
+    if not met:
+        warnings.warn(f"select_channels: a {budget_kind} budget of {budget:.1%} cannot be met with min_channels="
+                      f"{min_channels} and round_to={round_to}; returning the smallest model they allow",
+                      RuntimeWarning, stacklevel=2)
+    keep = keep_at(chosen)
+    if search == "cost_model":
+        predicted, real = model.cost(widths_at(chosen)), _real_cost(graph, keep, budget_kind)
+        if predicted != real:  # a layer the cost model does not know: measure every candidate instead
+            warnings.warn(f"select_channels: the cost model predicted {predicted:,} {budget_kind} but the cut gives "
+                          f"{real:,}; searching with real cuts instead (slower)", RuntimeWarning, stacklevel=2)
+            return select_channels(graph, utilities, method="budget", budget=budget, budget_kind=budget_kind,
+                                   min_channels=min_channels, round_to=round_to, search="cuts")
+    return keep
+
+
+def _bisect(cost_at, target: float, lo: float, hi: float):
+    """`(threshold, met)`: the lowest threshold found whose cost is within `target` (cost falls as the
+    threshold rises), by 30 halvings; `met` is False when even `hi` is over."""
+    if cost_at(lo) <= target:
+        return lo, True
+    if cost_at(hi) > target:
+        return hi, False
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        if cost_at(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi, True

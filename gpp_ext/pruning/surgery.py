@@ -1,0 +1,167 @@
+"""Surgery: physically removing channels from a model, all or nothing.
+
+`prune(graph, keep)` (what `ChannelGraph.prune` runs) checks `keep` completely before touching the model,
+snapshots every tensor and width attribute it may replace, slices (through `gpp_ext.ops.slice_channels`) the
+tensors of every module in the graph's tables (producers' output rows and biases, consumers' input columns,
+depthwise filters, norm parameters and running statistics), updates the layers' width attributes, and re-traces
+the model, which also proves it still runs. Any failure restores the snapshot, so the user's model is never
+left half pruned.
+
+Kept channels are taken in the order given (index_select semantics), so a permutation preserves the function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..layers import BATCH_NORMS, CONV, WIDTH_ATTRS
+
+__all__ = ["prune", "validate_keep", "layout_index"]
+
+
+def validate_keep(graph, keep: dict) -> dict:
+    """`keep` as `{group name: int64 CPU indices}`, or a clear error naming the entry that is wrong."""
+    if not isinstance(keep, dict):
+        raise TypeError(f"ChannelGraph.prune: keep must be a dict of group name -> indices, got "
+                        f"{type(keep).__name__}")
+    prunable = [g.name for g in graph.groups]
+    checked = {}
+    for name, index in keep.items():
+        try:
+            group = graph.group(name)
+        except KeyError:
+            raise ValueError(f"ChannelGraph.prune: unknown group {name!r}; prunable groups: {prunable}") from None
+        if not group.prunable:
+            raise ValueError(f"ChannelGraph.prune: group {name!r} cannot be pruned: {group.reason}")
+        if isinstance(index, (list, tuple, range)):
+            index = torch.tensor(list(index), dtype=torch.long)
+        if not isinstance(index, torch.Tensor) or index.dtype in (torch.bool,) or index.is_floating_point() \
+                or index.dim() != 1:
+            raise TypeError(f"ChannelGraph.prune: keep[{name!r}] must be a 1-D integer tensor of channel indices")
+        index = index.long().cpu()
+        if index.numel() == 0:
+            raise ValueError(f"ChannelGraph.prune: keep[{name!r}] is empty: a group cannot be pruned to zero "
+                             f"channels")
+        if int(index.min()) < 0 or int(index.max()) >= group.size:
+            raise ValueError(f"ChannelGraph.prune: keep[{name!r}] must hold indices in [0, {group.size}), got "
+                             f"{int(index.min())}..{int(index.max())}")
+        if index.unique().numel() != index.numel():
+            raise ValueError(f"ChannelGraph.prune: keep[{name!r}] holds duplicate indices")
+        checked[name] = index
+    return checked
+
+
+def layout_index(graph, lay, keep: dict) -> torch.Tensor | None:
+    """Indices along a tensor's channel dimension that survive `keep` (None: nothing changes)."""
+    if lay is None:
+        return None
+    parts, changed = [], False
+    for offset, seg, group in graph._segments(lay):
+        kept = keep.get(group)
+        if kept is None:
+            parts.append(torch.arange(offset, offset + seg.width))
+        else:
+            changed = True
+            parts.append((kept.unsqueeze(1) * seg.block + torch.arange(seg.block)).reshape(-1) + offset)
+    return torch.cat(parts) if changed else None
+
+
+def prune(graph, keep: dict) -> nn.Module:
+    """Keeps exactly `keep[name]` of each named group of `graph` (see `ChannelGraph.prune`); returns the model."""
+    keep = validate_keep(graph, keep)
+    if not keep:
+        return graph.model
+    snapshot = _snapshot(graph)
+    try:
+        _apply(graph, keep)
+        graph._build()  # also proves the pruned model still runs on the example inputs
+    except Exception:
+        _restore(graph, snapshot)
+        graph._build()
+        raise
+    return graph.model
+
+
+def _snapshot(graph) -> dict:
+    """References to every tensor and width attribute pruning may replace, to undo a failed prune."""
+    snapshot = {}
+    for name, _, _ in graph._tables():
+        m = graph.modules[name]
+        snapshot[name] = (dict(m._parameters), dict(m._buffers),
+                          {a: getattr(m, a) for a in WIDTH_ATTRS if hasattr(m, a)})
+    return snapshot
+
+
+def _restore(graph, snapshot: dict) -> None:
+    for name, (params, buffers, attrs) in snapshot.items():
+        m = graph.modules[name]
+        m._parameters.update(params)
+        m._buffers.update(buffers)
+        for attr, value in attrs.items():
+            setattr(m, attr, value)
+
+
+def _apply(graph, keep: dict) -> None:
+    with torch.no_grad():
+        for name, role, lay in list(graph._tables()):
+            index = layout_index(graph, lay, keep)
+            if index is None:
+                continue
+            m = graph.modules[name]
+            if role == "producer":
+                slice_module(m, index, output=True)
+            elif role == "consumer":
+                slice_module(m, index, output=False)
+            elif role == "depthwise":
+                slice_depthwise(m, index)
+            else:
+                slice_attached(m, index)
+
+
+def _replace(module: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
+    tensor = getattr(module, attr, None)
+    if tensor is None:
+        return
+    sliced = ops.slice_channels(tensor.detach(), dim, index.to(tensor.device))
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+    else:
+        setattr(module, attr, sliced)
+
+
+def slice_module(m: nn.Module, index: torch.Tensor, output: bool) -> None:
+    """A conv or linear layer keeps `index` of its outputs (weight dim 0 and bias) or inputs (weight dim 1)."""
+    conv = isinstance(m, CONV)
+    if output:
+        _replace(m, "weight", 0, index)
+        _replace(m, "bias", 0, index)
+        setattr(m, "out_channels" if conv else "out_features", index.numel())
+    else:
+        _replace(m, "weight", 1, index)
+        setattr(m, "in_channels" if conv else "in_features", index.numel())
+
+
+def slice_depthwise(m: nn.Module, index: torch.Tensor) -> None:
+    """A depthwise convolution keeps channels `index` (filters and bias; in = out = groups)."""
+    _replace(m, "weight", 0, index)
+    _replace(m, "bias", 0, index)
+    m.in_channels = m.out_channels = m.groups = index.numel()
+
+
+def slice_attached(m: nn.Module, index: torch.Tensor) -> None:
+    """A norm or PReLU over the channels keeps `index` of its parameters and running statistics."""
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        _replace(m, attr, 0, index)
+    k = index.numel()
+    if isinstance(m, BATCH_NORMS):
+        m.num_features = k
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = k
+    elif isinstance(m, nn.LayerNorm):
+        m.normalized_shape = (k,)
+    elif isinstance(m, nn.GroupNorm):
+        if m.num_groups == m.num_channels:
+            m.num_groups = k
+        m.num_channels = k

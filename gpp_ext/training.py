@@ -1,0 +1,196 @@
+"""Training, evaluation and timing: the one implementation the loop, the benchmarks and the demo all call, so
+that what the benchmarks measure is what users run.
+
+- `fit` trains with cross-entropy, or with a `PushLoss` (pre-decision features captured by a
+  `PreDecisionTap`, class-balanced batches so every batch has the class statistics the push needs), plus an
+  optional extra penalty on the model (e.g. network slimming's L1 on BatchNorm scales). Under
+  `torch.distributed` it trains under `DistributedDataParallel`, each process taking its slice of the same
+  global batches, so the result is that of one process on the global batch.
+- `evaluate` (accuracy), `latency_ms` (median CPU time of a forward pass), `recalibrate_batchnorm` (re-estimate
+  BatchNorm statistics after a structural change) and `labelled_batches` (checked `(inputs, labels)` batches
+  of any loader).
+
+Randomness: `fit(seed=s)` seeds the global generator (dropout, ...) and the batch order with `s`, so a run is
+reproducible and a resumed run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from . import distributed as gdist
+from .classifier import PreDecisionTap
+from .data import labels_of
+from .layers import BATCH_NORMS
+from .push import ClassBalancedSampler
+
+__all__ = ["fit", "training_batches", "evaluate", "latency_ms", "recalibrate_batchnorm", "labelled_batches"]
+
+
+def labelled_batches(loader, device, limit: int | None = None, op: str = "prune"):
+    """`(inputs, labels)` of each batch of `loader`, moved to `device`, at most `limit` batches."""
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            return
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ValueError(f"{op}: loader must yield (inputs, labels) pairs")
+        yield batch[0].to(device), batch[1].to(device)
+
+
+def training_batches(dataset, batch_size: int, seed: int, balanced: bool = False,
+                     sliced: bool = False) -> DataLoader:
+    """The batches of one training stage.
+
+    Args:
+        dataset: a labelled `Dataset`.
+        batch_size: the global batch size.
+        seed: seeds the order (one permutation per epoch, drawn from a generator seeded once).
+        balanced: the same number of samples of every class in each batch (`ClassBalancedSampler`; the batch is
+            at least one sample per class).
+        sliced: under `torch.distributed`, this process's slice of each global batch.
+    """
+    generator = None
+    if balanced:
+        labels = labels_of(dataset)
+        classes = int(labels.unique().numel())
+        batches = ClassBalancedSampler(labels, max(batch_size, classes), seed=seed)
+    else:
+        # what DataLoader(shuffle=True, generator=g) builds, spelled out so that it can be sliced per process
+        generator = torch.Generator().manual_seed(seed)
+        batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
+    if sliced and gdist.is_distributed():
+        batches = gdist.RankSlicedBatchSampler(batches)
+    return DataLoader(dataset, batch_sampler=batches, generator=generator)
+
+
+def fit(model: nn.Module, dataset, epochs: int, *, lr: float = 2e-3, weight_decay: float = 1e-4,
+        batch_size: int = 128, seed: int = 0, push=None, penalty=None, device="cpu", progress: bool = False,
+        desc: str = "training") -> nn.Module:
+    """Trains `model` on `dataset` with AdamW and returns it in eval mode (it is trained in place).
+
+    Args:
+        model: a classifier; with `push`, its final classifier's input is the pre-decision layer
+            (`gpp_ext.classifier`).
+        dataset: a labelled `Dataset` of `(input, label)` pairs.
+        epochs: passes over the data (0: nothing is trained).
+        lr, weight_decay, batch_size: AdamW's learning rate and decoupled weight decay; the global batch size.
+        seed: seeds the batch order and the global generator (dropout).
+        push: a `gpp_ext.push.PushLoss` to train with instead of plain cross-entropy (class-balanced batches).
+        penalty: `penalty(model) -> scalar tensor` added to the loss (e.g. an L1 on BatchNorm scales).
+        device: where the model trains.
+        progress: a progress bar per epoch (on terminals only).
+        desc: the bar's label.
+
+    Under `torch.distributed` every process must call `fit` with the same arguments: the model trains under
+    `DistributedDataParallel` (wrapped for this call only, so a model pruned between calls is wrapped afresh),
+    cross-entropy is this process's share of the global batch mean, and the push statistics are those of the
+    global batch.
+    """
+    if epochs <= 0:
+        return model
+    torch.manual_seed(seed)  # dropout and any other global draws
+    model.to(device).train()
+    distributed = gdist.is_distributed()
+    net = DistributedDataParallel(model) if distributed else model
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loader = training_batches(dataset, batch_size, seed, balanced=push is not None, sliced=True)
+    tap = PreDecisionTap(model) if push is not None else None
+    try:
+        for epoch in range(epochs):
+            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None if progress else True)
+            for x, y in bar:
+                x, y = x.to(device), y.to(device)
+                opt.zero_grad(set_to_none=True)
+                logits = net(x)
+                if push is not None:
+                    loss = push(logits, tap.features, y)
+                elif distributed:  # this process's share of the global batch mean (see loss_scale)
+                    loss = F.cross_entropy(logits, y, reduction="sum") * gdist.loss_scale(y.shape[0])
+                else:
+                    loss = F.cross_entropy(logits, y)
+                if penalty is not None:
+                    loss = loss + penalty(model)
+                loss.backward()
+                opt.step()
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    finally:
+        if tap is not None:
+            tap.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int = 512, device="cpu") -> float:
+    """Accuracy of `model` on a labelled data set, in eval mode (the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for x, y in DataLoader(dataset, batch_size=batch_size):
+            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+            total += y.numel()
+    finally:
+        model.train(was_training)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_shape, batch: int, repeats: int = 20) -> float:
+    """Median CPU latency of one forward pass of `batch` inputs, in milliseconds (a copy of the model runs)."""
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.randn(batch, *input_shape)
+    model(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, num_batches: int = 50, device=None,
+                          progress: bool = False) -> nn.Module:
+    """Re-estimates every BatchNorm's running statistics on training data (after a structural change).
+
+    Resets the running mean/variance, runs `num_batches` batches forward in train mode without gradients with
+    a cumulative average (momentum None), then restores the model's modes. Under `torch.distributed` (a process
+    group of more than one process) every process recalibrates on its own batches and the estimates are then
+    averaged, so the model stays identical on every process.
+    """
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
+    if not norms:
+        return model
+    device = device or next(model.parameters()).device
+    modes = {m: m.training for m in model.modules()}
+    saved = [(m, m.momentum) for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for x, _ in tqdm(labelled_batches(loader, device, num_batches, op="recalibrate_batchnorm"),
+                         total=num_batches, desc="recalibrating BN", disable=None if progress else True,
+                         leave=False):
+            model(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        for m, mode in modes.items():
+            m.training = mode
+    if gdist.is_distributed():
+        world = gdist.world_size()
+        for m in norms:
+            for buffer in (m.running_mean, m.running_var):
+                if buffer is not None:
+                    buffer.copy_(gdist.all_reduce_sum(buffer) / world)
+    return model
