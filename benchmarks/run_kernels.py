@@ -53,7 +53,7 @@ def rows_from(bench_json: dict) -> list[dict]:
     rows = []
     for b in bench_json["benchmarks"]:
         s = b["stats"]
-        rows.append({"group": b["group"], "op": b["group"].split("[")[0], "device": b["params"]["device"],
+        rows.append({"group": b["group"], "op": b["group"].split("[")[0], "device": b["params"].get("device", "cpu"),
                      "impl": b["params"]["impl"], "median_s": s["median"], "iqr_s": s["iqr"], "min_s": s["min"],
                      "rounds": s["rounds"]})
     return rows
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     env = dict(os.environ, GPP_EXT_BENCH="smoke" if args.quick else "full", GPP_EXT_BENCH_THREADS=str(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "raw.json")
-        cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "bench_ops.py"), "-q", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "bench_ops.py"), os.path.join(HERE, "bench_pruning.py"),
+               "-q", "-p", "no:cacheprovider",
                "--benchmark-only", f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds",
                "--benchmark-sort=name"]
         if args.k:
