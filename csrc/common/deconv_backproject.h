@@ -1,5 +1,5 @@
 // deconv_backproject, shared by the CPU and CUDA registrations: carries a signal at a layer's output back to
-// its input through the layer's own weights (the Zeiler-Fergus "deconvolution", DESIGN.md 2.4). For a
+// its input through the layer's own weights (the Zeiler-Fergus "deconvolution", docs/design.md §2.4). For a
 // convolution that is the transposed convolution with the same stride, padding, dilation and groups, i.e. the
 // adjoint of the forward map; a linear weight [out, in] is a 1x1 convolution, so its back-projection is
 // signal @ weight.

@@ -1,7 +1,7 @@
 // generalized_eigh, shared by the CPU and CUDA registrations: a e = lambda b' e with
 // b' = b + ridge * tr(b)/D * I, batched over leading dims.
 //
-// Method (DESIGN.md 2.2): Cholesky b' = L L^T, M = L^{-1} a L^{-T}, symmetric eigendecomposition M = U W U^T,
+// Method (docs/design.md §2.2): Cholesky b' = L L^T, M = L^{-1} a L^{-T}, symmetric eigendecomposition M = U W U^T,
 // e = L^{-T} u. Eigenvalues come out descending, eigenvectors as columns with E^T b' E = I, and each
 // eigenvector's largest-magnitude entry made positive so results are reproducible.
 //

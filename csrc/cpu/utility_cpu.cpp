@@ -1,4 +1,4 @@
-// Neuron utilities at the pre-decision layer (DESIGN.md 2.3), on the CPU.
+// Neuron utilities at the pre-decision layer (docs/design.md §2.3), on the CPU.
 //
 // discriminant_utility: u_r = sum_{j<k} max(lambda_j, 0) |e_{r,j}| / ||e_j||, the eigenvalue-weighted absolute
 //   loadings of the unit-normalised top-k discriminants (eigenvectors as columns, eigenvalues descending).
