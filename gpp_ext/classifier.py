@@ -81,8 +81,16 @@ class PreDecisionTap:
     def _record(self, module, args):
         self.features = args[0]
 
+    def __deepcopy__(self, memo):
+        # A model copied while tapped (e.g. to measure a candidate cut) carries the hook along; its copy of the
+        # tap records nothing from here, and the features of a training step (not graph leaves) are not copied.
+        twin = PreDecisionTap.__new__(PreDecisionTap)
+        twin.classifier, twin.features, twin._handle = self.classifier, None, None
+        return twin
+
     def close(self) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
 
     def __enter__(self):
         return self

@@ -58,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
                           "iteration i of --max-iterations keeps target-params**(i/n) of the base parameters")
     compress.add_argument("--cuts", type=int, default=1, help="cuts per prune stage, each analysed afresh "
                           "(--schedule budget)")
+    compress.add_argument("--push", choices=("loss", "fade", "none"), default="loss",
+                          help="loss: push terms on the pre-decision features; fade: the removal set of each cut "
+                          "fades to exactly zero during the push, so the cut is lossless (needs --schedule budget); "
+                          "none: plain cross-entropy")
+    compress.add_argument("--epoch-budget", type=float, default=None,
+                          help="all training after the base, in epochs, split evenly over --max-iterations "
+                          "(replaces --push-epochs and --finetune-epochs)")
+    compress.add_argument("--push-share", type=float, default=0.5, help="with --epoch-budget: the push's share of "
+                          "each iteration")
+    compress.add_argument("--fade-reselect", type=int, default=4, help="--push fade: selections of the removal "
+                          "set during each push")
+    compress.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the model as it "
+                          "was before each push (0: off)")
     compress.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
                           help="grow Inception modules first (default: on for --model inception)")
     compress.add_argument("--seed", type=int, default=0)
@@ -140,7 +153,9 @@ def _compress_run(args, config_overrides=None) -> int:
                         batch_size=args.batch_size, lr=args.lr, target_params=args.target_params,
                         target_flops=args.target_flops, accuracy_floor=args.accuracy_floor,
                         max_iterations=args.max_iterations, criterion=args.criterion, grow=grow, seed=args.seed,
-                        schedule=args.schedule, cuts=args.cuts, **(config_overrides or {}))
+                        schedule=args.schedule, cuts=args.cuts, push=args.push, epoch_budget=args.epoch_budget,
+                        push_share=args.push_share, fade_reselect=args.fade_reselect, distill=args.distill,
+                        **(config_overrides or {}))
     out = args.out or os.path.join("runs", f"{args.model}-{args.data}")
     loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet)
     if lead:
@@ -182,7 +197,8 @@ def _demo(args) -> int:
                             push_epochs=settings["push"], finetune_epochs=settings["finetune"],
                             max_iterations=settings["iterations"], batch_size=settings["batch"], lr=3e-3,
                             criterion="lda", grow=False, seed=0, threads=None, resume=False, quiet=args.quiet,
-                            peers=None, schedule="eta", cuts=1)
+                            peers=None, schedule="eta", cuts=1, push="loss", epoch_budget=None, push_share=0.5,
+                            fade_reselect=4, distill=0.0)
     print(f"gpp demo: LeNet-5 on {name}", flush=True)
     return _compress(ns, config_overrides=dict(eta_start=0.05, eta_step=0.05))
 

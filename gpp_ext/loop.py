@@ -4,9 +4,14 @@
     until the size target is reached or validation accuracy falls below the floor.
 
 An iteration is built from two functions that the benchmarks call too, so that what is benchmarked is what
-users run: `push_stage` (the push loss for `push_epochs`, its weights from the `LoopConfig`) and `prune_stage`
-(one prune or several toward the iteration's goal: a threshold `eta` raised every iteration, or with
-`schedule="budget"` a parameter budget reached geometrically over `max_iterations`).
+users run: `push_stage` and `prune_stage`. The push is `push="loss"` (v1: the `PushLoss` terms on the
+pre-decision features), `push="fade"` (v2, docs/design.md §2.6: the removal set of the coming cut, chosen by
+the criterion, fades to exactly zero while the push terms act on the kept features and, optionally, the model
+distils from itself as it was before the push; the cut then removes only zeros) or `push="none"` (plain
+cross-entropy). The prune stage cuts by a threshold `eta` raised every iteration, or with `schedule="budget"`
+toward `target ** (i / max_iterations)` of the base cost (parameters or FLOPs) at iteration `i`. With
+`epoch_budget` the user sets the training after the base once: it is split evenly over the iterations,
+`push_share` of each for the push and the rest for fine-tuning.
 
 Every stage ends with a checkpoint written atomically to `out_dir/checkpoint.pt` (architecture as data plus
 weights, metrics so far, the stage reached; loadable with `weights_only=True`). `run(resume=True)` continues
@@ -25,6 +30,7 @@ on rank 0 and shared, and only rank 0 writes checkpoints (resume reads them on r
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,14 +41,16 @@ import torch.nn as nn
 from . import distributed as gdist
 from . import io
 from .cost import count_flops, count_params
+from .fade import FADE_SCHEDULES, RemovalFade
 from .grow import grow
 from .pruning import criteria, prune
 from .push import PushLoss
-from .training import evaluate, fit, latency_ms, training_batches
+from .training import evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
 
-__all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed"]
+__all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal"]
 
 SCHEDULES = ("eta", "budget")
+PUSHES = ("loss", "fade", "none")
 
 
 @dataclass
@@ -50,8 +58,10 @@ class LoopConfig:
     """Knobs of the loop. Budgets are fractions of the base model; accuracies are fractions in [0, 1]."""
 
     epochs: int = 5                  # initial training
-    push_epochs: int = 1             # per iteration
-    finetune_epochs: int = 2         # per iteration
+    push_epochs: float = 1           # per iteration (fractions allowed)
+    finetune_epochs: float = 2       # per iteration
+    epoch_budget: float | None = None  # if set: all training after the base, split over the iterations
+    push_share: float = 0.5          # with epoch_budget: the push's share of each iteration
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -64,6 +74,13 @@ class LoopConfig:
     eta_step: float = 0.1
     max_iterations: int = 8
     cuts: int = 1                    # cuts per prune stage, each analysed afresh (schedule "budget")
+    budget_kind: str = "params"      # what schedule "budget" counts: "params" (target_params) or "flops"
+    push: str = "loss"               # "loss" (v1), "fade" (v2: the removal set faded to zero), "none"
+    fade_reselect: int = 4           # push "fade": selections of the removal set during the push
+    fade_schedule: str = "cosine"    # push "fade": "cosine" or "linear"
+    fade_end: float = 1.0            # push "fade": share of the push at which the set reaches zero
+    distill: float = 0.0             # weight of distillation from the model as it was before the push
+    temperature: float = 4.0
     alpha: float = 0.3               # push weights (docs/design.md §2.8: push strength needs tuning; mild defaults)
     beta: float = 0.3
     gamma: float = 0.05
@@ -92,6 +109,41 @@ class LoopConfig:
         if not isinstance(self.criterion, str) or self.criterion not in criteria.names():
             raise ValueError(f"LoopConfig: criterion must be one of {tuple(criteria.names())}, got "
                              f"{self.criterion!r}")
+        if self.push not in PUSHES:
+            raise ValueError(f"LoopConfig: push must be one of {PUSHES}, got {self.push!r}")
+        if self.budget_kind not in ("params", "flops") or (self.budget_kind == "flops" and self.target_flops is None):
+            raise ValueError(f"LoopConfig: budget_kind must be 'params' or 'flops' (which needs target_flops), got "
+                             f"{self.budget_kind!r}")
+        if self.push == "fade" and (self.schedule != "budget" or self.cuts != 1):
+            raise ValueError("LoopConfig: push='fade' fades the removal set of the iteration's cut, so it needs "
+                             "schedule='budget' and cuts=1")
+        if self.fade_schedule not in FADE_SCHEDULES or not 0 < self.fade_end <= 1 or self.fade_reselect < 1:
+            raise ValueError(f"LoopConfig: fade_schedule must be one of {FADE_SCHEDULES}, fade_end in (0, 1] and "
+                             f"fade_reselect >= 1")
+        if self.distill < 0 or self.temperature <= 0:
+            raise ValueError("LoopConfig: distill must be >= 0 and temperature > 0")
+        if (self.epoch_budget is not None and self.epoch_budget < 0) or not 0 <= self.push_share <= 1:
+            raise ValueError("LoopConfig: epoch_budget must be >= 0 and push_share in [0, 1]")
+
+
+def stage_epochs(config: LoopConfig) -> tuple:
+    """`(push epochs, fine-tuning epochs)` of one iteration: from `epoch_budget` when it is set (split evenly
+    over `max_iterations`, `push_share` of each to the push), else `push_epochs` and `finetune_epochs`."""
+    if config.epoch_budget is None:
+        return config.push_epochs, config.finetune_epochs
+    per = config.epoch_budget / config.max_iterations
+    return per * config.push_share, per * (1 - config.push_share)
+
+
+def stage_goal(config: LoopConfig, iteration: float) -> float:
+    """With `schedule="budget"`: the fraction of the base cost (`budget_kind`) the model keeps after iteration
+    `iteration` (fractions name the cuts within an iteration)."""
+    target = config.target_flops if config.budget_kind == "flops" else config.target_params
+    return target ** (iteration / config.max_iterations)
+
+
+def _cost(model: nn.Module, kind: str, example) -> int:
+    return count_flops(model, example) if kind == "flops" else count_params(model)
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -101,38 +153,75 @@ def stage_seed(seed: int, stage: int) -> int:
 
 
 def push_stage(model: nn.Module, splits, config: LoopConfig, seed: int, device="cpu", progress: bool = False,
-               desc: str = "push") -> nn.Module:
-    """The push stage of an iteration: `config.push_epochs` epochs of `PushLoss` training (weights
-    `config.alpha`, `beta`, `gamma`, separation `config.separation`) at the config's learning rate."""
+               desc: str = "push", iteration: int = 1, base_cost: int | None = None):
+    """The push stage of iteration `iteration`: returns `(model, keep)`.
+
+    Trains for the iteration's push epochs (`stage_epochs`) at the config's learning rate with the config's
+    push (`push="loss"`: `PushLoss` with weights `alpha`, `beta`, `gamma`; `"fade"`: the same terms on the kept
+    pre-decision features while the removal set of this iteration's cut, toward `stage_goal(iteration)` of
+    `base_cost`, fades to zero; `"none"`: cross-entropy), distilling from the model as it was before the push
+    when `config.distill > 0`. `keep` is the faded cut's keep-set (`push="fade"`), else None.
+    """
+    epochs, _ = stage_epochs(config)
+    teacher = copy.deepcopy(model).eval() if config.distill > 0 and epochs > 0 else None
+    common = dict(lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size, seed=seed,
+                  teacher=teacher, distill=config.distill if teacher is not None else 0.0,
+                  temperature=config.temperature, device=device, progress=progress, desc=desc)
+    if config.push == "none":
+        return fit(model, splits.train, epochs, **common), None
     push = PushLoss(splits.num_classes, config.alpha, config.beta, config.gamma, separation=config.separation)
-    return fit(model, splits.train, config.push_epochs, lr=config.lr, weight_decay=config.weight_decay,
-               batch_size=config.batch_size, seed=seed, push=push, device=device, progress=progress, desc=desc)
+    fade = None
+    if config.push == "fade":
+        example = torch.zeros(2, *splits.input_shape, device=device)
+        model.to(device)
+        base_cost = base_cost or _cost(model, config.budget_kind, example)
+        relative = stage_goal(config, iteration) * base_cost / _cost(model, config.budget_kind, example)
+        if relative < 1:
+            fade = RemovalFade(model, example, training_batches(splits.train, config.batch_size, seed), relative,
+                               budget_kind=config.budget_kind, criterion=config.criterion,
+                               reselect=config.fade_reselect, schedule=config.fade_schedule,
+                               fade_end=config.fade_end, neurons=config.neurons, num_classes=splits.num_classes,
+                               seed=seed)
+            fade.attach(push)
+    model = fit(model, splits.train, epochs, push=push, after_step=fade.step if fade else None, **common)
+    if fade is None:
+        return model, None
+    keep = fade.finish()
+    # The set reached zero in the last steps, faster than BatchNorm's running averages follow: re-estimate them
+    # so the model at the end of the push is measured as it computes (the cut changes nothing after this).
+    recalibrate_batchnorm(model, training_batches(splits.train, config.batch_size, seed + 1), device=device)
+    return model, keep
 
 
 def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, base_params: int, seed: int,
-                device="cpu", progress: bool = False):
+                device="cpu", progress: bool = False, keep: dict | None = None, recalibrate: bool = True):
     """The prune stage of iteration `iteration` (from 1): returns `(model, [PruneReport, ...])`.
 
-    With `schedule="eta"` one prune below `eta = eta_start + (iteration - 1) * eta_step`; with
-    `schedule="budget"` the model is cut toward `target_params ** (iteration / max_iterations)` of
-    `base_params` in `config.cuts` steps (geometric, each analysed afresh; a step the model already meets is
-    skipped). Each prune recalibrates BatchNorm on training batches drawn with `seed`.
+    With `keep` (from a fading `push_stage`) one cut of exactly those channels. Otherwise, with
+    `schedule="eta"` one prune below `eta = eta_start + (iteration - 1) * eta_step`; with `schedule="budget"`
+    the model is cut toward `stage_goal(iteration)` of the base cost (`base_params` is the base model's cost
+    in `budget_kind` units) in `config.cuts` steps (geometric, each analysed afresh; a step the model already
+    meets is skipped). Each prune recalibrates BatchNorm on training batches drawn with `seed` unless
+    `recalibrate=False`.
     """
     torch.manual_seed(seed)
     loader = training_batches(splits.train, config.batch_size, seed)
     example = torch.zeros(2, *splits.input_shape, device=device)
-    kwargs = dict(criterion=config.criterion, neurons=config.neurons, progress=progress)
+    kwargs = dict(criterion=config.criterion, neurons=config.neurons, progress=progress, recalibrate=recalibrate)
+    if keep is not None:
+        model, report = prune(model, loader, example, splits.num_classes, keep=keep, **kwargs)
+        return model, [report]
     if config.schedule == "eta":
         eta = config.eta_start + (iteration - 1) * config.eta_step
         model, report = prune(model, loader, example, splits.num_classes, eta=eta, **kwargs)
         return model, [report]
     reports = []
     for cut in range(1, config.cuts + 1):
-        goal = config.target_params ** ((iteration - 1 + cut / config.cuts) / config.max_iterations)
-        relative = goal * base_params / count_params(model)
+        goal = stage_goal(config, iteration - 1 + cut / config.cuts)
+        relative = goal * base_params / _cost(model, config.budget_kind, example)
         if relative < 1:
             model, report = prune(model, loader, example, splits.num_classes, method="budget", budget=relative,
-                                  **kwargs)
+                                  budget_kind=config.budget_kind, **kwargs)
             reports.append(report)
     return model, reports
 
@@ -146,6 +235,8 @@ class _State:
     best_accuracy: dict | None = None   # {"metrics": ..., "model": state}
     best_size: dict | None = None
     stopped: str = ""
+    pending_keep: dict | None = None    # the faded set's keep-set between a fading push and its cut
+    end_of_push: float | None = None    # validation accuracy at the end of the last push
 
 
 class GrowPushPrune:
@@ -253,19 +344,26 @@ class GrowPushPrune:
                 break
             eta = cfg.eta_start + (i - 1) * cfg.eta_step
             if not step(f"push {i}"):
-                self.model = push_stage(self.model, self.splits, cfg, stage_seed(cfg.seed, stage), self.device,
-                                        self.progress, desc=f"push {i}")
+                self.model, keep = push_stage(self.model, self.splits, cfg, stage_seed(cfg.seed, stage), self.device,
+                                              self.progress, desc=f"push {i}", iteration=i,
+                                              base_cost=base[cfg.budget_kind])
+                self.state.pending_keep = {n: k.tolist() for n, k in keep.items()} if keep is not None else None
+                self.state.end_of_push = evaluate(self.model, self.splits.val, device=self.device)
                 self.state.stage = stage
                 self._save()
             if not step(f"prune {i}"):
                 params_before = count_params(self.model)
-                self.model, reports = prune_stage(self.model, self.splits, cfg, i, base["params"],
-                                                  stage_seed(cfg.seed, stage), self.device, self.progress)
+                pending = self.state.pending_keep
+                keep = {n: torch.tensor(k, dtype=torch.long) for n, k in pending.items()} if pending else None
+                self.model, reports = prune_stage(self.model, self.splits, cfg, i, base[cfg.budget_kind],
+                                                  stage_seed(cfg.seed, stage), self.device, self.progress, keep=keep)
                 widths = _widths(reports)
                 entry = {"iteration": i, "eta": eta if cfg.schedule == "eta" else None, "widths": widths,
+                         "val_accuracy_end_of_push": self.state.end_of_push,
                          "val_accuracy_after_prune": evaluate(self.model, self.splits.val, device=self.device)}
                 if cfg.schedule == "budget":
-                    entry["goal_params"] = cfg.target_params ** (i / cfg.max_iterations)
+                    entry[f"goal_{cfg.budget_kind}"] = stage_goal(cfg, i)
+                self.state.pending_keep = None
                 self.state.iterations.append(entry)
                 if count_params(self.model) >= params_before:
                     self.state.iterations[-1]["note"] = "nothing pruned at this eta" if cfg.schedule == "eta" \
@@ -273,7 +371,7 @@ class GrowPushPrune:
                 self.state.stage = stage
                 self._save()
             if not step(f"finetune {i}"):
-                self.model = self._train(self.model, cfg.finetune_epochs, stage, f"fine-tune {i}")
+                self.model = self._train(self.model, stage_epochs(cfg)[1], stage, f"fine-tune {i}")
                 metrics = self._metrics(self.model)
                 self.state.iterations[-1].update(metrics)
                 snapshot = {"metrics": self.state.iterations[-1], "model": io.payload(self.model)}
@@ -287,8 +385,7 @@ class GrowPushPrune:
                 if metrics["val_accuracy"] < floor:
                     self.state.stopped = f"validation accuracy {metrics['val_accuracy']:.4f} fell below the floor " \
                                          f"{floor:.4f}"
-                elif metrics["params"] <= cfg.target_params * base["params"] and (
-                        cfg.target_flops is None or metrics["flops"] <= cfg.target_flops * base["flops"]):
+                elif _reached(cfg, metrics, base):
                     self.state.stopped = "size target reached"
                 self.state.stage = stage
                 self._save()
@@ -304,6 +401,15 @@ class GrowPushPrune:
                 "accuracy_first": self.state.best_accuracy["metrics"] if self.state.best_accuracy else None,
                 "size_first": self.state.best_size["metrics"] if self.state.best_size else None,
                 "seconds": time.perf_counter() - started}
+
+
+def _reached(cfg: LoopConfig, metrics: dict, base: dict) -> bool:
+    """The size target: the FLOP target alone for a FLOP-budget schedule, else the parameter target (and the
+    FLOP target when one is set)."""
+    flops_ok = cfg.target_flops is None or metrics["flops"] <= cfg.target_flops * base["flops"] * (1 + 1e-9)
+    if cfg.schedule == "budget" and cfg.budget_kind == "flops":
+        return flops_ok
+    return metrics["params"] <= cfg.target_params * base["params"] * (1 + 1e-9) and flops_ok
 
 
 def _widths(reports: list) -> dict:

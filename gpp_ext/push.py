@@ -71,11 +71,27 @@ class PushLoss(nn.Module):
         self.separation, self.compact, self.keep = separation, compact, keep
         self.ridge, self.eps, self.ema = ridge, eps, ema
         self._running: ScatterStats | None = None
+        self._features_index: torch.Tensor | None = None
         self.terms: dict = {}
 
     def reset(self) -> None:
         """Forgets the moving average (e.g. after the model was pruned)."""
         self._running = None
+
+    def restrict(self, index) -> "PushLoss":
+        """Computes the push terms on the pre-decision features `index` only (a 1-D index tensor; None: all of
+        them), e.g. the kept subnetwork's while a removal set fades (`gpp_ext.fade`). Cross-entropy is always on
+        the whole logits. Returns self."""
+        if index is not None:
+            index = torch.as_tensor(index).long().flatten()
+            if index.numel() == 0:
+                raise ValueError("PushLoss.restrict: index must select at least one feature")
+        changed = (index is None) != (self._features_index is None) or (
+            index is not None and not torch.equal(index, self._features_index))
+        if changed:
+            self._running = None  # the statistics of other features do not carry over
+        self._features_index = index
+        return self
 
     def _stats(self, features: torch.Tensor, labels: torch.Tensor) -> ScatterStats:
         batch = ops.class_scatter(features, labels, self.num_classes)
@@ -105,6 +121,8 @@ class PushLoss(nn.Module):
         self.terms = {"ce": float(ce.detach())}
         if self.alpha == self.beta == self.gamma == 0:
             return total
+        if self._features_index is not None:
+            features = features.index_select(1, self._features_index.to(features.device))
         stats = self._stats(*gdist.gather_batch(features, labels))
         between, within = stats.between(), stats.within
         d = within.shape[0]

@@ -36,14 +36,17 @@ def render_markdown(report: dict) -> str:
     lines = [f"# Grow-push-prune on {report['dataset']}", "", summary_table(report), "",
              f"Stopped: {report['stopped']}. Input shape {report['input_shape']}, {report['num_classes']} classes, "
              f"{report['seconds']:.0f} s.", "", "## Iterations", "",
-             "| # | eta / goal | params | FLOPs | val acc after prune | val acc | test acc | latency b=1 (ms) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| # | eta / goal | params | FLOPs | val acc end of push | val acc after prune | val acc | test acc | "
+             "latency b=1 (ms) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for it in report["iterations"]:
         if "params" not in it:
             continue
-        knob = f"{it['eta']:.2f}" if it.get("eta") is not None else f"{it.get('goal_params', 0):.1%} params"
+        goal = next(((k[5:], v) for k, v in it.items() if k.startswith("goal_")), ("params", 0.0))
+        knob = f"{it['eta']:.2f}" if it.get("eta") is not None else f"{goal[1]:.1%} {goal[0]}"
+        push = it.get("val_accuracy_end_of_push")
         lines.append(f"| {it['iteration']} | {knob} | {it['params']:,} | {it['flops']:,} | "
-                     f"{it['val_accuracy_after_prune']:.4f} | {it['val_accuracy']:.4f} | {it['test_accuracy']:.4f} | "
+                     f"{'–' if push is None else f'{push:.4f}'} | {it['val_accuracy_after_prune']:.4f} | {it['val_accuracy']:.4f} | {it['test_accuracy']:.4f} | "
                      f"{it['latency_ms_b1']:.3f} |")
     if report.get("growth"):
         lines += ["", "## Growth", "", "| stage | modules | val acc | params | kept |", "|---:|---:|---:|---:|:---:|"]

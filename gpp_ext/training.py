@@ -17,6 +17,7 @@ reproducible and a resumed run draws what an uninterrupted one would.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 
@@ -72,20 +73,28 @@ def training_batches(dataset, batch_size: int, seed: int, balanced: bool = False
     return DataLoader(dataset, batch_sampler=batches, generator=generator)
 
 
-def fit(model: nn.Module, dataset, epochs: int, *, lr: float = 2e-3, weight_decay: float = 1e-4,
-        batch_size: int = 128, seed: int = 0, push=None, penalty=None, device="cpu", progress: bool = False,
-        desc: str = "training") -> nn.Module:
+def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_decay: float = 1e-4,
+        batch_size: int = 128, seed: int = 0, push=None, penalty=None, teacher: nn.Module | None = None,
+        distill: float = 0.0, temperature: float = 4.0, lr_schedule: str = "constant", after_step=None,
+        device="cpu", progress: bool = False, desc: str = "training") -> nn.Module:
     """Trains `model` on `dataset` with AdamW and returns it in eval mode (it is trained in place).
 
     Args:
         model: a classifier; with `push`, its final classifier's input is the pre-decision layer
             (`gpp_ext.classifier`).
         dataset: a labelled `Dataset` of `(input, label)` pairs.
-        epochs: passes over the data (0: nothing is trained).
+        epochs: passes over the data; a fraction trains that share of an epoch's batches (0: nothing).
         lr, weight_decay, batch_size: AdamW's learning rate and decoupled weight decay; the global batch size.
         seed: seeds the batch order and the global generator (dropout).
-        push: a `gpp_ext.push.PushLoss` to train with instead of plain cross-entropy (class-balanced batches).
+        push: a `gpp_ext.push.PushLoss` (or any `(logits, features, labels) -> loss`) to train with instead of
+            plain cross-entropy, on class-balanced batches.
         penalty: `penalty(model) -> scalar tensor` added to the loss (e.g. an L1 on BatchNorm scales).
+        teacher, distill, temperature: with a teacher and `distill > 0`, adds
+            `distill * T^2 * KL(softmax(teacher / T) || softmax(model / T))` (knowledge distillation; the
+            teacher runs in eval mode without gradients).
+        lr_schedule: "constant", or "cosine" (decays to 0 over the steps of this call).
+        after_step: `after_step(step, total_steps)`, called after every optimiser step (steps from 1), e.g. to
+            apply a fade or to measure accuracy along the way.
         device: where the model trains.
         progress: a progress bar per epoch (on terminals only).
         desc: the bar's label.
@@ -95,6 +104,13 @@ def fit(model: nn.Module, dataset, epochs: int, *, lr: float = 2e-3, weight_deca
     cross-entropy is this process's share of the global batch mean, and the push statistics are those of the
     global batch.
     """
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"fit: lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if epochs < 0 or distill < 0 or temperature <= 0:
+        raise ValueError(f"fit: epochs and distill must be >= 0 and temperature > 0, got {epochs}, {distill}, "
+                         f"{temperature}")
+    if distill > 0 and teacher is None:
+        raise ValueError("fit: distill > 0 needs a teacher model")
     if epochs <= 0:
         return model
     torch.manual_seed(seed)  # dropout and any other global draws
@@ -103,10 +119,18 @@ def fit(model: nn.Module, dataset, epochs: int, *, lr: float = 2e-3, weight_deca
     net = DistributedDataParallel(model) if distributed else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     loader = training_batches(dataset, batch_size, seed, balanced=push is not None, sliced=True)
+    total = max(1, int(round(epochs * len(loader))))
+    passes = math.ceil(total / len(loader))
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+                 if lr_schedule == "cosine" else None)
+    if teacher is not None and distill > 0:
+        teacher = teacher.to(device).eval()
     tap = PreDecisionTap(model) if push is not None else None
+    step = 0
     try:
-        for epoch in range(epochs):
-            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None if progress else True)
+        for epoch in range(passes):
+            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{passes}", leave=False, disable=None if progress else True,
+                       total=min(len(loader), total - step))
             for x, y in bar:
                 x, y = x.to(device), y.to(device)
                 opt.zero_grad(set_to_none=True)
@@ -119,9 +143,22 @@ def fit(model: nn.Module, dataset, epochs: int, *, lr: float = 2e-3, weight_deca
                     loss = F.cross_entropy(logits, y)
                 if penalty is not None:
                     loss = loss + penalty(model)
+                if teacher is not None and distill > 0:
+                    with torch.no_grad():
+                        target = F.softmax(teacher(x) / temperature, dim=1)
+                    kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, reduction="sum")
+                    kd = kd * (gdist.loss_scale(y.shape[0]) if distributed else 1.0 / max(y.shape[0], 1))
+                    loss = loss + distill * temperature ** 2 * kd
                 loss.backward()
                 opt.step()
+                if scheduler is not None:
+                    scheduler.step()
+                step += 1
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                if after_step is not None:
+                    after_step(step, total)
+                if step >= total:
+                    break
     finally:
         if tap is not None:
             tap.close()

@@ -136,3 +136,43 @@ def test_loop_config_refuses_bad_settings():
         LoopConfig(cuts=2).validate()
     with pytest.raises(ValueError, match="criterion must be one of"):
         LoopConfig(criterion="magic").validate()
+
+
+def test_fade_loop_cuts_only_zeros_and_resumes_between_push_and_cut(tmp_path, monkeypatch):
+    """push="fade" with an epoch budget: each cut removes the faded set, so accuracy right after the cut is the
+    accuracy at the end of the push (BatchNorm recalibration aside; LeNet-5 has none), and a crash between the
+    push and its cut resumes to the same result."""
+    config = LoopConfig(**{**FAST, "target_params": 0.3, "max_iterations": 2, "accuracy_floor": 0.5},
+                        schedule="budget", push="fade", epoch_budget=3, push_share=0.5, fade_reselect=2)
+    model, splits = build()
+    straight = GrowPushPrune(model, splits, config, out_dir=tmp_path / "a", progress=False).run()
+    for it in straight["iterations"]:
+        assert it["val_accuracy_after_prune"] == it["val_accuracy_end_of_push"]
+        assert it["params"] <= it["goal_params"] * straight["base"]["params"]
+    calls = {"n": 0}
+    real_prune = loop_module.prune
+
+    def crashing_prune(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real_prune(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "prune", crashing_prune)
+    model, splits = build()
+    with pytest.raises(KeyboardInterrupt):
+        GrowPushPrune(model, splits, config, out_dir=tmp_path / "b", progress=False).run()
+    monkeypatch.setattr(loop_module, "prune", real_prune)
+    resumed = GrowPushPrune(*build(seed=5), config, out_dir=tmp_path / "b", progress=False).run(resume=True)
+    assert _comparable(resumed) == _comparable(straight)
+
+
+def test_epoch_budget_splits_the_training():
+    from gpp_ext.loop import stage_epochs
+
+    assert stage_epochs(LoopConfig(epoch_budget=3, max_iterations=3, push_share=0.25)) == (0.25, 0.75)
+    assert stage_epochs(LoopConfig(push_epochs=1, finetune_epochs=2)) == (1, 2)
+    with pytest.raises(ValueError, match="needs schedule='budget'"):
+        LoopConfig(push="fade").validate()
+    with pytest.raises(ValueError, match="push must be one of"):
+        LoopConfig(push="shove").validate()

@@ -30,6 +30,9 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert any(line.startswith("params ") and "criterion lda" in line for line in lines)
     assert (tmp_path / "lenet5-digits.pt").exists()
     assert "l2 L2 norm of each output filter." in lines  # the custom criterion pruned by name
+    lossless = next(line for line in lines if line.startswith("cut to "))
+    before, after = lossless.split("test accuracy ")[1].split(" -> ")
+    assert before == after  # the faded set is exactly zero, and LeNet-5 has no BatchNorm to recalibrate
 
 
 def test_readme_layout_matches_the_tracked_files():

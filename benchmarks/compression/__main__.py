@@ -84,7 +84,8 @@ def prepare(kind, base, splits, args, seed):
     """The extra training every method gets before its cut (module docstring): "ce", "push" or "slimming"."""
     model = copy.deepcopy(base)
     if kind == "push":
-        return push_stage(model, splits, loop_config(args, seed), seed).eval()
+        model, _ = push_stage(model, splits, loop_config(args, seed), seed)
+        return model.eval()
     return train(model, splits.train, args.prep_epochs, args.lr, seed,
                  penalty=_slimming_penalty if kind == "slimming" else None)
 

@@ -47,7 +47,7 @@ from ..training import labelled_batches
 from .graph import ChannelGraph, ChannelParam
 from .trace import trace_utility
 
-__all__ = ["CriterionContext", "register", "get", "names", "describe", "resolve", "per_channel", "lda", "fisher",
+__all__ = ["CriterionContext", "register", "unregister", "get", "names", "describe", "resolve", "per_channel", "lda", "fisher",
            "l1", "bn_scale", "taylor", "random"]
 
 

@@ -58,7 +58,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
           neurons=0.5, method: str = "eta", eta: float = 0.1, ratio: float | None = None,
           budget: float | None = None, budget_kind: str = "params", min_channels: int = 1, round_to: int = 1,
           tracing_per_class: int = 4, max_batches: int | None = None, recalibrate: bool = True,
-          ignore=(), inplace: bool = False, progress: bool = True, seed: int = 0):
+          ignore=(), inplace: bool = False, progress: bool = True, seed: int = 0, keep: dict | None = None):
     """Prunes `model` for the task in `loader` and returns `(compact_model, PruneReport)`.
 
     Args:
@@ -78,12 +78,16 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
         inplace: prune `model` itself instead of a copy.
         progress: progress bars on the long passes.
         seed: seed of randomised criteria ("random").
+        keep: cut exactly these channels (`{group: kept indices}`, e.g. `RemovalFade.finish()`), skipping the
+            criterion and the selection; the report's criterion is then "keep".
 
     Under `torch.distributed` (e.g. `torchrun`), call it on every process with the same model: the analysis
     splits `loader` over the processes and combines their statistics exactly, rank 0's selection is applied
     everywhere, and BatchNorm recalibration is averaged, so every process ends with the same compact model.
     """
-    name, score = criteria.resolve(criterion)
+    name, score = ("keep", None) if keep is not None else criteria.resolve(criterion)
+    if keep is not None and not isinstance(keep, dict):
+        raise TypeError(f"prune: keep must be a dict of group name -> kept indices, got {type(keep).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     if isinstance(example_inputs, torch.Tensor):
@@ -99,12 +103,13 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
                                         num_classes=num_classes, seed=seed, neurons=neurons,
                                         tracing_per_class=tracing_per_class, max_batches=max_batches,
                                         progress=progress)
-    scores = score(graph, context)
-    if not isinstance(scores, dict):
-        raise TypeError(f"prune: criterion {name!r} must return a dict of group name -> [size] scores, got "
-                        f"{type(scores).__name__}")
-    keep = select_channels(graph, scores, method=method, eta=eta, ratio=ratio, budget=budget,
-                           budget_kind=budget_kind, min_channels=min_channels, round_to=round_to)
+    if keep is None:
+        scores = score(graph, context)
+        if not isinstance(scores, dict):
+            raise TypeError(f"prune: criterion {name!r} must return a dict of group name -> [size] scores, got "
+                            f"{type(scores).__name__}")
+        keep = select_channels(graph, scores, method=method, eta=eta, ratio=ratio, budget=budget,
+                               budget_kind=budget_kind, min_channels=min_channels, round_to=round_to)
     # Under torch.distributed the statistics are already identical everywhere, but tracing images, Taylor's
     # batch and random scores are each process's own: rank 0 decides, and every process cuts the same channels.
     keep = gdist.broadcast_object(keep)

@@ -1,8 +1,8 @@
 """Tracing the discriminant utility down the network: the data-driven deconvolution of docs/design.md §2.4.
 
-`trace_utility` is that deconvolution. A forward pass over a few tracing images
-records every intermediate tensor (hence the ReLU masks and max-pool switches); the pre-decision layer's
-response is kept only for the selected neurons and walked back to the input, node by node in reverse order:
+A forward pass over a few tracing images records every intermediate tensor (hence the ReLU masks and
+max-pool switches); the pre-decision layer's response is kept only for the selected neurons and walked back
+to the input, node by node in reverse order:
 convolutions and linear layers by `ops.deconv_backproject` with the layer's own weights, ReLUs by
 rectification (`rectify="guided"` also applies the forward ReLU mask), max-pools by unpooling with the
 recorded switches, and every other op (BatchNorm, average pools, flatten, concatenation, residual add, ...) by
@@ -26,7 +26,7 @@ from ..classifier import find_classifier, pre_decision_node
 from ..layers import CONV
 from .graph import ChannelGraph
 
-__all__ = ["trace_utility", "fold_scores"]
+__all__ = ["trace_utility"]
 
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
 _RELU_FUNCTIONS = {F.relu, torch.relu, F.relu6}
@@ -118,7 +118,7 @@ def _channel_utility(signal: torch.Tensor) -> torch.Tensor:
     return mean.flatten(1).amax(1) if mean.dim() > 1 else mean
 
 
-def fold_scores(score: torch.Tensor, size: int) -> torch.Tensor:
+def _fold(score: torch.Tensor, size: int) -> torch.Tensor:
     """Scores of a layer's output channels as scores of its group: the parts of a chunked output are one group
     pruned at the same positions, so their scores add up."""
     score = score.detach().double().cpu()
@@ -188,7 +188,7 @@ def trace_utility(graph: ChannelGraph, inputs: torch.Tensor, neurons: torch.Tens
             reached = [n for n in nodes if n.op == "call_module" and n.target in group.modules
                        and isinstance(signals.get(n), torch.Tensor)]
             if reached:  # a group no signal reaches has no evidence either way and is left out (kept whole)
-                utility[group.name] = sum(fold_scores(_channel_utility(signals[n]), group.size) for n in reached)
+                utility[group.name] = sum(_fold(_channel_utility(signals[n]), group.size) for n in reached)
         return utility
     finally:
         model.train(was_training)

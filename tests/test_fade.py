@@ -1,0 +1,101 @@
+"""Push v2's removal fade: the set reaches exactly zero, the cut then changes no output (every architecture of
+the graph tests; float32 outputs of order 1, so 1e-5 absolute leaves only summation-order differences), task
+gradients into the set are stopped, kept channels train freely, and the set may change while the fade runs."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from gpp_ext.classifier import find_classifier
+from gpp_ext.cost import count_params
+from gpp_ext.fade import RemovalFade
+from gpp_ext.pruning import ChannelGraph
+from gpp_ext.push import PushLoss
+from gpp_ext.training import fit
+from test_graph import CASES, make
+
+
+def _task(name, seed=0):
+    model, x = make(name, seed=seed)
+    classes = dict(model.named_modules())[find_classifier(model)].out_features
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(96, *x.shape[1:], generator=g)
+    labels = torch.arange(96) % classes
+    return model, x, TensorDataset(inputs, labels), classes
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_once_faded_the_cut_changes_no_output(name):
+    model, x, data, classes = _task(name)
+    fade = RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.5, reselect=3, max_batches=2)
+    push = PushLoss(classes, 0.3, 0.3, 0.05)
+    fade.attach(push)
+    fit(model, data, 1, batch_size=24, lr=1e-2, push=push, after_step=fade.step, seed=1)
+    keep = fade.finish()
+    assert keep, "nothing to cut"
+    graph = ChannelGraph(model, x)
+    for group, removed in fade.removed.items():
+        for p in graph.channel_params(group):
+            if p.role != "consumer" and not p.attr.startswith("running_"):
+                assert p.tensor.index_select(p.dim, p.index[removed].reshape(-1)).abs().max() == 0, (p, group)
+    model.eval()
+    probe = torch.randn(8, *x.shape[1:])
+    before = model(probe)
+    params = count_params(model)
+    graph.prune(keep)
+    after = model(probe)
+    assert after.shape == before.shape
+    assert (after - before).abs().max() < 1e-5
+    assert count_params(model) <= 0.5 * params
+
+
+def test_gradients_into_the_set_are_stopped_and_kept_channels_train():
+    model, x, data, classes = _task("vgg")
+    fade = RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.4, criterion="l1", reselect=1)
+    removed = fade.removed
+    name = next(iter(removed))
+    producer = next(p for p in fade.graph.channel_params(name) if p.role == "producer" and p.attr == "weight")
+    start = producer.tensor.detach().clone()
+    xb, yb = data[:32]
+    model.train()
+    torch.nn.functional.cross_entropy(model(xb), yb).backward()
+    rows = producer.index[removed[name]].reshape(-1)
+    assert producer.tensor.grad.index_select(0, rows).abs().max() == 0
+    kept_rows = fade.keep[name]
+    assert producer.tensor.grad.index_select(0, kept_rows).abs().max() > 0
+    model.zero_grad(set_to_none=True)
+    fit(model, data, 1, batch_size=32, lr=1e-2, after_step=fade.step, seed=2)
+    now = producer.tensor.detach()
+    assert not torch.allclose(now.index_select(0, kept_rows), start.index_select(0, kept_rows))  # trained
+    assert now.index_select(0, rows).abs().max() == 0  # cosine fade over the whole call: zero at its end
+    fade.finish()
+    assert not producer.tensor._backward_hooks  # the gradient masks are gone
+
+
+def test_reselection_and_schedule():
+    model, x, data, classes = _task("lenet5")
+    draws = torch.Generator().manual_seed(4)
+
+    def fresh_random(graph, context):  # new scores at every selection, so the set changes
+        return {g.name: torch.rand(g.size, generator=draws, dtype=torch.float64) for g in graph.groups}
+
+    fade = RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.5, criterion=fresh_random, reselect=4,
+                       schedule="linear", fade_end=0.5)
+    seen = []
+
+    def record(step, total):
+        fade.step(step, total)
+        seen.append(fade._u)
+
+    fit(model, data, 2, batch_size=16, lr=1e-2, after_step=record, seed=3)
+    assert len(fade.history) == 4 and fade.history[0]["at"] == 0.0
+    assert all(h["at"] < 1.0 for h in fade.history)
+    assert sum(h["swapped"] for h in fade.history) > 0  # fresh scores: the set changes between selections
+    assert seen[len(seen) // 2 - 1] == 1.0  # linear fade over the first half of the steps
+    with pytest.raises(ValueError, match="budget must be in"):
+        RemovalFade(model, x, None, budget=0)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        RemovalFade(model, x, None, budget=0.5, schedule="step")
+    fade.finish()
+    with pytest.raises(RuntimeError, match="finished"):
+        fade.step(1, 1)
