@@ -76,6 +76,7 @@ def training_batches(dataset, batch_size: int, seed: int, balanced: bool = False
 def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_decay: float = 1e-4,
         batch_size: int = 128, seed: int = 0, push=None, penalty=None, teacher: nn.Module | None = None,
         distill: float = 0.0, temperature: float = 4.0, lr_schedule: str = "constant", after_step=None,
+        after_backward=None,
         device="cpu", progress: bool = False, desc: str = "training") -> nn.Module:
     """Trains `model` on `dataset` with AdamW and returns it in eval mode (it is trained in place).
 
@@ -95,6 +96,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         lr_schedule: "constant", or "cosine" (decays to 0 over the steps of this call).
         after_step: `after_step(step, total_steps)`, called after every optimiser step (steps from 1), e.g. to
             apply a fade or to measure accuracy along the way.
+        after_backward: `after_backward(model)`, called between the backward pass and the optimiser step (e.g. a
+            regulariser that edits gradients, as Torch-Pruning's sparse-learning pruners do).
         device: where the model trains.
         progress: a progress bar per epoch (on terminals only).
         desc: the bar's label.
@@ -150,6 +153,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
                     kd = kd * (gdist.loss_scale(y.shape[0]) if distributed else 1.0 / max(y.shape[0], 1))
                     loss = loss + distill * temperature ** 2 * kd
                 loss.backward()
+                if after_backward is not None:
+                    after_backward(model)
                 opt.step()
                 if scheduler is not None:
                     scheduler.step()

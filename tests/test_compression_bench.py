@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ("method", "model", "dataset", "budget", "seed", "params", "flops", "acc_after_prune", "test_accuracy",
-          "latency_ms_b1", "latency_ms_b64")
+FIELDS = ("method", "model", "dataset", "budget_kind", "budget", "seed", "params", "flops", "acc_end_of_prep",
+          "acc_after_cut", "acc_after_recal", "ft_curve", "test_accuracy", "val_accuracy", "latency_ms_b1",
+          "latency_ms_b64", "harness")
 
 
 @pytest.fixture
@@ -32,17 +33,28 @@ def test_harness_smoke(harness, tmp_path):
     assert code == 0
     records = json.loads(out.read_text())
     methods = {r["method"] for r in records}
-    assert set(harness.OURS) <= methods
+    assert set(harness.DEFAULT_METHODS) <= methods
     for r in records:
         for key in FIELDS:
             assert key in r, key
         assert r["params"] < r["base_params"]
-        assert 0 <= r["acc_after_prune"] <= 1 and 0 <= r["test_accuracy"] <= 1
+        assert 0 <= r["acc_after_cut"] <= 1 and 0 <= r["test_accuracy"] <= 1
+        assert r["prep_epochs_used"] + r["finetune_epochs"] == pytest.approx(r["epochs"])  # equal training
+    gpp = next(r for r in records if r["method"] == "gpp")
+    assert gpp["acc_after_cut"] == gpp["acc_end_of_prep"]  # the faded set is zero: the cut changes nothing
+    one_shot = next(r for r in records if r["method"] == "l1")
+    assert one_shot["prep_epochs_used"] == 0 and one_shot["acc_end_of_prep"] == one_shot["base_test_accuracy"]
+    choices = json.loads((tmp_path / "compression-choices.json").read_text())
+    assert {c["what"] for c in choices} >= {"slimming reg", "gpp knobs", "gpp ablation"}
+    assert all(sum(c.get("chosen", False) for c in choices if c["what"] == w) == 1
+               for w in ("slimming reg", "gpp knobs"))
     # every method starts from the same reference and meets its budget
     assert len({r["base_test_accuracy"] for r in records}) == 1
     assert all(r["met_budget"] for r in records)
     table = (tmp_path / "compression.md").read_text()
-    assert table.count("| lenet5 | 30% |") == len(methods) + 1  # every method, plus the 'who wins' row
+    results, chosen = table.split("## Choices made on validation")
+    assert results.count("| vgg | 30% |") == len(methods) + 1  # every method, plus the 'who wins' row
+    assert chosen.count("| vgg | 30% |") == len(choices)
     assert (tmp_path / "compression.png").stat().st_size > 1000
 
 
@@ -62,8 +74,9 @@ def test_resume_keeps_records_and_runs_only_the_missing(harness, tmp_path):
 
 def test_resume_refuses_other_settings(harness, tmp_path):
     out = tmp_path / "compression.json"
-    out.write_text(json.dumps([{"method": "l1", "model": "lenet5", "dataset": "digits", "budget": 0.3, "seed": 0,
-                                "mode": "quick", "epochs": 5, "prep_epochs": 1, "finetune_epochs": 2, "lr": 2e-3}]))
+    out.write_text(json.dumps([{"method": "l1", "model": "vgg", "dataset": "digits", "budget": 0.3, "seed": 0,
+                                "mode": "quick", "epochs": 5, "prep_epochs": 1, "finetune_epochs": 2, "lr": 2e-3,
+                                "harness": 2}]))
     with pytest.raises(SystemExit, match="other settings"):
         smoke(harness, tmp_path, "--methods", "l1", "--resume")
     assert json.loads(out.read_text())[0]["mode"] == "quick"  # the user's file is untouched

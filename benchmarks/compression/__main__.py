@@ -1,341 +1,275 @@
-"""Compression benchmark: GPP against our baselines and Torch-Pruning, side by side on the same footing.
+"""Compression benchmark: GPP against our baselines and the strongest peers, at equal training.
 
     python -m benchmarks.compression --quick           # LeNet-5, 1 seed, 2 budgets: a few minutes on 2 cores
-    python -m benchmarks.compression                   # LeNet-5 and VGG-BN, 3 seeds (about 2 h on 2 cores)
+    python -m benchmarks.compression                   # LeNet-5 and VGG-BN, 3 seeds: many hours; run it in parts
     python -m benchmarks.compression --resume          # go on with an interrupted run (same settings)
     python -m benchmarks.compression --models vgg --seeds 0 --budgets 0.1 --methods gpp,l1
 
-For every (model, data set, seed) one base model is trained. Then every method gets the same extra training
-before its cut, `prep_epochs` epochs that differ only in the objective: cross-entropy for the one-shot
-criteria and Torch-Pruning, the push loss for `gpp`, cross-entropy plus an L1 penalty on BatchNorm scales for
-`slimming` (a prepared model does not depend on the budget, so it is trained once per seed and shared). Each
-method then cuts its copy to the same parameter budget (a fraction of the base), gets its BatchNorm
-statistics recalibrated, and is fine-tuned with the same epochs and learning rate. Recorded per run:
-parameters, FLOPs, test accuracy right after the cut (before any fine-tuning) and after fine-tuning, CPU
-latency at batch 1 and 64.
+The protocol (harness version 3):
+1. One base model per (model, seed), trained to convergence with a cosine schedule and cached; the full mode
+   checks it reaches the accuracy the protocol asks (VGG-BN 93.0%, LeNet-5 90.0% test on Fashion-MNIST).
+2. Choices on validation, at seed 0 and one budget per model: the regularisation strength of each
+   sparse-training method (`methods.SWEEPS`) and GPP's knobs (`GPP_GRID`), each the best final validation
+   accuracy; then GPP's ablation (each component switched on or off). Recorded with test accuracy, which is
+   never used to choose, in `<out>-choices.json`.
+3. Every method then gets the same `epochs` of training after the base, its preparation counted (sparse
+   training, a push, a fade: at most `prep_epochs`), the rest fine-tuning with the same optimiser and cosine
+   schedule; it is cut to the budget (a fraction of the parameters, or of the FLOPs), and BatchNorm is
+   recalibrated once after the cut. One-shot criteria spend the whole budget fine-tuning.
+4. Recorded per run: parameters, FLOPs, test accuracy at the end of the preparation, right after the cut, after
+   recalibration, after 1/8, 1/4, 1/2 and 1 epoch of fine-tuning and at the end, validation accuracy at the
+   end, CPU latency at batch 1 and 64, the seconds it took, and every setting it depends on.
 
-Methods: `gpp` (the library's own loop iteration, `gpp_ext.loop.push_stage` then `prune_stage` with the
-budget schedule in two cuts; the push weights are `LoopConfig`'s), `gpp-nopush` (the same without push),
-`slimming` (BN-scale pruning after the sparsity training), every criterion of the registry in one shot (`l1`,
-`taylor`, `random` by default; `lda`, `fisher`, `bn_scale` on request), and
-`torch_pruning:<magnitude|bn_scale|taylor|random>:<local|global>` when the optional `torch-pruning` package is
-installed. All training goes through `gpp_ext.training.fit`, as in the `gpp` command. Results are written after every run (atomically) to benchmarks/results/compression.json;
-the table (.md) and the accuracy-vs-parameters plot (.png) are rendered from all the records at the end. Base
-and prepared models are cached under runs/compression/ so that `--resume` does not retrain them.
+Results are written after every run (atomically) to benchmarks/results/compression.json; the tables (.md) and
+the accuracy-vs-cost plot (.png) are rendered from all records at the end. Base models and budget-independent
+preparations are cached under runs/compression/, so `--resume` retrains nothing; Ctrl-C or SIGTERM saves and
+renders what is done.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 import gpp_ext
 from gpp_ext import data, models
-from gpp_ext.classifier import find_classifier
-from gpp_ext.io import write_atomic, write_text_atomic
+from gpp_ext.io import write_text_atomic
 from gpp_ext.layers import is_batch_norm
-from gpp_ext.loop import LoopConfig, prune_stage, push_stage
-from gpp_ext.pruning import criteria
-from gpp_ext.training import evaluate, fit, latency_ms, recalibrate_batchnorm
+from gpp_ext.training import evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
+
+from . import methods, render
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
-# the methods run by default (with Torch-Pruning's); every other registered criterion runs on request
-OURS = ("gpp", "gpp-nopush", "l1", "slimming", "taylor", "random")
-LOOP_METHODS = ("gpp", "gpp-nopush")
-TP_CRITERIA = ("magnitude", "bn_scale", "taylor", "random")
-SLIMMING_L1 = 1e-4  # network slimming's sparsity weight on |gamma|
+# Bumped whenever the methods or the protocol change, so --resume never mixes records of two harnesses
+# (3: converged bases, equal total epochs, the strongest peers, accuracy along fine-tuning, FLOPs budgets).
+HARNESS_VERSION = 3
+DEFAULT_METHODS = ("gpp", "gpp-nopush", "slimming", "l1", "taylor", "random", "hesso_style")
+THRESHOLDS = {"lenet5": 0.900, "vgg": 0.930}   # base test accuracy the full protocol asks for (Fashion-MNIST)
+SWEEP_BUDGET = ("params", 0.1)                  # where the validation choices are made
+# GPP's knobs tried on validation: one or two push-cut-fine-tune iterations, the push's share of the epochs,
+# distillation from the model before the push
+GPP_GRID = ({"iterations": 1, "push_share": 1 / 3}, {"iterations": 1, "push_share": 2 / 3},
+            {"iterations": 2, "push_share": 1 / 2}, {"iterations": 1, "push_share": 1 / 3, "distill": 0.5})
+ABLATION = ({"reselect": 1}, {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}, {"schedule": "linear"},
+            {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"})
+ABLATION_MODEL = "vgg"
 
-
-def known_methods() -> list:
-    """Every method the harness can run without Torch-Pruning: the loop, slimming, each registered criterion."""
-    return list(dict.fromkeys(list(LOOP_METHODS) + ["slimming"] + criteria.names()))
-
-
-def loop_config(args, seed, budget=1.0) -> LoopConfig:
-    """The library's loop settings for the `gpp` methods: its own push weights and criterion, the harness's
-    epochs and learning rate, and the budget schedule in two cuts (the first to sqrt(budget))."""
-    return LoopConfig(push_epochs=args.prep_epochs, lr=args.lr, seed=seed, schedule="budget", target_params=budget,
-                      max_iterations=1, cuts=2)
-
-
-def train(model, dataset, epochs, lr, seed, penalty=None):
-    """Cross-entropy training (plus an optional penalty) with the library's `fit`."""
-    return fit(model, dataset, epochs, lr=lr, seed=seed, penalty=penalty).eval()
-
-
-def _slimming_penalty(model):
-    return SLIMMING_L1 * sum(m.weight.abs().sum() for m in model.modules() if is_batch_norm(m) and m.weight is not None)
-
-
-def prepare(kind, base, splits, args, seed):
-    """The extra training every method gets before its cut (module docstring): "ce", "push" or "slimming"."""
-    model = copy.deepcopy(base)
-    if kind == "push":
-        model, _ = push_stage(model, splits, loop_config(args, seed), seed)
-        return model.eval()
-    return train(model, splits.train, args.prep_epochs, args.lr, seed,
-                 penalty=_slimming_penalty if kind == "slimming" else None)
-
-
-def preparation(method: str) -> str:
-    return {"gpp": "push", "slimming": "slimming"}.get(method, "ce")
-
-
-def ours(method, model, splits, budget, args, seed):
-    """One of our methods on its prepared model; returns the cut (not yet fine-tuned) model."""
-    if method in LOOP_METHODS:
-        model, _ = prune_stage(model, splits, loop_config(args, seed, budget), 1, args.base_params, seed)
-        return model
-    loader = DataLoader(splits.train, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    example = torch.zeros(2, *splits.input_shape)
-    criterion = "bn_scale" if method == "slimming" else method
-    model, _ = gpp_ext.prune(model, loader, example, splits.num_classes, criterion=criterion, method="budget",
-                             budget=budget, progress=False, seed=seed)
-    return model
-
-
-def torch_pruning(method, model, splits, budget, seed):
-    """A Torch-Pruning criterion, local or global, with the channel ratio found by bisection on the budget."""
-    import torch_pruning as tp
-
-    _, criterion, scope = method.split(":")
-    example = torch.zeros(1, *splits.input_shape)
-    x, y = next(iter(DataLoader(splits.train, batch_size=256, shuffle=True,
-                                generator=torch.Generator().manual_seed(seed))))
-
-    def cut(ratio):
-        m = copy.deepcopy(model)
-        importance = {"magnitude": tp.importance.MagnitudeImportance(p=1),
-                      "bn_scale": tp.importance.BNScaleImportance(),
-                      "taylor": tp.importance.TaylorImportance(),
-                      "random": tp.importance.RandomImportance()}[criterion]
-        classifier = dict(m.named_modules())[find_classifier(m)]
-        pruner = tp.pruner.MetaPruner(m, example, importance=importance, pruning_ratio=ratio,
-                                      global_pruning=scope == "global", ignored_layers=[classifier])
-        if criterion == "taylor":
-            m.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-        torch.manual_seed(seed)
-        pruner.step()
-        m.zero_grad(set_to_none=True)
-        return m
-
-    lo, hi = 0.0, 0.99
-    for _ in range(12):  # the smallest channel ratio that meets the parameter budget
-        mid = 0.5 * (lo + hi)
-        if gpp_ext.count_params(cut(mid)) <= budget * gpp_ext.count_params(model):
-            hi = mid
-        else:
-            lo = mid
-    return cut(hi)
-
-
-# Bumped whenever the harness's methods or training change, so --resume never mixes records of two harnesses
-# (2: every method trains through gpp_ext.training.fit, and `gpp` is the loop's own push and prune stages).
-HARNESS_VERSION = 2
+# models, seeds, budgets per model [(kind, fraction)], base epochs, epochs after the base, of which at most
+# prep_epochs before the cut, learning rate, and the sweep values (None: methods.SWEEPS, GPP_GRID, ABLATION)
+MODES = {
+    "smoke": dict(models=["vgg"], seeds=[0], budgets={"lenet5": [("params", 0.3)], "vgg": [("params", 0.3)]},
+                  base_epochs={"lenet5": 1, "vgg": 1}, epochs=1.0, prep_epochs=0.5, lr=3e-3,
+                  sweep_values=(1e-4,), grid=GPP_GRID[:1], ablation=ABLATION[:1]),
+    "quick": dict(models=["lenet5"], seeds=[0], budgets={"lenet5": [("params", 0.25), ("params", 0.1)]},
+                  base_epochs={"lenet5": 8, "vgg": 4}, epochs=3.0, prep_epochs=1.0, lr=1e-3,
+                  sweep_values=None, grid=GPP_GRID[:2], ablation=()),
+    "full": dict(models=["lenet5", "vgg"], seeds=[0, 1, 2],
+                 budgets={"lenet5": [("params", b) for b in (0.5, 0.25, 0.1, 0.05)],
+                          "vgg": [("params", b) for b in (0.25, 0.1, 0.05, 0.02)] + [("flops", 0.25), ("flops", 0.1)]},
+                 base_epochs={"lenet5": 20, "vgg": 15}, epochs=3.0, prep_epochs=1.0, lr=1e-3,
+                 sweep_values=None, grid=GPP_GRID, ablation=ABLATION),
+}
 
 
 def settings(args, model: str) -> dict:
     """What a record's numbers depend on besides method, budget and seed; `--resume` reuses only matching ones."""
-    return {"harness": HARNESS_VERSION, "dataset": args.data, "mode": args.mode, "epochs": args.epochs[model],
-            "prep_epochs": args.prep_epochs, "finetune_epochs": args.finetune_epochs, "lr": args.lr}
+    return {"harness": HARNESS_VERSION, "dataset": args.data, "mode": args.mode,
+            "base_epochs": args.base_epochs[model], "epochs": args.epochs, "prep_epochs": args.prep_epochs,
+            "lr": args.lr}
 
 
-def cached(path, build, resume):
-    """A trained model from `path` when resuming and it is there, else `build()` saved (atomically) to `path`."""
-    if resume and os.path.exists(path):
-        return gpp_ext.io.load(path)
-    model = build()
-    gpp_ext.io.save(model, path)
-    return model
+class Cache:
+    """Trained models under `folder`: read back when resuming, else built and written (atomically)."""
+
+    def __init__(self, folder: str, resume: bool):
+        self.folder, self.resume = folder, resume
+
+    def get(self, name: str, build):
+        path = os.path.join(self.folder, name + ".pt")
+        if self.resume and os.path.exists(path):
+            return gpp_ext.io.load(path)
+        model = build()
+        gpp_ext.io.save(model, path)
+        return model
 
 
-def run(args, records: list, save) -> None:
-    """Runs every (model, seed, budget, method) not yet in `records`, appending to it and calling `save(records)`
-    after each run."""
-    done = {(r["model"], r["seed"], r["budget"], r["method"]) for r in records}
+def base_model(name: str, splits, args, seed: int, cache: Cache):
+    def build():
+        torch.manual_seed(seed)
+        kwargs = {"input_size": splits.input_shape[-1]} if name == "lenet5" else {}
+        model = models.build(name, in_channels=splits.input_shape[0], num_classes=splits.num_classes, **kwargs)
+        print(f"{name} seed {seed}: training the base model ({args.base_epochs[name]} epochs)", flush=True)
+        return fit(model, splits.train, args.base_epochs[name], lr=2e-3, seed=seed, lr_schedule="cosine")
+
+    stem = f"{name}-{args.data}-{args.mode}-seed{seed}-base{args.base_epochs[name]}"
+    return cache.get(stem, build)
+
+
+def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str) -> dict:
+    """One method's run: its preparation and cut, recalibration, fine-tuning with accuracy along the way."""
+    started = time.perf_counter()
+    splits = setup.splits
+
+    def cached(key, build):
+        return cache.get(f"{stem}-{key}", build)
+
+    before, cut, used = methods.run(method, base, setup, cached=cached)
+    acc_prep = evaluate(before, splits.test)
+    acc_cut = evaluate(cut, splits.test)
+    recalibrate_batchnorm(cut, setup.loader(offset=1))
+    acc_recal = evaluate(cut, splits.test)
+    remaining = max(0.0, setup.epochs - used)
+    per_epoch = len(training_batches(splits.train, setup.batch_size, 0))
+    marks = {max(1, round(float(k) * per_epoch)): k for k in render.CURVE if float(k) <= remaining + 1e-9}
+    curve = {}
+
+    def along(step, total):
+        if step in marks:
+            curve[marks[step]] = evaluate(cut, splits.test)
+
+    fit(cut, splits.train, remaining, lr=setup.lr, batch_size=setup.batch_size, seed=setup.seed + 17,
+        lr_schedule="cosine", after_step=along)
+    example = torch.zeros(2, *splits.input_shape)
+    return {"params": gpp_ext.count_params(cut), "flops": gpp_ext.count_flops(cut, example),
+            "acc_end_of_prep": acc_prep, "acc_after_cut": acc_cut, "acc_after_recal": acc_recal, "ft_curve": curve,
+            "test_accuracy": evaluate(cut, splits.test), "val_accuracy": evaluate(cut, splits.val),
+            "prep_epochs_used": used, "finetune_epochs": remaining,
+            "latency_ms_b1": latency_ms(cut, splits.input_shape, 1),
+            "latency_ms_b64": latency_ms(cut, splits.input_shape, 64, 5),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+# ------------------------------------------------------------------------------------------------ choices
+
+def _choose(args, model_name, splits, base, cache, choices, save_choices, stem) -> dict:
+    """The knobs every method runs with for `model_name`, chosen on validation (resumable, recorded)."""
+    kind, budget = args.budgets[model_name][0] if args.mode == "smoke" else SWEEP_BUDGET
+    done = {(c["model"], c["what"], c["setting"]): c for c in choices}
+    seed = args.seeds[0]
+
+    def trial(what, method, knobs, setting):
+        key = (model_name, what, setting)
+        if key not in done:
+            setup = methods.Setup(splits, budget, kind, seed, args.epochs, args.prep_epochs, args.lr, knobs=knobs)
+            m = measure(method, base, setup, cache, stem)
+            entry = {"model": model_name, "budget_kind": kind, "budget": budget, "seed": seed, "what": what,
+                     "setting": setting, "knobs": knobs, "val_accuracy": m["val_accuracy"],
+                     "test_accuracy": m["test_accuracy"], "acc_after_cut": m["acc_after_cut"],
+                     "acc_end_of_prep": m["acc_end_of_prep"], **settings(args, model_name)}
+            choices.append(entry)
+            done[key] = entry
+            save_choices(choices)
+            print(f"  choice {what:<28} {setting:<40} val {m['val_accuracy']:.4f}", flush=True)
+        return done[key]
+
+    def best(what, entries):
+        top = max(entries, key=lambda e: e["val_accuracy"])
+        for e in entries:
+            e["chosen"] = e is top
+        save_choices(choices)
+        return top["knobs"]
+
+    knobs = {}
+    values = args.sweep_values
+    for family, regs in methods.SWEEPS.items():
+        method = family if family == "slimming" else f"{family}:global"
+        if method not in args.available or (family != "torch_pruning:group_norm_sl" and not _has_bn(base)):
+            continue  # slimming and BN-scale pruning need BatchNorm
+        if not any(m == family or m.startswith(family + ":") for m in args.methods):
+            continue
+        entries = [trial(f"{family} reg", method, {"reg": reg}, f"reg={reg:g}") for reg in (values or regs)]
+        knobs[family] = best(family, entries)
+    if "gpp" in args.methods or "hesso_style" in args.methods:
+        entries = [trial("gpp knobs", "gpp", dict(g), _setting(g)) for g in args.grid]
+        knobs["gpp"] = best("gpp", entries)
+        if model_name == ABLATION_MODEL or args.mode == "smoke":
+            for change in args.ablation:
+                variant = dict(knobs["gpp"])
+                for k, v in change.items():
+                    if v == "toggle":
+                        v = {"distill": 0.0 if variant.get("distill", 0.0) else 0.5,
+                             "iterations": 2 if variant.get("iterations", 1) == 1 else 1}[k]
+                        if k == "iterations":
+                            variant["push_share"] = 1 / 2 if v == 2 else 1 / 3
+                    variant[k] = v
+                trial("gpp ablation", "gpp", variant, _setting(change) + " → " + _setting(variant))
+    return knobs
+
+
+def _has_bn(model) -> bool:
+    return any(is_batch_norm(m) for m in model.modules())
+
+
+def _setting(knobs: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items()) or "defaults"
+
+
+def knobs_for(method: str, chosen: dict) -> dict:
+    family = methods.sweep_key(method)
+    if family is not None:
+        return chosen.get(family, {})
+    if method == "gpp":
+        return chosen.get("gpp", {})
+    if method == "hesso_style":  # the same fade as GPP's, driven by the peer's saliency
+        return {k: v for k, v in chosen.get("gpp", {}).items() if k in ("reselect",)}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+def run(args, records: list, save, choices: list, save_choices) -> None:
+    """Runs every (model, seed, budget, method) not yet in `records`, saving after each run."""
+    done = {(r["model"], r["seed"], r.get("budget_kind", "params"), r["budget"], r["method"]) for r in records}
+    cache = Cache(args.cache, args.resume)
     for name in args.models:
+        first_splits = None
+        chosen = None
         for seed in args.seeds:
-            budgets = args.budgets[name] if isinstance(args.budgets, dict) else args.budgets
-            todo = [(b, m) for b in budgets for m in args.methods if (name, seed, b, m) not in done]
-            if not todo:
+            todo = [(k, b, m) for k, b in args.budgets[name] for m in args.methods
+                    if (name, seed, k, b, m) not in done]
+            if not todo and chosen is not None:
                 continue
             splits = data.load_dataset(args.data, seed=seed)
-            config = settings(args, name)
-            stem = os.path.join(args.cache, f"{name}-{args.data}-{args.mode}-seed{seed}")
-
-            def build_base():
-                torch.manual_seed(seed)
-                kwargs = {"input_size": splits.input_shape[-1]} if name == "lenet5" else {}
-                base = models.build(name, in_channels=splits.input_shape[0], num_classes=splits.num_classes, **kwargs)
-                return train(base, splits.train, config["epochs"], args.lr, seed)
-
-            base = cached(stem + "-base.pt", build_base, args.resume)
-            args.base_params = gpp_ext.count_params(base)
-            has_bn = any(is_batch_norm(m) for m in base.modules())
-            prepared = {}
-            base_acc = None
-            print(f"{name} seed {seed}: base {args.base_params:,} params", flush=True)
-            loader = DataLoader(splits.train, batch_size=256, shuffle=True,
-                                generator=torch.Generator().manual_seed(seed))
-            for budget, method in todo:
-                if method.startswith("torch_pruning:bn_scale") and not has_bn:
-                    continue  # Torch-Pruning's BN-scale criterion prunes nothing without BatchNorm
-                started = time.perf_counter()
-                kind = preparation(method)
-                if kind not in prepared:
-                    prepared[kind] = cached(f"{stem}-{kind}.pt", lambda: prepare(kind, base, splits, args, seed),
-                                            args.resume)
-                if base_acc is None:  # the reference every method is compared with: base + CE preparation
-                    if "ce" not in prepared:
-                        prepared["ce"] = cached(f"{stem}-ce.pt", lambda: prepare("ce", base, splits, args, seed),
-                                                args.resume)
-                    base_acc = evaluate(prepared["ce"], splits.test)
-                    print(f"  reference (base + {args.prep_epochs} epoch(s)): test accuracy {base_acc:.4f}", flush=True)
-                model = copy.deepcopy(prepared[kind])
-                if method.startswith("torch_pruning:"):
-                    model = torch_pruning(method, model, splits, budget, seed)
-                else:
-                    model = ours(method, model, splits, budget, args, seed)
-                recalibrate_batchnorm(model, loader)  # for every method (docs/design.md §2.8)
-                after_prune = evaluate(model, splits.test)
-                model = train(model, splits.train, args.finetune_epochs, args.lr, seed)
-                example = torch.zeros(2, *splits.input_shape)
-                record = {"method": method, "model": name, "dataset": args.data, "budget": budget, "seed": seed,
-                          "params": gpp_ext.count_params(model), "flops": gpp_ext.count_flops(model, example),
-                          "base_params": args.base_params, "base_test_accuracy": base_acc,
-                          "acc_after_prune": after_prune, "test_accuracy": evaluate(model, splits.test),
-                          "latency_ms_b1": latency_ms(model, splits.input_shape, 1),
-                          "latency_ms_b64": latency_ms(model, splits.input_shape, 64, 5),
-                          "seconds": round(time.perf_counter() - started, 1)}
-                # the budget is an upper bound; 2% slack for the granularity of whole channels
-                record["met_budget"] = record["params"] <= budget * args.base_params * 1.02
-                record.update(config, commit=args.commit, torch=torch.__version__, machine=args.machine)
+            first_splits = first_splits or splits
+            base = base_model(name, splits, args, seed, cache)
+            base_acc = evaluate(base, splits.test)
+            stem = f"{name}-{args.data}-{args.mode}-seed{seed}"
+            print(f"{name} seed {seed}: base {gpp_ext.count_params(base):,} params, test accuracy {base_acc:.4f}",
+                  flush=True)
+            if args.mode == "full" and base_acc < THRESHOLDS.get(name, 0.0):
+                print(f"  warning: the base is below the protocol's {THRESHOLDS[name]:.1%}", file=sys.stderr)
+            if chosen is None:  # the validation choices are made once, at the first seed
+                chosen = _choose(args, name, splits, base, cache, choices, save_choices, stem)
+            for kind, budget, method in todo:
+                if (method.startswith("torch_pruning:bn_scale") or method == "slimming") and not _has_bn(base):
+                    continue  # BN-scale pruning and network slimming do not exist without BatchNorm
+                setup = methods.Setup(splits, budget, kind, seed, args.epochs, args.prep_epochs, args.lr,
+                                      knobs=knobs_for(method, chosen))
+                m = measure(method, base, setup, cache, stem)
+                base_cost = gpp_ext.count_params(base) if kind == "params" else \
+                    gpp_ext.count_flops(base, torch.zeros(2, *splits.input_shape))
+                record = {"method": method, "model": name, "dataset": args.data, "budget_kind": kind,
+                          "budget": budget, "seed": seed, "knobs": setup.knobs, **m,
+                          "base_params": gpp_ext.count_params(base), "base_cost": base_cost,
+                          "base_test_accuracy": base_acc,
+                          # the budget is an upper bound; 2% slack for the granularity of whole channels
+                          "met_budget": m[kind] <= budget * base_cost * 1.02}
+                record.update(settings(args, name), commit=args.commit, torch=torch.__version__,
+                              machine=args.machine)
                 records.append(record)
                 save(records)
-                print(f"  {method:<34} budget {budget:>5.0%}: params {record['params']:>8,} "
-                      f"after cut {after_prune:.4f} -> {record['test_accuracy']:.4f} ({record['seconds']:.0f} s)",
+                print(f"  {method:<34} {kind} {budget:>5.0%}: {m[kind]:>11,} after cut {m['acc_after_cut']:.4f} "
+                      f"-> recal {m['acc_after_recal']:.4f} -> {m['test_accuracy']:.4f} ({m['seconds']:.0f} s)",
                       flush=True)
-
-
-def _mean_std(values) -> str:
-    return (f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1
-            else f"{values[0]:.4f}")
-
-
-def render(records: list, meta: dict) -> str:
-    """Markdown: how the numbers were made, who wins at each budget, then every method at every budget."""
-    groups = {}
-    for r in records:
-        groups.setdefault((r["model"], r["budget"]), {}).setdefault(r["method"], []).append(r)
-    lines = [f"# Compression benchmark ({', '.join(sorted({r['dataset'] for r in records}))})", "",
-             f"Rendered {meta['date']}. Machine: {', '.join(sorted({r['machine'] for r in records}))}; torch "
-             f"{', '.join(sorted({r['torch'] for r in records}))}; commit(s) "
-             f"{', '.join(sorted({r['commit'] for r in records}))}. Every method starts from the same base model, "
-             "gets the same extra training before its cut (cross-entropy, push or sparsity: see the harness), is "
-             "cut to the same parameter budget, has BatchNorm recalibrated, and gets the same fine-tuning. "
-             "Accuracies are on the test set, mean ± std over seeds; latency is the median CPU time of one "
-             "forward pass.", ""]
-    for model in sorted({r["model"] for r in records}):
-        mine = [r for r in records if r["model"] == model]
-        conf = {k: sorted({str(r[k]) for r in mine}) for k in ("mode", "epochs", "prep_epochs", "finetune_epochs",
-                                                                "lr")}
-        reference = {r["seed"]: r["base_test_accuracy"] for r in mine}  # one per seed
-        lines.append(f"- **{model}**: base {', '.join(conf['epochs'])} epochs, preparation "
-                     f"{', '.join(conf['prep_epochs'])}, fine-tuning {', '.join(conf['finetune_epochs'])} epoch(s) "
-                     f"at lr {', '.join(conf['lr'])}; mode {', '.join(conf['mode'])}; seeds {sorted(reference)}; "
-                     f"reference test accuracy (base + preparation epochs of cross-entropy) "
-                     f"{_mean_std(list(reference.values()))}.")
-    lines += ["", "## Who wins", "",
-              "| model | budget | best (test acc) | gpp: test acc, rank | gpp-nopush: rank | best Torch-Pruning |",
-              "|---|---:|---|---|---:|---|"]
-
-    def ranked(by_method):
-        return sorted(by_method.items(), key=lambda kv: -statistics.mean(r["test_accuracy"] for r in kv[1]))
-
-    def met(rs):
-        return all(r.get("met_budget", True) for r in rs)
-
-    for (model, budget), by_method in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        # a method that missed the budget in any seed is larger than the others: it is not ranked here
-        order = ranked({m: rs for m, rs in by_method.items() if met(rs)})
-        names = [m for m, _ in order]
-
-        def acc(method):
-            return statistics.mean(r["test_accuracy"] for r in by_method[method])
-
-        tp = [m for m in names if m.startswith("torch_pruning:")]
-        lines.append(f"| {model} | {budget:.0%} | {names[0]} ({acc(names[0]):.4f}) | "
-                     + (f"{acc('gpp'):.4f}, {names.index('gpp') + 1} of {len(names)}" if "gpp" in names else "–")
-                     + " | " + (f"{names.index('gpp-nopush') + 1}" if "gpp-nopush" in names else "–")
-                     + " | " + (f"{tp[0]} ({acc(tp[0]):.4f})" if tp else "–") + " |")
-    lines += ["", "Ranks count the methods that met the budget (2% slack for whole channels) in every seed; † in the "
-              "table below marks the others.", "", "## Every method", "",
-              "| model | budget | method | params | FLOPs | acc after cut | test acc | latency b1 (ms) | b64 (ms) |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for (model, budget), by_method in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        for method, rs in ranked(by_method):
-            mean = {k: statistics.mean(r[k] for r in rs) for k in ("params", "flops", "latency_ms_b1",
-                                                                    "latency_ms_b64")}
-            missed = "" if met(rs) else f" † ({sum(not r['met_budget'] for r in rs)} of {len(rs)} over budget)"
-            lines.append(f"| {model} | {budget:.0%} | {method}{missed} | {mean['params']:,.0f} | {mean['flops']:,.0f} | "
-                         f"{_mean_std([r['acc_after_prune'] for r in rs])} | "
-                         f"{_mean_std([r['test_accuracy'] for r in rs])} | "
-                         f"{mean['latency_ms_b1']:.3f} | {mean['latency_ms_b64']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(records: list, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len({r["model"] for r in records}), figsize=(7 * len({r["model"] for r in records}), 5),
-                             squeeze=False)
-    for ax, model in zip(axes[0], sorted({r["model"] for r in records})):
-        for method in sorted({r["method"] for r in records}):
-            rs = [r for r in records if r["model"] == model and r["method"] == method]
-            budgets = sorted({r["budget"] for r in rs})
-            xs = [statistics.mean(r["params"] for r in rs if r["budget"] == b) for b in budgets]
-            ys = [statistics.mean(r["test_accuracy"] for r in rs if r["budget"] == b) for b in budgets]
-            ax.plot(xs, ys, "o-" if not method.startswith("torch_pruning") else "x--", label=method)
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(model)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
-# models, seeds, budgets (one list, or one per model), base epochs per model, preparation and fine-tuning
-# epochs, learning rate. The full mode leaves VGG's 50% budget out: VGG costs about 50 s an epoch on 2 cores,
-# and the time goes to three seeds of the small budgets, where methods part (docs/design.md §2.8).
-MODES = {
-    "smoke": dict(models=["lenet5"], seeds=[0], budgets=[0.3], epochs={"lenet5": 1, "vgg": 1}, prep_epochs=1,
-                  finetune_epochs=1, lr=3e-3),
-    "quick": dict(models=["lenet5"], seeds=[0], budgets=[0.25, 0.1], epochs={"lenet5": 5, "vgg": 3},
-                  prep_epochs=1, finetune_epochs=2, lr=2e-3),
-    "full": dict(models=["lenet5", "vgg"], seeds=[0, 1, 2],
-                 budgets={"lenet5": [0.5, 0.25, 0.1, 0.05], "vgg": [0.25, 0.1, 0.05]},
-                 epochs={"lenet5": 10, "vgg": 6}, prep_epochs=1, finetune_epochs=2, lr=2e-3),
-}
 
 
 def _machine() -> str:
@@ -371,7 +305,7 @@ def _list(kind, choices=None):
     return parse
 
 
-def _load_records(path, args) -> list:
+def _load(path, args, what) -> list:
     """The records of an earlier run with the same settings (for --resume); refuses to mix settings."""
     if not os.path.exists(path):
         return []
@@ -380,10 +314,10 @@ def _load_records(path, args) -> list:
             records = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"benchmarks.compression: --resume cannot read {path}: {e}")
-    mismatched = [r for r in records if r.get("model") not in args.epochs
+    mismatched = [r for r in records if r.get("model") not in args.base_epochs
                   or any(r.get(k) != v for k, v in settings(args, r["model"]).items())]
     if mismatched:
-        raise SystemExit(f"benchmarks.compression: {path} holds {len(mismatched)} record(s) made with other settings "
+        raise SystemExit(f"benchmarks.compression: {path} holds {len(mismatched)} {what} made with other settings "
                          f"(e.g. {json.dumps({k: mismatched[0].get(k) for k in settings(args, 'lenet5')})}); "
                          "resume with the same mode and --data, or write elsewhere with --out")
     return records
@@ -392,11 +326,12 @@ def _load_records(path, args) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compression", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="LeNet-5, 1 seed, budgets 25%% and 10%%, short training")
+    parser.add_argument("--quick", action="store_true", help="LeNet-5, 1 seed, budgets 25%% and 10%%")
     parser.add_argument("--data", default="fashion-mnist", choices=("fashion-mnist", "digits"))
     parser.add_argument("--models", type=_list(str, ("lenet5", "vgg")), help="comma-separated (default: the mode's)")
     parser.add_argument("--seeds", type=_list(int), help="comma-separated seeds (default: the mode's)")
     parser.add_argument("--budgets", type=_list(float), help="comma-separated parameter fractions in (0, 1)")
+    parser.add_argument("--flops-budgets", type=_list(float), help="comma-separated FLOP fractions in (0, 1)")
     parser.add_argument("--methods", help="comma-separated method names (default: all; see above)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the records already in --out and run only the missing ones, reusing cached models")
@@ -407,34 +342,49 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         import torch_pruning  # noqa: F401  (only whether it is installed)
-        tp_methods = [f"torch_pruning:{c}:{s}" for c in TP_CRITERIA for s in ("local", "global")]
+        tp = True
     except ImportError:
         print("benchmarks.compression: torch-pruning is not installed (pip install torch-pruning); its rows are "
               "left out", file=sys.stderr)
-        tp_methods = []
+        tp = False
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    for key, value in MODES[args.mode].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if isinstance(args.budgets, list) and any(not 0 < b < 1 for b in args.budgets):
-        parser.error(f"--budgets: every budget must be a fraction in (0, 1), got {args.budgets}")
-    known = known_methods() + tp_methods
+    mode = MODES[args.mode]
+    args.models = args.models or mode["models"]
+    args.seeds = args.seeds or mode["seeds"]
+    for key in ("base_epochs", "epochs", "prep_epochs", "lr", "sweep_values", "grid", "ablation"):
+        setattr(args, key, mode[key])
+    for given in (args.budgets, args.flops_budgets):
+        if given and any(not 0 < b < 1 for b in given):
+            parser.error(f"--budgets/--flops-budgets: every budget must be a fraction in (0, 1), got {given}")
+    if args.budgets or args.flops_budgets:
+        chosen = [("params", b) for b in args.budgets or ()] + [("flops", b) for b in args.flops_budgets or ()]
+        args.budgets = {m: chosen for m in args.models}
+    else:
+        args.budgets = {m: mode["budgets"][m] for m in args.models}
+    args.available = methods.known(tp)
     if args.methods is None:
-        args.methods = list(OURS) + tp_methods
+        args.methods = list(DEFAULT_METHODS) + ([m for m in args.available if m.startswith("torch_pruning:")]
+                                                if tp else [])
     else:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in args.methods if m not in known]
+        unknown = [m for m in args.methods if m not in args.available]
         if unknown or not args.methods:
-            parser.error(f"--methods: unknown {unknown or args.methods}; known here: {', '.join(known)}"
-                         + ("" if tp_methods else " (torch-pruning is not installed)"))
+            parser.error(f"--methods: unknown {unknown or args.methods}; known here: {', '.join(args.available)}"
+                         + ("" if tp else " (torch-pruning is not installed)"))
     args.commit, args.machine = _commit(), _machine()
-    records = _load_records(args.out, args) if args.resume else []
-    if records:
-        print(f"benchmarks.compression: resuming with {len(records)} record(s) from {args.out}", flush=True)
     stem = os.path.splitext(args.out)[0]
+    choices_path = stem + "-choices.json"
+    records = _load(args.out, args, "record(s)") if args.resume else []
+    choices = _load(choices_path, args, "choice(s)") if args.resume else []
+    if records or choices:
+        print(f"benchmarks.compression: resuming with {len(records)} record(s) and {len(choices)} choice(s)",
+              flush=True)
 
     def save(rs):  # after every run, so an interruption loses at most the run in progress
         write_text_atomic(args.out, json.dumps(rs, indent=1) + "\n")
+
+    def save_choices(cs):
+        write_text_atomic(choices_path, json.dumps(cs, indent=1) + "\n")
 
     started = time.perf_counter()
     interrupted = False
@@ -442,7 +392,7 @@ def main(argv=None) -> int:
     # SIGINT ignored, so Ctrl-C's signal cannot reach them.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        run(args, records, save)
+        run(args, records, save, choices, save_choices)
     except KeyboardInterrupt:  # what was measured so far is saved and rendered; --resume goes on from there
         interrupted = True
     finally:
@@ -451,9 +401,9 @@ def main(argv=None) -> int:
         print("benchmarks.compression: nothing was run", file=sys.stderr)
         return 130 if interrupted else 1
     save(records)
-    table = render(records, {"date": time.strftime("%Y-%m-%d %H:%M:%S")})
+    table = render.render(records, {"date": time.strftime("%Y-%m-%d %H:%M:%S")}, choices)
     write_text_atomic(stem + ".md", table)
-    plot(records, stem + ".png")
+    render.plot(records, stem + ".png")
     print(table)
     print(f"benchmarks.compression: {len(records)} records ({round(time.perf_counter() - started)} s this run) "
           f"-> {args.out}, {stem}.md, {stem}.png")
@@ -461,6 +411,7 @@ def main(argv=None) -> int:
         print("benchmarks.compression: interrupted; run again with --resume to go on", file=sys.stderr)
         return 130
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -130,7 +130,8 @@ def _guarded(utility: torch.Tensor, count: int, min_channels: int, round_to: int
 
 def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", eta: float = 0.1,
                     ratio: float | None = None, budget: float | None = None, budget_kind: str = "params",
-                    min_channels: int = 1, round_to: int = 1, search: str = "cost_model") -> dict:
+                    min_channels: int = 1, round_to: int = 1, search: str = "cost_model",
+                    normalize: str = "mean") -> dict:
     """Indices to keep per group. See the module docstring for the methods.
 
     Args:
@@ -141,6 +142,9 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
         min_channels, round_to: width guards (see above).
         search: how the budget search measures a candidate: "cost_model" (the `CostModel`, checked once by a
             real cut) or "cuts" (a pruned copy per candidate: the slow reference the cost model replaced).
+        normalize: how the budget search compares groups: "mean" (each group's utilities divided by their mean,
+            so one threshold treats every layer alike) or "none" (raw utilities, for criteria that are already
+            comparable across layers).
     """
     if method not in ("eta", "ratio", "budget"):
         raise ValueError(f"select_channels: method must be 'eta', 'ratio' or 'budget', got {method!r}")
@@ -181,11 +185,13 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
 
     if search not in ("cost_model", "cuts"):
         raise ValueError(f"select_channels: search must be 'cost_model' or 'cuts', got {search!r}")
+    if normalize not in ("mean", "none"):
+        raise ValueError(f"select_channels: normalize must be 'mean' or 'none', got {normalize!r}")
 
     # Each group's utilities relative to their mean: a channel worth less than t times its layer's average
     # goes, whatever the scale of the layer's signal (max-normalising instead would let one dominant channel
     # empty the rest of its layer).
-    normalised = {n: u / u.mean().clamp_min(1e-300) for n, u in utilities.items()}
+    normalised = {n: u / u.mean().clamp_min(1e-300) if normalize == "mean" else u for n, u in utilities.items()}
 
     def widths_at(t):
         return {n: _guarded(u, int((u >= t).sum()), min_channels, round_to) for n, u in normalised.items()}
@@ -212,7 +218,7 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
             warnings.warn(f"select_channels: the cost model predicted {predicted:,} {budget_kind} but the cut gives "
                           f"{real:,}; searching with real cuts instead (slower)", RuntimeWarning, stacklevel=2)
             return select_channels(graph, utilities, method="budget", budget=budget, budget_kind=budget_kind,
-                                   min_channels=min_channels, round_to=round_to, search="cuts")
+                                   min_channels=min_channels, round_to=round_to, search="cuts", normalize=normalize)
     return keep
 
 

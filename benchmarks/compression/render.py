@@ -1,0 +1,139 @@
+"""Tables and plots of the compression benchmark's records (benchmarks/results/compression.{md,png})."""
+
+from __future__ import annotations
+
+import statistics
+
+from gpp_ext.io import write_atomic
+
+CURVE = ("0.125", "0.25", "0.5", "1")  # fine-tuning epochs at which accuracy is recorded (plus the end)
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def _budget(kind: str, budget: float) -> str:
+    return f"{budget:.0%}" + (" FLOPs" if kind == "flops" else "")
+
+
+def _groups(records):
+    groups = {}
+    for r in records:
+        groups.setdefault((r["model"], r.get("budget_kind", "params"), r["budget"]), {}).setdefault(
+            r["method"], []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "params", kv[0][1], -kv[0][2])))
+
+
+def _met(rs) -> bool:
+    return all(r.get("met_budget", True) for r in rs)
+
+
+def _ranked(by_method):
+    return sorted(by_method.items(), key=lambda kv: -_mean(r["test_accuracy"] for r in kv[1]))
+
+
+def render(records: list, meta: dict, sweeps: list = ()) -> str:
+    """Markdown: how the numbers were made, who wins at each budget, every method with accuracy along the way,
+    then the sweeps and the ablation made on validation."""
+    lines = [f"# Compression benchmark ({', '.join(sorted({r['dataset'] for r in records}))})", "",
+             f"Rendered {meta['date']}. Machine: {', '.join(sorted({r['machine'] for r in records}))}; torch "
+             f"{', '.join(sorted({r['torch'] for r in records}))}; commit(s) "
+             f"{', '.join(sorted({r['commit'] for r in records}))}; harness version "
+             f"{', '.join(sorted({str(r.get('harness')) for r in records}))}.", "",
+             "Every method starts from the same converged base model and gets the same training after it: "
+             "`epochs` in all, its preparation (sparse training, a push, a fade) counted, the rest fine-tuning "
+             "with the same optimiser (AdamW) and cosine schedule. One-shot criteria spend the whole budget "
+             "fine-tuning. BatchNorm is recalibrated once after the cut. Regularisation strengths and GPP's "
+             "knobs were chosen on a validation split at seed 0 (see the end); accuracies below are on the test "
+             "set, mean ± std over seeds.", ""]
+    for model in sorted({r["model"] for r in records}):
+        mine = [r for r in records if r["model"] == model]
+        base = {r["seed"]: r["base_test_accuracy"] for r in mine}
+        conf = {k: sorted({str(r.get(k)) for r in mine}) for k in ("base_epochs", "epochs", "prep_epochs", "lr")}
+        lines.append(f"- **{model}**: base {', '.join(conf['base_epochs'])} epochs (cosine), test accuracy "
+                     f"{mean_std(list(base.values()))} over seeds {sorted(base)}; then {', '.join(conf['epochs'])} "
+                     f"epochs per method, of which up to {', '.join(conf['prep_epochs'])} before the cut; lr "
+                     f"{', '.join(conf['lr'])}.")
+    lines += ["", "## Who wins", "",
+              "| model | budget | best (test acc) | gpp: test acc, rank | gpp after cut vs end of push | "
+              "best peer |", "|---|---:|---|---|---|---|"]
+    for (model, kind, budget), by_method in _groups(records).items():
+        order = _ranked({m: rs for m, rs in by_method.items() if _met(rs)})
+        names = [m for m, _ in order]
+
+        def acc(method):
+            return _mean(r["test_accuracy"] for r in by_method[method])
+
+        peers = [m for m in names if not m.startswith("gpp")]
+        gpp = by_method.get("gpp")
+        lossless = (f"{_mean(r['acc_after_cut'] for r in gpp):.4f} vs {_mean(r['acc_end_of_prep'] for r in gpp):.4f}"
+                    if gpp else "–")
+        lines.append(f"| {model} | {_budget(kind, budget)} | {names[0]} ({acc(names[0]):.4f}) | "
+                     + (f"{acc('gpp'):.4f}, {names.index('gpp') + 1} of {len(names)}" if "gpp" in names else "–")
+                     + f" | {lossless} | " + (f"{peers[0]} ({acc(peers[0]):.4f})" if peers else "–") + " |")
+    lines += ["", "Ranks count the methods that met the budget (2% slack for whole channels) in every seed; † "
+              "below marks the others.", "", "## Every method", "",
+              "Accuracy at the end of the preparation, right after the cut, after BatchNorm recalibration, after "
+              "1/8, 1/4, 1/2 and 1 epoch of fine-tuning, and at the end (test set, mean over seeds).", "",
+              "| model | budget | method | params | FLOPs | end of prep | after cut | after recal | ft 1/8 | "
+              "ft 1/4 | ft 1/2 | ft 1 | final (± std) | latency b1 / b64 (ms) |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(v):
+        return "–" if v is None else f"{v:.4f}"
+
+    for (model, kind, budget), by_method in _groups(records).items():
+        for method, rs in _ranked(by_method):
+            missed = "" if _met(rs) else f" † ({sum(not r['met_budget'] for r in rs)} of {len(rs)} over budget)"
+            curve = [cell(_mean(r.get("ft_curve", {}).get(k) for r in rs)) for k in CURVE]
+            lines.append(f"| {model} | {_budget(kind, budget)} | {method}{missed} | "
+                         f"{_mean(r['params'] for r in rs):,.0f} | {_mean(r['flops'] for r in rs):,.0f} | "
+                         f"{cell(_mean(r['acc_end_of_prep'] for r in rs))} | {cell(_mean(r['acc_after_cut'] for r in rs))} | "
+                         f"{cell(_mean(r['acc_after_recal'] for r in rs))} | {' | '.join(curve)} | "
+                         f"{mean_std([r['test_accuracy'] for r in rs])} | "
+                         f"{_mean(r['latency_ms_b1'] for r in rs):.3f} / {_mean(r['latency_ms_b64'] for r in rs):.2f} |")
+    if sweeps:
+        lines += ["", "## Choices made on validation (seed 0)", "",
+                  "| model | budget | what | setting | val acc | test acc (not used to choose) | chosen |",
+                  "|---|---:|---|---|---:|---:|:---:|"]
+        for s in sweeps:
+            lines.append(f"| {s['model']} | {_budget(s['budget_kind'], s['budget'])} | {s['what']} | {s['setting']} | "
+                         f"{s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {'yes' if s.get('chosen') else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"], r.get("budget_kind", "params")) for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (model, kind) in zip(axes[0], panels):
+        rows = [r for r in records if r["model"] == model and r.get("budget_kind", "params") == kind]
+        for method in sorted({r["method"] for r in rows}):
+            rs = [r for r in rows if r["method"] == method]
+            budgets = sorted({r["budget"] for r in rs})
+            xs = [_mean(r[kind] for r in rs if r["budget"] == b) for b in budgets]
+            ys = [_mean(r["test_accuracy"] for r in rs if r["budget"] == b) for b in budgets]
+            style = "o-" if method.startswith("gpp") else ("x--" if method.startswith("torch_pruning") else ".:")
+            ax.plot(xs, ys, style, label=method, linewidth=2.5 if method == "gpp" else 1)
+        ax.set_xscale("log")
+        ax.set_xlabel(kind)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{model}, {kind} budgets")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
