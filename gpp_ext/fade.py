@@ -65,13 +65,15 @@ class RemovalFade:
         num_classes: classes (default: the classifier's outputs).
         seed: seed of randomised criteria.
         ignore: modules the graph treats as opaque.
-        normalize: how the selection compares groups (`select_channels`): "mean" or "none".
+        normalize, allocation: how the selection compares and shares out the budget between groups
+            (`select_channels`).
     """
 
     def __init__(self, model: nn.Module, example_inputs, loader, budget: float, budget_kind: str = "params",
                  criterion="lda", reselect: int = 4, schedule: str = "cosine", fade_end: float = 1.0,
                  min_channels: int = 1, round_to: int = 1, neurons=0.75, max_batches: int | None = 20,
-                 num_classes: int | None = None, seed: int = 0, ignore=(), normalize: str = "mean"):
+                 num_classes: int | None = None, seed: int = 0, ignore=(), normalize: str = "mean",
+                 allocation: str = "global"):
         if not 0 < budget <= 1:
             raise ValueError(f"RemovalFade: budget must be in (0, 1] (the fraction of the cost the cut keeps), got "
                              f"{budget}")
@@ -87,7 +89,7 @@ class RemovalFade:
         self.model, self.loader, self.budget, self.budget_kind = model, loader, budget, budget_kind
         self.reselect, self.schedule, self.fade_end = reselect, schedule, fade_end
         self.min_channels, self.round_to, self.neurons, self.max_batches = min_channels, round_to, neurons, max_batches
-        self.seed, self.normalize = seed, normalize
+        self.seed, self.normalize, self.allocation = seed, normalize, allocation
         self.graph = ChannelGraph(model, example_inputs, ignore=ignore)
         self.classifier = find_classifier(model)
         self.num_classes = num_classes or dict(model.named_modules())[self.classifier].out_features
@@ -119,7 +121,8 @@ class RemovalFade:
         finally:
             self.model.train(was_training)
         keep = select_channels(self.graph, scores, method="budget", budget=self.budget, budget_kind=self.budget_kind,
-                               min_channels=self.min_channels, round_to=self.round_to, normalize=self.normalize)
+                               min_channels=self.min_channels, round_to=self.round_to, normalize=self.normalize,
+                               allocation=self.allocation)
         factor = _schedule(self.schedule, self._u)
         swapped = 0
         for group in self.graph.groups:

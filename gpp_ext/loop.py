@@ -75,6 +75,7 @@ class LoopConfig:
     max_iterations: int = 8
     cuts: int = 1                    # cuts per prune stage, each analysed afresh (schedule "budget")
     budget_kind: str = "params"      # what schedule "budget" counts: "params" (target_params) or "flops"
+    allocation: str = "global"       # schedule "budget": "global" threshold, or "uniform" fraction per layer
     push: str = "loss"               # "loss" (v1), "fade" (v2: the removal set faded to zero), "none"
     fade_reselect: int = 4           # push "fade": selections of the removal set during the push
     fade_schedule: str = "cosine"    # push "fade": "cosine" or "linear"
@@ -120,6 +121,8 @@ class LoopConfig:
         if self.fade_schedule not in FADE_SCHEDULES or not 0 < self.fade_end <= 1 or self.fade_reselect < 1:
             raise ValueError(f"LoopConfig: fade_schedule must be one of {FADE_SCHEDULES}, fade_end in (0, 1] and "
                              f"fade_reselect >= 1")
+        if self.allocation not in ("global", "uniform"):
+            raise ValueError(f"LoopConfig: allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.distill < 0 or self.temperature <= 0:
             raise ValueError("LoopConfig: distill must be >= 0 and temperature > 0")
         if (self.epoch_budget is not None and self.epoch_budget < 0) or not 0 <= self.push_share <= 1:
@@ -181,7 +184,7 @@ def push_stage(model: nn.Module, splits, config: LoopConfig, seed: int, device="
                                budget_kind=config.budget_kind, criterion=config.criterion,
                                reselect=config.fade_reselect, schedule=config.fade_schedule,
                                fade_end=config.fade_end, neurons=config.neurons, num_classes=splits.num_classes,
-                               seed=seed)
+                               seed=seed, allocation=config.allocation)
             fade.attach(push)
     model = fit(model, splits.train, epochs, push=push, after_step=fade.step if fade else None, **common)
     if fade is None:
@@ -221,7 +224,7 @@ def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, ba
         relative = goal * base_params / _cost(model, config.budget_kind, example)
         if relative < 1:
             model, report = prune(model, loader, example, splits.num_classes, method="budget", budget=relative,
-                                  budget_kind=config.budget_kind, **kwargs)
+                                  budget_kind=config.budget_kind, allocation=config.allocation, **kwargs)
             reports.append(report)
     return model, reports
 

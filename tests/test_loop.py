@@ -50,28 +50,34 @@ def _comparable(report):
     return {k: v for k, v in report["final"].items() if k not in drop}, its
 
 
-def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
-    config = LoopConfig(**FAST)
-    model, splits = build()
-    straight = GrowPushPrune(model, splits, config, out_dir=tmp_path / "a", progress=False).run()
-
+def _crash_and_resume(config, out, monkeypatch, crash_at: int, seed: int) -> dict:
+    """Runs the loop with a KeyboardInterrupt at the `crash_at`-th prune, then resumes it from the checkpoint
+    with a model built from another seed, and returns the resumed report."""
     calls = {"n": 0}
     real_prune = loop_module.prune
 
     def crashing_prune(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # as if Ctrl-C hit the second prune
+        if calls["n"] == crash_at:
+            raise KeyboardInterrupt
         return real_prune(*args, **kwargs)
 
     monkeypatch.setattr(loop_module, "prune", crashing_prune)
-    model, splits = build()
     with pytest.raises(KeyboardInterrupt):
-        GrowPushPrune(model, splits, config, out_dir=tmp_path / "b", progress=False).run()
+        GrowPushPrune(*build(), config, out_dir=out, progress=False).run()
     monkeypatch.setattr(loop_module, "prune", real_prune)
-    model, splits = build(seed=123)  # whatever the caller builds, the checkpoint's model is used
-    resumed = GrowPushPrune(model, splits, config, out_dir=tmp_path / "b", progress=False).run(resume=True)
+    return GrowPushPrune(*build(seed=seed), config, out_dir=out, progress=False).run(resume=True)
+
+
+def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
+    config = LoopConfig(**FAST)
+    model, splits = build()
+    straight = GrowPushPrune(model, splits, config, out_dir=tmp_path / "a", progress=False).run()
+
+    # as if Ctrl-C hit the second prune; whatever the caller builds then, the checkpoint's model is used
+    resumed = _crash_and_resume(config, tmp_path / "b", monkeypatch, crash_at=2, seed=123)
     assert _comparable(resumed) == _comparable(straight)
+    model, splits = build()
 
     other = LoopConfig(**{**FAST, "lr": 1e-3})
     with pytest.raises(ValueError, match="another configuration"):
@@ -149,21 +155,7 @@ def test_fade_loop_cuts_only_zeros_and_resumes_between_push_and_cut(tmp_path, mo
     for it in straight["iterations"]:
         assert it["val_accuracy_after_prune"] == it["val_accuracy_end_of_push"]
         assert it["params"] <= it["goal_params"] * straight["base"]["params"]
-    calls = {"n": 0}
-    real_prune = loop_module.prune
-
-    def crashing_prune(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-        return real_prune(*args, **kwargs)
-
-    monkeypatch.setattr(loop_module, "prune", crashing_prune)
-    model, splits = build()
-    with pytest.raises(KeyboardInterrupt):
-        GrowPushPrune(model, splits, config, out_dir=tmp_path / "b", progress=False).run()
-    monkeypatch.setattr(loop_module, "prune", real_prune)
-    resumed = GrowPushPrune(*build(seed=5), config, out_dir=tmp_path / "b", progress=False).run(resume=True)
+    resumed = _crash_and_resume(config, tmp_path / "b", monkeypatch, crash_at=1, seed=5)
     assert _comparable(resumed) == _comparable(straight)
 
 

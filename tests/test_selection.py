@@ -109,3 +109,19 @@ def test_a_wrong_cost_model_falls_back_to_real_cuts(monkeypatch):
     with pytest.raises(ValueError, match="search must be"):
         select_channels(graph, u, method="budget", budget=0.3, search="guess")
     assert {n: k.tolist() for n, k in keep.items()} == {n: k.tolist() for n, k in expected.items()}
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet20"])
+def test_uniform_allocation_keeps_the_same_share_of_every_group(name):
+    model, x = make(name, seed=12)
+    graph = ChannelGraph(model, x)
+    g = torch.Generator().manual_seed(13)
+    u = {grp.name: torch.rand(grp.size, generator=g, dtype=torch.float64) for grp in graph.groups}
+    keep = select_channels(graph, u, method="budget", budget=0.3, allocation="uniform")
+    shares = [keep[grp.name].numel() / grp.size for grp in graph.groups]
+    assert max(shares) - min(shares) <= max(1 / grp.size for grp in graph.groups) + 1e-9  # rounding only
+    assert CostModel(graph).cost({n: k.numel() for n, k in keep.items()}) <= 0.3 * count_params(model)
+    first = graph.groups[0]  # within a group the highest utilities stay
+    assert set(keep[first.name].tolist()) == set(u[first.name].topk(keep[first.name].numel()).indices.tolist())
+    with pytest.raises(ValueError, match="allocation must be"):
+        select_channels(graph, u, method="budget", budget=0.3, allocation="greedy")

@@ -56,11 +56,12 @@ DEFAULT_METHODS = ("gpp", "gpp-nopush", "slimming", "l1", "taylor", "random", "h
 THRESHOLDS = {"lenet5": 0.900, "vgg": 0.930}   # base test accuracy the full protocol asks for (Fashion-MNIST)
 SWEEP_BUDGET = ("params", 0.1)                  # where the validation choices are made
 # GPP's knobs tried on validation: one or two push-cut-fine-tune iterations, the push's share of the epochs,
-# distillation from the model before the push
+# distillation from the model before the push, the width allocation across layers
 GPP_GRID = ({"iterations": 1, "push_share": 1 / 3}, {"iterations": 1, "push_share": 2 / 3},
-            {"iterations": 2, "push_share": 1 / 2}, {"iterations": 1, "push_share": 1 / 3, "distill": 0.5})
+            {"iterations": 2, "push_share": 1 / 2}, {"iterations": 1, "push_share": 1 / 3, "distill": 0.5},
+            {"iterations": 1, "push_share": 1 / 3, "allocation": "uniform"})
 ABLATION = ({"reselect": 1}, {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}, {"schedule": "linear"},
-            {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"})
+            {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"}, {"allocation": "toggle"})
 ABLATION_MODEL = "vgg"
 
 # models, seeds, budgets per model [(kind, fraction)], base epochs, epochs after the base, of which at most
@@ -197,7 +198,9 @@ def _choose(args, model_name, splits, base, cache, choices, save_choices, stem) 
                 for k, v in change.items():
                     if v == "toggle":
                         v = {"distill": 0.0 if variant.get("distill", 0.0) else 0.5,
-                             "iterations": 2 if variant.get("iterations", 1) == 1 else 1}[k]
+                             "iterations": 2 if variant.get("iterations", 1) == 1 else 1,
+                             "allocation": "uniform" if variant.get("allocation", "global") == "global"
+                             else "global"}[k]
                         if k == "iterations":
                             variant["push_share"] = 1 / 2 if v == 2 else 1 / 3
                     variant[k] = v

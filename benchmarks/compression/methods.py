@@ -120,7 +120,7 @@ def run(method: str, base, setup: Setup, cached=None):
 # ---------------------------------------------------------------------------------------------------- ours
 
 GPP_DEFAULTS = dict(iterations=1, push_share=None, reselect=4, schedule="cosine", fade_end=1.0, alpha=0.3,
-                    beta=0.3, gamma=0.05, distill=0.0, criterion="lda")
+                    beta=0.3, gamma=0.05, distill=0.0, criterion="lda", allocation="global")
 
 
 def gpp_config(setup: Setup, **overrides) -> LoopConfig:
@@ -134,7 +134,8 @@ def gpp_config(setup: Setup, **overrides) -> LoopConfig:
                       target_flops=target if setup.kind == "flops" else None, max_iterations=k["iterations"],
                       epoch_budget=setup.epochs, push_share=share, fade_reselect=k["reselect"],
                       fade_schedule=k["schedule"], fade_end=k["fade_end"], alpha=k["alpha"], beta=k["beta"],
-                      gamma=k["gamma"], distill=k["distill"], criterion=k["criterion"], seed=setup.seed)
+                      gamma=k["gamma"], distill=k["distill"], criterion=k["criterion"],
+                      allocation=k["allocation"], seed=setup.seed)
 
 
 def _gpp(model, setup: Setup):

@@ -4,7 +4,8 @@ Three ways, one result (`{group name: kept indices}` ready for `ChannelGraph.pru
 - `method="eta"`: per group, drop the channels whose utility is below `eta * std(non-zero utilities)`;
 - `method="ratio"`: per group, drop the fraction `ratio` of channels with the lowest utility;
 - `method="budget"`: one global threshold on utilities normalised per group (divided by the group's mean),
-  found by bisection so the pruned model keeps at most `budget` of the original parameters (or FLOPs).
+  found by bisection so the pruned model keeps at most `budget` of the original parameters (or FLOPs); or,
+  with `allocation="uniform"`, the same fraction of every group, found the same way.
 Guards for every method: at least `min_channels` per group, widths rounded up to a multiple of `round_to`
 (hardware-friendly; a group narrower than that stays whole), and coupled channels are decided together because
 a group is scored as one. A utility of exactly zero means "carries nothing": with `eta=0` such channels still
@@ -131,7 +132,7 @@ def _guarded(utility: torch.Tensor, count: int, min_channels: int, round_to: int
 def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", eta: float = 0.1,
                     ratio: float | None = None, budget: float | None = None, budget_kind: str = "params",
                     min_channels: int = 1, round_to: int = 1, search: str = "cost_model",
-                    normalize: str = "mean") -> dict:
+                    normalize: str = "mean", allocation: str = "global") -> dict:
     """Indices to keep per group. See the module docstring for the methods.
 
     Args:
@@ -145,6 +146,9 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
         normalize: how the budget search compares groups: "mean" (each group's utilities divided by their mean,
             so one threshold treats every layer alike) or "none" (raw utilities, for criteria that are already
             comparable across layers).
+        allocation: how the budget is shared between groups: "global" (one threshold on the utilities: layers
+            lose channels where their utilities are low) or "uniform" (every group keeps the same fraction of
+            its channels, its lowest-utility ones going: the widths do not depend on the utilities).
     """
     if method not in ("eta", "ratio", "budget"):
         raise ValueError(f"select_channels: method must be 'eta', 'ratio' or 'budget', got {method!r}")
@@ -187,20 +191,30 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
         raise ValueError(f"select_channels: search must be 'cost_model' or 'cuts', got {search!r}")
     if normalize not in ("mean", "none"):
         raise ValueError(f"select_channels: normalize must be 'mean' or 'none', got {normalize!r}")
+    if allocation not in ("global", "uniform"):
+        raise ValueError(f"select_channels: allocation must be 'global' or 'uniform', got {allocation!r}")
 
     # Each group's utilities relative to their mean: a channel worth less than t times its layer's average
     # goes, whatever the scale of the layer's signal (max-normalising instead would let one dominant channel
     # empty the rest of its layer).
     normalised = {n: u / u.mean().clamp_min(1e-300) if normalize == "mean" else u for n, u in utilities.items()}
 
-    def widths_at(t):
-        return {n: _guarded(u, int((u >= t).sum()), min_channels, round_to) for n, u in normalised.items()}
+    if allocation == "global":  # t: the threshold on (normalised) utilities
+        def widths_at(t):
+            return {n: _guarded(u, int((u >= t).sum()), min_channels, round_to) for n, u in normalised.items()}
+
+        lo = 0.0  # keeps every channel with a non-negative utility
+        hi = max(float(u.max()) for u in normalised.values()) + 1e-9  # keeps only what the guards force
+    else:  # t: the fraction of every group's channels that goes
+        def widths_at(t):
+            return {n: _guarded(u, int(round(u.numel() * (1 - t))), min_channels, round_to)
+                    for n, u in normalised.items()}
+
+        lo, hi = 0.0, 1.0
 
     def keep_at(t):
         return {n: _kept(normalised[n], count) for n, count in widths_at(t).items()}
 
-    lo = 0.0  # keeps every channel with a non-negative utility
-    hi = max(float(u.max()) for u in normalised.values()) + 1e-9  # keeps only what the guards force
     if search == "cuts":
         full = _real_cost(graph, {}, budget_kind)
         chosen, met = _bisect(lambda t: _real_cost(graph, keep_at(t), budget_kind), budget * full, lo, hi)
@@ -218,7 +232,8 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
             warnings.warn(f"select_channels: the cost model predicted {predicted:,} {budget_kind} but the cut gives "
                           f"{real:,}; searching with real cuts instead (slower)", RuntimeWarning, stacklevel=2)
             return select_channels(graph, utilities, method="budget", budget=budget, budget_kind=budget_kind,
-                                   min_channels=min_channels, round_to=round_to, search="cuts", normalize=normalize)
+                                   min_channels=min_channels, round_to=round_to, search="cuts", normalize=normalize,
+                                   allocation=allocation)
     return keep
 
 
