@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--allocation", choices=("global", "uniform"), default="global",
                           help="--schedule budget: one threshold on utilities across layers (global), or the "
                           "same fraction of every layer (uniform)")
+    compress.add_argument("--normalize", choices=("mean", "none"), default="mean",
+                          help="--schedule budget, global allocation: compare utilities divided by their layer's "
+                          "mean, or as they are (the traced discriminant utility is comparable across layers)")
     compress.add_argument("--push", choices=("loss", "fade", "none"), default="loss",
                           help="loss: push terms on the pre-decision features; fade: the removal set of each cut "
                           "fades to exactly zero during the push, so the cut is lossless (needs --schedule budget); "
@@ -158,7 +161,7 @@ def _compress_run(args, config_overrides=None) -> int:
                         max_iterations=args.max_iterations, criterion=args.criterion, grow=grow, seed=args.seed,
                         schedule=args.schedule, cuts=args.cuts, push=args.push, epoch_budget=args.epoch_budget,
                         push_share=args.push_share, fade_reselect=args.fade_reselect, distill=args.distill,
-                        allocation=args.allocation,
+                        allocation=args.allocation, normalize=args.normalize,
                         **(config_overrides or {}))
     out = args.out or os.path.join("runs", f"{args.model}-{args.data}")
     loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet)
@@ -202,7 +205,7 @@ def _demo(args) -> int:
                             max_iterations=settings["iterations"], batch_size=settings["batch"], lr=3e-3,
                             criterion="lda", grow=False, seed=0, threads=None, resume=False, quiet=args.quiet,
                             peers=None, schedule="eta", cuts=1, push="loss", epoch_budget=None, push_share=0.5,
-                            fade_reselect=4, distill=0.0, allocation="global")
+                            fade_reselect=4, distill=0.0, allocation="global", normalize="mean")
     print(f"gpp demo: LeNet-5 on {name}", flush=True)
     return _compress(ns, config_overrides=dict(eta_start=0.05, eta_step=0.05))
 

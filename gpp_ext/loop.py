@@ -76,6 +76,8 @@ class LoopConfig:
     cuts: int = 1                    # cuts per prune stage, each analysed afresh (schedule "budget")
     budget_kind: str = "params"      # what schedule "budget" counts: "params" (target_params) or "flops"
     allocation: str = "global"       # schedule "budget": "global" threshold, or "uniform" fraction per layer
+    normalize: str = "mean"          # schedule "budget", global allocation: utilities divided by their layer's
+                                     # mean ("mean") or compared as they are ("none")
     push: str = "loss"               # "loss" (v1), "fade" (v2: the removal set faded to zero), "none"
     fade_reselect: int = 4           # push "fade": selections of the removal set during the push
     fade_schedule: str = "cosine"    # push "fade": "cosine" or "linear"
@@ -123,6 +125,8 @@ class LoopConfig:
                              f"fade_reselect >= 1")
         if self.allocation not in ("global", "uniform"):
             raise ValueError(f"LoopConfig: allocation must be 'global' or 'uniform', got {self.allocation!r}")
+        if self.normalize not in ("mean", "none"):
+            raise ValueError(f"LoopConfig: normalize must be 'mean' or 'none', got {self.normalize!r}")
         if self.distill < 0 or self.temperature <= 0:
             raise ValueError("LoopConfig: distill must be >= 0 and temperature > 0")
         if (self.epoch_budget is not None and self.epoch_budget < 0) or not 0 <= self.push_share <= 1:
@@ -184,7 +188,7 @@ def push_stage(model: nn.Module, splits, config: LoopConfig, seed: int, device="
                                budget_kind=config.budget_kind, criterion=config.criterion,
                                reselect=config.fade_reselect, schedule=config.fade_schedule,
                                fade_end=config.fade_end, neurons=config.neurons, num_classes=splits.num_classes,
-                               seed=seed, allocation=config.allocation)
+                               seed=seed, allocation=config.allocation, normalize=config.normalize)
             fade.attach(push)
     model = fit(model, splits.train, epochs, push=push, after_step=fade.step if fade else None, **common)
     if fade is None:
@@ -224,7 +228,8 @@ def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, ba
         relative = goal * base_params / _cost(model, config.budget_kind, example)
         if relative < 1:
             model, report = prune(model, loader, example, splits.num_classes, method="budget", budget=relative,
-                                  budget_kind=config.budget_kind, allocation=config.allocation, **kwargs)
+                                  budget_kind=config.budget_kind, allocation=config.allocation,
+                                  normalize=config.normalize, **kwargs)
             reports.append(report)
     return model, reports
 

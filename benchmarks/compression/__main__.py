@@ -57,11 +57,14 @@ THRESHOLDS = {"lenet5": 0.900, "vgg": 0.930}   # base test accuracy the full pro
 SWEEP_BUDGET = ("params", 0.1)                  # where the validation choices are made
 # GPP's knobs tried on validation: one or two push-cut-fine-tune iterations, the push's share of the epochs,
 # distillation from the model before the push, the width allocation across layers
+# and the comparison of utilities across layers with the fade's schedule
 GPP_GRID = ({"iterations": 1, "push_share": 1 / 3}, {"iterations": 1, "push_share": 2 / 3},
             {"iterations": 2, "push_share": 1 / 2}, {"iterations": 1, "push_share": 1 / 3, "distill": 0.5},
-            {"iterations": 1, "push_share": 1 / 3, "allocation": "uniform"})
-ABLATION = ({"reselect": 1}, {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}, {"schedule": "linear"},
-            {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"}, {"allocation": "toggle"})
+            {"iterations": 1, "push_share": 1 / 3, "allocation": "uniform"},
+            {"iterations": 1, "push_share": 1 / 3, "normalize": "none", "schedule": "linear"})
+ABLATION = ({"reselect": 1}, {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}, {"schedule": "toggle"},
+            {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"}, {"allocation": "toggle"},
+            {"normalize": "toggle"})
 ABLATION_MODEL = "vgg"
 
 # models, seeds, budgets per model [(kind, fraction)], base epochs, epochs after the base, of which at most
@@ -200,7 +203,9 @@ def _choose(args, model_name, splits, base, cache, choices, save_choices, stem) 
                         v = {"distill": 0.0 if variant.get("distill", 0.0) else 0.5,
                              "iterations": 2 if variant.get("iterations", 1) == 1 else 1,
                              "allocation": "uniform" if variant.get("allocation", "global") == "global"
-                             else "global"}[k]
+                             else "global",
+                             "schedule": "linear" if variant.get("schedule", "cosine") == "cosine" else "cosine",
+                             "normalize": "none" if variant.get("normalize", "mean") == "mean" else "mean"}[k]
                         if k == "iterations":
                             variant["push_share"] = 1 / 2 if v == 2 else 1 / 3
                     variant[k] = v
@@ -252,6 +257,16 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
                 print(f"  warning: the base is below the protocol's {THRESHOLDS[name]:.1%}", file=sys.stderr)
             if chosen is None:  # the validation choices are made once, at the first seed
                 chosen = _choose(args, name, splits, base, cache, choices, save_choices, stem)
+                # records made with knobs other than those chosen now (a choice revised by a longer grid) are redone
+                stale = [r for r in records if r["model"] == name and r.get("knobs", {}) != knobs_for(r["method"], chosen)]
+                if stale:
+                    print(f"  redoing {len(stale)} record(s) made with other knobs than the current choice", flush=True)
+                    records[:] = [r for r in records if not any(r is x for x in stale)]
+                    done -= {(r["model"], r["seed"], r.get("budget_kind", "params"), r["budget"], r["method"])
+                             for r in stale}
+                    save(records)
+                todo = [(k, b, m) for k, b in args.budgets[name] for m in args.methods
+                        if (name, seed, k, b, m) not in done]
             for kind, budget, method in todo:
                 if (method.startswith("torch_pruning:bn_scale") or method == "slimming") and not _has_bn(base):
                     continue  # BN-scale pruning and network slimming do not exist without BatchNorm

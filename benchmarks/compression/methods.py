@@ -120,7 +120,7 @@ def run(method: str, base, setup: Setup, cached=None):
 # ---------------------------------------------------------------------------------------------------- ours
 
 GPP_DEFAULTS = dict(iterations=1, push_share=None, reselect=4, schedule="cosine", fade_end=1.0, alpha=0.3,
-                    beta=0.3, gamma=0.05, distill=0.0, criterion="lda", allocation="global")
+                    beta=0.3, gamma=0.05, distill=0.0, criterion="lda", allocation="global", normalize="mean")
 
 
 def gpp_config(setup: Setup, **overrides) -> LoopConfig:
@@ -135,7 +135,7 @@ def gpp_config(setup: Setup, **overrides) -> LoopConfig:
                       epoch_budget=setup.epochs, push_share=share, fade_reselect=k["reselect"],
                       fade_schedule=k["schedule"], fade_end=k["fade_end"], alpha=k["alpha"], beta=k["beta"],
                       gamma=k["gamma"], distill=k["distill"], criterion=k["criterion"],
-                      allocation=k["allocation"], seed=setup.seed)
+                      allocation=k["allocation"], normalize=k["normalize"], seed=setup.seed)
 
 
 def _gpp(model, setup: Setup):

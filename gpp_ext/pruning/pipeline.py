@@ -59,7 +59,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
           budget: float | None = None, budget_kind: str = "params", min_channels: int = 1, round_to: int = 1,
           tracing_per_class: int = 4, max_batches: int | None = None, recalibrate: bool = True,
           ignore=(), inplace: bool = False, progress: bool = True, seed: int = 0, keep: dict | None = None,
-          allocation: str = "global"):
+          allocation: str = "global", normalize: str = "mean"):
     """Prunes `model` for the task in `loader` and returns `(compact_model, PruneReport)`.
 
     Args:
@@ -71,7 +71,8 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
             the discriminant utility traced by deconvolution, and the baselines "l1", "bn_scale", "taylor",
             "random"), or any callable `(graph, context) -> {group name: [size] scores}`.
         neurons: pre-decision neurons kept for tracing: a count (int) or a fraction (float in (0, 1]).
-        method, eta, ratio, budget, budget_kind, min_channels, round_to, allocation: see `select_channels`.
+        method, eta, ratio, budget, budget_kind, min_channels, round_to, allocation, normalize: see
+            `select_channels`.
         tracing_per_class: tracing images per class.
         max_batches: limit the analysis pass (default: the whole loader).
         recalibrate: re-estimate BatchNorm statistics on `loader` after pruning.
@@ -111,7 +112,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
                             f"{type(scores).__name__}")
         keep = select_channels(graph, scores, method=method, eta=eta, ratio=ratio, budget=budget,
                                budget_kind=budget_kind, min_channels=min_channels, round_to=round_to,
-                               allocation=allocation)
+                               allocation=allocation, normalize=normalize)
     # Under torch.distributed the statistics are already identical everywhere, but tracing images, Taylor's
     # batch and random scores are each process's own: rank 0 decides, and every process cuts the same channels.
     keep = gdist.broadcast_object(keep)
