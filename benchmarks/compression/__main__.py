@@ -56,12 +56,14 @@ DEFAULT_METHODS = ("gpp", "gpp-nopush", "slimming", "l1", "taylor", "random", "h
 THRESHOLDS = {"lenet5": 0.900, "vgg": 0.930}   # base test accuracy the full protocol asks for (Fashion-MNIST)
 SWEEP_BUDGET = ("params", 0.1)                  # where the validation choices are made
 # GPP's knobs tried on validation: one or two push-cut-fine-tune iterations, the push's share of the epochs,
-# distillation from the model before the push, the width allocation across layers
-# and the comparison of utilities across layers with the fade's schedule
+# distillation from the model before the push, the width allocation across layers, the comparison of
+# utilities across layers with the fade's schedule, and the push terms' weights
 GPP_GRID = ({"iterations": 1, "push_share": 1 / 3}, {"iterations": 1, "push_share": 2 / 3},
             {"iterations": 2, "push_share": 1 / 2}, {"iterations": 1, "push_share": 1 / 3, "distill": 0.5},
             {"iterations": 1, "push_share": 1 / 3, "allocation": "uniform"},
-            {"iterations": 1, "push_share": 1 / 3, "normalize": "none", "schedule": "linear"})
+            {"iterations": 1, "push_share": 1 / 3, "normalize": "none", "schedule": "linear"},
+            {"iterations": 1, "push_share": 1 / 3, "normalize": "none", "schedule": "linear", "alpha": 0.0,
+             "beta": 0.0, "gamma": 0.0})
 ABLATION = ({"reselect": 1}, {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}, {"schedule": "toggle"},
             {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"}, {"allocation": "toggle"},
             {"normalize": "toggle"})
