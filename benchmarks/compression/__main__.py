@@ -64,7 +64,7 @@ GPP_GRID = ({"iterations": 1, "push_share": 1 / 3}, {"iterations": 1, "push_shar
             {"iterations": 1, "push_share": 1 / 3, "normalize": "none", "schedule": "linear"},
             {"iterations": 1, "push_share": 1 / 3, "normalize": "none", "schedule": "linear", "alpha": 0.0,
              "beta": 0.0, "gamma": 0.0})
-ABLATION = ({"reselect": 1}, {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}, {"schedule": "toggle"},
+ABLATION = ({"reselect": 1}, {"terms": "toggle"}, {"schedule": "toggle"},
             {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"}, {"allocation": "toggle"},
             {"normalize": "toggle"})
 ABLATION_MODEL = "vgg"
@@ -201,6 +201,10 @@ def _choose(args, model_name, splits, base, cache, choices, save_choices, stem) 
             for change in args.ablation:
                 variant = dict(knobs["gpp"])
                 for k, v in change.items():
+                    if k == "terms":  # the v1 push terms on the kept features: off if on, on if off
+                        on = any(variant.get(w, methods.GPP_DEFAULTS[w]) for w in ("alpha", "beta", "gamma"))
+                        variant.update({w: 0.0 if on else methods.GPP_DEFAULTS[w] for w in ("alpha", "beta", "gamma")})
+                        continue
                     if v == "toggle":
                         v = {"distill": 0.0 if variant.get("distill", 0.0) else 0.5,
                              "iterations": 2 if variant.get("iterations", 1) == 1 else 1,
