@@ -72,6 +72,17 @@ def test_resume_keeps_records_and_runs_only_the_missing(harness, tmp_path):
     assert records[0]["base_test_accuracy"] == records[1]["base_test_accuracy"]
 
 
+def test_render_only_redraws_from_the_records(harness, tmp_path):
+    code, out = smoke(harness, tmp_path, "--methods", "l1")
+    assert code == 0
+    (tmp_path / "compression.md").unlink()
+    assert smoke(harness, tmp_path, "--render")[0] == 0
+    assert "| vgg | 30% | l1 |" in (tmp_path / "compression.md").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert harness.main(["--smoke", "--data", "digits", "--render", "--out", str(empty / "c.json")]) == 1
+
+
 def test_resume_refuses_other_settings(harness, tmp_path):
     out = tmp_path / "compression.json"
     out.write_text(json.dumps([{"method": "l1", "model": "vgg", "dataset": "digits", "budget": 0.3, "seed": 0,

@@ -347,6 +347,13 @@ def _load(path, args, what) -> list:
     return records
 
 
+def _render(records, choices, stem) -> str:
+    table = render.render(records, {"date": time.strftime("%Y-%m-%d %H:%M:%S")}, choices)
+    write_text_atomic(stem + ".md", table)
+    render.plot(records, stem + ".png")
+    return table
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compression", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -362,6 +369,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(RESULTS, "compression.json"))
     parser.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "runs", "compression"),
                         help="folder for the trained base and prepared models (default: runs/compression)")
+    parser.add_argument("--render", action="store_true",
+                        help="only render the tables and the plot from --out's records (e.g. while a run goes on)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the test suite's tiny run
     args = parser.parse_args(argv)
     try:
@@ -398,6 +407,13 @@ def main(argv=None) -> int:
     args.commit, args.machine = _commit(), _machine()
     stem = os.path.splitext(args.out)[0]
     choices_path = stem + "-choices.json"
+    if args.render:
+        records, choices = _load(args.out, args, "record(s)"), _load(choices_path, args, "choice(s)")
+        if not records:
+            print(f"benchmarks.compression: no records in {args.out} to render", file=sys.stderr)
+            return 1
+        _render(records, choices, stem)
+        return 0
     records = _load(args.out, args, "record(s)") if args.resume else []
     choices = _load(choices_path, args, "choice(s)") if args.resume else []
     if records or choices:
@@ -425,10 +441,7 @@ def main(argv=None) -> int:
         print("benchmarks.compression: nothing was run", file=sys.stderr)
         return 130 if interrupted else 1
     save(records)
-    table = render.render(records, {"date": time.strftime("%Y-%m-%d %H:%M:%S")}, choices)
-    write_text_atomic(stem + ".md", table)
-    render.plot(records, stem + ".png")
-    print(table)
+    print(_render(records, choices, stem))
     print(f"benchmarks.compression: {len(records)} records ({round(time.perf_counter() - started)} s this run) "
           f"-> {args.out}, {stem}.md, {stem}.png")
     if interrupted:
