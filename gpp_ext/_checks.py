@@ -7,6 +7,7 @@ raise the same exceptions with the same wording (csrc/common/checks.h), so the t
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Sequence
 
@@ -14,6 +15,21 @@ import torch
 
 _FEATURE_DTYPES = (torch.float32, torch.float64)
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+# generalized_eigh's data checks (`eigh_data`):
+# A b-diagonal entry at or below this fraction of the largest is a dead (zero-variance) dimension.
+DEAD_RELATIVE = 1e-12
+# `a` or `b` is symmetric when max|m - m^T| <= SYMMETRY_EPS * eps(dtype) * max|m|. Rounding alone leaves a
+# Gram or scatter product with inner length K asymmetric by ~sqrt(K) eps (2K eps at worst; in practice
+# under 1 eps, as BLAS sums (i, j) and (j, i) alike); 1024 eps (2.3e-13 in float64, 1.2e-4 in float32) covers
+# a million samples at typical rounding, or a thousand classes at worst, while a matrix that is not symmetric
+# at all (S_w^-1 S_b, a product in the wrong order) is off by ~max|m|, 1e12 times more in float64.
+SYMMETRY_EPS = 1024
+# The eigenvalues of `a e = λ b' e` carry relative errors up to ~cond(b')·eps: float64 rounding in the solve
+# (measured: 0.05-0.2 cond·eps64), and for a float32 b the float32 rounding of b itself, which moves the
+# eigenvalues by up to cond·eps32 whatever precision the solve runs in. Above CONDITION_ERROR they may have
+# lost all but 3 significant digits (float64: cond > 4.5e12; float32: cond > 8.4e3) and the op raises.
+CONDITION_ERROR = 1e-3
 
 
 def tensor(value, op: str, arg: str) -> torch.Tensor:
@@ -54,6 +70,16 @@ def real(value, op: str, arg: str, minimum: float = 0.0) -> float:
     return value
 
 
+def same_device(op: str, **tensors) -> None:
+    """All the named tensors on one device (checked before any work: a mixed call would fail deep in a kernel,
+    or read a meta tensor's missing data)."""
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {first} and {name} must be on the same device, got {first} on {t0.device} "
+                             f"and {name} on {t.device}; move one with .to(), e.g. {name}.to({first}.device)")
+
+
 def scatter_inputs(x, y, num_classes, op: str = "class_scatter"):
     """Shape/dtype checks of class_scatter; returns (x, y as int64, num_classes)."""
     x = features(x, op, "x")
@@ -66,8 +92,7 @@ def scatter_inputs(x, y, num_classes, op: str = "class_scatter"):
         raise ValueError(f"{op}: y must be 1-D [N], got shape {tuple(y.shape)}")
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"{op}: y must hold one label per row of x, got {y.shape[0]} labels for {x.shape[0]} rows")
-    if y.device != x.device:
-        raise ValueError(f"{op}: x and y must be on the same device, got {x.device} and {y.device}")
+    same_device(op, x=x, y=y)
     num_classes = integer(num_classes, op, "num_classes", minimum=1)
     return x, y.long(), num_classes
 
@@ -99,6 +124,167 @@ def square_stack(a, op: str, arg: str) -> torch.Tensor:
     return a
 
 
+def symmetry_tolerance(dtype) -> float:
+    """Largest accepted `max|m - m^T| / max|m|` of a generalized_eigh input of this dtype."""
+    return SYMMETRY_EPS * torch.finfo(dtype).eps
+
+
+def max_condition(dtype) -> float:
+    """Largest accepted condition number of generalized_eigh's `b + ridge` for a `b` of this dtype."""
+    return CONDITION_ERROR / torch.finfo(dtype).eps
+
+
+def _entry(flat: int, batch_shape) -> str:
+    """' (batch entry i)' for a stack of matrices, '' for a single one."""
+    if not batch_shape:
+        return ""
+    if len(batch_shape) == 1:
+        return f" (batch entry {flat})"
+    index = []
+    for size in reversed(batch_shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return f" (batch entry {tuple(reversed(index))})"
+
+
+def _condition_estimate(b: torch.Tensor, chol: torch.Tensor, steps: int = 4):
+    """Lower bounds of the extreme eigenvalues of SPD `b [k, D, D]` from its Cholesky factor, O(steps·D^2) each.
+
+    `λ_max >= max(b_ii, L_ii^2, |b v|)` and `λ_min <= min(L_ii^2, 1/|b^-1 v|)` for unit `v` after a few steps of
+    power and inverse iteration (through the factor) from a fixed pseudo-random start. Their ratio never exceeds
+    cond(b) (up to rounding); inverse iteration finds an isolated small eigenvalue in a step or two, and the
+    pivots `L_ii^2` find the near-collinear features Cholesky meets.
+    """
+    d = b.shape[-1]
+    pivots = chol.diagonal(dim1=-2, dim2=-1) ** 2
+    j = torch.arange(d, dtype=torch.float64, device=b.device).unsqueeze(-1)
+    start = torch.frac(torch.sin(12.9898 * j + 78.233) * 43758.5453) - 0.5  # made on the device: no transfer
+    start = (start / start.norm()).expand(b.shape[0], d, 1)
+    high = torch.maximum(b.diagonal(dim1=-2, dim2=-1).amax(-1), pivots.amax(-1))
+    inverse_norm = torch.zeros_like(high)
+    v, w = start, start
+    for _ in range(steps):
+        bv = b @ v
+        norm = bv.norm(dim=(-2, -1))
+        high = torch.fmax(high, norm)
+        v = bv / norm.clamp_min(1e-300).view(-1, 1, 1)
+        inv = torch.cholesky_solve(w, chol)
+        norm = inv.norm(dim=(-2, -1))
+        inverse_norm = torch.fmax(inverse_norm, norm)
+        w = inv / norm.clamp_min(1e-300).view(-1, 1, 1)
+    low = torch.minimum(pivots.amin(-1), 1.0 / inverse_norm)
+    return high, low
+
+
+@torch.no_grad()
+def eigh_data(a: torch.Tensor, b: torch.Tensor, ridge: float, op: str = "generalized_eigh"):
+    """generalized_eigh's data checks, read back in one synchronisation (on a GPU); `a`, `b` are validated,
+    same-shape, non-empty `[..., D, D]` stacks.
+
+    Checks, in order: finite `a` and `b`; `a` and `b` symmetric to `symmetry_tolerance` (then symmetrised); a
+    non-negative diagonal of `b`; `b + r I` positive definite on the live (non-dead) dimensions; and its
+    condition number (estimated by `_condition_estimate` on the live block) at most `max_condition(b.dtype)`.
+    Returns `(dead, any_dead)`: the `[k, D]` mask of dead dimensions of the `[k, D, D]` stack (no variance in
+    `b` nor in `a`), and whether there is any.
+    """
+    d = a.shape[-1]
+    batch = tuple(a.shape[:-2])
+    A = a.detach().reshape(-1, d, d)  # in its own dtype: only its asymmetry and diagonal are needed
+    B = b.detach().reshape(-1, d, d)
+
+    def magnitude(m):  # max|m| per matrix; NaN or inf when m holds one (amax and amin propagate NaN)
+        return torch.maximum(m.amax((-2, -1)), -m.amin((-2, -1))).double()
+
+    def asymmetry(m, size):  # max|m - m^T| / max|m| per matrix
+        gap = (m - m.mT).abs_().amax((-2, -1)).double()
+        return torch.where(size > 0, gap / size.clamp_min(1e-300), torch.zeros_like(gap))
+
+    size_a, size_b = magnitude(A), magnitude(B)
+    finite_a, finite_b = torch.isfinite(size_a), torch.isfinite(size_b)
+    asym_a, asym_b = asymmetry(A, size_a), asymmetry(B, size_b)
+    B = B.to(torch.float64)
+    S = torch.add(B, B.mT).mul_(0.5)  # symmetrised b, in float64 as the solve; made into the live block below
+    diag = S.diagonal(dim1=-2, dim2=-1).clone()
+    largest = diag.abs().amax(-1, keepdim=True)
+    a_diag = A.diagonal(dim1=-2, dim2=-1).abs().double()
+    dead = (diag <= DEAD_RELATIVE * largest) & (a_diag <= DEAD_RELATIVE * a_diag.amax(-1, keepdim=True))
+    # The live block of b + r I, with the dead rows and columns replaced by a diagonal entry from inside its
+    # spectrum (its largest diagonal entry), so that it keeps the live block's condition number; scaled to a
+    # unit largest diagonal (which changes no condition number), so that no norm over- or underflows.
+    trace = diag.sum(-1)
+    shift = trace * (ridge / d)
+    ridged_diag = diag + shift.unsqueeze(-1)
+    fill = torch.where(dead, torch.full_like(diag, -float("inf")), ridged_diag).amax(-1, keepdim=True)
+    fill = torch.where(torch.isfinite(fill), fill, torch.ones_like(fill))
+    live = (~dead).to(S.dtype)
+    S.mul_(live.unsqueeze(-1)).mul_(live.unsqueeze(-2))
+    new_diag = torch.where(dead, fill.expand_as(diag), ridged_diag)
+    S.diagonal(dim1=-2, dim2=-1).copy_(new_diag)
+    usable = finite_b & torch.isfinite(new_diag).all(-1)
+    scale = new_diag.amax(-1)
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    S.div_(scale.view(-1, 1, 1))
+    chol, info = torch.linalg.cholesky_ex(S)  # NaN or inf entries fail it (info > 0): no exception
+    failed = info != 0
+    high, low = _condition_estimate(S, chol)
+    ignored = failed | ~usable  # their estimates are meaningless; they raise before the estimate is read
+    cond = torch.where(ignored, torch.zeros_like(high), high / low.clamp_min(1e-300))
+    # The ridge that brings cond below a tenth of the limit: (λ_max + r)/(λ_min + r) <= c for r >= ...
+    c = max_condition(b.dtype) / 10
+    extra = ((high - c * low) / (c - 1)).clamp_min(0.0)
+    needed = torch.where(ignored | (trace <= 0), torch.zeros_like(trace),
+                         ridge + extra * scale * d / trace.clamp_min(1e-300))
+    f64 = dict(dtype=torch.float64)
+    flags = torch.stack([
+        (~finite_a).any().to(**f64), (~finite_b).any().to(**f64),
+        asym_a.amax().to(**f64), asym_a.argmax().to(**f64), asym_b.amax().to(**f64), asym_b.argmax().to(**f64),
+        (diag < -DEAD_RELATIVE * largest).any().to(**f64), (~usable & finite_b).any().to(**f64),
+        failed.any().to(**f64), failed.int().argmax().to(**f64),
+        cond.amax(), cond.argmax().to(**f64), needed.amax(), dead.any().to(**f64),
+    ]).tolist()
+    (nonfinite_a, nonfinite_b, asym_a_max, asym_a_at, asym_b_max, asym_b_at, negative, overflow,
+     any_failed, failed_at, cond_max, cond_at, needed_max, any_dead) = flags
+    if nonfinite_a:
+        raise ValueError(f"{op}: a must be finite, found NaN or Inf")
+    if nonfinite_b:
+        raise ValueError(f"{op}: b must be finite, found NaN or Inf")
+    for name, t, worst, at in (("a", a, asym_a_max, asym_a_at), ("b", b, asym_b_max, asym_b_at)):
+        tol = symmetry_tolerance(t.dtype)
+        if worst > tol:
+            raise ValueError(f"{op}: {name} must be symmetric, got max|{name} - {name}^T| = {worst:.2e} "
+                             f"x max|{name}|{_entry(int(at), batch)}, above the {tol:.1e} that rounding explains "
+                             f"for {t.dtype}; pass the symmetric matrix itself (e.g. a scatter or covariance "
+                             f"matrix), not a product such as inv(S_w) @ S_b")
+    if negative:
+        raise ValueError(f"{op}: b must be positive semi-definite (a scatter or covariance matrix), "
+                         f"found a negative diagonal")
+    if overflow:
+        raise ValueError(f"{op}: b + ridge·tr(b)/D·I overflows float64 (ridge={ridge:g}); pass a smaller ridge")
+    if any_failed:
+        where = _entry(int(failed_at), batch)
+        if ridge == 0:
+            raise ValueError(f"{op}: b (+ ridge) is not positive definite on its non-dead dimensions{where}; b is "
+                             f"singular, e.g. fewer samples than dimensions, collinear features, or a feature "
+                             f"constant within every class but not across classes. Pass ridge > 0 (ridge=1e-6 "
+                             f"regularises it slightly, 1e-3 is a common choice).")
+        raise ValueError(f"{op}: b (+ ridge) is not positive definite on its non-dead dimensions{where} even "
+                         f"with ridge={ridge:g}: b has a negative eigenvalue below -ridge·tr(b)/D, so it is not "
+                         f"a scatter or covariance matrix (check how it is computed), or pass ridge > {ridge:g}.")
+    limit = max_condition(b.dtype)
+    if cond_max > limit:
+        exponent = math.ceil(math.log10(needed_max)) if 0 < needed_max < float("inf") else -3
+        suggest = f"1e{max(exponent, -6)}"
+        precision = (f"; b is {b.dtype}, and its own rounding moves the eigenvalues by up to cond·eps: compute "
+                     f"it in float64 (class_scatter's statistics are float64)") if b.dtype != torch.float64 else ""
+        raise ValueError(f"{op}: b (+ ridge) is ill-conditioned{_entry(int(cond_at), batch)}: condition number "
+                         f"~{cond_max:.1e} (estimated from its Cholesky factor), so the eigenvalues may be off "
+                         f"by up to cond·eps = {cond_max * torch.finfo(b.dtype).eps:.1e} relative; {op} accepts "
+                         f"cond <= {limit:.1e} for {b.dtype} (eigenvalues good to ~{CONDITION_ERROR:g}). b is "
+                         f"nearly singular: nearly collinear features, or a feature (almost) constant within "
+                         f"every class. Pass ridge={suggest} (or larger) to regularise it{precision}.")
+    return dead, bool(any_dead)
+
+
 def int_list(value, op: str, arg: str) -> list[int]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return [int(value)]
@@ -108,8 +294,26 @@ def int_list(value, op: str, arg: str) -> list[int]:
     raise TypeError(f"{op}: {arg} must be an int or a non-empty sequence of ints, got {value!r}")
 
 
+def _is_int(v) -> bool:
+    """An int (Python, NumPy) or a 0-d integer tensor; not a bool."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not (v.dtype == torch.bool or v.is_floating_point() or v.is_complex())
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def channel_index(index, op: str, device) -> torch.Tensor:
+    """A 1-D int64 index on `device`: a sequence of ints (not floats or bools, which would be truncated or
+    read as 0/1) or an integer tensor already on `device`."""
     if isinstance(index, (list, tuple, range)):
+        bad = next((v for v in index if not _is_int(v)), None)
+        if bad is not None:
+            boolean = isinstance(bad, bool) or (isinstance(bad, torch.Tensor) and bad.dtype == torch.bool)
+            why = ("it would be read as position 0 or 1; for a boolean mask pass mask.nonzero().squeeze(1)"
+                   if boolean else "it would be truncated; pass int positions")
+            raise TypeError(f"{op}: index must hold ints (positions along dim), got {bad!r} "
+                            f"({type(bad).__name__}): {why}")
+        if any(not -2 ** 63 <= int(v) < 2 ** 63 for v in index):
+            raise ValueError(f"{op}: index must hold int64 positions, got {max(index, key=lambda v: abs(int(v)))}")
         index = torch.tensor(list(index), dtype=torch.long, device=device)
     index = tensor(index, op, "index")
     if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
@@ -117,6 +321,9 @@ def channel_index(index, op: str, device) -> torch.Tensor:
                         f"mask.nonzero().squeeze(1)), got {index.dtype}")
     if index.dim() != 1:
         raise ValueError(f"{op}: index must be 1-D [K], got shape {tuple(index.shape)}")
+    if index.device != torch.device(device):
+        raise ValueError(f"{op}: t and index must be on the same device, got t on {torch.device(device)} and "
+                         f"index on {index.device}; move index with index.to(t.device)")
     return index.long()
 
 
@@ -155,7 +362,7 @@ def deconv_output_padding(signal_shape, weight_shape, stride, padding, dilation,
         if output_size is None:
             if minimal < 1:
                 raise ValueError(f"{op}: the transposed convolution would have an empty output for signal "
-                                 f"{tuple(signal_shape)}; check stride and padding")
+                                 f"{list(signal_shape)}; check stride and padding")
             extra.append(0)
             continue
         e = output_size[i] - minimal
@@ -171,6 +378,7 @@ def deconv_arguments(signal, weight, stride, padding, dilation, groups, output_s
     op = "deconv_backproject"
     signal = features(signal, op, "signal")
     weight = features(weight, op, "weight")
+    same_device(op, signal=signal, weight=weight)
     if signal.dtype != weight.dtype:
         raise TypeError(f"{op}: signal and weight must share a dtype, got {signal.dtype} and {weight.dtype}")
     if not 2 <= weight.dim() <= 5:
@@ -201,7 +409,7 @@ def deconv_arguments(signal, weight, stride, padding, dilation, groups, output_s
         raise ValueError(f"{op}: stride and dilation must be >= 1 and padding >= 0, got stride {stride}, "
                          f"padding {padding}, dilation {dilation}")
     if output_size is not None:
-        output_size = int_list(list(output_size), op, "output_size")
+        output_size = int_list(output_size, op, "output_size")
         if len(output_size) == spatial + 2:  # a full input shape [B, C_in, spatial...]
             output_size = output_size[2:]
         if len(output_size) != spatial:

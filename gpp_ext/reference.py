@@ -15,7 +15,7 @@ from . import _checks
 from .stats import ScatterStats
 
 # A b-diagonal entry at or below this fraction of the largest is a dead (zero-variance) dimension.
-DEAD_RELATIVE = 1e-12
+DEAD_RELATIVE = _checks.DEAD_RELATIVE
 
 
 def class_scatter(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> ScatterStats:
@@ -37,6 +37,7 @@ def merge_scatter(a: ScatterStats, b: ScatterStats) -> ScatterStats:
     """Exact merge of two partial statistics (Chan et al.'s parallel formula)."""
     ca, ma, wa = _checks.stats_tensors(a, "merge_scatter", "a")
     cb, mb, wb = _checks.stats_tensors(b, "merge_scatter", "b")
+    _checks.same_device("merge_scatter", a=ma, b=mb)
     if ma.shape != mb.shape:
         raise ValueError(f"merge_scatter: a and b must have the same number of classes and dimension, got mean "
                          f"shapes {tuple(ma.shape)} and {tuple(mb.shape)}")
@@ -71,11 +72,14 @@ def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
     Returns `(eigenvalues [..., D], eigenvectors [..., D, D])`: eigenvalues descending, eigenvectors as columns
     normalised so that `E^T (b + ridge·tr(b)/D·I) E = I`, the largest-magnitude entry of each made positive.
     Dead dimensions (zero diagonal in both `b` and `a`: no variance at all) get eigenvalue 0 and their coordinate
-    vector. Computed in float64, returned in the promoted input dtype.
+    vector. Computed in float64, returned in the promoted input dtype. The data checks (symmetry to rounding,
+    then symmetrised; `b + ridge` positive definite and not too ill-conditioned) are `_checks.eigh_data`'s,
+    the public op's.
     """
     op = "generalized_eigh"
     a = _checks.square_stack(a, op, "a")
     b = _checks.square_stack(b, op, "b")
+    _checks.same_device(op, a=a, b=b)
     if a.shape != b.shape:
         raise ValueError(f"{op}: b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
     ridge = _checks.real(ridge, op, "ridge")
@@ -83,25 +87,17 @@ def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
     d = a.shape[-1]
     if a.numel() == 0:
         return a.new_empty(a.shape[:-1], dtype=out_dtype), a.new_empty(a.shape, dtype=out_dtype)
+    # One read-back for every data check. Dead: no variance in b nor in a (b_jj = 0 with a_jj > 0 is a perfect
+    # discriminant, not a dead neuron).
+    dead, any_dead = _checks.eigh_data(a, b, ridge, op)
     A = a.to(torch.float64).reshape(-1, d, d)
     B = b.to(torch.float64).reshape(-1, d, d)
-    if not bool(torch.isfinite(A).all()):
-        raise ValueError(f"{op}: a must be finite, found NaN or Inf")
-    if not bool(torch.isfinite(B).all()):
-        raise ValueError(f"{op}: b must be finite, found NaN or Inf")
     A = 0.5 * (A + A.mT)
     B = 0.5 * (B + B.mT)
     diag = B.diagonal(dim1=-2, dim2=-1)
-    largest = diag.abs().amax(-1, keepdim=True)
-    if not bool((diag >= -DEAD_RELATIVE * largest).all()):
-        raise ValueError(f"{op}: b must be positive semi-definite (a scatter or covariance matrix), "
-                         f"found a negative diagonal")
-    # Dead: no variance in b nor in a. b_jj = 0 with a_jj > 0 is a perfect discriminant, not a dead neuron.
-    a_diag = A.diagonal(dim1=-2, dim2=-1).abs()
-    dead = (diag <= DEAD_RELATIVE * largest) & (a_diag <= DEAD_RELATIVE * a_diag.amax(-1, keepdim=True))
     shift = diag.sum(-1) * (ridge / d)
     B = B + shift.view(-1, 1, 1) * torch.eye(d, dtype=B.dtype, device=B.device)
-    if not bool(dead.any()):
+    if not any_dead:
         values, vectors = _solve_definite(A, B)
     else:
         values = torch.zeros(A.shape[:-1], dtype=A.dtype, device=A.device)
@@ -132,6 +128,7 @@ def discriminant_utility(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, 
     op = "discriminant_utility"
     lam = _checks.features(eigenvalues, op, "eigenvalues")
     vec = _checks.square_stack(eigenvectors, op, "eigenvectors")
+    _checks.same_device(op, eigenvalues=lam, eigenvectors=vec)
     if lam.shape != vec.shape[:-1]:
         raise ValueError(f"{op}: eigenvalues must be [..., D] matching eigenvectors {tuple(vec.shape)}, "
                          f"got {tuple(lam.shape)}")
