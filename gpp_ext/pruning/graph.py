@@ -416,7 +416,11 @@ class ChannelGraph:
                 (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
             others = [layout[a] for a in tensor_args]
             operand_shapes = [self._shape(a) for a in tensor_args]
-            full = [lay for lay, s in zip(others, operand_shapes) if s is not None and len(s) >= 2 and s[1] > 1]
+            # operands that carry the output's channels (not broadcast along them): coupled with each other. One
+            # channel is a broadcast onto many, but two single-channel maps of the output's rank are one channel.
+            width = shape[1] if shape is not None and len(shape) >= 2 else None
+            full = [lay for lay, s in zip(others, operand_shapes) if s is not None and len(s) >= 2
+                    and (s[1] > 1 or (width == 1 and len(s) == len(shape)))]
             param_operands = [a for a in self._flat_nodes((node.args, node.kwargs)) if a.op == "get_attr"]
             if param_operands and full:
                 self._unsupported.append(f"{where}: elementwise op with a parameter tensor ({target})")

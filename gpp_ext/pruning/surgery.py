@@ -12,6 +12,8 @@ Kept channels are taken in the order given (index_select semantics), so a permut
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 
@@ -19,6 +21,13 @@ from .. import ops
 from ..layers import BATCH_NORMS, CONV, WIDTH_ATTRS
 
 __all__ = ["prune", "validate_keep", "layout_index"]
+
+
+def _is_int(v) -> bool:
+    """A channel index: a Python or numpy int, or a 0-d integer tensor; never a bool or a float."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def validate_keep(graph, keep: dict) -> dict:
@@ -36,7 +45,11 @@ def validate_keep(graph, keep: dict) -> dict:
         if not group.prunable:
             raise ValueError(f"ChannelGraph.prune: group {name!r} cannot be pruned: {group.reason}")
         if isinstance(index, (list, tuple, range)):
-            index = torch.tensor(list(index), dtype=torch.long)
+            bad = next((v for v in index if not _is_int(v)), None)
+            if bad is not None:
+                raise TypeError(f"ChannelGraph.prune: keep[{name!r}] must hold int channel indices, got {bad!r} "
+                                f"({type(bad).__name__}); it would be truncated or read as 0/1")
+            index = torch.tensor([int(v) for v in index], dtype=torch.long)
         if not isinstance(index, torch.Tensor) or index.dtype in (torch.bool,) or index.is_floating_point() \
                 or index.dim() != 1:
             raise TypeError(f"ChannelGraph.prune: keep[{name!r}] must be a 1-D integer tensor of channel indices")
