@@ -6,11 +6,15 @@ the fx node feeding it), the criteria and the benchmarks (which must not prune i
 chosen once by `find_classifier`; the fx node (`pre_decision_node`) and the tap (`PreDecisionTap`) are derived
 from that module, so the three agree by construction.
 
-The rule: `model.classifier` when it is an `nn.Linear`, otherwise the last `nn.Linear` in
-`model.named_modules()` order. The pre-decision layer is the input of the classifier's (last) call.
+The rule: `model.classifier` when it is an `nn.Linear`, otherwise the last `nn.Linear` the forward pass calls
+(found by tracing the model with torch.fx, so a head declared before a projection layer is still the head);
+for a model torch.fx cannot trace, the last `nn.Linear` in `model.named_modules()` order. The pre-decision layer
+is the input of the classifier's (last) call.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.fx
@@ -27,15 +31,34 @@ def find_classifier(model: nn.Module) -> str:
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_classifier: model must be an nn.Module, got {type(model).__name__}")
     candidate = getattr(model, "classifier", None)
-    linear = candidate if isinstance(candidate, nn.Linear) else None
-    if linear is None:
-        linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(f"cannot find the final classifier of {type(model).__name__}: the model has no nn.Linear "
-                             f"(nor a `classifier` attribute that is one); name the layer to analyse explicitly, e.g. "
-                             f"DiscriminantAnalyzer(model, C, layers=['head:input']), or classifier='<module name>'")
-        linear = linears[-1]
-    return next(n for n, m in model.named_modules() if m is linear)
+    if isinstance(candidate, nn.Linear):
+        return next(n for n, m in model.named_modules() if m is candidate)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot find the final classifier of {type(model).__name__}: the model has no nn.Linear "
+                         f"(nor a `classifier` attribute that is one); name the layer to analyse explicitly, e.g. "
+                         f"DiscriminantAnalyzer(model, C, layers=['head:input']), or classifier='<module name>'")
+    key = tuple((n, id(m)) for n, m in linears)
+    cached = _LAST_CALLED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    name = _last_linear_called(model, {n for n, _ in linears}) or linears[-1][0]
+    _LAST_CALLED[model] = (key, name)
+    return name
+
+
+# model -> (its linear layers, the name found): tracing is done once per model and layer set
+_LAST_CALLED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _last_linear_called(model: nn.Module, linears: set) -> str | None:
+    """The last of `linears` the traced forward pass calls, or None when torch.fx cannot trace the model."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # data-dependent control flow and the like: fall back to declaration order
+        return None
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in linears]
+    return called[-1] if called else None
 
 
 def classifier_node(gm: torch.fx.GraphModule, classifier: str) -> torch.fx.Node:

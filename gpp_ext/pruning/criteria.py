@@ -47,7 +47,7 @@ from ..training import labelled_batches
 from .graph import ChannelGraph, ChannelParam
 from .trace import trace_utility
 
-__all__ = ["CriterionContext", "register", "unregister", "get", "names", "describe", "resolve", "per_channel", "lda", "fisher",
+__all__ = ["CriterionContext", "check_neurons", "register", "unregister", "get", "names", "describe", "resolve", "per_channel", "lda", "fisher",
            "l1", "bn_scale", "taylor", "random"]
 
 
@@ -109,6 +109,9 @@ class CriterionContext:
             with DiscriminantAnalyzer(graph.model, self.classes_of(graph), layers=[layer]) as analyzer:
                 analyzer.run(self._need_loader("the discriminant analysis"), max_batches=self.max_batches,
                              progress=self.progress, device=self.device)
+            if analyzer.num_samples == 0:
+                raise ValueError("criterion: the loader yielded no samples to analyse; give it (inputs, labels) "
+                                 "batches of the task's training data")
             self._cache["analyzer"] = analyzer
         return self._cache["analyzer"]
 
@@ -129,20 +132,27 @@ class CriterionContext:
         return self._cache["batch"]
 
     def tracing_images(self, graph: ChannelGraph) -> torch.Tensor:
-        """`tracing_per_class` images of every class present in the first batches of the loader."""
+        """`tracing_per_class` images of every class, from the first batches of the loader: at most
+        `max_batches` of them (the analysis' limit), so an endless loader that lacks a class still ends; the
+        classes never seen are noted in `notes["untraced_classes"]`."""
         if "tracing" not in self._cache:
             num_classes, per_class = self.classes_of(graph), self.tracing_per_class
-            picked = {}
-            for x, y in labelled_batches(self._need_loader("tracing"), self.device):
+            picked = {c: [] for c in range(num_classes)}
+            for i, (x, y) in enumerate(labelled_batches(self._need_loader("tracing"), self.device)):
                 for c in range(num_classes):
-                    have = picked.setdefault(c, [])
+                    have = picked[c]
                     if len(have) < per_class:
                         have.extend(x[y == c][: per_class - len(have)])
-                if all(len(v) >= per_class for v in picked.values()) and len(picked) == num_classes:
+                if all(len(v) >= per_class for v in picked.values()):
+                    break
+                if self.max_batches is not None and i + 1 >= self.max_batches:
                     break
             images = [img for imgs in picked.values() for img in imgs]
             if not images:
                 raise ValueError("prune: the loader yielded no images to trace")
+            missing = [c for c, imgs in picked.items() if not imgs]
+            if missing:
+                self.notes["untraced_classes"] = missing
             self._cache["tracing"] = torch.stack(images)
         return self._cache["tracing"]
 
@@ -239,8 +249,30 @@ def _producer_weights(graph: ChannelGraph, name: str) -> list[ChannelParam]:
 
 # ---------------------------------------------------------------------------------------- the criteria
 
+def check_neurons(neurons, where: str = "prune") -> None:
+    """`neurons` is a count (int >= 1) or a fraction (float in (0, 1]) of the pre-decision neurons."""
+    if isinstance(neurons, bool) or not isinstance(neurons, (int, float)):
+        raise TypeError(f"{where}: neurons must be a count (int >= 1) or a fraction (float in (0, 1]) of the "
+                        f"pre-decision neurons, got {type(neurons).__name__} {neurons!r}")
+    if isinstance(neurons, int) and neurons < 1 or isinstance(neurons, float) and not 0 < neurons <= 1:
+        raise ValueError(f"{where}: neurons must be a count (int >= 1) or a fraction (float in (0, 1]) of the "
+                         f"pre-decision neurons, got {neurons!r}")
+
+
 def _discriminant(graph: ChannelGraph, context: CriterionContext, kind: str) -> dict:
+    check_neurons(context.neurons, f"criterion {kind!r}")
+    counts = context.analyzer(graph).stats().count
+    present = (counts > 0).nonzero().flatten().tolist()
+    if len(present) < 2:
+        seen = f"only class {present[0]}" if present else "no labelled samples"
+        raise ValueError(f"criterion {kind!r}: the loader holds {seen} ({int(counts.sum())} samples); a "
+                         f"discriminant needs samples of at least 2 classes. Give prune a loader of the task's "
+                         f"training data with every class (or a criterion that needs no labels, e.g. 'l1')")
     utility = context.utility(graph, kind)
+    if not bool(utility.any()):
+        raise ValueError(f"criterion {kind!r}: every pre-decision neuron has zero discriminant utility (constant "
+                         f"features?), so there is nothing to rank channels by; check the model is trained and "
+                         f"its inputs vary, or use a criterion such as 'l1'")
     width = utility.numel()
     neurons = context.neurons
     count = neurons if isinstance(neurons, int) else int(round(float(neurons) * width))

@@ -25,7 +25,7 @@ from ..cost import count_flops, count_params
 from ..training import recalibrate_batchnorm
 from . import criteria
 from .graph import ChannelGraph
-from .selection import select_channels
+from .selection import resolve_method, select_channels
 
 __all__ = ["prune", "PruneReport"]
 
@@ -55,7 +55,7 @@ class PruneReport:
 
 
 def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = None, criterion="lda",
-          neurons=0.5, method: str = "eta", eta: float = 0.1, ratio: float | None = None,
+          neurons=0.5, method: str | None = None, eta: float | None = None, ratio: float | None = None,
           budget: float | None = None, budget_kind: str = "params", min_channels: int = 1, round_to: int = 1,
           tracing_per_class: int = 4, max_batches: int | None = None, recalibrate: bool = True,
           ignore=(), inplace: bool = False, progress: bool = True, seed: int = 0, keep: dict | None = None,
@@ -72,7 +72,8 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
             "random"), or any callable `(graph, context) -> {group name: [size] scores}`.
         neurons: pre-decision neurons kept for tracing: a count (int) or a fraction (float in (0, 1]).
         method, eta, ratio, budget, budget_kind, min_channels, round_to, allocation, normalize: see
-            `select_channels`.
+            `select_channels` (the method follows the knob given: `budget=0.3` prunes to 30% of the
+            parameters; `eta=0.1` when none is given).
         tracing_per_class: tracing images per class.
         max_batches: limit the analysis pass (default: the whole loader).
         recalibrate: re-estimate BatchNorm statistics on `loader` after pruning.
@@ -87,9 +88,26 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
     splits `loader` over the processes and combines their statistics exactly, rank 0's selection is applied
     everywhere, and BatchNorm recalibration is averaged, so every process ends with the same compact model.
     """
+    # Every argument is checked before the model is copied, traced or shown any data.
     name, score = ("keep", None) if keep is not None else criteria.resolve(criterion)
     if keep is not None and not isinstance(keep, dict):
         raise TypeError(f"prune: keep must be a dict of group name -> kept indices, got {type(keep).__name__}")
+    if keep is None:
+        method, eta = resolve_method(method, eta, ratio, budget, where="prune")
+    criteria.check_neurons(neurons, "prune")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"prune: max_batches must be a positive int or None, got {max_batches!r}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 2):
+        raise ValueError(f"prune: num_classes must be an int >= 2 (or None: the classifier's outputs), got "
+                         f"{num_classes!r}")
+    if loader is None and (keep is None or recalibrate):
+        raise ValueError("prune: loader must yield (inputs, labels) batches of the task's training data, got None")
+    if loader is not None and iter(loader) is loader:
+        raise TypeError(f"prune: loader is a one-pass iterator ({type(loader).__name__}), but prune reads the data "
+                        f"more than once (analysis, tracing, BatchNorm recalibration); pass a DataLoader, a list "
+                        f"of (inputs, labels) batches or another re-iterable")
     if not inplace:
         model = copy.deepcopy(model)
     if isinstance(example_inputs, torch.Tensor):
@@ -97,7 +115,11 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
     device = next(model.parameters()).device
     graph = ChannelGraph(model, example_inputs, ignore=ignore)
     classifier = find_classifier(model)  # one classifier for every step (gpp_ext.classifier)
-    num_classes = num_classes or dict(model.named_modules())[classifier].out_features
+    head = dict(model.named_modules())[classifier].out_features
+    if num_classes is not None and num_classes != head:
+        raise ValueError(f"prune: num_classes={num_classes} but the classifier {classifier!r} has {head} outputs; "
+                         f"pass the classifier's class count (or leave num_classes out)")
+    num_classes = head
     params0, flops0 = count_params(model), count_flops(model, example_inputs)
     before = {g.name: g.size for g in graph.groups}
 
@@ -110,9 +132,9 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
         if not isinstance(scores, dict):
             raise TypeError(f"prune: criterion {name!r} must return a dict of group name -> [size] scores, got "
                             f"{type(scores).__name__}")
-        keep = select_channels(graph, scores, method=method, eta=eta, ratio=ratio, budget=budget,
-                               budget_kind=budget_kind, min_channels=min_channels, round_to=round_to,
-                               allocation=allocation, normalize=normalize)
+        keep = select_channels(graph, scores, method=method, eta=eta if method == "eta" else None, ratio=ratio,
+                               budget=budget, budget_kind=budget_kind, min_channels=min_channels,
+                               round_to=round_to, allocation=allocation, normalize=normalize)
     # Under torch.distributed the statistics are already identical everywhere, but tracing images, Taylor's
     # batch and random scores are each process's own: rank 0 decides, and every process cuts the same channels.
     keep = gdist.broadcast_object(keep)

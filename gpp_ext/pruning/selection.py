@@ -33,7 +33,7 @@ from ..cost import count_flops, count_params
 from ..layers import CONV
 from .graph import ChannelGraph
 
-__all__ = ["select_channels", "CostModel"]
+__all__ = ["select_channels", "resolve_method", "CostModel"]
 
 
 class CostModel:
@@ -129,7 +129,33 @@ def _guarded(utility: torch.Tensor, count: int, min_channels: int, round_to: int
     return max(1, count)
 
 
-def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", eta: float = 0.1,
+def resolve_method(method: str | None, eta, ratio, budget, where: str = "select_channels") -> tuple:
+    """`(method, eta)`: the selection method named, or the one whose knob was given (`budget` -> "budget",
+    `ratio` -> "ratio", else "eta" with `eta` 0.1 by default). A knob of another method than the one named, two
+    knobs at once, or a knob that is not a finite number is a `ValueError`/`TypeError` naming it."""
+    for name, value in (("eta", eta), ("ratio", ratio), ("budget", budget)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {name} must be a finite number, got {value}")
+    given = [n for n, v in (("eta", eta), ("ratio", ratio), ("budget", budget)) if v is not None]
+    if method is None:
+        if len(given) > 1:
+            raise ValueError(f"{where}: give one of eta, ratio and budget (or method=...), got {', '.join(given)}")
+        method = given[0] if given else "eta"
+    if method not in ("eta", "ratio", "budget"):
+        raise ValueError(f"{where}: method must be 'eta', 'ratio' or 'budget', got {method!r}")
+    values = {"eta": eta, "ratio": ratio, "budget": budget}
+    others = [f"{n}={values[n]}" for n in given if n != method]
+    if others:
+        raise ValueError(f"{where}: method={method!r} does not use {', '.join(others)}; leave method out (it "
+                         f"follows the knob given) or give the knob of method {method!r}")
+    return method, (0.1 if eta is None else eta)
+
+
+def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = None, eta: float | None = None,
                     ratio: float | None = None, budget: float | None = None, budget_kind: str = "params",
                     min_channels: int = 1, round_to: int = 1, search: str = "cost_model",
                     normalize: str = "mean", allocation: str = "global") -> dict:
@@ -138,7 +164,9 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
     Args:
         graph: the model's `ChannelGraph` (its prunable groups are the candidates).
         utilities: `{group name: [size] scores}`; groups missing from it are kept whole.
-        eta, ratio, budget: the knob of the chosen method (budget is a fraction of the original cost).
+        method: "eta", "ratio" or "budget"; by default the method whose knob is given (`eta` when none is).
+        eta, ratio, budget: the knob of the chosen method (budget is a fraction of the original cost; eta
+            defaults to 0.1). A knob of another method than `method` is an error, never silently ignored.
         budget_kind: "params" or "flops".
         min_channels, round_to: width guards (see above).
         search: how the budget search measures a candidate: "cost_model" (the `CostModel`, checked once by a
@@ -150,8 +178,7 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str = "eta", e
             lose channels where their utilities are low) or "uniform" (every group keeps the same fraction of
             its channels, its lowest-utility ones going: the widths do not depend on the utilities).
     """
-    if method not in ("eta", "ratio", "budget"):
-        raise ValueError(f"select_channels: method must be 'eta', 'ratio' or 'budget', got {method!r}")
+    method, eta = resolve_method(method, eta, ratio, budget)
     if min_channels < 1 or round_to < 1:
         raise ValueError(f"select_channels: min_channels and round_to must be >= 1, got {min_channels}, {round_to}")
     groups = {g.name: g for g in graph.groups}
