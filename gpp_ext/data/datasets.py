@@ -113,29 +113,84 @@ def _stratified(labels: torch.Tensor, fraction: float, generator: torch.Generato
     return torch.cat(rest).sort().values, torch.cat(held).sort().values
 
 
+def _input_shape(dataset: Dataset) -> tuple:
+    if isinstance(dataset, TensorDataset):
+        return tuple(dataset.tensors[0].shape[1:])
+    return tuple(dataset[0][0].shape)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, split: str, name: str, classes: tuple) -> None:
+    """Every label of `split` is a class index in [0, num_classes), and every class occurs in it."""
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"make_splits: {name}: {bad.numel()} label(s) of the {split} set are not class indices "
+                         f"0..{num_classes - 1} (e.g. label {int(labels[i])} at index {i}); the data set has "
+                         f"{num_classes} classes, so fix the labels (or give every class in classes=)")
+    counts = torch.bincount(labels, minlength=num_classes)
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        shown = ", ".join(f"{c} ({classes[c]})" if classes[c] != str(c) else str(c) for c in missing[:10])
+        raise ValueError(f"make_splits: {name}: class(es) {shown} have no samples in the {split} set of "
+                         f"{labels.numel()}; every class must occur in every split (for a small class, a larger "
+                         f"val_fraction / test_fraction or more data)")
+
+
 def make_splits(train: Dataset, test: Dataset | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
                 seed: int = 0, name: str = "custom", classes=None) -> DataSplits:
     """Train/validation(/test) splits of any labelled data set, stratified by class and seeded.
 
     Without a `test` set, `test_fraction` of `train` is held out as one. The validation set always comes out
     of the training data; the test set is used only for reporting.
+
+    The class count is `len(classes)` when `classes` (the class names) is given, else the labels must be
+    `0..K-1`. Checked before anything is trained: every label of every split is a class index, every class
+    occurs in the training, validation and test sets, and the test inputs have the training inputs' shape;
+    a `ValueError` names the split and what is wrong.
     """
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
         raise ValueError(f"make_splits: val_fraction and test_fraction must be in (0, 1), got {val_fraction}, "
                          f"{test_fraction}")
     if len(train) == 0:
-        raise ValueError("make_splits: the training data set is empty")
-    g = torch.Generator().manual_seed(seed)
+        raise ValueError(f"make_splits: {name}: the training data set is empty")
+    if test is not None and len(test) == 0:
+        raise ValueError(f"make_splits: {name}: the test data set is empty")
     labels = labels_of(train)
+    if labels.dtype.is_floating_point or labels.dim() != 1:
+        raise ValueError(f"make_splits: {name}: labels must be integer class indices [N], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    if classes is not None:
+        classes = tuple(str(c) for c in classes)
+        if len(classes) < 2:
+            raise ValueError(f"make_splits: {name}: classes must name at least 2 classes, got {classes}")
+        num_classes = len(classes)
+    else:
+        num_classes = int(labels.max()) + 1
+        distinct = labels.unique()
+        if distinct.numel() != num_classes or int(distinct[0]) != 0:
+            top = int((labels == labels.max()).nonzero()[0])
+            raise ValueError(f"make_splits: {name}: the training labels are not the class indices 0..K-1: "
+                             f"{distinct.numel()} distinct values from {int(distinct[0])} to {num_classes - 1} (label "
+                             f"{num_classes - 1} at index {top}); relabel them 0..K-1, or name every class in "
+                             f"classes= so that a class absent from the data is an error rather than a guess")
+        classes = tuple(map(str, range(num_classes)))
+    _check_labels(labels, num_classes, "training", name, classes)
+    shape = _input_shape(train)
+    if test is not None:
+        test_shape = _input_shape(test)
+        if test_shape != shape:
+            raise ValueError(f"make_splits: {name}: the test inputs are {list(test_shape)} but the training inputs "
+                             f"are {list(shape)}; both splits must have one input shape (resize one of them)")
+    g = torch.Generator().manual_seed(seed)
     pool = torch.arange(len(train))
     if test is None:
         rest, held = _stratified(labels, test_fraction, g)
         test, pool = Subset(train, held.tolist()), rest
     fit, val = _stratified(labels[pool], val_fraction, g)
-    num_classes = int(labels.max()) + 1
+    _check_labels(labels[pool[val]], num_classes, "validation", name, classes)
+    _check_labels(labels_of(test), num_classes, "test", name, classes)
     return DataSplits(Subset(train, pool[fit].tolist()), Subset(train, pool[val].tolist()), test, num_classes,
-                      tuple(train[0][0].shape), tuple(classes) if classes else tuple(map(str, range(num_classes))),
-                      name)
+                      shape, classes, name)
 
 
 def load_dataset(name: str, data_dir=None, val_fraction: float = 0.1, seed: int = 0) -> DataSplits:
@@ -144,5 +199,5 @@ def load_dataset(name: str, data_dir=None, val_fraction: float = 0.1, seed: int 
         return make_splits(fashion_mnist("train", data_dir), fashion_mnist("test", data_dir), val_fraction,
                            seed=seed, name=name, classes=FASHION_MNIST_CLASSES)
     if name == "digits":
-        return make_splits(digits(), None, val_fraction, seed=seed, name=name)
+        return make_splits(digits(), None, val_fraction, seed=seed, name=name, classes=tuple(map(str, range(10))))
     raise ValueError(f"load_dataset: unknown data set {name!r}; known: fashion-mnist, digits")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -23,7 +24,11 @@ def read_idx(path) -> torch.Tensor:
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as error:  # cut short (EOFError) or damaged (BadGzipFile, zlib)
+            raise ValueError(f"read_idx: {path} is a damaged or truncated gzip file ({error}); download or copy it "
+                             f"again (or reinstall the data package)") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
         raise ValueError(f"read_idx: {path} is not an IDX file (magic {raw[:4].hex() or 'empty'})")
     dtype = np.dtype(_DTYPES[raw[2]])
