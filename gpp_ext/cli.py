@@ -20,6 +20,7 @@ __all__ = ["main"]
 
 MODELS = ("lenet5", "vgg", "inception", "resnet20")
 DATA = ("fashion-mnist", "digits")
+DEMO_OUT = os.path.join("runs", "demo")
 
 
 def _fraction(text: str) -> float:
@@ -81,13 +82,19 @@ def _parser() -> argparse.ArgumentParser:
                           help="grow Inception modules first (default: on for --model inception)")
     compress.add_argument("--seed", type=int, default=0)
     compress.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    compress.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
+    run = compress.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue the output folder's run from its checkpoint "
+                     "(refused if it was started with another model, data set or settings)")
+    run.add_argument("--overwrite", action="store_true", help="delete the run the output folder holds and start "
+                     "again (without --resume or --overwrite a folder holding a run is refused)")
     compress.add_argument("--peers", default=None, help="JSON list of peer results (method, model, dataset, params, "
                           "test_accuracy), e.g. benchmarks/results/compression.json, to mark on progress.png")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = sub.add_parser("demo", help="a short compression run with a printed summary")
-    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--out", default=DEMO_OUT, help="output folder (an earlier demo there is replaced; another "
+                      "folder holding a run needs --overwrite)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds")
     demo.add_argument("--data", choices=DATA, default=None, help="default: fashion-mnist when installed, else digits")
     demo.add_argument("--data-dir", default=None)
     demo.add_argument("--quiet", action="store_true")
@@ -151,6 +158,7 @@ def _compress_run(args, config_overrides=None) -> int:
     from .report import summary_table, write_reports
 
     lead = gdist.rank() == 0  # under torchrun, rank 0 speaks and writes; every process computes
+    peers = _read_peers(args.peers, args.model, args.data) if getattr(args, "peers", None) else None
     splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=args.seed)
     torch.manual_seed(args.seed)  # the initial weights follow --seed, whatever ran before in this process
     model = _build_model(args.model, splits)
@@ -170,18 +178,31 @@ def _compress_run(args, config_overrides=None) -> int:
         print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
               f"{len(splits.test)} test{processes}), target {args.target_params:.0%} of the parameters -> {out}",
               flush=True)
-    report = loop.run(resume=args.resume)
+    report = loop.run(resume=args.resume, overwrite=getattr(args, "overwrite", False))
     if not lead:
         return 0
-    if getattr(args, "peers", None):
-        with open(args.peers) as f:
-            records = json.load(f)
-        report["peers"] = [r for r in records if r.get("model") == args.model and r.get("dataset") == args.data
-                           and "params" in r and "test_accuracy" in r]
+    if peers is not None:
+        report["peers"] = peers
     write_reports(report, out, loop.final_model)
     print(summary_table(report))
     print(f"gpp: {report['stopped']}; {report['seconds']:.0f} s; report in {os.path.join(out, 'report.md')}")
     return 0
+
+
+def _read_peers(path: str, model: str, dataset: str) -> list:
+    """The peer results of `--peers` for this model and data set, read before any training."""
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except OSError as error:
+        raise ValueError(f"--peers: cannot read {path} ({error.strerror or error})") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--peers: {path} is not JSON ({error})") from error
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"--peers: {path} must hold a JSON list of result objects (method, model, dataset, params, "
+                         f"test_accuracy), e.g. benchmarks/results/compression.json")
+    return [r for r in records if r.get("model") == model and r.get("dataset") == dataset
+            and "params" in r and "test_accuracy" in r]
 
 
 def _demo(args) -> int:
@@ -203,7 +224,9 @@ def _demo(args) -> int:
                             target_flops=None, accuracy_floor=0.03, epochs=settings["epochs"],
                             push_epochs=settings["push"], finetune_epochs=settings["finetune"],
                             max_iterations=settings["iterations"], batch_size=settings["batch"], lr=3e-3,
-                            criterion="lda", grow=False, seed=0, threads=None, resume=False, quiet=args.quiet,
+                            criterion="lda", grow=False, seed=0, threads=None, resume=False,
+                            overwrite=args.overwrite or os.path.normpath(args.out) == DEMO_OUT,
+                            quiet=args.quiet,
                             peers=None, schedule="eta", cuts=1, push="loss", epoch_budget=None, push_share=0.5,
                             fade_reselect=4, distill=0.0, allocation="global", normalize="mean")
     print(f"gpp demo: LeNet-5 on {name}", flush=True)
@@ -211,14 +234,9 @@ def _demo(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import summary_table
+    from .report import read_report, summary_table
 
-    path = os.path.join(args.dir, "report.json")
-    if not os.path.exists(path):
-        print(f"gpp report: no report.json in {args.dir}", file=sys.stderr)
-        return 1
-    with open(path) as f:
-        report = json.load(f)
+    report = read_report(args.dir)  # ValueError (exit 2) for a missing, damaged, partial or stale report
     print(summary_table(report))
     print(f"stopped: {report['stopped']}; {len(report['iterations'])} iterations; {report['seconds']:.0f} s")
     return 0

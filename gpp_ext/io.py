@@ -4,22 +4,36 @@ A file holds the architecture as data: the model's factory spec (`{"name", "kwar
 whatever a user factory needs), the structural attributes of every layer (`in_channels`, `out_features`,
 `num_features`, ...), and the `state_dict`. Everything is plain Python types and tensors, so it loads with
 `torch.load(..., weights_only=True)`: no code runs from the file. Loading rebuilds the model from its factory,
-gives each layer the saved widths and parameter shapes, and loads the weights. Files are written atomically.
+gives each layer the saved widths, parameter shapes and dtypes, and loads the weights.
+
+Integrity: the payload carries a SHA-256 digest of everything it holds (spec, widths, every tensor's name,
+dtype, shape and bytes), checked on load, so a file damaged on disk or in transfer is refused with an error
+instead of loading changed weights. Files are written atomically (a temporary file in the same folder, then a
+rename); the temporary files of a writer that was killed are removed by the next write in that folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import tempfile
+import zipfile
 
 import torch
 import torch.nn as nn
 
 from .layers import WIDTH_ATTRS, WIDTH_LAYERS
 
-__all__ = ["save", "load", "payload", "from_payload", "write_atomic", "save_atomic", "write_text_atomic", "FORMAT"]
+__all__ = ["save", "load", "payload", "from_payload", "digest", "write_atomic", "save_atomic", "write_text_atomic",
+           "FORMAT"]
 
-FORMAT = "gpp_ext.model/1"
+FORMAT = "gpp_ext.model/2"
+_FORMATS = ("gpp_ext.model/1", FORMAT)  # /1: the same without the digest (read, unchecked)
+_TMP = ".tmp-"
+
+
 def _widths(model: nn.Module) -> dict:
     out = {}
     for name, m in model.named_modules():
@@ -40,13 +54,43 @@ def _widths(model: nn.Module) -> dict:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale(folder: str) -> None:
+    """Removes the temporary files (`.tmp-<pid>-...`) that writers which no longer run left in `folder`."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_TMP):
+            continue
+        pid = name[len(_TMP):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def write_atomic(path, write) -> None:
-    """Calls `write(tmp_path)`, then renames the temporary file onto `path`: readers never see half a file."""
+    """Calls `write(tmp_path)`, then renames the temporary file onto `path`: readers never see half a file.
+    Temporary files left in the folder by writers that were killed are removed first."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    _remove_stale(folder)
     # keep the extension: torch.save names its archive after the file, and a bare ".tmp-x" name is refused
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_TMP}{os.getpid()}-",
+                               suffix=os.path.splitext(path)[1] or ".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -74,14 +118,28 @@ def write_text_atomic(path, text: str) -> None:
     write_atomic(path, write)
 
 
+def digest(data: dict) -> str:
+    """SHA-256 of a payload's content: spec, widths and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"spec": data.get("spec"), "widths": data.get("widths")}, sort_keys=True,
+                        default=str).encode())
+    for key in sorted(data["state_dict"]):
+        t = data["state_dict"][key].detach().cpu().contiguous()
+        h.update(f"|{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def payload(model: nn.Module, spec: dict | None = None) -> dict:
-    """The model as data: spec, layer widths and weights (plain types and CPU tensors)."""
+    """The model as data: spec, layer widths, weights (plain types and CPU tensors) and their digest."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"gpp_ext.io: model must be an nn.Module, got {type(model).__name__}")
     if spec is None and hasattr(model, "spec"):
         spec = model.spec()
-    return {"format": FORMAT, "spec": spec, "widths": _widths(model),
+    data = {"format": FORMAT, "spec": spec, "widths": _widths(model),
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    data["sha256"] = digest(data)
+    return data
 
 
 def save(model: nn.Module, path, spec: dict | None = None) -> None:
@@ -102,15 +160,30 @@ def load(path, factory=None, map_location="cpu") -> nn.Module:
             rebuilt from the saved spec when it is None.
         map_location: the device the model ends up on (default CPU).
     """
-    data = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"gpp_ext.io.load: no model file {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        # torch reports a cut-short archive as OSError (EINVAL) or RuntimeError, an empty file as EOFError
+        raise ValueError(f"gpp_ext.io.load: cannot read {path}: the file is damaged or incomplete (e.g. a copy "
+                         f"that was cut short) or not a model file ({type(error).__name__}: {error})") from error
+    if not isinstance(data, dict) or data.get("format") not in _FORMATS:
         raise ValueError(f"gpp_ext.io.load: {path} is not a gpp_ext model file (format {FORMAT})")
-    return from_payload(data, factory, map_location, where=os.fspath(path))
+    return from_payload(data, factory, map_location, where=path)
 
 
 def from_payload(data: dict, factory=None, map_location="cpu", where: str = "the model data") -> nn.Module:
-    """Rebuilds a model from `payload(model)` (what `load` does after reading the file)."""
+    """Rebuilds a model from `payload(model)` (what `load` does after reading the file); its digest is checked
+    first (`ValueError` on a mismatch)."""
     path = where
+    if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict) or "widths" not in data:
+        raise ValueError(f"gpp_ext.io.load: {path} is not a gpp_ext model payload")
+    if data.get("format") == FORMAT and data.get("sha256") != digest(data):
+        raise ValueError(f"gpp_ext.io.load: {path} is corrupted: its content does not match the checksum stored "
+                         f"with it (the file changed after it was written, e.g. damaged on disk or in a copy); "
+                         f"use an intact copy, or write the model again")
     if factory is None:
         spec = data.get("spec")
         if not spec:
@@ -137,8 +210,8 @@ def from_payload(data: dict, factory=None, map_location="cpu", where: str = "the
         module_name, _, attr = key.rpartition(".")
         m = modules.get(module_name)
         current = getattr(m, attr, None) if m is not None else None
-        if isinstance(current, torch.Tensor) and current.shape != saved.shape:
-            fresh = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+        if isinstance(current, torch.Tensor) and (current.shape != saved.shape or current.dtype != saved.dtype):
+            fresh = torch.empty(saved.shape, dtype=saved.dtype, device=current.device)
             setattr(m, attr, nn.Parameter(fresh, requires_grad=current.requires_grad)
                     if isinstance(current, nn.Parameter) else fresh)
     model.load_state_dict(state, strict=True)

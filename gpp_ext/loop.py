@@ -31,8 +31,13 @@ on rank 0 and shared, and only rank 0 writes checkpoints (resume reads them on r
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
+import pickle
 import time
+import uuid
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -45,12 +50,18 @@ from .fade import FADE_SCHEDULES, RemovalFade
 from .grow import grow
 from .pruning import criteria, prune
 from .push import PushLoss
-from .training import evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
+from .classifier import find_classifier
+from .data import labels_of
+from .training import compare_latency, evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
 
-__all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal"]
+__all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal",
+           "run_identity", "RUN_FILES"]
 
 SCHEDULES = ("eta", "budget")
 PUSHES = ("loss", "fade", "none")
+CHECKPOINT_FORMAT = "gpp_ext.loop/2"
+# What a run leaves in its output folder (the loop writes the checkpoint; `report.write_reports` the rest).
+RUN_FILES = ("checkpoint.pt", "report.json", "report.md", "progress.png", "model.pt")
 
 
 @dataclass
@@ -245,6 +256,36 @@ class _State:
     stopped: str = ""
     pending_keep: dict | None = None    # the faded set's keep-set between a fading push and its cut
     end_of_push: float | None = None    # validation accuracy at the end of the last push
+    run_id: str = ""                    # names this run in its reports (`gpp report` matches them up)
+    base_model: dict | None = None      # the base model (payload), timed beside the compact one at the end
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def run_identity(model: nn.Module, splits) -> dict:
+    """What a run is about, recorded in its checkpoint so that a resume can refuse another run's folder: the
+    model (its factory spec, else its modules' names and types) and the data (name, input shape, classes,
+    split sizes and a digest of the training labels)."""
+    spec = model.spec() if callable(getattr(model, "spec", None)) else None
+    layout = ";".join(f"{name}:{type(m).__name__}" for name, m in model.named_modules())
+    labels = labels_of(splits.train).to(torch.int64).contiguous().numpy().tobytes()
+    return {"model": json.loads(json.dumps(spec)) if spec else {"modules": _sha(layout.encode())},
+            "data": {"name": splits.name, "input_shape": list(splits.input_shape), "classes": list(splits.classes),
+                     "sizes": [len(splits.train), len(splits.val), len(splits.test)], "train_labels": _sha(labels)}}
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list:
+    """`["key: saved -> current", ...]` for every leaf where two nested dicts differ."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=lambda k: (k != "name", str(k))):  # names first
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 class GrowPushPrune:
@@ -263,12 +304,56 @@ class GrowPushPrune:
                  factory=None, progress: bool = True, device="cpu"):
         self.config = config or LoopConfig()
         self.config.validate()
+        # Everything that would otherwise fail after the compute is spent is checked here, before any training.
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GrowPushPrune: model must be an nn.Module, got {type(model).__name__}")
+        if factory is not None and not callable(factory):
+            raise TypeError(f"GrowPushPrune: factory must be a callable returning the unpruned architecture, got "
+                            f"{type(factory).__name__}")
+        if factory is None and not (callable(getattr(model, "spec", None)) and model.spec()):
+            raise TypeError(f"GrowPushPrune: {type(model).__name__} is not a built-in model (it has no spec()), so "
+                            f"its checkpoints and compact model cannot be rebuilt from data alone; pass factory=<a "
+                            f"callable returning the unpruned architecture>, e.g. factory=lambda: MyNet()")
         self.model, self.splits, self.out_dir, self.factory = model, splits, os.fspath(out_dir), factory
         self.device = torch.device(device)
         self.progress = progress and gdist.rank() == 0  # one set of bars per job
         self.checkpoint = os.path.join(self.out_dir, "checkpoint.pt")
         self.state = _State()
         self.example = torch.zeros(2, *splits.input_shape, device=self.device)
+        self._check_model()
+        self.identity = run_identity(model, splits)
+
+    def _check_model(self) -> None:
+        """The model's head has one output per class of the data, and it accepts the data's inputs."""
+        classifier = find_classifier(self.model)
+        head = dict(self.model.named_modules())[classifier].out_features
+        if head != self.splits.num_classes:
+            raise ValueError(f"GrowPushPrune: the model's classifier {classifier!r} has {head} outputs but the data "
+                             f"({self.splits.name}) has {self.splits.num_classes} classes; build the model with "
+                             f"num_classes={self.splits.num_classes}")
+        was_training = self.model.training
+        self.model.to(self.device).eval()
+        try:
+            with torch.no_grad():
+                out = self.model(self.example)
+        except Exception as error:
+            raise ValueError(f"GrowPushPrune: the model does not accept the data's inputs of shape "
+                             f"{list(self.splits.input_shape)} ({type(error).__name__}: {error})") from error
+        finally:
+            self.model.train(was_training)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.splits.num_classes):
+            raise ValueError(f"GrowPushPrune: the model must return logits [batch, {self.splits.num_classes}], got "
+                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+
+    def _check_out_dir(self) -> None:
+        """The output folder exists (made if need be) and is writable: a probe file is written and removed."""
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            io.write_atomic(os.path.join(self.out_dir, ".write-check"), lambda tmp: open(tmp, "w").close())
+            os.unlink(os.path.join(self.out_dir, ".write-check"))
+        except OSError as error:
+            raise ValueError(f"GrowPushPrune: cannot write to the output folder {self.out_dir} "
+                             f"({error.strerror or error}); choose another folder (--out)") from error
 
     # -------------------------------------------------------------------------------------------- helpers
     def _train(self, model: nn.Module, epochs: int, stage: int, desc: str) -> nn.Module:
@@ -295,32 +380,67 @@ class GrowPushPrune:
         if gdist.rank() != 0:
             return
         state = asdict(self.state)
-        io.save_atomic({"format": "gpp_ext.loop/1", "config": asdict(self.config), "state": state,
-                        "model": io.payload(self.model)}, self.checkpoint)
+        io.save_atomic({"format": CHECKPOINT_FORMAT, "identity": self.identity, "config": asdict(self.config),
+                        "state": state, "model": io.payload(self.model)}, self.checkpoint)
+
+    def _read_checkpoint(self):
+        try:
+            data = torch.load(self.checkpoint, weights_only=True)
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+            raise ValueError(f"GrowPushPrune: cannot read the checkpoint {self.checkpoint}: it is damaged or "
+                             f"incomplete ({type(error).__name__}: {error}). Restore it, or start the run again "
+                             f"with overwrite=True (--overwrite), which deletes it") from error
+        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"GrowPushPrune: {self.checkpoint} is not a gpp_ext loop checkpoint of format "
+                             f"{CHECKPOINT_FORMAT} (found {found!r}); start the run again with overwrite=True "
+                             f"(--overwrite) or use another folder")
+        return data
 
     def _resume(self) -> bool:
         # Rank 0 reads the checkpoint and shares it, so the other processes need not see its folder.
-        data = None
-        if gdist.rank() == 0 and os.path.exists(self.checkpoint):
-            data = torch.load(self.checkpoint, weights_only=True)
-        data = gdist.broadcast_object(data)
+        data = _on_lead(lambda: self._read_checkpoint() if os.path.exists(self.checkpoint) else None)
         if data is None:
             return False
-        if data.get("format") != "gpp_ext.loop/1":
-            raise ValueError(f"GrowPushPrune: {self.checkpoint} is not a gpp_ext loop checkpoint")
-        if data["config"] != asdict(self.config):
-            raise ValueError(f"GrowPushPrune: {self.checkpoint} was written with another configuration; use a "
-                             f"new output folder or the same settings to resume")
+        differences = _differences(data.get("identity", {}), self.identity)
+        if differences:
+            raise ValueError(f"GrowPushPrune: {self.checkpoint} belongs to another run (" + "; ".join(differences[:4])
+                             + "); resume with the model and data it was started with, or use another folder")
+        differences = _differences(data["config"], asdict(self.config))
+        if differences:
+            raise ValueError(f"GrowPushPrune: {self.checkpoint} was written with other settings ("
+                             + "; ".join(differences[:4]) + "); resume with the same settings or use another folder")
         self.state = _State(**data["state"])
         self.model = io.from_payload(data["model"], self.factory).to(self.device)
         return True
 
+    def _start_fresh(self, overwrite: bool) -> None:
+        """A new run in `out_dir`: refused when the folder holds another run's files, unless `overwrite`, which
+        deletes them first (so old reports never sit beside a new checkpoint)."""
+        existing = _on_lead(lambda: [n for n in RUN_FILES if os.path.exists(os.path.join(self.out_dir, n))])
+        if existing and not overwrite:
+            raise ValueError(f"GrowPushPrune: {self.out_dir} holds a run already ({', '.join(existing)}); continue "
+                             f"it with resume=True (--resume), replace it with overwrite=True (--overwrite), or "
+                             f"choose another folder")
+        if gdist.rank() == 0:
+            for name in existing:
+                os.unlink(os.path.join(self.out_dir, name))
+        self.state = _State(run_id=uuid.uuid4().hex[:12])
+
     # ------------------------------------------------------------------------------------------------ run
-    def run(self, resume: bool = False) -> dict:
-        """Runs (or, with `resume=True`, continues) the loop and returns the report dictionary."""
+    def run(self, resume: bool = False, overwrite: bool = False) -> dict:
+        """Runs (or, with `resume=True`, continues) the loop and returns the report dictionary.
+
+        A folder that holds a run is never overwritten silently: `resume=True` continues it (refused, before any
+        training, when its checkpoint belongs to another model, data set or configuration), `overwrite=True`
+        deletes it and starts again; otherwise `ValueError`."""
         cfg = self.config
+        if resume and overwrite:
+            raise ValueError("GrowPushPrune.run: resume=True continues the folder's run and overwrite=True replaces "
+                             "it; give one of them")
+        _on_lead(self._check_out_dir)
         if not (resume and self._resume()):
-            self.state = _State()
+            self._start_fresh(overwrite)
         started = time.perf_counter()
         stage = 0
 
@@ -333,6 +453,7 @@ class GrowPushPrune:
         if not step("train"):
             self.model = self._train(self.model, cfg.epochs, stage, "training")
             self.state.base = self._metrics(self.model)
+            self.state.base_model = io.payload(self.model)
             self.state.stage = stage
             self._save()
         if cfg.grow and hasattr(self.model, "add_module_to_stage") and not step("grow"):
@@ -343,6 +464,7 @@ class GrowPushPrune:
                                        cfg.grow_threshold, cfg.max_modules_per_stage, progress=self.progress)
             self.state.growth = [h.to_dict() for h in history]
             self.state.base = self._metrics(self.model, grown=True)
+            self.state.base_model = io.payload(self.model)
             self.state.stage = stage
             self._save()
         base = self.state.base
@@ -403,12 +525,38 @@ class GrowPushPrune:
         final_model = io.from_payload(chosen["model"], self.factory) if chosen else self.model
         final = chosen["metrics"] if chosen else base
         self.final_model = final_model
-        return {"input_shape": list(self.splits.input_shape), "dataset": self.splits.name,
+        latency = None
+        if gdist.rank() == 0 and self.state.base_model is not None:
+            latency = self.compare_latency(io.from_payload(self.state.base_model, self.factory), final_model)
+        latency = gdist.broadcast_object(latency)
+        return {"run_id": self.state.run_id, "input_shape": list(self.splits.input_shape), "dataset": self.splits.name,
                 "num_classes": self.splits.num_classes, "config": asdict(cfg), "base": base, "final": final,
                 "growth": self.state.growth, "iterations": self.state.iterations, "stopped": self.state.stopped,
                 "accuracy_first": self.state.best_accuracy["metrics"] if self.state.best_accuracy else None,
                 "size_first": self.state.best_size["metrics"] if self.state.best_size else None,
-                "seconds": time.perf_counter() - started}
+                "latency": latency, "seconds": time.perf_counter() - started}
+
+    def compare_latency(self, base: nn.Module, compact: nn.Module) -> dict:
+        """Base and compact model timed interleaved in one window (`training.compare_latency`), at batch 1 and
+        64: `{"b1": {...}, "b64": {...}}` with each model's median and range and the speed-up's."""
+        shape = self.splits.input_shape
+        return {f"b{batch}": compare_latency({"base": base, "compact": compact}, shape, batch, repeats=repeats)
+                for batch, repeats in ((1, 20), (64, 3))}
+
+
+def _on_lead(fn):
+    """`fn()` computed on rank 0 and shared with every process; a `ValueError` there is raised everywhere (so a
+    refusal stops the whole job instead of leaving the other processes waiting)."""
+    result = None
+    if gdist.rank() == 0:
+        try:
+            result = fn()
+        except ValueError as error:
+            result = error
+    result = gdist.broadcast_object(result)
+    if isinstance(result, ValueError):
+        raise result
+    return result
 
 
 def _reached(cfg: LoopConfig, metrics: dict, base: dict) -> bool:

@@ -8,12 +8,39 @@ import os
 
 from . import io
 
-__all__ = ["write_reports", "render_markdown", "summary_table"]
+__all__ = ["write_reports", "render_markdown", "summary_table", "read_report"]
+
+# What `summary_table` and `gpp report` read; a report without one of them is refused with its name.
+REQUIRED = {"base": ("params", "flops", "test_accuracy"), "final": ("params", "flops", "test_accuracy"),
+            "stopped": (), "iterations": (), "seconds": ()}
 
 
-def _speed(before: float, after: float) -> str:
-    ratio = before / after
+def _speed(ratio: float) -> str:
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _latency_rows(report: dict) -> list:
+    """Latency rows: from the interleaved timing of base and compact (`report["latency"]`, each model's median
+    over the rounds, the speed-up's median and range, and a warning when the rounds disagree), else from the
+    per-model figures measured at different moments (older reports)."""
+    rows = []
+    timed = report.get("latency") or {}
+    for batch, digits in ((1, 3), (64, 2)):
+        t = timed.get(f"b{batch}")
+        if t:
+            ratio = t["ratio"]
+            change = f"{_speed(ratio['median'])} ({ratio['min']:.2f}-{ratio['max']:.2f}x)"
+            if not ratio["reliable"]:
+                change += "; unreliable: the machine was busy, the rounds disagree"
+            rows.append((f"latency b={batch} (ms)", f"{t['base']['median_ms']:.{digits}f}",
+                         f"{t['compact']['median_ms']:.{digits}f}", change))
+            continue
+        key = f"latency_ms_b{batch}"
+        if key in report["base"] and key in report["final"]:
+            before, after = report["base"][key], report["final"][key]
+            rows.append((f"latency b={batch} (ms)", f"{before:.{digits}f}", f"{after:.{digits}f}",
+                         _speed(before / max(after, 1e-12)) + " (timed apart)"))
+    return rows
 
 
 def summary_table(report: dict) -> str:
@@ -22,14 +49,50 @@ def summary_table(report: dict) -> str:
     rows = [("params", f"{base['params']:,}", f"{final['params']:,}", f"{final['params'] / base['params']:.1%}"),
             ("FLOPs", f"{base['flops']:,}", f"{final['flops']:,}", f"{final['flops'] / base['flops']:.1%}"),
             ("test accuracy", f"{base['test_accuracy']:.4f}", f"{final['test_accuracy']:.4f}",
-             f"{final['test_accuracy'] - base['test_accuracy']:+.4f}"),
-            ("latency b=1 (ms)", f"{base['latency_ms_b1']:.3f}", f"{final['latency_ms_b1']:.3f}",
-             _speed(base["latency_ms_b1"], final["latency_ms_b1"])),
-            ("latency b=64 (ms)", f"{base['latency_ms_b64']:.2f}", f"{final['latency_ms_b64']:.2f}",
-             _speed(base["latency_ms_b64"], final["latency_ms_b64"]))]
+             f"{final['test_accuracy'] - base['test_accuracy']:+.4f}")] + _latency_rows(report)
     lines = ["| | base | compact | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
+
+
+def read_report(folder: str) -> dict:
+    """The finished run's report in `folder`, checked: `FileNotFoundError` when there is none (saying so when a
+    run is still in progress or was interrupted), `ValueError` saying what is wrong and what to do when it is
+    not JSON, lacks a field the summary needs, or belongs to an earlier run than the folder's checkpoint."""
+    path = os.path.join(folder, "report.json")
+    checkpoint = os.path.join(folder, "checkpoint.pt")
+    if not os.path.exists(path):
+        if os.path.exists(checkpoint):
+            raise FileNotFoundError(f"gpp report: {folder} holds a run that has not finished (a checkpoint, no "
+                                    f"report.json); continue it with the same `gpp compress` command and --resume")
+        raise FileNotFoundError(f"gpp report: no report.json in {folder}; give the output folder of a finished "
+                                f"`gpp compress` run")
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"gpp report: cannot read {path} ({error}); it is damaged: run the compression again "
+                         f"with --resume (it rewrites the report from the checkpoint)") from error
+    if not isinstance(report, dict):
+        raise ValueError(f"gpp report: {path} is not a gpp_ext report (a JSON object)")
+    missing = [k for k in REQUIRED if k not in report]
+    missing += [f"{k}.{f}" for k, fields in REQUIRED.items() if isinstance(report.get(k), dict)
+                for f in fields if f not in report[k]]
+    if missing:
+        raise ValueError(f"gpp report: {path} lacks {', '.join(missing)}; it is not a complete gpp_ext report "
+                         f"(written by another tool or an older version?)")
+    if os.path.exists(checkpoint):
+        import torch
+
+        try:
+            run_id = torch.load(checkpoint, weights_only=True)["state"].get("run_id")
+        except Exception:  # a damaged checkpoint does not make the finished report wrong
+            run_id = report.get("run_id")
+        if run_id != report.get("run_id"):
+            raise ValueError(f"gpp report: {path} is from an earlier run than the checkpoint in {folder} (run "
+                             f"{report.get('run_id')!r}, checkpoint {run_id!r}); finish the current run with "
+                             f"--resume to get its report")
+    return report
 
 
 def render_markdown(report: dict) -> str:
@@ -84,10 +147,11 @@ def _plot(report: dict, path: str) -> None:
 
 
 def write_reports(report: dict, out_dir: str, model=None) -> None:
-    """Writes report.json, report.md, progress.png (and model.pt when `model` is given), each atomically."""
+    """Writes model.pt (when `model` is given), progress.png, report.md and, last, report.json, each atomically:
+    report.json is the mark of a finished run, so it never sits beside a model of another run."""
     os.makedirs(out_dir, exist_ok=True)
-    io.write_text_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
-    io.write_text_atomic(os.path.join(out_dir, "report.md"), render_markdown(report))
-    _plot(report, os.path.join(out_dir, "progress.png"))
     if model is not None:
         io.save(model, os.path.join(out_dir, "model.pt"))
+    _plot(report, os.path.join(out_dir, "progress.png"))
+    io.write_text_atomic(os.path.join(out_dir, "report.md"), render_markdown(report))
+    io.write_text_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1) + "\n")

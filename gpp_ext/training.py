@@ -6,7 +6,8 @@ that what the benchmarks measure is what users run.
   optional extra penalty on the model (e.g. network slimming's L1 on BatchNorm scales). Under
   `torch.distributed` it trains under `DistributedDataParallel`, each process taking its slice of the same
   global batches, so the result is that of one process on the global batch.
-- `evaluate` (accuracy), `latency_ms` (median CPU time of a forward pass), `recalibrate_batchnorm` (re-estimate
+- `evaluate` (accuracy), `latency_ms` (median CPU time of a forward pass), `compare_latency` (several models
+  timed interleaved in one window, for a ratio that can be trusted), `recalibrate_batchnorm` (re-estimate
   BatchNorm statistics after a structural change) and `labelled_batches` (checked `(inputs, labels)` batches
   of any loader).
 
@@ -34,7 +35,8 @@ from .data import labels_of
 from .layers import BATCH_NORMS
 from .push import ClassBalancedSampler
 
-__all__ = ["fit", "training_batches", "evaluate", "latency_ms", "recalibrate_batchnorm", "labelled_batches"]
+__all__ = ["fit", "training_batches", "evaluate", "latency_ms", "compare_latency", "recalibrate_batchnorm",
+           "labelled_batches"]
 
 
 def labelled_batches(loader, device, limit: int | None = None, op: str = "prune"):
@@ -197,6 +199,46 @@ def latency_ms(model: nn.Module, input_shape, batch: int, repeats: int = 20) -> 
         model(x)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def compare_latency(models: dict, input_shape, batch: int, rounds: int = 7, repeats: int = 10,
+                    unreliable: float = 1.3) -> dict:
+    """CPU latency of several models timed in one window, interleaved, so that they share whatever else the
+    machine is doing: a comparison (a speed-up) that `latency_ms` called at two moments cannot give.
+
+    Each model (a copy, in eval mode) is warmed up, then `rounds` rounds each time every model for `repeats`
+    forward passes of `batch` inputs (the order alternates between rounds); a round's figure is the median of
+    its passes. Returns `{name: {"median_ms", "min_ms", "max_ms"}}` over the rounds, plus, for two models, a
+    key "ratio" with the first model's time over the second's: `{"median", "min", "max", "reliable"}` from the
+    per-round ratios; `reliable` is False when the rounds disagree by more than a factor `unreliable`
+    (max / min), i.e. when the machine was too busy for the ratio to be trusted.
+    """
+    if not models or rounds < 1 or repeats < 1:
+        raise ValueError("compare_latency: give at least one model, rounds >= 1 and repeats >= 1")
+    copies = {name: copy.deepcopy(m).cpu().eval() for name, m in models.items()}
+    x = torch.randn(batch, *input_shape)
+    for m in copies.values():  # warm-up: allocator, kernels picked, caches
+        for _ in range(2):
+            m(x)
+    per_round = {name: [] for name in copies}
+    order = list(copies)
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            m, times = copies[name], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                m(x)
+                times.append((time.perf_counter() - start) * 1e3)
+            per_round[name].append(statistics.median(times))
+    out = {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)}
+           for name, t in per_round.items()}
+    if len(order) == 2:
+        a, b = (per_round[n] for n in order)
+        ratios = [x / max(y, 1e-9) for x, y in zip(a, b)]
+        out["ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                        "reliable": max(ratios) / max(min(ratios), 1e-12) <= unreliable}
+    return out
 
 
 @torch.no_grad()

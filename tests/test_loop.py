@@ -80,7 +80,7 @@ def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
     model, splits = build()
 
     other = LoopConfig(**{**FAST, "lr": 1e-3})
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.003 -> 0.001\)"):
         GrowPushPrune(model, splits, other, out_dir=tmp_path / "b", progress=False).run(resume=True)
 
 
