@@ -33,6 +33,10 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     lossless = next(line for line in lines if line.startswith("cut to "))
     before, after = lossless.split("test accuracy ")[1].split(" -> ")
     assert before == after  # the faded set is exactly zero, and LeNet-5 has no BatchNorm to recalibrate
+    kept = next(line for line in lines if line.startswith("Torch-Pruning kept"))
+    full = next(line for line in lines if line.startswith("test accuracy ") and "params " in line)
+    full = int(full.split("params ")[1].split(" -> ")[0].replace(",", ""))
+    assert 0 < int(kept.split()[2]) < 0.5 * full  # half of every layer's channels gone
 
 
 def test_readme_layout_matches_the_tracked_files():
