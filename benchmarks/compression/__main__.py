@@ -22,8 +22,9 @@ The protocol (harness version 3):
 
 Results are written after every run (atomically) to benchmarks/results/compression.json; the tables (.md) and
 the accuracy-vs-cost plot (.png) are rendered from all records at the end. Base models and budget-independent
-preparations are cached under runs/compression/, so `--resume` retrains nothing; Ctrl-C or SIGTERM saves and
-renders what is done.
+preparations are cached under runs/compression/, so `--resume` retrains nothing; the full mode's base models are
+also kept in benchmarks/results/bases/ (committed, ~1.3 MB for a VGG-BN), so a fresh checkout resumes without
+retraining them. Ctrl-C or SIGTERM saves and renders what is done.
 """
 
 from __future__ import annotations
@@ -94,17 +95,23 @@ def settings(args, model: str) -> dict:
 
 
 class Cache:
-    """Trained models under `folder`: read back when resuming, else built and written (atomically)."""
+    """Trained models under `folder`: read back when resuming, else built and written (atomically). Models
+    asked for with `keep=True` (the base models) are also kept in `kept` (beside the committed results in the
+    full mode), so that a resumed run in a fresh checkout retrains no base; the files carry checksums."""
 
-    def __init__(self, folder: str, resume: bool):
-        self.folder, self.resume = folder, resume
+    def __init__(self, folder: str, resume: bool, kept: str | None = None):
+        self.folder, self.resume, self.kept = folder, resume, kept
 
-    def get(self, name: str, build):
+    def get(self, name: str, build, keep: bool = False):
         path = os.path.join(self.folder, name + ".pt")
-        if self.resume and os.path.exists(path):
-            return gpp_ext.io.load(path)
+        kept = os.path.join(self.kept, name + ".pt") if keep and self.kept else None
+        for candidate in (path, kept):
+            if self.resume and candidate and os.path.exists(candidate):
+                return gpp_ext.io.load(candidate)
         model = build()
         gpp_ext.io.save(model, path)
+        if kept:
+            gpp_ext.io.save(model, kept)
         return model
 
 
@@ -117,7 +124,7 @@ def base_model(name: str, splits, args, seed: int, cache: Cache):
         return fit(model, splits.train, args.base_epochs[name], lr=2e-3, seed=seed, lr_schedule="cosine")
 
     stem = f"{name}-{args.data}-{args.mode}-seed{seed}-base{args.base_epochs[name]}"
-    return cache.get(stem, build)
+    return cache.get(stem, build, keep=True)
 
 
 def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str) -> dict:
@@ -243,7 +250,9 @@ def knobs_for(method: str, chosen: dict) -> dict:
 def run(args, records: list, save, choices: list, save_choices) -> None:
     """Runs every (model, seed, budget, method) not yet in `records`, saving after each run."""
     done = {(r["model"], r["seed"], r.get("budget_kind", "params"), r["budget"], r["method"]) for r in records}
-    cache = Cache(args.cache, args.resume)
+    # full-mode bases are kept beside the results (benchmarks/results/bases/), committed with them
+    kept = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bases") if args.mode == "full" else None
+    cache = Cache(args.cache, args.resume, kept)
     for name in args.models:
         first_splits = None
         chosen = None
