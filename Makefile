@@ -20,7 +20,7 @@ TORCH ?= torch==2.13.0
 MAX_JOBS ?= 2
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEPS := numpy tqdm matplotlib scipy scikit-learn pytest pytest-benchmark hypothesis torch-pruning expecttest pybind11 ninja cmake "setuptools>=64" wheel
+DEPS := numpy tqdm matplotlib scipy scikit-learn pytest pytest-benchmark hypothesis torch-pruning onnx onnxscript onnxruntime expecttest pybind11 ninja cmake "setuptools>=64" wheel
 # One stamp per torch spec, so `make test TORCH=...` reinstalls when the spec changes.
 STAMP := $(VENV)/.deps-$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH))))
 CMAKE_BUILD := build/cmake

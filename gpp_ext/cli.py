@@ -4,6 +4,7 @@
     gpp demo                      # Fashion-MNIST when installed, else digits; writes runs/demo/
     gpp report runs/demo          # the summary table of a finished run
     gpp criteria                  # the registered pruning criteria, with what each measures
+    gpp export runs/demo/model.pt --onnx demo.onnx --dynamic-batch    # checked in ONNX Runtime
 """
 
 from __future__ import annotations
@@ -103,6 +104,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help="a run's output folder (holding report.json)")
 
     sub.add_parser("criteria", help="list the registered pruning criteria")
+
+    export = sub.add_parser("export", help="export a saved model to ONNX and/or TorchScript, checked by running it",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("model", help="a model file written by gpp compress (model.pt) or gpp_ext.io.save")
+    export.add_argument("--onnx", default=None, help="write ONNX here (checked in ONNX Runtime)")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    export.add_argument("--dynamic-batch", action="store_true", help="ONNX: a symbolic batch size (else batch 1)")
+    export.add_argument("--torchscript", default=None, help="write TorchScript here (checked by torch.jit.load)")
+    export.add_argument("--input-shape", default=None, help="one input's shape, e.g. 1,28,28 (default: from the "
+                        "report.json beside the model)")
     return parser
 
 
@@ -242,6 +253,45 @@ def _report(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from . import export, io
+
+    if not args.onnx and not args.torchscript:
+        raise ValueError("gpp export: give --onnx FILE and/or --torchscript FILE")
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise ValueError(f"gpp export: --input-shape must be comma-separated sizes, e.g. 1,28,28, got "
+                             f"{args.input_shape!r}") from None
+    else:
+        beside = os.path.join(os.path.dirname(os.path.abspath(args.model)), "report.json")
+        try:
+            with open(beside) as f:
+                shape = tuple(json.load(f)["input_shape"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(f"gpp export: no input shape: pass --input-shape (e.g. 1,28,28); there is no readable "
+                             f"report.json with input_shape beside {args.model}") from None
+    model = io.load(args.model)
+    if args.onnx:
+        try:
+            export.check_onnx_available()
+        except ImportError as error:
+            raise ValueError(f"gpp export --onnx: {error}") from None
+        done = export.to_onnx(model, args.onnx, shape, opset=args.opset, dynamic_batch=args.dynamic_batch)
+        batch = "dynamic batch" if done["dynamic_batch"] else "batch 1"
+        latency = [f"b={b}: {export.onnx_latency_ms(args.onnx, shape, b):.3f} ms"
+                   for b in ((1, 64) if done["dynamic_batch"] else (1,))]
+        print(f"gpp export: {args.onnx} (opset {done['opset']}, {batch}); max |ONNX Runtime - PyTorch| = "
+              f"{done['max_abs_diff']:.2e} at batch {done['checked_batches']}; ONNX Runtime CPU latency "
+              + ", ".join(latency))
+    if args.torchscript:
+        done = export.to_torchscript(model, args.torchscript, shape)
+        print(f"gpp export: {args.torchscript} (TorchScript); max |torch.jit.load - PyTorch| = "
+              f"{done['max_abs_diff']:.2e} at batch {done['checked_batches']}")
+    return 0
+
+
 def _criteria(args) -> int:
     described = criteria.describe()
     width = max(map(len, described))
@@ -262,6 +312,8 @@ def main(argv=None) -> int:
             return code
         if args.command == "criteria":
             return _criteria(args)
+        if args.command == "export":
+            return _export(args)
         return _report(args)
     except FileNotFoundError as error:
         print(f"gpp: {error}", file=sys.stderr)

@@ -1,0 +1,180 @@
+"""Export a (compact) model for deployment: ONNX (checked in ONNX Runtime) and TorchScript (checked by loading).
+
+    from gpp_ext import export, io
+    model = io.load("runs/lenet5/model.pt")
+    export.to_onnx(model, "lenet5.onnx", input_shape=(1, 28, 28), dynamic_batch=True)   # -> {"max_abs_diff", ...}
+    export.to_torchscript(model, "lenet5.ts.pt", input_shape=(1, 28, 28))
+
+    gpp export runs/lenet5/model.pt --onnx lenet5.onnx --dynamic-batch --torchscript lenet5.ts.pt
+
+Every export is verified before it is kept: the exported file is run (ONNX Runtime on the CPU, or
+`torch.jit.load`) on random inputs and compared with the PyTorch model in eval mode; a difference above `atol`
+(default 1e-4, for float32 logits of order 1: the exporters reorder a few sums, which moves results by ~1e-7)
+raises `ValueError` and leaves no file. Files are written atomically. ONNX export needs the optional `onnx`,
+`onnxscript` and `onnxruntime` packages; a clear `ImportError` says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io as _io
+import logging
+import os
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+from . import io
+
+__all__ = ["to_onnx", "to_torchscript", "onnx_latency_ms", "check_onnx_available"]
+
+
+def check_onnx_available() -> None:
+    """`ImportError` (saying what to install) unless onnx, onnxscript and onnxruntime import."""
+    _need_onnx()
+
+
+def _need_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"ONNX export needs onnx, onnxscript and onnxruntime ({error}): pip install onnx "
+                          f"onnxscript onnxruntime") from error
+    return onnxruntime
+
+
+def _check_args(model, input_shape, where: str) -> tuple:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: input_shape must be the shape of one input, e.g. (1, 28, 28), got "
+                        f"{input_shape!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"{where}: input_shape must be positive sizes of one input (no batch), got {shape}")
+    model = copy.deepcopy(model).cpu().eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *shape))
+    except Exception as error:
+        raise ValueError(f"{where}: the model does not accept inputs of shape {list(shape)} ({type(error).__name__}: "
+                         f"{error}); give the input shape it was trained on") from error
+    return model, shape
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's progress lines and its logger's notes (e.g. on torchvision ops) are not the user's concern;
+    an error still propagates with its message."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _difference(run, model: nn.Module, shape: tuple, batches) -> float:
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.randn(batch, *shape, generator=g)
+            got = torch.as_tensor(run(x))
+            worst = max(worst, float((got - model(x)).abs().max()))
+    return worst
+
+
+def _session(path: str):
+    ort = _need_onnx()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def to_onnx(model: nn.Module, path, input_shape, opset: int = 18, dynamic_batch: bool = False,
+            atol: float = 1e-4) -> dict:
+    """Exports `model` (eval mode, CPU) to ONNX at `path` and checks it in ONNX Runtime.
+
+    Args:
+        input_shape: one input's shape, e.g. (1, 28, 28).
+        opset: the ONNX opset (18 by default, what torch's exporter targets best).
+        dynamic_batch: a symbolic batch dimension (checked at two batch sizes); else the batch is fixed to 1.
+        atol: the largest difference from PyTorch accepted.
+    Returns `{"path", "opset", "dynamic_batch", "max_abs_diff", "checked_batches"}`.
+    """
+    model, shape = _check_args(model, input_shape, "export.to_onnx")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 7 <= opset <= 23:
+        raise ValueError(f"export.to_onnx: opset must be an int in [7, 23], got {opset!r}")
+    _need_onnx()
+    path = os.fspath(path)
+    batches = (2, 3) if dynamic_batch else (1,)
+    example = torch.zeros(batches[0], *shape)
+    result = {}
+
+    def write(tmp):
+        kwargs = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1)},)} if dynamic_batch else {}
+        with _quiet():
+            program = torch.onnx.export(model, (example,), None, dynamo=True, opset_version=opset, verbose=False,
+                                        **kwargs)
+        program.save(tmp)
+        session = _session(tmp)
+        name = session.get_inputs()[0].name
+        diff = _difference(lambda x: session.run(None, {name: x.numpy()})[0], model, shape, batches)
+        if not diff <= atol:
+            raise ValueError(f"export.to_onnx: ONNX Runtime's outputs differ from PyTorch's by {diff:.3g} (> atol "
+                             f"{atol:g}); the export is not kept")
+        result.update(path=path, opset=opset, dynamic_batch=dynamic_batch, max_abs_diff=diff,
+                      checked_batches=list(batches))
+
+    io.write_atomic(path, write)
+    return result
+
+
+def to_torchscript(model: nn.Module, path, input_shape, atol: float = 1e-4) -> dict:
+    """Traces `model` (eval mode, CPU) to TorchScript at `path` and checks the file with `torch.jit.load`.
+    Returns `{"path", "max_abs_diff", "checked_batches"}`."""
+    model, shape = _check_args(model, input_shape, "export.to_torchscript")
+    path = os.fspath(path)
+    result = {}
+
+    def write(tmp):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                traced = torch.jit.trace(model, torch.zeros(2, *shape))
+            torch.jit.save(traced, tmp)
+            loaded = torch.jit.load(tmp).eval()
+        diff = _difference(loaded, model, shape, (1, 3))
+        if not diff <= atol:
+            raise ValueError(f"export.to_torchscript: the traced model's outputs differ from PyTorch's by {diff:.3g} "
+                             f"(> atol {atol:g}); the export is not kept")
+        result.update(path=path, max_abs_diff=diff, checked_batches=[1, 3])
+
+    io.write_atomic(path, write)
+    return result
+
+
+def onnx_latency_ms(path, input_shape, batch: int, repeats: int = 20) -> float:
+    """Median ONNX Runtime CPU latency of one run of `batch` inputs, in milliseconds (the speed users deploy
+    with); the file must accept that batch size (exported with `dynamic_batch=True`, or batch 1)."""
+    session = _session(os.fspath(path))
+    name = session.get_inputs()[0].name
+    x = torch.randn(batch, *input_shape).numpy()
+    session.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, {name: x})
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

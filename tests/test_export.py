@@ -1,0 +1,75 @@
+"""Export for deployment: `gpp export` writes ONNX (run in ONNX Runtime, outputs matching PyTorch to 1e-4) and
+TorchScript (loaded back and compared), refuses bad input with a message, and keeps no unchecked file."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpp_ext
+from gpp_ext import data, export, io, models
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def gpp(*args):
+    return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory):
+    """A pruned LeNet-5 saved as `gpp compress` leaves it (model.pt beside a report.json)."""
+    torch.manual_seed(0)
+    splits = data.load_dataset("digits")
+    loader = list(torch.utils.data.DataLoader(splits.train, batch_size=128))[:3]
+    model, _ = gpp_ext.prune(models.build("lenet5", in_channels=1, num_classes=10, input_size=8), loader,
+                             torch.zeros(2, 1, 8, 8), criterion="l1", ratio=0.5, progress=False)
+    folder = tmp_path_factory.mktemp("run")
+    io.save(model, folder / "model.pt")
+    (folder / "report.json").write_text(json.dumps({"input_shape": [1, 8, 8]}))
+    return folder, model
+
+
+def test_gpp_export_writes_checked_onnx_and_torchscript(compact, tmp_path):
+    folder, model = compact
+    out = gpp("export", str(folder / "model.pt"), "--onnx", str(tmp_path / "m.onnx"), "--dynamic-batch",
+              "--torchscript", str(tmp_path / "m.ts.pt"))
+    assert out.returncode == 0, out.stderr
+    assert "max |ONNX Runtime - PyTorch|" in out.stdout and "ONNX Runtime CPU latency b=1" in out.stdout
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 1, 8, 8)
+    got = torch.as_tensor(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        assert (got - model.eval()(x)).abs().max() < 1e-4
+        assert (torch.jit.load(str(tmp_path / "m.ts.pt"))(x) - model(x)).abs().max() < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.ts.pt"]  # no temporary file left
+
+
+def test_fixed_batch_onnx_and_the_python_api(compact, tmp_path):
+    _, model = compact
+    done = export.to_onnx(model, tmp_path / "b1.onnx", (1, 8, 8))
+    assert done["checked_batches"] == [1] and done["max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "b1.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 1, 8, 8]
+    assert export.onnx_latency_ms(tmp_path / "b1.onnx", (1, 8, 8), 1, repeats=2) > 0
+
+
+def test_export_refuses_bad_input(compact, tmp_path):
+    folder, model = compact
+    out = gpp("export", str(folder / "model.pt"))
+    assert out.returncode == 2 and "--onnx FILE and/or --torchscript FILE" in out.stderr
+    out = gpp("export", str(tmp_path / "none.pt"), "--onnx", str(tmp_path / "x.onnx"), "--input-shape", "1,8,8")
+    assert out.returncode == 1 and "no model file" in out.stderr
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    io.save(model, lone / "model.pt")
+    out = gpp("export", str(lone / "model.pt"), "--torchscript", str(tmp_path / "x.pt"))
+    assert out.returncode == 2 and "pass --input-shape" in out.stderr
+    out = gpp("export", str(lone / "model.pt"), "--torchscript", str(tmp_path / "x.pt"), "--input-shape", "1,9")
+    assert out.returncode == 2 and "does not accept inputs of shape [1, 9]" in out.stderr
+    with pytest.raises(ValueError, match="opset must be"):
+        export.to_onnx(model, tmp_path / "x.onnx", (1, 8, 8), opset=99)
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.pt").exists()
