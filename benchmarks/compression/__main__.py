@@ -67,7 +67,10 @@ GPP_GRID = ({"iterations": 1, "push_share": 1 / 3}, {"iterations": 1, "push_shar
              "beta": 0.0, "gamma": 0.0})
 ABLATION = ({"reselect": 1}, {"terms": "toggle"}, {"schedule": "toggle"},
             {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"}, {"allocation": "toggle"},
-            {"normalize": "toggle"})
+            {"normalize": "toggle"},
+            # raw L1 norms are not comparable across layers (deeper filters sum more inputs): the fair swap of the
+            # criterion compares them within each layer, as the grid's own L1-free choices cannot tell
+            {"criterion": "l1", "normalize": "mean"})
 ABLATION_MODEL = "vgg"
 
 # models, seeds, budgets per model [(kind, fraction)], base epochs, epochs after the base, of which at most
