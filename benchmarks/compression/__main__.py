@@ -68,8 +68,8 @@ GPP_GRID = ({"iterations": 1, "push_share": 1 / 3}, {"iterations": 1, "push_shar
 ABLATION = ({"reselect": 1}, {"terms": "toggle"}, {"schedule": "toggle"},
             {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"}, {"allocation": "toggle"},
             {"normalize": "toggle"},
-            # raw L1 norms are not comparable across layers (deeper filters sum more inputs): the fair swap of the
-            # criterion compares them within each layer, as the grid's own L1-free choices cannot tell
+            # raw L1 norms are not comparable across layers (deeper filters sum more inputs), so the fair swap of
+            # the fade's driver to L1 also compares utilities within each layer
             {"criterion": "l1", "normalize": "mean"})
 ABLATION_MODEL = "vgg"
 
