@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .layers import WIDTH_ATTRS, WIDTH_LAYERS
 
-__all__ = ["save", "load", "payload", "from_payload", "digest", "write_atomic", "save_atomic", "write_text_atomic",
+__all__ = ["save", "load", "read", "payload", "from_payload", "digest", "write_atomic", "save_atomic", "write_text_atomic",
            "FORMAT"]
 
 FORMAT = "gpp_ext.model/2"
@@ -151,6 +151,18 @@ def save(model: nn.Module, path, spec: dict | None = None) -> None:
     save_atomic(payload(model, spec), path)
 
 
+def read(path, where: str, what: str = "", hint: str = "") -> object:
+    """`torch.load(path, weights_only=True)` on the CPU, with a damaged or cut-short file turned into a
+    `ValueError` from `where` naming it (`what` it is, and a `hint` on what to do) instead of torch's reader
+    errors."""
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        # torch reports a cut-short archive as OSError (EINVAL) or RuntimeError, an empty file as EOFError
+        raise ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is damaged or incomplete "
+                         f"(e.g. a copy that was cut short){hint} ({type(error).__name__}: {error})") from error
+
+
 def load(path, factory=None, map_location="cpu") -> nn.Module:
     """Rebuilds a model saved with `save`.
 
@@ -163,12 +175,7 @@ def load(path, factory=None, map_location="cpu") -> nn.Module:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"gpp_ext.io.load: no model file {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        # torch reports a cut-short archive as OSError (EINVAL) or RuntimeError, an empty file as EOFError
-        raise ValueError(f"gpp_ext.io.load: cannot read {path}: the file is damaged or incomplete (e.g. a copy "
-                         f"that was cut short) or not a model file ({type(error).__name__}: {error})") from error
+    data = read(path, "gpp_ext.io.load", hint=", or not a model file")
     if not isinstance(data, dict) or data.get("format") not in _FORMATS:
         raise ValueError(f"gpp_ext.io.load: {path} is not a gpp_ext model file (format {FORMAT})")
     return from_payload(data, factory, map_location, where=path)

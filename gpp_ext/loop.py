@@ -34,10 +34,8 @@ import copy
 import hashlib
 import json
 import os
-import pickle
 import time
 import uuid
-import zipfile
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -384,12 +382,8 @@ class GrowPushPrune:
                         "state": state, "model": io.payload(self.model)}, self.checkpoint)
 
     def _read_checkpoint(self):
-        try:
-            data = torch.load(self.checkpoint, weights_only=True)
-        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-            raise ValueError(f"GrowPushPrune: cannot read the checkpoint {self.checkpoint}: it is damaged or "
-                             f"incomplete ({type(error).__name__}: {error}). Restore it, or start the run again "
-                             f"with overwrite=True (--overwrite), which deletes it") from error
+        data = io.read(self.checkpoint, "GrowPushPrune", "the checkpoint", hint="; restore it, or start the run "
+                       "again with overwrite=True (--overwrite), which deletes it")
         if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"GrowPushPrune: {self.checkpoint} is not a gpp_ext loop checkpoint of format "
