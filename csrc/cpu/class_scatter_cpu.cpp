@@ -11,7 +11,9 @@
 //
 // Determinism. Block boundaries are fixed constants; class sums are parallel over columns (each (class,
 // column) sum is a fixed sequential order over rows); centring is parallel over rows (independent); so the
-// result is bitwise identical for any thread count, given a deterministic GEMM.
+// result is bitwise identical for any thread count, given a deterministic GEMM. (MKL's is not on Intel CPUs:
+// its summation order follows its thread count unless MKL_CBWR=COMPATIBLE is set; S_w then moves in its last
+// bits, ~1e-9 relative, with torch.set_num_threads.)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
