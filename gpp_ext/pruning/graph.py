@@ -8,7 +8,10 @@ normalisation and dropout pass the layout through; `torch.cat` concatenates layo
 DenseNet chains stay independently prunable); a residual add couples the roots of its two operands (they are
 pruned together); flatten turns a channel into a block of features for the linear layer that follows; a
 depthwise convolution passes its input layout to its output; `chunk(k)` into equal parts couples the parts
-position by position. Roots coupled by adds form a *group*, the unit of pruning. Model inputs, model outputs
+position by position; `permute` moves the channel axis (ConvNeXt's channels-last blocks), where a linear layer
+on the last axis acts as a 1x1 convolution and a LayerNorm over it as a norm over the channels; a parameter
+multiplied elementwise along the channels (ConvNeXt's layer scale) is sliced with them. Roots coupled by adds
+form a *group*, the unit of pruning. Model inputs, model outputs
 (the classifier's logits), and whatever passes through an op that cannot be sliced safely (grouped
 convolutions, splits into sizes written in the code, tied weights, modules the user asked to ignore) are
 *frozen*: those groups are listed in `frozen_groups` with the reason and never pruned. Norms over the channel
@@ -66,6 +69,9 @@ _ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.isub, operat
                 operator.truediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum}
 _ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 _NON_TENSOR_METHODS = {"size", "dim", "numel"}
+# Ops defined outside torch that keep channel i at channel i, by qualified name (no import needed to know them).
+_PASS_QUALNAMES = {"torchvision.ops.stochastic_depth.stochastic_depth"}
+_PERMUTE = {torch.permute}
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
 _CAT = {torch.cat, torch.concat}
@@ -79,6 +85,10 @@ _ROLE_TENSORS = {
     "depthwise": (("weight", 0), ("bias", 0)),       # channel i in, channel i out
     "norm": (("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)),
 }
+
+
+def _qualname(target) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,8 @@ class ChannelParam:
             larger when one channel stands for several positions: the `k` features of a channel after a
             flatten, the parts of a chunked output, a tensor that reads the group twice (`cat([y, y])`).
         role: what the module does with the channels: "producer" (the conv or linear layer computing them:
-            weight rows and bias), "norm" (a BatchNorm, LayerNorm, GroupNorm or PReLU applied to them),
+            weight rows and bias), "norm" (a BatchNorm, LayerNorm, GroupNorm or PReLU applied to them), "scale"
+            (a parameter multiplied elementwise along them, e.g. a layer scale; `attr` is its name),
             "depthwise" (a depthwise convolution: channel i in, channel i out), "consumer" (a conv or linear
             layer reading them: weight columns, `dim` 1).
         member: the group member (producing module) whose channels these are; for a producer, the module itself.
@@ -220,16 +231,37 @@ class ChannelGraph:
         self._attached: dict[str, tuple] = {}                # norm/PReLU modules -> layout of their channels
         self._split_parts: dict[int, list[int]] = {}          # chunked producer root -> its coupled parts
         self._part_of: dict[int, int] = {}                    # part root -> the chunked producer root
+        self._scales: dict[tuple, tuple] = {}                # (module, attr) of a per-channel parameter -> (layout, dim)
+        self._axis: dict[torch.fx.Node, int] = {}             # nodes whose channels are not on dim 1 (permuted)
         self._unsupported: list[str] = []
         layout: dict[torch.fx.Node, tuple | None] = {}
         for node in self.gm.graph.nodes:
+            before = len(self._unsupported)
             layout[node] = self._visit(node, layout)
+            if len(self._unsupported) > before:  # name the module to ignore
+                where = self._owner(node)
+                if where:
+                    self._unsupported[before:] = [f"{u} in module {where!r}" for u in self._unsupported[before:]]
         if self._unsupported:
             listed = "\n  ".join(sorted(set(self._unsupported)))
             raise ValueError(f"ChannelGraph: cannot handle these ops of {type(model).__name__}:\n  {listed}\n"
                              f"Put them inside a submodule and pass its name in ignore=[...] to keep its channels "
                              f"untouched (its inputs and outputs are then not pruned).")
         self._finish_groups()
+
+    def _owner(self, node) -> str | None:
+        """The innermost named submodule whose forward holds `node` (what to pass in ignore=)."""
+        if node.op == "call_module":
+            parent = node.target.rpartition(".")[0]
+            return parent or node.target
+        stack = node.meta.get("nn_module_stack") or {}
+        names = [v[0] if isinstance(v, tuple) else v for v in stack.values()]
+        names = [n for n in names if isinstance(n, str) and n in self.modules and n]
+        return names[-1] if names else None
+
+    def axis(self, node) -> int:
+        """The dimension that holds the channels of `node`'s tensor (1 unless permuted)."""
+        return self._axis.get(node, 1)
 
     def _new_root(self, size: int, frozen: str | None = None) -> int:
         self._parent.append(len(self._parent))
@@ -333,6 +365,12 @@ class ChannelGraph:
                 self._freeze(layout[arg], f"input of ignored module {name!r}")
             return (Segment(self._new_root(shape[1], f"output of ignored module {name!r}"), shape[1]),) \
                 if shape is not None and len(shape) >= 2 else None
+        source = self._source(node)
+        if first is not None and self.axis(source) != 1 and not isinstance(m, (nn.Linear, nn.LayerNorm,
+                                                                               *_PASS_MODULES)):
+            self._unsupported.append(f"module {name!r} ({type(m).__name__}) applied to a tensor whose channels are "
+                                     f"on dim {self.axis(source)}")
+            return None
         if isinstance(m, CONV):
             if m.groups == 1:
                 self._consume(name, first)
@@ -344,12 +382,7 @@ class ChannelGraph:
             return (Segment(self._new_root(m.out_channels, f"output of grouped convolution {name!r}"),
                             m.out_channels),)
         if isinstance(m, nn.Linear):
-            in_shape = self._shape(self._source(node))
-            if in_shape is None or len(in_shape) != 2:
-                self._freeze(first, f"input of {name!r}, a linear layer applied to a {len(in_shape or ())}-D tensor")
-                return (Segment(self._new_root(m.out_features, f"output of {name!r}"), m.out_features),)
-            self._consume(name, first)
-            return (Segment(self._producer_root(name, m.out_features), m.out_features),)
+            return self._linear(node, name, m, first)
         if isinstance(m, BATCH_NORMS):
             self._attach(self._attached, name, first)
             return first
@@ -358,8 +391,11 @@ class ChannelGraph:
                 self._attach(self._attached, name, first)
             return first
         if isinstance(m, nn.LayerNorm):
-            if shape is not None and len(shape) == 2 and tuple(m.normalized_shape) == (shape[1],):
+            source = self._source(node)
+            if shape is not None and self.axis(source) == len(shape) - 1 \
+                    and tuple(m.normalized_shape) == (shape[-1],):
                 self._attach(self._attached, name, first)
+                self._keep_axis(node, source)
             else:
                 self._freeze(first, f"LayerNorm {name!r} normalises over more than the channel dimension")
             return first
@@ -376,20 +412,137 @@ class ChannelGraph:
         self._unsupported.append(f"module {name!r} of type {type(m).__name__}")
         return None
 
+    def _keep_axis(self, node, source) -> None:
+        if self.axis(source) != 1:
+            self._axis[node] = self.axis(source)
+
+    def _linear(self, node, name: str, m: nn.Linear, first):
+        """A linear layer `name` on `node`'s input: a producer and consumer on a 2-D input, or on channels last
+        (a 1x1 convolution); on anything else its input and output are frozen."""
+        source = self._source(node)
+        in_shape = self._shape(source)
+        if in_shape is not None and len(in_shape) > 2 and first is not None \
+                and self.axis(source) == len(in_shape) - 1:  # channels last: a 1x1 convolution
+            self._consume(name, first)
+            self._axis[node] = len(in_shape) - 1
+            return (Segment(self._producer_root(name, m.out_features), m.out_features),)
+        if in_shape is None or len(in_shape) != 2:
+            self._freeze(first, f"input of {name!r}, a linear layer applied to a {len(in_shape or ())}-D tensor")
+            return (Segment(self._new_root(m.out_features, f"output of {name!r}"), m.out_features),)
+        self._consume(name, first)
+        return (Segment(self._producer_root(name, m.out_features), m.out_features),)
+
     def _pass(self, node, lay, what: str):
         """An op that keeps channel i at channel i: checked on the propagated shapes, not assumed."""
         source = self._source(node)
         in_shape, shape = self._shape(source), self._shape(node)
+        ax = self.axis(source)
         if lay is not None and (in_shape is None or shape is None or len(shape) < 2 or len(in_shape) < 2
-                                or shape[:2] != in_shape[:2]):
+                                or shape[:2] != in_shape[:2] or (ax != 1 and shape != in_shape)):
             self._unsupported.append(f"{what} changes the channel dimension ({in_shape} -> {shape})")
             return None
+        self._keep_axis(node, source)
         return lay
+
+    def _permute(self, node, lay):
+        """`permute` moves the channel axis to where the permutation sends it."""
+        source = self._source(node)
+        in_shape = self._shape(source)
+        if lay is None or in_shape is None:
+            return lay
+        dims = node.kwargs.get("dims", node.args[1:] if node.op == "call_method" else node.args[1])
+        if node.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        rank = len(in_shape)
+        dims = [int(d) % rank for d in dims]
+        if dims[0] != 0:
+            self._unsupported.append(f"{node.name}: permute moves the batch dimension ({dims})")
+            return None
+        self._axis[node] = dims.index(self.axis(source))
+        return lay
+
+    def _layer_norm(self, node, lay, where: str):
+        """`F.layer_norm(x, (C,), weight, bias)` over the channel axis: a norm whose parameters belong to the
+        module that holds `weight` (torchvision's LayerNorm2d permutes, normalises and permutes back)."""
+        source = self._source(node)
+        shape = self._shape(source)
+        args = list(node.args) + [None] * 5
+        normalized = node.kwargs.get("normalized_shape", args[1])
+        weight = node.kwargs.get("weight", args[2])
+        bias = node.kwargs.get("bias", args[3])
+        owners = {a.target.rpartition(".")[0] for a in (weight, bias) if isinstance(a, torch.fx.Node)
+                  and a.op == "get_attr"}
+        owner = owners.pop() if len(owners) == 1 else None
+        if lay is not None and shape is not None and self.axis(source) == len(shape) - 1 \
+                and list(normalized or ()) == [shape[-1]] and isinstance(self.modules.get(owner), nn.LayerNorm) \
+                and getattr(self.modules[owner], "weight", None) is not None:
+            self._attach(self._attached, owner, lay)
+            self._keep_axis(node, source)
+            return lay
+        if lay is not None:
+            self._freeze(lay, f"{where}: layer_norm over more than the channel axis")
+        return lay
+
+    def _batch_norm(self, node, lay, where: str):
+        """`F.batch_norm(x, running_mean, running_var, weight, bias, ...)` with the parameters of one BatchNorm
+        module: a norm over the channels (timm's BatchNormAct2d, a BatchNorm2d subclass that fx traces into)."""
+        source = self._source(node)
+        args = list(node.args) + [None] * 5
+        names = ("running_mean", "running_var", "weight", "bias")
+        tensors = [node.kwargs.get(n, args[i + 1]) for i, n in enumerate(names)]
+        owners = {t.target.rpartition(".")[0] for t in tensors if isinstance(t, torch.fx.Node) and t.op == "get_attr"}
+        owner = owners.pop() if len(owners) == 1 else None
+        if lay is not None and self.axis(source) == 1 and isinstance(self.modules.get(owner), BATCH_NORMS) \
+                and all(not isinstance(t, torch.fx.Node) or t.target.rpartition(".")[2] == n
+                        for t, n in zip(tensors, names)):
+            self._attach(self._attached, owner, lay)
+            return lay
+        if lay is not None:
+            self._freeze(lay, f"{where}: batch_norm with parameters that are not one BatchNorm module's")
+        return lay
+
+    def _param_view(self, node, in_shape, shape) -> None:
+        """Marks a view of a parameter with one dimension of size > 1 before and after (`gamma.reshape(1, -1, 1,
+        1)`), so a multiply by it is recognised as a per-channel scale of that parameter's dimension."""
+        source = self._source(node)
+        if source is None or in_shape is None or shape is None:
+            return
+        base = source.meta["gpp_param"] if "gpp_param" in source.meta else None
+        if base is None and source.op == "get_attr":
+            big = [i for i, s in enumerate(in_shape) if s != 1]
+            base = (source.target, big[0]) if len(big) == 1 else None
+        if base is not None and sum(s != 1 for s in shape) == 1:
+            node.meta["gpp_param"] = base
+
+    def _scale_param(self, node, param, lay, shape, axis) -> bool:
+        """A parameter multiplied elementwise along the channels (a per-channel scale such as ConvNeXt's layer
+        scale): recorded to be sliced with them. False when it broadcasts along anything else."""
+        pshape = self._shape(param)
+        if pshape is None or shape is None or len(pshape) > len(shape) or node.target not in (
+                operator.mul, operator.imul, torch.mul, "mul", "mul_"):
+            return False
+        offset = len(shape) - len(pshape)
+        dim = axis - offset
+        if dim < 0 or pshape[dim] != shape[axis] or any(s != 1 for i, s in enumerate(pshape) if i != dim):
+            return False
+        target, dim = param.meta["gpp_param"] if "gpp_param" in param.meta else (param.target, dim)
+        module, _, attr = target.rpartition(".")
+        if module not in self.modules or not isinstance(getattr(self.modules[module], attr, None), torch.Tensor):
+            return False
+        key = (module, attr)
+        if key in self._scales:
+            self._couple(self._scales[key][0], lay, f"parameter {param.target!r} used twice")
+        else:
+            self._scales[key] = (lay, dim)
+        return True
 
     def _flatten(self, node, lay, start_dim, end_dim):
         in_shape = self._shape(self._source(node))
         if lay is None or in_shape is None:
             return lay
+        if self.axis(self._source(node)) != 1:
+            self._unsupported.append(f"{node.name}: flatten of a tensor whose channels are not on dim 1")
+            return None
         if len(in_shape) <= 2:
             return lay
         if start_dim != 1 or end_dim not in (-1, len(in_shape) - 1):
@@ -409,24 +562,49 @@ class ChannelGraph:
             return parts[node.args[1]] if isinstance(node.args[1], int) and node.args[1] < len(parts) else None
         if shape is None and not tensor_args:
             return None  # arithmetic on sizes and other Python values
-        if (node.op == "call_function" and target in _PASS_FUNCTIONS) or \
+        if (node.op == "call_function" and (target in _PASS_FUNCTIONS or _qualname(target) in _PASS_QUALNAMES)) or \
                 (node.op == "call_method" and target in _PASS_METHODS):
             return self._pass(node, first, f"{getattr(target, '__name__', target)} ({where})")
+        if (node.op == "call_function" and target in _PERMUTE) or (node.op == "call_method" and target == "permute"):
+            return self._permute(node, first)
+        if node.op == "call_function" and target is F.layer_norm:
+            return self._layer_norm(node, first, where)
+        if node.op == "call_function" and target is F.batch_norm:
+            return self._batch_norm(node, first, where)
+        if node.op == "call_function" and target is F.linear:  # a Linear subclass fx traced into (timm's)
+            weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+            owner, _, attr = weight.target.rpartition(".") if isinstance(weight, torch.fx.Node) \
+                and weight.op == "get_attr" else ("", "", "")
+            if attr == "weight" and isinstance(self.modules.get(owner), nn.Linear):
+                return self._linear(node, owner, self.modules[owner], first)
         if (node.op == "call_function" and target in _ELEMENTWISE) or \
                 (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
+            axes = {self.axis(a) for a in tensor_args}
+            if len(axes) > 1:
+                self._unsupported.append(f"{where}: elementwise op on tensors with channels on different axes")
+                return None
+            ax = axes.pop() if axes else 1
             others = [layout[a] for a in tensor_args]
             operand_shapes = [self._shape(a) for a in tensor_args]
             # operands that carry the output's channels (not broadcast along them): coupled with each other. One
             # channel is a broadcast onto many, but two single-channel maps of the output's rank are one channel.
-            width = shape[1] if shape is not None and len(shape) >= 2 else None
-            full = [lay for lay, s in zip(others, operand_shapes) if s is not None and len(s) >= 2
-                    and (s[1] > 1 or (width == 1 and len(s) == len(shape)))]
-            param_operands = [a for a in self._flat_nodes((node.args, node.kwargs)) if a.op == "get_attr"]
+            width = shape[ax] if shape is not None and len(shape) > ax else None
+            full = [lay for lay, s in zip(others, operand_shapes) if s is not None and len(s) == len(shape)
+                    and (s[ax] > 1 or width == 1)]
+            param_operands = [a for a in self._flat_nodes((node.args, node.kwargs))
+                              if a.op == "get_attr" or "gpp_param" in a.meta]
             if param_operands and full:
+                if len(param_operands) == 1 and len(full) == 1 and \
+                        self._scale_param(node, param_operands[0], full[0], shape, ax):
+                    if ax != 1:
+                        self._axis[node] = ax
+                    return full[0]
                 self._unsupported.append(f"{where}: elementwise op with a parameter tensor ({target})")
                 return None
             for other in full[1:]:
                 self._couple(full[0], other, where)
+            if ax != 1 and full:
+                self._axis[node] = ax
             return full[0] if full else first
         if (node.op == "call_function" and target in _CAT):
             tensors = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -435,6 +613,10 @@ class ChannelGraph:
                 self._unsupported.append(f"{where}: cat of a non-list")
                 return None
             lays = [layout.get(t) for t in tensors]
+            axes = {self.axis(t) for t in tensors if isinstance(t, torch.fx.Node)}
+            if axes != {1}:
+                self._unsupported.append(f"{where}: cat of tensors whose channels are not on dim 1")
+                return None
             if dim in (1, 1 - len(shape)):
                 if any(lay is None for lay in lays):
                     self._unsupported.append(f"{where}: cat of a tensor without a channel layout")
@@ -453,8 +635,15 @@ class ChannelGraph:
             return self._flatten(node, first, start, end)
         if node.op == "call_method" and target in ("view", "reshape") or target in (torch.reshape,):
             in_shape = self._shape(self._source(node))
+            if first is None:  # no channels; a parameter reshaped to broadcast (gamma.reshape(1, -1, 1, 1))
+                self._param_view(node, in_shape, shape)
+                return None
             if in_shape == shape:
+                self._keep_axis(node, self._source(node))
                 return first
+            if self.axis(self._source(node)) != 1:
+                self._unsupported.append(f"{where}: {target} of a tensor whose channels are not on dim 1")
+                return None
             if in_shape is not None and shape is not None and len(shape) == 2 and shape[0] == in_shape[0] \
                     and len(in_shape) > 2:
                 return self._flatten(node, first, 1, -1)
@@ -465,12 +654,18 @@ class ChannelGraph:
             dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
             in_shape = self._shape(self._source(node))
             dims = (dims,) if isinstance(dims, int) else dims
-            if dims is not None and in_shape is not None and all(d % len(in_shape) >= 2 for d in dims):
+            ax = self.axis(self._source(node))
+            if dims is not None and in_shape is not None and all(d % len(in_shape) not in (0, ax) for d in dims) \
+                    and (ax == 1 or node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])):
+                self._keep_axis(node, self._source(node))
                 return first
             self._unsupported.append(f"{where}: {getattr(target, '__name__', target)} over the channel dimension")
             return None
         if (node.op == "call_function" and target in _SPLIT) or \
                 (node.op == "call_method" and target in _SPLIT_METHODS):
+            if first is not None and self.axis(self._source(node)) != 1:
+                self._unsupported.append(f"{where}: split of a tensor whose channels are not on dim 1")
+                return None
             metas = node.meta.get("tensor_meta")
             metas = metas if isinstance(metas, (list, tuple)) and not hasattr(metas, "shape") else ()
             parts = self._equal_parts(node, first, metas)
@@ -607,7 +802,7 @@ class ChannelGraph:
         Criteria read scores from these tensors, the cost model counts them, and regularisers act on them; what
         pruning a channel removes from each tensor is exactly `index[channel]` along `dim`.
         """
-        group = self.group(name)
+        self.group(name)  # a KeyError for an unknown group
         found = []
         for module, role, lay in self._tables():
             positions, member = [], None
@@ -625,6 +820,15 @@ class ChannelGraph:
                 tensor = getattr(m, attr, None)
                 if isinstance(tensor, torch.Tensor):
                     found.append(ChannelParam(module, attr, dim, index, role, member, tensor))
+        for (module, attr), (lay, dim) in self._scales.items():
+            positions, member = [], None
+            for offset, seg, owner in self._segments(lay):
+                if owner == name:
+                    positions.append(torch.arange(seg.size).unsqueeze(1) * seg.block + torch.arange(seg.block) + offset)
+                    member = member or self._member(seg.root)
+            if positions:
+                found.append(ChannelParam(module, attr, dim, torch.cat(positions, 1), "scale", member,
+                                          getattr(self.modules[module], attr)))
         return found
 
     @torch.no_grad()

@@ -3,7 +3,7 @@
 `prune(graph, keep)` (what `ChannelGraph.prune` runs) checks `keep` completely before touching the model,
 snapshots every tensor and width attribute it may replace, slices (through `gpp_ext.ops.slice_channels`) the
 tensors of every module in the graph's tables (producers' output rows and biases, consumers' input columns,
-depthwise filters, norm parameters and running statistics), updates the layers' width attributes, and re-traces
+depthwise filters, norm parameters and running statistics, per-channel parameters such as layer scales), updates the layers' width attributes, and re-traces
 the model, which also proves it still runs. Any failure restores the snapshot, so the user's model is never
 left half pruned.
 
@@ -100,7 +100,7 @@ def prune(graph, keep: dict) -> nn.Module:
 def _snapshot(graph) -> dict:
     """References to every tensor and width attribute pruning may replace, to undo a failed prune."""
     snapshot = {}
-    for name, _, _ in graph._tables():
+    for name in [n for n, _, _ in graph._tables()] + [module for module, _ in graph._scales]:
         m = graph.modules[name]
         snapshot[name] = (dict(m._parameters), dict(m._buffers),
                           {a: getattr(m, a) for a in WIDTH_ATTRS if hasattr(m, a)})
@@ -131,6 +131,10 @@ def _apply(graph, keep: dict) -> None:
                 slice_depthwise(m, index)
             else:
                 slice_attached(m, index)
+        for (name, attr), (lay, dim) in list(graph._scales.items()):
+            index = layout_index(graph, lay, keep)
+            if index is not None:  # a per-channel parameter (layer scale): sliced along its channel dimension
+                _replace(graph.modules[name], attr, dim, index)
 
 
 def _replace(module: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
