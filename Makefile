@@ -28,6 +28,9 @@ CUDA_TORCH ?= torch==2.14.1
 CUDA_VENV ?= .venv-cuda
 CUDA_TOOLKIT ?= /usr/local/cuda-13.0
 CUDA_ARCH ?= 9.0
+# The model zoo tests (torchvision, timm) run in this venv: PyPI's torchvision does not load beside the CPU wheel
+# of torch 2.13.0, and the CUDA build of 2.14.1 has a matching torchvision.
+CUDA_EXTRA ?= torchvision==0.29.1 timm
 CUDA_STAMP := $(CUDA_VENV)/.deps-$(subst =,_,$(CUDA_TORCH))
 CUDA_PY := $(abspath $(CUDA_VENV))/bin/python
 
@@ -69,7 +72,7 @@ test: pytest bench-smoke cpp-test
 $(CUDA_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_PY) -m pip install --quiet --disable-pip-version-check "$(CUDA_TORCH)"
-	$(CUDA_PY) -m pip install --quiet --disable-pip-version-check $(DEPS)
+	$(CUDA_PY) -m pip install --quiet --disable-pip-version-check $(DEPS) $(CUDA_EXTRA)
 	rm -f $(CUDA_VENV)/.deps-*
 	touch $@
 

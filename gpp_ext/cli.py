@@ -1,6 +1,8 @@
-"""The `gpp` command: compress a built-in model for a data set, run the demo, show a report, list criteria.
+"""The `gpp` command: compress a model for a data set, run the demo, show a report, list criteria, export.
 
     gpp compress --model lenet5 --data fashion-mnist --target-params 0.1 --out runs/lenet5
+    gpp compress --model mynet.py:make_net --data imagefolder:photos --image-size 32 --device auto
+    gpp compress --model torchvision:resnet18 --weights resnet18.pth --data npz:arrays.npz
     gpp demo                      # Fashion-MNIST when installed, else digits; writes runs/demo/
     gpp report runs/demo          # the summary table of a finished run
     gpp criteria                  # the registered pruning criteria, with what each measures
@@ -21,6 +23,11 @@ __all__ = ["main"]
 
 MODELS = ("lenet5", "vgg", "inception", "resnet20")
 DATA = ("fashion-mnist", "digits")
+MODEL_HELP = ("a built-in model (" + ", ".join(MODELS) + "), torchvision:NAME, timm:NAME, path/to/file.py:factory, "
+              "package.module:factory (a callable returning an nn.Module), or a model file saved by gpp (model.pt) "
+              "to compress further")
+DATA_HELP = ("fashion-mnist, digits, imagefolder:DIR (one sub-folder per class, or DIR/train, DIR/test and optionally "
+             "DIR/val holding them), or npz:FILE (arrays x [N,C,H,W] and y [N]; optional x_test, y_test)")
 DEMO_OUT = os.path.join("runs", "demo")
 
 
@@ -38,9 +45,28 @@ def _parser() -> argparse.ArgumentParser:
 
     compress = sub.add_parser("compress", help="train, (grow,) push and prune a built-in model on a data set",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    compress.add_argument("--model", choices=MODELS, default="lenet5", help="built-in architecture")
-    compress.add_argument("--data", choices=DATA, default="digits", help="data set (local files only)")
+    compress.add_argument("--model", default="lenet5", help=MODEL_HELP)
+    compress.add_argument("--model-args", default=None, help="JSON object of keyword arguments for the model's "
+                          "factory, e.g. '{\"width\": 32}' (recorded, so the saved model rebuilds)")
+    compress.add_argument("--num-classes", type=int, default=None, help="outputs of the model's head (default: the "
+                          "data's classes; a --weights head of another size is re-initialised)")
+    compress.add_argument("--weights", default=None, help="a local state-dict file to start from (nothing is "
+                          "downloaded); every tensor must fit except the head's")
+    compress.add_argument("--ignore", default=None, help="comma-separated module names the channel graph leaves "
+                          "untouched (what an error about an op it cannot handle asks for)")
+    compress.add_argument("--data", default="digits", help=DATA_HELP + " (local files only)")
     compress.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    compress.add_argument("--image-size", type=int, default=None, help="imagefolder: resize images to this square "
+                          "size (default: keep; all images must then have one size)")
+    compress.add_argument("--channels", type=int, choices=(1, 3), default=None, help="imagefolder: 1 (grayscale) or "
+                          "3 (RGB) (default: 3, or 1 when the images are grayscale)")
+    compress.add_argument("--image-norm", choices=("unit", "dataset", "imagenet"), default="unit",
+                          help="imagefolder: pixels in [0, 1] (unit), or normalised by the training split's "
+                          "per-channel mean and std (dataset) or ImageNet's (imagenet); recorded in report.json")
+    compress.add_argument("--device", default="auto", help="where training, analysis and pruning run: auto (CUDA "
+                          "when available), cpu, cuda or cuda:N (latency is always measured on the CPU)")
+    compress.add_argument("--amp", action="store_true", help="mixed-precision training (bfloat16 autocast; CUDA "
+                          "only)")
     compress.add_argument("--out", default=None, help="output folder (default runs/MODEL-DATA)")
     compress.add_argument("--target-params", type=_fraction, default=0.1, help="stop at this fraction of the "
                           "base model's parameters")
@@ -66,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--normalize", choices=("mean", "none"), default="mean",
                           help="--schedule budget, global allocation: compare utilities divided by their layer's "
                           "mean, or as they are (the traced discriminant utility is comparable across layers)")
+    compress.add_argument("--round-to", type=int, default=1, help="keep every pruned width a multiple of this: "
+                          "odd widths can make a smaller model slower in ONNX Runtime and oneDNN, whose kernels work "
+                          "on blocks of 8 or 16 channels")
     compress.add_argument("--push", choices=("loss", "fade", "none"), default="loss",
                           help="loss: push terms on the pre-decision features; fade: the removal set of each cut "
                           "fades to exactly zero during the push, so the cut is lossless (needs --schedule budget); "
@@ -90,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                      "again (without --resume or --overwrite a folder holding a run is refused)")
     compress.add_argument("--peers", default=None, help="JSON list of peer results (method, model, dataset, params, "
                           "test_accuracy), e.g. benchmarks/results/compression.json, to mark on progress.png")
+    compress.add_argument("--onnx-latency", action=argparse.BooleanOptionalAction, default=None,
+                          help="time base and compact model in ONNX Runtime at the end (default: on when onnx, "
+                          "onnxscript and onnxruntime are installed, unless GPP_EXT_ONNX_LATENCY=0)")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = sub.add_parser("demo", help="a short compression run with a printed summary")
@@ -117,14 +149,91 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build_model(name: str, splits):
-    from . import models
+def _model_args(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model-args: not JSON ({error}); give an object, e.g. '{{\"width\": 32}}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--model-args: give a JSON object of keyword arguments, got {type(value).__name__}")
+    return value
 
-    channels, size = splits.input_shape[0], splits.input_shape[-1]
-    kwargs = {"in_channels": channels, "num_classes": splits.num_classes}
-    if name == "lenet5":
-        kwargs["input_size"] = size
-    return models.build(name, **kwargs)
+
+def _check_model_source(source: str) -> None:
+    """The cheap part of `--model`'s checks: a known name, an existing file, a factory file that exists."""
+    if source in MODELS or os.path.isfile(source):
+        return
+    if ":" not in source:
+        raise ValueError(f"--model {source!r}: not a built-in model and no such file; expected {MODEL_HELP}")
+    path = source.rpartition(":")[0]
+    if (path.endswith(".py") or "/" in path) and not os.path.isfile(path):
+        raise FileNotFoundError(f"--model {source!r}: no file {path}")
+
+
+def _build_model(args, splits):
+    """The model `--model` names, built for the data (and loaded from `--weights`); a note on what was done."""
+    from . import io, models
+    from .classifier import find_classifier
+
+    source, kwargs = args.model, _model_args(getattr(args, "model_args", None))
+    num_classes = getattr(args, "num_classes", None)
+    if num_classes is not None and num_classes != splits.num_classes:
+        raise ValueError(f"--num-classes {num_classes}: the data ({splits.name}) has {splits.num_classes} classes; "
+                         f"the head must have one output per class")
+    if source.endswith(".pt") or (os.path.isfile(source) and ":" not in source):
+        if kwargs:
+            raise ValueError("--model-args: a saved model file is rebuilt from what it records; give no arguments")
+        model = io.load(source)
+        note = f"continuing from {source}"
+    elif source in MODELS:
+        kwargs = {"in_channels": splits.input_shape[0], "num_classes": splits.num_classes, **kwargs}
+        if source == "lenet5":
+            kwargs.setdefault("input_size", splits.input_shape[-1])
+        model, note = models.build(source, **kwargs), None
+    elif ":" in source:
+        model = models.build_source(source, num_classes=splits.num_classes, in_channels=splits.input_shape[0],
+                                    kwargs=kwargs)
+        note = None
+    else:
+        raise ValueError(f"--model {source!r}: not a built-in model and no such file; expected {MODEL_HELP}")
+    weights = getattr(args, "weights", None)
+    if weights:
+        head = find_classifier(model)
+        kept = models.load_weights(model, weights, head=head)
+        note = f"weights from {weights}" + (f"; head {head!r} re-initialised for {splits.num_classes} classes"
+                                            if kept else "")
+    return model, note
+
+
+def _device(text: str):
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available here (torch {torch.__version__}); use "
+                             f"--device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _slug(text: str) -> str:
+    """A folder name for a model or data source: `models/net.py:make` -> `net-make`."""
+    import re
+
+    text = os.path.basename(text.replace(":", "-").rstrip("/")) or text
+    text = re.sub(r"\.(py|pt|npz)(?=-|$)", "", text)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
 
 def _compress(args, config_overrides=None) -> int:
@@ -132,20 +241,29 @@ def _compress(args, config_overrides=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with _process_group():
-        return _compress_run(args, config_overrides)
+    device = _device(getattr(args, "device", "cpu"))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and device.type == "cuda" and device.index is None:  # one GPU per process under torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with _process_group("nccl" if device.type == "cuda" else "gloo"):
+        return _compress_run(args, device, config_overrides)
 
 
 class _process_group:
-    """Under torchrun (WORLD_SIZE > 1 in the environment) joins the job's process group for the run (gloo: the
-    command runs on the CPU) and leaves it afterwards; otherwise does nothing."""
+    """Under torchrun (WORLD_SIZE > 1 in the environment) joins the job's process group for the run (gloo on the
+    CPU, NCCL on CUDA) and leaves it afterwards; otherwise does nothing."""
+
+    def __init__(self, backend: str = "gloo"):
+        self.backend = backend
 
     def __enter__(self):
         import torch.distributed as dist
 
         self.joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
         if self.joined:
-            dist.init_process_group("gloo")
+            dist.init_process_group(self.backend)
         return self
 
     def __exit__(self, exc_type, *exc):
@@ -160,7 +278,7 @@ class _process_group:
             dist.destroy_process_group()
 
 
-def _compress_run(args, config_overrides=None) -> int:
+def _compress_run(args, device, config_overrides=None) -> int:
     import torch
 
     from . import data
@@ -170,9 +288,19 @@ def _compress_run(args, config_overrides=None) -> int:
 
     lead = gdist.rank() == 0  # under torchrun, rank 0 speaks and writes; every process computes
     peers = _read_peers(args.peers, args.model, args.data) if getattr(args, "peers", None) else None
-    splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=args.seed)
+    amp = getattr(args, "amp", False)
+    if amp and device.type != "cuda":
+        raise ValueError(f"--amp: mixed precision needs a CUDA device (--device {device})")
+    _check_model_source(args.model)  # before the data are read (an image folder takes a while)
+    splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=args.seed,
+                               image_size=getattr(args, "image_size", None), channels=getattr(args, "channels", None),
+                               normalize=getattr(args, "image_norm", "unit"), progress=not args.quiet)
     torch.manual_seed(args.seed)  # the initial weights follow --seed, whatever ran before in this process
-    model = _build_model(args.model, splits)
+    model, note = _build_model(args, splits)
+    ignore = tuple(n.strip() for n in (getattr(args, "ignore", None) or "").split(",") if n.strip())
+    unknown = [n for n in ignore if n not in dict(model.named_modules())]
+    if unknown:
+        raise ValueError(f"--ignore: the model has no modules {unknown[:4]}")
     grow = args.grow if args.grow is not None else args.model == "inception"
     config = LoopConfig(epochs=args.epochs, push_epochs=args.push_epochs, finetune_epochs=args.finetune_epochs,
                         batch_size=args.batch_size, lr=args.lr, target_params=args.target_params,
@@ -180,15 +308,17 @@ def _compress_run(args, config_overrides=None) -> int:
                         max_iterations=args.max_iterations, criterion=args.criterion, grow=grow, seed=args.seed,
                         schedule=args.schedule, cuts=args.cuts, push=args.push, epoch_budget=args.epoch_budget,
                         push_share=args.push_share, fade_reselect=args.fade_reselect, distill=args.distill,
-                        allocation=args.allocation, normalize=args.normalize,
+                        allocation=args.allocation, normalize=args.normalize, ignore=ignore, amp=amp,
+                        round_to=getattr(args, "round_to", 1),
                         **(config_overrides or {}))
-    out = args.out or os.path.join("runs", f"{args.model}-{args.data}")
-    loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet)
+    out = args.out or os.path.join("runs", f"{_slug(args.model)}-{_slug(args.data)}")
+    loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet, device=device,
+                         onnx_latency=getattr(args, "onnx_latency", None))
     if lead:
         processes = f", {gdist.world_size()} processes" if gdist.is_distributed() else ""
         print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
-              f"{len(splits.test)} test{processes}), target {args.target_params:.0%} of the parameters -> {out}",
-              flush=True)
+              f"{len(splits.test)} test{processes}) on {device}{' with bfloat16 autocast' if amp else ''}, target "
+              f"{args.target_params:.0%} of the parameters -> {out}" + (f" ({note})" if note else ""), flush=True)
     report = loop.run(resume=args.resume, overwrite=getattr(args, "overwrite", False))
     if not lead:
         return 0

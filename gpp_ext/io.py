@@ -3,13 +3,15 @@
 A file holds the architecture as data: the model's factory spec (`{"name", "kwargs"}` of a built-in model, or
 whatever a user factory needs), the structural attributes of every layer (`in_channels`, `out_features`,
 `num_features`, ...), and the `state_dict`. Everything is plain Python types and tensors, so it loads with
-`torch.load(..., weights_only=True)`: no code runs from the file. Loading rebuilds the model from its factory,
+`torch.load(..., weights_only=True)`: no code runs from the file. Loading rebuilds the model from its factory
+(a built-in model; a torchvision or timm name; or a user factory the spec names by its file or module, whose
+code is imported from where it lives, never stored in the file: see `gpp_ext.models.sources`),
 gives each layer the saved widths, parameter shapes and dtypes, and loads the weights.
 
 Integrity: the payload carries a SHA-256 digest of everything it holds (spec, widths, every tensor's name,
 dtype, shape and bytes), checked on load, so a file damaged on disk or in transfer is refused with an error
-instead of loading changed weights. Files are written atomically (a temporary file in the same folder, then a
-rename); the temporary files of a writer that was killed are removed by the next write in that folder.
+instead of loading changed weights. Files are written atomically (`gpp_ext.atomic`, whose helpers this module
+also offers under their names: `write_atomic`, `save_atomic`, `write_text_atomic`, `read`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
-import tempfile
-import zipfile
 
 import torch
 import torch.nn as nn
 
+from .atomic import read, save_atomic, write_atomic, write_text_atomic
 from .layers import WIDTH_ATTRS, WIDTH_LAYERS
 
 __all__ = ["save", "load", "read", "payload", "from_payload", "digest", "write_atomic", "save_atomic", "write_text_atomic",
@@ -31,7 +31,6 @@ __all__ = ["save", "load", "read", "payload", "from_payload", "digest", "write_a
 
 FORMAT = "gpp_ext.model/2"
 _FORMATS = ("gpp_ext.model/1", FORMAT)  # /1: the same without the digest (read, unchecked)
-_TMP = ".tmp-"
 
 
 def _widths(model: nn.Module) -> dict:
@@ -54,70 +53,6 @@ def _widths(model: nn.Module) -> dict:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _remove_stale(folder: str) -> None:
-    """Removes the temporary files (`.tmp-<pid>-...`) that writers which no longer run left in `folder`."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(_TMP):
-            continue
-        pid = name[len(_TMP):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
-
-
-def write_atomic(path, write) -> None:
-    """Calls `write(tmp_path)`, then renames the temporary file onto `path`: readers never see half a file.
-    Temporary files left in the folder by writers that were killed are removed first."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    _remove_stale(folder)
-    # keep the extension: torch.save names its archive after the file, and a bare ".tmp-x" name is refused
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_TMP}{os.getpid()}-",
-                               suffix=os.path.splitext(path)[1] or ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_atomic(obj, path) -> None:
-    """`torch.save(obj, path)` through a temporary file and a rename."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Writes a text file through a temporary file and a rename."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    write_atomic(path, write)
-
-
 def digest(data: dict) -> str:
     """SHA-256 of a payload's content: spec, widths and every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256()
@@ -134,8 +69,10 @@ def payload(model: nn.Module, spec: dict | None = None) -> dict:
     """The model as data: spec, layer widths, weights (plain types and CPU tensors) and their digest."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"gpp_ext.io: model must be an nn.Module, got {type(model).__name__}")
-    if spec is None and hasattr(model, "spec"):
-        spec = model.spec()
+    if spec is None:
+        from .models import spec_of
+
+        spec = spec_of(model)
     data = {"format": FORMAT, "spec": spec, "widths": _widths(model),
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     data["sha256"] = digest(data)
@@ -145,22 +82,11 @@ def payload(model: nn.Module, spec: dict | None = None) -> dict:
 def save(model: nn.Module, path, spec: dict | None = None) -> None:
     """Writes `model` to `path` (atomically: a temporary file in the same folder, then a rename).
 
-    `spec` describes how to rebuild the architecture; it defaults to `model.spec()` for built-in models. User
-    models may leave it out and pass a `factory` to `load`.
+    `spec` describes how to rebuild the architecture; it defaults to `model.spec()` for built-in models and to
+    the recorded source for models from `gpp_ext.models.build_source` (torchvision, timm, a factory in a file
+    or module). Other user models may leave it out and pass a `factory` to `load`.
     """
     save_atomic(payload(model, spec), path)
-
-
-def read(path, where: str, what: str = "", hint: str = "") -> object:
-    """`torch.load(path, weights_only=True)` on the CPU, with a damaged or cut-short file turned into a
-    `ValueError` from `where` naming it (`what` it is, and a `hint` on what to do) instead of torch's reader
-    errors."""
-    try:
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        # torch reports a cut-short archive as OSError (EINVAL) or RuntimeError, an empty file as EOFError
-        raise ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is damaged or incomplete "
-                         f"(e.g. a copy that was cut short){hint} ({type(error).__name__}: {error})") from error
 
 
 def load(path, factory=None, map_location="cpu") -> nn.Module:
@@ -178,12 +104,14 @@ def load(path, factory=None, map_location="cpu") -> nn.Module:
     data = read(path, "gpp_ext.io.load", hint=", or not a model file")
     if not isinstance(data, dict) or data.get("format") not in _FORMATS:
         raise ValueError(f"gpp_ext.io.load: {path} is not a gpp_ext model file (format {FORMAT})")
-    return from_payload(data, factory, map_location, where=path)
+    return from_payload(data, factory, map_location, where=path, near=os.path.dirname(os.path.abspath(path)))
 
 
-def from_payload(data: dict, factory=None, map_location="cpu", where: str = "the model data") -> nn.Module:
+def from_payload(data: dict, factory=None, map_location="cpu", where: str = "the model data",
+                 near: str | None = None) -> nn.Module:
     """Rebuilds a model from `payload(model)` (what `load` does after reading the file); its digest is checked
-    first (`ValueError` on a mismatch)."""
+    first (`ValueError` on a mismatch). A spec naming a `.py` file by a relative path that does not resolve
+    from the working directory is looked for in `near` too (the model file's folder)."""
     path = where
     if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict) or "widths" not in data:
         raise ValueError(f"gpp_ext.io.load: {path} is not a gpp_ext model payload")
@@ -196,9 +124,9 @@ def from_payload(data: dict, factory=None, map_location="cpu", where: str = "the
         if not spec:
             raise ValueError(f"gpp_ext.io.load: {path} holds a user model; pass factory=<callable returning the "
                              f"unpruned architecture>")
-        from . import models
+        from .models import build_source
 
-        model = models.build(spec["name"], **spec.get("kwargs", {}))
+        model = build_source(spec["name"], kwargs=spec.get("kwargs", {}), near=near)
     else:
         model = factory() if callable(factory) else None
         if not isinstance(model, nn.Module):

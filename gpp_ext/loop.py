@@ -31,8 +31,6 @@ on rank 0 and shared, and only rank 0 writes checkpoints (resume reads them on r
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import time
 import uuid
@@ -49,17 +47,15 @@ from .grow import grow
 from .pruning import criteria, prune
 from .push import PushLoss
 from .classifier import find_classifier
-from .data import labels_of
 from .training import compare_latency, evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
+from .models.sources import spec_of
+from .run_folder import RunFolder, run_identity
 
-__all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal",
-           "run_identity", "RUN_FILES"]
+__all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal"]
 
 SCHEDULES = ("eta", "budget")
 PUSHES = ("loss", "fade", "none")
-CHECKPOINT_FORMAT = "gpp_ext.loop/2"
 # What a run leaves in its output folder (the loop writes the checkpoint; `report.write_reports` the rest).
-RUN_FILES = ("checkpoint.pt", "report.json", "report.md", "progress.png", "model.pt")
 
 
 @dataclass
@@ -104,6 +100,9 @@ class LoopConfig:
     max_modules_per_stage: int = 2
     grow_epochs: int = 1
     seed: int = 0
+    ignore: tuple = ()               # modules the channel graph treats as opaque (their channels are kept)
+    round_to: int = 1                # every pruned width a multiple of this (8 or 16 suit CPU/ONNX kernels)
+    amp: bool = False                # mixed-precision training (bfloat16 autocast on CUDA)
 
     def validate(self) -> None:
         if self.epochs < 0 or self.push_epochs < 0 or self.finetune_epochs < 0 or self.batch_size < 1:
@@ -136,6 +135,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig: allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.normalize not in ("mean", "none"):
             raise ValueError(f"LoopConfig: normalize must be 'mean' or 'none', got {self.normalize!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"LoopConfig: round_to must be an int >= 1, got {self.round_to!r}")
         if self.distill < 0 or self.temperature <= 0:
             raise ValueError("LoopConfig: distill must be >= 0 and temperature > 0")
         if (self.epoch_budget is not None and self.epoch_budget < 0) or not 0 <= self.push_share <= 1:
@@ -182,7 +183,7 @@ def push_stage(model: nn.Module, splits, config: LoopConfig, seed: int, device="
     teacher = copy.deepcopy(model).eval() if config.distill > 0 and epochs > 0 else None
     common = dict(lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size, seed=seed,
                   teacher=teacher, distill=config.distill if teacher is not None else 0.0,
-                  temperature=config.temperature, device=device, progress=progress, desc=desc)
+                  temperature=config.temperature, device=device, amp=config.amp, progress=progress, desc=desc)
     if config.push == "none":
         return fit(model, splits.train, epochs, **common), None
     push = PushLoss(splits.num_classes, config.alpha, config.beta, config.gamma, separation=config.separation)
@@ -197,7 +198,8 @@ def push_stage(model: nn.Module, splits, config: LoopConfig, seed: int, device="
                                budget_kind=config.budget_kind, criterion=config.criterion,
                                reselect=config.fade_reselect, schedule=config.fade_schedule,
                                fade_end=config.fade_end, neurons=config.neurons, num_classes=splits.num_classes,
-                               seed=seed, allocation=config.allocation, normalize=config.normalize)
+                               seed=seed, allocation=config.allocation, normalize=config.normalize,
+                               ignore=tuple(config.ignore), round_to=config.round_to)
             fade.attach(push)
     model = fit(model, splits.train, epochs, push=push, after_step=fade.step if fade else None, **common)
     if fade is None:
@@ -223,7 +225,8 @@ def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, ba
     torch.manual_seed(seed)
     loader = training_batches(splits.train, config.batch_size, seed)
     example = torch.zeros(2, *splits.input_shape, device=device)
-    kwargs = dict(criterion=config.criterion, neurons=config.neurons, progress=progress, recalibrate=recalibrate)
+    kwargs = dict(criterion=config.criterion, neurons=config.neurons, progress=progress, recalibrate=recalibrate,
+                  ignore=tuple(config.ignore), round_to=config.round_to)
     if keep is not None:
         model, report = prune(model, loader, example, splits.num_classes, keep=keep, **kwargs)
         return model, [report]
@@ -258,34 +261,6 @@ class _State:
     base_model: dict | None = None      # the base model (payload), timed beside the compact one at the end
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def run_identity(model: nn.Module, splits) -> dict:
-    """What a run is about, recorded in its checkpoint so that a resume can refuse another run's folder: the
-    model (its factory spec, else its modules' names and types) and the data (name, input shape, classes,
-    split sizes and a digest of the training labels)."""
-    spec = model.spec() if callable(getattr(model, "spec", None)) else None
-    layout = ";".join(f"{name}:{type(m).__name__}" for name, m in model.named_modules())
-    labels = labels_of(splits.train).to(torch.int64).contiguous().numpy().tobytes()
-    return {"model": json.loads(json.dumps(spec)) if spec else {"modules": _sha(layout.encode())},
-            "data": {"name": splits.name, "input_shape": list(splits.input_shape), "classes": list(splits.classes),
-                     "sizes": [len(splits.train), len(splits.val), len(splits.test)], "train_labels": _sha(labels)}}
-
-
-def _differences(saved: dict, current: dict, prefix: str = "") -> list:
-    """`["key: saved -> current", ...]` for every leaf where two nested dicts differ."""
-    out = []
-    for key in sorted(set(saved) | set(current), key=lambda k: (k != "name", str(k))):  # names first
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
 class GrowPushPrune:
     """Runs the grow-push-prune loop on `model` for the task in `splits` (a `gpp_ext.data.DataSplits`).
 
@@ -296,10 +271,13 @@ class GrowPushPrune:
         out_dir: where checkpoints go (and the caller's reports).
         factory: rebuilds a user model's unpruned architecture (built-in models need none).
         progress: tqdm bars on every long step (on a terminal; redirected output stays clean).
+        device: where training, analysis and pruning run (latency is measured on the CPU).
+        onnx_latency: at the end, export base and compact model and time them in ONNX Runtime (a few seconds);
+            None reads `$GPP_EXT_ONNX_LATENCY` ("0" turns it off; the test suite does), default on.
     """
 
     def __init__(self, model: nn.Module, splits, config: LoopConfig | None = None, out_dir: str = "runs/gpp",
-                 factory=None, progress: bool = True, device="cpu"):
+                 factory=None, progress: bool = True, device="cpu", onnx_latency: bool | None = None):
         self.config = config or LoopConfig()
         self.config.validate()
         # Everything that would otherwise fail after the compute is spent is checked here, before any training.
@@ -308,18 +286,22 @@ class GrowPushPrune:
         if factory is not None and not callable(factory):
             raise TypeError(f"GrowPushPrune: factory must be a callable returning the unpruned architecture, got "
                             f"{type(factory).__name__}")
-        if factory is None and not (callable(getattr(model, "spec", None)) and model.spec()):
-            raise TypeError(f"GrowPushPrune: {type(model).__name__} is not a built-in model (it has no spec()), so "
+        if factory is None and not spec_of(model):
+            raise TypeError(f"GrowPushPrune: {type(model).__name__} is not a built-in model nor built from a source "
+                            f"(gpp_ext.models.build_source) and has no spec(), so "
                             f"its checkpoints and compact model cannot be rebuilt from data alone; pass factory=<a "
                             f"callable returning the unpruned architecture>, e.g. factory=lambda: MyNet()")
         self.model, self.splits, self.out_dir, self.factory = model, splits, os.fspath(out_dir), factory
         self.device = torch.device(device)
+        self.onnx_latency = onnx_latency if onnx_latency is not None else \
+            os.environ.get("GPP_EXT_ONNX_LATENCY", "1") != "0"
         self.progress = progress and gdist.rank() == 0  # one set of bars per job
-        self.checkpoint = os.path.join(self.out_dir, "checkpoint.pt")
         self.state = _State()
         self.example = torch.zeros(2, *splits.input_shape, device=self.device)
+        if self.config.amp and self.device.type != "cuda":
+            raise ValueError(f"GrowPushPrune: amp (mixed precision, --amp) needs a CUDA device, got {self.device}")
         self._check_model()
-        self.identity = run_identity(model, splits)
+        self.folder = RunFolder(self.out_dir, run_identity(model, splits))
 
     def _check_model(self) -> None:
         """The model's head has one output per class of the data, and it accepts the data's inputs."""
@@ -343,21 +325,11 @@ class GrowPushPrune:
             raise ValueError(f"GrowPushPrune: the model must return logits [batch, {self.splits.num_classes}], got "
                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
 
-    def _check_out_dir(self) -> None:
-        """The output folder exists (made if need be) and is writable: a probe file is written and removed."""
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
-            io.write_atomic(os.path.join(self.out_dir, ".write-check"), lambda tmp: open(tmp, "w").close())
-            os.unlink(os.path.join(self.out_dir, ".write-check"))
-        except OSError as error:
-            raise ValueError(f"GrowPushPrune: cannot write to the output folder {self.out_dir} "
-                             f"({error.strerror or error}); choose another folder (--out)") from error
-
     # -------------------------------------------------------------------------------------------- helpers
     def _train(self, model: nn.Module, epochs: int, stage: int, desc: str) -> nn.Module:
         cfg = self.config
         return fit(model, self.splits.train, epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                   batch_size=cfg.batch_size, seed=stage_seed(cfg.seed, stage), device=self.device,
+                   batch_size=cfg.batch_size, seed=stage_seed(cfg.seed, stage), device=self.device, amp=cfg.amp,
                    progress=self.progress, desc=desc)
 
     def _metrics(self, model: nn.Module, **extra) -> dict:
@@ -375,50 +347,18 @@ class GrowPushPrune:
                 **extra}
 
     def _save(self) -> None:
-        if gdist.rank() != 0:
-            return
-        state = asdict(self.state)
-        io.save_atomic({"format": CHECKPOINT_FORMAT, "identity": self.identity, "config": asdict(self.config),
-                        "state": state, "model": io.payload(self.model)}, self.checkpoint)
-
-    def _read_checkpoint(self):
-        data = io.read(self.checkpoint, "GrowPushPrune", "the checkpoint", hint="; restore it, or start the run "
-                       "again with overwrite=True (--overwrite), which deletes it")
-        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"GrowPushPrune: {self.checkpoint} is not a gpp_ext loop checkpoint of format "
-                             f"{CHECKPOINT_FORMAT} (found {found!r}); start the run again with overwrite=True "
-                             f"(--overwrite) or use another folder")
-        return data
+        self.folder.save(asdict(self.config), asdict(self.state), io.payload(self.model))
 
     def _resume(self) -> bool:
-        # Rank 0 reads the checkpoint and shares it, so the other processes need not see its folder.
-        data = _on_lead(lambda: self._read_checkpoint() if os.path.exists(self.checkpoint) else None)
+        data = self.folder.resume(asdict(self.config), asdict(LoopConfig()))
         if data is None:
             return False
-        differences = _differences(data.get("identity", {}), self.identity)
-        if differences:
-            raise ValueError(f"GrowPushPrune: {self.checkpoint} belongs to another run (" + "; ".join(differences[:4])
-                             + "); resume with the model and data it was started with, or use another folder")
-        differences = _differences(data["config"], asdict(self.config))
-        if differences:
-            raise ValueError(f"GrowPushPrune: {self.checkpoint} was written with other settings ("
-                             + "; ".join(differences[:4]) + "); resume with the same settings or use another folder")
         self.state = _State(**data["state"])
         self.model = io.from_payload(data["model"], self.factory).to(self.device)
         return True
 
     def _start_fresh(self, overwrite: bool) -> None:
-        """A new run in `out_dir`: refused when the folder holds another run's files, unless `overwrite`, which
-        deletes them first (so old reports never sit beside a new checkpoint)."""
-        existing = _on_lead(lambda: [n for n in RUN_FILES if os.path.exists(os.path.join(self.out_dir, n))])
-        if existing and not overwrite:
-            raise ValueError(f"GrowPushPrune: {self.out_dir} holds a run already ({', '.join(existing)}); continue "
-                             f"it with resume=True (--resume), replace it with overwrite=True (--overwrite), or "
-                             f"choose another folder")
-        if gdist.rank() == 0:
-            for name in existing:
-                os.unlink(os.path.join(self.out_dir, name))
+        self.folder.start_fresh(overwrite)
         self.state = _State(run_id=uuid.uuid4().hex[:12])
 
     # ------------------------------------------------------------------------------------------------ run
@@ -432,7 +372,7 @@ class GrowPushPrune:
         if resume and overwrite:
             raise ValueError("GrowPushPrune.run: resume=True continues the folder's run and overwrite=True replaces "
                              "it; give one of them")
-        _on_lead(self._check_out_dir)
+        self.folder.check_writable()
         if not (resume and self._resume()):
             self._start_fresh(overwrite)
         started = time.perf_counter()
@@ -519,16 +459,19 @@ class GrowPushPrune:
         final_model = io.from_payload(chosen["model"], self.factory) if chosen else self.model
         final = chosen["metrics"] if chosen else base
         self.final_model = final_model
-        latency = None
+        latency = onnx_latency = None
         if gdist.rank() == 0 and self.state.base_model is not None:
-            latency = self.compare_latency(io.from_payload(self.state.base_model, self.factory), final_model)
-        latency = gdist.broadcast_object(latency)
+            base_model = io.from_payload(self.state.base_model, self.factory)
+            latency = self.compare_latency(base_model, final_model)
+            onnx_latency = self.compare_onnx_latency(base_model, final_model) if self.onnx_latency else None
+        latency, onnx_latency = gdist.broadcast_object((latency, onnx_latency))
         return {"run_id": self.state.run_id, "input_shape": list(self.splits.input_shape), "dataset": self.splits.name,
                 "num_classes": self.splits.num_classes, "config": asdict(cfg), "base": base, "final": final,
                 "growth": self.state.growth, "iterations": self.state.iterations, "stopped": self.state.stopped,
                 "accuracy_first": self.state.best_accuracy["metrics"] if self.state.best_accuracy else None,
                 "size_first": self.state.best_size["metrics"] if self.state.best_size else None,
-                "latency": latency, "seconds": time.perf_counter() - started}
+                "latency": latency, "onnx_latency": onnx_latency, "preprocessing": self.splits.preprocessing,
+                "seconds": time.perf_counter() - started}
 
     def compare_latency(self, base: nn.Module, compact: nn.Module) -> dict:
         """Base and compact model timed interleaved in one window (`training.compare_latency`), at batch 1 and
@@ -538,19 +481,19 @@ class GrowPushPrune:
                 for batch, repeats in ((1, 20), (64, 3))}
 
 
-def _on_lead(fn):
-    """`fn()` computed on rank 0 and shared with every process; a `ValueError` there is raised everywhere (so a
-    refusal stops the whole job instead of leaving the other processes waiting)."""
-    result = None
-    if gdist.rank() == 0:
+    def compare_onnx_latency(self, base: nn.Module, compact: nn.Module) -> dict:
+        """Base and compact model in ONNX Runtime on the CPU, timed interleaved at batch 1 and 64
+        (`export.compare_onnx_latency`): `{"b1": ..., "b64": ...}`, or `{"skipped": why}` when onnx, onnxscript
+        or onnxruntime is not installed or a model does not export (the run itself is not affected)."""
+        from . import export
+
         try:
-            result = fn()
-        except ValueError as error:
-            result = error
-    result = gdist.broadcast_object(result)
-    if isinstance(result, ValueError):
-        raise result
-    return result
+            export.check_onnx_available()
+            return export.compare_onnx_latency({"base": base, "compact": compact}, self.splits.input_shape)
+        except ImportError as error:
+            return {"skipped": str(error)}
+        except Exception as error:  # an op the exporter lacks must not lose a finished run
+            return {"skipped": f"export failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"}
 
 
 def _reached(cfg: LoopConfig, metrics: dict, base: dict) -> bool:

@@ -19,6 +19,13 @@ def _speed(ratio: float) -> str:
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
+def _change(ratio: dict) -> str:
+    """A speed-up's median with its range over the rounds, both in the direction the median reads."""
+    low, high = ratio["min"], ratio["max"]
+    spread = f"{low:.2f}-{high:.2f}x" if ratio["median"] >= 1 else f"{1 / high:.2f}-{1 / low:.2f}x"
+    return f"{_speed(ratio['median'])} ({spread})"
+
+
 def _latency_rows(report: dict) -> list:
     """Latency rows: from the interleaved timing of base and compact (`report["latency"]`, each model's median
     over the rounds, the speed-up's median and range, and a warning when the rounds disagree), else from the
@@ -29,7 +36,7 @@ def _latency_rows(report: dict) -> list:
         t = timed.get(f"b{batch}")
         if t:
             ratio = t["ratio"]
-            change = f"{_speed(ratio['median'])} ({ratio['min']:.2f}-{ratio['max']:.2f}x)"
+            change = _change(ratio)
             if not ratio["reliable"]:
                 change += "; unreliable: the machine was busy, the rounds disagree"
             rows.append((f"latency b={batch} (ms)", f"{t['base']['median_ms']:.{digits}f}",
@@ -40,11 +47,20 @@ def _latency_rows(report: dict) -> list:
             before, after = report["base"][key], report["final"][key]
             rows.append((f"latency b={batch} (ms)", f"{before:.{digits}f}", f"{after:.{digits}f}",
                          _speed(before / max(after, 1e-12)) + " (timed apart)"))
+    onnx = report.get("onnx_latency") or {}
+    for batch, digits in ((1, 3), (64, 2)):
+        t = onnx.get(f"b{batch}")
+        if t:
+            ratio = t["ratio"]
+            rows.append((f"ONNX Runtime b={batch} (ms)", f"{t['base']['median_ms']:.{digits}f}",
+                         f"{t['compact']['median_ms']:.{digits}f}",
+                         _change(ratio)))
     return rows
 
 
 def summary_table(report: dict) -> str:
-    """Base against compact: parameters, FLOPs, test accuracy, CPU latency (batch 1 and 64)."""
+    """Base against compact: parameters, FLOPs, test accuracy, CPU latency (batch 1 and 64) in eager PyTorch
+    and, when it was measured, in ONNX Runtime."""
     base, final = report["base"], report["final"]
     rows = [("params", f"{base['params']:,}", f"{final['params']:,}", f"{final['params'] / base['params']:.1%}"),
             ("FLOPs", f"{base['flops']:,}", f"{final['flops']:,}", f"{final['flops'] / base['flops']:.1%}"),

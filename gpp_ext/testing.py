@@ -114,3 +114,32 @@ def run_processes(fn, world_size: int, *args, backend: str = "gloo", timeout: fl
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def digits_image_folder(folder, per_class: int | None = None, size: int = 16, layout: str = "flat",
+                        rgb: bool = False) -> str:
+    """Writes scikit-learn's 8x8 digits as PNG files, one sub-folder per class (`folder/<digit>/<i>.png`; with
+    `layout="splits"`, `folder/train/<digit>/` and `folder/test/<digit>/`, a fifth of each class in test),
+    upscaled to `size` pixels: a small, real image folder for trying `--data imagefolder:` and for the tests.
+    Returns the folder. `per_class` caps the images written per class (default: all, ~180)."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if layout not in ("flat", "splits"):
+        raise ValueError(f"digits_image_folder: layout must be 'flat' or 'splits', got {layout!r}")
+    data = load_digits()
+    images = (data.images * (255.0 / 16.0)).round().astype(np.uint8)
+    folder = os.fspath(folder)
+    for digit in range(10):
+        index = np.flatnonzero(data.target == digit)[:per_class]
+        cut = len(index) - max(1, len(index) // 5)
+        for k, i in enumerate(index):
+            split = ("train" if k < cut else "test") if layout == "splits" else ""
+            target = os.path.join(folder, split, str(digit))
+            os.makedirs(target, exist_ok=True)
+            im = Image.fromarray(images[i], mode="L").resize((size, size), Image.NEAREST)
+            (im.convert("RGB") if rgb else im).save(os.path.join(target, f"{i:04d}.png"))
+    return folder

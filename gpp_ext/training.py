@@ -78,8 +78,8 @@ def training_batches(dataset, batch_size: int, seed: int, balanced: bool = False
 def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_decay: float = 1e-4,
         batch_size: int = 128, seed: int = 0, push=None, penalty=None, teacher: nn.Module | None = None,
         distill: float = 0.0, temperature: float = 4.0, lr_schedule: str = "constant", after_step=None,
-        after_backward=None,
-        device="cpu", progress: bool = False, desc: str = "training") -> nn.Module:
+        after_backward=None, device="cpu", amp: bool = False, progress: bool = False,
+        desc: str = "training") -> nn.Module:
     """Trains `model` on `dataset` with AdamW and returns it in eval mode (it is trained in place).
 
     Args:
@@ -101,6 +101,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         after_backward: `after_backward(model)`, called between the backward pass and the optimiser step (e.g. a
             regulariser that edits gradients, as Torch-Pruning's sparse-learning pruners do).
         device: where the model trains.
+        amp: mixed precision on CUDA: the forward passes run under bfloat16 autocast (no loss scaling needed);
+            the losses, the push statistics (float64) and the weights stay in float32. CUDA only.
         progress: a progress bar per epoch (on terminals only).
         desc: the bar's label.
 
@@ -116,6 +118,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
                          f"{temperature}")
     if distill > 0 and teacher is None:
         raise ValueError("fit: distill > 0 needs a teacher model")
+    if amp and torch.device(device).type != "cuda":
+        raise ValueError(f"fit: amp (mixed precision) needs a CUDA device, got device={device!r}")
     if epochs <= 0:
         return model
     torch.manual_seed(seed)  # dropout and any other global draws
@@ -139,9 +143,11 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
             for x, y in bar:
                 x, y = x.to(device), y.to(device)
                 opt.zero_grad(set_to_none=True)
-                logits = net(x)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    logits = net(x)
+                logits = logits.float()
                 if push is not None:
-                    loss = push(logits, tap.features, y)
+                    loss = push(logits, tap.features.float(), y)
                 elif distributed:  # this process's share of the global batch mean (see loss_scale)
                     loss = F.cross_entropy(logits, y, reduction="sum") * gdist.loss_scale(y.shape[0])
                 else:
@@ -149,8 +155,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
                 if penalty is not None:
                     loss = loss + penalty(model)
                 if teacher is not None and distill > 0:
-                    with torch.no_grad():
-                        target = F.softmax(teacher(x) / temperature, dim=1)
+                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                        target = F.softmax(teacher(x).float() / temperature, dim=1)
                     kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, reduction="sum")
                     kd = kd * (gdist.loss_scale(y.shape[0]) if distributed else 1.0 / max(y.shape[0], 1))
                     loss = loss + distill * temperature ** 2 * kd

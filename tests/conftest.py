@@ -1,5 +1,9 @@
 import os
 
+# A finished loop run exports and times base and compact model in ONNX Runtime (a few seconds each): off for the
+# suite's many short runs; the tests of that measurement (test_readme's own-model commands, test_loop) turn it on.
+os.environ.setdefault("GPP_EXT_ONNX_LATENCY", "0")
+
 import pytest
 import torch
 

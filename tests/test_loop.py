@@ -96,7 +96,7 @@ def test_cli_help_errors_and_missing_data(tmp_path):
     out = gpp("compress", "--target-params", "2")
     assert out.returncode == 2 and "must be in (0, 1]" in out.stderr
     out = gpp("compress", "--model", "alexnet")
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+    assert out.returncode == 2 and "--model 'alexnet': not a built-in model and no such file" in out.stderr
     out = gpp("compress", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert out.returncode == 1 and "apt-get install dataset-fashion-mnist" in out.stderr
     out = gpp("report", str(tmp_path))

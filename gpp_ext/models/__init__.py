@@ -20,20 +20,24 @@ from torch import nn
 from .inception import InceptionModule, InceptionNet
 from .lenet import LeNet5
 from .resnet import BasicBlock, ResNet, ResNet20
+from .sources import build_source, load_weights, spec_of
 from .vgg import VGGSmall
 
 MODELS = {"lenet5": LeNet5, "vgg": VGGSmall, "inception": InceptionNet, "resnet20": ResNet20}
 
-__all__ = ["MODELS", "build", "LeNet5", "VGGSmall", "InceptionModule", "InceptionNet", "BasicBlock", "ResNet",
+__all__ = ["MODELS", "build", "build_source", "spec_of", "load_weights", "LeNet5", "VGGSmall", "InceptionModule", "InceptionNet", "BasicBlock", "ResNet",
            "ResNet20"]
 
 
 def build(name: str, **kwargs) -> nn.Module:
-    """A fresh model from the registry: `build("vgg", widths=[16, "M", 32, "M"])`.
+    """A fresh model from the registry: `build("vgg", widths=[16, "M", 32, "M"])`, or from a source
+    (`build("torchvision:resnet18", num_classes=10)`, `build("net.py:make")`; see `gpp_ext.models.sources`).
 
-    `build(spec["name"], **spec["kwargs"])` rebuilds the architecture of `model.spec()` (weights are not
+    `build(spec["name"], **spec["kwargs"])` rebuilds the architecture of `spec_of(model)` (weights are not
     part of a spec). Unknown names raise ValueError listing the known ones.
     """
+    if ":" in name:
+        return build_source(name, kwargs=kwargs)
     if name not in MODELS:
         raise ValueError(f"build: unknown model name {name!r}; known models: {', '.join(sorted(MODELS))}")
     return MODELS[name](**kwargs)

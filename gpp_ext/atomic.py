@@ -1,0 +1,97 @@
+"""Files written atomically and read with clear errors: what every output of gpp_ext goes through.
+
+A file is written to a temporary file in its folder (named `.tmp-<pid>-...`, so the writer is known), then
+renamed onto its path: a reader never sees half a file, and a crash leaves the previous version. The temporary
+files of writers that were killed are removed by the next write in that folder. `read` loads a torch file with
+`weights_only=True` (no code runs from it) and turns torch's many reader errors for a damaged or cut-short file
+into one `ValueError` that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+__all__ = ["write_atomic", "save_atomic", "write_text_atomic", "read"]
+
+_TMP = ".tmp-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale(folder: str) -> None:
+    """Removes the temporary files (`.tmp-<pid>-...`) that writers which no longer run left in `folder`."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_TMP):
+            continue
+        pid = name[len(_TMP):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def write_atomic(path, write) -> None:
+    """Calls `write(tmp_path)`, then renames the temporary file onto `path`: readers never see half a file.
+    Temporary files left in the folder by writers that were killed are removed first."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    _remove_stale(folder)
+    # keep the extension: torch.save names its archive after the file, and a bare ".tmp-x" name is refused
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_TMP}{os.getpid()}-",
+                               suffix=os.path.splitext(path)[1] or ".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_atomic(obj, path) -> None:
+    """`torch.save(obj, path)` through a temporary file and a rename."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Writes a text file through a temporary file and a rename."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_atomic(path, write)
+
+
+def read(path, where: str, what: str = "", hint: str = "") -> object:
+    """`torch.load(path, weights_only=True)` on the CPU, with a damaged or cut-short file turned into a
+    `ValueError` from `where` naming it (`what` it is, and a `hint` on what to do) instead of torch's reader
+    errors."""
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        # torch reports a cut-short archive as OSError (EINVAL) or RuntimeError, an empty file as EOFError
+        raise ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is damaged or incomplete "
+                         f"(e.g. a copy that was cut short){hint} ({type(error).__name__}: {error})") from error
