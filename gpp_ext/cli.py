@@ -292,6 +292,8 @@ def _compress_run(args, device, config_overrides=None) -> int:
     if amp and device.type != "cuda":
         raise ValueError(f"--amp: mixed precision needs a CUDA device (--device {device})")
     _check_model_source(args.model)  # before the data are read (an image folder takes a while)
+    if getattr(args, "weights", None) and not os.path.isfile(args.weights):
+        raise FileNotFoundError(f"--weights: no file {args.weights}")
     splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=args.seed,
                                image_size=getattr(args, "image_size", None), channels=getattr(args, "channels", None),
                                normalize=getattr(args, "image_norm", "unit"), progress=not args.quiet)

@@ -73,3 +73,15 @@ def test_export_refuses_bad_input(compact, tmp_path):
     with pytest.raises(ValueError, match="opset must be"):
         export.to_onnx(model, tmp_path / "x.onnx", (1, 8, 8), opset=99)
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_compare_onnx_latency_times_both_models_interleaved(compact):
+    base = models.build("lenet5", in_channels=1, num_classes=10, input_size=8)
+    timed = export.compare_onnx_latency({"base": base, "compact": compact[1]}, (1, 8, 8), batches=(1, 4), rounds=2,
+                                        repeats=2)
+    assert set(timed) == {"b1", "b4"}
+    for t in timed.values():
+        assert t["base"]["median_ms"] > 0 and t["compact"]["min_ms"] <= t["compact"]["max_ms"]
+        assert t["ratio"]["min"] <= t["ratio"]["median"] <= t["ratio"]["max"]
+    with pytest.raises(ValueError, match="at least one model"):
+        export.compare_onnx_latency({}, (1, 8, 8))

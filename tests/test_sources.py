@@ -130,6 +130,7 @@ def _gpp(*args, cwd=None):
     (["--model", "{net}:make_net", "--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
     (["--model", "{net}:make_net", "--round-to", "0"], "round_to must be an int >= 1"),
     (["--model", "missing.py:make"], "--model 'missing.py:make': no file missing.py"),
+    (["--model", "{net}:make_net", "--weights", "nowhere.pth"], "--weights: no file nowhere.pth"),
 ])
 def test_cli_model_options_are_checked_before_training(net_file, tmp_path, args, match):
     out = _gpp("compress", *[a.format(net=net_file) for a in args], "--out", str(tmp_path / "o"), "--epochs", "50")
