@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import io
+from .training import time_interleaved
 
 __all__ = ["to_onnx", "to_torchscript", "onnx_latency_ms", "compare_onnx_latency", "check_onnx_available"]
 
@@ -187,8 +188,9 @@ def compare_onnx_latency(models: dict, input_shape, batches=(1, 64), rounds: int
     `training.compare_latency` for eager PyTorch), at each batch size in `batches`.
 
     Each model is exported (dynamic batch, checked against PyTorch) to a temporary folder that is removed
-    afterwards. Returns `{"b1": {name: {"median_ms", "min_ms", "max_ms"}, ..., "ratio": {...}}, ...}`; with two
-    models `ratio` is the first's time over the second's (`{"median", "min", "max"}` over the rounds).
+    afterwards, and the sessions are timed by `training.time_interleaved`. Returns `{"b1": {name: {"median_ms",
+    "min_ms", "max_ms"}, ..., "ratio": {...}}, ...}`; with two models `ratio` is the first's time over the
+    second's (`{"median", "min", "max", "reliable"}` over the rounds).
     """
     if not models or rounds < 1 or repeats < 1:
         raise ValueError("compare_onnx_latency: give at least one model, rounds >= 1 and repeats >= 1")
@@ -203,24 +205,7 @@ def compare_onnx_latency(models: dict, input_shape, batches=(1, 64), rounds: int
             sessions[name] = (session, session.get_inputs()[0].name)
         for batch in batches:
             x = torch.randn(batch, *shape).numpy()
-            for session, input_name in sessions.values():  # warm-up
-                for _ in range(2):
-                    session.run(None, {input_name: x})
-            per_round = {name: [] for name in sessions}
-            order = list(sessions)
-            for r in range(rounds):
-                for name in (order if r % 2 == 0 else order[::-1]):
-                    session, input_name = sessions[name]
-                    times = []
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        session.run(None, {input_name: x})
-                        times.append((time.perf_counter() - start) * 1e3)
-                    per_round[name].append(statistics.median(times))
-            timed = {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)}
-                     for name, t in per_round.items()}
-            if len(order) == 2:
-                ratios = [a / max(b, 1e-9) for a, b in zip(*(per_round[n] for n in order))]
-                timed["ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-            out[f"b{batch}"] = timed
+            out[f"b{batch}"] = time_interleaved(
+                {name: (lambda s=session, n=input_name: s.run(None, {n: x})) for name, (session, input_name)
+                 in sessions.items()}, rounds, repeats)
     return out

@@ -26,21 +26,25 @@ def _change(ratio: dict) -> str:
     return f"{_speed(ratio['median'])} ({spread})"
 
 
+def _timed_row(label: str, t: dict, digits: int) -> tuple:
+    """A row of base and compact timed interleaved: each one's median, the speed-up's median and range, and a
+    warning when the rounds disagree (older reports carry no "reliable" flag for ONNX Runtime)."""
+    change = _change(t["ratio"])
+    if not t["ratio"].get("reliable", True):
+        change += "; unreliable: the machine was busy, the rounds disagree"
+    return (label, f"{t['base']['median_ms']:.{digits}f}", f"{t['compact']['median_ms']:.{digits}f}", change)
+
+
 def _latency_rows(report: dict) -> list:
-    """Latency rows: from the interleaved timing of base and compact (`report["latency"]`, each model's median
-    over the rounds, the speed-up's median and range, and a warning when the rounds disagree), else from the
-    per-model figures measured at different moments (older reports)."""
+    """Latency rows: eager PyTorch from the interleaved timing of base and compact (`report["latency"]`), else
+    from the per-model figures measured at different moments (older reports); then ONNX Runtime's
+    (`report["onnx_latency"]`) when it was measured."""
     rows = []
     timed = report.get("latency") or {}
     for batch, digits in ((1, 3), (64, 2)):
         t = timed.get(f"b{batch}")
         if t:
-            ratio = t["ratio"]
-            change = _change(ratio)
-            if not ratio["reliable"]:
-                change += "; unreliable: the machine was busy, the rounds disagree"
-            rows.append((f"latency b={batch} (ms)", f"{t['base']['median_ms']:.{digits}f}",
-                         f"{t['compact']['median_ms']:.{digits}f}", change))
+            rows.append(_timed_row(f"latency b={batch} (ms)", t, digits))
             continue
         key = f"latency_ms_b{batch}"
         if key in report["base"] and key in report["final"]:
@@ -48,13 +52,8 @@ def _latency_rows(report: dict) -> list:
             rows.append((f"latency b={batch} (ms)", f"{before:.{digits}f}", f"{after:.{digits}f}",
                          _speed(before / max(after, 1e-12)) + " (timed apart)"))
     onnx = report.get("onnx_latency") or {}
-    for batch, digits in ((1, 3), (64, 2)):
-        t = onnx.get(f"b{batch}")
-        if t:
-            ratio = t["ratio"]
-            rows.append((f"ONNX Runtime b={batch} (ms)", f"{t['base']['median_ms']:.{digits}f}",
-                         f"{t['compact']['median_ms']:.{digits}f}",
-                         _change(ratio)))
+    rows += [_timed_row(f"ONNX Runtime b={batch} (ms)", onnx[f"b{batch}"], digits)
+             for batch, digits in ((1, 3), (64, 2)) if onnx.get(f"b{batch}")]
     return rows
 
 

@@ -224,17 +224,27 @@ def compare_latency(models: dict, input_shape, batch: int, rounds: int = 7, repe
         raise ValueError("compare_latency: give at least one model, rounds >= 1 and repeats >= 1")
     copies = {name: copy.deepcopy(m).cpu().eval() for name, m in models.items()}
     x = torch.randn(batch, *input_shape)
-    for m in copies.values():  # warm-up: allocator, kernels picked, caches
+    return time_interleaved({name: (lambda m=m: m(x)) for name, m in copies.items()}, rounds, repeats, unreliable)
+
+
+def time_interleaved(runs: dict, rounds: int = 7, repeats: int = 10, unreliable: float = 1.3) -> dict:
+    """Times the callables `runs` (`{name: fn}`) interleaved in one window: each is warmed up twice, then in
+    each of `rounds` rounds (order alternating) run `repeats` times; a round's figure is the median of its runs.
+    Returns what `compare_latency` describes (`{name: {"median_ms", "min_ms", "max_ms"}}`, and "ratio" for two
+    callables). The one timer behind eager and ONNX Runtime comparisons."""
+    if not runs or rounds < 1 or repeats < 1:
+        raise ValueError("time_interleaved: give at least one callable, rounds >= 1 and repeats >= 1")
+    for fn in runs.values():  # warm-up: allocator, kernels picked, caches
         for _ in range(2):
-            m(x)
-    per_round = {name: [] for name in copies}
-    order = list(copies)
+            fn()
+    per_round = {name: [] for name in runs}
+    order = list(runs)
     for r in range(rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
-            m, times = copies[name], []
+            fn, times = runs[name], []
             for _ in range(repeats):
                 start = time.perf_counter()
-                m(x)
+                fn()
                 times.append((time.perf_counter() - start) * 1e3)
             per_round[name].append(statistics.median(times))
     out = {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)}

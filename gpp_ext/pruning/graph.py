@@ -803,8 +803,10 @@ class ChannelGraph:
         pruning a channel removes from each tensor is exactly `index[channel]` along `dim`.
         """
         self.group(name)  # a KeyError for an unknown group
+        entries = [(module, role, lay, _ROLE_TENSORS[role]) for module, role, lay in self._tables()]
+        entries += [(module, "scale", lay, ((attr, dim),)) for (module, attr), (lay, dim) in self._scales.items()]
         found = []
-        for module, role, lay in self._tables():
+        for module, role, lay, tensors in entries:
             positions, member = [], None
             for offset, seg, owner in self._segments(lay):
                 if owner != name:
@@ -816,19 +818,10 @@ class ChannelGraph:
                 continue
             index = torch.cat(positions, 1)
             m = self.modules[module]
-            for attr, dim in _ROLE_TENSORS[role]:
+            for attr, dim in tensors:
                 tensor = getattr(m, attr, None)
                 if isinstance(tensor, torch.Tensor):
                     found.append(ChannelParam(module, attr, dim, index, role, member, tensor))
-        for (module, attr), (lay, dim) in self._scales.items():
-            positions, member = [], None
-            for offset, seg, owner in self._segments(lay):
-                if owner == name:
-                    positions.append(torch.arange(seg.size).unsqueeze(1) * seg.block + torch.arange(seg.block) + offset)
-                    member = member or self._member(seg.root)
-            if positions:
-                found.append(ChannelParam(module, attr, dim, torch.cat(positions, 1), "scale", member,
-                                          getattr(self.modules[module], attr)))
         return found
 
     @torch.no_grad()
