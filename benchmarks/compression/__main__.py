@@ -130,6 +130,11 @@ def base_model(name: str, splits, args, seed: int, cache: Cache):
     return cache.get(stem, build, keep=True)
 
 
+def compact_path(folder: str, stem: str, kind: str, budget: float, method: str) -> str:
+    """Where a run's fine-tuned compact model is kept (under the cache folder, not committed)."""
+    return os.path.join(folder, "compact", f"{stem}-{kind}{budget:g}-{method.replace(':', '_')}.pt")
+
+
 def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str) -> dict:
     """One method's run: its preparation and cut, recalibration, fine-tuning with accuracy along the way."""
     started = time.perf_counter()
@@ -154,6 +159,8 @@ def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str) ->
 
     fit(cut, splits.train, remaining, lr=setup.lr, batch_size=setup.batch_size, seed=setup.seed + 17,
         lr_schedule="cosine", after_step=along)
+    # kept for the latency pass (`--latency`), which times every compact model of a budget in one window
+    gpp_ext.io.save(cut, compact_path(cache.folder, stem, setup.kind, setup.budget, method))
     example = torch.zeros(2, *splits.input_shape)
     return {"params": gpp_ext.count_params(cut), "flops": gpp_ext.count_flops(cut, example),
             "acc_end_of_prep": acc_prep, "acc_after_cut": acc_cut, "acc_after_recal": acc_recal, "ft_curve": curve,
