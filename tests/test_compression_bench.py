@@ -83,6 +83,32 @@ def test_render_only_redraws_from_the_records(harness, tmp_path):
     assert harness.main(["--smoke", "--data", "digits", "--render", "--out", str(empty / "c.json")]) == 1
 
 
+def test_latency_pass_times_the_kept_compact_models_in_one_window(harness, tmp_path):
+    code, out = smoke(harness, tmp_path, "--methods", "l1,random")
+    assert code == 0
+    kept = sorted((tmp_path / "cache" / "compact").glob("*.pt"))
+    assert [p.name for p in kept] == ["vgg-digits-smoke-seed0-params0.3-l1.pt",
+                                      "vgg-digits-smoke-seed0-params0.3-random.pt"]
+    before = json.loads(out.read_text())
+    kept[1].unlink()  # a compact model that is gone: its record keeps what it had
+    assert smoke(harness, tmp_path, "--latency")[0] == 0
+    records = json.loads(out.read_text())
+    timed = {r["method"]: r for r in records}
+    lat = timed["l1"]["latency"]
+    assert lat["models_in_window"] == 2  # the base and the one compact model left
+    for runtime in ("eager",) + (("onnxruntime",) if "onnxruntime" in lat else ()):
+        for b in (1, 64):
+            assert lat[runtime][f"b{b}_ms"] > 0 and lat[runtime][f"speedup_b{b}"] > 0
+    assert lat["eager"]["speedup_b64"] == pytest.approx(lat["base_ms"]["b64"] / lat["eager"]["b64_ms"])
+    assert "latency" not in timed["random"] and timed["random"] == before[1]
+    assert {k: v for k, v in timed["l1"].items() if k != "latency"} == before[0]  # nothing else changes
+    table = (tmp_path / "compression.md").read_text()
+    assert "## Speed of the compact models" in table
+    assert table.count(" *|") == 0 and table.count(" * |") == 1  # only random's latency is the in-run one
+    kept[0].unlink()
+    assert smoke(harness, tmp_path, "--latency")[0] == 1  # nothing left to time
+
+
 def test_resume_refuses_other_settings(harness, tmp_path):
     out = tmp_path / "compression.json"
     out.write_text(json.dumps([{"method": "l1", "model": "vgg", "dataset": "digits", "budget": 0.3, "seed": 0,

@@ -4,6 +4,7 @@
     python -m benchmarks.compression                   # LeNet-5 and VGG-BN, 3 seeds: many hours; run it in parts
     python -m benchmarks.compression --resume          # go on with an interrupted run (same settings)
     python -m benchmarks.compression --models vgg --seeds 0 --budgets 0.1 --methods gpp,l1
+    python -m benchmarks.compression --latency         # time the kept compact models (on a quiet machine)
 
 The protocol (harness version 3):
 1. One base model per (model, seed), trained to convergence with a cosine schedule and cached; the full mode
@@ -18,7 +19,11 @@ The protocol (harness version 3):
    recalibrated once after the cut. One-shot criteria spend the whole budget fine-tuning.
 4. Recorded per run: parameters, FLOPs, test accuracy at the end of the preparation, right after the cut, after
    recalibration, after 1/8, 1/4, 1/2 and 1 epoch of fine-tuning and at the end, validation accuracy at the
-   end, CPU latency at batch 1 and 64, the seconds it took, and every setting it depends on.
+   end, CPU latency at batch 1 and 64, the seconds it took, and every setting it depends on. The fine-tuned
+   compact model is kept under the cache folder (runs/compression/compact/).
+5. The latency pass (`--latency`, after the runs): per model and budget, the base and every kept compact model
+   timed interleaved in one window, eager PyTorch and ONNX Runtime, at batch 1 and 64; the tables report its
+   speed-ups over the base, since latencies measured inside each run depend on what else the machine did.
 
 Results are written after every run (atomically) to benchmarks/results/compression.json; the tables (.md) and
 the accuracy-vs-cost plot (.png) are rendered from all records at the end. Base models and budget-independent
@@ -46,7 +51,7 @@ from gpp_ext.io import write_text_atomic
 from gpp_ext.layers import is_batch_norm
 from gpp_ext.training import evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
 
-from . import methods, render
+from . import latency, methods, render
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
@@ -366,6 +371,44 @@ def _load(path, args, what) -> list:
     return records
 
 
+def _latency(args, stem: str, choices_path: str) -> int:
+    """The `--latency` pass over the records in `args.out` (see `latency.py`)."""
+    records, choices = _load(args.out, args, "record(s)"), _load(choices_path, args, "choice(s)")
+    records_of = [r for r in records if r["model"] in args.models]
+    if not records_of:
+        print(f"benchmarks.compression: no records of {args.models} in {args.out} to time", file=sys.stderr)
+        return 1
+    kept = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bases") if args.mode == "full" else None
+    cache = Cache(args.cache, True, kept)
+    shapes = {}
+
+    def input_shape_of(name):
+        if name not in shapes:
+            shapes[name] = data.load_dataset(args.data, seed=0).input_shape
+        return shapes[name]
+
+    def load_base(name):
+        stem0 = f"{name}-{args.data}-{args.mode}-seed0-base{args.base_epochs[name]}"
+        for folder in (cache.folder, kept):
+            path = os.path.join(folder or "", stem0 + ".pt")
+            if folder and os.path.exists(path):
+                return gpp_ext.io.load(path)
+        raise SystemExit(f"benchmarks.compression --latency: no base model {stem0}.pt in {cache.folder} or {kept}")
+
+    def path_of(r):
+        return compact_path(args.cache, f"{r['model']}-{args.data}-{args.mode}-seed{r['seed']}",
+                            r.get("budget_kind", "params"), r["budget"], r["method"])
+
+    def save(rs):
+        write_text_atomic(args.out, json.dumps(rs, indent=1) + "\n")
+
+    timed = latency.latency_pass(records_of, latency.compact_loader(path_of), load_base, input_shape_of,
+                                 machine=args.machine, commit=args.commit, save=lambda _: save(records))
+    print(f"benchmarks.compression: timed {timed} of {len(records_of)} record(s)' compact models", flush=True)
+    _render(records, choices, stem)
+    return 0 if timed else 1
+
+
 def _render(records, choices, stem) -> str:
     table = render.render(records, {"date": time.strftime("%Y-%m-%d %H:%M:%S")}, choices)
     write_text_atomic(stem + ".md", table)
@@ -390,6 +433,9 @@ def main(argv=None) -> int:
                         help="folder for the trained base and prepared models (default: runs/compression)")
     parser.add_argument("--render", action="store_true",
                         help="only render the tables and the plot from --out's records (e.g. while a run goes on)")
+    parser.add_argument("--latency", action="store_true",
+                        help="only time the kept compact models of --out's records, every budget's models and the "
+                             "base interleaved in one window (run it on a quiet machine), then render")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the test suite's tiny run
     args = parser.parse_args(argv)
     try:
@@ -433,6 +479,8 @@ def main(argv=None) -> int:
             return 1
         _render(records, choices, stem)
         return 0
+    if args.latency:
+        return _latency(args, stem, choices_path)
     records = _load(args.out, args, "record(s)") if args.resume else []
     choices = _load(choices_path, args, "choice(s)") if args.resume else []
     if records or choices:

@@ -183,7 +183,14 @@ def _slimming(model, setup: Setup):
 def hesso_saliency(graph, context) -> dict:
     """OTO's default HESSO saliency, per channel over the tensors that produce it: magnitude, average
     magnitude, cosine similarity of weights and gradient (+1), first- and second-order Taylor, each normalised
-    by its L2 norm over all channels of all groups and weighted 0.2."""
+    by its L2 norm over all channels of all groups and weighted 0.2.
+
+    As in OTO, the average magnitude divides a channel's norm by the number of weights that produce it, and the
+    removal set is the globally lowest-scored channels (OTO's `target_group_sparsity` picks the K lowest; a
+    parameter budget fixes K, and our threshold on the same scores picks the same set), with at least one
+    channel kept per group. A wide-input layer therefore scores lowest and, holding the most parameters per
+    channel, pays most of a parameter budget: at 25% of VGG-BN's parameters the hidden `fc` layer keeps 1 of its
+    256 neurons. That is the saliency's behaviour under a parameter budget, not a slip of this port."""
     model = graph.model
     inputs, labels = context.batch()
     was_training = model.training

@@ -41,6 +41,37 @@ def _ranked(by_method):
     return sorted(by_method.items(), key=lambda kv: -_mean(r["test_accuracy"] for r in kv[1]))
 
 
+def _latency_cell(rs) -> str:
+    passed = [r["latency"]["eager"] for r in rs if "latency" in r]
+    if passed:
+        return f"{statistics.median(p['b1_ms'] for p in passed):.3f} / {statistics.median(p['b64_ms'] for p in passed):.2f}"
+    return f"{_mean(r['latency_ms_b1'] for r in rs):.3f} / {_mean(r['latency_ms_b64'] for r in rs):.2f} *"
+
+
+def _speed(records) -> list:
+    """The speed-up of each method's compact models over the base, from the latency pass (median over seeds)."""
+    timed = [r for r in records if "latency" in r]
+    if not timed:
+        return []
+    runtimes = [k for k in ("eager", "onnxruntime") if any(k in r["latency"] for r in timed)]
+    heads = [f"{k} b{b}" for k in runtimes for b in (1, 64)]
+    lines = ["", "## Speed of the compact models", "",
+             "Speed-up over the base model timed in the same window (median over seeds; > 1 is faster), CPU, "
+             f"on {', '.join(sorted({r['latency']['machine'] for r in timed}))} (latency pass at commit(s) "
+             f"{', '.join(sorted({r['latency']['commit'] for r in timed}))}).", "",
+             "| model | budget | method | seeds timed | " + " | ".join(heads) + " |",
+             "|---|---:|---|---:|" + "---:|" * len(heads)]
+    for (model, kind, budget), by_method in _groups(timed).items():
+        for method, rs in _ranked(by_method):
+            cells = []
+            for k in runtimes:
+                for b in (1, 64):
+                    v = [r["latency"][k][f"speedup_b{b}"] for r in rs if k in r["latency"]]
+                    cells.append(f"{statistics.median(v):.2f}x" if v else "–")
+            lines.append(f"| {model} | {_budget(kind, budget)} | {method} | {len(rs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(records: list, meta: dict, sweeps: list = ()) -> str:
     """Markdown: how the numbers were made, who wins at each budget, every method with accuracy along the way,
     then the sweeps and the ablation made on validation."""
@@ -100,7 +131,11 @@ def render(records: list, meta: dict, sweeps: list = ()) -> str:
                          f"{cell(_mean(r['acc_end_of_prep'] for r in rs))} | {cell(_mean(r['acc_after_cut'] for r in rs))} | "
                          f"{cell(_mean(r['acc_after_recal'] for r in rs))} | {' | '.join(curve)} | "
                          f"{mean_std([r['test_accuracy'] for r in rs])} | "
-                         f"{_mean(r['latency_ms_b1'] for r in rs):.3f} / {_mean(r['latency_ms_b64'] for r in rs):.2f} |")
+                         f"{_latency_cell(rs)} |")
+    lines += ["", "Latency: CPU, eager PyTorch, median ms at batch 1 / 64, from the latency pass (`--latency`: "
+              "every compact model of a budget and the base timed interleaved in one window); * marks figures "
+              "measured inside the run instead, which depend on what else the machine was doing."]
+    lines += _speed(records)
     if sweeps:
         lines += ["", "## Choices made on validation (seed 0)", "",
                   "| model | budget | what | setting | val acc | test acc (not used to choose) | chosen |",
