@@ -63,16 +63,19 @@ THRESHOLDS = {"lenet5": 0.900, "vgg": 0.930}   # base test accuracy the full pro
 SWEEP_BUDGET = ("params", 0.1)                  # where the validation choices are made
 # GPP's knobs tried on validation: one or two push-cut-fine-tune iterations, the push's share of the epochs,
 # distillation from the model before the push, the width allocation across layers, the comparison of
-# utilities across layers with the fade's schedule, and the push terms' weights
+# utilities across layers with the fade's schedule, the push terms' weights, and when the fade reaches zero
 GPP_GRID = ({"iterations": 1, "push_share": 1 / 3}, {"iterations": 1, "push_share": 2 / 3},
             {"iterations": 2, "push_share": 1 / 2}, {"iterations": 1, "push_share": 1 / 3, "distill": 0.5},
             {"iterations": 1, "push_share": 1 / 3, "allocation": "uniform"},
             {"iterations": 1, "push_share": 1 / 3, "normalize": "none", "schedule": "linear"},
             {"iterations": 1, "push_share": 1 / 3, "normalize": "none", "schedule": "linear", "alpha": 0.0,
-             "beta": 0.0, "gamma": 0.0})
+             "beta": 0.0, "gamma": 0.0},
+            # the removal set at zero half-way through the push: the compact subnetwork then trains for the rest
+            # of it (at hard budgets a fade that ends with the push leaves the cut model far below the base)
+            {"iterations": 1, "push_share": 1 / 3, "normalize": "none", "schedule": "linear", "fade_end": 0.5})
 ABLATION = ({"reselect": 1}, {"terms": "toggle"}, {"schedule": "toggle"},
             {"criterion": "l1"}, {"distill": "toggle"}, {"iterations": "toggle"}, {"allocation": "toggle"},
-            {"normalize": "toggle"},
+            {"normalize": "toggle"}, {"fade_end": "toggle"},
             # raw L1 norms are not comparable across layers (deeper filters sum more inputs), so the fair swap of
             # the fade's driver to L1 also compares utilities within each layer
             {"criterion": "l1", "normalize": "mean"})
@@ -233,7 +236,8 @@ def _choose(args, model_name, splits, base, cache, choices, save_choices, stem) 
                              "allocation": "uniform" if variant.get("allocation", "global") == "global"
                              else "global",
                              "schedule": "linear" if variant.get("schedule", "cosine") == "cosine" else "cosine",
-                             "normalize": "none" if variant.get("normalize", "mean") == "mean" else "mean"}[k]
+                             "normalize": "none" if variant.get("normalize", "mean") == "mean" else "mean",
+                             "fade_end": 1.0 if variant.get("fade_end", 1.0) < 1 else 0.5}[k]
                         if k == "iterations":
                             variant["push_share"] = 1 / 2 if v == 2 else 1 / 3
                     variant[k] = v
