@@ -383,7 +383,6 @@ def _latency(args, stem: str, choices_path: str) -> int:
         print(f"benchmarks.compression: no records of {args.models} in {args.out} to time", file=sys.stderr)
         return 1
     kept = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bases") if args.mode == "full" else None
-    cache = Cache(args.cache, True, kept)
     shapes = {}
 
     def input_shape_of(name):
@@ -393,11 +392,10 @@ def _latency(args, stem: str, choices_path: str) -> int:
 
     def load_base(name):
         stem0 = f"{name}-{args.data}-{args.mode}-seed0-base{args.base_epochs[name]}"
-        for folder in (cache.folder, kept):
-            path = os.path.join(folder or "", stem0 + ".pt")
-            if folder and os.path.exists(path):
-                return gpp_ext.io.load(path)
-        raise SystemExit(f"benchmarks.compression --latency: no base model {stem0}.pt in {cache.folder} or {kept}")
+        for folder in (args.cache, kept):
+            if folder and os.path.exists(os.path.join(folder, stem0 + ".pt")):
+                return gpp_ext.io.load(os.path.join(folder, stem0 + ".pt"))
+        raise SystemExit(f"benchmarks.compression --latency: no base model {stem0}.pt in {args.cache} or {kept}")
 
     def path_of(r):
         return compact_path(args.cache, f"{r['model']}-{args.data}-{args.mode}-seed{r['seed']}",
