@@ -26,8 +26,18 @@ def _task(name, seed=0):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_once_faded_the_cut_changes_no_output(name):
+    _check_lossless(name)
+
+
+def test_a_fade_that_ends_early_stays_at_zero_while_the_rest_trains():
+    # the set reaches zero half-way; the second half trains the kept channels with the set held at zero
+    _check_lossless("vgg", schedule="linear", fade_end=0.5)
+
+
+def _check_lossless(name, **fade_options):
     model, x, data, classes = _task(name)
-    fade = RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.5, reselect=3, max_batches=2)
+    fade = RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.5, reselect=3, max_batches=2,
+                       **fade_options)
     push = PushLoss(classes, 0.3, 0.3, 0.05)
     fade.attach(push)
     fit(model, data, 1, batch_size=24, lr=1e-2, push=push, after_step=fade.step, seed=1)
