@@ -143,8 +143,10 @@ def compact_path(folder: str, stem: str, kind: str, budget: float, method: str) 
     return os.path.join(folder, "compact", f"{stem}-{kind}{budget:g}-{method.replace(':', '_')}.pt")
 
 
-def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str) -> dict:
-    """One method's run: its preparation and cut, recalibration, fine-tuning with accuracy along the way."""
+def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str, keep: bool = True) -> dict:
+    """One method's run: its preparation and cut, recalibration, fine-tuning with accuracy along the way.
+    `keep`: keep the compact model for the latency pass (a record's run; a validation trial keeps none, so it
+    never overwrites the model of the record with the same method and budget)."""
     started = time.perf_counter()
     splits = setup.splits
 
@@ -168,7 +170,8 @@ def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str) ->
     fit(cut, splits.train, remaining, lr=setup.lr, batch_size=setup.batch_size, seed=setup.seed + 17,
         lr_schedule="cosine", after_step=along)
     # kept for the latency pass (`--latency`), which times every compact model of a budget in one window
-    gpp_ext.io.save(cut, compact_path(cache.folder, stem, setup.kind, setup.budget, method))
+    if keep:
+        gpp_ext.io.save(cut, compact_path(cache.folder, stem, setup.kind, setup.budget, method))
     example = torch.zeros(2, *splits.input_shape)
     return {"params": gpp_ext.count_params(cut), "flops": gpp_ext.count_flops(cut, example),
             "acc_end_of_prep": acc_prep, "acc_after_cut": acc_cut, "acc_after_recal": acc_recal, "ft_curve": curve,
@@ -191,7 +194,7 @@ def _choose(args, model_name, splits, base, cache, choices, save_choices, stem) 
         key = (model_name, what, setting)
         if key not in done:
             setup = methods.Setup(splits, budget, kind, seed, args.epochs, args.prep_epochs, args.lr, knobs=knobs)
-            m = measure(method, base, setup, cache, stem)
+            m = measure(method, base, setup, cache, stem, keep=False)
             entry = {"model": model_name, "budget_kind": kind, "budget": budget, "seed": seed, "what": what,
                      "setting": setting, "knobs": knobs, "val_accuracy": m["val_accuracy"],
                      "test_accuracy": m["test_accuracy"], "acc_after_cut": m["acc_after_cut"],
