@@ -46,6 +46,7 @@ def test_harness_smoke(harness, tmp_path):
     assert one_shot["prep_epochs_used"] == 0 and one_shot["acc_end_of_prep"] == one_shot["base_test_accuracy"]
     choices = json.loads((tmp_path / "compression-choices.json").read_text())
     assert {c["what"] for c in choices} >= {"slimming reg", "gpp knobs", "gpp ablation"}
+    assert all(c["commit"] and c["machine"] for c in choices)  # every figure says where it was made
     assert all(sum(c.get("chosen", False) for c in choices if c["what"] == w) == 1
                for w in ("slimming reg", "gpp knobs"))
     # every method starts from the same reference and meets its budget

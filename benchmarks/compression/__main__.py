@@ -198,7 +198,8 @@ def _choose(args, model_name, splits, base, cache, choices, save_choices, stem) 
             entry = {"model": model_name, "budget_kind": kind, "budget": budget, "seed": seed, "what": what,
                      "setting": setting, "knobs": knobs, "val_accuracy": m["val_accuracy"],
                      "test_accuracy": m["test_accuracy"], "acc_after_cut": m["acc_after_cut"],
-                     "acc_end_of_prep": m["acc_end_of_prep"], **settings(args, model_name)}
+                     "acc_end_of_prep": m["acc_end_of_prep"], **settings(args, model_name),
+                     "commit": args.commit, "machine": args.machine}
             choices.append(entry)
             done[key] = entry
             save_choices(choices)
