@@ -130,7 +130,8 @@ class LoopConfig:
                              "schedule='budget' and cuts=1")
         if self.fade_schedule not in FADE_SCHEDULES or not 0 < self.fade_end <= 1 or self.fade_reselect < 1:
             raise ValueError(f"LoopConfig: fade_schedule must be one of {FADE_SCHEDULES}, fade_end in (0, 1] and "
-                             f"fade_reselect >= 1")
+                             f"fade_reselect >= 1, got fade_schedule={self.fade_schedule!r}, "
+                             f"fade_end={self.fade_end!r}, fade_reselect={self.fade_reselect!r}")
         if self.allocation not in ("global", "uniform"):
             raise ValueError(f"LoopConfig: allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.normalize not in ("mean", "none"):

@@ -129,6 +129,8 @@ def _gpp(*args, cwd=None):
     (["--model", "{net}:make_net", "--ignore", "9,features"], "--ignore: the model has no modules \\['9', 'features'\\]"),
     (["--model", "{net}:make_net", "--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
     (["--model", "{net}:make_net", "--round-to", "0"], "round_to must be an int >= 1"),
+    (["--model", "{net}:make_net", "--schedule", "budget", "--push", "fade", "--fade-end", "1.5"],
+     "fade_end in \\(0, 1\\].*fade_end=1.5"),
     (["--model", "missing.py:make"], "--model 'missing.py:make': no file missing.py"),
     (["--model", "{net}:make_net", "--weights", "nowhere.pth"], "--weights: no file nowhere.pth"),
 ])
