@@ -129,3 +129,27 @@ def test_bad_arguments_name_the_option(harness, tmp_path, capsys, argv, message)
     with pytest.raises(SystemExit):
         smoke(harness, tmp_path, *argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_choice_already_measured_under_another_name_is_reused_not_rerun(harness, tmp_path, monkeypatch):
+    # the second grid entry is the first with a default spelled out: the same run, so it is not measured again
+    first = dict(harness.GPP_GRID[0])
+    grid = (first, {**first, "alpha": harness.methods.GPP_DEFAULTS["alpha"]})
+    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "grid": grid, "ablation": ()})
+    measured = []
+    real = harness.measure
+
+    def counting(method, *args, **kwargs):
+        if kwargs.get("keep") is False:  # the validation trials
+            measured.append(method)
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "measure", counting)
+    code, _ = smoke(harness, tmp_path, "--methods", "gpp")
+    assert code == 0
+    assert measured == ["gpp"]
+    choices = [c for c in json.loads((tmp_path / "compression-choices.json").read_text()) if c["what"] == "gpp knobs"]
+    assert len(choices) == 2 and choices[1]["same_as"] == f"gpp knobs: {choices[0]['setting']}"
+    assert choices[1]["val_accuracy"] == choices[0]["val_accuracy"]
+    assert sum(c["chosen"] for c in choices) == 1
+    assert "(the run of gpp knobs: " in (tmp_path / "compression.md").read_text()

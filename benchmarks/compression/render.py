@@ -141,7 +141,8 @@ def render(records: list, meta: dict, sweeps: list = ()) -> str:
                   "| model | budget | what | setting | val acc | test acc (not used to choose) | chosen |",
                   "|---|---:|---|---|---:|---:|:---:|"]
         for s in sweeps:
-            lines.append(f"| {s['model']} | {_budget(s['budget_kind'], s['budget'])} | {s['what']} | {s['setting']} | "
+            setting = s["setting"] + (f" (the run of {s['same_as']})" if s.get("same_as") else "")
+            lines.append(f"| {s['model']} | {_budget(s['budget_kind'], s['budget'])} | {s['what']} | {setting} | "
                          f"{s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {'yes' if s.get('chosen') else ''} |")
     return "\n".join(lines) + "\n"
 
