@@ -201,8 +201,9 @@ def _choose(args, model_name, splits, base, cache, choices, save_choices, stem) 
             return None
         full = {**methods.GPP_DEFAULTS, **knobs}
         for c in choices:
-            if c["model"] == model_name and c["what"].startswith("gpp ") and (c["budget_kind"], c["budget"],
-                    c["seed"]) == (kind, budget, seed) and {**methods.GPP_DEFAULTS, **c["knobs"]} == full \
+            measured = c["what"].startswith("gpp ") and "same_as" not in c
+            same_place = (c["model"], c["budget_kind"], c["budget"], c["seed"]) == (model_name, kind, budget, seed)
+            if measured and same_place and {**methods.GPP_DEFAULTS, **c["knobs"]} == full \
                     and all(c.get(k) == v for k, v in settings(args, model_name).items()):
                 return c
         return None
