@@ -1,5 +1,5 @@
-"""Export for deployment: `gpp export` writes ONNX (run in ONNX Runtime, outputs matching PyTorch to 1e-4) and
-TorchScript (loaded back and compared), refuses bad input with a message, and keeps no unchecked file."""
+"""Export for deployment: `gpp export` writes ONNX (run in ONNX Runtime, outputs matching PyTorch to
+1e-4 + 1e-5 * max|output|) and TorchScript (loaded back and compared), refuses bad input with a message, and keeps no unchecked file."""
 
 import json
 import subprocess
@@ -73,6 +73,29 @@ def test_export_refuses_bad_input(compact, tmp_path):
     with pytest.raises(ValueError, match="opset must be"):
         export.to_onnx(model, tmp_path / "x.onnx", (1, 8, 8), opset=99)
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.pt").exists()
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, inner, factor):
+        super().__init__()
+        self.inner, self.factor = inner, factor
+
+    def forward(self, x):
+        return self.inner(x) * self.factor
+
+
+def test_export_tolerance_scales_with_the_outputs(compact, tmp_path, monkeypatch):
+    """Logits of order 1e4 move by more than 1e-4 when the exporter reorders float32 sums; that is rounding, not
+    a broken export, so the bound grows with max|output|. A difference above the bound still refuses the file."""
+    big = _Scaled(compact[1], 1e4).eval()
+    for write, name in ((export.to_onnx, "big.onnx"), (export.to_torchscript, "big.pt")):
+        done = write(big, tmp_path / name, (1, 8, 8))
+        assert done["max_abs_diff"] <= 1e-4 + 1e-5 * 1e4 * 50 and (tmp_path / name).exists()
+    # an exporter that moved the outputs by 1e-3 at scale 1 is refused, and no file is left
+    monkeypatch.setattr(export, "_difference", lambda *args: (1e-3, 1.0))
+    with pytest.raises(ValueError, match=r"rtol 1e-05 \* max\|output\| 1 = 0.00011"):
+        export.to_onnx(compact[1], tmp_path / "off.onnx", (1, 8, 8))
+    assert not (tmp_path / "off.onnx").exists()
 
 
 def test_compare_onnx_latency_times_both_models_interleaved(compact):
