@@ -1,5 +1,6 @@
 """Export for deployment: `gpp export` writes ONNX (run in ONNX Runtime, outputs matching PyTorch to
-1e-4 + 1e-5 * max|output|) and TorchScript (loaded back and compared), refuses bad input with a message, and keeps no unchecked file."""
+1e-4 + 1e-5 * max|output|) and TorchScript (loaded back and compared), refuses bad input with a message, and
+keeps no unchecked file."""
 
 import json
 import subprocess
