@@ -1,7 +1,9 @@
 """Files written atomically and read with clear errors: what every output of gpp_ext goes through.
 
 A file is written to a temporary file in its folder (named `.tmp-<pid>-...`, so the writer is known), then
-renamed onto its path: a reader never sees half a file, and a crash leaves the previous version. The temporary
+renamed onto its path: a reader never sees half a file, and a crash leaves the previous version. A write the
+disk refuses (no space, a size limit, a read-only or foreign folder) raises `OSError` naming the file, with no
+partial file left. The temporary
 files of writers that were killed are removed by the next write in that folder. `read` loads a torch file with
 `weights_only=True` (no code runs from it) and turns torch's many reader errors for a damaged or cut-short file
 into one `ValueError` that names it.
@@ -16,7 +18,7 @@ import zipfile
 
 import torch
 
-__all__ = ["write_atomic", "save_atomic", "write_text_atomic", "read"]
+__all__ = ["write_atomic", "write_stream_atomic", "write_to", "save_atomic", "write_text_atomic", "read"]
 
 _TMP = ".tmp-"
 
@@ -60,20 +62,75 @@ def write_atomic(path, write) -> None:
                                suffix=os.path.splitext(path)[1] or ".tmp")
     os.close(fd)
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are for everyone to read
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are for everyone to read
+            os.replace(tmp, path)
+        except OSError as error:  # no space, a size limit, a read-only disk: named by the file being written
+            if error.filename == path:
+                raise
+            raise OSError(error.errno, f"cannot write it: {error.strerror or error}", path) from error
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
+class _Sink:
+    """A binary file-like writer that keeps the `OSError` a failed write raised: torch's serialisers turn it into
+    a `RuntimeError` that says nothing of the disk ("unexpected pos ..."), so the caller re-raises the real one."""
+
+    def __init__(self, fd: int):
+        self.fd, self.error = fd, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:])
+        except OSError as error:
+            self.error = error
+            raise
+        return done
+
+    def flush(self) -> None:
+        pass
+
+
+def write_to(fd: int, dump) -> None:
+    """`dump(f)` with `f` a binary file-like writer on the open descriptor `fd`, then synced to the disk; a write
+    the disk refused raises its `OSError`, whatever the serialiser made of it."""
+    sink = _Sink(fd)
+    try:
+        dump(sink)
+    except OSError:
+        raise
+    except Exception:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
+    os.fsync(fd)
+
+
+def write_stream_atomic(path, dump) -> None:
+    """`dump(f)` into a binary file-like `f`, through a temporary file and a rename (as `write_atomic`); a write
+    that fails for the disk's sake (full, a size limit, read-only) raises that `OSError`, naming `path`."""
+    def write(tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            write_to(fd, dump)
+        finally:
+            os.close(fd)
+
+    write_atomic(path, write)
+
+
 def save_atomic(obj, path) -> None:
     """`torch.save(obj, path)` through a temporary file and a rename."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    write_stream_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
+from .export import OPSETS
 from .pruning import criteria
 
 __all__ = ["main"]
@@ -31,11 +33,33 @@ DATA_HELP = ("fashion-mnist, digits, imagefolder:DIR (one sub-folder per class, 
 DEMO_OUT = os.path.join("runs", "demo")
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite `kind` (int or float) in the given range; anything else is refused by argparse
+    (exit 2) with a message naming the option, before any data is read or model built."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        bad = not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) \
+            or (high is not None and (value >= high if high_open else value > high))
+        if bad:
+            lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+            hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+            where = f"in {lo}, {hi}" if lo and hi else (f">{'' if low_open else '='} {low}" if lo else
+                                                       f"<{'' if high_open else '='} {high}")
+            raise argparse.ArgumentTypeError(f"must be a finite {'integer' if kind is int else 'number'} {where}, "
+                                             f"got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_fraction = _number(float, 0, 1, low_open=True)
+_count = _number(int, 0)           # epochs, seeds: >= 0
+_positive = _number(int, 1)        # sizes, iterations: >= 1
+_epochs = _number(float, 0)        # fractions of an epoch allowed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,15 +72,20 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--model", default="lenet5", help=MODEL_HELP)
     compress.add_argument("--model-args", default=None, help="JSON object of keyword arguments for the model's "
                           "factory, e.g. '{\"width\": 32}' (recorded, so the saved model rebuilds)")
-    compress.add_argument("--num-classes", type=int, default=None, help="outputs of the model's head (default: the "
+    compress.add_argument("--num-classes", type=_number(int, 2), default=None, help="outputs of the model's head (default: the "
                           "data's classes; a --weights head of another size is re-initialised)")
+    compress.add_argument("--trust-model-code", action="store_true", help="--model FILE.pt: rebuild it by running the "
+                          "factory code its record names (a .py file or module); without this, a model file naming code "
+                          "is refused, since a model file is data and runs nothing on its own")
+    compress.add_argument("--factory", default=None, help="--model FILE.pt: rebuild it with this factory "
+                          "(path/to/file.py:factory or package.module:factory), called with the recorded arguments")
     compress.add_argument("--weights", default=None, help="a local state-dict file to start from (nothing is "
                           "downloaded); every tensor must fit except the head's")
     compress.add_argument("--ignore", default=None, help="comma-separated module names the channel graph leaves "
                           "untouched (what an error about an op it cannot handle asks for)")
     compress.add_argument("--data", default="digits", help=DATA_HELP + " (local files only)")
     compress.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    compress.add_argument("--image-size", type=int, default=None, help="imagefolder: resize images to this square "
+    compress.add_argument("--image-size", type=_positive, default=None, help="imagefolder: resize images to this square "
                           "size (default: keep; all images must then have one size)")
     compress.add_argument("--channels", type=int, choices=(1, 3), default=None, help="imagefolder: 1 (grayscale) or "
                           "3 (RGB) (default: 3, or 1 when the images are grayscale)")
@@ -71,20 +100,21 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--target-params", type=_fraction, default=0.1, help="stop at this fraction of the "
                           "base model's parameters")
     compress.add_argument("--target-flops", type=_fraction, default=None, help="also reach this fraction of FLOPs")
-    compress.add_argument("--accuracy-floor", type=float, default=0.02, help="largest drop of validation accuracy "
+    compress.add_argument("--accuracy-floor", type=_number(float, 0, 1, high_open=True), default=0.02, help="largest drop of validation accuracy "
                           "(a fraction) the compact model may show")
-    compress.add_argument("--epochs", type=int, default=5, help="initial training epochs")
-    compress.add_argument("--push-epochs", type=int, default=1, help="push epochs per iteration")
-    compress.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per iteration")
-    compress.add_argument("--max-iterations", type=int, default=8, help="push-prune-fine-tune iterations at most")
-    compress.add_argument("--batch-size", type=int, default=128)
-    compress.add_argument("--lr", type=float, default=2e-3)
+    compress.add_argument("--epochs", type=_count, default=5, help="initial training epochs")
+    compress.add_argument("--push-epochs", type=_epochs, default=1, help="push epochs per iteration")
+    compress.add_argument("--finetune-epochs", type=_epochs, default=2, help="fine-tuning epochs per iteration")
+    compress.add_argument("--max-iterations", type=_positive, default=8, help="push-prune-fine-tune iterations at most")
+    compress.add_argument("--batch-size", type=_positive, default=128)
+    compress.add_argument("--lr", type=_number(float, 0, low_open=True), default=2e-3,
+                          help="learning rate (a finite number > 0)")
     compress.add_argument("--criterion", choices=criteria.names(), default="lda",
                           help="channel utility (registered criteria; `gpp criteria` describes them)")
     compress.add_argument("--schedule", choices=("eta", "budget"), default="eta",
                           help="eta: each iteration prunes below a threshold raised every iteration; budget: "
                           "iteration i of --max-iterations keeps target-params**(i/n) of the base parameters")
-    compress.add_argument("--cuts", type=int, default=1, help="cuts per prune stage, each analysed afresh "
+    compress.add_argument("--cuts", type=_positive, default=1, help="cuts per prune stage, each analysed afresh "
                           "(--schedule budget)")
     compress.add_argument("--allocation", choices=("global", "uniform"), default="global",
                           help="--schedule budget: one threshold on utilities across layers (global), or the "
@@ -92,29 +122,29 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--normalize", choices=("mean", "none"), default="mean",
                           help="--schedule budget, global allocation: compare utilities divided by their layer's "
                           "mean, or as they are (the traced discriminant utility is comparable across layers)")
-    compress.add_argument("--round-to", type=int, default=1, help="keep every pruned width a multiple of this: "
+    compress.add_argument("--round-to", type=_positive, default=1, help="keep every pruned width a multiple of this: "
                           "odd widths can make a smaller model slower in ONNX Runtime and oneDNN, whose kernels work "
                           "on blocks of 8 or 16 channels")
     compress.add_argument("--push", choices=("loss", "fade", "none"), default="loss",
                           help="loss: push terms on the pre-decision features; fade: the removal set of each cut "
                           "fades to exactly zero during the push, so the cut is lossless (needs --schedule budget); "
                           "none: plain cross-entropy")
-    compress.add_argument("--epoch-budget", type=float, default=None,
+    compress.add_argument("--epoch-budget", type=_epochs, default=None,
                           help="all training after the base, in epochs, split evenly over --max-iterations "
                           "(replaces --push-epochs and --finetune-epochs)")
-    compress.add_argument("--push-share", type=float, default=0.5, help="with --epoch-budget: the push's share of "
+    compress.add_argument("--push-share", type=_number(float, 0, 1), default=0.5, help="with --epoch-budget: the push's share of "
                           "each iteration")
-    compress.add_argument("--fade-reselect", type=int, default=4, help="--push fade: selections of the removal "
+    compress.add_argument("--fade-reselect", type=_positive, default=4, help="--push fade: selections of the removal "
                           "set during each push")
-    compress.add_argument("--fade-end", type=float, default=1.0, help="--push fade: the share of each push at which "
+    compress.add_argument("--fade-end", type=_fraction, default=1.0, help="--push fade: the share of each push at which "
                           "the removal set reaches zero, in (0, 1]; below 1 the rest of the push trains the kept "
                           "channels alone (the compression benchmark chose 0.5 on VGG-BN's validation split)")
-    compress.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the model as it "
+    compress.add_argument("--distill", type=_number(float, 0), default=0.0, help="weight of distillation from the model as it "
                           "was before each push (0: off)")
     compress.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
                           help="grow Inception modules first (default: on for --model inception)")
-    compress.add_argument("--seed", type=int, default=0)
-    compress.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    compress.add_argument("--seed", type=_count, default=0)
+    compress.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
     run = compress.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the output folder's run from its checkpoint "
                      "(refused if it was started with another model, data set or settings)")
@@ -144,9 +174,14 @@ def _parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     export.add_argument("model", help="a model file written by gpp compress (model.pt) or gpp_ext.io.save")
     export.add_argument("--onnx", default=None, help="write ONNX here (checked in ONNX Runtime)")
-    export.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    export.add_argument("--opset", type=_number(int, *OPSETS), default=18, help=f"ONNX opset, in "
+                        f"[{OPSETS[0]}, {OPSETS[1]}] (the written file is checked to declare it)")
     export.add_argument("--dynamic-batch", action="store_true", help="ONNX: a symbolic batch size (else batch 1)")
     export.add_argument("--torchscript", default=None, help="write TorchScript here (checked by torch.jit.load)")
+    export.add_argument("--trust-model-code", action="store_true", help="rebuild the model by running the factory "
+                        "code its record names (a .py file or module); without this, such a file is refused")
+    export.add_argument("--factory", default=None, help="rebuild the model with this factory (path/to/file.py:factory "
+                        "or package.module:factory), called with the recorded arguments")
     export.add_argument("--input-shape", default=None, help="one input's shape, e.g. 1,28,28 (default: from the "
                         "report.json beside the model)")
     return parser
@@ -164,8 +199,18 @@ def _model_args(text: str | None) -> dict:
     return value
 
 
-def _check_model_source(source: str) -> None:
-    """The cheap part of `--model`'s checks: a known name, an existing file, a factory file that exists."""
+def _is_model_file(source: str) -> bool:
+    return source.endswith(".pt") or (os.path.isfile(source) and ":" not in source)
+
+
+def _check_model_source(source: str, args=None) -> None:
+    """The cheap part of `--model`'s checks: a known name, an existing file, a factory file that exists; the
+    options for rebuilding a model file given only with one."""
+    file = _is_model_file(source)
+    for option in ("factory", "trust_model_code"):
+        if getattr(args, option, None) and not file:
+            raise ValueError(f"--{option.replace('_', '-')}: only for rebuilding a saved model file (--model "
+                             f"FILE.pt); --model {source!r} names its code itself")
     if source in MODELS or os.path.isfile(source):
         return
     if ":" not in source:
@@ -175,9 +220,20 @@ def _check_model_source(source: str) -> None:
         raise FileNotFoundError(f"--model {source!r}: no file {path}")
 
 
-def _build_model(args, splits):
-    """The model `--model` names, built for the data (and loaded from `--weights`); a note on what was done."""
-    from . import io, models
+def _load_model_file(args):
+    """The model file `--model` names, rebuilt as `--factory` / `--trust-model-code` allow."""
+    from . import io
+
+    if _model_args(getattr(args, "model_args", None)):
+        raise ValueError("--model-args: a saved model file is rebuilt from what it records; give no arguments")
+    return io.load(args.model, factory=getattr(args, "factory", None),
+                   trust_code=getattr(args, "trust_model_code", False))
+
+
+def _build_model(args, splits, saved=None):
+    """The model `--model` names, built for the data (and loaded from `--weights`); a note on what was done.
+    `saved` is the model file `--model` names, already loaded (`_load_model_file`)."""
+    from . import models
     from .classifier import find_classifier
 
     source, kwargs = args.model, _model_args(getattr(args, "model_args", None))
@@ -185,10 +241,8 @@ def _build_model(args, splits):
     if num_classes is not None and num_classes != splits.num_classes:
         raise ValueError(f"--num-classes {num_classes}: the data ({splits.name}) has {splits.num_classes} classes; "
                          f"the head must have one output per class")
-    if source.endswith(".pt") or (os.path.isfile(source) and ":" not in source):
-        if kwargs:
-            raise ValueError("--model-args: a saved model file is rebuilt from what it records; give no arguments")
-        model = io.load(source)
+    if _is_model_file(source):
+        model = saved if saved is not None else _load_model_file(args)
         note = f"continuing from {source}"
     elif source in MODELS:
         kwargs = {"in_channels": splits.input_shape[0], "num_classes": splits.num_classes, **kwargs}
@@ -294,14 +348,15 @@ def _compress_run(args, device, config_overrides=None) -> int:
     amp = getattr(args, "amp", False)
     if amp and device.type != "cuda":
         raise ValueError(f"--amp: mixed precision needs a CUDA device (--device {device})")
-    _check_model_source(args.model)  # before the data are read (an image folder takes a while)
+    _check_model_source(args.model, args)  # before the data are read (an image folder takes a while)
     if getattr(args, "weights", None) and not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights: no file {args.weights}")
+    saved = _load_model_file(args) if _is_model_file(args.model) else None  # refused here, before the data
     splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=args.seed,
                                image_size=getattr(args, "image_size", None), channels=getattr(args, "channels", None),
                                normalize=getattr(args, "image_norm", "unit"), progress=not args.quiet)
     torch.manual_seed(args.seed)  # the initial weights follow --seed, whatever ran before in this process
-    model, note = _build_model(args, splits)
+    model, note = _build_model(args, splits, saved)
     ignore = tuple(n.strip() for n in (getattr(args, "ignore", None) or "").split(",") if n.strip())
     unknown = [n for n in ignore if n not in dict(model.named_modules())]
     if unknown:
@@ -325,12 +380,13 @@ def _compress_run(args, device, config_overrides=None) -> int:
         print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
               f"{len(splits.test)} test{processes}) on {device}{' with bfloat16 autocast' if amp else ''}, target "
               f"{args.target_params:.0%} of the parameters -> {out}" + (f" ({note})" if note else ""), flush=True)
-    report = loop.run(resume=args.resume, overwrite=getattr(args, "overwrite", False))
-    if not lead:
-        return 0
-    if peers is not None:
-        report["peers"] = peers
-    write_reports(report, out, loop.final_model)
+    with loop.folder.lock():  # one run per folder, from the checks to the last report
+        report = loop.run(resume=args.resume, overwrite=getattr(args, "overwrite", False))
+        if not lead:
+            return 0
+        if peers is not None:
+            report["peers"] = peers
+        write_reports(report, out, loop.final_model)
     print(summary_table(report))
     print(f"gpp: {report['stopped']}; {report['seconds']:.0f} s; report in {os.path.join(out, 'report.md')}")
     return 0
@@ -394,6 +450,19 @@ def _export(args) -> int:
 
     if not args.onnx and not args.torchscript:
         raise ValueError("gpp export: give --onnx FILE and/or --torchscript FILE")
+    if not os.path.isfile(args.model):
+        raise FileNotFoundError(f"gpp export: no model file {args.model}" + (" (it is a folder)" if
+                                                                             os.path.isdir(args.model) else ""))
+    targets = [(option, path) for option, path in (("--onnx", args.onnx), ("--torchscript", args.torchscript)) if path]
+    for option, path in targets:
+        if os.path.isdir(path) or path.endswith(("/", os.sep)):
+            raise ValueError(f"gpp export {option} {path}: is a folder; give the file to write, e.g. "
+                             f"{os.path.join(path, 'model' + ('.onnx' if option == '--onnx' else '.ts.pt'))}")
+        if _same_file(path, args.model):
+            raise ValueError(f"gpp export {option} {path}: that is the model file being exported; writing there "
+                             f"would replace it. Give another file")
+    if len(targets) == 2 and _same_file(args.onnx, args.torchscript):
+        raise ValueError(f"gpp export: --onnx and --torchscript name the same file {args.onnx}; give two files")
     if args.input_shape:
         try:
             shape = tuple(int(v) for v in args.input_shape.split(","))
@@ -405,10 +474,12 @@ def _export(args) -> int:
         try:
             with open(beside) as f:
                 shape = tuple(json.load(f)["input_shape"])
+            if not shape or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+                raise ValueError("not a shape")
         except (OSError, ValueError, KeyError, TypeError):
             raise ValueError(f"gpp export: no input shape: pass --input-shape (e.g. 1,28,28); there is no readable "
                              f"report.json with input_shape beside {args.model}") from None
-    model = io.load(args.model)
+    model = io.load(args.model, factory=args.factory, trust_code=args.trust_model_code)
     if args.onnx:
         try:
             export.check_onnx_available()
@@ -428,12 +499,36 @@ def _export(args) -> int:
     return 0
 
 
+def _same_file(a: str, b: str) -> bool:
+    """The two paths name one file (existing or not: links and relative paths resolved)."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _criteria(args) -> int:
     described = criteria.describe()
     width = max(map(len, described))
     for name, summary in described.items():
         print(f"{name:<{width}}  {summary}")
     return 0
+
+
+def _os_error(error: OSError) -> str:
+    """`cannot write PATH: No space left on device; free some space ...` from an OSError raised anywhere."""
+    import errno
+
+    path = error.filename or ""
+    what = error.strerror or str(error)
+    hint = {errno.ENOSPC: "free some space or choose another folder", errno.EDQUOT: "free some space or choose "
+            "another folder", errno.EFBIG: "the file system or a limit (ulimit -f) refuses a file this large",
+            errno.EACCES: "choose a place you may write to", errno.EPERM: "choose a place you may write to",
+            errno.EROFS: "the disk is read-only; choose another folder",
+            errno.EISDIR: "give a file, not a folder"}.get(error.errno)
+    return f"{path}: {what}" + (f"; {hint}" if hint else "") if path else what + (f"; {hint}" if hint else "")
 
 
 def main(argv=None) -> int:
@@ -453,6 +548,9 @@ def main(argv=None) -> int:
         return _report(args)
     except FileNotFoundError as error:
         print(f"gpp: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # no space, no permission, a read-only disk: one line naming the path
+        print(f"gpp: {_os_error(error)}", file=sys.stderr)
         return 1
     except ValueError as error:
         print(f"gpp: {error}", file=sys.stderr)

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from . import io
+from .atomic import write_to
 from .training import time_interleaved
 
 __all__ = ["to_onnx", "to_torchscript", "onnx_latency_ms", "compare_onnx_latency", "check_onnx_available"]
@@ -80,7 +81,8 @@ def _quiet():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(_io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_io.StringIO()), \
+                contextlib.redirect_stderr(_io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -107,6 +109,19 @@ def _check_difference(diff: float, scale: float, atol: float, rtol: float, what:
                          f"max|output| {scale:.3g} = {bound:.3g}); the export is not kept")
 
 
+# The opsets to_onnx accepts: torch's exporter writes 18 and converts down to 14 (measured with torch 2.13: at
+# 13 and below its converter fails and leaves 18), up to the newest that ONNX Runtime 1.2x runs.
+OPSETS = (14, 23)
+
+
+def _opset_of(path: str) -> int | None:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _session(path: str):
     ort = _need_onnx()
     options = ort.SessionOptions()
@@ -125,9 +140,11 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 18, dynamic_batch:
         atol, rtol: the largest difference from PyTorch accepted is `atol + rtol * max|output|`.
     Returns `{"path", "opset", "dynamic_batch", "max_abs_diff", "checked_batches"}`.
     """
+    if isinstance(opset, bool) or not isinstance(opset, int) or not OPSETS[0] <= opset <= OPSETS[1]:
+        raise ValueError(f"export.to_onnx: opset must be an int in [{OPSETS[0]}, {OPSETS[1]}] (torch's exporter "
+                         f"writes opset 18 and converts to others; below {OPSETS[0]} its conversion fails), got "
+                         f"{opset!r}")
     model, shape = _check_args(model, input_shape, "export.to_onnx")
-    if isinstance(opset, bool) or not isinstance(opset, int) or not 7 <= opset <= 23:
-        raise ValueError(f"export.to_onnx: opset must be an int in [7, 23], got {opset!r}")
     _need_onnx()
     path = os.fspath(path)
     batches = (2, 3) if dynamic_batch else (1,)
@@ -140,6 +157,11 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 18, dynamic_batch:
             program = torch.onnx.export(model, (example,), None, dynamo=True, opset_version=opset, verbose=False,
                                         **kwargs)
         program.save(tmp)
+        written = _opset_of(tmp)
+        if written != opset:
+            raise ValueError(f"export.to_onnx: torch's exporter could not convert this model to opset {opset} (it "
+                             f"wrote opset {written}); the export is not kept: ask for opset {written}, or another "
+                             f"in [{OPSETS[0]}, {OPSETS[1]}]")
         session = _session(tmp)
         name = session.get_inputs()[0].name
         diff, scale = _difference(lambda x: session.run(None, {name: x.numpy()})[0], model, shape, batches)
@@ -163,7 +185,11 @@ def to_torchscript(model: nn.Module, path, input_shape, atol: float = 1e-4, rtol
             warnings.simplefilter("ignore")
             with torch.no_grad():
                 traced = torch.jit.trace(model, torch.zeros(2, *shape))
-            torch.jit.save(traced, tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+            try:
+                write_to(fd, lambda f: torch.jit.save(traced, f))
+            finally:
+                os.close(fd)
             loaded = torch.jit.load(tmp).eval()
         diff, scale = _difference(loaded, model, shape, (1, 3))
         _check_difference(diff, scale, atol, rtol, "export.to_torchscript: the traced model")

@@ -31,6 +31,8 @@ on rank 0 and shared, and only rank 0 writes checkpoints (resume reads them on r
 from __future__ import annotations
 
 import copy
+import functools
+import math
 import os
 import time
 import uuid
@@ -48,7 +50,7 @@ from .pruning import criteria, prune
 from .push import PushLoss
 from .classifier import find_classifier
 from .training import compare_latency, evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
-from .models.sources import spec_of
+from .models.sources import build_source, is_code_source, spec_of
 from .run_folder import RunFolder, run_identity
 
 __all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal"]
@@ -105,6 +107,26 @@ class LoopConfig:
     amp: bool = False                # mixed-precision training (bfloat16 autocast on CUDA)
 
     def validate(self) -> None:
+        numbers = ("epochs", "push_epochs", "finetune_epochs", "epoch_budget", "push_share", "batch_size", "lr",
+                   "weight_decay", "target_params", "target_flops", "accuracy_floor", "eta_start", "eta_step",
+                   "max_iterations", "cuts", "fade_reselect", "fade_end", "distill", "temperature", "alpha", "beta",
+                   "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed")
+        for name in numbers:  # NaN passes every comparison below, so finiteness comes first
+            value = getattr(self, name)
+            if value is None and name in ("epoch_budget", "target_flops"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"LoopConfig: {name} must be a finite number, got {value!r}")
+        for name in ("batch_size", "max_iterations", "cuts", "fade_reselect", "max_modules_per_stage", "seed"):
+            if not isinstance(getattr(self, name), int):
+                raise ValueError(f"LoopConfig: {name} must be an int, got {getattr(self, name)!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or min(self.alpha, self.beta, self.gamma) < 0 or self.seed < 0:
+            raise ValueError(f"LoopConfig: lr must be > 0 and weight_decay, alpha, beta, gamma and seed >= 0, got "
+                             f"lr={self.lr!r}, weight_decay={self.weight_decay!r}, alpha={self.alpha!r}, "
+                             f"beta={self.beta!r}, gamma={self.gamma!r}, seed={self.seed!r}")
+        if self.neurons <= 0 or isinstance(self.neurons, float) and self.neurons > 1:
+            raise ValueError(f"LoopConfig: neurons must be a count (int >= 1) or a fraction in (0, 1], got "
+                             f"{self.neurons!r}")
         if self.epochs < 0 or self.push_epochs < 0 or self.finetune_epochs < 0 or self.batch_size < 1:
             raise ValueError("LoopConfig: epochs must be >= 0 and batch_size >= 1")
         if not 0 < self.target_params <= 1 or (self.target_flops is not None and not 0 < self.target_flops <= 1):
@@ -292,6 +314,11 @@ class GrowPushPrune:
                             f"(gpp_ext.models.build_source) and has no spec(), so "
                             f"its checkpoints and compact model cannot be rebuilt from data alone; pass factory=<a "
                             f"callable returning the unpruned architecture>, e.g. factory=lambda: MyNet()")
+        spec = spec_of(model)
+        if factory is None and isinstance(spec, dict) and is_code_source(spec.get("name")):
+            # The model was built from code the caller named (`build_source`, `--model file.py:factory`): its
+            # checkpoints are rebuilt by that same code, never by whatever a checkpoint's spec names.
+            factory = functools.partial(build_source, spec["name"], kwargs=dict(spec.get("kwargs") or {}))
         self.model, self.splits, self.out_dir, self.factory = model, splits, os.fspath(out_dir), factory
         self.device = torch.device(device)
         self.onnx_latency = onnx_latency if onnx_latency is not None else \
@@ -325,6 +352,15 @@ class GrowPushPrune:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.splits.num_classes):
             raise ValueError(f"GrowPushPrune: the model must return logits [batch, {self.splits.num_classes}], got "
                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        # The channel graph every prune stage builds: a model it cannot handle (torch.roll, einsum, an `if` on
+        # the data) is refused now, not after the base model has been trained.
+        from .pruning import ChannelGraph
+
+        try:
+            ChannelGraph(self.model, self.example, ignore=tuple(self.config.ignore))
+        except ValueError as error:
+            raise ValueError(f"GrowPushPrune: the model cannot be pruned as it is: {error} (gpp: --ignore "
+                             f"NAME[,NAME])") from error
 
     # -------------------------------------------------------------------------------------------- helpers
     def _train(self, model: nn.Module, epochs: int, stage: int, desc: str) -> nn.Module:
@@ -368,11 +404,17 @@ class GrowPushPrune:
 
         A folder that holds a run is never overwritten silently: `resume=True` continues it (refused, before any
         training, when its checkpoint belongs to another model, data set or configuration), `overwrite=True`
-        deletes it and starts again; otherwise `ValueError`."""
-        cfg = self.config
+        deletes it and starts again; otherwise `ValueError`. The folder is locked while the run goes on
+        (`run_folder.folder_lock`): a second run on it, from this machine or another sharing the disk, is
+        refused with `ValueError` naming the holder's pid and host."""
         if resume and overwrite:
             raise ValueError("GrowPushPrune.run: resume=True continues the folder's run and overwrite=True replaces "
                              "it; give one of them")
+        with self.folder.lock():  # one run per folder: a second one is refused, naming this one's pid
+            return self._run(resume, overwrite)
+
+    def _run(self, resume: bool, overwrite: bool) -> dict:
+        cfg = self.config
         self.folder.check_writable()
         if not (resume and self._resume()):
             self._start_fresh(overwrite)

@@ -4,6 +4,7 @@ against parameters across iterations) and `model.pt` (the compact model, `gpp_ex
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from . import io
@@ -70,6 +71,67 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _timing_errors(t, where: str) -> list:
+    """The fields of one interleaved timing (`{"base": {"median_ms"}, "compact": {...}, "ratio": {...}}`) that
+    the summary reads, where they are missing or not numbers."""
+    if not isinstance(t, dict):
+        return [f"{where} is {type(t).__name__}, not an object"]
+    out = []
+    for model in ("base", "compact"):
+        if not isinstance(t.get(model), dict) or not _is_number(t[model].get("median_ms")):
+            out.append(f"{where}.{model}.median_ms is not a number")
+    ratio = t.get("ratio")
+    if not isinstance(ratio, dict) or not all(_is_number(ratio.get(k)) and ratio[k] > 0
+                                              for k in ("median", "min", "max")):
+        out.append(f"{where}.ratio needs positive numbers median, min and max")
+    return out
+
+
+def _wrong_types(report: dict) -> list:
+    """`["field: what is wrong", ...]` for every field `summary_table` and `gpp report` read whose type is wrong
+    (e.g. `seconds: null`, `iterations: 3`), so that a damaged report gives a message, not a TypeError."""
+    out = []
+    for key in ("base", "final"):
+        part = report[key]
+        if not isinstance(part, dict):
+            out.append(f"{key} is {type(part).__name__}, not an object")
+            continue
+        for field in ("params", "flops"):
+            if not _is_count(part.get(field)) or (key == "base" and part[field] == 0):
+                out.append(f"{key}.{field} is {part.get(field)!r}, not a count")
+        if not _is_number(part.get("test_accuracy")):
+            out.append(f"{key}.test_accuracy is {part.get('test_accuracy')!r}, not a number")
+        for batch in (1, 64):
+            value = part.get(f"latency_ms_b{batch}")
+            if value is not None and not _is_number(value):
+                out.append(f"{key}.latency_ms_b{batch} is {value!r}, not a number")
+    if not isinstance(report["stopped"], str):
+        out.append(f"stopped is {report['stopped']!r}, not text")
+    if not isinstance(report["iterations"], list) or not all(isinstance(i, dict) for i in report["iterations"]):
+        out.append(f"iterations is {type(report['iterations']).__name__}, not a list of objects")
+    if not _is_number(report["seconds"]):
+        out.append(f"seconds is {report['seconds']!r}, not a number")
+    for key in ("latency", "onnx_latency"):
+        timed = report.get(key)
+        if timed is None:
+            continue
+        if not isinstance(timed, dict):
+            out.append(f"{key} is {type(timed).__name__}, not an object")
+            continue
+        for batch in ("b1", "b64"):
+            if timed.get(batch):
+                out += _timing_errors(timed[batch], f"{key}.{batch}")
+    return out
+
+
 def read_report(folder: str) -> dict:
     """The finished run's report in `folder`, checked: `FileNotFoundError` when there is none (saying so when a
     run is still in progress or was interrupted), `ValueError` saying what is wrong and what to do when it is
@@ -96,6 +158,11 @@ def read_report(folder: str) -> dict:
     if missing:
         raise ValueError(f"gpp report: {path} lacks {', '.join(missing)}; it is not a complete gpp_ext report "
                          f"(written by another tool or an older version?)")
+    wrong = _wrong_types(report)
+    if wrong:
+        raise ValueError(f"gpp report: {path} has fields of the wrong type ({'; '.join(wrong[:4])}); it is damaged "
+                         f"or was edited: run the compression again with --resume (it rewrites the report from the "
+                         f"checkpoint)")
     if os.path.exists(checkpoint):
         import torch
 

@@ -10,9 +10,17 @@ refusal is raised on every process (`on_lead`), so no process is left waiting.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
+import time
+
+try:
+    import fcntl
+except ImportError:  # Windows: the lock falls back to the pid in the lock file
+    fcntl = None
 
 import torch
 import torch.nn as nn
@@ -22,7 +30,8 @@ from .atomic import read, save_atomic, write_atomic
 from .data import labels_of
 from .models.sources import spec_of
 
-__all__ = ["RunFolder", "run_identity", "on_lead", "differences", "CHECKPOINT_FORMAT", "RUN_FILES"]
+__all__ = ["RunFolder", "run_identity", "on_lead", "differences", "folder_lock", "CHECKPOINT_FORMAT",
+           "RUN_FILES", "LOCK_FILE"]
 
 CHECKPOINT_FORMAT = "gpp_ext.loop/2"
 # Every file a run writes in its folder (the checkpoint, then the reports and the compact model).
@@ -75,12 +84,128 @@ def on_lead(fn):
     return result
 
 
+LOCK_FILE = ".gpp-run.lock"
+_HELD: dict = {}  # lock path -> [open file, depth] for the locks this process holds (re-entrant)
+
+
+def _owner(path: str) -> dict:
+    """What a lock file says of its holder (`{"pid", "host", "started"}`), or {} while it is being written."""
+    try:
+        with open(path) as f:
+            found = json.load(f)
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, where: str = "GrowPushPrune"):
+    """Holds the advisory lock of run folder `folder` (made if need be) for the block: one run per folder.
+
+    The lock is an exclusive `flock` on `folder/.gpp-run.lock`, a file that names the holder (pid, host, start
+    time). The kernel releases a lock whose process died, so a lock file left by a killed run is stale and is
+    simply taken over; a live holder makes this raise `ValueError` naming the folder and its pid and host, at
+    once (no waiting). Re-entrant within a process. A folder this call made is removed again when the block
+    ends with nothing written in it (a run refused before its first checkpoint leaves no trace).
+    """
+    folder = os.fspath(folder)
+    path = os.path.abspath(os.path.join(folder, LOCK_FILE))
+    if path in _HELD:
+        _HELD[path][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[path][1] -= 1
+        return
+    created = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{where}: cannot write to the output folder {folder} ({error.strerror or error}); choose "
+                         f"another folder (--out)") from error
+    handle = _acquire(path, folder, where)
+    _HELD[path] = [handle, 1]
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        try:
+            os.unlink(path)  # while still locked, so no other run can be holding this file
+        except OSError:
+            pass
+        _release(handle)
+        if created:
+            try:
+                os.rmdir(folder)  # only when empty: nothing was written
+            except OSError:
+                pass
+
+
+def _acquire(path: str, folder: str, where: str):
+    while True:
+        try:
+            handle = open(path, "a+")
+        except OSError as error:
+            raise ValueError(f"{where}: cannot write to the output folder {folder} ({error.strerror or error}); "
+                             f"choose another folder (--out)") from error
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            elif os.path.getsize(path) and _alive_owner(_owner(path)):  # no flock (Windows): trust the pid
+                raise BlockingIOError
+        except BlockingIOError:
+            handle.close()
+            owner = _owner(path)
+            holder = (f"process {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}" if owner
+                      else "another process")
+            raise ValueError(f"{where}: {folder} is in use by another run ({holder}); wait for it to end or choose "
+                             f"another folder (--out). Two runs in one folder would overwrite each other's "
+                             f"checkpoint and reports") from None
+        try:  # a holder that unlinked the file as we opened it: our lock is on a file no one else sees
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            break
+        _release(handle)
+    handle.seek(0)
+    handle.truncate()
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, handle)
+    handle.flush()
+    return handle
+
+
+def _alive_owner(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return bool(owner)
+    from .atomic import _alive
+
+    return _alive(owner["pid"])
+
+
+def _release(handle) -> None:
+    try:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
 class RunFolder:
     """The output folder `out_dir` of the run whose identity is `identity` (`run_identity(model, splits)`)."""
 
     def __init__(self, out_dir: str, identity: dict, where: str = "GrowPushPrune"):
         self.out_dir, self.identity, self.where = os.fspath(out_dir), identity, where
         self.checkpoint = os.path.join(self.out_dir, "checkpoint.pt")
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the folder's run lock (`folder_lock`) for the block. Under `torch.distributed` rank 0 takes it
+        and a refusal is raised on every process."""
+        with contextlib.ExitStack() as stack:
+            on_lead(lambda: stack.enter_context(folder_lock(self.out_dir, self.where)) and None)
+            yield
 
     def check_writable(self) -> None:
         """The folder exists (made if need be) and is writable: a probe file is written and removed (on rank 0)."""

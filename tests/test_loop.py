@@ -94,7 +94,7 @@ def test_cli_help_errors_and_missing_data(tmp_path):
     out = gpp("compress", "--help")
     assert out.returncode == 0 and "--target-params" in out.stdout
     out = gpp("compress", "--target-params", "2")
-    assert out.returncode == 2 and "must be in (0, 1]" in out.stderr
+    assert out.returncode == 2 and "--target-params: must be a finite number in (0, 1], got 2" in out.stderr
     out = gpp("compress", "--model", "alexnet")
     assert out.returncode == 2 and "--model 'alexnet': not a built-in model and no such file" in out.stderr
     out = gpp("compress", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"))

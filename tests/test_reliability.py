@@ -334,9 +334,9 @@ def test_a_finished_run_reports_interleaved_latency(finished_run):
 
 KILLER = """
 import os, random, signal, sys
-import gpp_ext.io as io
+import gpp_ext.atomic as atomic, gpp_ext.io as io
 kill_at, mid_write = int(sys.argv[1]), sys.argv[2] == "mid"
-real, calls = io.write_atomic, {"n": 0}
+real, calls = atomic.write_atomic, {"n": 0}
 def write_atomic(path, write):
     calls["n"] += 1
     if calls["n"] == kill_at:
@@ -347,7 +347,7 @@ def write_atomic(path, write):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(path, half) if mid_write else (real(path, write), os.kill(os.getpid(), signal.SIGKILL))
     return real(path, write)
-io.write_atomic = write_atomic
+atomic.write_atomic = io.write_atomic = write_atomic  # every write: checkpoints, model, reports, plot
 from gpp_ext import cli
 code = cli.main(sys.argv[3:])
 print("writes:", calls["n"])

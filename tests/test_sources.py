@@ -51,8 +51,12 @@ def test_pruned_file_model_rebuilds_from_the_file_alone(net_file, tmp_path):
     compact, report = prune(model, _loader(), x, criterion="l1", ratio=0.5, progress=False)
     assert report.params[1] < report.params[0]
     io.save(compact, tmp_path / "compact.pt")
-    loaded = io.load(tmp_path / "compact.pt").eval()  # no factory: the recorded source rebuilds it
+    with pytest.raises(ValueError, match="names the factory .*mynet.py:make_net.*trust_code=True"):
+        io.load(tmp_path / "compact.pt")  # a model file runs no code on its own
+    loaded = io.load(tmp_path / "compact.pt", trust_code=True).eval()  # trusted: the recorded source rebuilds it
     assert torch.equal(loaded(x), compact.eval()(x))
+    named = io.load(tmp_path / "compact.pt", factory=f"{net_file}:make_net").eval()  # or the caller names it
+    assert torch.equal(named(x), compact.eval()(x))
 
 
 def test_relative_file_is_found_beside_the_model_file(net_file, tmp_path, monkeypatch):
@@ -60,7 +64,9 @@ def test_relative_file_is_found_beside_the_model_file(net_file, tmp_path, monkey
     model = build_source("mynet.py:make_net", num_classes=4)
     io.save(model, tmp_path / "m.pt")
     monkeypatch.chdir(tmp_path.parent)  # "mynet.py" no longer resolves from here; the model file's folder has it
-    assert isinstance(io.load(tmp_path / "m.pt"), nn.Sequential)
+    with pytest.raises(ValueError, match="trust_code"):
+        io.load(tmp_path / "m.pt")  # never imported on its own
+    assert isinstance(io.load(tmp_path / "m.pt", trust_code=True), nn.Sequential)
 
 
 def test_module_factory(net_file, monkeypatch):
@@ -128,9 +134,9 @@ def _gpp(*args, cwd=None):
     (["--model", "{net}:make_net", "--num-classes", "7"], "--num-classes 7: the data \\(digits\\) has 10 classes"),
     (["--model", "{net}:make_net", "--ignore", "9,features"], "--ignore: the model has no modules \\['9', 'features'\\]"),
     (["--model", "{net}:make_net", "--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
-    (["--model", "{net}:make_net", "--round-to", "0"], "round_to must be an int >= 1"),
+    (["--model", "{net}:make_net", "--round-to", "0"], "argument --round-to: must be a finite integer >= 1, got 0"),
     (["--model", "{net}:make_net", "--schedule", "budget", "--push", "fade", "--fade-end", "1.5"],
-     "fade_end in \\(0, 1\\].*fade_end=1.5"),
+     "argument --fade-end: must be a finite number in \\(0, 1\\], got 1.5"),
     (["--model", "missing.py:make"], "--model 'missing.py:make': no file missing.py"),
     (["--model", "{net}:make_net", "--weights", "nowhere.pth"], "--weights: no file nowhere.pth"),
 ])

@@ -5,7 +5,8 @@
 
 Both end in the same `make_splits` checks as the built-in sets (label range, every class in every split, one
 input shape), run before anything is trained. Images are decoded once, with Pillow (or torchvision when Pillow
-is missing), resized to `image_size`, and held in memory as uint8 (N x C x S x S bytes); samples come out as
+is missing), resized to `image_size`, and held in memory as uint8 (N x C x S x S bytes), or uint16 when any
+image has 16 bits (16-bit grayscale PNG or TIFF; full scale is 65535, not clipped to 255); samples come out as
 float32, scaled to [0, 1] and then normalised as asked:
 
 - `normalize="unit"`: [0, 1] as they are (the default, like the built-in sets);
@@ -33,32 +34,63 @@ _SPLIT_DIRS = ("train", "val", "test")
 
 
 class ImageTensors(TensorDataset):
-    """Images held as uint8 `[N, C, H, W]` with int64 labels; a sample is `((x / 255 - mean) / std, label)` in
-    float32. A `TensorDataset`, so labels are read without decoding inputs."""
+    """Images held as unsigned integers `[N, C, H, W]` (uint8, or uint16 for 16-bit images) with int64 labels; a
+    sample is `((x / full - mean) / std, label)` in float32, `full` being 255 or 65535. A `TensorDataset`, so
+    labels are read without decoding inputs."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean=None, std=None):
         super().__init__(images, labels)
         c = images.shape[1]
+        self.full = _FULL[images.dtype]
         self.mean = torch.tensor(mean if mean is not None else [0.0] * c, dtype=torch.float32).view(c, 1, 1)
         self.std = torch.tensor(std if std is not None else [1.0] * c, dtype=torch.float32).view(c, 1, 1)
 
     def __getitem__(self, index):
-        x = self.tensors[0][index].float().div_(255.0)
+        x = self.tensors[0][index].float().div_(self.full)
         return (x - self.mean) / self.std, self.tensors[1][index]
+
+
+_FULL = {torch.uint8: 255.0, torch.uint16: 65535.0}
+# Pillow modes: 8-bit grayscale, 16-bit (or wider) grayscale integers, floats; everything else is colour.
+_GRAY8 = ("1", "L", "LA", "La")
+_GRAY16 = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _from_pillow(path: str, mode: str | None, size: int | None) -> np.ndarray:
+    """An image file as `[C, H, W]`: uint8, or uint16 for 16-bit (and 32-bit integer or float) grayscale, whose
+    full range Pillow's own conversion to 8 bits would clip. `mode` "L" or "RGB" converts; None keeps 1 channel
+    for a grayscale file and 3 for any other."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in _GRAY16 or im.mode == "F":
+            a = np.asarray(im)
+            if im.mode == "F":
+                if not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
+                    raise ValueError(f"a floating-point image must hold values in [0, 1], found "
+                                     f"[{np.nanmin(a):g}, {np.nanmax(a):g}]; save it as 8- or 16-bit")
+                a = a * 65535.0
+            elif a.min() < 0 or a.max() > 65535:
+                raise ValueError(f"a {im.mode} image must hold values in 0..65535 (16 bits), found "
+                                 f"[{a.min()}, {a.max()}]; save it as 8- or 16-bit")
+            f = Image.fromarray(a.astype(np.float32))  # mode F
+            if size is not None and f.size != (size, size):
+                f = f.resize((size, size), Image.BILINEAR)
+            a = np.clip(np.rint(np.asarray(f, dtype=np.float32)), 0, 65535).astype(np.uint16)[None]
+            return np.repeat(a, 3, axis=0) if mode == "RGB" else a
+        target = mode or ("L" if im.mode in _GRAY8 else "RGB")
+        im = im.convert(target)
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        a = np.asarray(im, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def _decoder():
     try:
-        from PIL import Image
+        import PIL  # noqa: F401
 
-        def decode(path, mode, size):
-            with Image.open(path) as im:
-                im = im.convert(mode)
-                if size is not None and im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.uint8)
-            return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-        return decode
+        return _from_pillow
     except ImportError:
         pass
     try:
@@ -68,11 +100,17 @@ def _decoder():
         raise ValueError("imagefolder: decoding images needs Pillow (pip install Pillow) or torchvision") from None
 
     def decode(path, mode, size):
-        x = tio.decode_image(tio.read_file(path), mode=tio.ImageReadMode.GRAY if mode == "L" else
-                             tio.ImageReadMode.RGB)
+        x = tio.decode_image(tio.read_file(path), mode=tio.ImageReadMode.UNCHANGED)  # uint8, or uint16
+        x = x[:1] if x.shape[0] in (1, 2) else x[:3]  # alpha dropped
+        if mode == "L" and x.shape[0] == 3:
+            x = TF.rgb_to_grayscale(x)
+        elif mode == "RGB" and x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
         if size is not None and tuple(x.shape[1:]) != (size, size):
-            x = TF.resize(x, [size, size], antialias=True)
-        return x.numpy()
+            wide = x.dtype != torch.uint8
+            x = TF.resize(x.float() if wide else x, [size, size], antialias=True)
+            x = x.round().clamp(0, 65535).to(torch.int32).numpy().astype(np.uint16) if wide else x
+        return np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x)
     return decode
 
 
@@ -97,10 +135,14 @@ def _files(folder: str, classes: list, where: str) -> tuple:
     return paths, labels
 
 
-def _decode_all(paths: list, mode: str, size: int | None, progress: bool) -> torch.Tensor:
+def _decode_all(paths: list, channels: int | None, size: int | None, progress: bool) -> torch.Tensor:
+    """Every image as one `[N, C, H, W]` tensor. `channels` None: 3 when any image has colour (a grayscale one
+    is then repeated over the three, which loses nothing), else 1. uint8, or uint16 when any image has 16 bits
+    (8-bit ones are then scaled by 257, so 255 stays full scale)."""
     from tqdm.auto import tqdm
 
     decode = _decoder()
+    mode = {1: "L", 3: "RGB", None: None}[channels]
     arrays, first = [], None
     for path in tqdm(paths, desc="decoding images", leave=False, disable=None if progress else True):
         try:
@@ -108,30 +150,22 @@ def _decode_all(paths: list, mode: str, size: int | None, progress: bool) -> tor
         except Exception as error:
             raise ValueError(f"imagefolder: cannot decode {path} ({type(error).__name__}: {error})") from error
         if first is None:
-            first = (path, a.shape)
-        elif a.shape != first[1]:
+            first = (path, a.shape[1:])
+        elif a.shape[1:] != first[1]:
             raise ValueError(f"imagefolder: {path} is {a.shape[2]}x{a.shape[1]} but {first[0]} is "
-                             f"{first[1][2]}x{first[1][1]}; pass image_size (--image-size) to resize them all")
+                             f"{first[1][1]}x{first[1][0]}; pass image_size (--image-size) to resize them all")
         arrays.append(a)
-    return torch.from_numpy(np.stack(arrays))
-
-
-def _channels_of(path: str) -> int:
-    """1 for a grayscale image file, else 3 (3 also when Pillow, used only to peek at the mode, is missing)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return 3
-    try:
-        with Image.open(path) as im:
-            return 1 if im.mode in ("L", "1", "I", "I;16", "F", "LA") else 3
-    except Exception as error:
-        raise ValueError(f"imagefolder: cannot decode {path} ({type(error).__name__}: {error})") from error
+    c = max(a.shape[0] for a in arrays)
+    wide = any(a.dtype == np.uint16 for a in arrays)
+    out = np.empty((len(arrays), c, *first[1]), dtype=np.uint16 if wide else np.uint8)
+    for i, a in enumerate(arrays):
+        out[i] = a.astype(np.uint16) * 257 if wide and a.dtype == np.uint8 else a  # broadcasts 1 -> 3 channels
+    return torch.from_numpy(out)
 
 
 def _stats(images: torch.Tensor) -> tuple:
-    """Per-channel mean and std of uint8 images in [0, 1] units, accumulated in float64."""
-    x = images.to(torch.float64).div_(255.0).transpose(0, 1).reshape(images.shape[1], -1)
+    """Per-channel mean and std of uint8 or uint16 images in [0, 1] units, accumulated in float64."""
+    x = images.to(torch.float64).div_(_FULL[images.dtype]).transpose(0, 1).reshape(images.shape[1], -1)
     mean, std = x.mean(1), x.std(1).clamp_min(1e-6)
     return mean.tolist(), std.tolist()
 
@@ -146,7 +180,7 @@ def image_folder(folder, image_size: int | None = None, channels: int | None = N
 
     Args:
         image_size: resize every image to this square size (default: keep; all must then have one size).
-        channels: 1 (grayscale) or 3 (RGB); default 3, or 1 when the first image is grayscale.
+        channels: 1 (grayscale) or 3 (RGB); default 3 when any image has colour, 1 when all are grayscale.
         normalize: "unit", "dataset" or "imagenet" (see the module's doc).
     """
     folder = os.fspath(folder)
@@ -175,11 +209,9 @@ def image_folder(folder, image_size: int | None = None, channels: int | None = N
     if extra:
         s, e = next(iter(extra.items()))
         raise ValueError(f"imagefolder: {split_dirs[s]} has class folders {e[:4]} that train/ lacks")
-    if channels is None:
-        channels = _channels_of(listed["train"][0][0])
-    mode = "L" if channels == 1 else "RGB"
     all_paths = [p for paths, _ in listed.values() for p in paths]
-    images = _decode_all(all_paths, mode, image_size, progress)
+    images = _decode_all(all_paths, channels, image_size, progress)
+    channels = images.shape[1]
     sets, start = {}, 0
     for s, (paths, labels) in listed.items():
         sets[s] = (images[start:start + len(paths)], torch.tensor(labels, dtype=torch.long))
@@ -192,22 +224,55 @@ def image_folder(folder, image_size: int | None = None, channels: int | None = N
     make = lambda s: ImageTensors(*sets[s], mean, std) if s in sets else None  # noqa: E731
     splits = make_splits(make("train"), make("test"), val_fraction, test_fraction, seed=seed,
                          name=f"imagefolder:{folder}", classes=classes, val=make("val"))
-    splits.preprocessing = {"scale": 1 / 255, "mean": mean or [0.0] * channels, "std": std or [1.0] * channels,
+    splits.preprocessing = {"scale": 1 / _FULL[images.dtype], "mean": mean or [0.0] * channels, "std": std or [1.0] * channels,
                             "channels": channels, "image_size": list(images.shape[2:]), "normalize": normalize}
     return splits
 
 
 def _array(data, key: str, path: str):
-    a = data[key]
+    try:
+        a = data[key]
+    except ValueError as error:  # numpy refuses object arrays without allow_pickle (which would run code)
+        if "allow_pickle" in str(error) or "Object arrays" in str(error):
+            raise ValueError(f"npz: {path}: array {key!r} holds Python objects, which are not read (loading them "
+                             f"could run code); save numeric arrays (x as numbers, y as integers, classes as "
+                             f"strings)") from None
+        raise ValueError(f"npz: {path}: cannot read array {key!r} ({error})") from error
+    except Exception as error:  # a damaged member: zlib, zipfile, a cut-short header
+        raise ValueError(f"npz: {path}: cannot read array {key!r} ({type(error).__name__}: {error}); the file is "
+                         f"damaged or incomplete") from error
     if a.dtype == object:
         raise ValueError(f"npz: {path}: array {key!r} holds Python objects; save numeric arrays")
+    if key != "classes" and not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        raise ValueError(f"npz: {path}: array {key!r} must be numeric, got dtype {a.dtype}")
     return a
+
+
+def _scaled(x: np.ndarray, key: str, path: str) -> torch.Tensor:
+    """`x` as float32: floats as they are; uint8 and uint16 images divided by their full scale (255, 65535);
+    other integers (int32, int64, ...: arrays built from Python lists) divided by 255 when they lie in
+    0..255, refused otherwise (their scale is unknown)."""
+    if np.issubdtype(x.dtype, np.floating):
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"npz: {path}: {key!r} holds complex numbers; save real-valued arrays")
+    if x.dtype == np.bool_:
+        return torch.from_numpy(x.astype(np.float32))
+    full = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(x.dtype.newbyteorder("="))
+    if full is None:
+        low, high = (int(x.min()), int(x.max())) if x.size else (0, 0)
+        if low < 0 or high > 255:
+            raise ValueError(f"npz: {path}: {key!r} holds {x.dtype} values in [{low}, {high}], whose scale is "
+                             f"unknown; save images as uint8 (0..255) or uint16 (0..65535), or features as floats")
+        full = 255.0
+    return torch.from_numpy((x.astype(np.float64) / full).astype(np.float32))
 
 
 def npz(path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, classes=None):
     """`DataSplits` of arrays in a `.npz` file: `x` `[N, C, H, W]` (or `[N, H, W]`, one channel; or `[N, F]`
     features) and integer labels `y` `[N]`, optionally `x_test`/`y_test` (else a test set is carved out) and
-    `classes` (class names). Integer images (uint8) are scaled to [0, 1]; floats are taken as they are."""
+    `classes` (class names). uint8 and uint16 images are scaled to [0, 1] by their full scale (255, 65535),
+    other integer arrays by 255 when they lie in 0..255 (else refused); floats are taken as they are."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"npz: no file {path}")
@@ -236,8 +301,7 @@ def npz(path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int =
         if not np.issubdtype(y.dtype, np.integer):
             if not np.issubdtype(y.dtype, np.floating) or not np.all(np.mod(y, 1) == 0):
                 raise ValueError(f"npz: {path}: {yk!r} must hold integer class indices, got {y.dtype}")
-        xt = torch.from_numpy(np.ascontiguousarray(x))
-        xt = xt.float() / 255.0 if not xt.is_floating_point() else xt.float()
+        xt = _scaled(x, xk, path)
         if xt.dim() == 3:
             xt = xt.unsqueeze(1)
         if not torch.isfinite(xt).all():

@@ -9,9 +9,15 @@ A *source* is one string, what `gpp compress --model` takes and what a saved mod
 
 Nothing is downloaded: pretrained weights come from a local state-dict file (`load_weights`). `build_source`
 records `{"name": source, "kwargs": ...}` on the model (`spec_of`), so `gpp_ext.io.save` stores it and
-`gpp_ext.io.load` rebuilds the architecture by calling the same source again, without pickled classes. Note that
-rebuilding a model whose source is a `.py` file or a module runs that code (it is your code: the file is only
-named in the model file, never stored in it).
+`gpp_ext.io.load` rebuilds the architecture from it (`rebuild`), without pickled classes.
+
+A model file is data, and data names no code that runs on its own. `rebuild` builds a recorded spec only when
+it names a built-in model or a torchvision/timm model by its registered name, with keyword arguments that are
+plain data (and none that would fetch weights). A spec naming a factory in a `.py` file or a module (code
+sources, `is_code_source`) is refused before anything is imported, unless the caller trusts it
+(`trust_code=True`, `gpp ... --trust-model-code`) or names the factory itself (`io.load(path, factory=...)`,
+`gpp ... --factory SOURCE`). Calling `build_source` yourself with a source string is that trust: you named the
+code.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["build_source", "spec_of", "is_source", "load_weights", "SPEC_ATTR"]
+__all__ = ["build_source", "rebuild", "spec_of", "is_source", "is_code_source", "load_weights", "SPEC_ATTR"]
 
 SPEC_ATTR = "gpp_spec"  # the instance attribute that carries a sourced model's spec
 # Auxiliary heads return tuples in training mode; the loop trains on the main head only.
@@ -38,6 +44,12 @@ _TORCHVISION_DEFAULTS = {"googlenet": {"aux_logits": False, "init_weights": True
 def is_source(name: str) -> bool:
     """True for a `kind:NAME` or `file.py:factory` source (False for a built-in name)."""
     return isinstance(name, str) and ":" in name
+
+
+def is_code_source(name: str) -> bool:
+    """True for a source that names code to import and run (`file.py:factory`, `package.module:factory`); False
+    for built-in names and for torchvision/timm models, which are named from those libraries' registries."""
+    return is_source(name) and name.partition(":")[0] not in ("torchvision", "timm")
 
 
 def spec_of(model: nn.Module) -> dict | None:
@@ -99,9 +111,9 @@ def _from_file(path: str, attr: str, source: str, near: str | None):
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # a model file that calls sys.exit() must not end the program
             del sys.modules[name]
-            raise ValueError(f"model {source!r}: importing {found} failed ({type(error).__name__}: {error})") from error
+            raise ValueError(f"model {source!r}: importing {found} failed ({_failure(error)})") from error
     return _attribute(module, attr, source, found)
 
 
@@ -111,7 +123,16 @@ def _from_module(module_name: str, attr: str, source: str):
     except ImportError as error:
         raise ValueError(f"model {source!r}: cannot import module {module_name!r} ({error}); is it on PYTHONPATH? "
                          f"(a file is named by its path: path/to/file.py:factory)") from None
+    except (Exception, SystemExit) as error:
+        raise ValueError(f"model {source!r}: importing module {module_name!r} failed ({_failure(error)})") from error
     return _attribute(module, attr, source, module_name)
+
+
+def _failure(error: BaseException) -> str:
+    """What went wrong, for a message: `sys.exit(3)` reads as such, not as a bare `3`."""
+    if isinstance(error, SystemExit):
+        return f"it called sys.exit({error.code!r})"
+    return f"{type(error).__name__}: {error}"
 
 
 def _attribute(module, attr: str, source: str, where: str):
@@ -173,13 +194,114 @@ def build_source(source: str, num_classes: int | None = None, in_channels: int |
             kwargs.setdefault("in_channels", int(in_channels))
     try:
         model = fn(**kwargs)
-    except Exception as error:
-        raise ValueError(f"model {source!r}: the factory failed with arguments {kwargs} "
-                         f"({type(error).__name__}: {error})") from error
+    except (Exception, SystemExit) as error:
+        raise ValueError(f"model {source!r}: the factory failed with arguments {kwargs} ({_failure(error)})") from error
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {source!r}: the factory returned {type(model).__name__}, not an nn.Module")
     setattr(model, SPEC_ATTR, {"name": source, "kwargs": kwargs})
     return model
+
+
+# Keyword arguments a recorded spec may not pass to a torchvision or timm constructor: they fetch or read weights
+# (a download, or a file named by the model file), which a model file must not make happen.
+_FETCHING = ("weight", "pretrained", "checkpoint", "url", "file", "path", "cache", "hub")
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """True for JSON-like data: None, bool, int, float, str, and lists/tuples/str-keyed dicts of them."""
+    if depth > 16:
+        return False
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _check_size(name: str, kwargs: dict, saved_numel: int | None, where: str) -> None:
+    """A built-in model's recorded arguments describe about as many weights as the file holds: built on the meta
+    device first (no memory), so that edited sizes cannot make loading allocate without bound."""
+    from . import MODELS, build
+
+    if saved_numel is None or name not in MODELS:
+        return
+
+    with torch.device("meta"):
+        numel = sum(t.numel() for t in build(name, **kwargs).state_dict().values())
+    if numel > 4 * saved_numel + 10_000:
+        raise ValueError(f"{where}: its recorded arguments describe a {name!r} of {numel:,} weights, but the file "
+                         f"holds {saved_numel:,}; the file is damaged or was edited")
+
+
+def rebuild(spec, trust_code: bool = False, factory=None, near: str | None = None,
+            where: str = "the model data", saved_numel: int | None = None) -> nn.Module:
+    """The unpruned architecture a saved spec (`{"name", "kwargs"}`, from `spec_of`) describes.
+
+    Without `factory` and `trust_code`, only a built-in model or a torchvision/timm model by its registered
+    name is built, with plain-data keyword arguments and none that fetch weights; a spec naming a `.py` file or
+    a module is refused (`ValueError`) before anything is imported. `trust_code=True` builds such a spec by
+    importing the code it names (a relative `.py` path is looked for from the working directory, then in
+    `near`). `factory` is the caller's own: a callable returning the architecture, or a source string
+    (`"mynet.py:make_net"`) called with the spec's keyword arguments. `where` names the file in errors;
+    `saved_numel`, the number of values its weights hold, bounds the size a built-in spec may describe.
+    """
+    if factory is not None:
+        if isinstance(factory, str):
+            kwargs = spec.get("kwargs", {}) if isinstance(spec, dict) and isinstance(spec.get("kwargs"), dict) else {}
+            if not _plain(kwargs):
+                raise ValueError(f"{where}: its recorded factory arguments are not plain data (numbers, strings, "
+                                 f"lists, dicts); the file is damaged or was not written by gpp_ext")
+            return build_source(factory, kwargs=kwargs, near=None)
+        if not callable(factory):
+            raise TypeError(f"factory must be a callable returning an nn.Module or a source string "
+                            f"(path/to/file.py:factory, package.module:factory), got {type(factory).__name__}")
+        try:
+            model = factory()
+        except (Exception, SystemExit) as error:
+            raise ValueError(f"{where}: the factory failed ({_failure(error)})") from error
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{where}: the factory must return an nn.Module, got {type(model).__name__}")
+        return model
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise ValueError(f"{where} holds a user model without a recorded factory; pass factory=<callable returning "
+                         f"the unpruned architecture> (gpp: --factory path/to/file.py:factory)")
+    name, kwargs = spec["name"], spec.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not _plain(kwargs):
+        raise ValueError(f"{where}: the recorded arguments of {name!r} are not plain data (numbers, strings, "
+                         f"lists, dicts); the file is damaged or was not written by gpp_ext")
+    if is_code_source(name) and not trust_code:
+        kind = "a .py file" if name.rpartition(":")[0].endswith(".py") or "/" in name or os.sep in name \
+            else "a module"
+        raise ValueError(f"{where} names the factory {name!r} (code in {kind}), and a model file is data: the code "
+                         f"it names is not imported or run unless you say so. If you trust this file and that "
+                         f"code, pass trust_code=True (gpp: --trust-model-code); or give the factory yourself: "
+                         f"factory=<callable or 'path/to/file.py:factory'> (gpp: --factory path/to/file.py:factory)")
+    if name.partition(":")[0] in ("torchvision", "timm"):
+        fetching = sorted(k for k in kwargs if any(word in k.lower() for word in _FETCHING))
+        if fetching:
+            raise ValueError(f"{where}: the recorded arguments of {name!r} include {fetching}, which fetch or read "
+                             f"weights; a model file cannot make that happen (its weights are in the file)")
+    if not is_source(name):
+        try:
+            _check_size(name, kwargs, saved_numel, where)
+        except ValueError:
+            raise
+        except Exception as error:  # arguments the built-in model does not take: named below, when built
+            if not isinstance(error, TypeError):
+                raise ValueError(f"{where}: cannot rebuild {name!r} from its recorded arguments {kwargs} "
+                                 f"({type(error).__name__}: {error})") from error
+    try:
+        return build_source(name, kwargs=kwargs, near=near if trust_code else None)
+    except FileNotFoundError:
+        raise
+    except ValueError as error:
+        raise ValueError(f"{where}: cannot rebuild {name!r} ({error})") from error
+    except Exception as error:  # a built-in model given arguments it does not take
+        raise ValueError(f"{where}: cannot rebuild {name!r} from its recorded arguments {kwargs} "
+                         f"({type(error).__name__}: {error})") from error
 
 
 def load_weights(model: nn.Module, path: str, head: str | None = None) -> list:
