@@ -118,7 +118,7 @@ def test_readme_own_model_commands_run_as_written(tmp_path):
     old = os.getcwd()
     os.chdir(tmp_path)  # the model file names its factory file relative to where gpp ran
     try:
-        model = gio.load("runs/mynet/model.pt").eval()
+        model = gio.load("runs/mynet/model.pt", trust_code=True).eval()
     finally:
         os.chdir(old)
     import torch
