@@ -148,6 +148,8 @@ def read(path, where: str, what: str = "", hint: str = "") -> object:
     errors."""
     try:
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except (PermissionError, IsADirectoryError):  # not damage: the file is there but cannot be read as it is
+        raise
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         # torch reports a cut-short archive as OSError (EINVAL) or RuntimeError, an empty file as EOFError
         raise ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is damaged or incomplete "

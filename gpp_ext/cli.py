@@ -72,11 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--model", default="lenet5", help=MODEL_HELP)
     compress.add_argument("--model-args", default=None, help="JSON object of keyword arguments for the model's "
                           "factory, e.g. '{\"width\": 32}' (recorded, so the saved model rebuilds)")
-    compress.add_argument("--num-classes", type=_number(int, 2), default=None, help="outputs of the model's head (default: the "
-                          "data's classes; a --weights head of another size is re-initialised)")
-    compress.add_argument("--trust-model-code", action="store_true", help="--model FILE.pt: rebuild it by running the "
-                          "factory code its record names (a .py file or module); without this, a model file naming code "
-                          "is refused, since a model file is data and runs nothing on its own")
+    compress.add_argument("--num-classes", type=_number(int, 2), default=None, help="outputs of the model's head "
+                          "(default: the data's classes; a --weights head of another size is re-initialised)")
+    compress.add_argument("--trust-model-code", action="store_true", help="--model FILE.pt: rebuild it by running "
+                          "the factory code its record names (a .py file or module); without this, a model file "
+                          "naming code is refused, since a model file is data and runs nothing on its own")
     compress.add_argument("--factory", default=None, help="--model FILE.pt: rebuild it with this factory "
                           "(path/to/file.py:factory or package.module:factory), called with the recorded arguments")
     compress.add_argument("--weights", default=None, help="a local state-dict file to start from (nothing is "
@@ -85,10 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                           "untouched (what an error about an op it cannot handle asks for)")
     compress.add_argument("--data", default="digits", help=DATA_HELP + " (local files only)")
     compress.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    compress.add_argument("--image-size", type=_positive, default=None, help="imagefolder: resize images to this square "
-                          "size (default: keep; all images must then have one size)")
+    compress.add_argument("--image-size", type=_positive, default=None, help="imagefolder: resize images to this "
+                          "square size (default: keep; all images must then have one size)")
     compress.add_argument("--channels", type=int, choices=(1, 3), default=None, help="imagefolder: 1 (grayscale) or "
-                          "3 (RGB) (default: 3, or 1 when the images are grayscale)")
+                          "3 (RGB) (default: 3 when any image has colour, 1 when all are grayscale)")
     compress.add_argument("--image-norm", choices=("unit", "dataset", "imagenet"), default="unit",
                           help="imagefolder: pixels in [0, 1] (unit), or normalised by the training split's "
                           "per-channel mean and std (dataset) or ImageNet's (imagenet); recorded in report.json")
@@ -100,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--target-params", type=_fraction, default=0.1, help="stop at this fraction of the "
                           "base model's parameters")
     compress.add_argument("--target-flops", type=_fraction, default=None, help="also reach this fraction of FLOPs")
-    compress.add_argument("--accuracy-floor", type=_number(float, 0, 1, high_open=True), default=0.02, help="largest drop of validation accuracy "
-                          "(a fraction) the compact model may show")
+    compress.add_argument("--accuracy-floor", type=_number(float, 0, 1, high_open=True), default=0.02,
+                          help="largest drop of validation accuracy (a fraction) the compact model may show")
     compress.add_argument("--epochs", type=_count, default=5, help="initial training epochs")
     compress.add_argument("--push-epochs", type=_epochs, default=1, help="push epochs per iteration")
     compress.add_argument("--finetune-epochs", type=_epochs, default=2, help="fine-tuning epochs per iteration")
@@ -132,15 +132,15 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--epoch-budget", type=_epochs, default=None,
                           help="all training after the base, in epochs, split evenly over --max-iterations "
                           "(replaces --push-epochs and --finetune-epochs)")
-    compress.add_argument("--push-share", type=_number(float, 0, 1), default=0.5, help="with --epoch-budget: the push's share of "
-                          "each iteration")
+    compress.add_argument("--push-share", type=_number(float, 0, 1), default=0.5, help="with --epoch-budget: the "
+                          "push's share of each iteration")
     compress.add_argument("--fade-reselect", type=_positive, default=4, help="--push fade: selections of the removal "
                           "set during each push")
-    compress.add_argument("--fade-end", type=_fraction, default=1.0, help="--push fade: the share of each push at which "
-                          "the removal set reaches zero, in (0, 1]; below 1 the rest of the push trains the kept "
+    compress.add_argument("--fade-end", type=_fraction, default=1.0, help="--push fade: the share of each push at "
+                          "which the removal set reaches zero, in (0, 1]; below 1 the rest of the push trains the kept "
                           "channels alone (the compression benchmark chose 0.5 on VGG-BN's validation split)")
-    compress.add_argument("--distill", type=_number(float, 0), default=0.0, help="weight of distillation from the model as it "
-                          "was before each push (0: off)")
+    compress.add_argument("--distill", type=_number(float, 0), default=0.0, help="weight of distillation from the "
+                          "model as it was before each push (0: off)")
     compress.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
                           help="grow Inception modules first (default: on for --model inception)")
     compress.add_argument("--seed", type=_count, default=0)

@@ -143,6 +143,9 @@ def test_trusting_runs_the_named_code_and_a_named_factory_is_used(hostile, tmp_p
 def test_fetching_arguments_and_non_data_kwargs_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"include \['weights'\], which fetch or read weights"):
         io.load(forge(tmp_path / "a.pt", {"name": "torchvision:resnet18", "kwargs": {"weights": "DEFAULT"}}))
+    with pytest.raises(ValueError) as refused:  # init_weights is not about fetching (torchvision's GoogLeNet)
+        io.load(forge(tmp_path / "g.pt", {"name": "torchvision:googlenet", "kwargs": {"init_weights": True}}))
+    assert "which fetch or read weights" not in str(refused.value)
     with pytest.raises(ValueError, match="describe a 'lenet5' of 15,000,"):  # sizes edited to exhaust memory
         io.load(forge(tmp_path / "b.pt", {"name": "lenet5", "kwargs": {"in_channels": 10 ** 8, "input_size": 8}}))
     with pytest.raises(ValueError, match="user model without a recorded factory"):
@@ -359,7 +362,8 @@ def _image(mode, rng, size):
 
 
 @FUZZ
-@given(modes=st.lists(MODES, min_size=8, max_size=12), seed=st.integers(0, 2 ** 16), channels=st.sampled_from([None, 1, 3]))
+@given(modes=st.lists(MODES, min_size=8, max_size=12), seed=st.integers(0, 2 ** 16),
+       channels=st.sampled_from([None, 1, 3]))
 def test_image_folders_of_any_mode_bit_depth_and_channel_mix_load_their_true_intensities(tmp_path_factory, modes, seed,
                                                                                          channels):
     rng = np.random.default_rng(seed)
@@ -370,7 +374,7 @@ def test_image_folders_of_any_mode_bit_depth_and_channel_mix_load_their_true_int
         colour |= has_colour
         label = "ab"[i % 2]
         os.makedirs(folder / label, exist_ok=True)
-        im.save(folder / label / f"{i // 2:02d}-{i}.tif" if mode in ("I", "F") else folder / label / f"{i // 2:02d}-{i}.png")
+        im.save(folder / label / f"{i // 2:02d}-{i}.{'tif' if mode in ('I', 'F') else 'png'}")
         truths.append((label, f"{i // 2:02d}-{i}", truth, has_colour))
     try:
         splits = image_folder(folder, channels=channels, progress=False, val_fraction=0.25, test_fraction=0.25)

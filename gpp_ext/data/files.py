@@ -224,7 +224,8 @@ def image_folder(folder, image_size: int | None = None, channels: int | None = N
     make = lambda s: ImageTensors(*sets[s], mean, std) if s in sets else None  # noqa: E731
     splits = make_splits(make("train"), make("test"), val_fraction, test_fraction, seed=seed,
                          name=f"imagefolder:{folder}", classes=classes, val=make("val"))
-    splits.preprocessing = {"scale": 1 / _FULL[images.dtype], "mean": mean or [0.0] * channels, "std": std or [1.0] * channels,
+    splits.preprocessing = {"scale": 1 / _FULL[images.dtype], "mean": mean or [0.0] * channels,
+                            "std": std or [1.0] * channels,
                             "channels": channels, "image_size": list(images.shape[2:]), "normalize": normalize}
     return splits
 

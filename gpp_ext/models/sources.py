@@ -203,8 +203,17 @@ def build_source(source: str, num_classes: int | None = None, in_channels: int |
 
 
 # Keyword arguments a recorded spec may not pass to a torchvision or timm constructor: they fetch or read weights
-# (a download, or a file named by the model file), which a model file must not make happen.
-_FETCHING = ("weight", "pretrained", "checkpoint", "url", "file", "path", "cache", "hub")
+# (a download, or a file named by the model file), which a model file must not make happen. Matched by name and
+# by prefix/suffix, so `init_weights` (torchvision's GoogLeNet) and `drop_path_rate` (timm) stay allowed.
+_FETCHING = {"weights", "weights_backbone", "checkpoint_path", "cache_dir", "model_dir", "hub_id", "url", "file",
+             "path"}
+_FETCHING_PREFIXES = ("pretrained", "weights_", "checkpoint", "hf_hub")
+_FETCHING_SUFFIXES = ("_url", "_file", "_path", "_dir", "_checkpoint")
+
+
+def _fetches(key: str) -> bool:
+    key = key.lower()
+    return key in _FETCHING or key.startswith(_FETCHING_PREFIXES) or key.endswith(_FETCHING_SUFFIXES)
 _PLAIN = (type(None), bool, int, float, str)
 
 
@@ -280,7 +289,7 @@ def rebuild(spec, trust_code: bool = False, factory=None, near: str | None = Non
                          f"code, pass trust_code=True (gpp: --trust-model-code); or give the factory yourself: "
                          f"factory=<callable or 'path/to/file.py:factory'> (gpp: --factory path/to/file.py:factory)")
     if name.partition(":")[0] in ("torchvision", "timm"):
-        fetching = sorted(k for k in kwargs if any(word in k.lower() for word in _FETCHING))
+        fetching = sorted(k for k in kwargs if _fetches(k))
         if fetching:
             raise ValueError(f"{where}: the recorded arguments of {name!r} include {fetching}, which fetch or read "
                              f"weights; a model file cannot make that happen (its weights are in the file)")
