@@ -20,6 +20,7 @@ import time
 
 from .export import OPSETS
 from .pruning import criteria
+from .pruning.allocation import ALLOCATIONS
 
 __all__ = ["main"]
 
@@ -116,9 +117,11 @@ def _parser() -> argparse.ArgumentParser:
                           "iteration i of --max-iterations keeps target-params**(i/n) of the base parameters")
     compress.add_argument("--cuts", type=_positive, default=1, help="cuts per prune stage, each analysed afresh "
                           "(--schedule budget)")
-    compress.add_argument("--allocation", choices=("global", "uniform"), default="global",
-                          help="--schedule budget: one threshold on utilities across layers (global), or the "
-                          "same fraction of every layer (uniform)")
+    compress.add_argument("--allocation", choices=ALLOCATIONS, default="global",
+                          help="--schedule budget: how many channels each layer keeps: one threshold on utilities "
+                          "across layers (global), the same fraction of every layer (uniform), the cost-aware widths "
+                          "of greatest value on a width grid (solver), or the solver calibrated by the loss of "
+                          "candidate cuts (search)")
     compress.add_argument("--normalize", choices=("mean", "none"), default="mean",
                           help="--schedule budget, global allocation: compare utilities divided by their layer's "
                           "mean, or as they are (the traced discriminant utility is comparable across layers)")

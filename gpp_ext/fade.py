@@ -10,7 +10,8 @@
 The removal set is what the coming cut will take away: the channels a criterion (by default the traced
 discriminant utility, `lda`) ranks lowest, chosen globally for a parameter (or FLOP) budget with a floor per
 group (`select_channels(method="budget")`). It is chosen again `reselect` times during the first `fade_end`
-share of the phase, so channels can swap in and out while the fade is partial.
+share of the phase, so channels can swap in and out while the fade is partial; the widths (how many channels
+each group keeps) are those of the first selection, fixed for the rest of the push.
 
 Every tensor that produces a removed channel (producer weight rows and bias, norm weight **and bias**, since a
 surviving bias leaks a constant through the ReLU, depthwise filters and bias: the graph's `scale_channels`
@@ -65,15 +66,17 @@ class RemovalFade:
         num_classes: classes (default: the classifier's outputs).
         seed: seed of randomised criteria.
         ignore: modules the graph treats as opaque.
-        normalize, allocation: how the selection compares and shares out the budget between groups
-            (`select_channels`).
+        normalize, allocation, floor: how the first selection compares and shares out the budget between groups
+            (`select_channels`; "search" scores its candidates on `loader`). The widths it decides are fixed:
+            later selections change only which channels each group loses, and a channel more than half faded
+            comes back only when it now ranks in the top half of its group's kept width.
     """
 
     def __init__(self, model: nn.Module, example_inputs, loader, budget: float, budget_kind: str = "params",
                  criterion="lda", reselect: int = 4, schedule: str = "cosine", fade_end: float = 1.0,
                  min_channels: int = 1, round_to: int = 1, neurons=0.75, max_batches: int | None = 20,
                  num_classes: int | None = None, seed: int = 0, ignore=(), normalize: str = "mean",
-                 allocation: str = "global"):
+                 allocation: str = "global", floor: float = 0.0):
         if not 0 < budget <= 1:
             raise ValueError(f"RemovalFade: budget must be in (0, 1] (the fraction of the cost the cut keeps), got "
                              f"{budget}")
@@ -89,7 +92,8 @@ class RemovalFade:
         self.model, self.loader, self.budget, self.budget_kind = model, loader, budget, budget_kind
         self.reselect, self.schedule, self.fade_end = reselect, schedule, fade_end
         self.min_channels, self.round_to, self.neurons, self.max_batches = min_channels, round_to, neurons, max_batches
-        self.seed, self.normalize, self.allocation = seed, normalize, allocation
+        self.seed, self.normalize, self.allocation, self.floor = seed, normalize, allocation, floor
+        self.widths = None  # {group: width}, decided by the first selection and fixed after it
         self.graph = ChannelGraph(model, example_inputs, ignore=ignore)
         self.classifier = find_classifier(model)
         self.num_classes = num_classes or dict(model.named_modules())[self.classifier].out_features
@@ -120,10 +124,22 @@ class RemovalFade:
             scores = self._criterion(self.graph, context)
         finally:
             self.model.train(was_training)
-        keep = select_channels(self.graph, scores, method="budget", budget=self.budget, budget_kind=self.budget_kind,
-                               min_channels=self.min_channels, round_to=self.round_to, normalize=self.normalize,
-                               allocation=self.allocation)
         factor = _schedule(self.schedule, self._u)
+        if self.widths is None:  # the first selection decides the widths; later ones only which channels
+            evaluate = None
+            if self.allocation == "search":
+                from .pruning.allocation import evaluator_from
+
+                evaluate = evaluator_from(self.model, self.graph.example_inputs, scores, self.loader,
+                                          ignore=tuple(self.graph.ignore), device=context.device,
+                                          max_batches=self.max_batches)
+            keep = select_channels(self.graph, scores, method="budget", budget=self.budget,
+                                   budget_kind=self.budget_kind, min_channels=self.min_channels,
+                                   round_to=self.round_to, normalize=self.normalize, allocation=self.allocation,
+                                   floor=self.floor, evaluate=evaluate, seed=self.seed)
+            self.widths = {name: int(k.numel()) for name, k in keep.items()}
+        else:
+            keep = self._keep_at_widths(scores, factor)
         swapped = 0
         for group in self.graph.groups:
             removed = torch.ones(group.size, dtype=torch.bool)
@@ -156,6 +172,24 @@ class RemovalFade:
                              "swapped": swapped if self._selections > 1 else 0})
         self._update_kept_features()
         self._update_masks()
+
+    def _keep_at_widths(self, scores: dict, factor: float) -> dict:
+        """The fixed widths' best channels by the new scores, with hysteresis: a channel more than half faded
+        stays in the removal set unless it now ranks in the top half of its group's kept width."""
+        keep = {}
+        for name, width in self.widths.items():
+            order = torch.sort(scores[name].detach().double().cpu(), descending=True, stable=True).indices
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel())
+            blocked = torch.zeros(order.numel(), dtype=torch.bool)
+            removed = self._removed.get(name)
+            if removed is not None and removed.numel():
+                remaining = factor / self._entry[name].clamp_min(1e-12)  # share of its anchor each one keeps
+                blocked[removed[remaining < 0.5]] = True
+            blocked &= rank >= width // 2
+            allowed = order[~blocked[order]]
+            keep[name] = allowed[:width].sort().values
+        return keep
 
     def _update_kept_features(self) -> None:
         width = dict(self.model.named_modules())[self.classifier].in_features

@@ -47,6 +47,7 @@ from .cost import count_flops, count_params
 from .fade import FADE_SCHEDULES, RemovalFade
 from .grow import grow
 from .pruning import criteria, prune
+from .pruning.allocation import ALLOCATIONS
 from .push import PushLoss
 from .classifier import find_classifier
 from .training import compare_latency, evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
@@ -82,7 +83,9 @@ class LoopConfig:
     max_iterations: int = 8
     cuts: int = 1                    # cuts per prune stage, each analysed afresh (schedule "budget")
     budget_kind: str = "params"      # what schedule "budget" counts: "params" (target_params) or "flops"
-    allocation: str = "global"       # schedule "budget": "global" threshold, or "uniform" fraction per layer
+    allocation: str = "global"       # schedule "budget": "global" threshold, "uniform" fraction per layer,
+                                     # "solver" (cost-aware widths on a grid) or "search" (calibrated solver)
+    floor: float = 0.0               # schedule "budget": every group keeps at least this share of its channels
     normalize: str = "mean"          # schedule "budget", global allocation: utilities divided by their layer's
                                      # mean ("mean") or compared as they are ("none")
     push: str = "loss"               # "loss" (v1), "fade" (v2: the removal set faded to zero), "none"
@@ -110,7 +113,7 @@ class LoopConfig:
         numbers = ("epochs", "push_epochs", "finetune_epochs", "epoch_budget", "push_share", "batch_size", "lr",
                    "weight_decay", "target_params", "target_flops", "accuracy_floor", "eta_start", "eta_step",
                    "max_iterations", "cuts", "fade_reselect", "fade_end", "distill", "temperature", "alpha", "beta",
-                   "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed")
+                   "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed", "floor")
         for name in numbers:  # NaN passes every comparison below, so finiteness comes first
             value = getattr(self, name)
             if value is None and name in ("epoch_budget", "target_flops"):
@@ -154,8 +157,10 @@ class LoopConfig:
             raise ValueError(f"LoopConfig: fade_schedule must be one of {FADE_SCHEDULES}, fade_end in (0, 1] and "
                              f"fade_reselect >= 1, got fade_schedule={self.fade_schedule!r}, "
                              f"fade_end={self.fade_end!r}, fade_reselect={self.fade_reselect!r}")
-        if self.allocation not in ("global", "uniform"):
-            raise ValueError(f"LoopConfig: allocation must be 'global' or 'uniform', got {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"LoopConfig: allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not 0 <= self.floor < 1:
+            raise ValueError(f"LoopConfig: floor must be in [0, 1), got {self.floor!r}")
         if self.normalize not in ("mean", "none"):
             raise ValueError(f"LoopConfig: normalize must be 'mean' or 'none', got {self.normalize!r}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
@@ -222,7 +227,7 @@ def push_stage(model: nn.Module, splits, config: LoopConfig, seed: int, device="
                                reselect=config.fade_reselect, schedule=config.fade_schedule,
                                fade_end=config.fade_end, neurons=config.neurons, num_classes=splits.num_classes,
                                seed=seed, allocation=config.allocation, normalize=config.normalize,
-                               ignore=tuple(config.ignore), round_to=config.round_to)
+                               floor=config.floor, ignore=tuple(config.ignore), round_to=config.round_to)
             fade.attach(push)
     model = fit(model, splits.train, epochs, push=push, after_step=fade.step if fade else None, **common)
     if fade is None:
@@ -264,7 +269,7 @@ def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, ba
         if relative < 1:
             model, report = prune(model, loader, example, splits.num_classes, method="budget", budget=relative,
                                   budget_kind=config.budget_kind, allocation=config.allocation,
-                                  normalize=config.normalize, **kwargs)
+                                  normalize=config.normalize, floor=config.floor, **kwargs)
             reports.append(report)
     return model, reports
 

@@ -59,7 +59,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
           budget: float | None = None, budget_kind: str = "params", min_channels: int = 1, round_to: int = 1,
           tracing_per_class: int = 4, max_batches: int | None = None, recalibrate: bool = True,
           ignore=(), inplace: bool = False, progress: bool = True, seed: int = 0, keep: dict | None = None,
-          allocation: str = "global", normalize: str = "mean"):
+          allocation: str = "global", normalize: str = "mean", floor: float = 0.0):
     """Prunes `model` for the task in `loader` and returns `(compact_model, PruneReport)`.
 
     Args:
@@ -71,9 +71,10 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
             the discriminant utility traced by deconvolution, and the baselines "l1", "bn_scale", "taylor",
             "random"), or any callable `(graph, context) -> {group name: [size] scores}`.
         neurons: pre-decision neurons kept for tracing: a count (int) or a fraction (float in (0, 1]).
-        method, eta, ratio, budget, budget_kind, min_channels, round_to, allocation, normalize: see
+        method, eta, ratio, budget, budget_kind, min_channels, round_to, allocation, normalize, floor: see
             `select_channels` (the method follows the knob given: `budget=0.3` prunes to 30% of the
-            parameters; `eta=0.1` when none is given).
+            parameters; `eta=0.1` when none is given). `allocation="search"` scores its candidates on the
+            first batches of `loader` (`allocation.evaluator_from`).
         tracing_per_class: tracing images per class.
         max_batches: limit the analysis pass (default: the whole loader).
         recalibrate: re-estimate BatchNorm statistics on `loader` after pruning.
@@ -132,9 +133,16 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
         if not isinstance(scores, dict):
             raise TypeError(f"prune: criterion {name!r} must return a dict of group name -> [size] scores, got "
                             f"{type(scores).__name__}")
+        evaluate = None
+        if allocation == "search" and method == "budget":
+            from .allocation import evaluator_from
+
+            evaluate = evaluator_from(model, example_inputs, scores, loader, ignore=ignore, device=device,
+                                      max_batches=max_batches)
         keep = select_channels(graph, scores, method=method, eta=eta if method == "eta" else None, ratio=ratio,
                                budget=budget, budget_kind=budget_kind, min_channels=min_channels,
-                               round_to=round_to, allocation=allocation, normalize=normalize)
+                               round_to=round_to, allocation=allocation, normalize=normalize, floor=floor,
+                               evaluate=evaluate, seed=seed, progress=progress)
     # Under torch.distributed the statistics are already identical everywhere, but tracing images, Taylor's
     # batch and random scores are each process's own: rank 0 decides, and every process cuts the same channels.
     keep = gdist.broadcast_object(keep)

@@ -84,7 +84,7 @@ class CostModel:
             return shape
         shape = list(entry[0])
         for dim, group, per_channel in entry[1]:
-            shape[dim] -= removed[group] * per_channel
+            shape[dim] -= removed.get(group, 0) * per_channel
         return shape
 
     def _flops(self, removed: dict) -> int:
@@ -93,6 +93,33 @@ class CostModel:
             new = self._shape(key, shape, removed)
             total += positions * (2 * math.prod(new) + (new[0] if bias else 0))
         return total
+
+    def terms(self) -> tuple:
+        """`(constant, [(groups, cost_of)...])`: the cost as a constant plus one term per tensor (parameters) or
+        per layer call (FLOPs), each depending only on the widths of `groups` (a tuple of group names):
+        `cost_of(widths)` with `widths` naming at least those groups. `cost(w) == constant + sum of the terms`.
+        What the width solvers decompose (a chain of groups coupled only pairwise is solved exactly)."""
+        out = []
+        if self.kind == "params":
+            for key, entry in self._tensors.items():
+                groups = tuple(dict.fromkeys(g for _, g, _ in entry[1]))
+                out.append((groups, self._term(key, entry[0], groups, None)))
+        else:
+            for positions, key, shape, bias in self._calls:
+                entry = self._tensors.get(key)
+                groups = tuple(dict.fromkeys(g for _, g, _ in entry[1])) if entry else ()
+                out.append((groups, self._term(key, shape, groups, (positions, bias))))
+        return self._constant, out
+
+    def _term(self, key, shape, groups, call):
+        def cost_of(widths):
+            removed = {g: self.sizes[g] - int(widths[g]) for g in groups}
+            new = self._shape(key, shape, removed)
+            if call is None:
+                return math.prod(new)
+            positions, bias = call
+            return positions * (2 * math.prod(new) + (new[0] if bias else 0))
+        return cost_of
 
     def cost(self, widths: dict) -> int:
         """The cost with group `name` keeping `widths[name]` channels (groups not named stay whole)."""
@@ -121,9 +148,9 @@ def _kept(utility: torch.Tensor, count: int) -> torch.Tensor:
     return order[:count].sort().values
 
 
-def _guarded(utility: torch.Tensor, count: int, min_channels: int, round_to: int) -> int:
+def _guarded(utility: torch.Tensor, count: int, min_channels: int, round_to: int, floor: float = 0.0) -> int:
     size = utility.numel()
-    count = max(count, min(min_channels, size))
+    count = max(count, min(min_channels, size), min(size, math.ceil(floor * size - 1e-9)))
     if round_to > 1:
         count = min(size, int(math.ceil(count / round_to)) * round_to)
     return max(1, count)
@@ -158,7 +185,8 @@ def resolve_method(method: str | None, eta, ratio, budget, where: str = "select_
 def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = None, eta: float | None = None,
                     ratio: float | None = None, budget: float | None = None, budget_kind: str = "params",
                     min_channels: int = 1, round_to: int = 1, search: str = "cost_model",
-                    normalize: str = "mean", allocation: str = "global") -> dict:
+                    normalize: str = "mean", allocation: str = "global", floor: float = 0.0,
+                    evaluate=None, seed: int = 0, progress: bool = False) -> dict:
     """Indices to keep per group. See the module docstring for the methods.
 
     Args:
@@ -175,8 +203,12 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
             so one threshold treats every layer alike) or "none" (raw utilities, for criteria that are already
             comparable across layers).
         allocation: how the budget is shared between groups: "global" (one threshold on the utilities: layers
-            lose channels where their utilities are low) or "uniform" (every group keeps the same fraction of
-            its channels, its lowest-utility ones going: the widths do not depend on the utilities).
+            lose channels where their utilities are low), "uniform" (every group keeps the same fraction of
+            its channels, its lowest-utility ones going: the widths do not depend on the utilities) or "solver"
+            (the cost-aware widths of `allocation.allocate`, on the width grid: `round_to` when above 1, else
+            multiples of 4, 8 or 16 by group size), or "search" (the solver's per-group coefficients searched
+            by `evaluate`, an `allocation.CandidateEvaluator`, with `seed`: `allocation.search_widths`).
+        floor: every group keeps at least this fraction of its channels (budget method).
     """
     method, eta = resolve_method(method, eta, ratio, budget)
     if min_channels < 1 or round_to < 1:
@@ -218,8 +250,32 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
         raise ValueError(f"select_channels: search must be 'cost_model' or 'cuts', got {search!r}")
     if normalize not in ("mean", "none"):
         raise ValueError(f"select_channels: normalize must be 'mean' or 'none', got {normalize!r}")
-    if allocation not in ("global", "uniform"):
-        raise ValueError(f"select_channels: allocation must be 'global' or 'uniform', got {allocation!r}")
+    if allocation not in ("global", "uniform", "solver", "search"):
+        raise ValueError(f"select_channels: allocation must be 'global', 'uniform', 'solver' or 'search', got "
+                         f"{allocation!r}")
+    if allocation == "search" and evaluate is None:
+        raise ValueError("select_channels: allocation='search' needs evaluate=<allocation.CandidateEvaluator> (prune "
+                         "and the loop build one from their data)")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
+        raise ValueError(f"select_channels: floor must be in [0, 1) (a share of each group's channels), got "
+                         f"{floor!r}")
+    if allocation in ("solver", "search"):
+        from .allocation import allocate, keep_top, search_widths
+
+        model = CostModel(graph, budget_kind)
+        grid = dict(normalize=normalize, floor=floor, min_channels=min_channels,
+                    round_to=round_to if round_to > 1 else None)
+        if allocation == "search":
+            widths, _ = search_widths(graph, utilities, budget, evaluate, budget_kind, seed=seed, progress=progress,
+                                      **grid)
+        else:
+            widths = allocate(graph, utilities, budget, budget_kind, "solver", cost_model=model, **grid)
+        keep = keep_top(utilities, widths)
+        predicted, real = model.cost(widths), _real_cost(graph, keep, budget_kind)
+        if predicted != real:
+            raise RuntimeError(f"select_channels: the cost model predicted {predicted:,} {budget_kind} but the cut "
+                               f"gives {real:,}; the solver needs an exact cost model (use allocation='global')")
+        return keep
 
     # Each group's utilities relative to their mean: a channel worth less than t times its layer's average
     # goes, whatever the scale of the layer's signal (max-normalising instead would let one dominant channel
@@ -228,13 +284,14 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
 
     if allocation == "global":  # t: the threshold on (normalised) utilities
         def widths_at(t):
-            return {n: _guarded(u, int((u >= t).sum()), min_channels, round_to) for n, u in normalised.items()}
+            return {n: _guarded(u, int((u >= t).sum()), min_channels, round_to, floor)
+                    for n, u in normalised.items()}
 
         lo = 0.0  # keeps every channel with a non-negative utility
         hi = max(float(u.max()) for u in normalised.values()) + 1e-9  # keeps only what the guards force
     else:  # t: the fraction of every group's channels that goes
         def widths_at(t):
-            return {n: _guarded(u, int(round(u.numel() * (1 - t))), min_channels, round_to)
+            return {n: _guarded(u, int(round(u.numel() * (1 - t))), min_channels, round_to, floor)
                     for n, u in normalised.items()}
 
         lo, hi = 0.0, 1.0
@@ -260,7 +317,7 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
                           f"{real:,}; searching with real cuts instead (slower)", RuntimeWarning, stacklevel=2)
             return select_channels(graph, utilities, method="budget", budget=budget, budget_kind=budget_kind,
                                    min_channels=min_channels, round_to=round_to, search="cuts", normalize=normalize,
-                                   allocation=allocation)
+                                   allocation=allocation, floor=floor)
     return keep
 
 
