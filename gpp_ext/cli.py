@@ -1,6 +1,7 @@
 """The `gpp` command: compress a model for a data set, run the demo, show a report, list criteria, export.
 
-    gpp compress --model lenet5 --data fashion-mnist --target-params 0.1 --out runs/lenet5
+    gpp compress --model lenet5 --data fashion-mnist --target-params 0.1 --out runs/lenet5   # the gpp recipe
+    gpp compress --model vgg --data fashion-mnist --recipe fade --epoch-budget 3 --lr-schedule onecycle
     gpp compress --model mynet.py:make_net --data imagefolder:photos --image-size 32 --device auto
     gpp compress --model torchvision:resnet18 --weights resnet18.pth --data npz:arrays.npz
     gpp demo                      # Fashion-MNIST when installed, else digits; writes runs/demo/
@@ -18,9 +19,15 @@ import os
 import sys
 import time
 
+from dataclasses import fields as dataclass_fields
+
+from . import pushes, recipes
 from .export import OPSETS
+from .fade import FADE_SCHEDULES
+from .loop import SCHEDULES, LoopConfig
 from .pruning import criteria
 from .pruning.allocation import ALLOCATIONS
+from .training import LR_SCHEDULES, OPTIMIZERS
 
 __all__ = ["main"]
 
@@ -32,6 +39,7 @@ MODEL_HELP = ("a built-in model (" + ", ".join(MODELS) + "), torchvision:NAME, t
 DATA_HELP = ("fashion-mnist, digits, imagefolder:DIR (one sub-folder per class, or DIR/train, DIR/test and optionally "
              "DIR/val holding them), or npz:FILE (arrays x [N,C,H,W] and y [N]; optional x_test, y_test)")
 DEMO_OUT = os.path.join("runs", "demo")
+MISSED_TARGET = 3  # exit status of a run whose compact model missed the size target (stopped by the floor)
 
 
 def _number(kind, low=None, high=None, low_open=False, high_open=False):
@@ -61,6 +69,87 @@ _fraction = _number(float, 0, 1, low_open=True)
 _count = _number(int, 0)           # epochs, seeds: >= 0
 _positive = _number(int, 1)        # sizes, iterations: >= 1
 _epochs = _number(float, 0)        # fractions of an epoch allowed
+
+
+# Help for the loop settings people change most; every other LoopConfig field gets a flag too (`_config_flags`).
+CONFIG_HELP = {
+    "target_params": "stop at this fraction of the base model's parameters",
+    "target_flops": "also reach this fraction of FLOPs (with --budget-kind flops the schedule counts FLOPs)",
+    "accuracy_floor": "largest drop of validation accuracy (a fraction) the compact model may show; a run that "
+                      "stops on it exits with status 3",
+    "epochs": "initial training epochs",
+    "push_epochs": "push epochs per iteration",
+    "finetune_epochs": "fine-tuning epochs per iteration",
+    "epoch_budget": "all training after the base, in epochs, split evenly over --max-iterations (replaces "
+                    "--push-epochs and --finetune-epochs)",
+    "push_share": "with --epoch-budget: the push's share of each iteration",
+    "max_iterations": "push-prune-fine-tune iterations at most",
+    "lr": "peak learning rate of every phase",
+    "lr_schedule": "every phase's learning rate: constant, cosine (to 0), warmup-cosine or onecycle (warm-up, then "
+                   "cosine annealing); each phase is one whole cycle",
+    "optimizer": "adamw, or sgd (momentum 0.9, Nesterov)",
+    "criterion": "channel utility (registered criteria; `gpp criteria` describes them)",
+    "schedule": "eta: each iteration prunes below a threshold raised every iteration; budget: iteration i of "
+                "--max-iterations keeps target**(i/n) of the base cost",
+    "cuts": "cuts per prune stage, each analysed afresh (--schedule budget)",
+    "allocation": "--schedule budget: how many channels each layer keeps: one threshold on utilities across "
+                  "layers (global), the same fraction of every layer (uniform), the cost-aware widths of greatest "
+                  "value on a width grid (solver), or the solver calibrated by the loss of candidate cuts (search)",
+    "normalize": "compare utilities across layers divided by their layer's mean, or as they are",
+    "floor": "--schedule budget: every layer keeps at least this share of its channels",
+    "round_to": "keep every pruned width a multiple of this (the solver's grid steps by layer size when 1): odd "
+                "widths can make a smaller model slower in ONNX Runtime and oneDNN, whose kernels work on blocks of "
+                "8 or 16 channels",
+    "push": "how each iteration trains before its cut: " + "; ".join(f"{k}: {v}" for k, v in pushes.describe().items()),
+    "fade_reselect": "--push fade: selections of the removal set during each push (the widths stay those of the "
+                     "first)",
+    "fade_end": "--push fade: the share of each push at which the removal set reaches zero; below 1 the rest of the "
+                "push trains the kept channels alone",
+    "distill": "weight of distillation from the model as it was before each push (0: off)",
+    "seed": "seeds the initial weights, the batch order and every randomised step",
+}
+_CHOICES = {"schedule": SCHEDULES, "push": pushes.names(), "allocation": ALLOCATIONS, "normalize": ("mean", "none"),
+            "criterion": tuple(criteria.names()), "budget_kind": ("params", "flops"), "fade_schedule": FADE_SCHEDULES,
+            "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "separation": ("fisher", "ratio")}
+_TYPES = {"target_params": _fraction, "target_flops": _fraction, "fade_end": _fraction,
+          "accuracy_floor": _number(float, 0, 1, high_open=True), "push_share": _number(float, 0, 1),
+          "warmup": _number(float, 0, 1, high_open=True), "floor": _number(float, 0, 1, high_open=True),
+          "lr": _number(float, 0, low_open=True), "temperature": _number(float, 0, low_open=True),
+          "epochs": _count, "seed": _count, "grow_epochs": _count, "push_epochs": _epochs, "finetune_epochs": _epochs,
+          "epoch_budget": _epochs, "batch_size": _positive, "max_iterations": _positive, "cuts": _positive,
+          "round_to": _positive, "fade_reselect": _positive, "max_modules_per_stage": _positive}
+# LoopConfig fields set by other options: --ignore (module names), --amp, --grow
+_OTHER_FIELDS = ("ignore", "amp", "grow")
+
+
+def _config_flags(parser) -> None:
+    """One flag per LoopConfig field (`--push-epochs` for `push_epochs`), generated from the dataclass, each
+    defaulting to the recipe's value: the defaults live in one place, `LoopConfig`."""
+    group = parser.add_argument_group("loop settings", "default: the --recipe's value (LoopConfig's defaults for "
+                                      "gpp); `python -c 'import gpp_ext.loop as l; print(l.LoopConfig())'` lists them")
+    for f in dataclass_fields(LoopConfig):
+        if f.name in _OTHER_FIELDS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        # not given: absent from the namespace, so the recipe's value stands (and the help shows gpp's)
+        help_ = CONFIG_HELP.get(f.name, f"LoopConfig.{f.name}") + f" (gpp: {f.default!r})".replace("%", "%%")
+        common = dict(default=argparse.SUPPRESS, help=help_)
+        if f.name in _CHOICES:
+            group.add_argument(flag, choices=_CHOICES[f.name], **common)
+        elif f.name in _TYPES:
+            group.add_argument(flag, type=_TYPES[f.name], **common)
+        else:  # a number without a range of its own: finite, checked by LoopConfig.validate before anything runs
+            kind = int if isinstance(f.default, int) and not isinstance(f.default, bool) else float
+            group.add_argument(flag, type=_number(kind), **common)
+
+
+def _config(args, model_name: str, **extra):
+    """The run's LoopConfig: `--recipe` with every flag given on the command line applied."""
+    overrides = {f.name: getattr(args, f.name) for f in dataclass_fields(LoopConfig)
+                 if f.name not in _OTHER_FIELDS and getattr(args, f.name, None) is not None}
+    grow = args.grow if args.grow is not None else model_name == "inception"
+    return recipes.build(args.recipe, grow=grow, amp=args.amp,
+                         **overrides, **extra)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,55 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--amp", action="store_true", help="mixed-precision training (bfloat16 autocast; CUDA "
                           "only)")
     compress.add_argument("--out", default=None, help="output folder (default runs/MODEL-DATA)")
-    compress.add_argument("--target-params", type=_fraction, default=0.1, help="stop at this fraction of the "
-                          "base model's parameters")
-    compress.add_argument("--target-flops", type=_fraction, default=None, help="also reach this fraction of FLOPs")
-    compress.add_argument("--accuracy-floor", type=_number(float, 0, 1, high_open=True), default=0.02,
-                          help="largest drop of validation accuracy (a fraction) the compact model may show")
-    compress.add_argument("--epochs", type=_count, default=5, help="initial training epochs")
-    compress.add_argument("--push-epochs", type=_epochs, default=1, help="push epochs per iteration")
-    compress.add_argument("--finetune-epochs", type=_epochs, default=2, help="fine-tuning epochs per iteration")
-    compress.add_argument("--max-iterations", type=_positive, default=8, help="push-prune-fine-tune iterations at most")
-    compress.add_argument("--batch-size", type=_positive, default=128)
-    compress.add_argument("--lr", type=_number(float, 0, low_open=True), default=2e-3,
-                          help="learning rate (a finite number > 0)")
-    compress.add_argument("--criterion", choices=criteria.names(), default="lda",
-                          help="channel utility (registered criteria; `gpp criteria` describes them)")
-    compress.add_argument("--schedule", choices=("eta", "budget"), default="eta",
-                          help="eta: each iteration prunes below a threshold raised every iteration; budget: "
-                          "iteration i of --max-iterations keeps target-params**(i/n) of the base parameters")
-    compress.add_argument("--cuts", type=_positive, default=1, help="cuts per prune stage, each analysed afresh "
-                          "(--schedule budget)")
-    compress.add_argument("--allocation", choices=ALLOCATIONS, default="global",
-                          help="--schedule budget: how many channels each layer keeps: one threshold on utilities "
-                          "across layers (global), the same fraction of every layer (uniform), the cost-aware widths "
-                          "of greatest value on a width grid (solver), or the solver calibrated by the loss of "
-                          "candidate cuts (search)")
-    compress.add_argument("--normalize", choices=("mean", "none"), default="mean",
-                          help="--schedule budget, global allocation: compare utilities divided by their layer's "
-                          "mean, or as they are (the traced discriminant utility is comparable across layers)")
-    compress.add_argument("--round-to", type=_positive, default=1, help="keep every pruned width a multiple of this: "
-                          "odd widths can make a smaller model slower in ONNX Runtime and oneDNN, whose kernels work "
-                          "on blocks of 8 or 16 channels")
-    compress.add_argument("--push", choices=("loss", "fade", "none"), default="loss",
-                          help="loss: push terms on the pre-decision features; fade: the removal set of each cut "
-                          "fades to exactly zero during the push, so the cut is lossless (needs --schedule budget); "
-                          "none: plain cross-entropy")
-    compress.add_argument("--epoch-budget", type=_epochs, default=None,
-                          help="all training after the base, in epochs, split evenly over --max-iterations "
-                          "(replaces --push-epochs and --finetune-epochs)")
-    compress.add_argument("--push-share", type=_number(float, 0, 1), default=0.5, help="with --epoch-budget: the "
-                          "push's share of each iteration")
-    compress.add_argument("--fade-reselect", type=_positive, default=4, help="--push fade: selections of the removal "
-                          "set during each push")
-    compress.add_argument("--fade-end", type=_fraction, default=1.0, help="--push fade: the share of each push at "
-                          "which the removal set reaches zero, in (0, 1]; below 1 the rest of the push trains the kept "
-                          "channels alone (the compression benchmark chose 0.5 on VGG-BN's validation split)")
-    compress.add_argument("--distill", type=_number(float, 0), default=0.0, help="weight of distillation from the "
-                          "model as it was before each push (0: off)")
+    compress.add_argument("--recipe", choices=recipes.names(), default="gpp", help="the loop's settings: "
+                          + "; ".join(f"{k}: {v}" for k, v in recipes.DESCRIPTIONS.items())
+                          + ". The flags below change single settings of it")
     compress.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
                           help="grow Inception modules first (default: on for --model inception)")
-    compress.add_argument("--seed", type=_count, default=0)
+    _config_flags(compress)
     compress.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
     run = compress.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the output folder's run from its checkpoint "
@@ -227,10 +273,10 @@ def _load_model_file(args):
     """The model file `--model` names, rebuilt as `--factory` / `--trust-model-code` allow."""
     from . import io
 
-    if _model_args(getattr(args, "model_args", None)):
+    if _model_args(args.model_args):
         raise ValueError("--model-args: a saved model file is rebuilt from what it records; give no arguments")
-    return io.load(args.model, factory=getattr(args, "factory", None),
-                   trust_code=getattr(args, "trust_model_code", False))
+    return io.load(args.model, factory=args.factory,
+                   trust_code=args.trust_model_code)
 
 
 def _build_model(args, splits, saved=None):
@@ -239,8 +285,8 @@ def _build_model(args, splits, saved=None):
     from . import models
     from .classifier import find_classifier
 
-    source, kwargs = args.model, _model_args(getattr(args, "model_args", None))
-    num_classes = getattr(args, "num_classes", None)
+    source, kwargs = args.model, _model_args(args.model_args)
+    num_classes = args.num_classes
     if num_classes is not None and num_classes != splits.num_classes:
         raise ValueError(f"--num-classes {num_classes}: the data ({splits.name}) has {splits.num_classes} classes; "
                          f"the head must have one output per class")
@@ -258,7 +304,7 @@ def _build_model(args, splits, saved=None):
         note = None
     else:
         raise ValueError(f"--model {source!r}: not a built-in model and no such file; expected {MODEL_HELP}")
-    weights = getattr(args, "weights", None)
+    weights = args.weights
     if weights:
         head = find_classifier(model)
         kept = models.load_weights(model, weights, head=head)
@@ -301,7 +347,7 @@ def _compress(args, config_overrides=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(getattr(args, "device", "cpu"))
+    device = _device(args.device)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and device.type == "cuda" and device.index is None:  # one GPU per process under torchrun
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -343,48 +389,39 @@ def _compress_run(args, device, config_overrides=None) -> int:
 
     from . import data
     from . import distributed as gdist
-    from .loop import GrowPushPrune, LoopConfig
+    from .loop import GrowPushPrune
     from .report import summary_table, write_reports
 
     lead = gdist.rank() == 0  # under torchrun, rank 0 speaks and writes; every process computes
-    peers = _read_peers(args.peers, args.model, args.data) if getattr(args, "peers", None) else None
-    amp = getattr(args, "amp", False)
+    peers = _read_peers(args.peers, args.model, args.data) if args.peers else None
+    amp = args.amp
     if amp and device.type != "cuda":
         raise ValueError(f"--amp: mixed precision needs a CUDA device (--device {device})")
     _check_model_source(args.model, args)  # before the data are read (an image folder takes a while)
-    if getattr(args, "weights", None) and not os.path.isfile(args.weights):
+    if args.weights and not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights: no file {args.weights}")
+    ignore = tuple(n.strip() for n in (args.ignore or "").split(",") if n.strip())
+    config = _config(args, args.model, ignore=ignore, **(config_overrides or {}))  # every setting checked now
     saved = _load_model_file(args) if _is_model_file(args.model) else None  # refused here, before the data
-    splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=args.seed,
-                               image_size=getattr(args, "image_size", None), channels=getattr(args, "channels", None),
-                               normalize=getattr(args, "image_norm", "unit"), progress=not args.quiet)
-    torch.manual_seed(args.seed)  # the initial weights follow --seed, whatever ran before in this process
+    splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=config.seed,
+                               image_size=args.image_size, channels=args.channels,
+                               normalize=args.image_norm, progress=not args.quiet)
+    torch.manual_seed(config.seed)  # the initial weights follow --seed, whatever ran before in this process
     model, note = _build_model(args, splits, saved)
-    ignore = tuple(n.strip() for n in (getattr(args, "ignore", None) or "").split(",") if n.strip())
     unknown = [n for n in ignore if n not in dict(model.named_modules())]
     if unknown:
         raise ValueError(f"--ignore: the model has no modules {unknown[:4]}")
-    grow = args.grow if args.grow is not None else args.model == "inception"
-    config = LoopConfig(epochs=args.epochs, push_epochs=args.push_epochs, finetune_epochs=args.finetune_epochs,
-                        batch_size=args.batch_size, lr=args.lr, target_params=args.target_params,
-                        target_flops=args.target_flops, accuracy_floor=args.accuracy_floor,
-                        max_iterations=args.max_iterations, criterion=args.criterion, grow=grow, seed=args.seed,
-                        schedule=args.schedule, cuts=args.cuts, push=args.push, epoch_budget=args.epoch_budget,
-                        push_share=args.push_share, fade_reselect=args.fade_reselect,
-                        fade_end=getattr(args, "fade_end", 1.0), distill=args.distill, allocation=args.allocation,
-                        normalize=args.normalize, ignore=ignore, amp=amp,
-                        round_to=getattr(args, "round_to", 1),
-                        **(config_overrides or {}))
     out = args.out or os.path.join("runs", f"{_slug(args.model)}-{_slug(args.data)}")
     loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet, device=device,
-                         onnx_latency=getattr(args, "onnx_latency", None))
+                         onnx_latency=args.onnx_latency)
     if lead:
         processes = f", {gdist.world_size()} processes" if gdist.is_distributed() else ""
         print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
-              f"{len(splits.test)} test{processes}) on {device}{' with bfloat16 autocast' if amp else ''}, target "
-              f"{args.target_params:.0%} of the parameters -> {out}" + (f" ({note})" if note else ""), flush=True)
+              f"{len(splits.test)} test{processes}) on {device}{' with bfloat16 autocast' if amp else ''}, recipe "
+              f"{args.recipe}, target {config.target_params:.0%} of the parameters -> {out}"
+              + (f" ({note})" if note else ""), flush=True)
     with loop.folder.lock():  # one run per folder, from the checks to the last report
-        report = loop.run(resume=args.resume, overwrite=getattr(args, "overwrite", False))
+        report = loop.run(resume=args.resume, overwrite=args.overwrite)
         if not lead:
             return 0
         if peers is not None:
@@ -392,6 +429,15 @@ def _compress_run(args, device, config_overrides=None) -> int:
         write_reports(report, out, loop.final_model)
     print(summary_table(report))
     print(f"gpp: {report['stopped']}; {report['seconds']:.0f} s; report in {os.path.join(out, 'report.md')}")
+    if not report["target_reached"]:
+        final, base = report["final"], report["base"]
+        print(f"gpp: the compact model MISSED the target: it keeps {final['params'] / base['params']:.1%} of the "
+              f"parameters" + (f" and {final['flops'] / base['flops']:.1%} of the FLOPs" if config.target_flops
+                               else "") + f" (target {config.target_params:.0%}"
+              + (f", FLOPs {config.target_flops:.0%}" if config.target_flops else "") + f"): {report['stopped']}. "
+              f"{os.path.join(out, 'model.pt')} is the smallest model above the accuracy floor; exit status 3",
+              file=sys.stderr)
+        return MISSED_TARGET
     return 0
 
 
@@ -423,20 +469,15 @@ def _demo(args) -> int:
             name = "digits"
             print("gpp demo: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); using "
                   "scikit-learn's digits instead", flush=True)
-    # Sized to finish in a few minutes on 2 CPU cores; small eta steps keep accuracy right after each prune up.
-    settings = {"fashion-mnist": dict(epochs=10, push=1, finetune=4, iterations=6, batch=128),
-                "digits": dict(epochs=30, push=2, finetune=6, iterations=6, batch=64)}[name]
-    ns = argparse.Namespace(model="lenet5", data=name, data_dir=args.data_dir, out=args.out, target_params=0.2,
-                            target_flops=None, accuracy_floor=0.03, epochs=settings["epochs"],
-                            push_epochs=settings["push"], finetune_epochs=settings["finetune"],
-                            max_iterations=settings["iterations"], batch_size=settings["batch"], lr=3e-3,
-                            criterion="lda", grow=False, seed=0, threads=None, resume=False,
-                            overwrite=args.overwrite or os.path.normpath(args.out) == DEMO_OUT,
-                            quiet=args.quiet,
-                            peers=None, schedule="eta", cuts=1, push="loss", epoch_budget=None, push_share=0.5,
-                            fade_reselect=4, distill=0.0, allocation="global", normalize="mean")
-    print(f"gpp demo: LeNet-5 on {name}", flush=True)
-    return _compress(ns, config_overrides=dict(eta_start=0.05, eta_step=0.05))
+    # The default recipe, sized to finish in a few minutes on 2 CPU cores.
+    epochs, budget, batch = {"fashion-mnist": (10, 4, 128), "digits": (30, 10, 64)}[name]
+    argv = ["compress", "--model", "lenet5", "--data", name, "--target-params", "0.2", "--accuracy-floor", "0.03",
+            "--epochs", str(epochs), "--epoch-budget", str(budget), "--batch-size", str(batch), "--no-grow",
+            "--out", args.out] + (["--data-dir", args.data_dir] if args.data_dir else []) \
+        + (["--overwrite"] if args.overwrite or os.path.normpath(args.out) == DEMO_OUT else []) \
+        + (["--quiet"] if args.quiet else [])
+    print(f"gpp demo: LeNet-5 on {name}: gpp {' '.join(argv)}", flush=True)
+    return _compress(_parser().parse_args(argv))
 
 
 def _report(args) -> int:

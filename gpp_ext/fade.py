@@ -69,14 +69,16 @@ class RemovalFade:
         normalize, allocation, floor: how the first selection compares and shares out the budget between groups
             (`select_channels`; "search" scores its candidates on `loader`). The widths it decides are fixed:
             later selections change only which channels each group loses, and a channel more than half faded
-            comes back only when it now ranks in the top half of its group's kept width.
+            comes back only when it now ranks in the top half of its group's kept width. `fixed_widths=False`
+            lets every selection decide the widths afresh (what the fade did first; with raw utilities compared
+            across layers the first selection can starve a layer that later ones would refill).
     """
 
     def __init__(self, model: nn.Module, example_inputs, loader, budget: float, budget_kind: str = "params",
                  criterion="lda", reselect: int = 4, schedule: str = "cosine", fade_end: float = 1.0,
                  min_channels: int = 1, round_to: int = 1, neurons=0.75, max_batches: int | None = 20,
                  num_classes: int | None = None, seed: int = 0, ignore=(), normalize: str = "mean",
-                 allocation: str = "global", floor: float = 0.0):
+                 allocation: str = "global", floor: float = 0.0, fixed_widths: bool = True):
         if not 0 < budget <= 1:
             raise ValueError(f"RemovalFade: budget must be in (0, 1] (the fraction of the cost the cut keeps), got "
                              f"{budget}")
@@ -94,6 +96,7 @@ class RemovalFade:
         self.min_channels, self.round_to, self.neurons, self.max_batches = min_channels, round_to, neurons, max_batches
         self.seed, self.normalize, self.allocation, self.floor = seed, normalize, allocation, floor
         self.widths = None  # {group: width}, decided by the first selection and fixed after it
+        self.fixed_widths = fixed_widths
         self.graph = ChannelGraph(model, example_inputs, ignore=ignore)
         self.classifier = find_classifier(model)
         self.num_classes = num_classes or dict(model.named_modules())[self.classifier].out_features
@@ -125,7 +128,8 @@ class RemovalFade:
         finally:
             self.model.train(was_training)
         factor = _schedule(self.schedule, self._u)
-        if self.widths is None:  # the first selection decides the widths; later ones only which channels
+        if self.widths is None or not self.fixed_widths:  # the first selection decides the widths (unless
+            # fixed_widths=False: every selection decides them afresh, as before the widths were an allocation's)
             evaluate = None
             if self.allocation == "search":
                 from .pruning.allocation import evaluator_from

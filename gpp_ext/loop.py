@@ -44,21 +44,26 @@ import torch.nn as nn
 from . import distributed as gdist
 from . import io
 from .cost import count_flops, count_params
-from .fade import FADE_SCHEDULES, RemovalFade
+from . import pushes
+from .fade import FADE_SCHEDULES
 from .grow import grow
 from .pruning import criteria, prune
 from .pruning.allocation import ALLOCATIONS
-from .push import PushLoss
 from .classifier import find_classifier
-from .training import compare_latency, evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
+from .training import LR_SCHEDULES, OPTIMIZERS, compare_latency, evaluate, fit, latency_ms, training_batches
 from .models.sources import build_source, is_code_source, spec_of
 from .run_folder import RunFolder, run_identity
 
-__all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal"]
+__all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal",
+           "train_kwargs"]
 
 SCHEDULES = ("eta", "budget")
-PUSHES = ("loss", "fade", "none")
 # What a run leaves in its output folder (the loop writes the checkpoint; `report.write_reports` the rest).
+
+
+# Settings added after checkpoints were first written, with the value the runs that wrote them used: a resume
+# compares an older checkpoint's configuration with these, not with today's defaults.
+_ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor=0.0, fade_fixed_widths=False)
 
 
 @dataclass
@@ -66,32 +71,35 @@ class LoopConfig:
     """Knobs of the loop. Budgets are fractions of the base model; accuracies are fractions in [0, 1]."""
 
     epochs: int = 5                  # initial training
-    push_epochs: float = 1           # per iteration (fractions allowed)
-    finetune_epochs: float = 2       # per iteration
+    push_epochs: float = 0           # per iteration (fractions allowed)
+    finetune_epochs: float = 3       # per iteration
     epoch_budget: float | None = None  # if set: all training after the base, split over the iterations
-    push_share: float = 0.5          # with epoch_budget: the push's share of each iteration
+    push_share: float = 0.0          # with epoch_budget: the push's share of each iteration
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 4e-3                 # the peak of every phase's schedule
     weight_decay: float = 1e-4
+    lr_schedule: str = "onecycle"    # every phase's schedule (training.LR_SCHEDULES), each phase one whole cycle
+    optimizer: str = "adamw"         # "adamw" or "sgd" (momentum 0.9, Nesterov)
+    warmup: float = 0.1              # warm-up share of each phase ("warmup-cosine", "onecycle")
     target_params: float = 0.1       # stop once params <= target_params * base params
     target_flops: float | None = None
     accuracy_floor: float = 0.02     # stop once validation accuracy < base accuracy - accuracy_floor
-    schedule: str = "eta"            # "eta": prune below eta * std per layer, eta raised every iteration;
-                                     # "budget": iteration i of n keeps target_params ** (i / n) of the base
+    schedule: str = "budget"         # "budget": iteration i of n keeps target_params ** (i / n) of the base;
+                                     # "eta": prune below eta * std per layer, eta raised every iteration
     eta_start: float = 0.1           # pruning threshold eta * std, raised every iteration
     eta_step: float = 0.1
-    max_iterations: int = 8
+    max_iterations: int = 1
     cuts: int = 1                    # cuts per prune stage, each analysed afresh (schedule "budget")
     budget_kind: str = "params"      # what schedule "budget" counts: "params" (target_params) or "flops"
-    allocation: str = "global"       # schedule "budget": "global" threshold, "uniform" fraction per layer,
-                                     # "solver" (cost-aware widths on a grid) or "search" (calibrated solver)
-    floor: float = 0.0               # schedule "budget": every group keeps at least this share of its channels
-    normalize: str = "mean"          # schedule "budget", global allocation: utilities divided by their layer's
-                                     # mean ("mean") or compared as they are ("none")
-    push: str = "loss"               # "loss" (v1), "fade" (v2: the removal set faded to zero), "none"
+    allocation: str = "solver"       # schedule "budget": "solver" (cost-aware widths on a grid), "search"
+                                     # (the solver calibrated on data), "global" threshold, "uniform" fraction
+    floor: float = 0.05              # schedule "budget": every group keeps at least this share of its channels
+    normalize: str = "mean"          # utilities divided by their layer's mean ("mean") or as they are ("none")
+    push: str = "none"               # a registered push method (gpp_ext.pushes): "none", "loss", "fade"
     fade_reselect: int = 4           # push "fade": selections of the removal set during the push
     fade_schedule: str = "cosine"    # push "fade": "cosine" or "linear"
     fade_end: float = 1.0            # push "fade": share of the push at which the set reaches zero
+    fade_fixed_widths: bool = True   # push "fade": the first selection's widths stay (later ones pick channels)
     distill: float = 0.0             # weight of distillation from the model as it was before the push
     temperature: float = 4.0
     alpha: float = 0.3               # push weights (docs/design.md §2.8: push strength needs tuning; mild defaults)
@@ -113,7 +121,8 @@ class LoopConfig:
         numbers = ("epochs", "push_epochs", "finetune_epochs", "epoch_budget", "push_share", "batch_size", "lr",
                    "weight_decay", "target_params", "target_flops", "accuracy_floor", "eta_start", "eta_step",
                    "max_iterations", "cuts", "fade_reselect", "fade_end", "distill", "temperature", "alpha", "beta",
-                   "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed", "floor")
+                   "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed", "floor",
+                   "warmup")
         for name in numbers:  # NaN passes every comparison below, so finiteness comes first
             value = getattr(self, name)
             if value is None and name in ("epoch_budget", "target_flops"):
@@ -145,14 +154,15 @@ class LoopConfig:
         if not isinstance(self.criterion, str) or self.criterion not in criteria.names():
             raise ValueError(f"LoopConfig: criterion must be one of {tuple(criteria.names())}, got "
                              f"{self.criterion!r}")
-        if self.push not in PUSHES:
-            raise ValueError(f"LoopConfig: push must be one of {PUSHES}, got {self.push!r}")
+        if self.push not in pushes.names():
+            raise ValueError(f"LoopConfig: push must be one of {pushes.names()}, got {self.push!r}")
+        pushes.check(self)
+        if self.lr_schedule not in LR_SCHEDULES or self.optimizer not in OPTIMIZERS or not 0 <= self.warmup < 1:
+            raise ValueError(f"LoopConfig: lr_schedule must be one of {LR_SCHEDULES}, optimizer one of {OPTIMIZERS} "
+                             f"and warmup in [0, 1), got {self.lr_schedule!r}, {self.optimizer!r}, {self.warmup!r}")
         if self.budget_kind not in ("params", "flops") or (self.budget_kind == "flops" and self.target_flops is None):
             raise ValueError(f"LoopConfig: budget_kind must be 'params' or 'flops' (which needs target_flops), got "
                              f"{self.budget_kind!r}")
-        if self.push == "fade" and (self.schedule != "budget" or self.cuts != 1):
-            raise ValueError("LoopConfig: push='fade' fades the removal set of the iteration's cut, so it needs "
-                             "schedule='budget' and cuts=1")
         if self.fade_schedule not in FADE_SCHEDULES or not 0 < self.fade_end <= 1 or self.fade_reselect < 1:
             raise ValueError(f"LoopConfig: fade_schedule must be one of {FADE_SCHEDULES}, fade_end in (0, 1] and "
                              f"fade_reselect >= 1, got fade_schedule={self.fade_schedule!r}, "
@@ -197,46 +207,32 @@ def stage_seed(seed: int, stage: int) -> int:
     return seed * 1_000_003 + stage
 
 
+def train_kwargs(config: LoopConfig) -> dict:
+    """The `fit` arguments every phase of the loop shares (base training, growing, push, fine-tuning): one
+    recipe, so each phase warms up and anneals the same way."""
+    return dict(lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size,
+                lr_schedule=config.lr_schedule, optimizer=config.optimizer, warmup=config.warmup, amp=config.amp)
+
+
 def push_stage(model: nn.Module, splits, config: LoopConfig, seed: int, device="cpu", progress: bool = False,
                desc: str = "push", iteration: int = 1, base_cost: int | None = None):
     """The push stage of iteration `iteration`: returns `(model, keep)`.
 
-    Trains for the iteration's push epochs (`stage_epochs`) at the config's learning rate with the config's
-    push (`push="loss"`: `PushLoss` with weights `alpha`, `beta`, `gamma`; `"fade"`: the same terms on the kept
-    pre-decision features while the removal set of this iteration's cut, toward `stage_goal(iteration)` of
-    `base_cost`, fades to zero; `"none"`: cross-entropy), distilling from the model as it was before the push
-    when `config.distill > 0`. `keep` is the faded cut's keep-set (`push="fade"`), else None.
+    Trains for the iteration's push epochs (`stage_epochs`) with the loop's recipe (`train_kwargs`) and the
+    config's push method (`gpp_ext.pushes`: "none", "loss", "fade", or one you registered), distilling from the
+    model as it was before the push when `config.distill > 0`. `keep` is the keep-set the push prepared for the
+    coming cut (the fade's), else None.
     """
+    from . import pushes
+
     epochs, _ = stage_epochs(config)
     teacher = copy.deepcopy(model).eval() if config.distill > 0 and epochs > 0 else None
-    common = dict(lr=config.lr, weight_decay=config.weight_decay, batch_size=config.batch_size, seed=seed,
-                  teacher=teacher, distill=config.distill if teacher is not None else 0.0,
-                  temperature=config.temperature, device=device, amp=config.amp, progress=progress, desc=desc)
-    if config.push == "none":
-        return fit(model, splits.train, epochs, **common), None
-    push = PushLoss(splits.num_classes, config.alpha, config.beta, config.gamma, separation=config.separation)
-    fade = None
-    if config.push == "fade":
-        example = torch.zeros(2, *splits.input_shape, device=device)
-        model.to(device)
-        base_cost = base_cost or _cost(model, config.budget_kind, example)
-        relative = stage_goal(config, iteration) * base_cost / _cost(model, config.budget_kind, example)
-        if relative < 1:
-            fade = RemovalFade(model, example, training_batches(splits.train, config.batch_size, seed), relative,
-                               budget_kind=config.budget_kind, criterion=config.criterion,
-                               reselect=config.fade_reselect, schedule=config.fade_schedule,
-                               fade_end=config.fade_end, neurons=config.neurons, num_classes=splits.num_classes,
-                               seed=seed, allocation=config.allocation, normalize=config.normalize,
-                               floor=config.floor, ignore=tuple(config.ignore), round_to=config.round_to)
-            fade.attach(push)
-    model = fit(model, splits.train, epochs, push=push, after_step=fade.step if fade else None, **common)
-    if fade is None:
-        return model, None
-    keep = fade.finish()
-    # The set reached zero in the last steps, faster than BatchNorm's running averages follow: re-estimate them
-    # so the model at the end of the push is measured as it computes (the cut changes nothing after this).
-    recalibrate_batchnorm(model, training_batches(splits.train, config.batch_size, seed + 1), device=device)
-    return model, keep
+    common = dict(train_kwargs(config), seed=seed, teacher=teacher,
+                  distill=config.distill if teacher is not None else 0.0, temperature=config.temperature,
+                  device=device, progress=progress, desc=desc)
+    context = pushes.PushContext(model, splits, config, seed, device, epochs, stage_goal(config, iteration),
+                                 base_cost, common)
+    return pushes.get(config.push)(context)
 
 
 def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, base_params: int, seed: int,
@@ -370,9 +366,8 @@ class GrowPushPrune:
     # -------------------------------------------------------------------------------------------- helpers
     def _train(self, model: nn.Module, epochs: int, stage: int, desc: str) -> nn.Module:
         cfg = self.config
-        return fit(model, self.splits.train, epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                   batch_size=cfg.batch_size, seed=stage_seed(cfg.seed, stage), device=self.device, amp=cfg.amp,
-                   progress=self.progress, desc=desc)
+        return fit(model, self.splits.train, epochs, seed=stage_seed(cfg.seed, stage), device=self.device,
+                   progress=self.progress, desc=desc, **train_kwargs(cfg))
 
     def _metrics(self, model: nn.Module, **extra) -> dict:
         """Size, accuracy and latency, measured on rank 0 (latency would suffer from processes running beside
@@ -392,7 +387,7 @@ class GrowPushPrune:
         self.folder.save(asdict(self.config), asdict(self.state), io.payload(self.model))
 
     def _resume(self) -> bool:
-        data = self.folder.resume(asdict(self.config), asdict(LoopConfig()))
+        data = self.folder.resume(asdict(self.config), {**asdict(LoopConfig()), **_ADDED_SINCE})
         if data is None:
             return False
         self.state = _State(**data["state"])
@@ -513,7 +508,8 @@ class GrowPushPrune:
             latency = self.compare_latency(base_model, final_model)
             onnx_latency = self.compare_onnx_latency(base_model, final_model) if self.onnx_latency else None
         latency, onnx_latency = gdist.broadcast_object((latency, onnx_latency))
-        return {"run_id": self.state.run_id, "input_shape": list(self.splits.input_shape), "dataset": self.splits.name,
+        return {"run_id": self.state.run_id, "target_reached": bool(chosen) and _reached(cfg, final, base),
+                "input_shape": list(self.splits.input_shape), "dataset": self.splits.name,
                 "num_classes": self.splits.num_classes, "config": asdict(cfg), "base": base, "final": final,
                 "growth": self.state.growth, "iterations": self.state.iterations, "stopped": self.state.stopped,
                 "accuracy_first": self.state.best_accuracy["metrics"] if self.state.best_accuracy else None,

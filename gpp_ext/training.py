@@ -35,8 +35,8 @@ from .data import labels_of
 from .layers import BATCH_NORMS
 from .push import ClassBalancedSampler
 
-__all__ = ["fit", "training_batches", "evaluate", "latency_ms", "compare_latency", "recalibrate_batchnorm",
-           "labelled_batches"]
+__all__ = ["fit", "lr_factor", "LR_SCHEDULES", "OPTIMIZERS", "training_batches", "evaluate", "latency_ms",
+           "compare_latency", "recalibrate_batchnorm", "labelled_batches"]
 
 
 def labelled_batches(loader, device, limit: int | None = None, op: str = "prune"):
@@ -79,8 +79,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         batch_size: int = 128, seed: int = 0, push=None, penalty=None, teacher: nn.Module | None = None,
         distill: float = 0.0, temperature: float = 4.0, lr_schedule: str = "constant", after_step=None,
         after_backward=None, device="cpu", amp: bool = False, progress: bool = False,
-        desc: str = "training") -> nn.Module:
-    """Trains `model` on `dataset` with AdamW and returns it in eval mode (it is trained in place).
+        desc: str = "training", optimizer: str = "adamw", warmup: float = 0.1) -> nn.Module:
+    """Trains `model` on `dataset` (AdamW by default) and returns it in eval mode (it is trained in place).
 
     Args:
         model: a classifier; with `push`, its final classifier's input is the pre-decision layer
@@ -95,7 +95,13 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         teacher, distill, temperature: with a teacher and `distill > 0`, adds
             `distill * T^2 * KL(softmax(teacher / T) || softmax(model / T))` (knowledge distillation; the
             teacher runs in eval mode without gradients).
-        lr_schedule: "constant", or "cosine" (decays to 0 over the steps of this call).
+        lr_schedule: the learning rate over the steps of this call (`lr_factor`): "constant"; "cosine" (from
+            `lr` down to 0); "warmup-cosine" (linear warm-up from 0 over the first `warmup` share of the steps,
+            then cosine down to 0); "onecycle" (warm-up from lr/25 to lr over the first `warmup` share, then
+            cosine down to lr/25e4, as torch's OneCycleLR). Each call is one whole schedule, so a phase of the
+            loop (base training, push, fine-tuning) ends annealed.
+        optimizer: "adamw" (decoupled weight decay), or "sgd" (momentum 0.9, Nesterov, L2 weight decay).
+        warmup: the warm-up share of the steps for "warmup-cosine" and "onecycle", in [0, 1).
         after_step: `after_step(step, total_steps)`, called after every optimiser step (steps from 1), e.g. to
             apply a fade or to measure accuracy along the way.
         after_backward: `after_backward(model)`, called between the backward pass and the optimiser step (e.g. a
@@ -111,8 +117,12 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
     cross-entropy is this process's share of the global batch mean, and the push statistics are those of the
     global batch.
     """
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"fit: lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"fit: lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"fit: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"fit: warmup must be in [0, 1) (a share of the steps), got {warmup!r}")
     if epochs < 0 or distill < 0 or temperature <= 0:
         raise ValueError(f"fit: epochs and distill must be >= 0 and temperature > 0, got {epochs}, {distill}, "
                          f"{temperature}")
@@ -126,12 +136,15 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
     model.to(device).train()
     distributed = gdist.is_distributed()
     net = DistributedDataParallel(model) if distributed else model
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     loader = training_batches(dataset, batch_size, seed, balanced=push is not None, sliced=True)
     total = max(1, int(round(epochs * len(loader))))
     passes = math.ceil(total / len(loader))
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
-                 if lr_schedule == "cosine" else None)
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(lr_schedule, i + 0.5, total, warmup))
+                 if lr_schedule != "constant" else None)
     if teacher is not None and distill > 0:
         teacher = teacher.to(device).eval()
     tap = PreDecisionTap(model) if push is not None else None
@@ -176,6 +189,25 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         if tap is not None:
             tap.close()
     return model.eval()
+
+
+LR_SCHEDULES = ("constant", "cosine", "warmup-cosine", "onecycle")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.1) -> float:
+    """The learning rate of step `step` (from 0) of `total`, as a multiple of the peak `lr` (see `fit`)."""
+    u = min(max(step, 0), total) / max(total, 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * u))
+    low = 1 / 25 if schedule == "onecycle" else 0.0
+    end = 1 / 25e4 if schedule == "onecycle" else 0.0
+    if warmup > 0 and u < warmup:
+        return low + (1 - low) * u / warmup
+    v = (u - warmup) / (1 - warmup)
+    return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * v))
 
 
 @torch.no_grad()

@@ -10,10 +10,12 @@ import torch
 import gpp_ext
 from gpp_ext import data, loop as loop_module, models
 from gpp_ext.loop import GrowPushPrune, LoopConfig
+from gpp_ext.recipes import RECIPES
 from gpp_ext.report import write_reports
 
-FAST = dict(epochs=4, push_epochs=1, finetune_epochs=2, max_iterations=3, batch_size=64, lr=3e-3,
-            target_params=0.5, accuracy_floor=0.05, eta_start=0.3, eta_step=0.3)
+# the v1 recipe (eta schedule, push terms, AdamW at a constant rate), sized for a test
+FAST = {**RECIPES["v1"], **dict(epochs=4, push_epochs=1, finetune_epochs=2, max_iterations=3, batch_size=64,
+                                lr=3e-3, target_params=0.5, accuracy_floor=0.05, eta_start=0.3, eta_step=0.3)}
 
 
 def build(name="lenet5", seed=0):

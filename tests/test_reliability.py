@@ -18,11 +18,13 @@ import gpp_ext
 from gpp_ext import data, io, loop as loop_module, models
 from gpp_ext.classifier import find_classifier
 from gpp_ext.loop import GrowPushPrune, LoopConfig
+from gpp_ext.recipes import RECIPES
 from gpp_ext.report import read_report, summary_table
 from gpp_ext.training import compare_latency
 
-TINY = dict(epochs=1, push_epochs=0.25, finetune_epochs=0.25, max_iterations=1, batch_size=64, lr=3e-3,
-            target_params=0.6, accuracy_floor=0.9, eta_start=0.3)
+# the v1 recipe (eta schedule, push terms, AdamW at a constant rate), sized for a test
+TINY = {**RECIPES["v1"], **dict(epochs=1, push_epochs=0.25, finetune_epochs=0.25, max_iterations=1, batch_size=64,
+                                lr=3e-3, target_params=0.6, accuracy_floor=0.9, eta_start=0.3)}
 
 
 def lenet(seed=0):

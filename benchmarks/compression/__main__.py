@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 
@@ -52,6 +50,7 @@ from gpp_ext.io import write_text_atomic
 from gpp_ext.layers import is_batch_norm
 from gpp_ext.training import evaluate, fit, latency_ms, recalibrate_batchnorm, training_batches
 
+from .._meta import git_commit, machine
 from . import latency, methods, render
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -355,25 +354,6 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
                       flush=True)
 
 
-def _machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _list(kind, choices=None):
     def parse(text):
         try:
@@ -502,7 +482,7 @@ def main(argv=None) -> int:
         if unknown or not args.methods:
             parser.error(f"--methods: unknown {unknown or args.methods}; known here: {', '.join(args.available)}"
                          + ("" if tp else " (torch-pruning is not installed)"))
-    args.commit, args.machine = _commit(), _machine()
+    args.commit, args.machine = git_commit(), machine()
     stem = os.path.splitext(args.out)[0]
     choices_path = stem + "-choices.json"
     if args.render:

@@ -135,7 +135,10 @@ def gpp_config(setup: Setup, **overrides) -> LoopConfig:
                       epoch_budget=setup.epochs, push_share=share, fade_reselect=k["reselect"],
                       fade_schedule=k["schedule"], fade_end=k["fade_end"], alpha=k["alpha"], beta=k["beta"],
                       gamma=k["gamma"], distill=k["distill"], criterion=k["criterion"],
-                      allocation=k["allocation"], normalize=k["normalize"], seed=setup.seed)
+                      allocation=k["allocation"], normalize=k["normalize"], seed=setup.seed,
+                      # harness 3's training inside the push, spelled out now that LoopConfig's defaults changed
+                      lr_schedule="constant", optimizer="adamw", weight_decay=1e-4, floor=0.0, round_to=1,
+                      fade_fixed_widths=False)
 
 
 def _gpp(model, setup: Setup):

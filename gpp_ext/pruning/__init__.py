@@ -6,8 +6,10 @@
 - `trace`      `trace_utility`: the pre-decision response traced down the network by deconvolution;
 - `criteria`   the criterion registry (`lda`, `fisher`, `l1`, `bn_scale`, `taylor`, `random`, and yours) and the
                `CriterionContext` a criterion reads its data from;
-- `selection`  `select_channels` (per-layer threshold, ratio, or a global parameter/FLOP budget) and the
-               `CostModel` the budget search bisects on;
+- `allocation` how many channels each group keeps (`allocate`: uniform, global, the cost-aware solver on a
+               width grid; `search_widths`: the solver calibrated on data by `CandidateEvaluator`);
+- `selection`  `select_channels` (per-layer threshold, ratio, or a global parameter/FLOP budget through an
+               allocation) and the exact `CostModel`;
 - `surgery`    the physical cut behind `ChannelGraph.prune`: checked first, sliced, undone on failure;
 - `pipeline`   `prune`: all of it in one call, with BatchNorm recalibration and a `PruneReport`.
 """
@@ -19,8 +21,10 @@ from . import criteria
 from .criteria import CriterionContext
 from .graph import ChannelGraph, ChannelParam, Group
 from .pipeline import PruneReport, prune
+from .allocation import CandidateEvaluator, allocate, keep_top, search_widths
 from .selection import CostModel, select_channels
 from .trace import trace_utility
 
 __all__ = ["ChannelGraph", "ChannelParam", "Group", "CriterionContext", "criteria", "prune", "PruneReport",
-           "select_channels", "CostModel", "trace_utility", "recalibrate_batchnorm"]
+           "select_channels", "CostModel", "trace_utility", "recalibrate_batchnorm", "allocate", "keep_top",
+           "search_widths", "CandidateEvaluator"]

@@ -1,0 +1,144 @@
+"""The push methods: how the loop trains before each cut, by name (`LoopConfig.push`, `gpp compress --push`).
+
+    @pushes.register("mine", "what it does, in one line")
+    def mine(ctx: PushContext):          # trains ctx.model for ctx.epochs; returns (model, keep or None)
+        return fit(ctx.model, ctx.splits.train, ctx.epochs, **ctx.fit_kwargs), None
+
+A handler gets a `PushContext` (the model, the data, the loop's config, the iteration's seed, its budget
+goal and the `fit` arguments every phase shares: learning rate, schedule, optimiser, distillation) and
+returns the trained model and, when it prepared the coming cut itself, the keep-set `{group: kept indices}` the
+cut must take (else None: the prune stage selects). Registered here:
+
+- `none`: plain cross-entropy (with distillation when the config asks);
+- `loss`: the push terms on the pre-decision features (`PushLoss`: alpha, beta, gamma);
+- `fade`: the removal set of the coming cut, chosen by the criterion at the allocation's widths, fades to
+  exactly zero while the rest trains, so the cut is lossless (`RemovalFade`); needs `schedule="budget"`.
+
+The CLI's choices, `LoopConfig.validate` and the benchmark read this registry, so a new push method is one
+function in one file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .cost import count_flops, count_params
+
+__all__ = ["PushContext", "register", "names", "describe", "get", "check"]
+
+_REGISTRY: dict = {}
+
+
+@dataclass
+class PushContext:
+    """What a push handler gets (see the module's doc)."""
+
+    model: nn.Module
+    splits: object
+    config: object                      # the loop's LoopConfig
+    seed: int
+    device: object
+    epochs: float                       # this push's epochs
+    goal: float                         # the share of the base cost the coming cut keeps (schedule "budget")
+    base_cost: int | None               # the base model's cost in config.budget_kind units
+    fit_kwargs: dict = field(default_factory=dict)   # lr, schedule, optimiser, batch, seed, teacher, device, ...
+
+    @property
+    def example(self) -> torch.Tensor:
+        return torch.zeros(2, *self.splits.input_shape, device=self.device)
+
+    def cost(self, model: nn.Module) -> int:
+        kind = self.config.budget_kind
+        return count_flops(model, self.example) if kind == "flops" else count_params(model)
+
+
+def register(name: str, summary: str, check=None):
+    """Registers a push handler under `name`; `check(config)` (optional) raises `ValueError` for settings it
+    cannot run with. Returns the decorator."""
+    if not isinstance(name, str) or not name or name in _REGISTRY:
+        raise ValueError(f"pushes.register: name must be a new non-empty string, got {name!r}")
+
+    def decorate(handler):
+        _REGISTRY[name] = (handler, summary, check)
+        return handler
+    return decorate
+
+
+def names() -> tuple:
+    return tuple(_REGISTRY)
+
+
+def describe() -> dict:
+    return {name: summary for name, (_, summary, _) in _REGISTRY.items()}
+
+
+def get(name: str):
+    if name not in _REGISTRY:
+        raise ValueError(f"push must be one of {names()}, got {name!r}")
+    return _REGISTRY[name][0]
+
+
+def check(config) -> None:
+    """`ValueError` when `config.push` is not registered or its handler cannot run with `config`."""
+    get(config.push)
+    extra = _REGISTRY[config.push][2]
+    if extra is not None:
+        extra(config)
+
+
+def _push_loss(ctx: PushContext):
+    from .push import PushLoss
+
+    c = ctx.config
+    return PushLoss(ctx.splits.num_classes, c.alpha, c.beta, c.gamma, separation=c.separation)
+
+
+@register("none", "plain cross-entropy (with distillation when --distill is set)")
+def _none(ctx: PushContext):
+    from .training import fit
+
+    return fit(ctx.model, ctx.splits.train, ctx.epochs, **ctx.fit_kwargs), None
+
+
+@register("loss", "the push terms (alpha, beta, gamma) on the pre-decision features, then the prune stage selects")
+def _loss(ctx: PushContext):
+    from .training import fit
+
+    return fit(ctx.model, ctx.splits.train, ctx.epochs, push=_push_loss(ctx), **ctx.fit_kwargs), None
+
+
+def _fade_check(config) -> None:
+    if config.schedule != "budget" or config.cuts != 1:
+        raise ValueError("LoopConfig: push='fade' fades the removal set of the iteration's cut, so it needs "
+                         "schedule='budget' and cuts=1")
+
+
+@register("fade", "the coming cut's removal set fades to exactly zero while the rest trains: a lossless cut",
+          check=_fade_check)
+def _fade(ctx: PushContext):
+    from .fade import RemovalFade
+    from .training import fit, recalibrate_batchnorm, training_batches
+
+    c, model = ctx.config, ctx.model
+    model.to(ctx.device)
+    push = _push_loss(ctx)
+    base_cost = ctx.base_cost or ctx.cost(model)
+    relative = ctx.goal * base_cost / ctx.cost(model)
+    if relative >= 1:  # the model already meets this iteration's goal: a plain push
+        return fit(model, ctx.splits.train, ctx.epochs, push=push, **ctx.fit_kwargs), None
+    fade = RemovalFade(model, ctx.example, training_batches(ctx.splits.train, c.batch_size, ctx.seed), relative,
+                       budget_kind=c.budget_kind, criterion=c.criterion, reselect=c.fade_reselect,
+                       schedule=c.fade_schedule, fade_end=c.fade_end, neurons=c.neurons,
+                       num_classes=ctx.splits.num_classes, seed=ctx.seed, allocation=c.allocation,
+                       normalize=c.normalize, floor=c.floor, ignore=tuple(c.ignore), round_to=c.round_to,
+                       fixed_widths=c.fade_fixed_widths)
+    fade.attach(push)
+    model = fit(model, ctx.splits.train, ctx.epochs, push=push, after_step=fade.step, **ctx.fit_kwargs)
+    keep = fade.finish()
+    # The set reached zero in the last steps, faster than BatchNorm's running averages follow: re-estimate them
+    # so the model at the end of the push is measured as it computes (the cut changes nothing after this).
+    recalibrate_batchnorm(model, training_batches(ctx.splits.train, c.batch_size, ctx.seed + 1), device=ctx.device)
+    return model, keep

@@ -1,0 +1,118 @@
+"""Recipes, the push-method registry, one training schedule for every phase, and a run that misses its size
+target says so with its own exit status."""
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import torch
+
+from gpp_ext import data, models, pushes, recipes
+from gpp_ext.loop import LoopConfig, push_stage
+from gpp_ext.training import LR_SCHEDULES, fit, lr_factor
+
+
+def gpp(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_lr_schedules_warm_up_and_anneal_to_zero():
+    total = 1000
+    assert [lr_factor("constant", i, total) for i in (0, 500, 1000)] == [1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 0, total) == 1.0 and lr_factor("cosine", total, total) == pytest.approx(0.0)
+    assert lr_factor("warmup-cosine", 0, total) == 0.0 and lr_factor("warmup-cosine", 100, total) == 1.0
+    assert lr_factor("onecycle", 0, total) == pytest.approx(1 / 25) and lr_factor("onecycle", 100, total) == 1.0
+    for schedule in ("cosine", "warmup-cosine", "onecycle"):
+        values = [lr_factor(schedule, i, total) for i in range(100, total + 1)]
+        assert all(a >= b for a, b in zip(values, values[1:]))  # never rises after the warm-up
+        assert values[-1] < 1e-4
+
+
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_fit_trains_with_every_schedule_and_optimizer(schedule, optimizer):
+    splits = data.load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = models.build("lenet5", in_channels=1, num_classes=10, input_size=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    fit(model, splits.train, 0.5, lr=0.05 if optimizer == "sgd" else 2e-3, lr_schedule=schedule,
+        optimizer=optimizer)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        fit(model, splits.train, 0.5, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="warmup must be in"):
+        fit(model, splits.train, 0.5, warmup=1.0)
+
+
+def test_recipes_build_validated_configs_and_gpp_is_loopconfigs_defaults():
+    assert recipes.build("gpp") == LoopConfig()
+    v1 = recipes.build("v1")
+    assert (v1.schedule, v1.push, v1.lr_schedule) == ("eta", "loss", "constant")
+    assert recipes.build("fade", target_params=0.2).target_params == 0.2
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        recipes.build("best")
+    with pytest.raises(ValueError, match=r"no settings \['learning_rate'\]"):
+        recipes.build("gpp", learning_rate=0.1)
+    with pytest.raises(ValueError, match="push='fade' .* needs schedule='budget'"):
+        recipes.build("v1", push="fade")
+
+
+def test_a_registered_push_method_runs_in_the_loop():
+    calls = []
+
+    @pushes.register("test-count", "counts its calls (test)")
+    def count(ctx):
+        calls.append((ctx.epochs, ctx.goal))
+        return fit(ctx.model, ctx.splits.train, ctx.epochs, **ctx.fit_kwargs), None
+
+    try:
+        assert "test-count" in pushes.names() and "test-count" in pushes.describe()
+        config = LoopConfig(push="test-count", schedule="budget", push_epochs=0.25, target_params=0.5)
+        config.validate()
+        splits = data.load_dataset("digits", seed=0)
+        model = models.build("lenet5", in_channels=1, num_classes=10, input_size=8)
+        push_stage(model, splits, config, seed=0, iteration=1)
+        assert calls == [(0.25, pytest.approx(0.5))]
+        with pytest.raises(ValueError, match="new non-empty string"):
+            pushes.register("test-count", "again")
+    finally:
+        del pushes._REGISTRY["test-count"]
+    with pytest.raises(ValueError, match="push must be one of"):
+        LoopConfig(push="test-count").validate()
+
+
+def test_every_loop_setting_has_a_flag_defaulting_to_the_recipe():
+    from gpp_ext.cli import _OTHER_FIELDS, _config, _parser
+
+    parser = _parser()
+    args = parser.parse_args(["compress"])
+    assert _config(args, "lenet5") == recipes.build("gpp")
+    args = parser.parse_args(["compress", "--recipe", "v1", "--lr", "0.01", "--fade-schedule", "linear",
+                              "--alpha", "0", "--budget-kind", "params", "--weight-decay", "0"])
+    config = _config(args, "lenet5")
+    assert (config.schedule, config.lr, config.fade_schedule, config.alpha, config.weight_decay) == \
+        ("eta", 0.01, "linear", 0.0, 0.0)
+    help_text = parser._subparsers._group_actions[0].choices["compress"].format_help()
+    for f in fields(LoopConfig):
+        if f.name not in _OTHER_FIELDS:
+            assert "--" + f.name.replace("_", "-") in help_text, f.name
+
+
+def test_the_default_recipe_reaches_the_target_and_a_missed_target_exits_3(tmp_path):
+    out = gpp("compress", "--model", "lenet5", "--data", "digits", "--epochs", "2", "--target-params", "0.3",
+              "--quiet", "--threads", "1", "--no-onnx-latency", "--out", tmp_path / "default")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "default" / "report.json").read_text())
+    assert report["target_reached"] and report["final"]["params"] <= 0.3 * report["base"]["params"]
+    # v1 in one iteration prunes only below its first threshold: far from 10% of the parameters
+    out = gpp("compress", "--recipe", "v1", "--model", "lenet5", "--data", "digits", "--epochs", "1",
+              "--max-iterations", "1", "--target-params", "0.1", "--quiet", "--threads", "1", "--no-onnx-latency",
+              "--out", tmp_path / "missed")
+    assert out.returncode == 3, (out.returncode, out.stderr)
+    assert "MISSED the target" in out.stderr and "exit status 3" in out.stderr
+    report = json.loads((tmp_path / "missed" / "report.json").read_text())
+    assert report["target_reached"] is False
+    assert "missed the size target" in (tmp_path / "missed" / "report.md").read_text()
