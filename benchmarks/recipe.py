@@ -154,9 +154,26 @@ def loop_candidates(names, budgets, seeds, epochs, records, done, path, commit, 
                               "commit": commit, "machine": where}
                     records.append(record)
                     done.add(key)
-                    write_text_atomic(path, json.dumps(records, indent=1) + "\n")
+                    records[:] = save(path, records)
                     print(f"{name} seed {seed} {budget:.0%} loop         {label:32s} val {record['val_accuracy']:.4f} "
                           f"test {record['test_accuracy']:.4f} ({seconds:.0f} s)", flush=True)
+
+
+def save(path: str, records: list) -> list:
+    """Writes `records` merged with what the file holds now (another run may have added records since this one
+    read it: concurrent runs on one results file add up instead of overwriting each other); returns the
+    merged list."""
+    def key(r):
+        return (r["model"], r["seed"], r["budget"], r["cut"], r["recipe"], r["epochs"])
+
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = {key(r): r for r in json.load(f)}
+    merged.update({key(r): r for r in records})
+    out = list(merged.values())
+    write_text_atomic(path, json.dumps(out, indent=1) + "\n")
+    return out
 
 
 def main(argv=None) -> int:
@@ -192,7 +209,7 @@ def main(argv=None) -> int:
     splits = data.load_dataset("fashion-mnist", seed=0)
     if args.loop:
         loop_candidates(names, budgets, seeds, args.epochs, records, done, path, commit, where, splits, wanted)
-        write_text_atomic(args.out + ".md", render(records))
+        write_text_atomic(args.out + ".md", render(save(path, records)))
         return 0
     for name in names:
         for seed in seeds:
@@ -233,11 +250,11 @@ def main(argv=None) -> int:
                                   "seconds": seconds, "commit": commit, "machine": where}
                         records.append(record)
                         done.add(key)
-                        write_text_atomic(path, json.dumps(records, indent=1) + "\n")
+                        records[:] = save(path, records)
                         print(f"{name} seed {seed} {budget:.0%} {cut_name:12s} {label:32s} val "
                               f"{record['val_accuracy']:.4f} test {record['test_accuracy']:.4f} "
                               f"({seconds:.0f} s)", flush=True)
-    write_text_atomic(args.out + ".md", render(records))
+    write_text_atomic(args.out + ".md", render(save(path, records)))
     return 0
 
 
@@ -254,7 +271,8 @@ def render(records: list) -> str:
     lines = ["# Fine-tuning recipe after a cut, at equal epochs", "",
              f"Records: {len(records)}; machines: {listed('machine')}; commits: {listed('commit')}; epochs: "
              f"{listed('epochs', lambda v: f'{v:g}')}; seeds: {listed('seed')}. Chosen by validation accuracy; test "
-             f"shown beside it, never used to choose.", "",
+             f"shown beside it, never used to choose. A row without a cell (–) averages the cells it has. `loop` "
+             f"rows are whole `GrowPushPrune` runs of a candidate recipe from the base (`LOOP_CANDIDATES`).", "",
              "| cut | recipe | mean val | mean test | " + " | ".join(f"{m} {b:.0%} test" for m, b in cells) + " |",
              "|---|---|---:|---:|" + "---:|" * len(cells)]
     ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["val_accuracy"] for r in kv[1]))

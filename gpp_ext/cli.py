@@ -56,9 +56,9 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
         if bad:
             lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
             hi = "" if high is None else f"{high}" + (")" if high_open else "]")
-            where = f"in {lo}, {hi}" if lo and hi else (f">{'' if low_open else '='} {low}" if lo else
-                                                       f"<{'' if high_open else '='} {high}")
-            raise argparse.ArgumentTypeError(f"must be a finite {'integer' if kind is int else 'number'} {where}, "
+            where = f" in {lo}, {hi}" if lo and hi else (f" >{'' if low_open else '='} {low}" if lo else
+                                                        f" <{'' if high_open else '='} {high}" if hi else "")
+            raise argparse.ArgumentTypeError(f"must be a finite {'integer' if kind is int else 'number'}{where}, "
                                              f"got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -117,7 +117,11 @@ _TYPES = {"target_params": _fraction, "target_flops": _fraction, "fade_end": _fr
           "lr": _number(float, 0, low_open=True), "temperature": _number(float, 0, low_open=True),
           "epochs": _count, "seed": _count, "grow_epochs": _count, "push_epochs": _epochs, "finetune_epochs": _epochs,
           "epoch_budget": _epochs, "batch_size": _positive, "max_iterations": _positive, "cuts": _positive,
-          "round_to": _positive, "fade_reselect": _positive, "max_modules_per_stage": _positive}
+          "round_to": _positive, "fade_reselect": _positive, "max_modules_per_stage": _positive,
+          "distill": _number(float, 0), "weight_decay": _number(float, 0), "alpha": _number(float, 0),
+          "beta": _number(float, 0), "gamma": _number(float, 0), "eta_start": _number(float, 0),
+          "eta_step": _number(float, 0), "neurons": lambda text: (_positive if text.strip().isdigit()
+                                                                  else _fraction)(text)}
 # LoopConfig fields set by other options: --ignore (module names), --amp, --grow
 _OTHER_FIELDS = ("ignore", "amp", "grow")
 
@@ -134,7 +138,9 @@ def _config_flags(parser) -> None:
         # not given: absent from the namespace, so the recipe's value stands (and the help shows gpp's)
         help_ = CONFIG_HELP.get(f.name, f"LoopConfig.{f.name}") + f" (gpp: {f.default!r})".replace("%", "%%")
         common = dict(default=argparse.SUPPRESS, help=help_)
-        if f.name in _CHOICES:
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif f.name in _CHOICES:
             group.add_argument(flag, choices=_CHOICES[f.name], **common)
         elif f.name in _TYPES:
             group.add_argument(flag, type=_TYPES[f.name], **common)

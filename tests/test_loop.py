@@ -122,8 +122,8 @@ def test_cli_compress_runs_and_reports(tmp_path):
 
 def test_budget_schedule_reaches_the_target_in_its_iterations(tmp_path):
     """schedule="budget": iteration i of n keeps target ** (i / n) of the base parameters, in `cuts` cuts."""
-    config = LoopConfig(**{**FAST, "target_params": 0.3, "max_iterations": 2, "accuracy_floor": 0.5},
-                        schedule="budget", cuts=2)
+    config = LoopConfig(**{**FAST, "target_params": 0.3, "max_iterations": 2, "accuracy_floor": 0.5,
+                           "schedule": "budget", "cuts": 2})
     model, splits = build()
     run = GrowPushPrune(model, splits, config, out_dir=tmp_path, progress=False)
     report = run.run()
@@ -141,7 +141,7 @@ def test_loop_config_refuses_bad_settings():
     with pytest.raises(ValueError, match="schedule must be one of"):
         LoopConfig(schedule="cosine").validate()
     with pytest.raises(ValueError, match="needs schedule='budget'"):
-        LoopConfig(cuts=2).validate()
+        LoopConfig(schedule="eta", cuts=2).validate()
     with pytest.raises(ValueError, match="criterion must be one of"):
         LoopConfig(criterion="magic").validate()
 
@@ -150,8 +150,9 @@ def test_fade_loop_cuts_only_zeros_and_resumes_between_push_and_cut(tmp_path, mo
     """push="fade" with an epoch budget: each cut removes the faded set, so accuracy right after the cut is the
     accuracy at the end of the push (BatchNorm recalibration aside; LeNet-5 has none), and a crash between the
     push and its cut resumes to the same result."""
-    config = LoopConfig(**{**FAST, "target_params": 0.3, "max_iterations": 2, "accuracy_floor": 0.5},
-                        schedule="budget", push="fade", epoch_budget=3, push_share=0.5, fade_reselect=2)
+    config = LoopConfig(**{**FAST, "target_params": 0.3, "max_iterations": 2, "accuracy_floor": 0.5,
+                           "schedule": "budget", "push": "fade", "epoch_budget": 3, "push_share": 0.5,
+                           "fade_reselect": 2})
     model, splits = build()
     straight = GrowPushPrune(model, splits, config, out_dir=tmp_path / "a", progress=False).run()
     for it in straight["iterations"]:
@@ -167,6 +168,6 @@ def test_epoch_budget_splits_the_training():
     assert stage_epochs(LoopConfig(epoch_budget=3, max_iterations=3, push_share=0.25)) == (0.25, 0.75)
     assert stage_epochs(LoopConfig(push_epochs=1, finetune_epochs=2)) == (1, 2)
     with pytest.raises(ValueError, match="needs schedule='budget'"):
-        LoopConfig(push="fade").validate()
+        LoopConfig(schedule="eta", push="fade").validate()
     with pytest.raises(ValueError, match="push must be one of"):
         LoopConfig(push="shove").validate()
