@@ -272,9 +272,13 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
             widths = allocate(graph, utilities, budget, budget_kind, "solver", cost_model=model, **grid)
         keep = keep_top(utilities, widths)
         predicted, real = model.cost(widths), _real_cost(graph, keep, budget_kind)
-        if predicted != real:
-            raise RuntimeError(f"select_channels: the cost model predicted {predicted:,} {budget_kind} but the cut "
-                               f"gives {real:,}; the solver needs an exact cost model (use allocation='global')")
+        if predicted != real:  # a layer the cost model does not know: the solver's widths cannot be trusted
+            warnings.warn(f"select_channels: the cost model predicted {predicted:,} {budget_kind} but the cut gives "
+                          f"{real:,}; allocating by a global threshold measured on real cuts instead (slower)",
+                          RuntimeWarning, stacklevel=2)
+            return select_channels(graph, utilities, method="budget", budget=budget, budget_kind=budget_kind,
+                                   min_channels=min_channels, round_to=round_to, search="cuts", normalize=normalize,
+                                   allocation="global", floor=floor)
         return keep
 
     # Each group's utilities relative to their mean: a channel worth less than t times its layer's average
