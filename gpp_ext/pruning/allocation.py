@@ -97,17 +97,23 @@ def keep_top(scores: dict, widths: dict) -> dict:
     return keep
 
 
-def _check(graph: ChannelGraph, scores: dict, budget: float, kind: str) -> None:
+def check_scores(graph: ChannelGraph, scores: dict, where: str = "allocate", arg: str = "scores") -> None:
+    """`ValueError` (from `where`, naming `arg`) unless `scores` maps prunable groups of `graph` to finite,
+    non-negative tensors of the group's size."""
     groups = {g.name: g for g in graph.groups}
     unknown = set(scores) - set(groups)
     if unknown:
-        raise ValueError(f"allocate: scores name groups that are not prunable: {sorted(unknown)}")
+        raise ValueError(f"{where}: {arg} name groups that are not prunable: {sorted(unknown)}")
     for name, u in scores.items():
         if not isinstance(u, torch.Tensor) or u.shape != (groups[name].size,):
-            raise ValueError(f"allocate: scores[{name!r}] must be a tensor of shape [{groups[name].size}], got "
+            raise ValueError(f"{where}: {arg}[{name!r}] must be a tensor of shape [{groups[name].size}], got "
                              f"{getattr(u, 'shape', type(u).__name__)}")
         if not bool(torch.isfinite(u).all()) or bool((u < 0).any()):
-            raise ValueError(f"allocate: scores[{name!r}] must be finite and >= 0")
+            raise ValueError(f"{where}: {arg}[{name!r}] must be finite and >= 0")
+
+
+def _check(graph: ChannelGraph, scores: dict, budget: float, kind: str) -> None:
+    check_scores(graph, scores)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"allocate: budget must be in (0, 1] (the fraction of the cost to keep), got {budget!r}")
     if kind not in ("params", "flops"):

@@ -213,16 +213,9 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
     method, eta = resolve_method(method, eta, ratio, budget)
     if min_channels < 1 or round_to < 1:
         raise ValueError(f"select_channels: min_channels and round_to must be >= 1, got {min_channels}, {round_to}")
-    groups = {g.name: g for g in graph.groups}
-    unknown = set(utilities) - set(groups)
-    if unknown:
-        raise ValueError(f"select_channels: utilities name groups that are not prunable: {sorted(unknown)}")
-    for name, u in utilities.items():
-        if not isinstance(u, torch.Tensor) or u.shape != (groups[name].size,):
-            raise ValueError(f"select_channels: utilities[{name!r}] must be a tensor of shape "
-                             f"[{groups[name].size}], got {getattr(u, 'shape', type(u).__name__)}")
-        if not bool(torch.isfinite(u).all()) or bool((u < 0).any()):
-            raise ValueError(f"select_channels: utilities[{name!r}] must be finite and >= 0")
+    from .allocation import check_scores
+
+    check_scores(graph, utilities, "select_channels", "utilities")
     utilities = {n: u.detach().double().cpu() for n, u in utilities.items()}
 
     if method == "eta":
