@@ -132,7 +132,7 @@ def test_a_forged_checkpoint_runs_nothing_on_resume(tmp_path):
     assert not marker.exists()
 
 
-def test_trusting_runs_the_named_code_and_a_named_factory_is_used(hostile, tmp_path):
+def test_trusting_the_file_runs_the_code_it_names(hostile, tmp_path):
     """The marker mechanism can fire (so the tests above could fail): trusted, the recorded code runs."""
     files, marker = hostile
     with pytest.raises(ValueError):  # the factory returns None: refused, but only after it ran
