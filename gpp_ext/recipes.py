@@ -20,6 +20,10 @@ RECIPES = {
     # LoopConfig's defaults: one iteration, a plain discriminant cut (traced LDA utility) at the solver's
     # cost-aware widths, then fine-tuning; every phase AdamW with a one-cycle schedule
     "gpp": {},
+    # the default with a fading push: a third of the epochs push while the removal set the criterion picks (at
+    # the solver's widths, fixed) fades linearly to zero half-way, then the lossless cut and the fine-tune
+    "gpp-fade": dict(push="fade", push_epochs=1, finetune_epochs=2, push_share=1 / 3, fade_schedule="linear",
+                     fade_end=0.5, alpha=0.0, beta=0.0, gamma=0.0),
     # the fading push of the committed benchmark (harness 3), its training as the loop ran it then: one
     # iteration, a third of the epochs pushing while the removal set fades to zero half-way (VGG-BN's choice;
     # LeNet-5's was 1.0), no push terms, utilities compared as they are, widths chosen afresh at each selection
@@ -34,6 +38,7 @@ RECIPES = {
 }
 DESCRIPTIONS = {
     "gpp": "the default: a discriminant cut at cost-aware widths, then a one-cycle fine-tune",
+    "gpp-fade": "the default's widths and criterion, the removal set faded to zero before a lossless cut",
     "fade": "the fading push (lossless cut) with the knobs the committed benchmark chose for VGG-BN",
     "v1": "push terms, then a threshold raised every iteration, at a constant learning rate",
 }

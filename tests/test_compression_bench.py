@@ -1,5 +1,6 @@
-"""The compression benchmark harness runs end to end (tiny digits runs), writes what issue 6 asks for, and
-resumes an interrupted run without redoing or changing what it already measured."""
+"""The compression benchmark harness runs end to end (tiny digits runs), writes what issue 6 asks for, runs
+GPP's rows as the loop users run with the validated default recipe, and resumes an interrupted run without
+redoing or changing what it already measured."""
 
 import importlib
 import json
@@ -11,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("method", "model", "dataset", "budget_kind", "budget", "seed", "params", "flops", "acc_end_of_prep",
           "acc_after_cut", "acc_after_recal", "ft_curve", "test_accuracy", "val_accuracy", "latency_ms_b1",
-          "latency_ms_b64", "harness")
+          "latency_ms_b64", "harness", "seconds", "train")
 
 
 @pytest.fixture
@@ -33,30 +34,59 @@ def test_harness_smoke(harness, tmp_path):
     assert code == 0
     records = json.loads(out.read_text())
     methods = {r["method"] for r in records}
-    assert set(harness.DEFAULT_METHODS) <= methods
+    assert set(harness.default_methods(harness.MODES["smoke"]["methods"]["vgg"], True)) == methods
+    assert {"gpp", "gpp-fade"} <= methods  # the default (no push) and its variant with the fade
     for r in records:
         for key in FIELDS:
             assert key in r, key
         assert r["params"] < r["base_params"]
-        assert 0 <= r["acc_after_cut"] <= 1 and 0 <= r["test_accuracy"] <= 1
+        assert 0 <= r["test_accuracy"] <= 1 and r["seconds"] >= 0
         assert r["prep_epochs_used"] + r["finetune_epochs"] == pytest.approx(r["epochs"])  # equal training
+        assert r["train"] == records[0]["train"]  # every method trains with the loop's recipe
+    from gpp_ext import recipes
+    from gpp_ext.loop import train_kwargs
+
+    assert records[0]["train"]["lr_schedule"] == train_kwargs(recipes.build("gpp"))["lr_schedule"]
     gpp = next(r for r in records if r["method"] == "gpp")
-    assert gpp["acc_after_cut"] == gpp["acc_end_of_prep"]  # the faded set is zero: the cut changes nothing
+    # GPP's row is the loop with the default recipe, given only the budget, epochs and seed
+    assert gpp["config"]["push"] == recipes.build("gpp").push and gpp["config"]["epochs"] == 0
+    assert gpp["config"]["epoch_budget"] == gpp["epochs"] and gpp["target_reached"]
+    fade = next(r for r in records if r["method"] == "gpp-fade")
+    assert fade["config"]["push"] == "fade" and fade["prep_epochs_used"] > 0
     one_shot = next(r for r in records if r["method"] == "l1")
     assert one_shot["prep_epochs_used"] == 0 and one_shot["acc_end_of_prep"] == one_shot["base_test_accuracy"]
     choices = json.loads((tmp_path / "compression-choices.json").read_text())
-    assert {c["what"] for c in choices} >= {"slimming reg", "gpp knobs", "gpp ablation"}
+    assert {c["what"] for c in choices} >= {"slimming reg", "gpp recipe", "gpp ablation"}
     assert all(c["commit"] and c["machine"] for c in choices)  # every figure says where it was made
-    assert all(sum(c.get("chosen", False) for c in choices if c["what"] == w) == 1
-               for w in ("slimming reg", "gpp knobs"))
+    recipe = [c for c in choices if c["what"] == "gpp recipe"]
+    assert {c["setting"] for c in recipe} == {"gpp", "gpp-fade"}
+    assert sum(c["chosen"] for c in recipe) == 1
+    assert sum(c.get("chosen", False) for c in choices if c["what"] == "slimming reg") == 1
     # every method starts from the same reference and meets its budget
     assert len({r["base_test_accuracy"] for r in records}) == 1
     assert all(r["met_budget"] for r in records)
     table = (tmp_path / "compression.md").read_text()
-    results, chosen = table.split("## Choices made on validation")
+    results, chosen = table.split("## GPP's recipe, chosen on validation")
     assert results.count("| vgg | 30% |") == len(methods) + 1  # every method, plus the 'who wins' row
-    assert chosen.count("| vgg | 30% |") == len(choices)
+    assert "## Ablation" in chosen and "| uniform x cut x onecycle |" in chosen
     assert (tmp_path / "compression.png").stat().st_size > 1000
+
+
+def test_no_gpp_row_runs_when_another_candidate_beats_the_default(harness, tmp_path, monkeypatch, capsys):
+    # a candidate that cannot lose: the default recipe's own loop is scored below it on validation
+    real = harness.protocol.measure
+
+    def rigged(method, base, setup, cache, stem, keep=True):
+        m = real(method, base, setup, cache, stem, keep)
+        if not keep and setup.knobs == harness.choosing.CANDIDATES["gpp-fade"]:
+            m = {**m, "val_accuracy": 1.0}
+        return m
+
+    monkeypatch.setattr(harness.protocol, "measure", rigged)
+    code, out = smoke(harness, tmp_path, "--methods", "gpp,gpp-fade,l1")
+    assert code == 0
+    assert [r["method"] for r in json.loads(out.read_text())] == ["l1"]
+    assert "candidate 'gpp-fade' beats the default recipe" in capsys.readouterr().err
 
 
 def test_resume_keeps_records_and_runs_only_the_missing(harness, tmp_path):
@@ -131,25 +161,26 @@ def test_bad_arguments_name_the_option(harness, tmp_path, capsys, argv, message)
     assert message in capsys.readouterr().err
 
 
-def test_a_choice_already_measured_under_another_name_is_reused_not_rerun(harness, tmp_path, monkeypatch):
-    # the second grid entry is the first with a default spelled out: the same run, so it is not measured again
-    first = dict(harness.GPP_GRID[0])
-    grid = (first, {**first, "alpha": harness.methods.GPP_DEFAULTS["alpha"]})
-    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "grid": grid, "ablation": ()})
+def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness, tmp_path, monkeypatch):
+    # the ablation cell "solver x cut x onecycle" is the default recipe: the candidate `gpp`'s run
+    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "candidates": ("gpp",),
+                                                 "ablation": (("solver", "cut", "onecycle"),)})
     measured = []
-    real = harness.measure
+    real = harness.protocol.measure
 
     def counting(method, *args, **kwargs):
         if kwargs.get("keep") is False:  # the validation trials
             measured.append(method)
         return real(method, *args, **kwargs)
 
-    monkeypatch.setattr(harness, "measure", counting)
+    monkeypatch.setattr(harness.protocol, "measure", counting)
     code, _ = smoke(harness, tmp_path, "--methods", "gpp")
     assert code == 0
     assert measured == ["gpp"]
-    choices = [c for c in json.loads((tmp_path / "compression-choices.json").read_text()) if c["what"] == "gpp knobs"]
-    assert len(choices) == 2 and choices[1]["same_as"] == f"gpp knobs: {choices[0]['setting']}"
-    assert choices[1]["val_accuracy"] == choices[0]["val_accuracy"]
-    assert sum(c["chosen"] for c in choices) == 1
-    assert "(the run of gpp knobs: " in (tmp_path / "compression.md").read_text()
+    trials = json.loads((tmp_path / "compression-choices.json").read_text())
+    candidate, cell = trials
+    assert cell["same_as"] == "gpp recipe: gpp" and cell["val_accuracy"] == candidate["val_accuracy"]
+    # resumed: nothing is measured again
+    measured.clear()
+    assert smoke(harness, tmp_path, "--methods", "gpp", "--resume")[0] == 0
+    assert measured == []

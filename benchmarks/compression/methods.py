@@ -1,24 +1,29 @@
 """The methods the compression benchmark compares, each as it is meant to be run within the shared budget.
 
-Every method gets a prepared copy of the same base model and returns `(before_cut, after_cut, epochs_used)`:
-the model at the end of its preparation, the model right after its cut (BatchNorm not yet recalibrated), and
-the training epochs it spent before the common fine-tuning (which then gets the rest of the epoch budget).
+GPP's rows are the loop users run: `gpp` is `GrowPushPrune(base, splits, recipes.build("gpp", ...)).run()`,
+given the base, the data, the budget and the epoch budget and nothing else (`gpp_loop`); a GPP candidate or
+ablation row names the `LoopConfig` fields it changes. Every other method gets a prepared copy of the same base
+and returns `(before_cut, after_cut, epochs_used)`: the model at the end of its preparation, the model right
+after its cut (BatchNorm not yet recalibrated), and the training epochs it spent before the common fine-tuning
+(which then gets the rest of the epoch budget, with the loop's own training recipe: `Setup.train`).
 
-- One-shot criteria (ours: `l1`, `taylor`, `random`, `gpp-nopush` = the traced discriminant utility `lda`,
-  and any other registered criterion; Torch-Pruning's `magnitude`, local and global) spend nothing before
-  the cut: their whole budget is fine-tuning, their own best recipe.
+- One-shot criteria (ours: `l1`, `taylor`, `random`, and any other registered criterion, cut at the loop's
+  default widths; Torch-Pruning's `magnitude`, local and global) spend nothing before the cut: their whole
+  budget is fine-tuning, their own best recipe.
 - Sparse training before the cut: `slimming` (L1 on BatchNorm scales, then BN-scale pruning),
   `torch_pruning:bn_scale_sl:<scope>` (`BNScalePruner.regularize`) and `torch_pruning:group_norm_sl:<scope>`
   (`GroupNormPruner.regularize`), with the regularisation strength chosen on validation (`SWEEPS`).
-- A fading removal set: `gpp` (the library's loop stages with `push="fade"`: the removal set chosen by the
-  traced discriminant utility fades to zero, the push terms act on the kept features) and `hesso_style` (our
-  implementation of a HESSO-style peer: the same fade, driven by OTO's default saliency and ranked globally
-  without per-layer normalisation, since `only-train-once` 3.0.1 does not import under torch 2.13).
+- `hesso_style`: our implementation of a HESSO-style peer (a removal set that fades to zero, chosen by OTO's
+  default saliency and ranked globally without per-layer normalisation), since `only-train-once` 3.0.1 does not
+  import under torch 2.13.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import tempfile
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,11 +31,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import gpp_ext
+from gpp_ext import recipes
 from gpp_ext.classifier import find_classifier
 from gpp_ext.cost import count_flops, count_params
 from gpp_ext.fade import RemovalFade
 from gpp_ext.layers import is_batch_norm
-from gpp_ext.loop import LoopConfig, prune_stage, push_stage, stage_seed
+from gpp_ext.loop import GrowPushPrune, LoopConfig, train_kwargs
 from gpp_ext.pruning import criteria
 from gpp_ext.pruning.criteria import per_channel
 from gpp_ext.training import fit, training_batches
@@ -38,7 +44,10 @@ from gpp_ext.training import fit, training_batches
 TP_MAGNITUDE = ("torch_pruning:magnitude:local", "torch_pruning:magnitude:global")
 TP_SPARSE = tuple(f"torch_pruning:{kind}_sl:{scope}" for kind in ("bn_scale", "group_norm")
                   for scope in ("local", "global"))
-FIXED = ("gpp", "gpp-nopush", "slimming", "hesso_style")
+# GPP's rows: the default recipe, and the same loop with the push switched (the fade where the default has
+# none, none where it pushes): `gpp_variant`
+GPP = ("gpp", "gpp-fade", "gpp-nopush")
+FIXED = GPP + ("slimming", "hesso_style")
 # regularisation strengths tried on validation (seed 0, one budget per model) for the sparse-training methods
 SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
           "torch_pruning:group_norm_sl": (1e-5, 1e-4, 1e-3)}
@@ -54,9 +63,17 @@ class Setup:
     seed: int
     epochs: float                    # training after the base, preparation and fine-tuning together
     prep_epochs: float               # what methods that train before their cut may spend on it
-    lr: float
-    batch_size: int = 128
-    knobs: dict = field(default_factory=dict)   # method-specific settings (a sweep's reg, gpp's push knobs)
+    knobs: dict = field(default_factory=dict)   # method-specific settings (a sweep's reg, a GPP row's overrides)
+
+    @property
+    def train(self) -> dict:
+        """The `fit` arguments of every training phase: the default recipe's (`loop.train_kwargs`), so the
+        peers train exactly as the loop does."""
+        return train_kwargs(recipes.build("gpp"))
+
+    @property
+    def batch_size(self) -> int:
+        return self.train["batch_size"]
 
     @property
     def example(self) -> torch.Tensor:
@@ -67,6 +84,18 @@ class Setup:
 
     def loader(self, offset: int = 0) -> DataLoader:
         return training_batches(self.splits.train, 256, self.seed * 7 + offset)
+
+
+def gpp_variant(method: str) -> dict | None:
+    """The `LoopConfig` overrides of GPP row `method` (None for other methods): `gpp` none, `gpp-fade` the fade
+    push (a third of the epochs; `recipes.RECIPES["gpp-fade"]`), `gpp-nopush` no push."""
+    if method == "gpp":
+        return {}
+    if method == "gpp-fade":
+        return dict(recipes.RECIPES["gpp-fade"])
+    if method == "gpp-nopush":
+        return dict(push="none", push_share=0.0)
+    return None
 
 
 def sweep_key(method: str) -> str | None:
@@ -99,8 +128,8 @@ def run(method: str, base, setup: Setup, cached=None):
     if cached is None or key is None:
         def cached(key, build):
             return build()
-    if method == "gpp":
-        return _gpp(model, setup)
+    if gpp_variant(method) is not None:
+        raise ValueError(f"{method} is the loop (gpp_loop), not a cut")
     if method == "hesso_style":
         return _hesso_style(model, setup)
     if method == "slimming":
@@ -110,58 +139,36 @@ def run(method: str, base, setup: Setup, cached=None):
                               used=setup.prep_epochs)
     if method in TP_MAGNITUDE:
         return _torch_pruning(method, model, setup)
-    criterion = "lda" if method == "gpp-nopush" else method
+    default = recipes.build("gpp")  # the loop's widths, this method's channels
     cut, _ = gpp_ext.prune(copy.deepcopy(model), setup.loader(), setup.example, setup.splits.num_classes,
-                           criterion=criterion, method="budget", budget=setup.budget, budget_kind=setup.kind,
-                           recalibrate=False, progress=False, seed=setup.seed)
+                           criterion=method, method="budget", budget=setup.budget, budget_kind=setup.kind,
+                           allocation=default.allocation, normalize=default.normalize, floor=default.floor,
+                           round_to=default.round_to, recalibrate=False, progress=False, seed=setup.seed)
     return model, cut, 0.0
 
 
 # ---------------------------------------------------------------------------------------------------- ours
 
-GPP_DEFAULTS = dict(iterations=1, push_share=None, reselect=4, schedule="cosine", fade_end=1.0, alpha=0.3,
-                    beta=0.3, gamma=0.05, distill=0.0, criterion="lda", allocation="global", normalize="mean")
+def loop_config(setup: Setup, overrides: dict | None = None) -> LoopConfig:
+    """The loop configuration of a GPP row: the default recipe (`recipes.build("gpp")`), given only what the
+    harness supplies (the base is trained, the budget, the epoch budget after the base, the seed) and, for a
+    candidate or an ablation, the `overrides` it names."""
+    target = {"target_params": setup.budget} if setup.kind == "params" else \
+        {"target_params": 1.0, "target_flops": setup.budget}
+    return recipes.build("gpp", **{**(overrides or {}), "epochs": 0, "epoch_budget": setup.epochs,
+                                   "budget_kind": setup.kind, **target, "seed": setup.seed})
 
 
-def gpp_config(setup: Setup, **overrides) -> LoopConfig:
-    """The loop configuration of the `gpp` method: the budget schedule with a fading push, the whole epoch
-    budget but the last fine-tuning given to `iterations` push-cut-fine-tune steps."""
-    k = {**GPP_DEFAULTS, **setup.knobs, **overrides}
-    target = setup.budget
-    share = k["push_share"] if k["push_share"] is not None else setup.prep_epochs / setup.epochs
-    return LoopConfig(epochs=0, batch_size=setup.batch_size, lr=setup.lr, schedule="budget", push="fade",
-                      budget_kind=setup.kind, target_params=target if setup.kind == "params" else 1.0,
-                      target_flops=target if setup.kind == "flops" else None, max_iterations=k["iterations"],
-                      epoch_budget=setup.epochs, push_share=share, fade_reselect=k["reselect"],
-                      fade_schedule=k["schedule"], fade_end=k["fade_end"], alpha=k["alpha"], beta=k["beta"],
-                      gamma=k["gamma"], distill=k["distill"], criterion=k["criterion"],
-                      allocation=k["allocation"], normalize=k["normalize"], seed=setup.seed,
-                      # harness 3's training inside the push, spelled out now that LoopConfig's defaults changed
-                      lr_schedule="constant", optimizer="adamw", weight_decay=1e-4, floor=0.0, round_to=1,
-                      fade_fixed_widths=False)
-
-
-def _gpp(model, setup: Setup):
-    """The library's loop, stage by stage: n x (push with the fade, lossless cut, fine-tune), the last
-    fine-tuning left to the harness (same optimiser and schedule as every method)."""
-    config = gpp_config(setup)
-    config.validate()
-    base_cost = setup.cost(model)
-    push_epochs, ft_epochs = (setup.epochs / config.max_iterations * config.push_share,
-                              setup.epochs / config.max_iterations * (1 - config.push_share))
-    used = 0.0
-    for i in range(1, config.max_iterations + 1):
-        if i > 1:  # the fine-tuning between cuts; the last one is the harness's
-            model = fit(model, setup.splits.train, ft_epochs, lr=setup.lr, batch_size=setup.batch_size,
-                        seed=stage_seed(setup.seed, 3 * i), lr_schedule="cosine")
-            used += ft_epochs
-        model, keep = push_stage(model, setup.splits, config, stage_seed(setup.seed, 3 * i + 1), iteration=i,
-                                 base_cost=base_cost)
-        used += push_epochs
-        before = copy.deepcopy(model)
-        model, _ = prune_stage(model, setup.splits, config, i, base_cost, stage_seed(setup.seed, 3 * i + 2),
-                               keep=keep, recalibrate=False)
-    return before, model, used
+def gpp_loop(base, setup: Setup, overrides: dict | None = None, folder: str | None = None):
+    """`(report, compact model)` of `GrowPushPrune(base, ...).run()`: the loop users run, with the default
+    recipe (or `overrides` of it). `folder` holds its checkpoints (a temporary one by default)."""
+    config = loop_config(setup, overrides)
+    with contextlib.ExitStack() as stack:
+        out = folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="gpp-bench-"))
+        loop = GrowPushPrune(copy.deepcopy(base), setup.splits, config, out_dir=os.path.join(out, "run"),
+                             progress=False, onnx_latency=False)
+        report = loop.run()
+    return report, loop.final_model
 
 
 def _slimming_prep(model, setup: Setup):
@@ -170,8 +177,7 @@ def _slimming_prep(model, setup: Setup):
     def penalty(m):
         return reg * sum(b.weight.abs().sum() for b in m.modules() if is_batch_norm(b) and b.weight is not None)
 
-    return fit(model, setup.splits.train, setup.prep_epochs, lr=setup.lr, batch_size=setup.batch_size,
-               seed=setup.seed, penalty=penalty)
+    return fit(model, setup.splits.train, setup.prep_epochs, seed=setup.seed, penalty=penalty, **setup.train)
 
 
 def _slimming(model, setup: Setup):
@@ -227,12 +233,9 @@ def hesso_saliency(graph, context) -> dict:
 
 
 def _hesso_style(model, setup: Setup):
-    k = {**GPP_DEFAULTS, **setup.knobs}
     fade = RemovalFade(model, setup.example, setup.loader(), setup.budget, budget_kind=setup.kind,
-                       criterion=hesso_saliency, reselect=k["reselect"], schedule="linear", normalize="none",
-                       seed=setup.seed)
-    model = fit(model, setup.splits.train, setup.prep_epochs, lr=setup.lr, batch_size=setup.batch_size,
-                seed=setup.seed, after_step=fade.step)
+                       criterion=hesso_saliency, reselect=4, schedule="linear", normalize="none", seed=setup.seed)
+    model = fit(model, setup.splits.train, setup.prep_epochs, seed=setup.seed, after_step=fade.step, **setup.train)
     keep = fade.finish()
     before = copy.deepcopy(model)
     cut, _ = gpp_ext.prune(model, setup.loader(), setup.example, setup.splits.num_classes, keep=keep,
@@ -264,8 +267,8 @@ def _tp_sparse_prep(method: str, model, setup: Setup):
     import torch_pruning as tp
 
     pruner = _tp_pruner(tp, method, model, setup, 0.5)
-    return fit(model, setup.splits.train, setup.prep_epochs, lr=setup.lr, weight_decay=0.0,
-               batch_size=setup.batch_size, seed=setup.seed, after_backward=lambda m: pruner.regularize(m))
+    return fit(model, setup.splits.train, setup.prep_epochs, seed=setup.seed,
+               after_backward=lambda m: pruner.regularize(m), **{**setup.train, "weight_decay": 0.0})
 
 
 def _torch_pruning(method: str, model, setup: Setup, used: float = 0.0):

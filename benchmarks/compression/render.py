@@ -81,22 +81,23 @@ def render(records: list, meta: dict, sweeps: list = ()) -> str:
              f"{', '.join(sorted({r['commit'] for r in records}))}; harness version "
              f"{', '.join(sorted({str(r.get('harness')) for r in records}))}.", "",
              "Every method starts from the same converged base model and gets the same training after it: "
-             "`epochs` in all, its preparation (sparse training, a push, a fade) counted, the rest fine-tuning "
-             "with the same optimiser (AdamW) and cosine schedule. One-shot criteria spend the whole budget "
-             "fine-tuning. BatchNorm is recalibrated once after the cut. Regularisation strengths and GPP's "
-             "knobs were chosen on a validation split at seed 0 (see the end); accuracies below are on the test "
-             "set, mean ± std over seeds.", ""]
+             "`epochs` in all, its preparation (sparse training, a push, a fade) counted, the rest fine-tuning; "
+             "every phase trains with the loop's own recipe ("
+             + "; ".join(sorted({_recipe(r.get("train")) for r in records})) + "). GPP's rows are "
+             "`GrowPushPrune(...).run()` with the default recipe (`gpp`; `gpp-fade`/`gpp-nopush`: the same loop with "
+             "the push switched). BatchNorm is recalibrated after each cut. The peers' regularisation and GPP's "
+             "recipe were chosen on a validation split at seed 0 (see the end); accuracies below are on the test "
+             "set, mean ± std over seeds; seconds are the wall time of a run (searches included).", ""]
     for model in sorted({r["model"] for r in records}):
         mine = [r for r in records if r["model"] == model]
         base = {r["seed"]: r["base_test_accuracy"] for r in mine}
-        conf = {k: sorted({str(r.get(k)) for r in mine}) for k in ("base_epochs", "epochs", "prep_epochs", "lr")}
+        conf = {k: sorted({str(r.get(k)) for r in mine}) for k in ("base_epochs", "epochs", "prep_epochs")}
         lines.append(f"- **{model}**: base {', '.join(conf['base_epochs'])} epochs (cosine), test accuracy "
                      f"{mean_std(list(base.values()))} over seeds {sorted(base)}; then {', '.join(conf['epochs'])} "
-                     f"epochs per method, of which up to {', '.join(conf['prep_epochs'])} before the cut; lr "
-                     f"{', '.join(conf['lr'])}.")
+                     f"epochs per method, of which up to {', '.join(conf['prep_epochs'])} before the cut.")
     lines += ["", "## Who wins", "",
-              "| model | budget | best (test acc) | gpp: test acc, rank | gpp after cut vs end of push | "
-              "best peer |", "|---|---:|---|---|---|---|"]
+              "| model | budget | best (test acc) | gpp: test acc, rank | best peer | gpp − best peer |",
+              "|---|---:|---|---|---|---:|"]
     for (model, kind, budget), by_method in _groups(records).items():
         order = _ranked({m: rs for m, rs in by_method.items() if _met(rs)})
         names = [m for m, _ in order]
@@ -105,19 +106,19 @@ def render(records: list, meta: dict, sweeps: list = ()) -> str:
             return _mean(r["test_accuracy"] for r in by_method[method])
 
         peers = [m for m in names if not m.startswith("gpp")]
-        gpp = by_method.get("gpp")
-        lossless = (f"{_mean(r['acc_after_cut'] for r in gpp):.4f} vs {_mean(r['acc_end_of_prep'] for r in gpp):.4f}"
-                    if gpp else "–")
+        gap = f"{acc('gpp') - acc(peers[0]):+.4f}" if "gpp" in names and peers else "–"
         lines.append(f"| {model} | {_budget(kind, budget)} | {names[0]} ({acc(names[0]):.4f}) | "
                      + (f"{acc('gpp'):.4f}, {names.index('gpp') + 1} of {len(names)}" if "gpp" in names else "–")
-                     + f" | {lossless} | " + (f"{peers[0]} ({acc(peers[0]):.4f})" if peers else "–") + " |")
+                     + " | " + (f"{peers[0]} ({acc(peers[0]):.4f})" if peers else "–") + f" | {gap} |")
     lines += ["", "Ranks count the methods that met the budget (2% slack for whole channels) in every seed; † "
               "below marks the others.", "", "## Every method", "",
               "Accuracy at the end of the preparation, right after the cut, after BatchNorm recalibration, after "
-              "1/8, 1/4, 1/2 and 1 epoch of fine-tuning, and at the end (test set, mean over seeds).", "",
+              "1/8, 1/4, 1/2 and 1 epoch of fine-tuning, and at the end (test set, mean over seeds). GPP's rows "
+              "are whole loop runs, which report validation accuracy at the end of the push and after the cut "
+              "(in the records: `val_end_of_push`, `val_after_cut`), so their columns along the way are empty.", "",
               "| model | budget | method | params | FLOPs | end of prep | after cut | after recal | ft 1/8 | "
-              "ft 1/4 | ft 1/2 | ft 1 | final (± std) | latency b1 / b64 (ms) |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "ft 1/4 | ft 1/2 | ft 1 | final (± std) | latency b1 / b64 (ms) | seconds |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(v):
         return "–" if v is None else f"{v:.4f}"
@@ -131,20 +132,70 @@ def render(records: list, meta: dict, sweeps: list = ()) -> str:
                          f"{cell(_mean(r['acc_end_of_prep'] for r in rs))} | {cell(_mean(r['acc_after_cut'] for r in rs))} | "
                          f"{cell(_mean(r['acc_after_recal'] for r in rs))} | {' | '.join(curve)} | "
                          f"{mean_std([r['test_accuracy'] for r in rs])} | "
-                         f"{_latency_cell(rs)} |")
+                         f"{_latency_cell(rs)} | {_mean(r['seconds'] for r in rs):.0f} |")
     lines += ["", "Latency: CPU, eager PyTorch, median ms at batch 1 / 64, from the latency pass (`--latency`: "
               "every compact model of a budget and the base timed interleaved in one window); * marks figures "
               "measured inside the run instead, which depend on what else the machine was doing."]
     lines += _speed(records)
-    if sweeps:
-        lines += ["", "## Choices made on validation (seed 0)", "",
+    lines += _choices(sweeps)
+    return "\n".join(lines) + "\n"
+
+
+def _recipe(train) -> str:
+    if not train:
+        return "recipe not recorded"
+    return (f"{train['optimizer']} lr {train['lr']:g}, {train['lr_schedule']} schedule (warm-up {train['warmup']:g}), "
+            f"weight decay {train['weight_decay']:g}, batch {train['batch_size']}")
+
+
+def _choices(sweeps) -> list:
+    if not sweeps:
+        return []
+    lines = []
+    recipe = [s for s in sweeps if s["what"] == "gpp recipe"]
+    if recipe:
+        lines += ["", "## GPP's recipe, chosen on validation (seed 0)", "",
+                  "Each candidate is the loop with the default recipe changed as named (`choices.CANDIDATES`); "
+                  "the default must have the best mean validation accuracy over every budget below.", ""]
+        places = sorted({(s["model"], s["budget_kind"], s["budget"]) for s in recipe},
+                        key=lambda p: (p[0], p[1] != "params", -p[2]))
+        lines += ["| candidate | mean val | " + " | ".join(f"{m} {_budget(k, b)} val / test" for m, k, b in places)
+                  + " | chosen |", "|---|---:|" + "---:|" * len(places) + ":---:|"]
+        by = {}
+        for s in recipe:
+            by.setdefault(s["setting"], {})[(s["model"], s["budget_kind"], s["budget"])] = s
+        for name, cells in sorted(by.items(), key=lambda kv: -_mean(c["val_accuracy"] for c in kv[1].values())):
+            row = [f"{cells[p]['val_accuracy']:.4f} / {cells[p]['test_accuracy']:.4f}" if p in cells else "–"
+                   for p in places]
+            chosen = any(c.get("chosen") for c in cells.values())
+            lines.append(f"| {name} | {_mean(c['val_accuracy'] for c in cells.values()):.4f} | " + " | ".join(row)
+                         + f" | {'yes' if chosen else ''} |")
+    ablation = [s for s in sweeps if s["what"] == "gpp ablation"]
+    if ablation:
+        places = sorted({(s["model"], s["budget_kind"], s["budget"]) for s in ablation},
+                        key=lambda p: (p[0], p[1] != "params", -p[2]))
+        lines += ["", "## Ablation (seed 0): width allocation x push x schedule", "",
+                  "Each cell is the loop with the default recipe changed on these three axes (`choices.ABLATION`); "
+                  "validation / test accuracy, nothing chosen from it.", "",
+                  "| allocation x push x schedule | " + " | ".join(f"{m} {_budget(k, b)}" for m, k, b in places) + " |",
+                  "|---|" + "---:|" * len(places)]
+        by = {}
+        for s in ablation:
+            by.setdefault(s["setting"], {})[(s["model"], s["budget_kind"], s["budget"])] = s
+        for name, cells in by.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{cells[p]['val_accuracy']:.4f} / {cells[p]['test_accuracy']:.4f}" if p in cells else "–"
+                for p in places) + " |")
+    regs = [s for s in sweeps if s["what"] not in ("gpp recipe", "gpp ablation")]
+    if regs:
+        lines += ["", "## The peers' regularisation, chosen on validation (seed 0)", "",
                   "| model | budget | what | setting | val acc | test acc (not used to choose) | chosen |",
                   "|---|---:|---|---|---:|---:|:---:|"]
-        for s in sweeps:
+        for s in regs:
             setting = s["setting"] + (f" (the run of {s['same_as']})" if s.get("same_as") else "")
             lines.append(f"| {s['model']} | {_budget(s['budget_kind'], s['budget'])} | {s['what']} | {setting} | "
                          f"{s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} | {'yes' if s.get('chosen') else ''} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(records: list, path: str) -> None:

@@ -1,0 +1,165 @@
+"""The compression benchmark's choices, made on the validation split at seed 0, recorded, then frozen.
+
+- **The peers' regularisation** (`methods.SWEEPS`): per model and sparse-training family, the strength with the
+  best mean validation accuracy over the model's choice budgets (`protocol.MODES[...]["choice_budgets"]`).
+- **GPP's recipe**: the candidates below, each the loop with the default recipe changed by a few `LoopConfig`
+  fields, compared by mean validation accuracy over every choice budget of the recipe models (LeNet-5 and
+  VGG-BN; ResNet-20 is held out). The default recipe is a claim that this comparison validated it: when another
+  candidate wins, the harness says so and runs no GPP row until `recipes` is changed (`default_check`).
+- **The ablation** (the full mode: VGG-BN at 10% of the parameters and of the FLOPs): width allocation x push x learning-rate
+  schedule, each the loop with those fields changed; validation and test accuracy recorded, nothing chosen.
+
+Every trial is recorded in `<out>-choices.json` with its test accuracy, which is never used to choose. A GPP
+trial whose loop configuration an earlier trial at the same place already ran (a candidate and an ablation
+cell can be the same run) reuses its figures and names it (`same_as`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+
+from gpp_ext import recipes
+
+from . import methods, protocol
+
+# GPP's recipe candidates: `LoopConfig` fields changed from the default recipe
+CANDIDATES = {
+    "gpp": {},
+    "gpp-fade": dict(recipes.RECIPES["gpp-fade"]),
+    "gpp-search": dict(allocation="search"),
+    "gpp-x2": dict(max_iterations=2),
+    "gpp-l1": dict(criterion="l1"),
+}
+# the ablation's axes: how the widths are decided, whether the removal set fades before the cut, and the
+# learning-rate schedule of every phase (a constant rate at the rate the first loop used)
+ALLOCATION_AXIS = {"raw": dict(allocation="global", normalize="none", floor=0.0),
+                   "normalised": dict(allocation="global", normalize="mean"),
+                   "solver": dict(allocation="solver"), "search": dict(allocation="search"),
+                   "uniform": dict(allocation="uniform")}
+PUSH_AXIS = {"cut": dict(push="none", push_share=0.0), "fade": dict(recipes.RECIPES["gpp-fade"])}
+SCHEDULE_AXIS = {"onecycle": dict(lr_schedule="onecycle"), "constant": dict(lr_schedule="constant", lr=2e-3)}
+ABLATION = tuple(itertools.product(ALLOCATION_AXIS, PUSH_AXIS, SCHEDULE_AXIS))
+
+
+def ablation_overrides(cell: tuple) -> dict:
+    allocation, push, schedule = cell
+    return {**ALLOCATION_AXIS[allocation], **PUSH_AXIS[push], **SCHEDULE_AXIS[schedule]}
+
+
+class Trials:
+    """The recorded validation trials (`choices`, saved by `save` after each), run by `measure`."""
+
+    def __init__(self, args, choices: list, save, measure):
+        self.args, self.choices, self.save, self.measure = args, choices, save, measure
+
+    def _current(self, entry: dict, config: dict | None) -> bool:
+        """An entry made with today's settings (and, for a loop trial, today's resolution of its knobs)."""
+        same = all(entry.get(k) == v for k, v in protocol.settings(self.args, entry["model"]).items())
+        return same and entry.get("train") == protocol.train_recipe() and entry.get("config") == config
+
+    def run(self, what: str, setting: str, method: str, knobs: dict, place: tuple, context) -> dict:
+        """The trial `what: setting` of `method` with `knobs` at `place = (model, kind, budget, seed)`:
+        recorded if new (or made under other settings, then replaced), else read back."""
+        model, kind, budget, seed = place
+        variant = methods.gpp_variant(method)
+        config = protocol.config_of({**variant, **knobs}) if variant is not None else None
+        key = (model, what, setting, kind, budget, seed)
+        for entry in self.choices:
+            if _key(entry) == key and self._current(entry, config):
+                return entry
+        self.choices[:] = [e for e in self.choices if _key(e) != key]  # made under other settings: redone
+        earlier = next((e for e in self.choices if config is not None and "same_as" not in e
+                        and _key(e)[0] == model and _key(e)[3:] == (kind, budget, seed)
+                        and self._current(e, config)), None)
+        base = {"model": model, "budget_kind": kind, "budget": budget, "seed": seed, "what": what,
+                "setting": setting, "method": method, "knobs": knobs, "config": config,
+                **protocol.settings(self.args, model), "train": protocol.train_recipe()}
+        if earlier is not None:  # the same run under another name: its figures are reused, not measured twice
+            entry = {**base, **{k: earlier[k] for k in _FIGURES if k in earlier},
+                     "same_as": f"{earlier['what']}: {earlier['setting']}"}
+            note = f" (= {entry['same_as']})"
+        else:
+            splits, base_model, stem = context
+            setup = methods.Setup(splits, budget, kind, seed, self.args.epochs, self.args.prep_epochs, knobs=knobs)
+            m = self.measure(method, base_model, setup, stem)
+            entry = {**base, **{k: m[k] for k in _FIGURES if k in m}, "commit": self.args.commit,
+                     "machine": self.args.machine}
+            note = f" ({m['seconds']:.0f} s)"
+        self.choices.append(entry)
+        self.save(self.choices)
+        print(f"  {what:<14} {_where(kind, budget):<11} {setting:<34} val {entry['val_accuracy']:.4f}{note}",
+              flush=True)
+        return entry
+
+    def mark(self, what: str, model: str | None, chosen_setting: str) -> None:
+        for e in self.choices:
+            if e["what"] == what and (model is None or e["model"] == model):
+                e["chosen"] = e["setting"] == chosen_setting
+        self.save(self.choices)
+
+
+_FIGURES = ("val_accuracy", "test_accuracy", "params", "flops", "seconds", "widths", "commit", "machine",
+            "target_reached")
+
+
+def _key(e: dict) -> tuple:
+    return (e["model"], e["what"], e["setting"], e["budget_kind"], e["budget"], e["seed"])
+
+
+def _where(kind: str, budget: float) -> str:
+    return f"{kind} {budget:g}"
+
+
+def best_by_mean(entries: list) -> tuple:
+    """`(setting, {setting: mean validation accuracy})` over `entries` (ties: the first listed)."""
+    by = {}
+    for e in entries:
+        by.setdefault(e["setting"], []).append(e["val_accuracy"])
+    means = {s: statistics.mean(v) for s, v in by.items()}
+    return max(means, key=means.get), means
+
+
+def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, values=None) -> dict:
+    """The peers' regularisation per sparse-training family, chosen by mean validation accuracy over `budgets`:
+    `{family: {"reg": value}}`."""
+    args = trials.args
+    chosen = {}
+    for family, regs in methods.SWEEPS.items():
+        method = family if family == "slimming" else f"{family}:global"
+        if method not in args.available or not any(m.startswith(family) for m in args.methods_of[model]):
+            continue
+        if family != "torch_pruning:group_norm_sl" and not protocol.has_bn(context[1]):
+            continue
+        entries = [trials.run(f"{family} reg", f"reg={reg:g}", method, {"reg": reg}, (model, kind, budget, seed),
+                              context)
+                   for reg in (values or regs) for kind, budget in budgets]
+        setting, _ = best_by_mean(entries)
+        trials.mark(f"{family} reg", model, setting)
+        chosen[family] = {"reg": float(setting.split("=")[1])}
+    return chosen
+
+
+def compare_recipes(trials: Trials, model: str, budgets: list, seed: int, context, candidates) -> list:
+    """GPP's recipe candidates at `budgets` of `model` (validation, recorded)."""
+    return [trials.run("gpp recipe", name, "gpp", CANDIDATES[name], (model, kind, budget, seed), context)
+            for name in candidates for kind, budget in budgets]
+
+
+def default_check(choices: list, models: tuple) -> tuple:
+    """`(validated, best, means)`: whether the default recipe (candidate `gpp`, or any candidate that resolves
+    to the same loop) has the best mean validation accuracy over the recipe trials of `models`."""
+    entries = [e for e in choices if e["what"] == "gpp recipe" and e["model"] in models]
+    if not entries:
+        return True, None, {}
+    best, means = best_by_mean(entries)
+    default = protocol.config_of({})
+    validated = protocol.config_of(CANDIDATES.get(best, {})) == default
+    return validated, best, means
+
+
+def run_ablation(trials: Trials, model: str, budgets: list, seed: int, context, cells) -> None:
+    for cell in cells:
+        for kind, budget in budgets:
+            trials.run("gpp ablation", " x ".join(cell), "gpp", ablation_overrides(cell), (model, kind, budget, seed),
+                       context)

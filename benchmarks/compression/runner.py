@@ -1,0 +1,135 @@
+"""The compression benchmark's runner: the choices first, then every (model, seed, budget, method) cell.
+
+1. GPP's recipe candidates on validation at the recipe models' choice budgets (seed 0); the default recipe must
+   win them, or no GPP row runs (`choices.default_check`).
+2. Per model: the peers' regularisation on validation (seed 0), then every cell not yet in the records, each
+   saved as soon as it is measured; records made under other choices, another training recipe or another
+   GPP configuration are redone.
+3. The ablation, after the cells of the model it runs on.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import gpp_ext
+from gpp_ext import data
+from gpp_ext.training import evaluate
+
+from . import choices as choosing
+from . import methods, protocol
+
+
+def knobs_for(method: str, chosen: dict) -> dict:
+    family = methods.sweep_key(method)
+    return chosen.get(family, {}) if family is not None else {}
+
+
+def _stale(record: dict, chosen: dict) -> bool:
+    variant = methods.gpp_variant(record["method"])
+    return (record.get("knobs", {}) != knobs_for(record["method"], chosen)
+            or record.get("train") != protocol.train_recipe()
+            or (variant is not None and record.get("config") != protocol.config_of(variant)))
+
+
+class Contexts:
+    """`(splits, base, stem)` per (model, seed), the last two kept (a split of Fashion-MNIST is ~200 MB)."""
+
+    def __init__(self, args, cache: protocol.Cache):
+        self.args, self.cache, self.kept = args, cache, {}
+
+    def __call__(self, name: str, seed: int):
+        key = (name, seed)
+        if key not in self.kept:
+            args = self.args
+            splits = data.load_dataset(args.data, seed=seed)
+            base = protocol.base_model(name, splits, args, seed, self.cache)
+            accuracy = evaluate(base, splits.test)
+            print(f"{name} seed {seed}: base {gpp_ext.count_params(base):,} params, test accuracy {accuracy:.4f}",
+                  flush=True)
+            if args.mode == "full" and accuracy < protocol.THRESHOLDS.get(name, 0.0):
+                print(f"  warning: the base is below the protocol's {protocol.THRESHOLDS[name]:.1%}", file=sys.stderr)
+            while len(self.kept) >= 2:
+                self.kept.pop(next(iter(self.kept)))
+            self.kept[key] = (splits, base, f"{name}-{args.data}-{args.mode}-seed{seed}", accuracy)
+        return self.kept[key][:3]
+
+    def accuracy(self, name: str, seed: int) -> float:
+        self(name, seed)
+        return self.kept[(name, seed)][3]
+
+
+def run(args, records: list, save, choices: list, save_choices) -> None:
+    """Runs the choices and every cell not yet in `records`, saving after each run."""
+    # full-mode bases are kept beside the results (benchmarks/results/bases/), committed with them
+    cache = protocol.Cache(args.cache, args.resume, args.kept)
+    contexts = Contexts(args, cache)
+    trials = choosing.Trials(args, choices, save_choices,
+                             lambda method, base, setup, stem: protocol.measure(method, base, setup, cache, stem,
+                                                                                keep=False))
+    seed0 = args.seeds[0]
+    recipe_models = [m for m in args.models if m in args.recipe_models]
+    if any(m in args.gpp_methods for name in args.models for m in args.methods_of[name]):
+        print(f"GPP's recipe on validation: {', '.join(args.candidates)} at the choice budgets of "
+              f"{', '.join(recipe_models)}", flush=True)
+        for name in recipe_models:
+            choosing.compare_recipes(trials, name, args.choice_budgets[name], seed0, contexts(name, seed0),
+                                     args.candidates)
+    validated, best, means = choosing.default_check(choices, tuple(recipe_models))
+    if best is not None:
+        trials.mark("gpp recipe", None, best)
+        print("  mean validation accuracy: " + ", ".join(f"{s} {v:.4f}" for s, v in
+                                                        sorted(means.items(), key=lambda kv: -kv[1])), flush=True)
+    if not validated:
+        print(f"benchmarks.compression: candidate {best!r} beats the default recipe on validation "
+              f"({means[best]:.4f} against {means.get('gpp', float('nan')):.4f}); the GPP rows run the default "
+              f"recipe, so none runs until gpp_ext.recipes makes the validated candidate the default "
+              f"(then --resume)", file=sys.stderr)
+    done = {(r["model"], r["seed"], r.get("budget_kind", "params"), r["budget"], r["method"]) for r in records}
+    for name in args.models:
+        wanted = [m for m in args.methods_of[name] if validated or m not in args.gpp_methods]
+        cells = [(s, k, b, m) for s in args.seeds for k, b in args.budgets[name] for m in wanted]
+        ablation = args.ablation if name in args.ablation_budgets else ()
+        if not cells and not ablation:
+            continue
+        chosen = choosing.sweep_regs(trials, name, args.choice_budgets[name], seed0, contexts(name, seed0),
+                                     args.sweep_values)
+        stale = [r for r in records if r["model"] == name and _stale(r, chosen)]
+        if stale:
+            print(f"  redoing {len(stale)} record(s) made with other choices, training or GPP configuration",
+                  flush=True)
+            records[:] = [r for r in records if not any(r is x for x in stale)]
+            done -= {(r["model"], r["seed"], r.get("budget_kind", "params"), r["budget"], r["method"]) for r in stale}
+            save(records)
+        for seed, kind, budget, method in cells:
+            if (name, seed, kind, budget, method) in done:
+                continue
+            splits, base, stem = contexts(name, seed)
+            if (method.startswith("torch_pruning:bn_scale") or method == "slimming") and not protocol.has_bn(base):
+                continue  # BN-scale pruning and network slimming do not exist without BatchNorm
+            setup = methods.Setup(splits, budget, kind, seed, args.epochs, args.prep_epochs,
+                                  knobs=knobs_for(method, chosen))
+            m = protocol.measure(method, base, setup, cache, stem)
+            base_cost = gpp_ext.count_params(base) if kind == "params" else \
+                gpp_ext.count_flops(base, torch.zeros(2, *splits.input_shape))
+            record = {"method": method, "model": name, "dataset": args.data, "budget_kind": kind,
+                      "budget": budget, "seed": seed, "knobs": setup.knobs, **m,
+                      "base_params": gpp_ext.count_params(base), "base_cost": base_cost,
+                      "base_test_accuracy": contexts.accuracy(name, seed),
+                      # the budget is an upper bound; 2% slack for the granularity of whole channels
+                      "met_budget": m[kind] <= budget * base_cost * 1.02}
+            record.update(protocol.settings(args, name), commit=args.commit, torch=torch.__version__,
+                          machine=args.machine, train=protocol.train_recipe())
+            records.append(record)
+            done.add((name, seed, kind, budget, method))
+            save(records)
+            after = (f"after cut {m['acc_after_cut']:.4f} -> recal {m['acc_after_recal']:.4f}"
+                     if m["acc_after_cut"] is not None else f"val after cut {m['val_after_cut']:.4f}")
+            print(f"  {name} seed {seed} {method:<34} {kind} {budget:>5.0%}: {m[kind]:>11,} {after} -> "
+                  f"{m['test_accuracy']:.4f} ({m['seconds']:.0f} s)", flush=True)
+        if ablation:
+            print(f"{name}: the ablation ({len(ablation)} cells) on validation, seed {seed0}", flush=True)
+            choosing.run_ablation(trials, name, args.ablation_budgets[name], seed0, contexts(name, seed0),
+                                  ablation)
