@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 
+from gpp_ext.latency import cpu_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo), else what `platform` says."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def machine() -> str:

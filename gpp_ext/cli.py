@@ -19,12 +19,13 @@ import os
 import sys
 import time
 
-from dataclasses import fields as dataclass_fields
+from dataclasses import fields as dataclass_fields, replace as dataclass_replace
 
 from . import pushes, recipes
 from .export import OPSETS
 from .fade import FADE_SCHEDULES
-from .loop import SCHEDULES, LoopConfig
+from .latency import RUNTIMES
+from .loop import FINAL_FINETUNE, SCHEDULES, LoopConfig
 from .pruning import criteria
 from .pruning.allocation import ALLOCATIONS
 from .training import LR_SCHEDULES, OPTIMIZERS
@@ -75,9 +76,17 @@ _epochs = _number(float, 0)        # fractions of an epoch allowed
 CONFIG_HELP = {
     "target_params": "stop at this fraction of the base model's parameters",
     "target_flops": "also reach this fraction of FLOPs (with --budget-kind flops the schedule counts FLOPs)",
+    "target_latency": "reach this fraction of the base model's latency, as per-layer tables measured on this "
+                      "machine in --latency-runtime at --latency-batch predict it (sets --budget-kind latency; "
+                      "the tables are cached under $GPP_EXT_CACHE, default ~/.cache/gpp_ext)",
+    "latency_runtime": "the runtime a latency budget is measured in: eager (PyTorch) or onnxruntime (CPU)",
+    "latency_batch": "the batch size a latency budget is for (1: one request at a time)",
+    "budget_kind": "what --schedule budget counts: params (--target-params), flops (--target-flops) or latency "
+                   "(--target-latency)",
     "accuracy_floor": "largest drop of validation accuracy (a fraction) the compact model may show; a run that "
                       "stops on it exits with status 3",
-    "epochs": "initial training epochs",
+    "epochs": "initial training epochs (with --weights or a model file: 0, or 1 when the head is re-initialised "
+              "for new classes)",
     "push_epochs": "push epochs per iteration",
     "finetune_epochs": "fine-tuning epochs per iteration",
     "epoch_budget": "all training after the base, in epochs, split evenly over --max-iterations (replaces "
@@ -107,11 +116,15 @@ CONFIG_HELP = {
                 "push trains the kept channels alone",
     "distill": "weight of distillation from the model as it was before each push (0: off)",
     "seed": "seeds the initial weights, the batch order and every randomised step",
+    "final_finetune": "the last fine-tuning's data: train, or train+val (more data for the model you ship; its "
+                      "validation figures, and the accuracy floor's last check, then see data it trained on)",
 }
 _CHOICES = {"schedule": SCHEDULES, "push": pushes.names(), "allocation": ALLOCATIONS, "normalize": ("mean", "none"),
-            "criterion": tuple(criteria.names()), "budget_kind": ("params", "flops"), "fade_schedule": FADE_SCHEDULES,
+            "criterion": tuple(criteria.names()), "budget_kind": ("params", "flops", "latency"),
+            "latency_runtime": RUNTIMES, "final_finetune": FINAL_FINETUNE, "fade_schedule": FADE_SCHEDULES,
             "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "separation": ("fisher", "ratio")}
-_TYPES = {"target_params": _fraction, "target_flops": _fraction, "fade_end": _fraction,
+_TYPES = {"target_params": _fraction, "target_flops": _fraction, "target_latency": _fraction, "fade_end": _fraction,
+          "latency_batch": _positive,
           "accuracy_floor": _number(float, 0, 1, high_open=True), "push_share": _number(float, 0, 1),
           "warmup": _number(float, 0, 1, high_open=True), "floor": _number(float, 0, 1, high_open=True),
           "lr": _number(float, 0, low_open=True), "temperature": _number(float, 0, low_open=True),
@@ -153,6 +166,8 @@ def _config(args, model_name: str, **extra):
     """The run's LoopConfig: `--recipe` with every flag given on the command line applied."""
     overrides = {f.name: getattr(args, f.name) for f in dataclass_fields(LoopConfig)
                  if f.name not in _OTHER_FIELDS and getattr(args, f.name, None) is not None}
+    if "target_latency" in overrides and "budget_kind" not in overrides:
+        overrides["budget_kind"] = "latency"  # a latency target is only met by a latency budget
     grow = args.grow if args.grow is not None else model_name == "inception"
     return recipes.build(args.recipe, grow=grow, amp=args.amp,
                          **overrides, **extra)
@@ -414,6 +429,13 @@ def _compress_run(args, device, config_overrides=None) -> int:
                                normalize=args.image_norm, progress=not args.quiet)
     torch.manual_seed(config.seed)  # the initial weights follow --seed, whatever ran before in this process
     model, note = _build_model(args, splits, saved)
+    if (args.weights or saved is not None) and "epochs" not in vars(args):
+        # A trained model (--weights, or a model file to keep compressing) is not trained again: the recipe's
+        # fine-tuning was chosen on validation from converged models. A head re-initialised for new classes
+        # gets one epoch, so the base's accuracy (and the floor measured from it) means something.
+        epochs = 1 if note and "re-initialised" in note else 0
+        config = dataclass_replace(config, epochs=epochs)
+        note = f"{note}; {epochs} epoch{'s' if epochs != 1 else ''} of base training (--epochs to change)"
     unknown = [n for n in ignore if n not in dict(model.named_modules())]
     if unknown:
         raise ValueError(f"--ignore: the model has no modules {unknown[:4]}")
@@ -424,7 +446,7 @@ def _compress_run(args, device, config_overrides=None) -> int:
         processes = f", {gdist.world_size()} processes" if gdist.is_distributed() else ""
         print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
               f"{len(splits.test)} test{processes}) on {device}{' with bfloat16 autocast' if amp else ''}, recipe "
-              f"{args.recipe}, target {config.target_params:.0%} of the parameters -> {out}"
+              f"{args.recipe}, target {_target(config)} -> {out}"
               + (f" ({note})" if note else ""), flush=True)
     with loop.folder.lock():  # one run per folder, from the checks to the last report
         report = loop.run(resume=args.resume, overwrite=args.overwrite)
@@ -437,14 +459,25 @@ def _compress_run(args, device, config_overrides=None) -> int:
     print(f"gpp: {report['stopped']}; {report['seconds']:.0f} s; report in {os.path.join(out, 'report.md')}")
     if not report["target_reached"]:
         final, base = report["final"], report["base"]
-        print(f"gpp: the compact model MISSED the target: it keeps {final['params'] / base['params']:.1%} of the "
-              f"parameters" + (f" and {final['flops'] / base['flops']:.1%} of the FLOPs" if config.target_flops
-                               else "") + f" (target {config.target_params:.0%}"
-              + (f", FLOPs {config.target_flops:.0%}" if config.target_flops else "") + f"): {report['stopped']}. "
+        kept = f"{final['params'] / base['params']:.1%} of the parameters" + \
+            (f" and {final['flops'] / base['flops']:.1%} of the FLOPs" if config.target_flops else "") + \
+            (f" and {final['latency'] / base['latency']:.1%} of the latency" if "latency" in final else "")
+        print(f"gpp: the compact model MISSED the target: it keeps {kept} (target {_target(config)}): "
+              f"{report['stopped']}. "
               f"{os.path.join(out, 'model.pt')} is the smallest model above the accuracy floor; exit status 3",
               file=sys.stderr)
         return MISSED_TARGET
     return 0
+
+
+def _target(config) -> str:
+    """The size target of `config`, in words."""
+    if config.budget_kind == "latency":
+        return f"{config.target_latency:.0%} of the latency ({config.latency_runtime}, batch {config.latency_batch})"
+    if config.budget_kind == "flops":
+        return f"{config.target_flops:.0%} of the FLOPs"
+    return f"{config.target_params:.0%} of the parameters" + \
+        (f" and {config.target_flops:.0%} of the FLOPs" if config.target_flops else "")
 
 
 def _read_peers(path: str, model: str, dataset: str) -> list:

@@ -52,7 +52,7 @@ class RemovalFade:
         example_inputs: a batch the model accepts (for the graph and the cost model).
         loader: `(inputs, labels)` batches of training data for the criterion (the analysis and tracing).
         budget: the fraction of the model's current cost the cut will keep, in (0, 1].
-        budget_kind: "params" or "flops".
+        budget_kind: "params", "flops" or "latency" (with `latency`, a `gpp_ext.latency.LatencyTable`).
         criterion: a registered criterion's name or a callable `(graph, context) -> scores` that ranks
             channels; default the traced discriminant utility "lda".
         reselect: how many times the removal set is chosen (the first at construction), spread over the first
@@ -78,7 +78,7 @@ class RemovalFade:
                  criterion="lda", reselect: int = 4, schedule: str = "cosine", fade_end: float = 1.0,
                  min_channels: int = 1, round_to: int = 1, neurons=0.75, max_batches: int | None = 20,
                  num_classes: int | None = None, seed: int = 0, ignore=(), normalize: str = "mean",
-                 allocation: str = "global", floor: float = 0.0, fixed_widths: bool = True):
+                 allocation: str = "global", floor: float = 0.0, fixed_widths: bool = True, latency=None):
         if not 0 < budget <= 1:
             raise ValueError(f"RemovalFade: budget must be in (0, 1] (the fraction of the cost the cut keeps), got "
                              f"{budget}")
@@ -95,6 +95,7 @@ class RemovalFade:
         self.reselect, self.schedule, self.fade_end = reselect, schedule, fade_end
         self.min_channels, self.round_to, self.neurons, self.max_batches = min_channels, round_to, neurons, max_batches
         self.seed, self.normalize, self.allocation, self.floor = seed, normalize, allocation, floor
+        self.latency = latency
         self.widths = None  # {group: width}, decided by the first selection and fixed after it
         self.fixed_widths = fixed_widths
         self.graph = ChannelGraph(model, example_inputs, ignore=ignore)
@@ -140,7 +141,7 @@ class RemovalFade:
             keep = select_channels(self.graph, scores, method="budget", budget=self.budget,
                                    budget_kind=self.budget_kind, min_channels=self.min_channels,
                                    round_to=self.round_to, normalize=self.normalize, allocation=self.allocation,
-                                   floor=self.floor, evaluate=evaluate, seed=self.seed)
+                                   floor=self.floor, evaluate=evaluate, seed=self.seed, latency=self.latency)
             self.widths = {name: int(k.numel()) for name, k in keep.items()}
         else:
             keep = self._keep_at_widths(scores, factor)

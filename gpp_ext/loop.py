@@ -58,12 +58,14 @@ __all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_se
            "train_kwargs"]
 
 SCHEDULES = ("eta", "budget")
+FINAL_FINETUNE = ("train", "train+val")
 # What a run leaves in its output folder (the loop writes the checkpoint; `report.write_reports` the rest).
 
 
 # Settings added after checkpoints were first written, with the value the runs that wrote them used: a resume
 # compares an older checkpoint's configuration with these, not with today's defaults.
-_ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor=0.0, fade_fixed_widths=False)
+_ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor=0.0, fade_fixed_widths=False,
+                    target_latency=None, latency_runtime="eager", latency_batch=1, final_finetune="train")
 
 
 @dataclass
@@ -83,6 +85,9 @@ class LoopConfig:
     warmup: float = 0.1              # warm-up share of each phase ("warmup-cosine", "onecycle")
     target_params: float = 0.1       # stop once params <= target_params * base params
     target_flops: float | None = None
+    target_latency: float | None = None  # budget_kind "latency": this fraction of the base model's latency
+    latency_runtime: str = "eager"   # where latency is measured (per-layer tables): "eager" or "onnxruntime"
+    latency_batch: int = 1           # the batch size the latency is for
     accuracy_floor: float = 0.02     # stop once validation accuracy < base accuracy - accuracy_floor
     schedule: str = "budget"         # "budget": iteration i of n keeps target_params ** (i / n) of the base;
                                      # "eta": prune below eta * std per layer, eta raised every iteration
@@ -90,7 +95,8 @@ class LoopConfig:
     eta_step: float = 0.1
     max_iterations: int = 1
     cuts: int = 1                    # cuts per prune stage, each analysed afresh (schedule "budget")
-    budget_kind: str = "params"      # what schedule "budget" counts: "params" (target_params) or "flops"
+    budget_kind: str = "params"      # what schedule "budget" counts: "params" (target_params), "flops"
+                                     # (target_flops) or "latency" (target_latency)
     allocation: str = "solver"       # schedule "budget": "solver" (cost-aware widths on a grid), "search"
                                      # (the solver calibrated on data), "global" threshold, "uniform" fraction
     floor: float = 0.05              # schedule "budget": every group keeps at least this share of its channels
@@ -115,6 +121,8 @@ class LoopConfig:
     seed: int = 0
     ignore: tuple = ()               # modules the channel graph treats as opaque (their channels are kept)
     round_to: int = 1                # every pruned width a multiple of this (8 or 16 suit CPU/ONNX kernels)
+    final_finetune: str = "train"    # the last fine-tuning's data: "train", or "train+val" (the validation
+                                     # split joins it; the final validation figures are then seen data)
     amp: bool = False                # mixed-precision training (bfloat16 autocast on CUDA)
 
     def validate(self) -> None:
@@ -122,14 +130,15 @@ class LoopConfig:
                    "weight_decay", "target_params", "target_flops", "accuracy_floor", "eta_start", "eta_step",
                    "max_iterations", "cuts", "fade_reselect", "fade_end", "distill", "temperature", "alpha", "beta",
                    "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed", "floor",
-                   "warmup")
+                   "warmup", "target_latency", "latency_batch")
         for name in numbers:  # NaN passes every comparison below, so finiteness comes first
             value = getattr(self, name)
-            if value is None and name in ("epoch_budget", "target_flops"):
+            if value is None and name in ("epoch_budget", "target_flops", "target_latency"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"LoopConfig: {name} must be a finite number, got {value!r}")
-        for name in ("batch_size", "max_iterations", "cuts", "fade_reselect", "max_modules_per_stage", "seed"):
+        for name in ("batch_size", "max_iterations", "cuts", "fade_reselect", "max_modules_per_stage", "seed",
+                     "latency_batch"):
             if not isinstance(getattr(self, name), int):
                 raise ValueError(f"LoopConfig: {name} must be an int, got {getattr(self, name)!r}")
         if not self.lr > 0 or self.weight_decay < 0 or min(self.alpha, self.beta, self.gamma) < 0 or self.seed < 0:
@@ -160,9 +169,21 @@ class LoopConfig:
         if self.lr_schedule not in LR_SCHEDULES or self.optimizer not in OPTIMIZERS or not 0 <= self.warmup < 1:
             raise ValueError(f"LoopConfig: lr_schedule must be one of {LR_SCHEDULES}, optimizer one of {OPTIMIZERS} "
                              f"and warmup in [0, 1), got {self.lr_schedule!r}, {self.optimizer!r}, {self.warmup!r}")
-        if self.budget_kind not in ("params", "flops") or (self.budget_kind == "flops" and self.target_flops is None):
-            raise ValueError(f"LoopConfig: budget_kind must be 'params' or 'flops' (which needs target_flops), got "
-                             f"{self.budget_kind!r}")
+        if self.budget_kind not in ("params", "flops", "latency") or \
+                (self.budget_kind == "flops" and self.target_flops is None) or \
+                (self.budget_kind == "latency" and self.target_latency is None):
+            raise ValueError(f"LoopConfig: budget_kind must be 'params', 'flops' (which needs target_flops) or "
+                             f"'latency' (which needs target_latency), got {self.budget_kind!r}")
+        if self.target_latency is not None and (self.budget_kind != "latency" or not 0 < self.target_latency <= 1):
+            raise ValueError(f"LoopConfig: target_latency (a fraction in (0, 1] of the base model's latency, got "
+                             f"{self.target_latency!r}) needs budget_kind='latency' (got {self.budget_kind!r})")
+        if self.budget_kind == "latency" and self.schedule != "budget":
+            raise ValueError("LoopConfig: a latency budget needs schedule='budget'")
+        from .latency import RUNTIMES
+
+        if self.latency_runtime not in RUNTIMES or self.latency_batch < 1:
+            raise ValueError(f"LoopConfig: latency_runtime must be one of {RUNTIMES} and latency_batch >= 1, got "
+                             f"{self.latency_runtime!r}, {self.latency_batch!r}")
         if self.fade_schedule not in FADE_SCHEDULES or not 0 < self.fade_end <= 1 or self.fade_reselect < 1:
             raise ValueError(f"LoopConfig: fade_schedule must be one of {FADE_SCHEDULES}, fade_end in (0, 1] and "
                              f"fade_reselect >= 1, got fade_schedule={self.fade_schedule!r}, "
@@ -171,6 +192,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig: allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if not 0 <= self.floor < 1:
             raise ValueError(f"LoopConfig: floor must be in [0, 1), got {self.floor!r}")
+        if self.final_finetune not in FINAL_FINETUNE:
+            raise ValueError(f"LoopConfig: final_finetune must be one of {FINAL_FINETUNE}, got {self.final_finetune!r}")
         if self.normalize not in ("mean", "none"):
             raise ValueError(f"LoopConfig: normalize must be 'mean' or 'none', got {self.normalize!r}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
@@ -193,11 +216,28 @@ def stage_epochs(config: LoopConfig) -> tuple:
 def stage_goal(config: LoopConfig, iteration: float) -> float:
     """With `schedule="budget"`: the fraction of the base cost (`budget_kind`) the model keeps after iteration
     `iteration` (fractions name the cuts within an iteration)."""
-    target = config.target_flops if config.budget_kind == "flops" else config.target_params
+    target = {"flops": config.target_flops, "latency": config.target_latency}.get(config.budget_kind,
+                                                                                  config.target_params)
     return target ** (iteration / config.max_iterations)
 
 
-def _cost(model: nn.Module, kind: str, example) -> int:
+def latency_table(config: LoopConfig, progress: bool = False):
+    """The per-layer latency table of `config`'s runtime and batch (`gpp_ext.latency.LatencyTable`, cached on
+    disk), or None when the budget is not a latency."""
+    if config.budget_kind != "latency":
+        return None
+    from .latency import LatencyTable
+
+    return LatencyTable(config.latency_runtime, config.latency_batch, progress=progress)
+
+
+def model_cost(model: nn.Module, kind: str, example, table=None) -> float:
+    """The cost of `model` in `kind` units: parameters, FLOPs, or its predicted latency (ms) on `table`."""
+    if kind == "latency":
+        from .pruning import ChannelGraph
+        from .pruning.costs import LatencyModel
+
+        return LatencyModel(ChannelGraph(model, example), table).cost({})
     return count_flops(model, example) if kind == "flops" else count_params(model)
 
 
@@ -251,6 +291,7 @@ def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, ba
     example = torch.zeros(2, *splits.input_shape, device=device)
     kwargs = dict(criterion=config.criterion, neurons=config.neurons, progress=progress, recalibrate=recalibrate,
                   ignore=tuple(config.ignore), round_to=config.round_to)
+    table = latency_table(config)
     if keep is not None:
         model, report = prune(model, loader, example, splits.num_classes, keep=keep, **kwargs)
         return model, [report]
@@ -261,11 +302,11 @@ def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, ba
     reports = []
     for cut in range(1, config.cuts + 1):
         goal = stage_goal(config, iteration - 1 + cut / config.cuts)
-        relative = goal * base_params / _cost(model, config.budget_kind, example)
+        relative = goal * base_params / model_cost(model, config.budget_kind, example, table)
         if relative < 1:
             model, report = prune(model, loader, example, splits.num_classes, method="budget", budget=relative,
                                   budget_kind=config.budget_kind, allocation=config.allocation,
-                                  normalize=config.normalize, floor=config.floor, **kwargs)
+                                  normalize=config.normalize, floor=config.floor, latency=table, **kwargs)
             reports.append(report)
     return model, reports
 
@@ -364,9 +405,9 @@ class GrowPushPrune:
                              f"NAME[,NAME])") from error
 
     # -------------------------------------------------------------------------------------------- helpers
-    def _train(self, model: nn.Module, epochs: int, stage: int, desc: str) -> nn.Module:
+    def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, dataset=None) -> nn.Module:
         cfg = self.config
-        return fit(model, self.splits.train, epochs, seed=stage_seed(cfg.seed, stage), device=self.device,
+        return fit(model, self.splits.train if dataset is None else dataset, epochs, seed=stage_seed(cfg.seed, stage), device=self.device,
                    progress=self.progress, desc=desc, **train_kwargs(cfg))
 
     def _metrics(self, model: nn.Module, **extra) -> dict:
@@ -377,6 +418,9 @@ class GrowPushPrune:
 
     def _measure(self, model: nn.Module, **extra) -> dict:
         shape = self.splits.input_shape
+        if self.config.budget_kind == "latency":  # the latency the budget counts: the table's, on the CPU
+            extra = {"latency": model_cost(copy.deepcopy(model).cpu(), "latency", self.example.cpu(),
+                                           latency_table(self.config, self.progress)), **extra}
         return {"params": count_params(model), "flops": count_flops(model, self.example),
                 "val_accuracy": evaluate(model, self.splits.val, device=self.device),
                 "test_accuracy": evaluate(model, self.splits.test, device=self.device),
@@ -478,7 +522,11 @@ class GrowPushPrune:
                 self.state.stage = stage
                 self._save()
             if not step(f"finetune {i}"):
-                self.model = self._train(self.model, stage_epochs(cfg)[1], stage, f"fine-tune {i}")
+                dataset = None
+                if cfg.final_finetune == "train+val" and self._last(i):
+                    dataset = torch.utils.data.ConcatDataset([self.splits.train, self.splits.val])
+                    self.state.iterations[-1]["val_seen_in_training"] = True
+                self.model = self._train(self.model, stage_epochs(cfg)[1], stage, f"fine-tune {i}", dataset)
                 metrics = self._metrics(self.model)
                 self.state.iterations[-1].update(metrics)
                 snapshot = {"metrics": self.state.iterations[-1], "model": io.payload(self.model)}
@@ -517,6 +565,17 @@ class GrowPushPrune:
                 "latency": latency, "onnx_latency": onnx_latency, "preprocessing": self.splits.preprocessing,
                 "seconds": time.perf_counter() - started}
 
+    def _last(self, iteration: int) -> bool:
+        """Whether iteration `iteration`'s fine-tuning is the run's last: the last iteration, or the model
+        already meets the size target (fine-tuning does not change its size)."""
+        if iteration == self.config.max_iterations:
+            return True
+        size = {"params": count_params(self.model), "flops": count_flops(self.model, self.example)}
+        if self.config.budget_kind == "latency":
+            size["latency"] = model_cost(copy.deepcopy(self.model).cpu(), "latency", self.example.cpu(),
+                                         latency_table(self.config))
+        return _reached(self.config, size, self.state.base)
+
     def compare_latency(self, base: nn.Module, compact: nn.Module) -> dict:
         """Base and compact model timed interleaved in one window (`training.compare_latency`), at batch 1 and
         64: `{"b1": {...}, "b64": {...}}` with each model's median and range and the speed-up's."""
@@ -546,6 +605,8 @@ def _reached(cfg: LoopConfig, metrics: dict, base: dict) -> bool:
     flops_ok = cfg.target_flops is None or metrics["flops"] <= cfg.target_flops * base["flops"] * (1 + 1e-9)
     if cfg.schedule == "budget" and cfg.budget_kind == "flops":
         return flops_ok
+    if cfg.budget_kind == "latency":
+        return metrics["latency"] <= cfg.target_latency * base["latency"] * (1 + 1e-9)
     return metrics["params"] <= cfg.target_params * base["params"] * (1 + 1e-9) and flops_ok
 
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .cost import count_flops, count_params
 
 __all__ = ["PushContext", "register", "names", "describe", "get", "check"]
 
@@ -50,9 +49,10 @@ class PushContext:
     def example(self) -> torch.Tensor:
         return torch.zeros(2, *self.splits.input_shape, device=self.device)
 
-    def cost(self, model: nn.Module) -> int:
-        kind = self.config.budget_kind
-        return count_flops(model, self.example) if kind == "flops" else count_params(model)
+    def cost(self, model: nn.Module) -> float:
+        from .loop import latency_table, model_cost
+
+        return model_cost(model, self.config.budget_kind, self.example, latency_table(self.config))
 
 
 def register(name: str, summary: str, check=None):
@@ -120,6 +120,7 @@ def _fade_check(config) -> None:
           check=_fade_check)
 def _fade(ctx: PushContext):
     from .fade import RemovalFade
+    from .loop import latency_table
     from .training import fit, recalibrate_batchnorm, training_batches
 
     c, model = ctx.config, ctx.model
@@ -134,7 +135,7 @@ def _fade(ctx: PushContext):
                        schedule=c.fade_schedule, fade_end=c.fade_end, neurons=c.neurons,
                        num_classes=ctx.splits.num_classes, seed=ctx.seed, allocation=c.allocation,
                        normalize=c.normalize, floor=c.floor, ignore=tuple(c.ignore), round_to=c.round_to,
-                       fixed_widths=c.fade_fixed_widths)
+                       fixed_widths=c.fade_fixed_widths, latency=latency_table(c))
     fade.attach(push)
     model = fit(model, ctx.splits.train, ctx.epochs, push=push, after_step=fade.step, **ctx.fit_kwargs)
     keep = fade.finish()

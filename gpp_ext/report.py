@@ -65,7 +65,13 @@ def summary_table(report: dict) -> str:
     rows = [("params", f"{base['params']:,}", f"{final['params']:,}", f"{final['params'] / base['params']:.1%}"),
             ("FLOPs", f"{base['flops']:,}", f"{final['flops']:,}", f"{final['flops'] / base['flops']:.1%}"),
             ("test accuracy", f"{base['test_accuracy']:.4f}", f"{final['test_accuracy']:.4f}",
-             f"{final['test_accuracy'] - base['test_accuracy']:+.4f}")] + _latency_rows(report)
+             f"{final['test_accuracy'] - base['test_accuracy']:+.4f}")]
+    if _is_number(base.get("latency")) and _is_number(final.get("latency")) and base["latency"] > 0:
+        config = report.get("config") or {}
+        where = f"{config.get('latency_runtime', 'eager')} b={config.get('latency_batch', 1)}"
+        rows.append((f"latency budget, {where} (ms, per-layer table)", f"{base['latency']:.3f}",
+                     f"{final['latency']:.3f}", f"{final['latency'] / base['latency']:.1%}"))
+    rows += _latency_rows(report)
     lines = ["| | base | compact | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)

@@ -116,3 +116,42 @@ def test_the_default_recipe_reaches_the_target_and_a_missed_target_exits_3(tmp_p
     report = json.loads((tmp_path / "missed" / "report.json").read_text())
     assert report["target_reached"] is False
     assert "missed the size target" in (tmp_path / "missed" / "report.md").read_text()
+
+
+def test_a_trained_model_from_weights_is_not_trained_again_unless_its_head_is_new(tmp_path):
+    torch.manual_seed(0)
+    torch.save(models.build("lenet5", num_classes=10, input_size=8).state_dict(), tmp_path / "same.pt")
+    torch.save(models.build("lenet5", num_classes=5, input_size=8).state_dict(), tmp_path / "other.pt")
+    for weights, epochs in (("same.pt", 0), ("other.pt", 1)):
+        out = gpp("compress", "--model", "lenet5", "--data", "digits", "--weights", tmp_path / weights,
+                  "--target-params", "0.5", "--finetune-epochs", "0.2", "--accuracy-floor", "0.9", "--quiet",
+                  "--threads", "1", "--no-onnx-latency", "--out", tmp_path / weights.replace(".pt", ""))
+        assert out.returncode == 0, out.stderr
+        report = json.loads((tmp_path / weights.replace(".pt", "") / "report.json").read_text())
+        assert report["config"]["epochs"] == epochs, weights
+        assert f"{epochs} epoch" in out.stdout
+
+
+def test_the_last_fine_tuning_can_train_on_train_and_val(tmp_path, monkeypatch):
+    import gpp_ext.loop as loop_module
+    from gpp_ext.loop import GrowPushPrune
+
+    monkeypatch.setenv("GPP_EXT_ONNX_LATENCY", "0")
+    seen = []
+    real = loop_module.fit
+
+    def recording(model, dataset, epochs, **kwargs):
+        seen.append((kwargs.get("desc"), len(dataset)))
+        return real(model, dataset, epochs, **kwargs)
+
+    monkeypatch.setattr(loop_module, "fit", recording)
+    splits = data.load_dataset("digits", seed=0)
+    config = recipes.build("gpp", epochs=1, finetune_epochs=0.2, target_params=0.5, max_iterations=2,
+                           accuracy_floor=0.9, final_finetune="train+val")
+    report = GrowPushPrune(models.build("lenet5", input_size=8), splits, config, out_dir=tmp_path / "r",
+                           progress=False).run()
+    train, both = len(splits.train), len(splits.train) + len(splits.val)
+    assert seen == [("training", train), ("fine-tune 1", train), ("fine-tune 2", both)]
+    assert report["iterations"][-1]["val_seen_in_training"] and "val_seen_in_training" not in report["iterations"][0]
+    with pytest.raises(ValueError, match="final_finetune"):
+        recipes.build("gpp", final_finetune="val")

@@ -8,8 +8,10 @@
                `CriterionContext` a criterion reads its data from;
 - `allocation` how many channels each group keeps (`allocate`: uniform, global, the cost-aware solver on a
                width grid; `search_widths`: the solver calibrated on data by `CandidateEvaluator`);
-- `selection`  `select_channels` (per-layer threshold, ratio, or a global parameter/FLOP budget through an
-               allocation) and the exact `CostModel`;
+- `costs`      what widths would cost: the exact `CostModel` (parameters, FLOPs) and the measured
+               `LatencyModel` (a per-layer latency table, `gpp_ext.latency`);
+- `selection`  `select_channels` (per-layer threshold, ratio, or a global parameter/FLOP/latency budget through
+               an allocation);
 - `surgery`    the physical cut behind `ChannelGraph.prune`: checked first, sliced, undone on failure;
 - `pipeline`   `prune`: all of it in one call, with BatchNorm recalibration and a `PruneReport`.
 """
@@ -22,9 +24,10 @@ from .criteria import CriterionContext
 from .graph import ChannelGraph, ChannelParam, Group
 from .pipeline import PruneReport, prune
 from .allocation import CandidateEvaluator, allocate, keep_top, search_widths
-from .selection import CostModel, select_channels
+from .costs import CostModel, LatencyModel, cost_model
+from .selection import select_channels
 from .trace import trace_utility
 
 __all__ = ["ChannelGraph", "ChannelParam", "Group", "CriterionContext", "criteria", "prune", "PruneReport",
-           "select_channels", "CostModel", "trace_utility", "recalibrate_batchnorm", "allocate", "keep_top",
+           "select_channels", "CostModel", "LatencyModel", "cost_model", "trace_utility", "recalibrate_batchnorm", "allocate", "keep_top",
            "search_widths", "CandidateEvaluator"]

@@ -25,7 +25,8 @@ Every method keeps each group on its *width grid*: multiples of a step that grow
 16 channels, 4 up to 64, 8 up to 256, 16 beyond: CPU kernels in oneDNN and ONNX Runtime work on blocks of 8 or
 16 channels, and an odd width can make a smaller model slower), or of `round_to` when given, and at least
 `floor` of its channels (and `min_channels`); the full width is always on the grid. Every allocation meets the
-budget by the exact `CostModel` (or is the smallest the grid allows, with a warning).
+budget by the exact `CostModel` (a latency budget: by the measured `costs.LatencyModel`), or is the smallest
+the grid allows, with a warning.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import warnings
 import numpy as np
 import torch
 
+from .costs import KINDS, cost_model as make_cost_model
 from .graph import ChannelGraph
 
 __all__ = ["allocate", "keep_top", "width_grid", "group_values", "ALLOCATIONS", "CandidateEvaluator",
@@ -116,20 +118,19 @@ def _check(graph: ChannelGraph, scores: dict, budget: float, kind: str) -> None:
     check_scores(graph, scores)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"allocate: budget must be in (0, 1] (the fraction of the cost to keep), got {budget!r}")
-    if kind not in ("params", "flops"):
-        raise ValueError(f"allocate: kind must be 'params' or 'flops', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"allocate: kind must be one of {KINDS}, got {kind!r}")
 
 
 def allocate(graph: ChannelGraph, scores: dict, budget: float, kind: str = "params", method: str = "solver",
              normalize: str = "mean", floor: float = 0.0, min_channels: int = 1, round_to: int | None = None,
-             coefficients: dict | None = None, value: str = "log", cost_model=None) -> dict:
+             coefficients: dict | None = None, value: str = "log", cost_model=None, latency=None) -> dict:
     """`{group: width}` for the groups in `scores`, meeting `budget` (a fraction of the model's cost in `kind`
-    units: "params" or "flops"). See the module's doc for `method` ("uniform", "global", "solver"; "search"
+    units: "params", "flops", or "latency" with `latency` a `gpp_ext.latency.LatencyTable`; or the cost of a
+    `cost_model` given). See the module's doc for `method` ("uniform", "global", "solver"; "search"
     needs data: `search_widths`), `normalize`, the grid (`floor`, `min_channels`, `round_to`). The solver
     maximises the sum of the groups' values (`group_values(value=...)`), each scaled by its `coefficients`
     entry (default 1). Groups not in `scores` stay whole."""
-    from .selection import CostModel
-
     _check(graph, scores, budget, kind)
     if method not in ALLOCATIONS or method == "search":
         raise ValueError(f"allocate: method must be 'uniform', 'global' or 'solver' (the calibrated search is "
@@ -137,7 +138,7 @@ def allocate(graph: ChannelGraph, scores: dict, budget: float, kind: str = "para
     if not 0 <= floor < 1 or min_channels < 1 or (round_to is not None and round_to < 1):
         raise ValueError(f"allocate: floor must be in [0, 1), min_channels >= 1, round_to >= 1 or None, got "
                          f"{floor}, {min_channels}, {round_to}")
-    model = cost_model or CostModel(graph, kind)
+    model = cost_model or make_cost_model(graph, kind, latency)
     sizes = {g.name: g.size for g in graph.groups}
     grids = {n: width_grid(sizes[n], floor, min_channels, round_to) for n in scores}
     target = budget * model.cost({})
@@ -392,7 +393,7 @@ def search_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, ki
                   normalize: str = "mean", floor: float = 0.0, min_channels: int = 1, round_to: int | None = None,
                   value: str = "log",
                   starts: int = 24, rounds: int = 24, finalists: int = 4, rescore=None, seed: int = 0,
-                  progress: bool = False) -> tuple:
+                  progress: bool = False, cost_model=None, latency=None) -> tuple:
     """The calibrated search: `(widths, record)`.
 
     Per-group coefficients `c` (log-uniform in [1/4, 4]) scale the solver's values; each coefficient vector
@@ -401,20 +402,19 @@ def search_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, ki
     solver; uniform and global widths are scored too), then `rounds` of local search around the best (each
     round resamples a shrinking share of the coefficients), identical width vectors scored once. The
     `finalists` best are re-scored by `rescore` (e.g. the evaluator on more data) when given. Same seed, same
-    widths. `record` holds the evaluations, the seconds and the scores of the finalists.
+    widths. `record` holds the evaluations, the seconds and the scores of the finalists. The budget is in
+    `kind` units, counted by `cost_model` when given (else `costs.cost_model(graph, kind, latency)`).
     """
     import time
 
     from tqdm.auto import tqdm
-
-    from .selection import CostModel
 
     _check(graph, scores, budget, kind)
     if starts < 1 or rounds < 0 or finalists < 1:
         raise ValueError(f"search_widths: starts >= 1, rounds >= 0 and finalists >= 1, got {starts}, {rounds}, "
                          f"{finalists}")
     started = time.perf_counter()
-    model = CostModel(graph, kind)
+    model = cost_model or make_cost_model(graph, kind, latency)
     names = sorted(scores)
     rng = np.random.default_rng(seed)
     common = dict(kind=kind, normalize=normalize, floor=floor, min_channels=min_channels, round_to=round_to,

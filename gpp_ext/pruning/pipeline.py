@@ -59,7 +59,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
           budget: float | None = None, budget_kind: str = "params", min_channels: int = 1, round_to: int = 1,
           tracing_per_class: int = 4, max_batches: int | None = None, recalibrate: bool = True,
           ignore=(), inplace: bool = False, progress: bool = True, seed: int = 0, keep: dict | None = None,
-          allocation: str = "global", normalize: str = "mean", floor: float = 0.0):
+          allocation: str = "global", normalize: str = "mean", floor: float = 0.0, latency=None):
     """Prunes `model` for the task in `loader` and returns `(compact_model, PruneReport)`.
 
     Args:
@@ -74,7 +74,8 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
         method, eta, ratio, budget, budget_kind, min_channels, round_to, allocation, normalize, floor: see
             `select_channels` (the method follows the knob given: `budget=0.3` prunes to 30% of the
             parameters; `eta=0.1` when none is given). `allocation="search"` scores its candidates on the
-            first batches of `loader` (`allocation.evaluator_from`).
+            first batches of `loader` (`allocation.evaluator_from`). `budget_kind="latency"` needs `latency`, a
+            `gpp_ext.latency.LatencyTable` (the per-layer table of the runtime you deploy with).
         tracing_per_class: tracing images per class.
         max_batches: limit the analysis pass (default: the whole loader).
         recalibrate: re-estimate BatchNorm statistics on `loader` after pruning.
@@ -96,6 +97,9 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
     if keep is None:
         method, eta = resolve_method(method, eta, ratio, budget, where="prune")
     criteria.check_neurons(neurons, "prune")
+    if budget_kind == "latency" and latency is None and keep is None:
+        raise ValueError("prune: budget_kind='latency' needs latency=<gpp_ext.latency.LatencyTable> (the per-layer "
+                         "table measured in the runtime you deploy with)")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"prune: max_batches must be a positive int or None, got {max_batches!r}")
@@ -142,7 +146,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
         keep = select_channels(graph, scores, method=method, eta=eta if method == "eta" else None, ratio=ratio,
                                budget=budget, budget_kind=budget_kind, min_channels=min_channels,
                                round_to=round_to, allocation=allocation, normalize=normalize, floor=floor,
-                               evaluate=evaluate, seed=seed, progress=progress)
+                               evaluate=evaluate, seed=seed, progress=progress, latency=latency)
     # Under torch.distributed the statistics are already identical everywhere, but tracing images, Taylor's
     # batch and random scores are each process's own: rank 0 decides, and every process cuts the same channels.
     keep = gdist.broadcast_object(keep)

@@ -11,12 +11,9 @@ Guards for every method: at least `min_channels` per group, widths rounded up to
 a group is scored as one. A utility of exactly zero means "carries nothing": with `eta=0` such channels still
 go (and only they do).
 
-`CostModel` gives the parameters or FLOPs of the model a keep-set would leave, from the number of channels
-each group keeps, without cutting anything: every tensor that carries a group's channels loses
-`index.shape[1]` positions along its channel dimension per channel removed (the graph's group-parameter API
-says which tensors, along which dimension), and a convolution's or linear layer's FLOPs follow its weight
-(`positions per sample x (2 x weight elements + bias elements)`). The budget search bisects on it and checks
-its final choice once by a real cut (`search="cuts"` measures every candidate on a pruned copy instead: the
+`costs.CostModel` gives the parameters or FLOPs of the model a keep-set would leave, from the number of
+channels each group keeps, without cutting anything (`costs.LatencyModel` its latency, from a measured
+per-layer table). The budget search bisects on it and checks a parameter or FLOP choice once by a real cut (`search="cuts"` measures every candidate on a pruned copy instead: the
 slow reference it replaced, kept for the tests and benchmarks and as the fallback).
 """
 
@@ -27,110 +24,12 @@ import math
 import warnings
 
 import torch
-import torch.nn as nn
 
 from ..cost import count_flops, count_params
-from ..layers import CONV
+from .costs import KINDS, CostModel, LatencyModel, cost_model
 from .graph import ChannelGraph
 
-__all__ = ["select_channels", "resolve_method", "CostModel"]
-
-
-class CostModel:
-    """The cost (parameters or FLOPs per sample) of `graph.model` after pruning, as a function of the number of
-    channels each group keeps.
-
-        model = CostModel(graph, "params")
-        model.cost({"conv1": 3, "fc1": 60})    # == count_params of the model pruned to those widths
-
-    Exact for every tensor the graph slices; layers the graph leaves alone (frozen groups, ignored modules)
-    are a constant.
-    """
-
-    def __init__(self, graph: ChannelGraph, kind: str = "params"):
-        if kind not in ("params", "flops"):
-            raise ValueError(f"CostModel: kind must be 'params' or 'flops', got {kind!r}")
-        self.kind = kind
-        self.sizes = {g.name: g.size for g in graph.groups}
-        # (module, attr) -> [shape, [(dim, group, positions per channel)], is a parameter]
-        self._tensors: dict[tuple, list] = {}
-        for group in graph.groups:
-            for p in graph.channel_params(group.name):
-                entry = self._tensors.setdefault((p.module, p.attr), [list(p.tensor.shape), [], p.is_parameter])
-                entry[1].append((p.dim, group.name, p.index.shape[1]))
-        if kind == "params":
-            self._calls = []
-            self._constant = count_params(graph.model) - sum(
-                math.prod(shape) for shape, _, is_param in self._tensors.values() if is_param)
-            self._tensors = {k: v for k, v in self._tensors.items() if v[2]}
-            return
-        # FLOPs: every traced call of a conv or linear layer, with its output positions per sample
-        batch = graph.example_inputs[0].shape[0] if graph.example_inputs[0].dim() > 0 else 1
-        self._calls = []  # (positions per sample, weight key, weight shape, has bias)
-        for node in graph.gm.graph.nodes:
-            module = graph.modules.get(node.target) if node.op == "call_module" else None
-            if not isinstance(module, CONV + (nn.Linear,)):
-                continue
-            shape = tuple(node.meta["tensor_meta"].shape)
-            positions = math.prod(shape) // max(batch, 1) // module.weight.shape[0]
-            self._calls.append((positions, (node.target, "weight"), list(module.weight.shape),
-                                module.bias is not None))
-        full = {name: 0 for name in self.sizes}
-        self._constant = count_flops(graph.model, graph.example_inputs) - self._flops(full)
-
-    def _shape(self, key, shape, removed: dict) -> list:
-        entry = self._tensors.get(key)
-        if entry is None:
-            return shape
-        shape = list(entry[0])
-        for dim, group, per_channel in entry[1]:
-            shape[dim] -= removed.get(group, 0) * per_channel
-        return shape
-
-    def _flops(self, removed: dict) -> int:
-        total = 0
-        for positions, key, shape, bias in self._calls:
-            new = self._shape(key, shape, removed)
-            total += positions * (2 * math.prod(new) + (new[0] if bias else 0))
-        return total
-
-    def terms(self) -> tuple:
-        """`(constant, [(groups, cost_of)...])`: the cost as a constant plus one term per tensor (parameters) or
-        per layer call (FLOPs), each depending only on the widths of `groups` (a tuple of group names):
-        `cost_of(widths)` with `widths` naming at least those groups. `cost(w) == constant + sum of the terms`.
-        What the width solvers decompose (a chain of groups coupled only pairwise is solved exactly)."""
-        out = []
-        if self.kind == "params":
-            for key, entry in self._tensors.items():
-                groups = tuple(dict.fromkeys(g for _, g, _ in entry[1]))
-                out.append((groups, self._term(key, entry[0], groups, None)))
-        else:
-            for positions, key, shape, bias in self._calls:
-                entry = self._tensors.get(key)
-                groups = tuple(dict.fromkeys(g for _, g, _ in entry[1])) if entry else ()
-                out.append((groups, self._term(key, shape, groups, (positions, bias))))
-        return self._constant, out
-
-    def _term(self, key, shape, groups, call):
-        def cost_of(widths):
-            removed = {g: self.sizes[g] - int(widths[g]) for g in groups}
-            new = self._shape(key, shape, removed)
-            if call is None:
-                return math.prod(new)
-            positions, bias = call
-            return positions * (2 * math.prod(new) + (new[0] if bias else 0))
-        return cost_of
-
-    def cost(self, widths: dict) -> int:
-        """The cost with group `name` keeping `widths[name]` channels (groups not named stay whole)."""
-        unknown = set(widths) - set(self.sizes)
-        if unknown:
-            raise ValueError(f"CostModel.cost: widths name groups that are not prunable: {sorted(unknown)}")
-        removed = {name: size - int(widths.get(name, size)) for name, size in self.sizes.items()}
-        if self.kind == "flops":
-            return self._constant + self._flops(removed)
-        return self._constant + sum(math.prod(self._shape(key, entry[0], removed))
-                                    for key, entry in self._tensors.items())
+__all__ = ["select_channels", "resolve_method", "CostModel", "LatencyModel"]
 
 
 def _real_cost(graph: ChannelGraph, keep: dict, kind: str) -> int:
@@ -186,7 +85,7 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
                     ratio: float | None = None, budget: float | None = None, budget_kind: str = "params",
                     min_channels: int = 1, round_to: int = 1, search: str = "cost_model",
                     normalize: str = "mean", allocation: str = "global", floor: float = 0.0,
-                    evaluate=None, seed: int = 0, progress: bool = False) -> dict:
+                    evaluate=None, seed: int = 0, progress: bool = False, latency=None) -> dict:
     """Indices to keep per group. See the module docstring for the methods.
 
     Args:
@@ -195,7 +94,8 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
         method: "eta", "ratio" or "budget"; by default the method whose knob is given (`eta` when none is).
         eta, ratio, budget: the knob of the chosen method (budget is a fraction of the original cost; eta
             defaults to 0.1). A knob of another method than `method` is an error, never silently ignored.
-        budget_kind: "params" or "flops".
+        budget_kind: "params", "flops" or "latency" (with `latency`, a `gpp_ext.latency.LatencyTable`: the
+            per-layer table measured in the runtime you deploy with; `costs.LatencyModel`).
         min_channels, round_to: width guards (see above).
         search: how the budget search measures a candidate: "cost_model" (the `CostModel`, checked once by a
             real cut) or "cuts" (a pruned copy per candidate: the slow reference the cost model replaced).
@@ -236,11 +136,14 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
 
     if budget is None or not 0 < budget <= 1:
         raise ValueError(f"select_channels: budget must be in (0, 1] (the fraction of the cost to keep), got {budget}")
-    if budget_kind not in ("params", "flops"):
-        raise ValueError(f"select_channels: budget_kind must be 'params' or 'flops', got {budget_kind!r}")
-
-    if search not in ("cost_model", "cuts"):
-        raise ValueError(f"select_channels: search must be 'cost_model' or 'cuts', got {search!r}")
+    if budget_kind not in KINDS:
+        raise ValueError(f"select_channels: budget_kind must be one of {KINDS}, got {budget_kind!r}")
+    if budget_kind == "latency" and latency is None:
+        raise ValueError("select_channels: budget_kind='latency' needs latency=<gpp_ext.latency.LatencyTable> (the "
+                         "per-layer table measured in the runtime you deploy with)")
+    if search not in ("cost_model", "cuts") or (search == "cuts" and budget_kind == "latency"):
+        raise ValueError(f"select_channels: search must be 'cost_model' or 'cuts' (not for a latency budget), got "
+                         f"{search!r}")
     if normalize not in ("mean", "none"):
         raise ValueError(f"select_channels: normalize must be 'mean' or 'none', got {normalize!r}")
     if allocation not in ("global", "uniform", "solver", "search"):
@@ -255,15 +158,17 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
     if allocation in ("solver", "search"):
         from .allocation import allocate, keep_top, search_widths
 
-        model = CostModel(graph, budget_kind)
+        model = cost_model(graph, budget_kind, latency)
         grid = dict(normalize=normalize, floor=floor, min_channels=min_channels,
                     round_to=round_to if round_to > 1 else None)
         if allocation == "search":
             widths, _ = search_widths(graph, utilities, budget, evaluate, budget_kind, seed=seed, progress=progress,
-                                      **grid)
+                                      cost_model=model, **grid)
         else:
             widths = allocate(graph, utilities, budget, budget_kind, "solver", cost_model=model, **grid)
         keep = keep_top(utilities, widths)
+        if budget_kind == "latency":  # a measured model: nothing exact to check it against
+            return keep
         predicted, real = model.cost(widths), _real_cost(graph, keep, budget_kind)
         if predicted != real:  # a layer the cost model does not know: the solver's widths cannot be trusted
             warnings.warn(f"select_channels: the cost model predicted {predicted:,} {budget_kind} but the cut gives "
@@ -300,14 +205,14 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
         full = _real_cost(graph, {}, budget_kind)
         chosen, met = _bisect(lambda t: _real_cost(graph, keep_at(t), budget_kind), budget * full, lo, hi)
     else:
-        model = CostModel(graph, budget_kind)
+        model = cost_model(graph, budget_kind, latency)
         chosen, met = _bisect(lambda t: model.cost(widths_at(t)), budget * model.cost({}), lo, hi)
     if not met:
         warnings.warn(f"select_channels: a {budget_kind} budget of {budget:.1%} cannot be met with min_channels="
                       f"{min_channels} and round_to={round_to}; returning the smallest model they allow",
                       RuntimeWarning, stacklevel=2)
     keep = keep_at(chosen)
-    if search == "cost_model":
+    if search == "cost_model" and budget_kind != "latency":
         predicted, real = model.cost(widths_at(chosen)), _real_cost(graph, keep, budget_kind)
         if predicted != real:  # a layer the cost model does not know: measure every candidate instead
             warnings.warn(f"select_channels: the cost model predicted {predicted:,} {budget_kind} but the cut gives "
