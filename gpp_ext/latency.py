@@ -34,7 +34,8 @@ import torch.nn as nn
 from .io import write_text_atomic
 from .layers import CONV
 
-__all__ = ["LatencyTable", "LayerTable", "RUNTIMES", "FRACTIONS", "cache_dir", "cpu_model"]
+__all__ = ["LatencyTable", "LayerTable", "RUNTIMES", "FRACTIONS", "cache_dir", "cpu_model", "table_for",
+           "model_cost"]
 
 RUNTIMES = ("eager", "onnxruntime")
 FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)   # of a layer's full widths, the points measured
@@ -344,3 +345,23 @@ def _model_key(model: nn.Module, input_shape) -> str:
     layout = [(n, type(m).__name__, [list(p.shape) for p in m.parameters(recurse=False)])
               for n, m in model.named_modules()]
     return hashlib.sha1(json.dumps([shape, layout]).encode()).hexdigest()
+
+
+def table_for(config, progress: bool = False):
+    """The latency table a `LoopConfig` asks for (its runtime and batch, cached on disk), or None when its budget
+    is not a latency."""
+    if config.budget_kind != "latency":
+        return None
+    return LatencyTable(config.latency_runtime, config.latency_batch, progress=progress)
+
+
+def model_cost(model: nn.Module, kind: str, example, table=None) -> float:
+    """The cost of `model` in `kind` units: parameters, FLOPs, or its predicted latency (ms) on `table`."""
+    from .cost import count_flops, count_params
+
+    if kind == "latency":
+        from .pruning import ChannelGraph
+        from .pruning.costs import LatencyModel
+
+        return LatencyModel(ChannelGraph(model, example), table).cost({})
+    return count_flops(model, example) if kind == "flops" else count_params(model)

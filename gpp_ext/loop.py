@@ -47,6 +47,7 @@ from .cost import count_flops, count_params
 from . import pushes
 from .fade import FADE_SCHEDULES
 from .grow import grow
+from .latency import RUNTIMES, model_cost, table_for as latency_table
 from .pruning import criteria, prune
 from .pruning.allocation import ALLOCATIONS
 from .classifier import find_classifier
@@ -179,8 +180,6 @@ class LoopConfig:
                              f"{self.target_latency!r}) needs budget_kind='latency' (got {self.budget_kind!r})")
         if self.budget_kind == "latency" and self.schedule != "budget":
             raise ValueError("LoopConfig: a latency budget needs schedule='budget'")
-        from .latency import RUNTIMES
-
         if self.latency_runtime not in RUNTIMES or self.latency_batch < 1:
             raise ValueError(f"LoopConfig: latency_runtime must be one of {RUNTIMES} and latency_batch >= 1, got "
                              f"{self.latency_runtime!r}, {self.latency_batch!r}")
@@ -219,26 +218,6 @@ def stage_goal(config: LoopConfig, iteration: float) -> float:
     target = {"flops": config.target_flops, "latency": config.target_latency}.get(config.budget_kind,
                                                                                   config.target_params)
     return target ** (iteration / config.max_iterations)
-
-
-def latency_table(config: LoopConfig, progress: bool = False):
-    """The per-layer latency table of `config`'s runtime and batch (`gpp_ext.latency.LatencyTable`, cached on
-    disk), or None when the budget is not a latency."""
-    if config.budget_kind != "latency":
-        return None
-    from .latency import LatencyTable
-
-    return LatencyTable(config.latency_runtime, config.latency_batch, progress=progress)
-
-
-def model_cost(model: nn.Module, kind: str, example, table=None) -> float:
-    """The cost of `model` in `kind` units: parameters, FLOPs, or its predicted latency (ms) on `table`."""
-    if kind == "latency":
-        from .pruning import ChannelGraph
-        from .pruning.costs import LatencyModel
-
-        return LatencyModel(ChannelGraph(model, example), table).cost({})
-    return count_flops(model, example) if kind == "flops" else count_params(model)
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -407,7 +386,8 @@ class GrowPushPrune:
     # -------------------------------------------------------------------------------------------- helpers
     def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, dataset=None) -> nn.Module:
         cfg = self.config
-        return fit(model, self.splits.train if dataset is None else dataset, epochs, seed=stage_seed(cfg.seed, stage), device=self.device,
+        return fit(model, self.splits.train if dataset is None else dataset, epochs,
+                   seed=stage_seed(cfg.seed, stage), device=self.device,
                    progress=self.progress, desc=desc, **train_kwargs(cfg))
 
     def _metrics(self, model: nn.Module, **extra) -> dict:

@@ -50,9 +50,9 @@ class PushContext:
         return torch.zeros(2, *self.splits.input_shape, device=self.device)
 
     def cost(self, model: nn.Module) -> float:
-        from .loop import latency_table, model_cost
+        from .latency import model_cost, table_for
 
-        return model_cost(model, self.config.budget_kind, self.example, latency_table(self.config))
+        return model_cost(model, self.config.budget_kind, self.example, table_for(self.config))
 
 
 def register(name: str, summary: str, check=None):
@@ -120,7 +120,7 @@ def _fade_check(config) -> None:
           check=_fade_check)
 def _fade(ctx: PushContext):
     from .fade import RemovalFade
-    from .loop import latency_table
+    from .latency import table_for as latency_table
     from .training import fit, recalibrate_batchnorm, training_batches
 
     c, model = ctx.config, ctx.model

@@ -184,3 +184,11 @@ def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness
     measured.clear()
     assert smoke(harness, tmp_path, "--methods", "gpp", "--resume")[0] == 0
     assert measured == []
+
+
+def test_a_record_made_before_a_loop_setting_existed_still_matches(harness):
+    current = harness.protocol.config_of({})
+    older = {k: v for k, v in current.items() if k not in ("target_latency", "final_finetune")}
+    assert harness.protocol.same_config(older, current)
+    assert not harness.protocol.same_config({**older, "push": "fade"}, current)
+    assert not harness.protocol.same_config(older, harness.protocol.config_of({"final_finetune": "train+val"}))

@@ -169,7 +169,7 @@ def test_bad_latency_settings_are_refused_before_any_work(tmp_path):
 def test_the_loop_meets_a_latency_target_and_reports_it(tmp_path, monkeypatch):
     from gpp_ext import data, recipes
     from gpp_ext.loop import GrowPushPrune
-    import gpp_ext.loop as loop_module
+    import gpp_ext.loop as loop_module  # the loop's own name for the table it uses
 
     monkeypatch.setenv("GPP_EXT_ONNX_LATENCY", "0")
     monkeypatch.setattr(loop_module, "latency_table",

@@ -88,8 +88,9 @@ def _load(path, args, what) -> list:
     mismatched = [r for r in records if r.get("model") not in args.base_epochs
                   or any(r.get(k) != v for k, v in settings(args, r["model"]).items())]
     if mismatched:
+        keys = ("model", *settings(args, args.models[0]))
         raise SystemExit(f"benchmarks.compression: {path} holds {len(mismatched)} {what} made with other settings "
-                         f"(e.g. {json.dumps({k: mismatched[0].get(k) for k in ('model', *settings(args, args.models[0]))})}); "
+                         f"(e.g. {json.dumps({k: mismatched[0].get(k) for k in keys})}); "
                          "resume with the same mode and --data, or write elsewhere with --out")
     return records
 

@@ -6,8 +6,8 @@
   fields, compared by mean validation accuracy over every choice budget of the recipe models (LeNet-5 and
   VGG-BN; ResNet-20 is held out). The default recipe is a claim that this comparison validated it: when another
   candidate wins, the harness says so and runs no GPP row until `recipes` is changed (`default_check`).
-- **The ablation** (the full mode: VGG-BN at 10% of the parameters and of the FLOPs): width allocation x push x learning-rate
-  schedule, each the loop with those fields changed; validation and test accuracy recorded, nothing chosen.
+- **The ablation** (the full mode: VGG-BN at 10% of the parameters and of the FLOPs): width allocation x push x
+  learning-rate schedule, each the loop with those fields changed; validation and test accuracy recorded, nothing chosen.
 
 Every trial is recorded in `<out>-choices.json` with its test accuracy, which is never used to choose. A GPP
 trial whose loop configuration an earlier trial at the same place already ran (a candidate and an ablation
@@ -56,7 +56,8 @@ class Trials:
     def _current(self, entry: dict, config: dict | None) -> bool:
         """An entry made with today's settings (and, for a loop trial, today's resolution of its knobs)."""
         same = all(entry.get(k) == v for k, v in protocol.settings(self.args, entry["model"]).items())
-        return same and entry.get("train") == protocol.train_recipe() and entry.get("config") == config
+        return same and entry.get("train") == protocol.train_recipe() and \
+            protocol.same_config(entry.get("config"), config)
 
     def run(self, what: str, setting: str, method: str, knobs: dict, place: tuple, context) -> dict:
         """The trial `what: setting` of `method` with `knobs` at `place = (model, kind, budget, seed)`:
@@ -154,7 +155,7 @@ def default_check(choices: list, models: tuple) -> tuple:
         return True, None, {}
     best, means = best_by_mean(entries)
     default = protocol.config_of({})
-    validated = protocol.config_of(CANDIDATES.get(best, {})) == default
+    validated = protocol.same_config(protocol.config_of(CANDIDATES.get(best, {})), default)
     return validated, best, means
 
 

@@ -49,7 +49,8 @@ _RESNET = ("gpp", "random", "torch_pruning:magnitude:local", "torch_pruning:magn
 # models, seeds, budgets per model [(kind, fraction)], where the validation choices are made per model, base
 # epochs, epochs after the base (of which at most prep_epochs before the cut), the sweep values (None:
 # methods.SWEEPS), the GPP candidates and ablation cells (None: choices.CANDIDATES, choices.ABLATION) and where
-# the ablation runs, and the methods each model runs (GPP's variant row, `gpp-fade` or `gpp-nopush`, is added where the model runs gpp)
+# the ablation runs, and the methods each model runs (GPP's variant row, `gpp-fade` or `gpp-nopush`, is added
+# where the model runs gpp)
 MODES = {
     "smoke": dict(models=["vgg"], seeds=[0], budgets={"vgg": [("params", 0.3)]},
                   choice_budgets={"vgg": [("params", 0.3)]}, base_epochs={"vgg": 1}, epochs=1.0, prep_epochs=0.5,
@@ -202,6 +203,18 @@ def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str, ke
 def train_recipe() -> dict:
     """The training recipe every method used (recorded with each record)."""
     return {k: v for k, v in train_kwargs(recipes.build("gpp")).items() if k != "amp"}
+
+
+def same_config(stored: dict | None, current: dict | None) -> bool:
+    """Whether a recorded loop configuration is `current`: a field one of them lacks (added to `LoopConfig`
+    after the record was made) counts as the value the older runs used (`loop._ADDED_SINCE`)."""
+    if stored is None or current is None:
+        return stored is current
+    from gpp_ext.loop import _ADDED_SINCE
+
+    missing = object()
+    return all(stored.get(k, _ADDED_SINCE.get(k, missing)) == current.get(k, _ADDED_SINCE.get(k, missing))
+               for k in set(stored) | set(current))
 
 
 def config_of(overrides: dict) -> dict:

@@ -31,7 +31,7 @@ def _stale(record: dict, chosen: dict) -> bool:
     variant = methods.gpp_variant(record["method"])
     return (record.get("knobs", {}) != knobs_for(record["method"], chosen)
             or record.get("train") != protocol.train_recipe()
-            or (variant is not None and record.get("config") != protocol.config_of(variant)))
+            or (variant is not None and not protocol.same_config(record.get("config"), protocol.config_of(variant))))
 
 
 class Contexts:

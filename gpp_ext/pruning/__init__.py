@@ -29,5 +29,6 @@ from .selection import select_channels
 from .trace import trace_utility
 
 __all__ = ["ChannelGraph", "ChannelParam", "Group", "CriterionContext", "criteria", "prune", "PruneReport",
-           "select_channels", "CostModel", "LatencyModel", "cost_model", "trace_utility", "recalibrate_batchnorm", "allocate", "keep_top",
+           "select_channels", "CostModel", "LatencyModel", "cost_model", "trace_utility", "recalibrate_batchnorm",
+           "allocate", "keep_top",
            "search_widths", "CandidateEvaluator"]
