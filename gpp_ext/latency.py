@@ -70,6 +70,16 @@ class LayerTable:
         if self.grid.shape != (len(self.ins), len(self.outs)) or not np.isfinite(self.grid).all():
             raise ValueError("LayerTable: ms must be a finite [len(ins), len(outs)] grid")
 
+    @classmethod
+    def measured(cls, ins: list, outs: list, ms) -> "LayerTable":
+        """A table from timings, made monotone: a layer is never slower with fewer channels, so each point is
+        at most the smallest time measured at any point with at least its widths (a timing inflated by the
+        machine doing something else at that moment would otherwise make its widths look worth cutting)."""
+        grid = np.asarray(ms, dtype=np.float64)
+        grid = np.minimum.accumulate(grid[::-1, ::-1], axis=0)
+        grid = np.minimum.accumulate(grid, axis=1)[::-1, ::-1]
+        return cls(ins, outs, grid.tolist())
+
     @staticmethod
     def _at(points: list, x: float) -> tuple:
         """`(i, j, t)`: x lies between points[i] and points[j] at fraction t (clamped to the ends)."""
@@ -174,7 +184,7 @@ class LatencyTable:
         progress: a bar while tables are measured.
     """
 
-    def __init__(self, runtime: str = "eager", batch: int = 1, cache=None, rounds: int = 3,
+    def __init__(self, runtime: str = "eager", batch: int = 1, cache=None, rounds: int = 5,
                  repeats: int | None = None, progress: bool = False):
         if runtime not in RUNTIMES:
             raise ValueError(f"LatencyTable: runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -298,8 +308,8 @@ class LatencyTable:
             for n, (key, (model, shape)) in enumerate(models.items()):
                 runs[f"model{n}"] = self._model_callable(model, shape, os.path.join(folder, f"model{n}.onnx"))
             timed = time_interleaved(runs, rounds=self.rounds, repeats=self.repeats)
-        tables = {key: LayerTable(ins, outs, [[timed[f"layer{n}:{i}x{o}"]["median_ms"] for o in outs]
-                                              for i in ins])
+        tables = {key: LayerTable.measured(ins, outs, [[timed[f"layer{n}:{i}x{o}"]["median_ms"] for o in outs]
+                                                       for i in ins])
                   for n, (key, (ins, outs)) in enumerate(grids.items())}
         times = {key: timed[f"model{n}"]["median_ms"] for n, key in enumerate(models)}
         return tables, times

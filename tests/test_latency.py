@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,3 +198,12 @@ def test_cli_target_latency_sets_the_latency_budget():
         ("latency", 0.4, "onnxruntime", 8)
     with pytest.raises(SystemExit):
         parser.parse_args(["compress", "--target-latency", "1.5"])
+
+
+def test_measured_tables_are_monotone_in_both_widths():
+    # a timing inflated at (2, 2) by a busy moment, and one at the full widths
+    table = LayerTable.measured([1, 2, 4], [1, 2, 4], [[1.0, 2.0, 3.0], [2.0, 9.0, 5.0], [3.0, 5.0, 8.0]])
+    g = table.grid
+    assert g[1, 1] == 5.0  # no slower than a point with more channels
+    assert (np.diff(g, axis=0) >= 0).all() and (np.diff(g, axis=1) >= 0).all()
+    assert g[2, 2] == 8.0 and g[0, 0] == 1.0
