@@ -63,7 +63,7 @@ def measure(name: str, runtime: str, batch: int, budgets, rounds: int = 7) -> li
                         "reliable": timed["ratio"]["reliable"], "base_ms": timed["base"]["median_ms"],
                         "table_seconds": round(seconds, 1), "widths": widths})
             print(f"{name} {runtime} b{batch} {budget:.0%}: predicted {out[-1]['predicted']:.3f}, measured "
-                  f"{out[-1]['measured']:.3f}{'' if out[-1]['reliable'] else ' (unreliable: busy machine)'}",
+                  f"{out[-1]['measured']:.3f}{'' if out[-1]['reliable'] else ' (the rounds disagree)'}",
                   flush=True)
     return out
 
@@ -79,7 +79,7 @@ def render(records: list, meta: dict) -> str:
         lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['budget']:.0%} | {r['predicted']:.3f} | "
                      f"{r['measured']:.3f}{'' if r['reliable'] else ' †'} | {r['base_ms']:.3f} | "
                      f"{r['table_seconds']:.0f} |")
-    lines += ["", "† the rounds disagreed by more than 1.3x: the machine was busy."]
+    lines += ["", "† the rounds disagreed by more than 1.3x: a busy machine, or a runtime whose timings vary."]
     return "\n".join(lines) + "\n"
 
 
