@@ -122,7 +122,8 @@ class RemovalFade:
     def _select(self) -> None:
         context = CriterionContext(loader=self.loader, device=next(self.model.parameters()).device,
                                    classifier=self.classifier, num_classes=self.num_classes, seed=self.seed,
-                                   neurons=self.neurons, max_batches=self.max_batches)
+                                   neurons=self.neurons, max_batches=self.max_batches,
+                                   cost_kind=self.budget_kind if self.budget_kind in ("params", "flops") else "flops")
         was_training = self.model.training
         try:
             scores = self._criterion(self.graph, context)

@@ -29,7 +29,9 @@ Built in:
   deconvolution (`trace_utility`) to score every channel group;
 - `l1`: L1 norm of each output filter; `bn_scale`: |gamma| of the BatchNorm right after each layer (network
   slimming); `taylor`: first-order Taylor importance |activation x gradient|; `random`: the floor every
-  criterion must beat.
+  criterion must beat;
+- `group_fisher`: the Fisher information of each coupled channel group's mask per unit of cost its removal saves
+  (Liu et al., ICML 2021; `group_fisher.py`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class CriterionContext:
         tracing_per_class: tracing images per class.
         max_batches: at most this many batches for the analysis (default: the whole loader).
         progress: progress bars on the long passes.
+        cost_kind: what a cost-normalised criterion (`group_fisher`) divides by: "flops" or "params" (`prune`
+            passes its budget's kind).
         notes: what a criterion reports back (e.g. `notes["neurons"]`, the pre-decision neurons it kept);
             `prune` copies it into its report.
     """
@@ -82,6 +86,7 @@ class CriterionContext:
     tracing_per_class: int = 4
     max_batches: int | None = None
     progress: bool = False
+    cost_kind: str = "flops"
     notes: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -393,3 +398,16 @@ def random(graph: ChannelGraph, context: CriterionContext | None = None) -> dict
     """Uniform random scores, seeded by `context.seed`: the floor every criterion must beat."""
     generator = (context or CriterionContext()).generator()
     return {g.name: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in graph.groups}
+
+
+def _register_group_fisher():
+    from .group_fisher import group_fisher
+
+    @register("group_fisher")
+    def group_fisher_criterion(graph: ChannelGraph, context: CriterionContext) -> dict:
+        """Group Fisher (Liu et al. 2021): the Fisher information of each coupled group's channel mask,
+        accumulated over batches, per unit of FLOPs (or parameters) its removal saves."""
+        return group_fisher(graph, context)
+
+
+_register_group_fisher()

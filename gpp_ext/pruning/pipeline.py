@@ -131,7 +131,8 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
     context = criteria.CriterionContext(loader=loader, device=device, classifier=classifier,
                                         num_classes=num_classes, seed=seed, neurons=neurons,
                                         tracing_per_class=tracing_per_class, max_batches=max_batches,
-                                        progress=progress)
+                                        progress=progress,
+                                        cost_kind=budget_kind if budget_kind in ("params", "flops") else "flops")
     if keep is None:
         scores = score(graph, context)
         if not isinstance(scores, dict):

@@ -1,0 +1,127 @@
+"""Group Fisher (Liu et al., ICML 2021): the mask gradient is the true derivative of the loss with respect to a
+channel's mask (checked by finite differences on a plain CNN, a BatchNorm CNN and a residual network whose
+coupled groups share one mask), the importance is its square accumulated over batches per unit of cost saved,
+and the criterion prunes from the API and the command line."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpp_ext import data, models, prune
+from gpp_ext.pruning import ChannelGraph, CostModel, criteria
+from gpp_ext.pruning.group_fisher import mask_fisher, mask_gradients
+from gpp_ext.training import fit
+
+
+def _batch(shape, n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _loss_with_mask(model, example, name, channel, factor, x, y):
+    """The loss with channel `channel` of group `name` multiplied by `factor` where consumers read it: the
+    group's norm weights and biases (or, with no norm, its producers' weights and biases)."""
+    trial = copy.deepcopy(model).eval()
+    graph = ChannelGraph(trial, example)
+    params = [p for p in graph.channel_params(name) if p.role != "consumer" and not p.attr.startswith("running_")]
+    norms = [p for p in params if p.role == "norm"]
+    for p in norms or [p for p in params if p.role == "producer"]:
+        with torch.no_grad():
+            positions = p.index[channel]
+            p.tensor.index_copy_(p.dim, positions, p.tensor.index_select(p.dim, positions) * factor)
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(trial(x).double(), y))
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("lenet5", {"input_size": 12}, (1, 12, 12)),
+    ("vgg", {}, (1, 16, 16)),
+    ("resnet20", {"widths": (8, 16, 16)}, (1, 12, 12)),
+])
+def test_mask_gradient_is_the_derivative_of_the_loss(name, kwargs, shape):
+    torch.manual_seed(0)
+    model = models.build(name, in_channels=1, num_classes=10, **kwargs).double().eval()
+    x, y = _batch(shape)
+    x = x.double()
+    example = torch.zeros(2, *shape, dtype=torch.float64)
+    graph = ChannelGraph(model, example)
+    grads = next(iter(mask_gradients(graph, [(x, y)])))
+    eps = 1e-5
+    checked = 0
+    for group in graph.groups:
+        for channel in (0, group.size - 1):
+            fd = (_loss_with_mask(model, example, group.name, channel, 1 + eps, x, y)
+                  - _loss_with_mask(model, example, group.name, channel, 1 - eps, x, y)) / (2 * eps)
+            # float64 central differences: truncation ~eps^2, rounding ~1e-16/eps; 1e-6 absolute is ample
+            assert grads[group.name][channel] == pytest.approx(fd, rel=1e-4, abs=1e-6), (group.name, channel)
+            checked += 1
+    assert checked >= 4
+
+
+def test_fisher_accumulates_squared_batch_gradients_and_is_divided_by_the_cost_saved():
+    torch.manual_seed(0)
+    model = models.build("vgg", in_channels=1, num_classes=10).eval()
+    example = torch.zeros(2, 1, 16, 16)
+    graph = ChannelGraph(model, example)
+    batches = [_batch((1, 16, 16), seed=s) for s in range(3)]
+    per_batch = list(mask_gradients(graph, batches))
+    fisher = mask_fisher(graph, batches)
+    for group in graph.groups:
+        expected = sum(g[group.name].square() for g in per_batch)
+        assert torch.allclose(fisher[group.name], expected, rtol=1e-12, atol=0)
+    context = criteria.CriterionContext(loader=batches, cost_kind="flops")
+    scores = criteria.get("group_fisher")(graph, context)
+    costs = CostModel(graph, "flops")
+    for group in graph.groups:
+        saved = costs.cost({}) - costs.cost({group.name: group.size - 1})
+        assert torch.allclose(scores[group.name], fisher[group.name] / saved, rtol=1e-12, atol=0)
+    params = criteria.get("group_fisher")(graph, criteria.CriterionContext(loader=batches, cost_kind="params"))
+    assert not torch.allclose(params[graph.groups[0].name], scores[graph.groups[0].name], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="no batches"):
+        mask_fisher(graph, [])
+
+
+def test_silencing_the_lowest_fisher_channels_costs_less_loss_than_the_highest():
+    splits = data.load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = fit(models.build("lenet5", input_size=8), splits.train, 4, lr=4e-3, seed=0).eval()
+    batches = list(torch.utils.data.DataLoader(splits.train, batch_size=256))
+    graph = ChannelGraph(model, torch.zeros(2, 1, 8, 8))
+    fisher = mask_fisher(graph, batches)
+
+    def loss_without(name, channels):
+        trial = copy.deepcopy(model)
+        ChannelGraph(trial, torch.zeros(2, 1, 8, 8)).scale_channels(name, channels, 0.0)
+        with torch.no_grad():
+            return sum(float(torch.nn.functional.cross_entropy(trial(x), y, reduction="sum")) for x, y in batches)
+
+    for group in graph.groups:
+        order = torch.argsort(fisher[group.name])
+        k = max(1, group.size // 4)
+        assert loss_without(group.name, order[:k]) < loss_without(group.name, order[-k:]), group.name
+
+
+def test_group_fisher_prunes_to_a_budget_from_the_api():
+    splits = data.load_dataset("digits", seed=0)
+    model = models.build("vgg", in_channels=1, num_classes=10)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=64)
+    for kind in ("flops", "params"):
+        pruned, report = prune(model, loader, torch.zeros(2, 1, 8, 8), criterion="group_fisher", budget=0.4,
+                               budget_kind=kind, allocation="global", normalize="none", max_batches=4,
+                               progress=False)
+        before, after = report.to_dict()[kind]
+        assert after <= 0.4 * before and report.criterion == "group_fisher"
+
+
+def test_gpp_compress_runs_with_the_group_fisher_criterion(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--model", "lenet5", "--data", "digits",
+                          "--epochs", "1", "--criterion", "group_fisher", "--target-params", "0.5", "--quiet",
+                          "--threads", "1", "--no-onnx-latency", "--out", str(tmp_path / "gf")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "gf" / "report.json").read_text())
+    assert report["config"]["criterion"] == "group_fisher" and report["target_reached"]
