@@ -143,3 +143,40 @@ def _fade(ctx: PushContext):
     # so the model at the end of the push is measured as it computes (the cut changes nothing after this).
     recalibrate_batchnorm(model, training_batches(ctx.splits.train, c.batch_size, ctx.seed + 1), device=ctx.device)
     return model, keep
+
+
+def _needs_training(name: str):
+    def check(config) -> None:
+        from .loop import stage_epochs
+
+        if config.schedule != "budget" or config.cuts != 1:
+            raise ValueError(f"LoopConfig: push={name!r} prepares the iteration's cut, so it needs schedule='budget' "
+                             f"and cuts=1")
+        if stage_epochs(config)[0] <= 0:
+            raise ValueError(f"LoopConfig: push={name!r} removes channels while the model trains, so it needs push "
+                             f"epochs (push_epochs > 0, or push_share > 0 with epoch_budget)")
+    return check
+
+
+@register("group_fisher", "Group Fisher's schedule: the channels of least mask Fisher information per cost saved "
+          "removed a few at a time while training goes on, until the iteration's budget; a lossless cut",
+          check=_needs_training("group_fisher"))
+def _group_fisher(ctx: PushContext):
+    from .latency import table_for
+    from .pruning.group_fisher import FisherRemoval
+    from .training import fit, recalibrate_batchnorm, training_batches
+
+    c, model = ctx.config, ctx.model
+    model.to(ctx.device)
+    base_cost = ctx.base_cost or ctx.cost(model)
+    relative = ctx.goal * base_cost / ctx.cost(model)
+    if relative >= 1:  # the model already meets this iteration's goal: plain training
+        return fit(model, ctx.splits.train, ctx.epochs, **ctx.fit_kwargs), None
+    removal = FisherRemoval(model, ctx.example, relative, budget_kind=c.budget_kind, floor=c.floor,
+                            ignore=tuple(c.ignore), latency=table_for(c)).attach()
+    try:
+        model = fit(model, ctx.splits.train, ctx.epochs, after_step=removal.step, **ctx.fit_kwargs)
+    finally:
+        keep = removal.finish()
+    recalibrate_batchnorm(model, training_batches(ctx.splits.train, c.batch_size, ctx.seed + 1), device=ctx.device)
+    return model, keep

@@ -24,6 +24,10 @@ RECIPES = {
     # the solver's widths, fixed) fades linearly to zero half-way, then the lossless cut and the fine-tune
     "gpp-fade": dict(push="fade", push_epochs=1, finetune_epochs=2, push_share=1 / 3, fade_schedule="linear",
                      fade_end=0.5, alpha=0.0, beta=0.0, gamma=0.0),
+    # Group Fisher (Liu et al. 2021): a third of the epochs training while the channels of least mask Fisher
+    # information per cost saved are removed a few at a time (within the first half of it), then the lossless
+    # cut and the fine-tune; the default's floor and training
+    "group-fisher": dict(push="group_fisher", push_epochs=1, finetune_epochs=2, push_share=1 / 3),
     # the fading push of the committed benchmark (harness 3), its training as the loop ran it then: one
     # iteration, a third of the epochs pushing while the removal set fades to zero half-way (VGG-BN's choice;
     # LeNet-5's was 1.0), no push terms, utilities compared as they are, widths chosen afresh at each selection
@@ -39,6 +43,7 @@ RECIPES = {
 DESCRIPTIONS = {
     "gpp": "the default: a discriminant cut at cost-aware widths, then a one-cycle fine-tune",
     "gpp-fade": "the default's widths and criterion, the removal set faded to zero before a lossless cut",
+    "group-fisher": "Group Fisher: channels of least Fisher information per cost removed while training, then cut",
     "fade": "the fading push (lossless cut) with the knobs the committed benchmark chose for VGG-BN",
     "v1": "push terms, then a threshold raised every iteration, at a constant learning rate",
 }

@@ -4,6 +4,7 @@ coupled groups share one mask), the importance is its square accumulated over ba
 and the criterion prunes from the API and the command line."""
 
 import copy
+import math
 import json
 import subprocess
 import sys
@@ -125,3 +126,52 @@ def test_gpp_compress_runs_with_the_group_fisher_criterion(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "gf" / "report.json").read_text())
     assert report["config"]["criterion"] == "group_fisher" and report["target_reached"]
+
+
+def test_fisher_removal_removes_while_training_until_the_budget_and_the_cut_changes_nothing():
+    from gpp_ext.pruning.group_fisher import FisherRemoval
+
+    splits = data.load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = models.build("vgg", in_channels=1, num_classes=10)
+    example = torch.zeros(2, 1, 8, 8)
+    removal = FisherRemoval(model, example, budget=0.3, budget_kind="flops", removals=4, share=0.5,
+                            floor=0.1).attach()
+    fit(model, splits.train, 1, lr=4e-3, seed=0, after_step=removal.step)
+    keep = removal.finish()
+    shares = [h["cost_share"] for h in removal.history]
+    assert len(shares) == 4 and shares == sorted(shares, reverse=True) and shares[-1] <= 0.3
+    assert all(h["removed"] > 0 for h in removal.history)
+    for group in removal.graph.groups:  # the floor holds
+        assert removal.widths()[group.name] >= max(1, math.ceil(0.1 * group.size))
+    model.eval()
+    x = torch.stack([splits.val[i][0] for i in range(32)])
+    with torch.no_grad():
+        before = model(x)
+    graph = ChannelGraph(model, example)
+    flops = CostModel(graph, "flops").cost({})
+    graph.prune(keep)
+    with torch.no_grad():
+        after = model(x)
+    # the removed channels were silenced after every step: the cut removes zeros (float32 sums reordered)
+    assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
+    from gpp_ext import count_flops
+
+    assert count_flops(model, example) <= 0.3 * flops * 1.0001
+
+
+def test_the_group_fisher_recipe_runs_from_the_command_line_and_needs_push_epochs(tmp_path):
+    from gpp_ext import recipes
+
+    with pytest.raises(ValueError, match="needs push epochs"):
+        recipes.build("group-fisher", push_epochs=0)
+    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "group-fisher", "--model",
+                          "lenet5", "--data", "digits", "--epochs", "1", "--push-epochs", "0.5", "--finetune-epochs",
+                          "0.5", "--target-params", "0.4", "--quiet", "--threads", "1", "--no-onnx-latency",
+                          "--out", str(tmp_path / "gfr")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "gfr" / "report.json").read_text())
+    assert report["config"]["push"] == "group_fisher" and report["target_reached"]
+    first = report["iterations"][0]
+    # the cut removed only silenced channels: accuracy right after it is the push's
+    assert first["val_accuracy_after_prune"] == pytest.approx(first["val_accuracy_end_of_push"], abs=1e-9)

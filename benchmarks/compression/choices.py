@@ -63,7 +63,7 @@ class Trials:
         """The trial `what: setting` of `method` with `knobs` at `place = (model, kind, budget, seed)`:
         recorded if new (or made under other settings, then replaced), else read back."""
         model, kind, budget, seed = place
-        variant = methods.gpp_variant(method)
+        variant = methods.loop_overrides(method)
         config = protocol.config_of({**variant, **knobs}) if variant is not None else None
         key = (model, what, setting, kind, budget, seed)
         for entry in self.choices:

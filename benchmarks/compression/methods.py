@@ -13,6 +13,8 @@ after its cut (BatchNorm not yet recalibrated), and the training epochs it spent
 - Sparse training before the cut: `slimming` (L1 on BatchNorm scales, then BN-scale pruning),
   `torch_pruning:bn_scale_sl:<scope>` (`BNScalePruner.regularize`) and `torch_pruning:group_norm_sl:<scope>`
   (`GroupNormPruner.regularize`), with the regularisation strength chosen on validation (`SWEEPS`).
+- `group_fisher`: Group Fisher (Liu et al. 2021) as the library runs it: the loop with the `group-fisher`
+  recipe (channels of least mask Fisher information per cost saved removed while training, then the cut).
 - `hesso_style`: our implementation of a HESSO-style peer (a removal set that fades to zero, chosen by OTO's
   default saliency and ranked globally without per-layer normalisation), since `only-train-once` 3.0.1 does not
   import under torch 2.13.
@@ -45,8 +47,10 @@ TP_MAGNITUDE = ("torch_pruning:magnitude:local", "torch_pruning:magnitude:global
 TP_SPARSE = tuple(f"torch_pruning:{kind}_sl:{scope}" for kind in ("bn_scale", "group_norm")
                   for scope in ("local", "global"))
 # GPP's rows: the default recipe, and the same loop with the push switched (the fade where the default has
-# none, none where it pushes): `gpp_variant`
+# none, none where it pushes): `loop_overrides`
 GPP = ("gpp", "gpp-fade", "gpp-nopush")
+# methods that are the loop with a named recipe (the recipe's own settings over the default's)
+LOOP_RECIPES = {"group_fisher": "group-fisher"}
 FIXED = GPP + ("slimming", "hesso_style")
 # regularisation strengths tried on validation (seed 0, one budget per model) for the sparse-training methods
 SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
@@ -86,9 +90,12 @@ class Setup:
         return training_batches(self.splits.train, 256, self.seed * 7 + offset)
 
 
-def gpp_variant(method: str) -> dict | None:
-    """The `LoopConfig` overrides of GPP row `method` (None for other methods): `gpp` none, `gpp-fade` the fade
-    push (a third of the epochs; `recipes.RECIPES["gpp-fade"]`), `gpp-nopush` no push."""
+def loop_overrides(method: str) -> dict | None:
+    """The `LoopConfig` overrides of a method that is the loop (None for the others): `gpp` none, `gpp-fade` the
+    fade push (a third of the epochs; `recipes.RECIPES["gpp-fade"]`), `gpp-nopush` no push, `group_fisher` the
+    recipe `group-fisher` (Group Fisher's removal schedule as the loop's push)."""
+    if method in LOOP_RECIPES:
+        return dict(recipes.RECIPES[LOOP_RECIPES[method]])
     if method == "gpp":
         return {}
     if method == "gpp-fade":
@@ -128,7 +135,7 @@ def run(method: str, base, setup: Setup, cached=None):
     if cached is None or key is None:
         def cached(key, build):
             return build()
-    if gpp_variant(method) is not None:
+    if loop_overrides(method) is not None:
         raise ValueError(f"{method} is the loop (gpp_loop), not a cut")
     if method == "hesso_style":
         return _hesso_style(model, setup)

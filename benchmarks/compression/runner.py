@@ -28,7 +28,7 @@ def knobs_for(method: str, chosen: dict) -> dict:
 
 
 def _stale(record: dict, chosen: dict) -> bool:
-    variant = methods.gpp_variant(record["method"])
+    variant = methods.loop_overrides(record["method"])
     return (record.get("knobs", {}) != knobs_for(record["method"], chosen)
             or record.get("train") != protocol.train_recipe()
             or (variant is not None and not protocol.same_config(record.get("config"), protocol.config_of(variant))))

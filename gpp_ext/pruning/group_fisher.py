@@ -16,6 +16,8 @@ uses any criterion's.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -23,7 +25,7 @@ from ..training import labelled_batches
 from .costs import CostModel
 from .graph import ChannelGraph
 
-__all__ = ["mask_gradients", "mask_fisher", "group_fisher", "DEFAULT_BATCHES"]
+__all__ = ["mask_gradients", "mask_fisher", "group_fisher", "FisherRemoval", "DEFAULT_BATCHES"]
 
 DEFAULT_BATCHES = 16   # batches of the loader the Fisher estimate accumulates over, unless the context limits them
 
@@ -126,3 +128,130 @@ def group_fisher(graph: ChannelGraph, context) -> dict:
         saved = full - costs.cost({group.name: group.size - 1}) if group.size > 1 else 0
         scores[group.name] = fisher[group.name] / max(float(saved), 1.0)
     return scores
+
+
+class FisherRemoval:
+    """Group Fisher's schedule: channels removed a few at a time while training goes on, until the budget.
+
+        removal = FisherRemoval(model, example, budget=0.3, budget_kind="flops")
+        fit(model, data, epochs, after_step=removal.step)     # removal.attach() first: it hooks the model
+        keep = removal.finish()                               # then a cut of exactly `keep` changes nothing
+
+    During training, the mask gradients of every step (`out x dL/dout` summed over the batch and positions at
+    each masked output, as `mask_gradients`) are squared and accumulated. At `removals` evenly spaced steps
+    within the first `share` of the training, the channels with the lowest accumulated Fisher per unit of cost
+    saved are removed one at a time (the cost saved recomputed at the current widths) until the model meets that
+    step's goal (the cost falls geometrically from the full model to `budget` over the removals); the
+    accumulators then restart. A removed channel is silenced (`ChannelGraph.scale_channels(..., 0)`) after every
+    optimiser step, so training cannot revive it, and the final cut removes only zeros. Every group keeps at least
+    `max(min_channels, ceil(floor * size))` channels.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, budget: float, budget_kind: str = "flops",
+                 removals: int = 8, share: float = 0.5, floor: float = 0.0, min_channels: int = 1, ignore=(),
+                 latency=None):
+        from .costs import cost_model
+
+        if not 0 < budget <= 1:
+            raise ValueError(f"FisherRemoval: budget must be in (0, 1], got {budget!r}")
+        if isinstance(removals, bool) or not isinstance(removals, int) or removals < 1 or not 0 < share <= 1:
+            raise ValueError(f"FisherRemoval: removals must be an int >= 1 and share in (0, 1], got {removals!r}, "
+                             f"{share!r}")
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        self.model, self.budget, self.removals, self.share = model, budget, removals, share
+        self.graph = ChannelGraph(model, example_inputs, ignore=ignore)
+        self.costs = cost_model(self.graph, budget_kind, latency)
+        self.full = self.costs.cost({})
+        self.sizes = {g.name: g.size for g in self.graph.groups}
+        self.minimum = {n: min(s, max(min_channels, int(math.ceil(floor * s - 1e-9)))) for n, s in self.sizes.items()}
+        self.removed = {n: torch.zeros(s, dtype=torch.bool) for n, s in self.sizes.items()}
+        self.fisher = {n: torch.zeros(s, dtype=torch.float64) for n, s in self.sizes.items()}
+        self._grads = {n: torch.zeros(s, dtype=torch.float64) for n, s in self.sizes.items()}
+        self._masked = _masked_outputs(self.graph)
+        self._handles = []
+        self._done = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def attach(self) -> "FisherRemoval":
+        """Hooks the masked outputs so every training step's mask gradients are accumulated."""
+        for name, entries in self._masked.items():
+            module = self.graph.modules[name]
+
+            def hook(mod, args, out, entries=entries, module=module):
+                if not (isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled()):
+                    return
+
+                def on_grad(grad, out=out):
+                    prod = (out.detach() * grad.detach()).double()
+                    axis = _channel_axis(module, out)
+                    per_channel = prod.movedim(axis, 0).reshape(prod.shape[axis], -1).sum(1).cpu()
+                    for group, index in entries:
+                        self._grads[group] += per_channel[index.cpu()].sum(1)
+                out.register_hook(on_grad)
+            self._handles.append(module.register_forward_hook(hook))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -------------------------------------------------------------------------------------------- steps
+    def widths(self) -> dict:
+        return {n: int((~r).sum()) for n, r in self.removed.items()}
+
+    def step(self, step: int, total: int) -> None:
+        """After optimiser step `step` of `total` (`fit`'s `after_step`): accumulate, remove when due, silence."""
+        for n in self.fisher:
+            self.fisher[n] += self._grads[n].square()
+            self._grads[n].zero_()
+        due = min(self.removals, int(step * self.removals / max(1.0, self.share * total)))
+        while self._done < due:
+            self._done += 1
+            self._remove(self.budget ** (self._done / self.removals))
+        self._silence()
+
+    def _remove(self, goal: float) -> None:
+        target = goal * self.full
+        widths = self.widths()
+        cost = self.costs.cost(widths)
+        removed = 0
+        while cost > target:
+            best, best_score = None, math.inf
+            for name, width in widths.items():
+                if width <= self.minimum[name]:
+                    continue
+                saved = cost - self.costs.cost({**widths, name: width - 1})
+                alive = (~self.removed[name]).nonzero().squeeze(1)
+                lowest = alive[int(torch.argmin(self.fisher[name][alive]))]
+                score = float(self.fisher[name][lowest]) / max(float(saved), 1e-12)
+                if score < best_score:
+                    best, best_score = (name, int(lowest)), score
+            if best is None:
+                break
+            name, channel = best
+            self.removed[name][channel] = True
+            widths[name] -= 1
+            cost = self.costs.cost(widths)
+            removed += 1
+        self.history.append({"goal": goal, "removed": removed, "cost_share": cost / self.full})
+        for n in self.fisher:
+            self.fisher[n].zero_()
+
+    @torch.no_grad()
+    def _silence(self) -> None:
+        for name, mask in self.removed.items():
+            if mask.any():
+                self.graph.scale_channels(name, mask, 0.0)
+
+    def finish(self) -> dict:
+        """Completes the removals not yet made (a shorter training than planned), silences, unhooks, and returns
+        the keep-set `{group: kept indices}` for the cut."""
+        while self._done < self.removals:
+            self._done += 1
+            self._remove(self.budget ** (self._done / self.removals))
+        self._silence()
+        self.detach()
+        return {n: (~r).nonzero().squeeze(1) for n, r in self.removed.items() if r.any()}
