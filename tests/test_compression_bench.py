@@ -192,3 +192,13 @@ def test_a_record_made_before_a_loop_setting_existed_still_matches(harness):
     assert harness.protocol.same_config(older, current)
     assert not harness.protocol.same_config({**older, "push": "fade"}, current)
     assert not harness.protocol.same_config(older, harness.protocol.config_of({"final_finetune": "train+val"}))
+
+
+def test_a_setting_that_missed_its_size_target_is_not_chosen(harness):
+    entries = [{"setting": "gpp", "val_accuracy": 0.90, "target_reached": True},
+               {"setting": "gpp-x2", "val_accuracy": 0.95, "target_reached": False},
+               {"setting": "gpp", "val_accuracy": 0.80, "target_reached": True},
+               {"setting": "gpp-x2", "val_accuracy": 0.85, "target_reached": True}]
+    best, means = harness.choosing.best_by_mean(entries)
+    assert best == "gpp" and means["gpp-x2"] > means["gpp"]
+    assert harness.choosing.best_by_mean([{"setting": "reg=1", "val_accuracy": 0.5}])[0] == "reg=1"

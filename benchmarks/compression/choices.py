@@ -113,12 +113,17 @@ def _where(kind: str, budget: float) -> str:
 
 
 def best_by_mean(entries: list) -> tuple:
-    """`(setting, {setting: mean validation accuracy})` over `entries` (ties: the first listed)."""
-    by = {}
+    """`(setting, {setting: mean validation accuracy})` over `entries` (ties: the first listed). A setting whose
+    run missed its size target anywhere (a loop that stopped early at its accuracy floor keeps a larger model,
+    whose accuracy says nothing about the budget) cannot be chosen while another met every target."""
+    by, missed = {}, set()
     for e in entries:
         by.setdefault(e["setting"], []).append(e["val_accuracy"])
+        if e.get("target_reached") is False:
+            missed.add(e["setting"])
     means = {s: statistics.mean(v) for s, v in by.items()}
-    return max(means, key=means.get), means
+    eligible = [s for s in means if s not in missed] or list(means)
+    return max(eligible, key=means.get), means
 
 
 def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, values=None) -> dict:

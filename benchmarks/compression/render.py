@@ -156,7 +156,9 @@ def _choices(sweeps) -> list:
     if recipe:
         lines += ["", "## GPP's recipe, chosen on validation (seed 0)", "",
                   "Each candidate is the loop with the default recipe changed as named (`choices.CANDIDATES`); "
-                  "the default must have the best mean validation accuracy over every budget below.", ""]
+                  "the default must have the best mean validation accuracy over every budget below; † marks a run "
+                  "that missed its size target (the loop stopped at its accuracy floor), which disqualifies its "
+                  "candidate.", ""]
         places = sorted({(s["model"], s["budget_kind"], s["budget"]) for s in recipe},
                         key=lambda p: (p[0], p[1] != "params", -p[2]))
         lines += ["| candidate | mean val | " + " | ".join(f"{m} {_budget(k, b)} val / test" for m, k, b in places)
@@ -165,7 +167,8 @@ def _choices(sweeps) -> list:
         for s in recipe:
             by.setdefault(s["setting"], {})[(s["model"], s["budget_kind"], s["budget"])] = s
         for name, cells in sorted(by.items(), key=lambda kv: -_mean(c["val_accuracy"] for c in kv[1].values())):
-            row = [f"{cells[p]['val_accuracy']:.4f} / {cells[p]['test_accuracy']:.4f}" if p in cells else "–"
+            row = [f"{cells[p]['val_accuracy']:.4f} / {cells[p]['test_accuracy']:.4f}"
+                   + (" †" if cells[p].get("target_reached") is False else "") if p in cells else "–"
                    for p in places]
             chosen = any(c.get("chosen") for c in cells.values())
             lines.append(f"| {name} | {_mean(c['val_accuracy'] for c in cells.values()):.4f} | " + " | ".join(row)
