@@ -66,7 +66,8 @@ FINAL_FINETUNE = ("train", "train+val")
 # Settings added after checkpoints were first written, with the value the runs that wrote them used: a resume
 # compares an older checkpoint's configuration with these, not with today's defaults.
 _ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor=0.0, fade_fixed_widths=False,
-                    target_latency=None, latency_runtime="eager", latency_batch=1, final_finetune="train")
+                    target_latency=None, latency_runtime="eager", latency_batch=1, final_finetune="train",
+                    finetune_distill=0.0)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class LoopConfig:
     fade_end: float = 1.0            # push "fade": share of the push at which the set reaches zero
     fade_fixed_widths: bool = True   # push "fade": the first selection's widths stay (later ones pick channels)
     distill: float = 0.0             # weight of distillation from the model as it was before the push
+    finetune_distill: float = 0.0    # weight of distillation from the base model in every fine-tuning
     temperature: float = 4.0
     alpha: float = 0.3               # push weights (docs/design.md §2.8: push strength needs tuning; mild defaults)
     beta: float = 0.3
@@ -131,7 +133,7 @@ class LoopConfig:
                    "weight_decay", "target_params", "target_flops", "accuracy_floor", "eta_start", "eta_step",
                    "max_iterations", "cuts", "fade_reselect", "fade_end", "distill", "temperature", "alpha", "beta",
                    "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed", "floor",
-                   "warmup", "target_latency", "latency_batch")
+                   "warmup", "target_latency", "latency_batch", "finetune_distill")
         for name in numbers:  # NaN passes every comparison below, so finiteness comes first
             value = getattr(self, name)
             if value is None and name in ("epoch_budget", "target_flops", "target_latency"):
@@ -197,8 +199,9 @@ class LoopConfig:
             raise ValueError(f"LoopConfig: normalize must be 'mean' or 'none', got {self.normalize!r}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"LoopConfig: round_to must be an int >= 1, got {self.round_to!r}")
-        if self.distill < 0 or self.temperature <= 0:
-            raise ValueError("LoopConfig: distill must be >= 0 and temperature > 0")
+        if self.distill < 0 or self.finetune_distill < 0 or self.temperature <= 0:
+            raise ValueError(f"LoopConfig: distill and finetune_distill must be >= 0 and temperature > 0, got "
+                             f"{self.distill!r}, {self.finetune_distill!r}, {self.temperature!r}")
         if (self.epoch_budget is not None and self.epoch_budget < 0) or not 0 <= self.push_share <= 1:
             raise ValueError("LoopConfig: epoch_budget must be >= 0 and push_share in [0, 1]")
 
@@ -384,11 +387,20 @@ class GrowPushPrune:
                              f"NAME[,NAME])") from error
 
     # -------------------------------------------------------------------------------------------- helpers
-    def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, dataset=None) -> nn.Module:
+    def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, dataset=None, **extra) -> nn.Module:
         cfg = self.config
         return fit(model, self.splits.train if dataset is None else dataset, epochs,
                    seed=stage_seed(cfg.seed, stage), device=self.device,
-                   progress=self.progress, desc=desc, **train_kwargs(cfg))
+                   progress=self.progress, desc=desc, **train_kwargs(cfg), **extra)
+
+    def _teacher(self) -> dict:
+        """`fit` arguments for distillation from the base model in fine-tuning (`finetune_distill`), or none."""
+        cfg = self.config
+        if cfg.finetune_distill <= 0 or self.state.base_model is None:
+            return {}
+        if getattr(self, "_base_teacher", None) is None:
+            self._base_teacher = io.from_payload(self.state.base_model, self.factory).to(self.device).eval()
+        return {"teacher": self._base_teacher, "distill": cfg.finetune_distill, "temperature": cfg.temperature}
 
     def _metrics(self, model: nn.Module, **extra) -> dict:
         """Size, accuracy and latency, measured on rank 0 (latency would suffer from processes running beside
@@ -506,7 +518,8 @@ class GrowPushPrune:
                 if cfg.final_finetune == "train+val" and self._last(i):
                     dataset = torch.utils.data.ConcatDataset([self.splits.train, self.splits.val])
                     self.state.iterations[-1]["val_seen_in_training"] = True
-                self.model = self._train(self.model, stage_epochs(cfg)[1], stage, f"fine-tune {i}", dataset)
+                self.model = self._train(self.model, stage_epochs(cfg)[1], stage, f"fine-tune {i}", dataset,
+                                         **self._teacher())
                 metrics = self._metrics(self.model)
                 self.state.iterations[-1].update(metrics)
                 snapshot = {"metrics": self.state.iterations[-1], "model": io.payload(self.model)}

@@ -155,3 +155,31 @@ def test_the_last_fine_tuning_can_train_on_train_and_val(tmp_path, monkeypatch):
     assert report["iterations"][-1]["val_seen_in_training"] and "val_seen_in_training" not in report["iterations"][0]
     with pytest.raises(ValueError, match="final_finetune"):
         recipes.build("gpp", final_finetune="val")
+
+
+def test_fine_tuning_can_distil_from_the_base_model(tmp_path, monkeypatch):
+    import gpp_ext.loop as loop_module
+    from gpp_ext.loop import GrowPushPrune
+
+    monkeypatch.setenv("GPP_EXT_ONNX_LATENCY", "0")
+    teachers = []
+    real = loop_module.fit
+
+    def recording(model, dataset, epochs, **kwargs):
+        if kwargs.get("desc", "").startswith("fine-tune"):
+            teachers.append((kwargs.get("teacher"), kwargs.get("distill"), kwargs.get("temperature")))
+        return real(model, dataset, epochs, **kwargs)
+
+    monkeypatch.setattr(loop_module, "fit", recording)
+    splits = data.load_dataset("digits", seed=0)
+    config = recipes.build("gpp", epochs=1, finetune_epochs=0.2, target_params=0.5, accuracy_floor=0.9,
+                           finetune_distill=0.7, temperature=3.0)
+    loop = GrowPushPrune(models.build("lenet5", input_size=8), splits, config, out_dir=tmp_path / "d", progress=False)
+    loop.run()
+    (teacher, weight, temperature), = teachers
+    assert (weight, temperature) == (0.7, 3.0)
+    base = loop_module.io.from_payload(loop.state.base_model)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), base.state_dict().values()))
+    assert sum(p.numel() for p in teacher.parameters()) > sum(p.numel() for p in loop.final_model.parameters())
+    with pytest.raises(ValueError, match="finetune_distill"):
+        recipes.build("gpp", finetune_distill=-1.0)
