@@ -115,6 +115,7 @@ CONFIG_HELP = {
     "fade_end": "--push fade: the share of each push at which the removal set reaches zero; below 1 the rest of the "
                 "push trains the kept channels alone",
     "distill": "weight of distillation from the model as it was before each push (0: off)",
+    "sparsity": "--push hgs: the weight of the hierarchical group-sparse penalty",
     "finetune_distill": "weight of distillation from the base model in every fine-tuning (0: off; --temperature)",
     "seed": "seeds the initial weights, the batch order and every randomised step",
     "final_finetune": "the last fine-tuning's data: train, or train+val (more data for the model you ship; its "
@@ -132,7 +133,7 @@ _TYPES = {"target_params": _fraction, "target_flops": _fraction, "target_latency
           "epochs": _count, "seed": _count, "grow_epochs": _count, "push_epochs": _epochs, "finetune_epochs": _epochs,
           "epoch_budget": _epochs, "batch_size": _positive, "max_iterations": _positive, "cuts": _positive,
           "round_to": _positive, "fade_reselect": _positive, "max_modules_per_stage": _positive,
-          "distill": _number(float, 0), "finetune_distill": _number(float, 0), "weight_decay": _number(float, 0), "alpha": _number(float, 0),
+          "distill": _number(float, 0), "finetune_distill": _number(float, 0), "sparsity": _number(float, 0), "weight_decay": _number(float, 0), "alpha": _number(float, 0),
           "beta": _number(float, 0), "gamma": _number(float, 0), "eta_start": _number(float, 0),
           "eta_step": _number(float, 0), "neurons": lambda text: (_positive if text.strip().isdigit()
                                                                   else _fraction)(text)}

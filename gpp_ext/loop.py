@@ -67,7 +67,7 @@ FINAL_FINETUNE = ("train", "train+val")
 # compares an older checkpoint's configuration with these, not with today's defaults.
 _ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor=0.0, fade_fixed_widths=False,
                     target_latency=None, latency_runtime="eager", latency_batch=1, final_finetune="train",
-                    finetune_distill=0.0)
+                    finetune_distill=0.0, sparsity=1e-4)
 
 
 @dataclass
@@ -110,6 +110,7 @@ class LoopConfig:
     fade_fixed_widths: bool = True   # push "fade": the first selection's widths stay (later ones pick channels)
     distill: float = 0.0             # weight of distillation from the model as it was before the push
     finetune_distill: float = 0.0    # weight of distillation from the base model in every fine-tuning
+    sparsity: float = 1e-4           # weight of a push method's sparsity penalty (push "hgs")
     temperature: float = 4.0
     alpha: float = 0.3               # push weights (docs/design.md §2.8: push strength needs tuning; mild defaults)
     beta: float = 0.3
@@ -133,7 +134,7 @@ class LoopConfig:
                    "weight_decay", "target_params", "target_flops", "accuracy_floor", "eta_start", "eta_step",
                    "max_iterations", "cuts", "fade_reselect", "fade_end", "distill", "temperature", "alpha", "beta",
                    "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed", "floor",
-                   "warmup", "target_latency", "latency_batch", "finetune_distill")
+                   "warmup", "target_latency", "latency_batch", "finetune_distill", "sparsity")
         for name in numbers:  # NaN passes every comparison below, so finiteness comes first
             value = getattr(self, name)
             if value is None and name in ("epoch_budget", "target_flops", "target_latency"):
@@ -199,6 +200,8 @@ class LoopConfig:
             raise ValueError(f"LoopConfig: normalize must be 'mean' or 'none', got {self.normalize!r}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"LoopConfig: round_to must be an int >= 1, got {self.round_to!r}")
+        if self.sparsity < 0:
+            raise ValueError(f"LoopConfig: sparsity must be >= 0, got {self.sparsity!r}")
         if self.distill < 0 or self.finetune_distill < 0 or self.temperature <= 0:
             raise ValueError(f"LoopConfig: distill and finetune_distill must be >= 0 and temperature > 0, got "
                              f"{self.distill!r}, {self.finetune_distill!r}, {self.temperature!r}")

@@ -180,3 +180,16 @@ def _group_fisher(ctx: PushContext):
         keep = removal.finish()
     recalibrate_batchnorm(model, training_batches(ctx.splits.train, c.batch_size, ctx.seed + 1), device=ctx.device)
     return model, keep
+
+
+@register("hgs", "hierarchical group-sparse training: a group lasso over each channel's neuron, its filters and "
+          "the columns that read it (weight --sparsity); the prune stage then selects with the criterion")
+def _hgs(ctx: PushContext):
+    from .pruning import ChannelGraph
+    from .pruning.hgs import hierarchical_penalty
+    from .training import fit
+
+    c = ctx.config
+    graph = ChannelGraph(ctx.model, ctx.example, ignore=tuple(c.ignore))
+    return fit(ctx.model, ctx.splits.train, ctx.epochs, penalty=hierarchical_penalty(graph, c.sparsity),
+               **ctx.fit_kwargs), None

@@ -28,6 +28,9 @@ RECIPES = {
     # information per cost saved are removed a few at a time (within the first half of it), then the lossless
     # cut and the fine-tune; the default's floor and training
     "group-fisher": dict(push="group_fisher", push_epochs=1, finetune_epochs=2, push_share=1 / 3),
+    # hierarchical group-sparse regularisation (Mitsuno & Kurita 2020): a third of the epochs training with the
+    # nested group lasso, then channels kept by the loss their removal adds, at the default's widths
+    "hgs": dict(push="hgs", push_epochs=1, finetune_epochs=2, push_share=1 / 3, criterion="loss_increase"),
     # the fading push of the committed benchmark (harness 3), its training as the loop ran it then: one
     # iteration, a third of the epochs pushing while the removal set fades to zero half-way (VGG-BN's choice;
     # LeNet-5's was 1.0), no push terms, utilities compared as they are, widths chosen afresh at each selection
@@ -44,6 +47,7 @@ DESCRIPTIONS = {
     "gpp": "the default: a discriminant cut at cost-aware widths, then a one-cycle fine-tune",
     "gpp-fade": "the default's widths and criterion, the removal set faded to zero before a lossless cut",
     "group-fisher": "Group Fisher: channels of least Fisher information per cost removed while training, then cut",
+    "hgs": "hierarchical group-sparse training, then the channels whose removal raises the loss most are kept",
     "fade": "the fading push (lossless cut) with the knobs the committed benchmark chose for VGG-BN",
     "v1": "push terms, then a threshold raised every iteration, at a constant learning rate",
 }

@@ -14,7 +14,9 @@ after its cut (BatchNorm not yet recalibrated), and the training epochs it spent
   `torch_pruning:bn_scale_sl:<scope>` (`BNScalePruner.regularize`) and `torch_pruning:group_norm_sl:<scope>`
   (`GroupNormPruner.regularize`), with the regularisation strength chosen on validation (`SWEEPS`).
 - `group_fisher`: Group Fisher (Liu et al. 2021) as the library runs it: the loop with the `group-fisher`
-  recipe (channels of least mask Fisher information per cost saved removed while training, then the cut).
+  recipe (channels of least mask Fisher information per cost saved removed while training, then the cut);
+  `hgs`: hierarchical group-sparse training then loss-increase selection (Mitsuno & Kurita 2020), the loop
+  with the `hgs` recipe.
 - `hesso_style`: our implementation of a HESSO-style peer (a removal set that fades to zero, chosen by OTO's
   default saliency and ranked globally without per-layer normalisation), since `only-train-once` 3.0.1 does not
   import under torch 2.13.
@@ -50,7 +52,7 @@ TP_SPARSE = tuple(f"torch_pruning:{kind}_sl:{scope}" for kind in ("bn_scale", "g
 # none, none where it pushes): `loop_overrides`
 GPP = ("gpp", "gpp-fade", "gpp-nopush")
 # methods that are the loop with a named recipe (the recipe's own settings over the default's)
-LOOP_RECIPES = {"group_fisher": "group-fisher"}
+LOOP_RECIPES = {"group_fisher": "group-fisher", "hgs": "hgs"}
 FIXED = GPP + ("slimming", "hesso_style")
 # regularisation strengths tried on validation (seed 0, one budget per model) for the sparse-training methods
 SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
@@ -114,7 +116,8 @@ def sweep_key(method: str) -> str | None:
 
 
 def known(tp_available: bool) -> list:
-    names = list(FIXED) + [c for c in criteria.names() if c != "lda"]
+    names = list(FIXED) + [m for m in LOOP_RECIPES if m not in criteria.names()]
+    names += [c for c in criteria.names() if c != "lda" and c not in names]
     return names + (list(TP_MAGNITUDE + TP_SPARSE) if tp_available else [])
 
 

@@ -31,7 +31,8 @@ Built in:
   slimming); `taylor`: first-order Taylor importance |activation x gradient|; `random`: the floor every
   criterion must beat;
 - `group_fisher`: the Fisher information of each coupled channel group's mask per unit of cost its removal saves
-  (Liu et al., ICML 2021; `group_fisher.py`).
+  (Liu et al., ICML 2021; `group_fisher.py`);
+- `loss_increase`: the rise of the training loss when each channel alone is silenced (`hgs.py`).
 """
 
 from __future__ import annotations
@@ -411,3 +412,16 @@ def _register_group_fisher():
 
 
 _register_group_fisher()
+
+
+def _register_loss_increase():
+    from .hgs import loss_increase
+
+    @register("loss_increase")
+    def loss_increase_criterion(graph: ChannelGraph, context: CriterionContext) -> dict:
+        """The rise of the training loss on randomly drawn samples when each channel alone is silenced
+        (Mitsuno & Kurita's selection after hierarchical group-sparse training)."""
+        return loss_increase(graph, context)
+
+
+_register_loss_increase()
