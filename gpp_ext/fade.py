@@ -133,7 +133,7 @@ class RemovalFade:
         if self.widths is None or not self.fixed_widths:  # the first selection decides the widths (unless
             # fixed_widths=False: every selection decides them afresh, as before the widths were an allocation's)
             evaluate = None
-            if self.allocation == "search":
+            if self.allocation in ("search", "genetic"):
                 from .pruning.allocation import evaluator_from
 
                 evaluate = evaluator_from(self.model, self.graph.example_inputs, scores, self.loader,

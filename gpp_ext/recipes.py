@@ -31,6 +31,10 @@ RECIPES = {
     # hierarchical group-sparse regularisation (Mitsuno & Kurita 2020): a third of the epochs training with the
     # nested group lasso, then channels kept by the loss their removal adds, at the default's widths
     "hgs": dict(push="hgs", push_epochs=1, finetune_epochs=2, push_share=1 / 3, criterion="loss_increase"),
+    # a genetic channel search with distillation: the widths by a genetic search guided by per-layer sensitivity
+    # (candidates scored after BatchNorm recalibration, finalists after a short fine-tune), the channels inside
+    # them by L1 norm, then the fine-tune distils from the unpruned model
+    "genetic": dict(allocation="genetic", criterion="l1", finetune_distill=0.5),
     # the fading push of the committed benchmark (harness 3), its training as the loop ran it then: one
     # iteration, a third of the epochs pushing while the removal set fades to zero half-way (VGG-BN's choice;
     # LeNet-5's was 1.0), no push terms, utilities compared as they are, widths chosen afresh at each selection
@@ -48,6 +52,7 @@ DESCRIPTIONS = {
     "gpp-fade": "the default's widths and criterion, the removal set faded to zero before a lossless cut",
     "group-fisher": "Group Fisher: channels of least Fisher information per cost removed while training, then cut",
     "hgs": "hierarchical group-sparse training, then the channels whose removal raises the loss most are kept",
+    "genetic": "a genetic search over the widths (L1 channels inside them), fine-tuned with distillation",
     "fade": "the fading push (lossless cut) with the knobs the committed benchmark chose for VGG-BN",
     "v1": "push terms, then a threshold raised every iteration, at a constant learning rate",
 }

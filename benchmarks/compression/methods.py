@@ -16,7 +16,8 @@ after its cut (BatchNorm not yet recalibrated), and the training epochs it spent
 - `group_fisher`: Group Fisher (Liu et al. 2021) as the library runs it: the loop with the `group-fisher`
   recipe (channels of least mask Fisher information per cost saved removed while training, then the cut);
   `hgs`: hierarchical group-sparse training then loss-increase selection (Mitsuno & Kurita 2020), the loop
-  with the `hgs` recipe.
+  with the `hgs` recipe; `genetic`: a genetic channel search with distillation, the loop with the `genetic`
+  recipe.
 - `hesso_style`: our implementation of a HESSO-style peer (a removal set that fades to zero, chosen by OTO's
   default saliency and ranked globally without per-layer normalisation), since `only-train-once` 3.0.1 does not
   import under torch 2.13.
@@ -52,7 +53,7 @@ TP_SPARSE = tuple(f"torch_pruning:{kind}_sl:{scope}" for kind in ("bn_scale", "g
 # none, none where it pushes): `loop_overrides`
 GPP = ("gpp", "gpp-fade", "gpp-nopush")
 # methods that are the loop with a named recipe (the recipe's own settings over the default's)
-LOOP_RECIPES = {"group_fisher": "group-fisher", "hgs": "hgs"}
+LOOP_RECIPES = {"group_fisher": "group-fisher", "hgs": "hgs", "genetic": "genetic"}
 FIXED = GPP + ("slimming", "hesso_style")
 # regularisation strengths tried on validation (seed 0, one budget per model) for the sparse-training methods
 SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),

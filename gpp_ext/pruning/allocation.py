@@ -19,7 +19,9 @@ normalised scores. Methods:
   its input's); elsewhere (residual groups, concatenations) a greedy that removes, one grid step at a time, the
   step that loses the least value per unit of cost saved, then spends what is left of the budget back;
 - `"search"` (`search_widths`): per-group coefficients of the solver searched by the loss of each candidate,
-  cut and BatchNorm-recalibrated (`CandidateEvaluator`).
+  cut and BatchNorm-recalibrated (`CandidateEvaluator`);
+- `"genetic"` (`genetic.genetic_widths`): a genetic search over the widths guided by per-group sensitivity,
+  on the same evaluator, finalists re-scored after a short fine-tune.
 
 Every method keeps each group on its *width grid*: multiples of a step that grows with the group's size (1 up to
 16 channels, 4 up to 64, 8 up to 256, 16 beyond: CPU kernels in oneDNN and ONNX Runtime work on blocks of 8 or
@@ -43,7 +45,8 @@ from .graph import ChannelGraph
 __all__ = ["allocate", "keep_top", "width_grid", "group_values", "ALLOCATIONS", "CandidateEvaluator",
            "search_widths", "evaluator_from"]
 
-ALLOCATIONS = ("uniform", "global", "solver", "search")
+ALLOCATIONS = ("uniform", "global", "solver", "search", "genetic")
+SEARCHES = ("search", "genetic")   # the allocations that score candidates on data (they need an evaluator)
 _DP_BUCKETS = 2000  # cost resolution of the chain DP: costs are rounded up, so a solution never exceeds the budget
 
 
@@ -132,9 +135,9 @@ def allocate(graph: ChannelGraph, scores: dict, budget: float, kind: str = "para
     maximises the sum of the groups' values (`group_values(value=...)`), each scaled by its `coefficients`
     entry (default 1). Groups not in `scores` stay whole."""
     _check(graph, scores, budget, kind)
-    if method not in ALLOCATIONS or method == "search":
-        raise ValueError(f"allocate: method must be 'uniform', 'global' or 'solver' (the calibrated search is "
-                         f"search_widths), got {method!r}")
+    if method not in ALLOCATIONS or method in SEARCHES:
+        raise ValueError(f"allocate: method must be 'uniform', 'global' or 'solver' (the searches on data are "
+                         f"search_widths and genetic.genetic_widths), got {method!r}")
     if not 0 <= floor < 1 or min_channels < 1 or (round_to is not None and round_to < 1):
         raise ValueError(f"allocate: floor must be in [0, 1), min_channels >= 1, round_to >= 1 or None, got "
                          f"{floor}, {min_channels}, {round_to}")
@@ -361,17 +364,43 @@ class CandidateEvaluator:
                 self.reference = [torch.log_softmax(model(x.to(device)).double(), 1) for x, _ in batches]
             model.train(was)
 
+    def _candidate(self, widths: dict):
+        candidate = self._copy(self.model)
+        graph = ChannelGraph(candidate, self.example, ignore=self.ignore)
+        graph.prune(keep_top(self.scores, widths))
+        return candidate
+
+    def finetuned(self, widths: dict, steps: int = 8, lr: float = 1e-3) -> float:
+        """The candidate's loss after a short fine-tune: `steps` AdamW steps of cross-entropy on the calibration
+        batches (cycled), then BatchNorm recalibration and the same measurement as a call."""
+        import time
+
+        import torch.nn.functional as F
+
+        started = time.perf_counter()
+        candidate = self._candidate(widths)
+        candidate.train()
+        optimizer = torch.optim.AdamW(candidate.parameters(), lr=lr, weight_decay=0.0)
+        for step in range(steps):
+            x, y = self.calibration[step % len(self.calibration)]
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(candidate(x.to(self.device)), y.to(self.device)).backward()
+            optimizer.step()
+        return self._measure(candidate, None, started)
+
     def __call__(self, widths: dict, batches: list | None = None) -> float:
+        import time
+
+        started = time.perf_counter()
+        return self._measure(self._candidate(widths), batches, started)
+
+    def _measure(self, candidate, batches, started) -> float:
         import time
 
         import torch.nn.functional as F
 
         from ..training import recalibrate_batchnorm
 
-        started = time.perf_counter()
-        candidate = self._copy(self.model)
-        graph = ChannelGraph(candidate, self.example, ignore=self.ignore)
-        graph.prune(keep_top(self.scores, widths))
         recalibrate_batchnorm(candidate, self.calibration, device=self.device)
         candidate.eval()
         total, count = 0.0, 0

@@ -139,7 +139,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
             raise TypeError(f"prune: criterion {name!r} must return a dict of group name -> [size] scores, got "
                             f"{type(scores).__name__}")
         evaluate = None
-        if allocation == "search" and method == "budget":
+        if allocation in ("search", "genetic") and method == "budget":
             from .allocation import evaluator_from
 
             evaluate = evaluator_from(model, example_inputs, scores, loader, ignore=ignore, device=device,

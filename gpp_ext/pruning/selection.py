@@ -106,7 +106,8 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
             lose channels where their utilities are low), "uniform" (every group keeps the same fraction of
             its channels, its lowest-utility ones going: the widths do not depend on the utilities) or "solver"
             (the cost-aware widths of `allocation.allocate`, on the width grid: `round_to` when above 1, else
-            multiples of 4, 8 or 16 by group size), or "search" (the solver's per-group coefficients searched
+            multiples of 4, 8 or 16 by group size), "genetic" (`genetic.genetic_widths`, on `evaluate` too), or
+            "search" (the solver's per-group coefficients searched
             by `evaluate`, an `allocation.CandidateEvaluator`, with `seed`: `allocation.search_widths`).
         floor: every group keeps at least this fraction of its channels (budget method).
     """
@@ -146,16 +147,16 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
                          f"{search!r}")
     if normalize not in ("mean", "none"):
         raise ValueError(f"select_channels: normalize must be 'mean' or 'none', got {normalize!r}")
-    if allocation not in ("global", "uniform", "solver", "search"):
-        raise ValueError(f"select_channels: allocation must be 'global', 'uniform', 'solver' or 'search', got "
-                         f"{allocation!r}")
-    if allocation == "search" and evaluate is None:
-        raise ValueError("select_channels: allocation='search' needs evaluate=<allocation.CandidateEvaluator> (prune "
-                         "and the loop build one from their data)")
+    if allocation not in ("global", "uniform", "solver", "search", "genetic"):
+        raise ValueError(f"select_channels: allocation must be 'global', 'uniform', 'solver', 'search' or 'genetic', "
+                         f"got {allocation!r}")
+    if allocation in ("search", "genetic") and evaluate is None:
+        raise ValueError(f"select_channels: allocation={allocation!r} needs evaluate=<allocation.CandidateEvaluator> "
+                         f"(prune and the loop build one from their data)")
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
         raise ValueError(f"select_channels: floor must be in [0, 1) (a share of each group's channels), got "
                          f"{floor!r}")
-    if allocation in ("solver", "search"):
+    if allocation in ("solver", "search", "genetic"):
         from .allocation import allocate, keep_top, search_widths
 
         model = cost_model(graph, budget_kind, latency)
@@ -164,6 +165,11 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
         if allocation == "search":
             widths, _ = search_widths(graph, utilities, budget, evaluate, budget_kind, seed=seed, progress=progress,
                                       cost_model=model, **grid)
+        elif allocation == "genetic":
+            from .genetic import genetic_widths
+
+            widths, _ = genetic_widths(graph, utilities, budget, evaluate, budget_kind, seed=seed, progress=progress,
+                                       cost_model=model, **grid)
         else:
             widths = allocate(graph, utilities, budget, budget_kind, "solver", cost_model=model, **grid)
         keep = keep_top(utilities, widths)
