@@ -7,7 +7,8 @@
   VGG-BN; ResNet-20 is held out). The default recipe is a claim that this comparison validated it: when another
   candidate wins, the harness says so and runs no GPP row until `recipes` is changed (`default_check`).
 - **The ablation** (the full mode: VGG-BN at 10% of the parameters and of the FLOPs): width allocation x push x
-  learning-rate schedule, each the loop with those fields changed; validation and test accuracy recorded, nothing chosen.
+  learning-rate schedule, each the loop with those fields changed; validation and test accuracy recorded, nothing
+  chosen.
 
 Every trial is recorded in `<out>-choices.json` with its test accuracy, which is never used to choose. A GPP
 trial whose loop configuration an earlier trial at the same place already ran (a candidate and an ablation
@@ -63,8 +64,8 @@ class Trials:
         """The trial `what: setting` of `method` with `knobs` at `place = (model, kind, budget, seed)`:
         recorded if new (or made under other settings, then replaced), else read back."""
         model, kind, budget, seed = place
-        variant = methods.loop_overrides(method)
-        config = protocol.config_of({**variant, **knobs}) if variant is not None else None
+        settings = methods.loop_settings(method, knobs)
+        config = protocol.config_of(settings) if settings is not None else None
         key = (model, what, setting, kind, budget, seed)
         for entry in self.choices:
             if _key(entry) == key and self._current(entry, config):
@@ -132,11 +133,11 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
     args = trials.args
     chosen = {}
     for family, regs in methods.SWEEPS.items():
-        method = family if family == "slimming" else f"{family}:global"
+        method = family if family in ("slimming", "hgs") else f"{family}:global"
         if method not in args.available or not any(m.startswith(family) for m in args.methods_of[model]):
             continue
-        if family != "torch_pruning:group_norm_sl" and not protocol.has_bn(context[1]):
-            continue
+        if family in ("slimming", "torch_pruning:bn_scale_sl") and not protocol.has_bn(context[1]):
+            continue  # BatchNorm-scale methods need BatchNorm
         entries = [trials.run(f"{family} reg", f"reg={reg:g}", method, {"reg": reg}, (model, kind, budget, seed),
                               context)
                    for reg in (values or regs) for kind, budget in budgets]

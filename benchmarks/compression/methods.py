@@ -56,7 +56,8 @@ GPP = ("gpp", "gpp-fade", "gpp-nopush")
 LOOP_RECIPES = {"group_fisher": "group-fisher", "hgs": "hgs", "genetic": "genetic"}
 FIXED = GPP + ("slimming", "hesso_style")
 # regularisation strengths tried on validation (seed 0, one budget per model) for the sparse-training methods
-SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
+# (hgs's is the loop's `sparsity`, the weight of its hierarchical group lasso)
+SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "hgs": (1e-5, 1e-4, 1e-3), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
           "torch_pruning:group_norm_sl": (1e-5, 1e-4, 1e-3)}
 
 
@@ -106,6 +107,15 @@ def loop_overrides(method: str) -> dict | None:
     if method == "gpp-nopush":
         return dict(push="none", push_share=0.0)
     return None
+
+
+def loop_settings(method: str, knobs: dict) -> dict | None:
+    """The `LoopConfig` overrides a loop method runs with `knobs` (a sweep's `reg` is the loop's `sparsity`), or
+    None for a method that is not the loop."""
+    base = loop_overrides(method)
+    if base is None:
+        return None
+    return {**base, **{("sparsity" if k == "reg" else k): v for k, v in knobs.items()}}
 
 
 def sweep_key(method: str) -> str | None:

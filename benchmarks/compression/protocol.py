@@ -39,7 +39,8 @@ HARNESS_VERSION = 4
 THRESHOLDS = {"lenet5": 0.900, "vgg": 0.930, "resnet20": 0.925}
 BASE_LR = 2e-3                                   # the bases' training: AdamW, cosine schedule
 
-_ALL = ("gpp", "group_fisher", "hgs", "genetic", "slimming", "l1", "taylor", "random", "hesso_style", "torch_pruning:magnitude:local",
+_ALL = ("gpp", "group_fisher", "hgs", "genetic", "slimming", "l1", "taylor", "random", "hesso_style",
+        "torch_pruning:magnitude:local",
         "torch_pruning:magnitude:global", "torch_pruning:bn_scale_sl:local", "torch_pruning:bn_scale_sl:global",
         "torch_pruning:group_norm_sl:local", "torch_pruning:group_norm_sl:global")
 # ResNet-20 joins with the methods the issue that added it named
@@ -190,9 +191,9 @@ def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str, ke
     extra loop overrides, for candidates and the ablation). `keep`: keep the compact model for the latency
     pass (a record's run; a validation trial keeps none, so it never overwrites the model of the record with
     the same method and budget)."""
-    variant = methods.loop_overrides(method)
-    if variant is not None:
-        m, compact = measure_loop(base, setup, {**variant, **setup.knobs})
+    settings = methods.loop_settings(method, setup.knobs)
+    if settings is not None:
+        m, compact = measure_loop(base, setup, settings)
     else:
         m, compact = measure_cut(method, base, setup, cache, stem)
     if keep:

@@ -28,10 +28,10 @@ def knobs_for(method: str, chosen: dict) -> dict:
 
 
 def _stale(record: dict, chosen: dict) -> bool:
-    variant = methods.loop_overrides(record["method"])
+    settings = methods.loop_settings(record["method"], record.get("knobs", {}))
     return (record.get("knobs", {}) != knobs_for(record["method"], chosen)
             or record.get("train") != protocol.train_recipe()
-            or (variant is not None and not protocol.same_config(record.get("config"), protocol.config_of(variant))))
+            or (settings is not None and not protocol.same_config(record.get("config"), protocol.config_of(settings))))
 
 
 class Contexts:
