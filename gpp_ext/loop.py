@@ -45,6 +45,7 @@ from . import distributed as gdist
 from . import io
 from .cost import count_flops, count_params
 from . import pushes
+from .pushes import stage_epochs
 from .fade import FADE_SCHEDULES
 from .grow import grow
 from .latency import RUNTIMES, model_cost, table_for as latency_table
@@ -208,15 +209,6 @@ class LoopConfig:
                              f"{self.distill!r}, {self.finetune_distill!r}, {self.temperature!r}")
         if (self.epoch_budget is not None and self.epoch_budget < 0) or not 0 <= self.push_share <= 1:
             raise ValueError("LoopConfig: epoch_budget must be >= 0 and push_share in [0, 1]")
-
-
-def stage_epochs(config: LoopConfig) -> tuple:
-    """`(push epochs, fine-tuning epochs)` of one iteration: from `epoch_budget` when it is set (split evenly
-    over `max_iterations`, `push_share` of each to the push), else `push_epochs` and `finetune_epochs`."""
-    if config.epoch_budget is None:
-        return config.push_epochs, config.finetune_epochs
-    per = config.epoch_budget / config.max_iterations
-    return per * config.push_share, per * (1 - config.push_share)
 
 
 def stage_goal(config: LoopConfig, iteration: float) -> float:

@@ -55,6 +55,15 @@ class PushContext:
         return model_cost(model, self.config.budget_kind, self.example, table_for(self.config))
 
 
+def stage_epochs(config) -> tuple:
+    """`(push epochs, fine-tuning epochs)` of one iteration: from `epoch_budget` when it is set (split evenly
+    over `max_iterations`, `push_share` of each to the push), else `push_epochs` and `finetune_epochs`."""
+    if config.epoch_budget is None:
+        return config.push_epochs, config.finetune_epochs
+    per = config.epoch_budget / config.max_iterations
+    return per * config.push_share, per * (1 - config.push_share)
+
+
 def register(name: str, summary: str, check=None):
     """Registers a push handler under `name`; `check(config)` (optional) raises `ValueError` for settings it
     cannot run with. Returns the decorator."""
@@ -147,8 +156,6 @@ def _fade(ctx: PushContext):
 
 def _needs_training(name: str):
     def check(config) -> None:
-        from .loop import stage_epochs
-
         if config.schedule != "budget" or config.cuts != 1:
             raise ValueError(f"LoopConfig: push={name!r} prepares the iteration's cut, so it needs schedule='budget' "
                              f"and cuts=1")
