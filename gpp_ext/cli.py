@@ -116,7 +116,8 @@ CONFIG_HELP = {
     "fade_end": "--push fade: the share of each push at which the removal set reaches zero; below 1 the rest of the "
                 "push trains the kept channels alone",
     "distill": "weight of distillation from the model as it was before each push (0: off)",
-    "sparsity": "--push hgs: the weight of the hierarchical group-sparse penalty",
+    "sparsity": "--push hgs, sss, sss_blocks: the weight of the hierarchical group-sparse penalty, or of the L1 "
+                "penalty on the structures' scales",
     "finetune_distill": "weight of distillation from the base model in every fine-tuning (0: off; --temperature)",
     "seed": "seeds the initial weights, the batch order and every randomised step",
     "final_finetune": "the last fine-tuning's data: train, or train+val (more data for the model you ship; its "

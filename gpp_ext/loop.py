@@ -112,7 +112,7 @@ class LoopConfig:
     fade_fixed_widths: bool = True   # push "fade": the first selection's widths stay (later ones pick channels)
     distill: float = 0.0             # weight of distillation from the model as it was before the push
     finetune_distill: float = 0.0    # weight of distillation from the base model in every fine-tuning
-    sparsity: float = 1e-4           # weight of a push method's sparsity penalty (push "hgs")
+    sparsity: float = 1e-4           # weight of a push method's sparsity penalty (pushes "hgs", "sss")
     temperature: float = 4.0
     alpha: float = 0.3               # push weights (docs/design.md §2.8: push strength needs tuning; mild defaults)
     beta: float = 0.3

@@ -200,3 +200,33 @@ def _hgs(ctx: PushContext):
     graph = ChannelGraph(ctx.model, ctx.example, ignore=tuple(c.ignore))
     return fit(ctx.model, ctx.splits.train, ctx.epochs, penalty=hierarchical_penalty(graph, c.sparsity),
                **ctx.fit_kwargs), None
+
+
+def _sss_push(ctx: PushContext, channels: bool):
+    from .models.sources import spec_of
+    from .pruning.sss import SparseStructureSelection
+    from .training import fit
+
+    c = ctx.config
+    sss = SparseStructureSelection(ctx.model, c.sparsity, c.lr_schedule, c.warmup, channels=channels)
+    try:
+        model = fit(ctx.model, ctx.splits.train, ctx.epochs, after_backward=sss.after_backward,
+                    after_step=sss.after_step, **ctx.fit_kwargs)
+    finally:
+        # a model rebuilt by a factory of its unpruned architecture could not load without its blocks: there the
+        # zero blocks stay (computing the identity); a built-in model's spec describes the shallower network
+        sss.finish(delete=bool(spec_of(ctx.model)))
+    return model, None
+
+
+@register("sss", "sparse structure selection: scales on residual blocks and channels (BatchNorm weights) trained "
+          "to exact zeros by the modified accelerated proximal gradient (--sparsity); zero blocks are removed",
+          check=_needs_training("sss"))
+def _sss(ctx: PushContext):
+    return _sss_push(ctx, channels=True)
+
+
+@register("sss_blocks", "sparse structure selection of whole residual blocks only (--sparsity): zero blocks are "
+          "removed, the prune stage then selects channels with the criterion", check=_needs_training("sss_blocks"))
+def _sss_blocks(ctx: PushContext):
+    return _sss_push(ctx, channels=False)

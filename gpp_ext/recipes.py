@@ -31,6 +31,12 @@ RECIPES = {
     # hierarchical group-sparse regularisation (Mitsuno & Kurita 2020): a third of the epochs training with the
     # nested group lasso, then channels kept by the loss their removal adds, at the default's widths
     "hgs": dict(push="hgs", push_epochs=1, finetune_epochs=2, push_share=1 / 3, criterion="loss_increase"),
+    # sparse structure selection (Huang & Wang 2018): a third of the epochs training block and channel scales to
+    # exact zeros by the modified accelerated proximal gradient (zero blocks removed), then the channels of
+    # smallest BatchNorm scale cut at the default's widths
+    "sss": dict(push="sss", push_epochs=1, finetune_epochs=2, push_share=1 / 3, criterion="bn_scale"),
+    # the same selection of whole residual blocks only, then the default's discriminant cut of channels
+    "sss-blocks": dict(push="sss_blocks", push_epochs=1, finetune_epochs=2, push_share=1 / 3),
     # a genetic channel search with distillation: the widths by a genetic search guided by per-layer sensitivity
     # (candidates scored after BatchNorm recalibration, finalists after a short fine-tune), the channels inside
     # them by L1 norm, then the fine-tune distils from the unpruned model
@@ -52,6 +58,8 @@ DESCRIPTIONS = {
     "gpp-fade": "the default's widths and criterion, the removal set faded to zero before a lossless cut",
     "group-fisher": "Group Fisher: channels of least Fisher information per cost removed while training, then cut",
     "hgs": "hierarchical group-sparse training, then the channels whose removal raises the loss most are kept",
+    "sss": "sparse structure selection: block and channel scales trained to zero (APG), zero blocks removed",
+    "sss-blocks": "whole residual blocks selected by their scales (APG, zero blocks removed), then GPP's cut",
     "genetic": "a genetic search over the widths (L1 channels inside them), fine-tuned with distillation",
     "fade": "the fading push (lossless cut) with the knobs the committed benchmark chose for VGG-BN",
     "v1": "push terms, then a threshold raised every iteration, at a constant learning rate",

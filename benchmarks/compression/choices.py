@@ -133,8 +133,8 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
     args = trials.args
     chosen = {}
     for family, regs in methods.SWEEPS.items():
-        method = family if family in ("slimming", "hgs") else f"{family}:global"
-        if method not in args.available or not any(m.startswith(family) for m in args.methods_of[model]):
+        method = family if family in ("slimming", "hgs", "sss", "sss_blocks") else f"{family}:global"
+        if method not in args.available or not any(methods.sweep_key(m) == family for m in args.methods_of[model]):
             continue
         if family in ("slimming", "torch_pruning:bn_scale_sl") and not protocol.has_bn(context[1]):
             continue  # BatchNorm-scale methods need BatchNorm

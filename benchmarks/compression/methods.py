@@ -17,7 +17,8 @@ after its cut (BatchNorm not yet recalibrated), and the training epochs it spent
   recipe (channels of least mask Fisher information per cost saved removed while training, then the cut);
   `hgs`: hierarchical group-sparse training then loss-increase selection (Mitsuno & Kurita 2020), the loop
   with the `hgs` recipe; `genetic`: a genetic channel search with distillation, the loop with the `genetic`
-  recipe.
+  recipe; `sss`, `sss_blocks`: sparse structure selection (Huang & Wang 2018) of blocks and channels, or of
+  whole residual blocks, the loop with the `sss` or `sss-blocks` recipe.
 - `hesso_style`: our implementation of a HESSO-style peer (a removal set that fades to zero, chosen by OTO's
   default saliency and ranked globally without per-layer normalisation), since `only-train-once` 3.0.1 does not
   import under torch 2.13.
@@ -53,11 +54,14 @@ TP_SPARSE = tuple(f"torch_pruning:{kind}_sl:{scope}" for kind in ("bn_scale", "g
 # none, none where it pushes): `loop_overrides`
 GPP = ("gpp", "gpp-fade", "gpp-nopush")
 # methods that are the loop with a named recipe (the recipe's own settings over the default's)
-LOOP_RECIPES = {"group_fisher": "group-fisher", "hgs": "hgs", "genetic": "genetic"}
+LOOP_RECIPES = {"group_fisher": "group-fisher", "hgs": "hgs", "genetic": "genetic", "sss": "sss",
+                "sss_blocks": "sss-blocks"}
 FIXED = GPP + ("slimming", "hesso_style")
 # regularisation strengths tried on validation (seed 0, one budget per model) for the sparse-training methods
-# (hgs's is the loop's `sparsity`, the weight of its hierarchical group lasso)
-SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "hgs": (1e-5, 1e-4, 1e-3), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
+# (for hgs, sss and sss_blocks it is the loop's `sparsity`: the weight of the hierarchical group lasso, or of the
+# L1 penalty on the structures' scales, whose proximal steps of 0.1 x lr-factor need larger weights to reach 0)
+SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "hgs": (1e-5, 1e-4, 1e-3), "sss": (3e-3, 1e-2, 3e-2),
+          "sss_blocks": (3e-3, 1e-2, 3e-2), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
           "torch_pruning:group_norm_sl": (1e-5, 1e-4, 1e-3)}
 
 

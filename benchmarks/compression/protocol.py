@@ -39,12 +39,12 @@ HARNESS_VERSION = 4
 THRESHOLDS = {"lenet5": 0.900, "vgg": 0.930, "resnet20": 0.925}
 BASE_LR = 2e-3                                   # the bases' training: AdamW, cosine schedule
 
-_ALL = ("gpp", "group_fisher", "hgs", "genetic", "slimming", "l1", "taylor", "random", "hesso_style",
+_ALL = ("gpp", "group_fisher", "hgs", "genetic", "sss", "slimming", "l1", "taylor", "random", "hesso_style",
         "torch_pruning:magnitude:local",
         "torch_pruning:magnitude:global", "torch_pruning:bn_scale_sl:local", "torch_pruning:bn_scale_sl:global",
         "torch_pruning:group_norm_sl:local", "torch_pruning:group_norm_sl:global")
 # ResNet-20 joins with the methods the issue that added it named
-_RESNET = ("gpp", "random", "torch_pruning:magnitude:local", "torch_pruning:magnitude:global",
+_RESNET = ("gpp", "sss_blocks", "random", "torch_pruning:magnitude:local", "torch_pruning:magnitude:global",
            "torch_pruning:group_norm_sl:local", "torch_pruning:group_norm_sl:global")
 
 # models, seeds, budgets per model [(kind, fraction)], where the validation choices are made per model, base

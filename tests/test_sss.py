@@ -1,0 +1,125 @@
+"""Sparse Structure Selection with block removal (Huang & Wang 2018): a residual block whose scale is 0 is removed
+without changing any output (ResNet-20; torchvision's ResNet-18 where torchvision imports), the scales leave no
+trace in the saved model, the modified APG drives scales to exact zeros, and the recipes run end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpp_ext import data, io, models, recipes
+from gpp_ext.pruning.blocks import BlockScales, remove_blocks, residual_blocks
+from gpp_ext.pruning.sss import SparseStructureSelection
+from gpp_ext.training import fit
+
+
+def _resnet():
+    torch.manual_seed(0)
+    model = models.build("resnet20", in_channels=1, num_classes=10, widths=(8, 16, 16))
+    # BatchNorm statistics and affine parameters away from their defaults, so a wrong fold would show
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_only_identity_shortcut_blocks_are_removable():
+    model = _resnet()
+    removable = [n for n, _ in residual_blocks(model)]
+    every = [n for n, _ in residual_blocks(model, removable_only=False)]
+    assert len(every) == 9 and removable == [n for n in every if not n.endswith(".0") or n == "stages.0.0"]
+    with pytest.raises(ValueError, match="not removable"):
+        remove_blocks(model, ["stages.1.0"])
+
+
+@pytest.mark.parametrize("zeros, gone", [
+    (["stages.0.1"], ["stages.0.1"]),
+    (["stages.0.0", "stages.1.2", "stages.2.1", "stages.2.2"],
+     ["stages.0.0", "stages.1.2", "stages.2.1", "stages.2.2"]),
+    # a stage whose every block is at zero keeps its first (which then computes the identity)
+    (["stages.0.0", "stages.0.1", "stages.0.2"], ["stages.0.1", "stages.0.2"]),
+])
+def test_a_block_at_zero_is_removed_without_changing_an_output(zeros, gone, tmp_path):
+    model = _resnet()
+    x = torch.randn(6, 1, 12, 12)
+    scales = BlockScales(model)
+    with torch.no_grad():
+        for name, block in scales.blocks:
+            block.block_scale.fill_(0.0 if name in zeros else 0.7)
+        expected = model(x)
+    removed = scales.finish()
+    assert sorted(removed) == gone
+    assert not any("block_scale" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
+    # an ordinary model again: saved and rebuilt from its spec, it computes the same
+    io.save(model, tmp_path / "m.pt")
+    again = io.load(tmp_path / "m.pt").eval()
+    assert sum(1 for _ in residual_blocks(again, removable_only=False)) == 9 - len(removed)
+    with torch.no_grad():
+        assert torch.allclose(again(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_torchvision_resnet_blocks_at_zero_are_removed_exactly():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    scales = BlockScales(model)
+    assert [n for n, _ in scales.blocks] == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    with torch.no_grad():
+        for name, block in scales.blocks:
+            block.block_scale.fill_(0.0 if name in ("layer1.1", "layer3.1") else 1.0)
+        expected = model(x)
+    assert sorted(scales.finish()) == ["layer1.1", "layer3.1"]
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(model.layer1) == 1 and len(model.layer3) == 1
+
+
+def test_the_modified_apg_drives_scales_to_zero_and_zero_blocks_go_exactly():
+    splits = data.load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = models.build("resnet20", in_channels=1, num_classes=10, widths=(8, 16, 16))
+    sss = SparseStructureSelection(model, lam=1.0, schedule="constant")
+    assert len(sss.blocks.blocks) == 7
+    start = sss.blocks.scales()
+    fit(model, splits.train, 3, lr=4e-3, seed=0, after_backward=sss.after_backward, after_step=sss.after_step)
+    shrunk = sss.blocks.scales()
+    assert all(abs(shrunk[n]) < abs(start[n]) for n in start)  # the L1 proximal steps shrink every scale
+    assert sss.finish(delete=False) == []  # thresholded and folded, nothing deleted yet
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert sum(int((m.weight == 0).sum()) for m in norms) > 0  # exact zeros, not small numbers
+    zero = [n for n, b in residual_blocks(model) if not b.bn2.weight.any() and not b.bn2.bias.any()]
+    assert zero, "no block reached zero"
+    model.eval()
+    x = torch.stack([splits.val[i][0] for i in range(16)])
+    with torch.no_grad():
+        expected = model(x)
+    remove_blocks(model, zero)
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="lam"):
+        SparseStructureSelection(model, lam=-1.0)
+
+
+@pytest.mark.parametrize("push", ["sss", "sss_blocks"])
+def test_the_sss_pushes_run_from_the_command_line(push, tmp_path):
+    assert recipes.build("sss").push == "sss"
+    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "sss", "--push", push,
+                          "--model", "resnet20", "--model-args", '{"widths": [8, 16, 16]}', "--data", "digits",
+                          "--epochs", "1", "--push-epochs", "0.5", "--finetune-epochs", "0.3", "--sparsity", "0.3",
+                          "--target-params", "0.4", "--quiet", "--threads", "1", "--no-onnx-latency",
+                          "--out", str(tmp_path / push)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / push / "report.json").read_text())
+    assert report["config"]["push"] == push and report["target_reached"]
+    compact = io.load(tmp_path / push / "model.pt")
+    assert sum(p.numel() for p in compact.parameters()) <= 0.4 * report["base"]["params"]
