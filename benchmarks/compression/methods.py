@@ -138,10 +138,13 @@ def known(tp_available: bool) -> list:
 
 def prep_key(method: str, setup: Setup) -> str | None:
     """A name for a method's preparation when it does not depend on the budget (sparse training), so that it is
-    trained once per seed and regularisation strength and shared; None otherwise."""
+    trained once per seed and regularisation strength and shared; None otherwise. The name carries the training
+    recipe, so a preparation cached under another recipe is never reused."""
     if method == "slimming" or method in TP_SPARSE:
         family = sweep_key(method)
-        return f"{family.replace(':', '_')}-reg{setup.knobs.get('reg', 1e-4):g}-prep{setup.prep_epochs:g}"
+        t = setup.train
+        recipe = f"{t['optimizer']}-{t['lr_schedule']}-lr{t['lr']:g}-wd{t['weight_decay']:g}-b{t['batch_size']}"
+        return f"{family.replace(':', '_')}-reg{setup.knobs.get('reg', 1e-4):g}-prep{setup.prep_epochs:g}-{recipe}"
     return None
 
 
