@@ -4,11 +4,12 @@
     until the size target is reached or validation accuracy falls below the floor.
 
 An iteration is built from two functions that the benchmarks call too, so that what is benchmarked is what
-users run: `push_stage` and `prune_stage`. The push is `push="loss"` (v1: the `PushLoss` terms on the
-pre-decision features), `push="fade"` (v2, docs/design.md §2.6: the removal set of the coming cut, chosen by
-the criterion, fades to exactly zero while the push terms act on the kept features and, optionally, the model
-distils from itself as it was before the push; the cut then removes only zeros) or `push="none"` (plain
-cross-entropy). The prune stage cuts by a threshold `eta` raised every iteration, or with `schedule="budget"`
+users run: `push_stage` and `prune_stage`. The push is a registered method (`gpp_ext.pushes`): the default
+`push="fade"` (v2, docs/design.md §2.6: the removal set of the coming cut, chosen by the criterion, fades to
+exactly zero while any push terms act on the kept features and, optionally, the model distils from itself as it
+was before the push; the cut then removes only zeros), `push="loss"` (v1: the `PushLoss` terms on the
+pre-decision features), `push="none"` (plain cross-entropy) or a peer's. The prune stage cuts by a threshold
+`eta` raised every iteration, or with `schedule="budget"`
 toward `target ** (i / max_iterations)` of the base cost (parameters or FLOPs) at iteration `i`. With
 `epoch_budget` the user sets the training after the base once: it is split evenly over the iterations,
 `push_share` of each for the push and the rest for fine-tuning.
@@ -57,7 +58,7 @@ from .models.sources import build_source, is_code_source, spec_of
 from .run_folder import RunFolder, run_identity
 
 __all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal",
-           "train_kwargs"]
+           "train_kwargs", "run_settings"]
 
 SCHEDULES = ("eta", "budget")
 FINAL_FINETUNE = ("train", "train+val")
@@ -76,10 +77,10 @@ class LoopConfig:
     """Knobs of the loop. Budgets are fractions of the base model; accuracies are fractions in [0, 1]."""
 
     epochs: int = 5                  # initial training
-    push_epochs: float = 0           # per iteration (fractions allowed)
-    finetune_epochs: float = 3       # per iteration
+    push_epochs: float = 1           # per iteration (fractions allowed)
+    finetune_epochs: float = 2       # per iteration
     epoch_budget: float | None = None  # if set: all training after the base, split over the iterations
-    push_share: float = 0.0          # with epoch_budget: the push's share of each iteration
+    push_share: float = 1 / 3        # with epoch_budget: the push's share of each iteration
     batch_size: int = 128
     lr: float = 4e-3                 # the peak of every phase's schedule
     weight_decay: float = 1e-4
@@ -105,18 +106,18 @@ class LoopConfig:
                                      # (the solver calibrated on data), "global" threshold, "uniform" fraction
     floor: float = 0.05              # schedule "budget": every group keeps at least this share of its channels
     normalize: str = "mean"          # utilities divided by their layer's mean ("mean") or as they are ("none")
-    push: str = "none"               # a registered push method (gpp_ext.pushes): "none", "loss", "fade"
+    push: str = "fade"               # a registered push method (gpp_ext.pushes): "fade", "none", "loss", ...
     fade_reselect: int = 4           # push "fade": selections of the removal set during the push
-    fade_schedule: str = "cosine"    # push "fade": "cosine" or "linear"
-    fade_end: float = 1.0            # push "fade": share of the push at which the set reaches zero
+    fade_schedule: str = "linear"    # push "fade": "linear" or "cosine"
+    fade_end: float = 0.5            # push "fade": share of the push at which the set reaches zero
     fade_fixed_widths: bool = True   # push "fade": the first selection's widths stay (later ones pick channels)
     distill: float = 0.0             # weight of distillation from the model as it was before the push
     finetune_distill: float = 0.0    # weight of distillation from the base model in every fine-tuning
     sparsity: float = 1e-4           # weight of a push method's sparsity penalty (pushes "hgs", "sss")
     temperature: float = 4.0
-    alpha: float = 0.3               # push weights (docs/design.md §2.8: push strength needs tuning; mild defaults)
-    beta: float = 0.3
-    gamma: float = 0.05
+    alpha: float = 0.0               # push-term weights (pushes "loss", "fade"; docs/design.md §2.8): off by
+    beta: float = 0.0                # default (the validated recipe); recipe v1 uses 0.3, 0.3, 0.05
+    gamma: float = 0.0
     separation: str = "fisher"
     criterion: str = "lda"
     neurons: float = 0.75            # pre-decision neurons kept for tracing
@@ -209,6 +210,17 @@ class LoopConfig:
                              f"{self.distill!r}, {self.finetune_distill!r}, {self.temperature!r}")
         if (self.epoch_budget is not None and self.epoch_budget < 0) or not 0 <= self.push_share <= 1:
             raise ValueError("LoopConfig: epoch_budget must be >= 0 and push_share in [0, 1]")
+
+
+def run_settings(settings) -> dict:
+    """The settings a run of `settings` (a `LoopConfig`, or one as a dict, e.g. a recorded one) reads: all but
+    the push settings its push method never reads (`pushes.reads`), the per-iteration epochs `epoch_budget`
+    replaces (or `push_share` without it) and `ignore`. Two configurations with equal run settings run the same
+    loop."""
+    d = asdict(settings) if isinstance(settings, LoopConfig) else dict(settings)
+    unread = set(pushes.PUSH_SETTINGS) - set(pushes.reads(d.get("push", "none")))
+    unread |= {"push_epochs", "finetune_epochs"} if d.get("epoch_budget") is not None else {"push_share"}
+    return {k: v for k, v in d.items() if k not in unread and k != "ignore"}
 
 
 def stage_goal(config: LoopConfig, iteration: float) -> float:

@@ -9,10 +9,14 @@ goal and the `fit` arguments every phase shares: learning rate, schedule, optimi
 returns the trained model and, when it prepared the coming cut itself, the keep-set `{group: kept indices}` the
 cut must take (else None: the prune stage selects). Registered here:
 
+- `fade` (the default): the removal set of the coming cut, chosen by the criterion at the allocation's widths,
+  fades to exactly zero while the rest trains, so the cut is lossless (`RemovalFade`); needs `schedule="budget"`;
 - `none`: plain cross-entropy (with distillation when the config asks);
 - `loss`: the push terms on the pre-decision features (`PushLoss`: alpha, beta, gamma);
-- `fade`: the removal set of the coming cut, chosen by the criterion at the allocation's widths, fades to
-  exactly zero while the rest trains, so the cut is lossless (`RemovalFade`); needs `schedule="budget"`.
+- the peers' `group_fisher`, `hgs`, `sss`, `sss_blocks`.
+
+A handler that reads any of `PUSH_SETTINGS` (the push terms, the fade's knobs, `sparsity`) names them in
+`register(reads=...)`; the others do not shape its run (`loop.run_settings`).
 
 The CLI's choices, `LoopConfig.validate` and the benchmark read this registry, so a new push method is one
 function in one file.
@@ -26,9 +30,14 @@ import torch
 import torch.nn as nn
 
 
-__all__ = ["PushContext", "register", "names", "describe", "get", "check"]
+__all__ = ["PushContext", "register", "names", "describe", "get", "check", "PUSH_SETTINGS", "reads"]
 
 _REGISTRY: dict = {}
+# The `LoopConfig` settings only some push methods read: each method names those it reads (`register(reads=)`),
+# so a configuration's unread ones can be told apart from the ones that shape its run (`loop.run_settings`).
+PUSH_SETTINGS = ("alpha", "beta", "gamma", "separation", "fade_reselect", "fade_schedule", "fade_end",
+                 "fade_fixed_widths", "sparsity")
+_PUSH_TERMS = ("alpha", "beta", "gamma", "separation")
 
 
 @dataclass
@@ -64,14 +73,17 @@ def stage_epochs(config) -> tuple:
     return per * config.push_share, per * (1 - config.push_share)
 
 
-def register(name: str, summary: str, check=None):
+def register(name: str, summary: str, check=None, reads: tuple = ()):
     """Registers a push handler under `name`; `check(config)` (optional) raises `ValueError` for settings it
-    cannot run with. Returns the decorator."""
+    cannot run with; `reads` names the `PUSH_SETTINGS` the handler reads. Returns the decorator."""
     if not isinstance(name, str) or not name or name in _REGISTRY:
         raise ValueError(f"pushes.register: name must be a new non-empty string, got {name!r}")
+    unknown = sorted(set(reads) - set(PUSH_SETTINGS))
+    if unknown:
+        raise ValueError(f"pushes.register({name!r}): reads names settings outside PUSH_SETTINGS: {unknown}")
 
     def decorate(handler):
-        _REGISTRY[name] = (handler, summary, check)
+        _REGISTRY[name] = (handler, summary, check, tuple(reads))
         return handler
     return decorate
 
@@ -81,7 +93,13 @@ def names() -> tuple:
 
 
 def describe() -> dict:
-    return {name: summary for name, (_, summary, _) in _REGISTRY.items()}
+    return {name: entry[1] for name, entry in _REGISTRY.items()}
+
+
+def reads(name: str) -> tuple:
+    """The `PUSH_SETTINGS` push method `name` reads."""
+    get(name)
+    return _REGISTRY[name][3]
 
 
 def get(name: str):
@@ -112,7 +130,14 @@ def _none(ctx: PushContext):
     return fit(ctx.model, ctx.splits.train, ctx.epochs, **ctx.fit_kwargs), None
 
 
-@register("loss", "the push terms (alpha, beta, gamma) on the pre-decision features, then the prune stage selects")
+def _loss_check(config) -> None:
+    if max(config.alpha, config.beta, config.gamma) <= 0:
+        raise ValueError("LoopConfig: push='loss' trains with the push terms, but alpha, beta and gamma are all 0 "
+                         "(plain training: push='none'); set them (recipe v1: alpha=0.3, beta=0.3, gamma=0.05)")
+
+
+@register("loss", "the push terms (alpha, beta, gamma) on the pre-decision features, then the prune stage selects",
+          check=_loss_check, reads=_PUSH_TERMS)
 def _loss(ctx: PushContext):
     from .training import fit
 
@@ -126,7 +151,7 @@ def _fade_check(config) -> None:
 
 
 @register("fade", "the coming cut's removal set fades to exactly zero while the rest trains: a lossless cut",
-          check=_fade_check)
+          check=_fade_check, reads=_PUSH_TERMS + ("fade_reselect", "fade_schedule", "fade_end", "fade_fixed_widths"))
 def _fade(ctx: PushContext):
     from .fade import RemovalFade
     from .latency import table_for as latency_table
@@ -190,7 +215,8 @@ def _group_fisher(ctx: PushContext):
 
 
 @register("hgs", "hierarchical group-sparse training: a group lasso over each channel's neuron, its filters and "
-          "the columns that read it (weight --sparsity); the prune stage then selects with the criterion")
+          "the columns that read it (weight --sparsity); the prune stage then selects with the criterion",
+          reads=("sparsity",))
 def _hgs(ctx: PushContext):
     from .pruning import ChannelGraph
     from .pruning.hgs import hierarchical_penalty
@@ -221,12 +247,13 @@ def _sss_push(ctx: PushContext, channels: bool):
 
 @register("sss", "sparse structure selection: scales on residual blocks and channels (BatchNorm weights) trained "
           "to exact zeros by the modified accelerated proximal gradient (--sparsity); zero blocks are removed",
-          check=_needs_training("sss"))
+          check=_needs_training("sss"), reads=("sparsity",))
 def _sss(ctx: PushContext):
     return _sss_push(ctx, channels=True)
 
 
 @register("sss_blocks", "sparse structure selection of whole residual blocks only (--sparsity): zero blocks are "
-          "removed, the prune stage then selects channels with the criterion", check=_needs_training("sss_blocks"))
+          "removed, the prune stage then selects channels with the criterion", check=_needs_training("sss_blocks"),
+          reads=("sparsity",))
 def _sss_blocks(ctx: PushContext):
     return _sss_push(ctx, channels=False)

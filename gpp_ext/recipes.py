@@ -17,13 +17,13 @@ from .loop import LoopConfig
 __all__ = ["RECIPES", "DESCRIPTIONS", "build", "names"]
 
 RECIPES = {
-    # LoopConfig's defaults: one iteration, a plain discriminant cut (traced LDA utility) at the solver's
-    # cost-aware widths, then fine-tuning; every phase AdamW with a one-cycle schedule
+    # LoopConfig's defaults: one iteration at the solver's cost-aware widths; a third of the epochs pushing while
+    # the removal set the criterion (traced LDA utility) picks fades linearly to zero half-way, then the
+    # lossless cut and the fine-tune; every phase AdamW with a one-cycle schedule
     "gpp": {},
-    # the default with a fading push: a third of the epochs push while the removal set the criterion picks (at
-    # the solver's widths, fixed) fades linearly to zero half-way, then the lossless cut and the fine-tune
-    "gpp-fade": dict(push="fade", push_epochs=1, finetune_epochs=2, push_share=1 / 3, fade_schedule="linear",
-                     fade_end=0.5, alpha=0.0, beta=0.0, gamma=0.0),
+    # the default's widths and criterion cut at once, every epoch fine-tuning (the default until the benchmark's
+    # validation chose the fade)
+    "gpp-cut": dict(push="none", push_epochs=0, finetune_epochs=3, push_share=0.0),
     # Group Fisher (Liu et al. 2021): a third of the epochs training while the channels of least mask Fisher
     # information per cost saved are removed a few at a time (within the first half of it), then the lossless
     # cut and the fine-tune; the default's floor and training
@@ -40,7 +40,8 @@ RECIPES = {
     # a genetic channel search with distillation: the widths by a genetic search guided by per-layer sensitivity
     # (candidates scored after BatchNorm recalibration, finalists after a short fine-tune), the channels inside
     # them by L1 norm, then the fine-tune distils from the unpruned model
-    "genetic": dict(allocation="genetic", criterion="l1", finetune_distill=0.5),
+    "genetic": dict(allocation="genetic", criterion="l1", finetune_distill=0.5, push="none", push_epochs=0,
+                    finetune_epochs=3, push_share=0.0),
     # the fading push of the committed benchmark (harness 3), its training as the loop ran it then: one
     # iteration, a third of the epochs pushing while the removal set fades to zero half-way (VGG-BN's choice;
     # LeNet-5's was 1.0), no push terms, utilities compared as they are, widths chosen afresh at each selection
@@ -51,11 +52,11 @@ RECIPES = {
     # the first method: push terms, then prunes below a threshold raised every iteration, constant learning rate
     "v1": dict(schedule="eta", push="loss", max_iterations=8, push_epochs=1, finetune_epochs=2, push_share=0.5,
                allocation="global", normalize="mean", floor=0.0, lr_schedule="constant", optimizer="adamw",
-               lr=2e-3, weight_decay=1e-4),
+               lr=2e-3, weight_decay=1e-4, alpha=0.3, beta=0.3, gamma=0.05),
 }
 DESCRIPTIONS = {
-    "gpp": "the default: a discriminant cut at cost-aware widths, then a one-cycle fine-tune",
-    "gpp-fade": "the default's widths and criterion, the removal set faded to zero before a lossless cut",
+    "gpp": "the default: the removal set at cost-aware widths faded to zero, a lossless cut, a one-cycle fine-tune",
+    "gpp-cut": "the default's widths and criterion cut at once, then every epoch fine-tuning",
     "group-fisher": "Group Fisher: channels of least Fisher information per cost removed while training, then cut",
     "hgs": "hierarchical group-sparse training, then the channels whose removal raises the loss most are kept",
     "sss": "sparse structure selection: block and channel scales trained to zero (APG), zero blocks removed",

@@ -35,7 +35,7 @@ def test_harness_smoke(harness, tmp_path):
     records = json.loads(out.read_text())
     methods = {r["method"] for r in records}
     assert set(harness.default_methods(harness.MODES["smoke"]["methods"]["vgg"], True)) == methods
-    assert {"gpp", "gpp-fade"} <= methods  # the default (no push) and its variant with the fade
+    assert {"gpp", "gpp-nopush"} <= methods  # the default (the fade) and its variant without a push
     for r in records:
         for key in FIELDS:
             assert key in r, key
@@ -51,15 +51,16 @@ def test_harness_smoke(harness, tmp_path):
     # GPP's row is the loop with the default recipe, given only the budget, epochs and seed
     assert gpp["config"]["push"] == recipes.build("gpp").push and gpp["config"]["epochs"] == 0
     assert gpp["config"]["epoch_budget"] == gpp["epochs"] and gpp["target_reached"]
-    fade = next(r for r in records if r["method"] == "gpp-fade")
-    assert fade["config"]["push"] == "fade" and fade["prep_epochs_used"] > 0
+    assert gpp["config"]["push"] == "fade" and gpp["prep_epochs_used"] > 0
+    cut = next(r for r in records if r["method"] == "gpp-nopush")
+    assert cut["config"]["push"] == "none" and cut["prep_epochs_used"] == 0
     one_shot = next(r for r in records if r["method"] == "l1")
     assert one_shot["prep_epochs_used"] == 0 and one_shot["acc_end_of_prep"] == one_shot["base_test_accuracy"]
     choices = json.loads((tmp_path / "compression-choices.json").read_text())
     assert {c["what"] for c in choices} >= {"slimming reg", "gpp recipe", "gpp ablation"}
     assert all(c["commit"] and c["machine"] for c in choices)  # every figure says where it was made
     recipe = [c for c in choices if c["what"] == "gpp recipe"]
-    assert {c["setting"] for c in recipe} == {"gpp", "gpp-fade"}
+    assert {c["setting"] for c in recipe} == {"gpp-cut", "gpp-fade"}
     assert sum(c["chosen"] for c in recipe) == 1
     assert sum(c.get("chosen", False) for c in choices if c["what"] == "slimming reg") == 1
     # every method starts from the same reference and meets its budget
@@ -78,7 +79,7 @@ def test_no_gpp_row_runs_when_another_candidate_beats_the_default(harness, tmp_p
 
     def rigged(method, base, setup, cache, stem, keep=True):
         m = real(method, base, setup, cache, stem, keep)
-        if not keep and setup.knobs == harness.choosing.CANDIDATES["gpp-fade"]:
+        if not keep and setup.knobs == harness.choosing.CANDIDATES["gpp-cut"]:
             m = {**m, "val_accuracy": 1.0}
         return m
 
@@ -86,7 +87,7 @@ def test_no_gpp_row_runs_when_another_candidate_beats_the_default(harness, tmp_p
     code, out = smoke(harness, tmp_path, "--methods", "gpp,gpp-fade,l1")
     assert code == 0
     assert [r["method"] for r in json.loads(out.read_text())] == ["l1"]
-    assert "candidate 'gpp-fade' beats the default recipe" in capsys.readouterr().err
+    assert "candidate 'gpp-cut' beats the default recipe ('gpp-fade')" in capsys.readouterr().err
 
 
 def test_resume_keeps_records_and_runs_only_the_missing(harness, tmp_path):

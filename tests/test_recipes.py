@@ -4,7 +4,7 @@ target says so with its own exit status."""
 import json
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import pytest
 import torch
@@ -58,6 +58,30 @@ def test_recipes_build_validated_configs_and_gpp_is_loopconfigs_defaults():
         recipes.build("gpp", learning_rate=0.1)
     with pytest.raises(ValueError, match="push='fade' .* needs schedule='budget'"):
         recipes.build("v1", push="fade")
+    # the default the benchmark validated pushes with the fade (no push terms); gpp-cut is the cut at once
+    assert (LoopConfig().push, LoopConfig().push_share, LoopConfig().alpha) == ("fade", pytest.approx(1 / 3), 0.0)
+    assert (recipes.build("gpp-cut").push, recipes.build("gpp-cut").push_epochs) == ("none", 0)
+    with pytest.raises(ValueError, match="alpha, beta and gamma are all 0"):
+        recipes.build("v1", alpha=0.0, beta=0.0, gamma=0.0)
+
+
+def test_run_settings_leave_out_what_the_push_never_reads():
+    from gpp_ext.loop import run_settings
+
+    cut = recipes.build("gpp-cut")
+    # the fade's knobs and the push terms are not read by the cut at once: configs differing only there agree
+    assert run_settings(cut) == run_settings(recipes.build("gpp-cut", fade_end=1.0, alpha=0.3))
+    assert run_settings(recipes.build("gpp")) != run_settings(recipes.build("gpp", fade_end=1.0))
+    assert "sparsity" in run_settings(recipes.build("hgs")) and "sparsity" not in run_settings(cut)
+    # with an epoch budget the per-iteration epochs are replaced by the push's share, and the other way round
+    budgeted = run_settings(recipes.build("gpp", epoch_budget=3.0))
+    assert "push_share" in budgeted and "push_epochs" not in budgeted
+    assert "push_share" not in run_settings(cut) and run_settings(cut)["push_epochs"] == 0
+    # a recorded config (a dict) is read the same way
+    assert run_settings(asdict(cut)) == run_settings(cut)
+    with pytest.raises(ValueError, match="outside PUSH_SETTINGS"):
+        pushes.register("test-reads", "reads an unknown setting", reads=("lr",))
+    assert "test-reads" not in pushes.names()
 
 
 def test_a_registered_push_method_runs_in_the_loop():

@@ -3,9 +3,10 @@
 - **The peers' regularisation** (`methods.SWEEPS`): per model and sparse-training family, the strength with the
   best mean validation accuracy over the model's choice budgets (`protocol.MODES[...]["choice_budgets"]`).
 - **GPP's recipe**: the candidates below, each the loop with the default recipe changed by a few `LoopConfig`
-  fields, compared by mean validation accuracy over every choice budget of the recipe models (LeNet-5 and
-  VGG-BN; ResNet-20 is held out). The default recipe is a claim that this comparison validated it: when another
-  candidate wins, the harness says so and runs no GPP row until `recipes` is changed (`default_check`).
+  fields (every one naming its push, so a recorded trial keeps its meaning when the default changes), compared
+  by mean validation accuracy over every choice budget of the recipe models (LeNet-5 and VGG-BN; ResNet-20 is
+  held out). The default recipe is a claim that this comparison validated it: it must be one of the candidates,
+  and when another wins, the harness says so and runs no GPP row until `recipes` is changed (`default_check`).
 - **The ablation** (the full mode: VGG-BN at 10% of the parameters and of the FLOPs): width allocation x push x
   learning-rate schedule, each the loop with those fields changed; validation and test accuracy recorded, nothing
   chosen.
@@ -20,17 +21,16 @@ from __future__ import annotations
 import itertools
 import statistics
 
-from gpp_ext import recipes
-
 from . import methods, protocol
 
-# GPP's recipe candidates: `LoopConfig` fields changed from the default recipe
+# GPP's recipe candidates, each naming its push (the cut at once, or the fade before a lossless cut), so that a
+# recorded trial keeps its meaning when the default changes; the default recipe must be one of them
 CANDIDATES = {
-    "gpp": {},
-    "gpp-fade": dict(recipes.RECIPES["gpp-fade"]),
-    "gpp-search": dict(allocation="search"),
-    "gpp-x2": dict(max_iterations=2),
-    "gpp-l1": dict(criterion="l1"),
+    "gpp-cut": dict(methods.CUT),
+    "gpp-fade": dict(methods.FADE),
+    "gpp-search": dict(methods.CUT, allocation="search"),
+    "gpp-x2": dict(methods.CUT, max_iterations=2),
+    "gpp-l1": dict(methods.CUT, criterion="l1"),
 }
 # the ablation's axes: how the widths are decided, whether the removal set fades before the cut, and the
 # learning-rate schedule of every phase (a constant rate at the rate the first loop used)
@@ -38,7 +38,7 @@ ALLOCATION_AXIS = {"raw": dict(allocation="global", normalize="none", floor=0.0)
                    "normalised": dict(allocation="global", normalize="mean"),
                    "solver": dict(allocation="solver"), "search": dict(allocation="search"),
                    "uniform": dict(allocation="uniform")}
-PUSH_AXIS = {"cut": dict(push="none", push_share=0.0), "fade": dict(recipes.RECIPES["gpp-fade"])}
+PUSH_AXIS = {"cut": dict(methods.CUT), "fade": dict(methods.FADE)}
 SCHEDULE_AXIS = {"onecycle": dict(lr_schedule="onecycle"), "constant": dict(lr_schedule="constant", lr=2e-3)}
 ABLATION = tuple(itertools.product(ALLOCATION_AXIS, PUSH_AXIS, SCHEDULE_AXIS))
 
@@ -154,15 +154,16 @@ def compare_recipes(trials: Trials, model: str, budgets: list, seed: int, contex
 
 
 def default_check(choices: list, models: tuple) -> tuple:
-    """`(validated, best, means)`: whether the default recipe (candidate `gpp`, or any candidate that resolves
-    to the same loop) has the best mean validation accuracy over the recipe trials of `models`."""
+    """`(validated, best, default, means)` over the recipe trials of `models`: whether the candidate whose
+    recorded loop is the default recipe's (`default`, None if no candidate is) has the best mean validation
+    accuracy (`best`, by `best_by_mean`; `means`: per candidate)."""
     entries = [e for e in choices if e["what"] == "gpp recipe" and e["model"] in models]
     if not entries:
-        return True, None, {}
+        return True, None, None, {}
     best, means = best_by_mean(entries)
-    default = protocol.config_of({})
-    validated = protocol.same_config(protocol.config_of(CANDIDATES.get(best, {})), default)
-    return validated, best, means
+    today = protocol.config_of({})
+    default = next((e["setting"] for e in entries if protocol.same_config(e.get("config"), today)), None)
+    return default is not None and best == default, best, default, means
 
 
 def run_ablation(trials: Trials, model: str, budgets: list, seed: int, context, cells) -> None:

@@ -53,6 +53,12 @@ TP_SPARSE = tuple(f"torch_pruning:{kind}_sl:{scope}" for kind in ("bn_scale", "g
 # GPP's rows: the default recipe, and the same loop with the push switched (the fade where the default has
 # none, none where it pushes): `loop_overrides`
 GPP = ("gpp", "gpp-fade", "gpp-nopush")
+# the two pushes, as settings that hold whatever the default is: the criterion's removal set cut at once and
+# every epoch fine-tuning; or a third of the epochs pushing while it fades linearly to zero half-way (no push
+# terms), then the lossless cut
+CUT = dict(recipes.RECIPES["gpp-cut"])
+FADE = dict(push="fade", push_epochs=1, finetune_epochs=2, push_share=1 / 3, fade_schedule="linear", fade_end=0.5,
+            alpha=0.0, beta=0.0, gamma=0.0)
 # methods that are the loop with a named recipe (the recipe's own settings over the default's)
 LOOP_RECIPES = {"group_fisher": "group-fisher", "hgs": "hgs", "genetic": "genetic", "sss": "sss",
                 "sss_blocks": "sss-blocks"}
@@ -100,16 +106,16 @@ class Setup:
 
 def loop_overrides(method: str) -> dict | None:
     """The `LoopConfig` overrides of a method that is the loop (None for the others): `gpp` none, `gpp-fade` the
-    fade push (a third of the epochs; `recipes.RECIPES["gpp-fade"]`), `gpp-nopush` no push, `group_fisher` the
+    fade push (`FADE`), `gpp-nopush` the cut at once (`CUT`), `group_fisher` the
     recipe `group-fisher` (Group Fisher's removal schedule as the loop's push)."""
     if method in LOOP_RECIPES:
         return dict(recipes.RECIPES[LOOP_RECIPES[method]])
     if method == "gpp":
         return {}
     if method == "gpp-fade":
-        return dict(recipes.RECIPES["gpp-fade"])
+        return dict(FADE)
     if method == "gpp-nopush":
-        return dict(push="none", push_share=0.0)
+        return dict(CUT)
     return None
 
 

@@ -49,17 +49,18 @@ _RESNET = ("gpp", "sss_blocks", "random", "torch_pruning:magnitude:local", "torc
 
 # models, seeds, budgets per model [(kind, fraction)], where the validation choices are made per model, base
 # epochs, epochs after the base (of which at most prep_epochs before the cut), the sweep values (None:
-# methods.SWEEPS), the GPP candidates and ablation cells (None: choices.CANDIDATES, choices.ABLATION) and where
-# the ablation runs, and the methods each model runs (GPP's variant row, `gpp-fade` or `gpp-nopush`, is added
-# where the model runs gpp)
+# methods.SWEEPS), the GPP candidates (ties go to the first listed) and ablation cells (None: choices.CANDIDATES,
+# choices.ABLATION) and where the ablation runs, and the methods each model runs (GPP's variant row, `gpp-fade`
+# or `gpp-nopush`, is added where the model runs gpp)
 MODES = {
     "smoke": dict(models=["vgg"], seeds=[0], budgets={"vgg": [("params", 0.3)]},
                   choice_budgets={"vgg": [("params", 0.3)]}, base_epochs={"vgg": 1}, epochs=1.0, prep_epochs=0.5,
-                  sweep_values=(1e-4,), candidates=("gpp", "gpp-fade"), ablation=(("uniform", "cut", "onecycle"),),
-                  ablation_budgets={"vgg": [("params", 0.3)]}, methods={"vgg": _ALL}),
+                  sweep_values=(1e-4,), candidates=("gpp-fade", "gpp-cut"),
+                  ablation=(("uniform", "cut", "onecycle"),), ablation_budgets={"vgg": [("params", 0.3)]},
+                  methods={"vgg": _ALL}),
     "quick": dict(models=["lenet5"], seeds=[0], budgets={"lenet5": [("params", 0.25), ("params", 0.1)]},
                   choice_budgets={"lenet5": [("params", 0.25), ("params", 0.1)]}, base_epochs={"lenet5": 8},
-                  epochs=3.0, prep_epochs=1.0, sweep_values=None, candidates=("gpp", "gpp-fade"), ablation=(),
+                  epochs=3.0, prep_epochs=1.0, sweep_values=None, candidates=("gpp-fade", "gpp-cut"), ablation=(),
                   ablation_budgets={}, methods={"lenet5": _ALL}),
     "full": dict(models=["lenet5", "vgg", "resnet20"], seeds=[0, 1, 2],
                  budgets={"lenet5": [("params", b) for b in (0.5, 0.25, 0.1, 0.05)],
@@ -207,12 +208,15 @@ def train_recipe() -> dict:
 
 
 def same_config(stored: dict | None, current: dict | None) -> bool:
-    """Whether a recorded loop configuration is `current`: a field one of them lacks (added to `LoopConfig`
-    after the record was made) counts as the value the older runs used (`loop._ADDED_SINCE`)."""
+    """Whether a recorded loop configuration runs the loop `current` runs: they agree on every setting the run
+    reads (`loop.run_settings`: a push setting the push method never reads does not count); a field one of them
+    lacks (added to `LoopConfig` after the record was made) counts as the value the older runs used
+    (`loop._ADDED_SINCE`)."""
     if stored is None or current is None:
         return stored is current
-    from gpp_ext.loop import _ADDED_SINCE
+    from gpp_ext.loop import _ADDED_SINCE, run_settings
 
+    stored, current = run_settings(stored), run_settings(current)
     missing = object()
     return all(stored.get(k, _ADDED_SINCE.get(k, missing)) == current.get(k, _ADDED_SINCE.get(k, missing))
                for k in set(stored) | set(current))

@@ -155,8 +155,9 @@ def _choices(sweeps) -> list:
     recipe = [s for s in sweeps if s["what"] == "gpp recipe"]
     if recipe:
         lines += ["", "## GPP's recipe, chosen on validation (seed 0)", "",
-                  "Each candidate is the loop with the default recipe changed as named (`choices.CANDIDATES`); "
-                  "the default must have the best mean validation accuracy over every budget below; † marks a run "
+                  "Each candidate is the loop with the default recipe changed as named, its push named too "
+                  "(`choices.CANDIDATES`); the default recipe is one of them and must have the best mean validation "
+                  "accuracy over every budget below; † marks a run "
                   "that missed its size target (the loop stopped at its accuracy floor), which disqualifies its "
                   "candidate.", ""]
         places = sorted({(s["model"], s["budget_kind"], s["budget"]) for s in recipe},

@@ -77,16 +77,20 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
         for name in recipe_models:
             choosing.compare_recipes(trials, name, args.choice_budgets[name], seed0, contexts(name, seed0),
                                      args.candidates)
-    validated, best, means = choosing.default_check(choices, tuple(recipe_models))
+    validated, best, default, means = choosing.default_check(choices, tuple(recipe_models))
     if best is not None:
         trials.mark("gpp recipe", None, best)
         print("  mean validation accuracy: " + ", ".join(f"{s} {v:.4f}" for s, v in
                                                         sorted(means.items(), key=lambda kv: -kv[1])), flush=True)
-    if not validated:
-        print(f"benchmarks.compression: candidate {best!r} beats the default recipe on validation "
-              f"({means[best]:.4f} against {means.get('gpp', float('nan')):.4f}); the GPP rows run the default "
-              f"recipe, so none runs until gpp_ext.recipes makes the validated candidate the default "
-              f"(then --resume)", file=sys.stderr)
+    if not validated and default is None:
+        print("benchmarks.compression: no recipe candidate is the default recipe (choices.CANDIDATES), so nothing "
+              "validates it; the GPP rows run the default recipe, so none runs until it is a candidate that wins "
+              "(then --resume)", file=sys.stderr)
+    elif not validated:
+        print(f"benchmarks.compression: candidate {best!r} beats the default recipe ({default!r}) on validation "
+              f"({means[best]:.4f} against {means[default]:.4f}); the GPP rows run the default recipe, so none "
+              f"runs until gpp_ext.recipes makes the validated candidate the default (then --resume)",
+              file=sys.stderr)
     done = {(r["model"], r["seed"], r.get("budget_kind", "params"), r["budget"], r["method"]) for r in records}
     for name in args.models:
         wanted = [m for m in args.methods_of[name] if validated or m not in args.gpp_methods]
