@@ -187,10 +187,14 @@ def loop_config(setup: Setup, overrides: dict | None = None) -> LoopConfig:
     """The loop configuration of a GPP row: the default recipe (`recipes.build("gpp")`), given only what the
     harness supplies (the base is trained, the budget, the epoch budget after the base, the seed) and, for a
     candidate or an ablation, the `overrides` it names."""
-    target = {"target_params": setup.budget} if setup.kind == "params" else \
-        {"target_params": 1.0, "target_flops": setup.budget}
-    return recipes.build("gpp", **{**(overrides or {}), "epochs": 0, "epoch_budget": setup.epochs,
-                                   "budget_kind": setup.kind, **target, "seed": setup.seed})
+    return cell_config(setup.budget, setup.kind, setup.epochs, setup.seed, overrides)
+
+
+def cell_config(budget: float, kind: str, epochs: float, seed: int, overrides: dict | None = None) -> LoopConfig:
+    """`loop_config` of the cell `(budget, kind, seed)` with `epochs` after the base (what a record of it ran)."""
+    target = {"target_params": budget} if kind == "params" else {"target_params": 1.0, "target_flops": budget}
+    return recipes.build("gpp", **{**(overrides or {}), "epochs": 0, "epoch_budget": epochs, "budget_kind": kind,
+                                   **target, "seed": seed})
 
 
 def gpp_loop(base, setup: Setup, overrides: dict | None = None, folder: str | None = None):

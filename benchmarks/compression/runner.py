@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 
 import torch
 
@@ -28,10 +29,15 @@ def knobs_for(method: str, chosen: dict) -> dict:
 
 
 def _stale(record: dict, chosen: dict) -> bool:
+    """A record made with other choices, another training recipe or (a loop row) another loop than the one its
+    cell would run now (compared on what the run reads, `loop.run_settings`)."""
     settings = methods.loop_settings(record["method"], record.get("knobs", {}))
-    return (record.get("knobs", {}) != knobs_for(record["method"], chosen)
-            or record.get("train") != protocol.train_recipe()
-            or (settings is not None and not protocol.same_config(record.get("config"), protocol.config_of(settings))))
+    if settings is not None:
+        now = methods.cell_config(record["budget"], record.get("budget_kind", "params"), record["epochs"],
+                                  record["seed"], settings)
+        if not protocol.same_config(record.get("config"), {k: v for k, v in asdict(now).items() if k != "ignore"}):
+            return True
+    return record.get("knobs", {}) != knobs_for(record["method"], chosen) or record.get("train") != protocol.train_recipe()
 
 
 class Contexts:
