@@ -246,6 +246,62 @@ def test_random_half_runs_counts_and_round_trips(name, tmp_path):
     assert count_params(back) == count_params(model)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_widening_keeps_the_function_and_pruning_the_new_channels_undoes_it(name, tmp_path):
+    """`widen` appends channels whose outgoing weights are zero: the outputs are the same (1e-5, as for pruning:
+    only summation order changes), every layer agrees with its new width, and keeping the old channels gives
+    back the original tensors exactly."""
+    model, x = make(name, seed=8)
+    original = copy.deepcopy(model)
+    graph = ChannelGraph(model, x)
+    sizes = {group.name: group.size for group in graph.groups}
+    add = {n: 1 + i % 3 for i, n in enumerate(sizes)}
+    before, params = model(x), count_params(model)
+    graph.widen(add, generator=torch.Generator().manual_seed(9))
+    assert {g.name: g.size for g in graph.groups} == {n: s + add[n] for n, s in sizes.items()}
+    assert count_params(model) > params
+    assert (model(x) - before).abs().max() < 1e-5
+    new = {n: ChannelGraph(model, x).channel_params(n) for n in sizes}
+    for n, entries in new.items():  # the new channels are live: their producer rows are not zero
+        rows = [p for p in entries if p.role == "producer" and p.attr == "weight"]
+        assert any(p.tensor.index_select(p.dim, p.index[sizes[n]:].reshape(-1)).abs().sum() > 0 for p in rows)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups)
+        if isinstance(m, nn.Linear):
+            assert m.weight.shape == (m.out_features, m.in_features)
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.weight.shape == m.running_mean.shape == (m.num_features,)
+    ChannelGraph(model, x).prune({n: torch.arange(s) for n, s in sizes.items()})
+    back, orig = _tensors(model), _tensors(original)
+    assert back.keys() == orig.keys() and all(torch.equal(back[k], orig[k]) for k in orig)
+    if hasattr(model, "spec"):  # a widened built-in model saves and loads as data, like a pruned one
+        ChannelGraph(model, x).widen({next(iter(sizes)): 2})
+        io.save(model, tmp_path / "m.pt", spec=model.spec())
+        assert torch.equal(io.load(tmp_path / "m.pt").eval()(x), model(x))
+
+
+def test_widening_refuses_what_it_cannot_do_and_changes_nothing():
+    model, x = make("vgg")
+    graph = ChannelGraph(model, x)
+    before = {k: t.clone() for k, t in _tensors(model).items()}
+    first = graph.groups[0].name
+    with pytest.raises(ValueError, match="unknown group"):
+        graph.widen({"nope": 2})
+    with pytest.raises(ValueError, match=r"must be an int >= 1"):
+        graph.widen({first: 0})
+    with pytest.raises(ValueError, match=r"must be an int >= 1"):
+        graph.widen({first: 1.5})
+    with pytest.raises(TypeError, match="must be a dict"):
+        graph.widen([first])
+    after = _tensors(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+    normed = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="normalised across channels by 1 \\(LayerNorm\\)"):
+        ChannelGraph(normed, torch.randn(2, 6)).widen({"0": 1})
+
+
 def test_lenet_half_matches_a_narrower_lenet():
     model, x = make("lenet5")
     graph = ChannelGraph(model, x)

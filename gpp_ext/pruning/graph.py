@@ -865,6 +865,17 @@ class ChannelGraph:
         """
         return surgery.prune(self, keep)
 
+    def widen(self, add: dict, generator: torch.Generator | None = None) -> nn.Module:
+        """Appends `add[name]` new channels (an int >= 1) to each named group; returns the model.
+
+        The inverse of `prune`, through the same tables: the new channels come last in each group, their
+        producer rows and depthwise filters drawn at the scale of the existing ones (from `generator`), biases
+        zero, norms the identity, and the consumers' new input columns zero, so the widened model computes
+        exactly what it did (a group normalised across channels by a LayerNorm or GroupNorm is refused). Checked
+        before anything changes and undone on failure, like `prune`; the graph is rebuilt afterwards.
+        """
+        return surgery.widen(self, add, generator)
+
     def __repr__(self) -> str:
         return (f"ChannelGraph({type(self.model).__name__}: {len(self.groups)} prunable groups, "
                 f"{len(self.frozen_groups)} frozen)")

@@ -8,6 +8,11 @@ the model, which also proves it still runs. Any failure restores the snapshot, s
 left half pruned.
 
 Kept channels are taken in the order given (index_select semantics), so a permutation preserves the function.
+
+`widen(graph, add)` (what `ChannelGraph.widen` runs) is the inverse: the same tables, the same slicing, with new
+channels appended to each named group. New producer rows and depthwise filters are drawn at the scale of the
+existing ones, biases start at zero, norms at the identity (weight 1, bias 0, running mean 0, variance 1) and the
+consumers' new input columns at zero, so a widened model computes exactly what it computed before.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.nn as nn
 from .. import ops
 from ..layers import BATCH_NORMS, CONV, WIDTH_ATTRS
 
-__all__ = ["prune", "validate_keep", "layout_index"]
+__all__ = ["prune", "widen", "validate_keep", "validate_add", "layout_index"]
 
 
 def _is_int(v) -> bool:
@@ -67,7 +72,8 @@ def validate_keep(graph, keep: dict) -> dict:
 
 
 def layout_index(graph, lay, keep: dict) -> torch.Tensor | None:
-    """Indices along a tensor's channel dimension that survive `keep` (None: nothing changes)."""
+    """Indices along a tensor's channel dimension that survive `keep` (None: nothing changes); a negative entry
+    of `keep` is a new channel (widening), whose positions are -1."""
     if lay is None:
         return None
     parts, changed = [], False
@@ -77,7 +83,8 @@ def layout_index(graph, lay, keep: dict) -> torch.Tensor | None:
             parts.append(torch.arange(offset, offset + seg.width))
         else:
             changed = True
-            parts.append((kept.unsqueeze(1) * seg.block + torch.arange(seg.block)).reshape(-1) + offset)
+            positions = kept.unsqueeze(1) * seg.block + torch.arange(seg.block) + offset
+            parts.append(torch.where(kept.unsqueeze(1) < 0, -1, positions).reshape(-1))
     return torch.cat(parts) if changed else None
 
 
@@ -86,15 +93,75 @@ def prune(graph, keep: dict) -> nn.Module:
     keep = validate_keep(graph, keep)
     if not keep:
         return graph.model
+    return _change(graph, keep, None)
+
+
+def validate_add(graph, add: dict) -> dict:
+    """`add` as `{group name: int >= 1}`, or a clear error naming the entry that is wrong: an unknown or frozen
+    group, a count that is not a positive int, or a group a norm normalises across (LayerNorm, GroupNorm with
+    several channels per group), where a new channel would change every output of the norm."""
+    if not isinstance(add, dict):
+        raise TypeError(f"ChannelGraph.widen: add must be a dict of group name -> channels to add, got "
+                        f"{type(add).__name__}")
+    checked = {}
+    for name, n in add.items():
+        try:
+            group = graph.group(name)
+        except KeyError:
+            raise ValueError(f"ChannelGraph.widen: unknown group {name!r}; groups: "
+                             f"{[g.name for g in graph.groups]}") from None
+        if not group.prunable:
+            raise ValueError(f"ChannelGraph.widen: group {name!r} cannot change width: {group.reason}")
+        if not _is_int(n) or int(n) < 1:
+            raise ValueError(f"ChannelGraph.widen: add[{name!r}] must be an int >= 1 (channels to add), got {n!r}")
+        for p in graph.channel_params(name):
+            m = graph.modules[p.module]
+            if p.role == "norm" and (isinstance(m, nn.LayerNorm) or
+                                     (isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels)):
+                raise ValueError(f"ChannelGraph.widen: group {name!r} is normalised across channels by "
+                                 f"{p.module} ({type(m).__name__}); a new channel would change its outputs")
+        checked[name] = torch.cat([torch.arange(group.size), torch.full((int(n),), -1)])
+    return checked
+
+
+def widen(graph, add: dict, generator: torch.Generator | None = None) -> nn.Module:
+    """Appends `add[name]` new channels to each named group of `graph` (see `ChannelGraph.widen`); returns the
+    model, which computes what it computed before."""
+    keep = validate_add(graph, add)
+    if not keep:
+        return graph.model
+    return _change(graph, keep, _NewChannels(generator))
+
+
+def _change(graph, keep: dict, new) -> nn.Module:
     snapshot = _snapshot(graph)
     try:
-        _apply(graph, keep)
-        graph._build()  # also proves the pruned model still runs on the example inputs
+        _apply(graph, keep, new)
+        graph._build()  # also proves the changed model still runs on the example inputs
     except Exception:
         _restore(graph, snapshot)
         graph._build()
         raise
     return graph.model
+
+
+class _NewChannels:
+    """The values of new channels' entries: producer rows and depthwise filters drawn at the scale of the
+    existing ones (`generator`), biases zero, norms the identity, consumers' input columns zero (so the function
+    is kept), a per-channel scale the mean of the existing ones."""
+
+    def __init__(self, generator: torch.Generator | None):
+        self.generator = generator
+
+    def __call__(self, module: nn.Module, attr: str, role: str, existing: torch.Tensor, shape) -> torch.Tensor:
+        if role in ("producer", "depthwise") and attr == "weight":
+            std = float(existing.float().std()) if existing.numel() > 1 else 0.1
+            noise = torch.randn(shape, generator=self.generator, dtype=torch.float32)
+            return (noise * std).to(existing.device, existing.dtype)
+        if role == "scale" or (role == "norm" and attr == "weight" and isinstance(module, nn.PReLU)):
+            return torch.full(shape, float(existing.float().mean()), dtype=existing.dtype, device=existing.device)
+        one = (role == "norm" and attr in ("weight", "running_var"))
+        return torch.full(shape, 1.0 if one else 0.0, dtype=existing.dtype, device=existing.device)
 
 
 def _snapshot(graph) -> dict:
@@ -116,7 +183,7 @@ def _restore(graph, snapshot: dict) -> None:
             setattr(m, attr, value)
 
 
-def _apply(graph, keep: dict) -> None:
+def _apply(graph, keep: dict, new=None) -> None:
     with torch.no_grad():
         for name, role, lay in list(graph._tables()):
             index = layout_index(graph, lay, keep)
@@ -124,53 +191,60 @@ def _apply(graph, keep: dict) -> None:
                 continue
             m = graph.modules[name]
             if role == "producer":
-                slice_module(m, index, output=True)
+                slice_module(m, index, output=True, new=new)
             elif role == "consumer":
-                slice_module(m, index, output=False)
+                slice_module(m, index, output=False, new=new)
             elif role == "depthwise":
-                slice_depthwise(m, index)
+                slice_depthwise(m, index, new=new)
             else:
-                slice_attached(m, index)
+                slice_attached(m, index, new=new)
         for (name, attr), (lay, dim) in list(graph._scales.items()):
             index = layout_index(graph, lay, keep)
             if index is not None:  # a per-channel parameter (layer scale): sliced along its channel dimension
-                _replace(graph.modules[name], attr, dim, index)
+                _replace(graph.modules[name], attr, dim, index, new, "scale")
 
 
-def _replace(module: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
+def _replace(module: nn.Module, attr: str, dim: int, index: torch.Tensor, new=None, role: str = "") -> None:
+    """`module.attr` keeps positions `index` along `dim`; positions -1 are new, their values from
+    `new(module, attr, role, existing tensor, shape)`."""
     tensor = getattr(module, attr, None)
     if tensor is None:
         return
-    sliced = ops.slice_channels(tensor.detach(), dim, index.to(tensor.device))
+    fresh = (index < 0).nonzero().squeeze(1)
+    sliced = ops.slice_channels(tensor.detach(), dim, index.clamp(min=0).to(tensor.device))
+    if fresh.numel():
+        shape = list(sliced.shape)
+        shape[dim] = fresh.numel()
+        sliced.index_copy_(dim, fresh.to(sliced.device), new(module, attr, role, tensor.detach(), shape))
     if isinstance(tensor, nn.Parameter):
         setattr(module, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
     else:
         setattr(module, attr, sliced)
 
 
-def slice_module(m: nn.Module, index: torch.Tensor, output: bool) -> None:
+def slice_module(m: nn.Module, index: torch.Tensor, output: bool, new=None) -> None:
     """A conv or linear layer keeps `index` of its outputs (weight dim 0 and bias) or inputs (weight dim 1)."""
     conv = isinstance(m, CONV)
     if output:
-        _replace(m, "weight", 0, index)
-        _replace(m, "bias", 0, index)
+        _replace(m, "weight", 0, index, new, "producer")
+        _replace(m, "bias", 0, index, new, "producer")
         setattr(m, "out_channels" if conv else "out_features", index.numel())
     else:
-        _replace(m, "weight", 1, index)
+        _replace(m, "weight", 1, index, new, "consumer")
         setattr(m, "in_channels" if conv else "in_features", index.numel())
 
 
-def slice_depthwise(m: nn.Module, index: torch.Tensor) -> None:
+def slice_depthwise(m: nn.Module, index: torch.Tensor, new=None) -> None:
     """A depthwise convolution keeps channels `index` (filters and bias; in = out = groups)."""
-    _replace(m, "weight", 0, index)
-    _replace(m, "bias", 0, index)
+    _replace(m, "weight", 0, index, new, "depthwise")
+    _replace(m, "bias", 0, index, new, "depthwise")
     m.in_channels = m.out_channels = m.groups = index.numel()
 
 
-def slice_attached(m: nn.Module, index: torch.Tensor) -> None:
+def slice_attached(m: nn.Module, index: torch.Tensor, new=None) -> None:
     """A norm or PReLU over the channels keeps `index` of its parameters and running statistics."""
     for attr in ("weight", "bias", "running_mean", "running_var"):
-        _replace(m, attr, 0, index)
+        _replace(m, attr, 0, index, new, "norm")
     k = index.numel()
     if isinstance(m, BATCH_NORMS):
         m.num_features = k
