@@ -21,7 +21,7 @@ import time
 
 from dataclasses import fields as dataclass_fields, replace as dataclass_replace
 
-from . import pushes, recipes
+from . import growth, pushes, recipes
 from .export import OPSETS
 from .fade import FADE_SCHEDULES
 from .latency import RUNTIMES
@@ -120,6 +120,12 @@ CONFIG_HELP = {
                 "penalty on the structures' scales",
     "finetune_distill": "weight of distillation from the base model in every fine-tuning (0: off; --temperature)",
     "seed": "seeds the initial weights, the batch order and every randomised step",
+    "grow_threshold": "--grow: the gain in validation accuracy a module or planting round must bring to be kept",
+    "grow_epochs": "--grow: epochs of training for each grown candidate",
+    "max_modules_per_stage": "--grow inception: no stage grows beyond this many modules",
+    "plant_rounds": "--grow planting: planting rounds at most",
+    "plant_share": "--grow planting: the share of each layer's width planted per round",
+    "plant_max_params": "--grow planting: the grown model keeps at most this multiple of the model's parameters",
     "final_finetune": "the last fine-tuning's data: train, or train+val (more data for the model you ship; its "
                       "validation figures, and the accuracy floor's last check, then see data it trained on)",
 }
@@ -139,8 +145,8 @@ _TYPES = {"target_params": _fraction, "target_flops": _fraction, "target_latency
           "beta": _number(float, 0), "gamma": _number(float, 0), "eta_start": _number(float, 0),
           "eta_step": _number(float, 0), "neurons": lambda text: (_positive if text.strip().isdigit()
                                                                   else _fraction)(text)}
-# LoopConfig fields set by other options: --ignore (module names), --amp, --grow
-_OTHER_FIELDS = ("ignore", "amp", "grow")
+# LoopConfig fields set by other options: --ignore (module names), --amp, --grow [METHOD] (grow and growth)
+_OTHER_FIELDS = ("ignore", "amp", "grow", "growth")
 
 
 def _config_flags(parser) -> None:
@@ -172,8 +178,8 @@ def _config(args, model_name: str, **extra):
                  if f.name not in _OTHER_FIELDS and getattr(args, f.name, None) is not None}
     if "target_latency" in overrides and "budget_kind" not in overrides:
         overrides["budget_kind"] = "latency"  # a latency target is only met by a latency budget
-    grow = args.grow if args.grow is not None else model_name == "inception"
-    return recipes.build(args.recipe, grow=grow, amp=args.amp,
+    grow = args.grow if args.grow is not None else ("inception" if model_name == "inception" else False)
+    return recipes.build(args.recipe, grow=bool(grow), amp=args.amp, **({"growth": grow} if grow else {}),
                          **overrides, **extra)
 
 
@@ -215,8 +221,13 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--recipe", choices=recipes.names(), default="gpp", help="the loop's settings: "
                           + "; ".join(f"{k}: {v}" for k, v in recipes.DESCRIPTIONS.items())
                           + ". The flags below change single settings of it")
-    compress.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
-                          help="grow Inception modules first (default: on for --model inception)")
+    compress.add_argument("--grow", nargs="?", const="inception", default=None, choices=growth.names(),
+                          metavar="METHOD", help="grow the trained model first: " + "; ".join(
+                              f"{k}: {v}" for k, v in growth.describe().items())
+                          + " (--grow alone: inception; default: inception for --model inception, else none)")
+    compress.add_argument("--no-grow", dest="grow", action="store_false", default=argparse.SUPPRESS,
+                          help="do not grow (also for --model "
+                          "inception)")
     _config_flags(compress)
     compress.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
     run = compress.add_mutually_exclusive_group()

@@ -45,10 +45,9 @@ import torch.nn as nn
 from . import distributed as gdist
 from . import io
 from .cost import count_flops, count_params
-from . import pushes
+from . import growth, pushes
 from .pushes import stage_epochs
 from .fade import FADE_SCHEDULES
-from .grow import grow
 from .latency import RUNTIMES, model_cost, table_for as latency_table
 from .pruning import criteria, prune
 from .pruning.allocation import ALLOCATIONS
@@ -69,7 +68,8 @@ FINAL_FINETUNE = ("train", "train+val")
 # compares an older checkpoint's configuration with these, not with today's defaults.
 _ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor=0.0, fade_fixed_widths=False,
                     target_latency=None, latency_runtime="eager", latency_batch=1, final_finetune="train",
-                    finetune_distill=0.0, sparsity=1e-4)
+                    finetune_distill=0.0, sparsity=1e-4, growth="inception", plant_rounds=2, plant_share=0.25,
+                    plant_max_params=2.0)
 
 
 @dataclass
@@ -122,9 +122,13 @@ class LoopConfig:
     criterion: str = "lda"
     neurons: float = 0.75            # pre-decision neurons kept for tracing
     grow: bool = False
+    growth: str = "inception"        # with grow: a growth method (gpp_ext.growth): "inception", "planting"
     grow_threshold: float = 0.005
     max_modules_per_stage: int = 2
     grow_epochs: int = 1
+    plant_rounds: int = 2            # growth "planting": rounds at most
+    plant_share: float = 0.25        # growth "planting": share of each group's width planted per round
+    plant_max_params: float = 2.0    # growth "planting": the grown model's parameters at most this x the model's
     seed: int = 0
     ignore: tuple = ()               # modules the channel graph treats as opaque (their channels are kept)
     round_to: int = 1                # every pruned width a multiple of this (8 or 16 suit CPU/ONNX kernels)
@@ -137,7 +141,8 @@ class LoopConfig:
                    "weight_decay", "target_params", "target_flops", "accuracy_floor", "eta_start", "eta_step",
                    "max_iterations", "cuts", "fade_reselect", "fade_end", "distill", "temperature", "alpha", "beta",
                    "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed", "floor",
-                   "warmup", "target_latency", "latency_batch", "finetune_distill", "sparsity")
+                   "warmup", "target_latency", "latency_batch", "finetune_distill", "sparsity", "plant_rounds",
+                   "plant_share", "plant_max_params")
         for name in numbers:  # NaN passes every comparison below, so finiteness comes first
             value = getattr(self, name)
             if value is None and name in ("epoch_budget", "target_flops", "target_latency"):
@@ -145,7 +150,7 @@ class LoopConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"LoopConfig: {name} must be a finite number, got {value!r}")
         for name in ("batch_size", "max_iterations", "cuts", "fade_reselect", "max_modules_per_stage", "seed",
-                     "latency_batch"):
+                     "latency_batch", "plant_rounds"):
             if not isinstance(getattr(self, name), int):
                 raise ValueError(f"LoopConfig: {name} must be an int, got {getattr(self, name)!r}")
         if not self.lr > 0 or self.weight_decay < 0 or min(self.alpha, self.beta, self.gamma) < 0 or self.seed < 0:
@@ -210,6 +215,11 @@ class LoopConfig:
                              f"{self.distill!r}, {self.finetune_distill!r}, {self.temperature!r}")
         if (self.epoch_budget is not None and self.epoch_budget < 0) or not 0 <= self.push_share <= 1:
             raise ValueError("LoopConfig: epoch_budget must be >= 0 and push_share in [0, 1]")
+        if self.growth not in growth.names():
+            raise ValueError(f"LoopConfig: growth must be one of {growth.names()}, got {self.growth!r}")
+        if self.plant_rounds < 1 or not 0 < self.plant_share <= 4 or not self.plant_max_params > 1:
+            raise ValueError(f"LoopConfig: plant_rounds must be >= 1, plant_share in (0, 4] and plant_max_params "
+                             f"> 1, got {self.plant_rounds!r}, {self.plant_share!r}, {self.plant_max_params!r}")
 
 
 def run_settings(settings) -> dict:
@@ -384,6 +394,8 @@ class GrowPushPrune:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.splits.num_classes):
             raise ValueError(f"GrowPushPrune: the model must return logits [batch, {self.splits.num_classes}], got "
                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        if self.config.grow:
+            growth.check_model(self.config.growth, self.model)
         # The channel graph every prune stage builds: a model it cannot handle (torch.roll, einsum, an `if` on
         # the data) is refused now, not after the base model has been trained.
         from .pruning import ChannelGraph
@@ -477,13 +489,13 @@ class GrowPushPrune:
             self.state.base_model = io.payload(self.model)
             self.state.stage = stage
             self._save()
-        if cfg.grow and hasattr(self.model, "add_module_to_stage") and not step("grow"):
-            def train(m):
-                return self._train(m, cfg.grow_epochs, stage, "growing")
+        if cfg.grow and not step("grow"):
+            def train(m, after_step=None):
+                return self._train(m, cfg.grow_epochs, stage, "growing", after_step=after_step)
 
-            self.model, history = grow(self.model, train, lambda m: evaluate(m, self.splits.val, device=self.device),
-                                       cfg.grow_threshold, cfg.max_modules_per_stage, progress=self.progress)
-            self.state.growth = [h.to_dict() for h in history]
+            context = growth.GrowthContext(self.splits, cfg, self.example, train,
+                                           lambda m: evaluate(m, self.splits.val, device=self.device), self.progress)
+            self.model, self.state.growth = growth.get(cfg.growth)(self.model, context)
             self.state.base = self._metrics(self.model, grown=True)
             self.state.base_model = io.payload(self.model)
             self.state.stage = stage

@@ -203,10 +203,20 @@ def render_markdown(report: dict) -> str:
                      f"{'–' if push is None else f'{push:.4f}'} | {it['val_accuracy_after_prune']:.4f} | {it['val_accuracy']:.4f} | {it['test_accuracy']:.4f} | "
                      f"{it['latency_ms_b1']:.3f} |")
     if report.get("growth"):
-        lines += ["", "## Growth", "", "| stage | modules | val acc | params | kept |", "|---:|---:|---:|---:|:---:|"]
-        lines += [f"| {g['stage']} | {g['modules']} | {g['accuracy']:.4f} | {g['params']:,} | "
-                  f"{'yes' if g['kept'] else 'no'} |" for g in report["growth"]]
+        lines += ["", "## Growth", "", "| step | what was tried | val acc | params | kept |", "|---|---|---:|---:|:---:|"]
+        lines += [f"| {_growth_step(g)} | {g['accuracy']:.4f} | {g['params']:,} | {'yes' if g['kept'] else 'no'} |"
+                  for g in report["growth"]]
     return "\n".join(lines) + "\n"
+
+
+def _growth_step(g: dict) -> str:
+    """`step | what was tried` of one growth step: an Inception module (older reports have no method) or a
+    planting round."""
+    if g.get("method", "inception") == "planting":
+        added = ", ".join(f"{name} +{n}" for name, n in g["added"].items()) or "nothing paid"
+        return f"planting round {g['round']} | {added if g['round'] else 'the trained model'}"
+    return f"stage {g['stage']} | {g['modules']} module{'s' if g['modules'] != 1 else ''}" if g["stage"] >= 0 \
+        else "– | the trained model"
 
 
 def _plot(report: dict, path: str) -> None:

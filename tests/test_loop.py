@@ -42,6 +42,8 @@ def test_end_to_end_grows_pushes_prunes_and_reports(tmp_path):
         assert key in saved["base"] and key in saved["final"]
     assert 0 <= saved["final"]["test_accuracy"] <= 1
     assert (tmp_path / "progress.png").stat().st_size > 1000 and "| params |" in (tmp_path / "report.md").read_text()
+    assert "## Growth" in (tmp_path / "report.md").read_text() and "| stage 0 |" in (tmp_path / "report.md").read_text()
+    assert {g["method"] for g in report["growth"]} == {"inception"}
     compact = gpp_ext.io.load(tmp_path / "model.pt").eval()
     assert gpp_ext.count_params(compact) == final["params"]
 

@@ -1,0 +1,107 @@
+"""The growth methods: how the loop grows a model before pushing and pruning, by name (`LoopConfig.growth`,
+`gpp compress --grow METHOD`).
+
+    @growth.register("mine", "what it does, in one line")
+    def mine(model, ctx: GrowthContext):     # returns (grown model, history: a list of dicts)
+        ...
+
+A handler gets the trained model and a `GrowthContext` (the data, the loop's config, an example batch, and the
+loop's `train` and `evaluate`, so a growth trains with the loop's recipe) and returns the grown model and its
+history (every net met on the way: what was tried, its validation accuracy and size, whether it was kept).
+Registered here:
+
+- `inception`: Inception modules appended stage by stage while validation accuracy improves (`grow.grow`); needs
+  a model with growable stages (`models.InceptionNet`);
+- `planting`: new channels planted in the existing layers of any model the channel graph handles, trained while
+  every earlier weight stays fixed, where validation gain per added parameter is highest
+  (`planting.grow_by_planting`).
+
+The CLI's choices, `LoopConfig.validate` and the loop read this registry, so a new growth method is one function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+__all__ = ["GrowthContext", "register", "names", "describe", "get", "check_model"]
+
+_REGISTRY: dict = {}
+
+
+@dataclass
+class GrowthContext:
+    """What a growth handler gets (see the module's doc)."""
+
+    splits: object
+    config: object                      # the loop's LoopConfig
+    example: torch.Tensor               # an input batch on the model's device
+    train: object                       # train(model, after_step=None) -> model: `grow_epochs` with the recipe
+    evaluate: object                    # evaluate(model) -> validation accuracy
+    progress: bool = False
+
+
+def register(name: str, summary: str, check_model=None):
+    """Registers a growth handler under `name`; `check_model(model)` (optional) raises `ValueError` for a model
+    it cannot grow, before any training. Returns the decorator."""
+    if not isinstance(name, str) or not name or name in _REGISTRY:
+        raise ValueError(f"growth.register: name must be a new non-empty string, got {name!r}")
+
+    def decorate(handler):
+        _REGISTRY[name] = (handler, summary, check_model)
+        return handler
+    return decorate
+
+
+def names() -> tuple:
+    return tuple(_REGISTRY)
+
+
+def describe() -> dict:
+    return {name: entry[1] for name, entry in _REGISTRY.items()}
+
+
+def get(name: str):
+    if name not in _REGISTRY:
+        raise ValueError(f"growth must be one of {names()}, got {name!r}")
+    return _REGISTRY[name][0]
+
+
+def check_model(name: str, model: nn.Module) -> None:
+    """`ValueError` when growth method `name` is unknown or cannot grow `model`."""
+    get(name)
+    check = _REGISTRY[name][2]
+    if check is not None:
+        check(model)
+
+
+def _inception_check(model: nn.Module) -> None:
+    if not hasattr(model, "add_module_to_stage") or not hasattr(model, "stages"):
+        raise ValueError(f"growth 'inception' appends Inception modules to growable stages, which "
+                         f"{type(model).__name__} does not have (models.InceptionNet has); growth 'planting' grows "
+                         f"any model by channels")
+
+
+@register("inception", "Inception modules appended stage by stage while validation accuracy improves (a model with "
+          "growable stages: --model inception)", check_model=_inception_check)
+def _inception(model: nn.Module, ctx: GrowthContext):
+    from .grow import grow
+
+    c = ctx.config
+    model, history = grow(model, lambda m: ctx.train(m), ctx.evaluate, c.grow_threshold, c.max_modules_per_stage,
+                          progress=ctx.progress)
+    return model, [dict(h.to_dict(), method="inception") for h in history]
+
+
+@register("planting", "new channels planted in the existing layers where validation gain per added parameter is "
+          "highest, trained while every earlier weight stays fixed (any model)")
+def _planting(model: nn.Module, ctx: GrowthContext):
+    from .planting import grow_by_planting
+
+    c = ctx.config
+    model, history = grow_by_planting(model, ctx.example, ctx.train, ctx.evaluate, threshold=c.grow_threshold,
+                                      rounds=c.plant_rounds, share=c.plant_share, max_params=c.plant_max_params,
+                                      seed=c.seed, progress=ctx.progress)
+    return model, [dict(h.to_dict(), method="planting") for h in history]
