@@ -21,11 +21,11 @@ import time
 
 from dataclasses import fields as dataclass_fields, replace as dataclass_replace
 
-from . import growth, pushes, recipes
+from . import growth, io, pushes, recipes
 from .export import OPSETS
 from .fade import FADE_SCHEDULES
 from .latency import RUNTIMES
-from .loop import FINAL_FINETUNE, SCHEDULES, LoopConfig
+from .loop import FINAL_FINETUNE, GROW_ORDERS, SCHEDULES, LoopConfig
 from .pruning import criteria
 from .pruning.allocation import ALLOCATIONS
 from .training import LR_SCHEDULES, OPTIMIZERS
@@ -123,16 +123,20 @@ CONFIG_HELP = {
     "grow_threshold": "--grow: the gain in validation accuracy a module or planting round must bring to be kept",
     "grow_epochs": "--grow: epochs of training for each grown candidate",
     "max_modules_per_stage": "--grow inception: no stage grows beyond this many modules",
+    "grow_order": "--grow inception: grow the stages first to last, or the most critical first (triage: each "
+                  "module collapsed into one layer, the accuracy lost measured)",
     "plant_rounds": "--grow planting: planting rounds at most",
     "plant_share": "--grow planting: the share of each layer's width planted per round",
     "plant_max_params": "--grow planting: the grown model keeps at most this multiple of the model's parameters",
+    "grow_distill": "--grow: weight of distillation from --teacher while growing (0: off)",
     "final_finetune": "the last fine-tuning's data: train, or train+val (more data for the model you ship; its "
                       "validation figures, and the accuracy floor's last check, then see data it trained on)",
 }
 _CHOICES = {"schedule": SCHEDULES, "push": pushes.names(), "allocation": ALLOCATIONS, "normalize": ("mean", "none"),
             "criterion": tuple(criteria.names()), "budget_kind": ("params", "flops", "latency"),
             "latency_runtime": RUNTIMES, "final_finetune": FINAL_FINETUNE, "fade_schedule": FADE_SCHEDULES,
-            "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "separation": ("fisher", "ratio")}
+            "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "separation": ("fisher", "ratio"),
+            "grow_order": GROW_ORDERS}
 _TYPES = {"target_params": _fraction, "target_flops": _fraction, "target_latency": _fraction, "fade_end": _fraction,
           "latency_batch": _positive,
           "accuracy_floor": _number(float, 0, 1, high_open=True), "push_share": _number(float, 0, 1),
@@ -225,6 +229,8 @@ def _parser() -> argparse.ArgumentParser:
                           metavar="METHOD", help="grow the trained model first: " + "; ".join(
                               f"{k}: {v}" for k, v in growth.describe().items())
                           + " (--grow alone: inception; default: inception for --model inception, else none)")
+    compress.add_argument("--teacher", default=None, metavar="FILE", help="a model file (saved by gpp, e.g. a "
+                          "larger run's model.pt) to distil from while growing (--grow-distill sets the weight)")
     compress.add_argument("--no-grow", dest="grow", action="store_false", default=argparse.SUPPRESS,
                           help="do not grow (also for --model "
                           "inception)")
@@ -436,6 +442,8 @@ def _compress_run(args, device, config_overrides=None) -> int:
     _check_model_source(args.model, args)  # before the data are read (an image folder takes a while)
     if args.weights and not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights: no file {args.weights}")
+    if args.teacher and not os.path.isfile(args.teacher):
+        raise FileNotFoundError(f"--teacher: no file {args.teacher}")
     ignore = tuple(n.strip() for n in (args.ignore or "").split(",") if n.strip())
     config = _config(args, args.model, ignore=ignore, **(config_overrides or {}))  # every setting checked now
     saved = _load_model_file(args) if _is_model_file(args.model) else None  # refused here, before the data
@@ -455,8 +463,9 @@ def _compress_run(args, device, config_overrides=None) -> int:
     if unknown:
         raise ValueError(f"--ignore: the model has no modules {unknown[:4]}")
     out = args.out or os.path.join("runs", f"{_slug(args.model)}-{_slug(args.data)}")
+    teacher = io.load(args.teacher) if args.teacher else None  # a model file is data: nothing it names runs
     loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet, device=device,
-                         onnx_latency=args.onnx_latency)
+                         onnx_latency=args.onnx_latency, teacher=teacher)
     if lead:
         processes = f", {gdist.world_size()} processes" if gdist.is_distributed() else ""
         print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "

@@ -35,7 +35,7 @@ class GrowthStep:
 
 
 def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_modules_per_stage: int = 3,
-         progress: bool = True):
+         progress: bool = True, order=None):
     """Grows `model` while validation accuracy improves; returns `(model, history)`.
 
     Args:
@@ -44,18 +44,22 @@ def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_module
         evaluate: `evaluate(model) -> float`, validation accuracy in [0, 1].
         threshold: the gain in accuracy a new module must bring to be kept.
         max_modules_per_stage: no stage grows beyond this many modules.
+        order: the stages in the order they are grown (default first to last; e.g. `triage.stage_order`).
     """
     if not hasattr(model, "add_module_to_stage") or not hasattr(model, "stages"):
         raise TypeError(f"grow: {type(model).__name__} has no growable stages (use models.InceptionNet)")
     if threshold < 0 or max_modules_per_stage < 1:
         raise ValueError(f"grow: threshold must be >= 0 and max_modules_per_stage >= 1, got {threshold}, "
                          f"{max_modules_per_stage}")
+    order = list(range(len(model.stages))) if order is None else [int(s) for s in order]
+    if sorted(order) != list(range(len(model.stages))):
+        raise ValueError(f"grow: order must list each of the {len(model.stages)} stages once, got {order}")
     best = float(evaluate(model))
     history = [GrowthStep(-1, 0, best, count_params(model), True)]
     bar = tqdm(total=len(model.stages) * max_modules_per_stage, desc="growing", leave=False,
                disable=None if progress else True)  # None: bars on terminals only
     try:
-        for stage in range(len(model.stages)):
+        for stage in order:
             while len(model.stages[stage]) < max_modules_per_stage:
                 candidate = copy.deepcopy(model)
                 candidate.add_module_to_stage(stage)

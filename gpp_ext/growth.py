@@ -10,8 +10,9 @@ loop's `train` and `evaluate`, so a growth trains with the loop's recipe) and re
 history (every net met on the way: what was tried, its validation accuracy and size, whether it was kept).
 Registered here:
 
-- `inception`: Inception modules appended stage by stage while validation accuracy improves (`grow.grow`); needs
-  a model with growable stages (`models.InceptionNet`);
+- `inception`: Inception modules appended stage by stage while validation accuracy improves (`grow.grow`), the
+  stages first to last or, with `grow_order="triage"`, most critical first (`triage`); needs a model with
+  growable stages (`models.InceptionNet`);
 - `planting`: new channels planted in the existing layers of any model the channel graph handles, trained while
   every earlier weight stays fixed, where validation gain per added parameter is highest
   (`planting.grow_by_planting`).
@@ -21,7 +22,7 @@ The CLI's choices, `LoopConfig.validate` and the loop read this registry, so a n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -41,6 +42,8 @@ class GrowthContext:
     train: object                       # train(model, after_step=None) -> model: `grow_epochs` with the recipe
     evaluate: object                    # evaluate(model) -> validation accuracy
     progress: bool = False
+    device: object = "cpu"
+    fit_kwargs: dict = field(default_factory=dict)   # the loop's training recipe (`loop.train_kwargs`)
 
 
 def register(name: str, summary: str, check_model=None):
@@ -90,9 +93,20 @@ def _inception(model: nn.Module, ctx: GrowthContext):
     from .grow import grow
 
     c = ctx.config
+    order, triaged = None, None
+    if c.grow_order == "triage":  # the stages whose modules a single layer replaces worst grow first
+        from .triage import stage_order, triage
+
+        triaged = triage(model, ctx.splits, epochs=c.grow_epochs, distill=0.5, seed=c.seed, device=ctx.device,
+                         progress=ctx.progress, **ctx.fit_kwargs)
+        order = stage_order(triaged, len(model.stages))
     model, history = grow(model, lambda m: ctx.train(m), ctx.evaluate, c.grow_threshold, c.max_modules_per_stage,
-                          progress=ctx.progress)
-    return model, [dict(h.to_dict(), method="inception") for h in history]
+                          progress=ctx.progress, order=order)
+    out = [dict(h.to_dict(), method="inception") for h in history]
+    if triaged is not None:
+        out[0]["triage"] = [r.to_dict() for r in triaged]
+        out[0]["order"] = order
+    return model, out
 
 
 @register("planting", "new channels planted in the existing layers where validation gain per added parameter is "

@@ -61,6 +61,7 @@ __all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_se
 
 SCHEDULES = ("eta", "budget")
 FINAL_FINETUNE = ("train", "train+val")
+GROW_ORDERS = ("stages", "triage")
 # What a run leaves in its output folder (the loop writes the checkpoint; `report.write_reports` the rest).
 
 
@@ -69,7 +70,7 @@ FINAL_FINETUNE = ("train", "train+val")
 _ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor=0.0, fade_fixed_widths=False,
                     target_latency=None, latency_runtime="eager", latency_batch=1, final_finetune="train",
                     finetune_distill=0.0, sparsity=1e-4, growth="inception", plant_rounds=2, plant_share=0.25,
-                    plant_max_params=2.0)
+                    plant_max_params=2.0, grow_order="stages", grow_distill=0.0)
 
 
 @dataclass
@@ -126,6 +127,8 @@ class LoopConfig:
     grow_threshold: float = 0.005
     max_modules_per_stage: int = 2
     grow_epochs: int = 1
+    grow_order: str = "stages"       # growth "inception": stages first to last, or most critical first ("triage")
+    grow_distill: float = 0.0        # weight of distillation from the loop's `teacher` while growing (0: off)
     plant_rounds: int = 2            # growth "planting": rounds at most
     plant_share: float = 0.25        # growth "planting": share of each group's width planted per round
     plant_max_params: float = 2.0    # growth "planting": the grown model's parameters at most this x the model's
@@ -142,7 +145,7 @@ class LoopConfig:
                    "max_iterations", "cuts", "fade_reselect", "fade_end", "distill", "temperature", "alpha", "beta",
                    "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed", "floor",
                    "warmup", "target_latency", "latency_batch", "finetune_distill", "sparsity", "plant_rounds",
-                   "plant_share", "plant_max_params")
+                   "plant_share", "plant_max_params", "grow_distill")
         for name in numbers:  # NaN passes every comparison below, so finiteness comes first
             value = getattr(self, name)
             if value is None and name in ("epoch_budget", "target_flops", "target_latency"):
@@ -210,13 +213,15 @@ class LoopConfig:
             raise ValueError(f"LoopConfig: round_to must be an int >= 1, got {self.round_to!r}")
         if self.sparsity < 0:
             raise ValueError(f"LoopConfig: sparsity must be >= 0, got {self.sparsity!r}")
-        if self.distill < 0 or self.finetune_distill < 0 or self.temperature <= 0:
-            raise ValueError(f"LoopConfig: distill and finetune_distill must be >= 0 and temperature > 0, got "
-                             f"{self.distill!r}, {self.finetune_distill!r}, {self.temperature!r}")
+        if self.distill < 0 or self.finetune_distill < 0 or self.grow_distill < 0 or self.temperature <= 0:
+            raise ValueError(f"LoopConfig: distill, finetune_distill and grow_distill must be >= 0 and temperature > "
+                             f"0, got {self.distill!r}, {self.finetune_distill!r}, {self.grow_distill!r}, "
+                             f"{self.temperature!r}")
         if (self.epoch_budget is not None and self.epoch_budget < 0) or not 0 <= self.push_share <= 1:
             raise ValueError("LoopConfig: epoch_budget must be >= 0 and push_share in [0, 1]")
-        if self.growth not in growth.names():
-            raise ValueError(f"LoopConfig: growth must be one of {growth.names()}, got {self.growth!r}")
+        if self.growth not in growth.names() or self.grow_order not in GROW_ORDERS:
+            raise ValueError(f"LoopConfig: growth must be one of {growth.names()} and grow_order one of "
+                             f"{GROW_ORDERS}, got {self.growth!r}, {self.grow_order!r}")
         if self.plant_rounds < 1 or not 0 < self.plant_share <= 4 or not self.plant_max_params > 1:
             raise ValueError(f"LoopConfig: plant_rounds must be >= 1, plant_share in (0, 4] and plant_max_params "
                              f"> 1, got {self.plant_rounds!r}, {self.plant_share!r}, {self.plant_max_params!r}")
@@ -339,10 +344,13 @@ class GrowPushPrune:
         device: where training, analysis and pruning run (latency is measured on the CPU).
         onnx_latency: at the end, export base and compact model and time them in ONNX Runtime (a few seconds);
             None reads `$GPP_EXT_ONNX_LATENCY` ("0" turns it off; the test suite does), default on.
+        teacher: a trained model (a larger one) to distil from while growing, with weight `config.grow_distill`
+            (planting's teacher). It is not saved with the checkpoints: pass it again to resume.
     """
 
     def __init__(self, model: nn.Module, splits, config: LoopConfig | None = None, out_dir: str = "runs/gpp",
-                 factory=None, progress: bool = True, device="cpu", onnx_latency: bool | None = None):
+                 factory=None, progress: bool = True, device="cpu", onnx_latency: bool | None = None,
+                 teacher: nn.Module | None = None):
         self.config = config or LoopConfig()
         self.config.validate()
         # Everything that would otherwise fail after the compute is spent is checked here, before any training.
@@ -371,7 +379,32 @@ class GrowPushPrune:
         if self.config.amp and self.device.type != "cuda":
             raise ValueError(f"GrowPushPrune: amp (mixed precision, --amp) needs a CUDA device, got {self.device}")
         self._check_model()
+        self.teacher = self._check_teacher(teacher)
         self.folder = RunFolder(self.out_dir, run_identity(model, splits))
+
+    def _check_teacher(self, teacher):
+        """The growth teacher, checked before any training: given exactly when `grow_distill` asks for one, and
+        a classifier of the data's inputs and classes."""
+        cfg = self.config
+        if (cfg.grow and cfg.grow_distill > 0) != (teacher is not None):
+            raise ValueError("GrowPushPrune: a teacher is distilled from while growing, so grow=True with "
+                             "grow_distill > 0 needs teacher=<a trained model> and a teacher needs them (gpp: "
+                             f"--grow METHOD --grow-distill W --teacher FILE); got grow={cfg.grow}, grow_distill="
+                             f"{cfg.grow_distill}, teacher={'given' if teacher is not None else 'none'}")
+        if teacher is None:
+            return None
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"GrowPushPrune: teacher must be an nn.Module, got {type(teacher).__name__}")
+        teacher = teacher.to(self.device).eval()
+        try:
+            with torch.no_grad():
+                out = teacher(self.example)
+        except Exception as error:
+            raise ValueError(f"GrowPushPrune: the teacher does not accept the data's inputs of shape "
+                             f"{list(self.splits.input_shape)} ({type(error).__name__}: {error})") from error
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.splits.num_classes):
+            raise ValueError(f"GrowPushPrune: the teacher must return logits [batch, {self.splits.num_classes}]")
+        return teacher
 
     def _check_model(self) -> None:
         """The model's head has one output per class of the data, and it accepts the data's inputs."""
@@ -490,11 +523,15 @@ class GrowPushPrune:
             self.state.stage = stage
             self._save()
         if cfg.grow and not step("grow"):
+            teach = {"teacher": self.teacher, "distill": cfg.grow_distill, "temperature": cfg.temperature} \
+                if self.teacher is not None else {}
+
             def train(m, after_step=None):
-                return self._train(m, cfg.grow_epochs, stage, "growing", after_step=after_step)
+                return self._train(m, cfg.grow_epochs, stage, "growing", after_step=after_step, **teach)
 
             context = growth.GrowthContext(self.splits, cfg, self.example, train,
-                                           lambda m: evaluate(m, self.splits.val, device=self.device), self.progress)
+                                           lambda m: evaluate(m, self.splits.val, device=self.device), self.progress,
+                                           self.device, train_kwargs(cfg))
             self.model, self.state.growth = growth.get(cfg.growth)(self.model, context)
             self.state.base = self._metrics(self.model, grown=True)
             self.state.base_model = io.payload(self.model)

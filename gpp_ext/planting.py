@@ -1,7 +1,7 @@
 """Channel planting: growing a trained network by new channels in its existing layers, trained while every
-earlier weight stays as it was (docs/design.md §2.7; after the "planting" incremental training of Zhu et al.,
-channels added to the layers of an initial network whose trained parameters stay fixed, trained by distillation
-from a larger network).
+earlier weight stays as it was (docs/design.md §2.7; after Mitsuno, Nomura & Kurita, "Channel Planting for Deep
+Neural Networks using Knowledge Distillation", 2020: channels added to the layers of an initial network whose
+trained parameters stay fixed, trained by distillation from a larger network).
 
     model, planted = plant(model, example, {"features.4": 8})      # widened; computes what it did before
     with PlantedOnly(model, example, planted) as frozen:            # only the new channels' entries train

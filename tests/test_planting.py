@@ -123,3 +123,24 @@ def test_gpp_compress_grows_by_planting_end_to_end(tmp_path):
                              timeout=600)
     assert refused.returncode != 0 and "growth 'planting' grows any model" in refused.stderr
     assert not (tmp_path / "vgg" / "checkpoint.pt").exists()
+
+
+def test_the_loop_plants_with_a_teacher_and_refuses_a_missing_or_unwanted_one(splits, starved, tmp_path):
+    from gpp_ext.loop import GrowPushPrune
+
+    torch.manual_seed(1)
+    teacher = fit(models.build("lenet5", input_size=8), splits.train, 10, lr=4e-3, seed=1,
+                  lr_schedule="onecycle").eval()
+    config = LoopConfig(epochs=0, grow=True, growth="planting", grow_distill=0.5, grow_epochs=4, plant_rounds=1,
+                        plant_share=1.0, grow_threshold=0.0, epoch_budget=0.5, target_params=0.9, batch_size=64)
+    run = GrowPushPrune(copy.deepcopy(starved), splits, config, out_dir=tmp_path / "a", progress=False,
+                        teacher=teacher)
+    report = run.run()
+    assert report["growth"][0]["method"] == "planting" and len(report["growth"]) == 2
+    if report["growth"][1]["kept"]:
+        assert report["base"]["params"] > count_params(starved)
+    with pytest.raises(ValueError, match="needs teacher="):
+        GrowPushPrune(copy.deepcopy(starved), splits, config, out_dir=tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="teacher must return logits"):
+        GrowPushPrune(copy.deepcopy(starved), splits, config, out_dir=tmp_path / "c", progress=False,
+                      teacher=models.build("lenet5", input_size=8, num_classes=3))

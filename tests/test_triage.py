@@ -1,0 +1,75 @@
+"""Block criticality (deep net triage): blocks found on ResNet-20 and the Inception net, each collapsed into one
+layer of matching shape, the collapsed copies and the reference trained alike on real data, the model left as it
+was, and the table and the growth order read the drops."""
+
+import copy
+
+import pytest
+import torch
+
+from gpp_ext import data, models
+from gpp_ext.training import fit
+from gpp_ext.triage import BlockCriticality, collapse, find_blocks, stage_order, triage, triage_table
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return data.load_dataset("digits", seed=0)
+
+
+def test_blocks_are_found_and_collapse_keeps_the_shapes():
+    resnet = models.build("resnet20", in_channels=1, num_classes=10)
+    blocks = find_blocks(resnet)
+    assert len(blocks) == 9 and blocks[0] == "stages.0.0"
+    inception = models.build("inception", in_channels=1, num_classes=10)
+    assert find_blocks(inception) == [f"stages.{s}.0" for s in range(len(inception.stages))]
+    x = torch.randn(2, 1, 8, 8)
+    shape = {}
+    hook = resnet.get_submodule("stages.1.0").register_forward_hook(
+        lambda m, a, o: shape.update(i=list(a[0].shape[1:]), o=list(o.shape[1:])))
+    resnet.eval()(x)
+    hook.remove()
+    small = collapse(resnet, "stages.1.0", shape["i"], shape["o"])  # the stride-2 block with a projection
+    assert small(x).shape == (2, 10) and "stages.1.0.conv1" not in dict(small.named_modules())
+    assert "stages.1.0.conv1" in dict(resnet.named_modules())  # the original is untouched
+    with pytest.raises(ValueError, match="no strided 3x3"):
+        collapse(resnet, "stages.1.0", [16, 8, 8], [32, 5, 5])
+
+
+@pytest.mark.parametrize("name", ["resnet20", "inception"])
+def test_triage_reports_every_block_on_real_data_and_leaves_the_model(splits, name):
+    torch.manual_seed(0)
+    model = fit(models.build(name, in_channels=1, num_classes=10), splits.train, 2, lr=4e-3, seed=0).eval()
+    before = copy.deepcopy(model.state_dict())
+    results = triage(model, splits, epochs=0.25, distill=0.5, progress=False, lr=4e-3)
+    assert [r.name for r in results] == find_blocks(model)
+    for r in results:
+        assert 0 <= r.accuracy <= 1 and -1 <= r.drop <= 1 and r.params > 0 and r.layer_params > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    table = triage_table(results)
+    assert table.count("\n") == len(results) + 2 and "most critical" in table or max(r.drop for r in results) <= 0
+    with pytest.raises(ValueError, match="no modules named"):
+        triage(model, splits, blocks=["nope"], progress=False)
+
+
+def test_stage_order_puts_the_most_critical_stage_first():
+    results = [BlockCriticality("stages.0.0", [], [], 1, 1, 0.9, 0.01),
+               BlockCriticality("stages.1.0", [], [], 1, 1, 0.8, 0.10),
+               BlockCriticality("stages.1.1", [], [], 1, 1, 0.9, 0.00)]
+    assert stage_order(results, 3) == [1, 0, 2]
+
+
+def test_the_loop_grows_the_most_critical_stage_first(splits, tmp_path):
+    from gpp_ext.loop import GrowPushPrune, LoopConfig
+
+    torch.manual_seed(0)
+    model = models.build("inception", in_channels=1, num_classes=10)
+    config = LoopConfig(epochs=1, grow=True, grow_order="triage", grow_epochs=1, max_modules_per_stage=2,
+                        grow_threshold=0.0, epoch_budget=0.5, target_params=0.8, batch_size=64)
+    report = GrowPushPrune(model, splits, config, out_dir=tmp_path, progress=False).run()
+    first, stages = report["growth"][0], len(models.build("inception").stages)
+    assert len(first["triage"]) == stages and sorted(first["order"]) == list(range(stages))
+    tried = [g["stage"] for g in report["growth"][1:]]
+    assert tried and tried[0] == first["order"][0]  # the most critical stage is grown first
+    with pytest.raises(ValueError, match="grow_order"):
+        LoopConfig(grow_order="random").validate()
