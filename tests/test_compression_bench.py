@@ -30,18 +30,23 @@ def smoke(harness, tmp_path, *extra):
     return code, out
 
 
-def test_harness_smoke(harness, tmp_path, monkeypatch):
-    # the rows and tables are under test here, not the choice (the next test checks a default that loses): the
-    # default recipe's trial is scored first on validation, since one epoch on digits says nothing about it
+def score_first(harness, monkeypatch, candidate):
+    """Recipe candidate `candidate`'s validation trials score 1.0 (the others as measured)."""
     real = harness.protocol.measure
 
-    def default_first(method, base, setup, cache, stem, keep=True):
+    def rigged(method, base, setup, cache, stem, keep=True):
         m = real(method, base, setup, cache, stem, keep)
-        if not keep and setup.knobs == harness.choosing.CANDIDATES["gpp-fade"]:
+        if not keep and setup.knobs == harness.choosing.CANDIDATES[candidate]:
             m = {**m, "val_accuracy": 1.0}
         return m
 
-    monkeypatch.setattr(harness.protocol, "measure", default_first)
+    monkeypatch.setattr(harness.protocol, "measure", rigged)
+
+
+def test_harness_smoke(harness, tmp_path, monkeypatch):
+    # the rows and tables are under test here, not the choice (the next test checks a default that loses): the
+    # default recipe's trial is scored first on validation, since one epoch on digits says nothing about it
+    score_first(harness, monkeypatch, "gpp-fade")
     code, out = smoke(harness, tmp_path)
     assert code == 0
     records = json.loads(out.read_text())
@@ -86,16 +91,8 @@ def test_harness_smoke(harness, tmp_path, monkeypatch):
 
 
 def test_no_gpp_row_runs_when_another_candidate_beats_the_default(harness, tmp_path, monkeypatch, capsys):
-    # a candidate that cannot lose: the default recipe's own loop is scored below it on validation
-    real = harness.protocol.measure
-
-    def rigged(method, base, setup, cache, stem, keep=True):
-        m = real(method, base, setup, cache, stem, keep)
-        if not keep and setup.knobs == harness.choosing.CANDIDATES["gpp-cut"]:
-            m = {**m, "val_accuracy": 1.0}
-        return m
-
-    monkeypatch.setattr(harness.protocol, "measure", rigged)
+    # a candidate that cannot lose: the cut at once is scored above the default recipe's loop on validation
+    score_first(harness, monkeypatch, "gpp-cut")
     code, out = smoke(harness, tmp_path, "--methods", "gpp,gpp-fade,l1")
     assert code == 0
     assert [r["method"] for r in json.loads(out.read_text())] == ["l1"]
@@ -175,9 +172,9 @@ def test_bad_arguments_name_the_option(harness, tmp_path, capsys, argv, message)
 
 
 def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness, tmp_path, monkeypatch):
-    # the ablation cell "solver x cut x onecycle" is the candidate `gpp-cut`'s run
-    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "candidates": ("gpp-cut",),
-                                                 "ablation": (("solver", "cut", "onecycle"),)})
+    # the ablation cell "solver x fade x onecycle" is the candidate `gpp-fade`'s run
+    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "candidates": ("gpp-fade",),
+                                                 "ablation": (("solver", "fade", "onecycle"),)})
     measured = []
     real = harness.protocol.measure
 
@@ -192,7 +189,7 @@ def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness
     assert measured == ["gpp"]
     trials = json.loads((tmp_path / "compression-choices.json").read_text())
     candidate, cell = trials
-    assert cell["same_as"] == "gpp recipe: gpp-cut" and cell["val_accuracy"] == candidate["val_accuracy"]
+    assert cell["same_as"] == "gpp recipe: gpp-fade" and cell["val_accuracy"] == candidate["val_accuracy"]
     # resumed: nothing is measured again
     measured.clear()
     assert smoke(harness, tmp_path, "--methods", "gpp", "--resume")[0] == 0

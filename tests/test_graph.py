@@ -208,6 +208,16 @@ def test_channel_params_roles_on_a_small_net():
         graph.scale_channels("stem", torch.ones(3, dtype=torch.bool), 0.0)
 
 
+def _layers_agree_with_their_widths(model):
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups)
+        if isinstance(m, nn.Linear):
+            assert m.weight.shape == (m.out_features, m.in_features)
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.weight.shape == m.running_mean.shape == (m.num_features,)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_permutation_leaves_outputs_unchanged(name):
     model, x = make(name, seed=2)
@@ -232,13 +242,7 @@ def test_random_half_runs_counts_and_round_trips(name, tmp_path):
         assert count_params(models.build(spec["name"], **spec["kwargs"])) == count_params(model)
     assert {g.name: g.size for g in graph.groups} == {n: max(1, s // 2) for n, s in sizes.items()}
     # every layer agrees with its new width
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups)
-        if isinstance(m, nn.Linear):
-            assert m.weight.shape == (m.out_features, m.in_features)
-        if isinstance(m, nn.BatchNorm2d):
-            assert m.weight.shape == m.running_mean.shape == (m.num_features,)
+    _layers_agree_with_their_widths(model)
     factory = CASES[name][0]
     io.save(model, tmp_path / "m.pt", spec=model.spec() if hasattr(model, "spec") else None)
     back = io.load(tmp_path / "m.pt", factory=None if hasattr(model, "spec") else factory).eval()
@@ -265,13 +269,7 @@ def test_widening_keeps_the_function_and_pruning_the_new_channels_undoes_it(name
     for n, entries in new.items():  # the new channels are live: their producer rows are not zero
         rows = [p for p in entries if p.role == "producer" and p.attr == "weight"]
         assert any(p.tensor.index_select(p.dim, p.index[sizes[n]:].reshape(-1)).abs().sum() > 0 for p in rows)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            assert m.weight.shape[:2] == (m.out_channels, m.in_channels // m.groups)
-        if isinstance(m, nn.Linear):
-            assert m.weight.shape == (m.out_features, m.in_features)
-        if isinstance(m, nn.BatchNorm2d):
-            assert m.weight.shape == m.running_mean.shape == (m.num_features,)
+    _layers_agree_with_their_widths(model)
     ChannelGraph(model, x).prune({n: torch.arange(s) for n, s in sizes.items()})
     back, orig = _tensors(model), _tensors(original)
     assert back.keys() == orig.keys() and all(torch.equal(back[k], orig[k]) for k in orig)
@@ -432,15 +430,17 @@ def test_a_failed_prune_undoes_everything(monkeypatch):
     state = copy.deepcopy(model.state_dict())
     widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
-    def broken(m, index):
+    def broken(m, index, new=None):
         raise RuntimeError("injected failure while slicing a norm")
 
     monkeypatch.setattr(surgery, "slice_attached", broken)
-    with pytest.raises(RuntimeError, match="injected"):
-        graph.prune({g.name: torch.arange(g.size // 2) for g in graph.groups})
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    assert widths == {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    assert model(x).shape == (4, 10)
+    for change in (lambda: graph.prune({g.name: torch.arange(g.size // 2) for g in graph.groups}),
+                   lambda: graph.widen({g.name: 2 for g in graph.groups})):
+        with pytest.raises(RuntimeError, match="injected"):
+            change()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        assert widths == {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        assert model(x).shape == (4, 10)
 
 
 def test_pass_through_ops_must_keep_channels():
