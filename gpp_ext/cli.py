@@ -129,6 +129,8 @@ CONFIG_HELP = {
     "plant_share": "--grow planting: the share of each layer's width planted per round",
     "plant_max_params": "--grow planting: the grown model keeps at most this multiple of the model's parameters",
     "grow_distill": "--grow: weight of distillation from --teacher while growing (0: off)",
+    "gap_partitions": "--push gap: runs of consecutive layers that take turns being dense",
+    "gap_cycles": "--push gap: how many times each run is dense",
     "final_finetune": "the last fine-tuning's data: train, or train+val (more data for the model you ship; its "
                       "validation figures, and the accuracy floor's last check, then see data it trained on)",
 }

@@ -70,7 +70,7 @@ GROW_ORDERS = ("stages", "triage")
 _ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor=0.0, fade_fixed_widths=False,
                     target_latency=None, latency_runtime="eager", latency_batch=1, final_finetune="train",
                     finetune_distill=0.0, sparsity=1e-4, growth="inception", plant_rounds=2, plant_share=0.25,
-                    plant_max_params=2.0, grow_order="stages", grow_distill=0.0)
+                    plant_max_params=2.0, grow_order="stages", grow_distill=0.0, gap_partitions=2, gap_cycles=1)
 
 
 @dataclass
@@ -115,6 +115,8 @@ class LoopConfig:
     distill: float = 0.0             # weight of distillation from the model as it was before the push
     finetune_distill: float = 0.0    # weight of distillation from the base model in every fine-tuning
     sparsity: float = 1e-4           # weight of a push method's sparsity penalty (pushes "hgs", "sss")
+    gap_partitions: int = 2          # push "gap": runs of layers that take turns being dense
+    gap_cycles: int = 1              # push "gap": how many times each run is dense
     temperature: float = 4.0
     alpha: float = 0.0               # push-term weights (pushes "loss", "fade"; docs/design.md §2.8): off by
     beta: float = 0.0                # default (the validated recipe); recipe v1 uses 0.3, 0.3, 0.05
@@ -145,7 +147,7 @@ class LoopConfig:
                    "max_iterations", "cuts", "fade_reselect", "fade_end", "distill", "temperature", "alpha", "beta",
                    "gamma", "neurons", "grow_threshold", "max_modules_per_stage", "grow_epochs", "seed", "floor",
                    "warmup", "target_latency", "latency_batch", "finetune_distill", "sparsity", "plant_rounds",
-                   "plant_share", "plant_max_params", "grow_distill")
+                   "plant_share", "plant_max_params", "grow_distill", "gap_partitions", "gap_cycles")
         for name in numbers:  # NaN passes every comparison below, so finiteness comes first
             value = getattr(self, name)
             if value is None and name in ("epoch_budget", "target_flops", "target_latency"):
@@ -153,7 +155,7 @@ class LoopConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"LoopConfig: {name} must be a finite number, got {value!r}")
         for name in ("batch_size", "max_iterations", "cuts", "fade_reselect", "max_modules_per_stage", "seed",
-                     "latency_batch", "plant_rounds"):
+                     "latency_batch", "plant_rounds", "gap_partitions", "gap_cycles"):
             if not isinstance(getattr(self, name), int):
                 raise ValueError(f"LoopConfig: {name} must be an int, got {getattr(self, name)!r}")
         if not self.lr > 0 or self.weight_decay < 0 or min(self.alpha, self.beta, self.gamma) < 0 or self.seed < 0:
@@ -222,6 +224,9 @@ class LoopConfig:
         if self.growth not in growth.names() or self.grow_order not in GROW_ORDERS:
             raise ValueError(f"LoopConfig: growth must be one of {growth.names()} and grow_order one of "
                              f"{GROW_ORDERS}, got {self.growth!r}, {self.grow_order!r}")
+        if self.gap_partitions < 1 or self.gap_cycles < 1:
+            raise ValueError(f"LoopConfig: gap_partitions and gap_cycles must be >= 1, got {self.gap_partitions!r}, "
+                             f"{self.gap_cycles!r}")
         if self.plant_rounds < 1 or not 0 < self.plant_share <= 4 or not self.plant_max_params > 1:
             raise ValueError(f"LoopConfig: plant_rounds must be >= 1, plant_share in (0, 4] and plant_max_params "
                              f"> 1, got {self.plant_rounds!r}, {self.plant_share!r}, {self.plant_max_params!r}")

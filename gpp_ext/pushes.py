@@ -13,7 +13,7 @@ cut must take (else None: the prune stage selects). Registered here:
   fades to exactly zero while the rest trains, so the cut is lossless (`RemovalFade`); needs `schedule="budget"`;
 - `none`: plain cross-entropy (with distillation when the config asks);
 - `loss`: the push terms on the pre-decision features (`PushLoss`: alpha, beta, gamma);
-- the peers' `group_fisher`, `hgs`, `sss`, `sss_blocks`.
+- the peers' `group_fisher`, `hgs`, `sss`, `sss_blocks`, and `gap` (scheduled grow-and-prune, `gpp_ext.gap`).
 
 A handler that reads any of `PUSH_SETTINGS` (the push terms, the fade's knobs, `sparsity`) names them in
 `register(reads=...)`; the others do not shape its run (`loop.run_settings`).
@@ -36,7 +36,7 @@ _REGISTRY: dict = {}
 # The `LoopConfig` settings only some push methods read: each method names those it reads (`register(reads=)`),
 # so a configuration's unread ones can be told apart from the ones that shape its run (`loop.run_settings`).
 PUSH_SETTINGS = ("alpha", "beta", "gamma", "separation", "fade_reselect", "fade_schedule", "fade_end",
-                 "fade_fixed_widths", "sparsity")
+                 "fade_fixed_widths", "sparsity", "gap_partitions", "gap_cycles")
 _PUSH_TERMS = ("alpha", "beta", "gamma", "separation")
 
 
@@ -257,3 +257,30 @@ def _sss(ctx: PushContext):
           reads=("sparsity",))
 def _sss_blocks(ctx: PushContext):
     return _sss_push(ctx, channels=False)
+
+
+def _gap_check(config) -> None:
+    _needs_training("gap")(config)
+    if config.budget_kind not in ("params", "flops"):
+        raise ValueError(f"LoopConfig: push='gap' holds groups at uniform widths of a params or FLOPs budget, got "
+                         f"budget_kind={config.budget_kind!r}")
+
+
+@register("gap", "scheduled grow-and-prune: runs of layers take turns being dense while the others are held at "
+          "the budget's uniform widths (their removed channels at zero), each pruned by L1 when its turn ends; the "
+          "cut removes only zeros (--epochs 0: from scratch, recipe gap)", check=_gap_check,
+          reads=("gap_partitions", "gap_cycles"))
+def _gap(ctx: PushContext):
+    from .gap import GapSchedule
+    from .training import fit
+
+    c, model = ctx.config, ctx.model
+    model.to(ctx.device)
+    base_cost = ctx.base_cost or ctx.cost(model)
+    relative = ctx.goal * base_cost / ctx.cost(model)
+    if relative >= 1:  # the model already meets this iteration's goal: plain training
+        return fit(model, ctx.splits.train, ctx.epochs, **ctx.fit_kwargs), None
+    schedule = GapSchedule(model, ctx.example, relative, c.budget_kind, c.gap_partitions, c.gap_cycles,
+                           ignore=tuple(c.ignore))
+    model = fit(model, ctx.splits.train, ctx.epochs, after_step=schedule.after_step, **ctx.fit_kwargs)
+    return model, schedule.finish()

@@ -42,6 +42,10 @@ RECIPES = {
     # them by L1 norm, then the fine-tune distils from the unpruned model
     "genetic": dict(allocation="genetic", criterion="l1", finetune_distill=0.5, push="none", push_epochs=0,
                     finetune_epochs=3, push_share=0.0),
+    # scheduled grow-and-prune (Ma et al. 2022, at channel level) from scratch: no base training; four fifths of
+    # the epochs with runs of layers taking turns being dense while the others are held at the budget's uniform
+    # widths, the cut of the zeroed channels, then the rest fine-tuning
+    "gap": dict(push="gap", epochs=0, push_epochs=4, finetune_epochs=1, push_share=0.8),
     # the fading push of the committed benchmark (harness 3), its training as the loop ran it then: one
     # iteration, a third of the epochs pushing while the removal set fades to zero half-way (VGG-BN's choice;
     # LeNet-5's was 1.0), no push terms, utilities compared as they are, widths chosen afresh at each selection
@@ -62,6 +66,7 @@ DESCRIPTIONS = {
     "sss": "sparse structure selection: block and channel scales trained to zero (APG), zero blocks removed",
     "sss-blocks": "whole residual blocks selected by their scales (APG, zero blocks removed), then GPP's cut",
     "genetic": "a genetic search over the widths (L1 channels inside them), fine-tuned with distillation",
+    "gap": "scheduled grow-and-prune from scratch: layers take turns being dense, the rest held at the budget",
     "fade": "the fading push (lossless cut) with the knobs the committed benchmark chose for VGG-BN",
     "v1": "push terms, then a threshold raised every iteration, at a constant learning rate",
 }

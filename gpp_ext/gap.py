@@ -1,0 +1,142 @@
+"""Scheduled grow-and-prune at channel level (docs/design.md §2.7; after Ma et al., "Effective Model
+Sparsification by Scheduled Grow-and-Prune Methods", ICLR 2022, adapted from weights to channels): a network
+trained from scratch ends at the budget without a dense model ever being trained first.
+
+    model, history = scheduled_grow_and_prune(model, splits, target=0.25, epochs=6, partitions=2)
+
+The prunable channel groups are split into `partitions` runs of consecutive layers. Training is one schedule
+(the loop's recipe) cut into `partitions * cycles` phases and a closing share (`finetune_share`). In each
+phase one partition is dense (all its channels train) while every other group is pruned to its width: its
+removed channels are held at zero after every optimiser step (producer rows, biases and norm parameters,
+through `ChannelGraph.scale_channels`). When a phase ends, the dense partition is pruned to its widths by the
+L1 norm of its channels, and the next partition grows back: its removed channels, at zero, train again. After
+the last phase every group is pruned and the closing share trains the pruned network; the removed channels,
+exactly zero, are then cut away, which changes no output. The widths are the budget's uniform fractions
+(every group keeps the same share of its channels: from scratch no layer has earned more).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .cost import count_flops, count_params
+from .pruning import ChannelGraph
+from .pruning.selection import select_channels
+from .training import evaluate, fit
+
+__all__ = ["scheduled_grow_and_prune", "GapSchedule", "channel_l1"]
+
+
+def channel_l1(graph: ChannelGraph, name: str) -> torch.Tensor:
+    """The L1 norm of each channel of group `name` over the tensors that produce it (producer rows and biases,
+    depthwise filters, norm weights and biases)."""
+    size = graph.group(name).size
+    score = torch.zeros(size, dtype=torch.float64)
+    for p in graph.channel_params(name):
+        if p.role == "consumer" or p.attr.startswith("running_"):
+            continue
+        t = p.tensor.detach().abs().double().movedim(p.dim, 0).reshape(p.tensor.shape[p.dim], -1).sum(1).cpu()
+        score += t[p.index].sum(1)
+    return score
+
+
+def _partitions(names: list, k: int) -> list:
+    """`names` cut into `k` runs of consecutive groups, as even as they can be."""
+    k = min(k, len(names))
+    bounds = [round(i * len(names) / k) for i in range(k + 1)]
+    return [names[bounds[i]:bounds[i + 1]] for i in range(k)]
+
+
+class GapSchedule:
+    """The grow-and-prune schedule over one training run (pass `after_step` to `fit`, then `finish()`).
+
+    `model`'s prunable groups are split into `partitions` runs of consecutive layers, each kept at the budget's
+    uniform widths (`budget` of its cost, `budget_kind` "params" or "flops") except the dense partition of the
+    current phase; `partitions * cycles` phases share the steps evenly. `finish()` prunes what is still dense
+    and returns the keep-set `{group: kept indices}` (the removed channels are exactly zero, so cutting them
+    changes no output). `history` lists each phase's end: the step and the groups pruned then.
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, budget: float, budget_kind: str = "params",
+                 partitions: int = 2, cycles: int = 1, ignore=()):
+        if not 0 < budget <= 1 or partitions < 1 or cycles < 1 or budget_kind not in ("params", "flops"):
+            raise ValueError(f"GapSchedule: budget must be in (0, 1], partitions and cycles >= 1 and budget_kind "
+                             f"'params' or 'flops', got {budget}, {partitions}, {cycles}, {budget_kind!r}")
+        self.graph = ChannelGraph(model, example, ignore=tuple(ignore))
+        names = [g.name for g in self.graph.groups]
+        if not names:
+            raise ValueError(f"GapSchedule: {type(model).__name__} has no prunable channel groups")
+        keep = select_channels(self.graph, {n: channel_l1(self.graph, n) for n in names}, method="budget",
+                               budget=budget, budget_kind=budget_kind, allocation="uniform")
+        self.widths = {n: int(keep[n].numel()) for n in names}
+        self.parts = _partitions(names, partitions)
+        self.phases = len(self.parts) * cycles
+        self.phase, self.removed, self.history = 0, {}, []
+        with torch.no_grad():
+            for name in names:  # from the start, every group outside the first dense partition is pruned
+                if name not in self.parts[0]:
+                    self._prune(name)
+
+    def _prune(self, name: str) -> None:
+        order = torch.sort(channel_l1(self.graph, name), descending=True, stable=True).indices
+        self.removed[name] = order[self.widths[name]:]
+        self.graph.scale_channels(name, self.removed[name], 0.0)
+
+    def _end_phase(self, step: int) -> None:
+        dense = self.parts[self.phase % len(self.parts)]
+        for name in dense:
+            self._prune(name)
+        self.phase += 1
+        self.history.append({"phase": self.phase, "step": step, "pruned": list(dense)})
+        if self.phase < self.phases:  # the next partition grows: its removed channels train again from zero
+            for name in self.parts[self.phase % len(self.parts)]:
+                self.removed.pop(name, None)
+
+    @torch.no_grad()
+    def after_step(self, step: int, total: int) -> None:
+        while self.phase < min(self.phases - 1, step * self.phases // max(total, 1)):
+            self._end_phase(step)
+        for name, gone in self.removed.items():  # the pruned channels stay at zero
+            if gone.numel():
+                self.graph.scale_channels(name, gone, 0.0)
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        while self.phase < self.phases:
+            self._end_phase(-1)
+        keep = {}
+        for name, gone in self.removed.items():
+            mask = torch.ones(self.graph.group(name).size, dtype=torch.bool)
+            mask[gone] = False
+            keep[name] = mask.nonzero().squeeze(1)
+        return keep
+
+
+def scheduled_grow_and_prune(model: nn.Module, splits, target: float, epochs: float, partitions: int = 2,
+                             cycles: int = 1, finetune_share: float = 0.2, budget_kind: str = "params",
+                             seed: int = 0, device="cpu", progress: bool = False, **fit_kwargs):
+    """Trains `model` from its current weights to `target` of its cost; returns `(compact model, history)`.
+
+    Args:
+        model: the network (untrained, or not: it is trained in place and then cut).
+        splits: a `gpp_ext.data.DataSplits`.
+        target: the fraction of the cost (`budget_kind`: "params" or "flops") the compact model keeps.
+        epochs: all training: the phases, then `finetune_share` of it on the cut network.
+        partitions, cycles: see `GapSchedule`.
+        fit_kwargs: the training recipe (`fit`'s lr, lr_schedule, optimizer, batch_size, weight_decay, warmup).
+    """
+    if epochs <= 0 or not 0 <= finetune_share < 1:
+        raise ValueError(f"scheduled_grow_and_prune: epochs must be > 0 and finetune_share in [0, 1), got {epochs}, "
+                         f"{finetune_share}")
+    model.to(device)
+    example = torch.zeros(2, *splits.input_shape, device=device)
+    schedule = GapSchedule(model, example, target, budget_kind, partitions, cycles)
+    model = fit(model, splits.train, epochs * (1 - finetune_share), seed=seed, device=device, progress=progress,
+                after_step=schedule.after_step, desc="grow-and-prune", **fit_kwargs)
+    schedule.graph.prune(schedule.finish())
+    model = fit(model, splits.train, epochs * finetune_share, seed=seed + 1, device=device, progress=progress,
+                desc="fine-tuning", **fit_kwargs)
+    history = schedule.history + [{"phase": "final", "val_accuracy": evaluate(model, splits.val, device=device),
+                                   "params": count_params(model), "flops": count_flops(model, example)}]
+    return model, history
