@@ -238,7 +238,9 @@ def run_settings(settings) -> dict:
     replaces (or `push_share` without it) and `ignore`. Two configurations with equal run settings run the same
     loop."""
     d = asdict(settings) if isinstance(settings, LoopConfig) else dict(settings)
-    unread = set(pushes.PUSH_SETTINGS) - set(pushes.reads(d.get("push", "none")))
+    push = d.get("push", "none")
+    read = pushes.reads(push) if push in pushes.names() else pushes.PUSH_SETTINGS  # unknown: assume all count
+    unread = set(pushes.PUSH_SETTINGS) - set(read)
     unread |= {"push_epochs", "finetune_epochs"} if d.get("epoch_budget") is not None else {"push_share"}
     return {k: v for k, v in d.items() if k not in unread and k != "ignore"}
 
