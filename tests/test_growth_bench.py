@@ -1,0 +1,42 @@
+"""The growth benchmark's harness, in a mode smaller than --smoke (digits, one seed, an epoch or two): every net
+met while growing is recorded with its epochs, the largest is pruned and grown-and-pruned to the smaller kept
+sizes at equal epochs, ResNets are matched in size, and a resumed run measures nothing again."""
+
+import importlib
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("GPP_EXT_CACHE", str(tmp_path / "cache"))
+    growth = importlib.import_module("benchmarks.growth")
+    monkeypatch.setitem(growth.MODES, "smoke", dict(growth.MODES["smoke"], base_epochs=1, grow_epochs=1,
+                                                    prune_epochs=0.5, max_modules_per_stage=2))
+    out = tmp_path / "growth.json"
+    assert growth.main(["--smoke", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    grown = [r for r in records if r["key"][1] == "grown"]
+    assert grown[0]["kept"] and grown[0]["epochs"] == 1 and all(r["kept"] is not None for r in grown)
+    assert all(r["epochs"] > 1 for r in grown[1:])  # a grown candidate has seen its parent's epochs and more
+    largest = next(r for r in records if r["key"][1] == "grown-largest")
+    kept = [r for r in grown if r["kept"]]
+    for r in kept:
+        for depth in ("resnet8", "resnet14", "resnet20"):
+            resnet = next(x for x in records if x["key"] == [0, depth, r["key"][2]])
+            assert abs(resnet["params"] - r["params"]) <= 0.05 * r["params"] and resnet["epochs"] == r["epochs"]
+        if r["params"] < largest["params"]:
+            pruned = next(x for x in records if x["key"] == [0, "pruned", r["key"][2]])
+            gap = next(x for x in records if x["key"] == [0, "gap", r["key"][2]])
+            assert pruned["epochs"] == gap["epochs"] == largest["epochs"] + 0.5  # equal training
+            assert pruned["params"] <= 1.02 * r["params"] and gap["params"] <= 1.02 * r["params"]
+    assert all(r["commit"] and r["machine"] for r in records)
+    assert "| grown net |" in (tmp_path / "growth.md").read_text()
+    capsys.readouterr()
+    assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
+    assert "seed 0" not in capsys.readouterr().out  # nothing measured again
+    assert json.loads(out.read_text()) == records
+    sys.modules.pop("benchmarks.growth", None)
