@@ -147,9 +147,10 @@ def test_analyzer_run_is_exact_across_processes(tmp_path):
 # one-process gradient: test_ddp_step_has_the_gradient_of_one_process).
 # A constant learning rate: the comparison is of one process against two, and 60 one-cycle steps leave LeNet-5 on
 # digits in a regime where rounding differences after the cut grow to several points (base accuracies match).
-# the push is the plain one: with the fade (the default) the two runs kept the same widths but their test accuracy
-# differed by 0.025 (9 digits images); whether the fade's reselections pick other channels under two processes is
-# still to be established
+# The push is pinned to the plain one. With either push, float-level differences between one and two processes
+# can flip a channel the cut keeps (measured, plain push: validation accuracy right after the cut 0.2517 with one
+# process, 0.2378 with two; the same accuracy at the end of the push). The final test accuracy then differed by
+# 0.006 with the plain push and by 0.025 with the fade, so the 0.02 check below holds for the plain push only.
 COMPRESS = ["compress", "--model", "lenet5", "--data", "digits", "--epochs", "3", "--push", "none", "--push-epochs",
             "1", "--finetune-epochs", "1", "--max-iterations", "1", "--batch-size", "64", "--target-params", "0.3",
             "--lr-schedule", "constant", "--lr", "2e-3", "--seed", "3", "--quiet"]
