@@ -227,3 +227,30 @@ def test_a_setting_that_missed_its_size_target_is_not_chosen(harness):
     best, means = harness.choosing.best_by_mean(entries)
     assert best == "gpp" and means["gpp-x2"] > means["gpp"]
     assert harness.choosing.best_by_mean([{"setting": "reg=1", "val_accuracy": 0.5}])[0] == "reg=1"
+
+
+def test_the_distillation_study_picks_its_rows_after_the_plain_ones_and_renders_them(harness):
+    methods, runner = harness.methods, harness.runner
+    assert methods.kd_variant("l1+kd") == ("l1", True) and methods.kd_variant("genetic-nokd") == ("genetic", False)
+    assert methods.loop_overrides("gpp+kd")["finetune_distill"] == 0.5
+    assert methods.loop_overrides("genetic-nokd")["finetune_distill"] == 0.0 and methods.loop_overrides("l1+kd") is None
+    assert methods.sweep_key("torch_pruning:group_norm_sl:global+kd") == "torch_pruning:group_norm_sl"
+
+    class Args:
+        kd, seeds = ("lenet5", "params", 0.1), [0, 1]
+
+    def rec(method, seed, val, test=0.8):
+        return {"model": "lenet5", "budget_kind": "params", "budget": 0.1, "method": method, "seed": seed,
+                "val_accuracy": val, "test_accuracy": test}
+
+    records = [rec(m, s, v) for m, v in (("gpp", 0.9), ("genetic", 0.95), ("l1", 0.85), ("taylor", 0.88))
+               for s in (0, 1)]
+    assert runner.kd_cells(Args, "vgg", records, True) == []
+    assert runner.kd_cells(Args, "lenet5", records[:-1], True) and \
+        {c[3] for c in runner.kd_cells(Args, "lenet5", records[:-1], True)} == {"gpp+kd", "genetic-nokd", "l1+kd"}
+    cells = runner.kd_cells(Args, "lenet5", records, True)  # taylor complete now: the best peer by validation
+    assert {c[3] for c in cells} == {"gpp+kd", "genetic-nokd", "taylor+kd"} and {c[0] for c in cells} == {0, 1}
+    assert runner.kd_cells(Args, "lenet5", [r for r in records if r["method"] != "genetic"], True) == []
+    kd = [rec("taylor+kd", s, 0.9, 0.85) for s in (0, 1)]
+    lines = harness.render._distillation(records, kd)
+    assert "| lenet5 | 10% | taylor | 0.8000 ± 0.0000 | 0.8500 ± 0.0000 | +0.0500 |" in lines

@@ -180,6 +180,7 @@ def main(argv=None) -> int:
         setattr(args, key, mode[key])
     args.candidates = mode["candidates"] or tuple(choosing.CANDIDATES)
     args.ablation = mode["ablation"] if mode["ablation"] is not None else choosing.ABLATION
+    args.kd = mode.get("kd") if args.methods is None and not (args.budgets or args.flops_budgets) else None
     args.recipe_models = protocol.RECIPE_MODELS if args.mode == "full" else tuple(mode["models"])
     args.kept = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bases") if args.mode == "full" else None
     for given in (args.budgets, args.flops_budgets):

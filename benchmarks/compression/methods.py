@@ -104,10 +104,31 @@ class Setup:
         return training_batches(self.splits.train, 256, self.seed * 7 + offset)
 
 
+# the distillation study (issue: distillation as an option of every method's fine-tuning): a row `M+kd` is method
+# M with every fine-tuning also distilled from the base model (weight 0.5, temperature 4); `genetic-nokd` is the
+# genetic search without its distillation
+KD = dict(weight=0.5, temperature=4.0)
+
+
+def kd_variant(method: str) -> tuple:
+    """`(method it varies, True: with distillation / False: without / None: not a variant)`."""
+    if method.endswith("+kd"):
+        return method[:-3], True
+    if method.endswith("-nokd"):
+        return method[:-5], False
+    return method, None
+
+
 def loop_overrides(method: str) -> dict | None:
     """The `LoopConfig` overrides of a method that is the loop (None for the others): `gpp` none, `gpp-fade` the
     fade push (`FADE`), `gpp-nopush` the cut at once (`CUT`), `group_fisher` the
-    recipe `group-fisher` (Group Fisher's removal schedule as the loop's push)."""
+    recipe `group-fisher` (Group Fisher's removal schedule as the loop's push); a distillation variant
+    (`kd_variant`) of a loop method, its overrides with `finetune_distill` set."""
+    plain, kd = kd_variant(method)
+    if kd is not None:
+        base = loop_overrides(plain)
+        return None if base is None else {**base, "finetune_distill": KD["weight"] if kd else 0.0,
+                                          "temperature": KD["temperature"]}
     if method in LOOP_RECIPES:
         return dict(recipes.RECIPES[LOOP_RECIPES[method]])
     if method == "gpp":
@@ -129,7 +150,9 @@ def loop_settings(method: str, knobs: dict) -> dict | None:
 
 
 def sweep_key(method: str) -> str | None:
-    """The sweep a method's regularisation comes from (local and global share one)."""
+    """The sweep a method's regularisation comes from (local and global share one; a distillation variant's is
+    its method's)."""
+    method = kd_variant(method)[0]
     for key in SWEEPS:
         if method == key or method.startswith(key + ":"):
             return key

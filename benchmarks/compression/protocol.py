@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import asdict
@@ -74,6 +75,9 @@ MODES = {
                  base_epochs={"lenet5": 20, "vgg": 15, "resnet20": 15}, epochs=3.0, prep_epochs=1.0,
                  sweep_values=None, candidates=None, ablation=None,
                  ablation_budgets={"vgg": [("params", 0.1), ("flops", 0.1)]},
+                 # the distillation study: GPP, the best peer there (by mean validation accuracy) and the genetic
+                 # search, each with and without distillation in its fine-tuning, every seed
+                 kd=("lenet5", "params", 0.1),
                  methods={"lenet5": _ALL, "vgg": _ALL, "resnet20": _RESNET}),
 }
 RECIPE_MODELS = ("lenet5", "vgg")   # where GPP's candidates are compared (the full mode)
@@ -166,7 +170,10 @@ def measure_cut(method: str, base, setup: methods.Setup, cache: Cache, stem: str
     def cached(key, build):
         return cache.get(f"{stem}-{key}", build)
 
-    before, cut, used = methods.run(method, base, setup, cached=cached)
+    plain, kd = methods.kd_variant(method)
+    teacher = dict(teacher=copy.deepcopy(base).eval(), distill=methods.KD["weight"],
+                   temperature=methods.KD["temperature"]) if kd else {}
+    before, cut, used = methods.run(plain, base, setup, cached=cached)
     acc_prep = evaluate(before, splits.test)
     acc_cut = evaluate(cut, splits.test)
     recalibrate_batchnorm(cut, setup.loader(offset=1))
@@ -180,7 +187,7 @@ def measure_cut(method: str, base, setup: methods.Setup, cache: Cache, stem: str
         if step in marks:
             curve[marks[step]] = evaluate(cut, splits.test)
 
-    fit(cut, splits.train, remaining, seed=setup.seed + 17, after_step=along, **setup.train)
+    fit(cut, splits.train, remaining, seed=setup.seed + 17, after_step=along, **setup.train, **teacher)
     return {"acc_end_of_prep": acc_prep, "acc_after_cut": acc_cut, "acc_after_recal": acc_recal, "ft_curve": curve,
             "test_accuracy": evaluate(cut, splits.test), "val_accuracy": evaluate(cut, splits.val),
             "prep_epochs_used": used, "finetune_epochs": remaining, **_sizes(cut, splits),

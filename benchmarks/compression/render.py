@@ -74,7 +74,40 @@ def _speed(records) -> list:
 
 def render(records: list, meta: dict, sweeps: list = ()) -> str:
     """Markdown: how the numbers were made, who wins at each budget, every method with accuracy along the way,
-    then the sweeps and the ablation made on validation."""
+    the distillation study, then the sweeps and the ablation made on validation."""
+    from .methods import kd_variant
+
+    kd = [r for r in records if kd_variant(r["method"])[1] is not None]
+    plain = [r for r in records if kd_variant(r["method"])[1] is None]
+    return _render(plain, meta, sweeps, kd)
+
+
+def _distillation(plain: list, kd: list) -> list:
+    if not kd:
+        return []
+    from .methods import kd_variant
+
+    lines = ["", "## Distillation in the fine-tuning", "",
+             "The same runs with and without distillation from the base model in every fine-tuning (weight 0.5, "
+             "temperature 4): GPP (`gpp+kd`), the best peer there by validation accuracy (`+kd`) and the genetic "
+             "search, which distils by default (`genetic-nokd` without). Test accuracy, mean ± std over seeds.", "",
+             "| model | budget | method | without | with | with − without |", "|---|---:|---|---:|---:|---:|"]
+    places = sorted({(r["model"], r.get("budget_kind", "params"), r["budget"]) for r in kd})
+    for model, kind, budget in places:
+        here = [r for r in plain + kd if r["model"] == model and r.get("budget_kind", "params") == kind
+                and r["budget"] == budget]
+        for variant in sorted({r["method"] for r in kd if r["model"] == model and r["budget"] == budget}):
+            method, with_kd = kd_variant(variant)
+            other = [r["test_accuracy"] for r in here if r["method"] == method]
+            this = [r["test_accuracy"] for r in here if r["method"] == variant]
+            without, withs = (other, this) if with_kd else (this, other)
+            diff = f"{_mean(withs) - _mean(without):+.4f}" if withs and without else "–"
+            lines.append(f"| {model} | {_budget(kind, budget)} | {method} | {mean_std(without)} | {mean_std(withs)} "
+                         f"| {diff} |")
+    return lines
+
+
+def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
     lines = [f"# Compression benchmark ({', '.join(sorted({r['dataset'] for r in records}))})", "",
              f"Rendered {meta['date']}. Machine: {', '.join(sorted({r['machine'] for r in records}))}; torch "
              f"{', '.join(sorted({r['torch'] for r in records}))}; commit(s) "
@@ -137,6 +170,7 @@ def render(records: list, meta: dict, sweeps: list = ()) -> str:
               "every compact model of a budget and the base timed interleaved in one window); * marks figures "
               "measured inside the run instead, which depend on what else the machine was doing."]
     lines += _speed(records)
+    lines += _distillation(records, kd)
     lines += _choices(sweeps)
     return "\n".join(lines) + "\n"
 
@@ -203,6 +237,9 @@ def _choices(sweeps) -> list:
 
 
 def plot(records: list, path: str) -> None:
+    from .methods import kd_variant
+
+    records = [r for r in records if kd_variant(r["method"])[1] is None]  # the distillation study: its own table
     import matplotlib
 
     matplotlib.use("Agg")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import statistics
 import sys
 from dataclasses import asdict
 
@@ -38,6 +39,34 @@ def _stale(record: dict, chosen: dict) -> bool:
         if not protocol.same_config(record.get("config"), {k: v for k, v in asdict(now).items() if k != "ignore"}):
             return True
     return record.get("knobs", {}) != knobs_for(record["method"], chosen) or record.get("train") != protocol.train_recipe()
+
+
+def _then(first, later):
+    """The items of `first`, then those of `later()`, called only once `first` is exhausted."""
+    yield from first
+    yield from later()
+
+
+def kd_cells(args, name: str, records: list, validated: bool) -> list:
+    """The distillation study's cells on model `name` (`args.kd = (model, kind, budget)`), once every seed of
+    the plain methods is recorded there: GPP with distillation, the genetic search without it, and the peer with
+    the best mean validation accuracy there (all its seeds recorded) with it."""
+    if not getattr(args, "kd", None) or args.kd[0] != name:
+        return []
+    _, kind, budget = args.kd
+    here = [r for r in records if r["model"] == name and r.get("budget_kind", "params") == kind
+            and r["budget"] == budget and methods.kd_variant(r["method"])[1] is None]
+    seeds = set(args.seeds)
+    by = {}
+    for r in here:
+        by.setdefault(r["method"], []).append(r)
+    complete = {m: rs for m, rs in by.items() if {r["seed"] for r in rs} >= seeds}
+    peers = {m: rs for m, rs in complete.items() if not m.startswith("gpp") and m != "genetic"}  # as the tables
+    if not peers or "genetic" not in complete or (validated and "gpp" not in complete):
+        return []
+    best = max(peers, key=lambda m: statistics.mean(r["val_accuracy"] for r in peers[m]))
+    wanted = ["genetic-nokd", f"{best}+kd"] + (["gpp+kd"] if validated else [])
+    return [(s, kind, budget, m) for s in args.seeds for m in wanted]
 
 
 class Contexts:
@@ -113,7 +142,7 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
             records[:] = [r for r in records if not any(r is x for x in stale)]
             done -= {(r["model"], r["seed"], r.get("budget_kind", "params"), r["budget"], r["method"]) for r in stale}
             save(records)
-        for seed, kind, budget, method in cells:
+        for seed, kind, budget, method in _then(cells, lambda: kd_cells(args, name, records, validated)):
             if (name, seed, kind, budget, method) in done:
                 continue
             splits, base, stem = contexts(name, seed)
