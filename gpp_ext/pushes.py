@@ -58,6 +58,11 @@ class PushContext:
     def example(self) -> torch.Tensor:
         return torch.zeros(2, *self.splits.input_shape, device=self.device)
 
+    def relative_goal(self, model: nn.Module) -> float:
+        """The share of `model`'s present cost the coming cut keeps (`goal` is a share of the base's cost);
+        1 or more when the model already meets it."""
+        return self.goal * (self.base_cost or self.cost(model)) / self.cost(model)
+
     def cost(self, model: nn.Module) -> float:
         from .latency import model_cost, table_for
 
@@ -160,8 +165,7 @@ def _fade(ctx: PushContext):
     c, model = ctx.config, ctx.model
     model.to(ctx.device)
     push = _push_loss(ctx)
-    base_cost = ctx.base_cost or ctx.cost(model)
-    relative = ctx.goal * base_cost / ctx.cost(model)
+    relative = ctx.relative_goal(model)
     if relative >= 1:  # the model already meets this iteration's goal: a plain push
         return fit(model, ctx.splits.train, ctx.epochs, push=push, **ctx.fit_kwargs), None
     fade = RemovalFade(model, ctx.example, training_batches(ctx.splits.train, c.batch_size, ctx.seed), relative,
@@ -200,8 +204,7 @@ def _group_fisher(ctx: PushContext):
 
     c, model = ctx.config, ctx.model
     model.to(ctx.device)
-    base_cost = ctx.base_cost or ctx.cost(model)
-    relative = ctx.goal * base_cost / ctx.cost(model)
+    relative = ctx.relative_goal(model)
     if relative >= 1:  # the model already meets this iteration's goal: plain training
         return fit(model, ctx.splits.train, ctx.epochs, **ctx.fit_kwargs), None
     removal = FisherRemoval(model, ctx.example, relative, budget_kind=c.budget_kind, floor=c.floor,
@@ -276,8 +279,7 @@ def _gap(ctx: PushContext):
 
     c, model = ctx.config, ctx.model
     model.to(ctx.device)
-    base_cost = ctx.base_cost or ctx.cost(model)
-    relative = ctx.goal * base_cost / ctx.cost(model)
+    relative = ctx.relative_goal(model)
     if relative >= 1:  # the model already meets this iteration's goal: plain training
         return fit(model, ctx.splits.train, ctx.epochs, **ctx.fit_kwargs), None
     schedule = GapSchedule(model, ctx.example, relative, c.budget_kind, c.gap_partitions, c.gap_cycles,
