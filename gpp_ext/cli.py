@@ -446,6 +446,7 @@ def _compress_run(args, device, config_overrides=None) -> int:
         raise FileNotFoundError(f"--weights: no file {args.weights}")
     if args.teacher and not os.path.isfile(args.teacher):
         raise FileNotFoundError(f"--teacher: no file {args.teacher}")
+    teacher = io.load(args.teacher) if args.teacher else None  # a model file is data: nothing it names runs
     ignore = tuple(n.strip() for n in (args.ignore or "").split(",") if n.strip())
     config = _config(args, args.model, ignore=ignore, **(config_overrides or {}))  # every setting checked now
     saved = _load_model_file(args) if _is_model_file(args.model) else None  # refused here, before the data
@@ -465,7 +466,6 @@ def _compress_run(args, device, config_overrides=None) -> int:
     if unknown:
         raise ValueError(f"--ignore: the model has no modules {unknown[:4]}")
     out = args.out or os.path.join("runs", f"{_slug(args.model)}-{_slug(args.data)}")
-    teacher = io.load(args.teacher) if args.teacher else None  # a model file is data: nothing it names runs
     loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet, device=device,
                          onnx_latency=args.onnx_latency, teacher=teacher)
     if lead:

@@ -144,3 +144,13 @@ def test_the_loop_plants_with_a_teacher_and_refuses_a_missing_or_unwanted_one(sp
     with pytest.raises(ValueError, match="teacher must return logits"):
         GrowPushPrune(copy.deepcopy(starved), splits, config, out_dir=tmp_path / "c", progress=False,
                       teacher=models.build("lenet5", input_size=8, num_classes=3))
+
+
+def test_a_teacher_file_is_checked_before_the_data_are_read(tmp_path):
+    (tmp_path / "teacher.pt").write_bytes(b"not a model")
+    for path, message in ((tmp_path / "missing.pt", "--teacher: no file"), (tmp_path / "teacher.pt", "teacher.pt")):
+        out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--model", "lenet5", "--data",
+                              "digits", "--grow", "planting", "--grow-distill", "0.5", "--teacher", str(path),
+                              "--quiet", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and message in out.stderr, out.stderr
+        assert not (tmp_path / "run").exists()
