@@ -4,15 +4,16 @@ trained from scratch ends at the budget without a dense model ever being trained
 
     model, history = scheduled_grow_and_prune(model, splits, target=0.25, epochs=6, partitions=2)
 
-The prunable channel groups are split into `partitions` runs of consecutive layers. Training is one schedule
-(the loop's recipe) cut into `partitions * cycles` phases and a closing share (`finetune_share`). In each
-phase one partition is dense (all its channels train) while every other group is pruned to its width: its
-removed channels are held at zero after every optimiser step (producer rows, biases and norm parameters,
-through `ChannelGraph.scale_channels`). When a phase ends, the dense partition is pruned to its widths by the
-L1 norm of its channels, and the next partition grows back: its removed channels, at zero, train again. After
-the last phase every group is pruned and the closing share trains the pruned network; the removed channels,
-exactly zero, are then cut away, which changes no output. The widths are the budget's uniform fractions
-(every group keeps the same share of its channels: from scratch no layer has earned more).
+The prunable channel groups are split into `partitions` runs of consecutive layers (`GapSchedule`). One training
+schedule (the loop's recipe) is cut into `partitions * cycles` phases. In each phase one partition is dense (all
+its channels train) while every other group is pruned to its width: its removed channels are held at zero after
+every optimiser step (producer rows, biases and norm parameters, through `ChannelGraph.scale_channels`). When a
+phase ends, the dense partition is pruned to its widths by the L1 norm of its channels, and the next partition
+grows back: its removed channels, at zero, train again. After the last phase every group is pruned; the removed
+channels, exactly zero, are cut away (which changes no output), and `scheduled_grow_and_prune` fine-tunes the
+cut network for its closing share of the epochs (`finetune_share`; in the loop, push `gap`, the loop's own
+fine-tuning). The widths are the budget's uniform fractions (every group keeps the same share of its channels:
+from scratch no layer has earned more).
 """
 
 from __future__ import annotations
