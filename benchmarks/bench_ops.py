@@ -19,6 +19,7 @@ FULL = os.environ.get("GPP_EXT_BENCH", "full") == "full"  # validated in conftes
 ROUNDS = 5 if FULL else 1
 SCATTER_SHAPES = ([(65536, d, c) for d in (256, 512, 1024) for c in (10, 100)] if FULL else [(2048, 64, 10)])
 EIGH_SHAPES = [(1, 256), (1, 512), (1, 1024), (8, 256)] if FULL else [(2, 32)]
+DISCRIMINANT_SHAPES = ([(d, c) for d in (256, 1024, 2048) for c in (10, 100)] if FULL else [(64, 10)])
 UTILITY_SHAPES = [(100, 512), (100, 2048)] if FULL else [(10, 64)]
 DECONV_CASES = ({  # name: (batch, c_in, c_out, size, kernel, stride, padding, groups)
     "vgg_conv3x3": (16, 128, 128, 32, 3, 1, 1, 1),
@@ -146,6 +147,39 @@ def test_generalized_eigh(benchmark, impl, device, batch, d):
     a, b = to(device, a, b)
     fn = ops.generalized_eigh if impl == "extension" else reference.generalized_eigh
     values, _ = run(benchmark, device, fn, a, b, 1e-3)
+    assert rel_err(values, expected) < 1e-10
+
+
+# ------------------------------------------------------------------------------------------ discriminants
+
+@functools.lru_cache(maxsize=1)
+def discriminant_case(d, c):
+    x, y = make_features(max(4 * d, 20 * c), d, c, relu=True, seed=d + c)
+    stats = ops.class_scatter(x, y, c)
+    return stats, reference.discriminants(stats, None, 1e-3)[0]
+
+
+@pytest.mark.parametrize("impl", ["extension", "reference", "scipy"])
+@pytest.mark.parametrize("d,c", DISCRIMINANT_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("device", DEVICES)
+def test_discriminants(benchmark, impl, device, d, c):
+    """The top C - 1 discriminants: the rank-aware solve (extension) against the full solves it replaces, ours
+    (reference: generalized_eigh, then the first C - 1 pairs) and scipy's sygvd of the same problem."""
+    if impl == "scipy" and device != "cpu":
+        pytest.skip("scipy runs on the CPU")
+    setup(benchmark, impl, device, "discriminants", f"D={d} C={c}")
+    stats, expected = discriminant_case(d, c)
+    if impl == "scipy":
+        import scipy.linalg
+
+        a = stats.between().numpy()
+        b = (stats.within + 1e-3 * stats.within.diagonal().sum() / d * torch.eye(d, dtype=torch.float64)).numpy()
+        w = run(benchmark, device, lambda: scipy.linalg.eigh(a, b))[0]
+        assert rel_err(torch.as_tensor(w[::-1][:c - 1].copy()), expected) < 1e-8
+        return
+    on = ops.ScatterStats(*to(device, stats.count, stats.mean, stats.within))
+    fn = ops.discriminants if impl == "extension" else reference.discriminants
+    values, _ = run(benchmark, device, fn, on, None, 1e-3)
     assert rel_err(values, expected) < 1e-10
 
 

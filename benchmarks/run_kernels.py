@@ -52,6 +52,8 @@ def ratios(rows: list[dict]) -> dict:
         entry = {}
         if "reference" in t:
             entry["speedup_vs_reference"] = {k: t["reference"] / v for k, v in t.items()}
+        if "scipy" in t:
+            entry["speedup_vs_scipy"] = {k: t["scipy"] / v for k, v in t.items()}
         if "gemm_floor" in t:
             entry["vs_gemm_floor"] = {k: v / t["gemm_floor"] for k, v in t.items()}
         cpu = times.get(group.replace("[cuda]", "[cpu]"), {}).get("extension")
@@ -62,8 +64,9 @@ def ratios(rows: list[dict]) -> dict:
 
 
 def table(rows: list[dict], rat: dict) -> str:
-    lines = ["| op[device] and shape | impl | median | IQR | reference / impl | impl / GEMM floor | CPU ext / impl |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| op[device] and shape | impl | median | IQR | reference / impl | scipy / impl | impl / GEMM floor | "
+             "CPU ext / impl |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(value, suffix=""):
         return "" if value is None else f"{value:.2f}{suffix}"
@@ -73,8 +76,9 @@ def table(rows: list[dict], rat: dict) -> str:
         speed = g.get("speedup_vs_reference", {}).get(r["impl"])
         floor = g.get("vs_gemm_floor", {}).get(r["impl"])
         gpu = g.get("speedup_vs_cpu_extension", {}).get(r["impl"])
+        scipy = g.get("speedup_vs_scipy", {}).get(r["impl"])
         lines.append(f"| {r['group']} | {r['impl']} | {r['median_s'] * 1e3:.3f} ms | {r['iqr_s'] * 1e3:.3f} ms | "
-                     f"{fmt(speed, 'x')} | {fmt(floor)} | {fmt(gpu, 'x')} |")
+                     f"{fmt(speed, 'x')} | {fmt(scipy, 'x')} | {fmt(floor)} | {fmt(gpu, 'x')} |")
     return "\n".join(lines)
 
 

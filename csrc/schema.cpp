@@ -16,6 +16,10 @@ TORCH_LIBRARY(gpp_ext, m) {
       "Tensor within_b) -> (Tensor, Tensor, Tensor)");
   // Batched generalized symmetric eigenproblem a e = lambda (b + ridge tr(b)/D I) e, descending.
   m.def("generalized_eigh(Tensor a, Tensor b, float ridge) -> (Tensor, Tensor)");
+  // Top-k pairs of S_b e = lambda (S_w + ridge tr(S_w)/D I) e from scatter statistics (rank-aware: one Cholesky
+  // and an SVD of [D, C]), with generalized_eigh's 14 data-check flags.
+  m.def(
+      "discriminants(Tensor count, Tensor mean, Tensor within, float ridge, int k) -> (Tensor, Tensor, Tensor)");
   // Eigenvalue-weighted absolute loadings of the unit-normalised top-k discriminants.
   m.def("discriminant_utility(Tensor eigenvalues, Tensor eigenvectors, int? k) -> Tensor");
   // Per-neuron Fisher ratio S_b[j,j] / (S_w[j,j] + eps * tr(S_w + S_b)/D), with 0/0 read as 0.

@@ -11,6 +11,7 @@ set(GPP_EXT_CPU_SOURCES
     csrc/cpu/class_scatter_cpu.cpp
     csrc/cpu/merge_scatter_cpu.cpp
     csrc/cpu/generalized_eigh_cpu.cpp
+    csrc/cpu/discriminants_cpu.cpp
     csrc/cpu/utility_cpu.cpp
     csrc/cpu/deconv_backproject_cpu.cpp
     csrc/cpu/slice_channels_cpu.cpp
@@ -21,6 +22,7 @@ set(GPP_EXT_CUDA_SOURCES
     csrc/cuda/class_scatter_cuda.cu
     csrc/cuda/merge_scatter_cuda.cu
     csrc/cuda/generalized_eigh_cuda.cpp
+    csrc/cuda/discriminants_cuda.cpp
     csrc/cuda/utility_cuda.cu
     csrc/cuda/deconv_backproject_cuda.cpp
     csrc/cuda/slice_channels_cuda.cu

@@ -124,6 +124,31 @@ def square_stack(a, op: str, arg: str) -> torch.Tensor:
     return a
 
 
+def column_stack(a, op: str, arg: str) -> torch.Tensor:
+    """A (batch of) matrices `[..., D, K]` of column vectors."""
+    a = features(a, op, arg)
+    if a.dim() < 2:
+        raise ValueError(f"{op}: {arg} must be a (batch of) matrices [..., D, K] with vectors as columns, got "
+                         f"shape {tuple(a.shape)}")
+    return a
+
+
+# What discriminants' messages call the two sides of its problem.
+DISCRIMINANT_NAMES = ("the between-class scatter (from stats.mean and stats.count)", "stats.within")
+
+
+def discriminant_count(k, num_classes: int, dim: int, op: str = "discriminants") -> int:
+    """How many discriminants: `k` in `[0, min(C, D)]`, default `min(C - 1, D)` (at least 0)."""
+    most = min(num_classes, dim)
+    if k is None:
+        return max(min(num_classes - 1, dim), 0)
+    k = integer(k, op, "k", minimum=0)
+    if k > most:
+        raise ValueError(f"{op}: k must be in [0, min(C, D)] = [0, {most}] (S_b has rank at most C - 1, so no "
+                         f"eigenvalue past the C-th is non-zero), got {k}")
+    return k
+
+
 def symmetry_tolerance(dtype) -> float:
     """Largest accepted `max|m - m^T| / max|m|` of a generalized_eigh input of this dtype."""
     return SYMMETRY_EPS * torch.finfo(dtype).eps
@@ -177,7 +202,7 @@ def _condition_estimate(b: torch.Tensor, chol: torch.Tensor, steps: int = 4):
 
 
 @torch.no_grad()
-def eigh_data(a: torch.Tensor, b: torch.Tensor, ridge: float, op: str = "generalized_eigh"):
+def eigh_data(a: torch.Tensor, b: torch.Tensor, ridge: float, op: str = "generalized_eigh", names=("a", "b")):
     """generalized_eigh's data checks, read back in one synchronisation (on a GPU); `a`, `b` are validated,
     same-shape, non-empty `[..., D, D]` stacks.
 
@@ -185,7 +210,7 @@ def eigh_data(a: torch.Tensor, b: torch.Tensor, ridge: float, op: str = "general
     non-negative diagonal of `b`; `b + r I` positive definite on the live (non-dead) dimensions; and its
     condition number (estimated by `_condition_estimate` on the live block) at most `max_condition(b.dtype)`.
     Returns `(dead, any_dead)`: the `[k, D]` mask of dead dimensions of the `[k, D, D]` stack (no variance in
-    `b` nor in `a`), and whether there is any.
+    `b` nor in `a`), and whether there is any. `names` are what the messages call `a` and `b`.
     """
     d = a.shape[-1]
     batch = tuple(a.shape[:-2])
@@ -242,47 +267,67 @@ def eigh_data(a: torch.Tensor, b: torch.Tensor, ridge: float, op: str = "general
         failed.any().to(**f64), failed.int().argmax().to(**f64),
         cond.amax(), cond.argmax().to(**f64), needed.amax(), dead.any().to(**f64),
     ]).tolist()
+    raise_eigh_flags(flags, ridge, op, names, (a.dtype, b.dtype), batch)
+    return dead, bool(flags[-1])
+
+
+# The order of the data flags `eigh_data` computes and the discriminants kernel returns (csrc/common/
+# discriminants.h): 14 float64 numbers, the "_at" ones batch entries.
+EIGH_FLAGS = ("nonfinite_a", "nonfinite_b", "asym_a", "asym_a_at", "asym_b", "asym_b_at", "negative", "overflow",
+              "failed", "failed_at", "cond", "cond_at", "needed_ridge", "any_dead")
+
+
+def raise_eigh_flags(flags, ridge: float, op: str, names=("a", "b"), dtypes=(torch.float64, torch.float64),
+                     batch=()) -> None:
+    """Raises the ValueError the first failing data check of a generalized eigenproblem `a e = λ b' e` calls
+    for, from its flags (`EIGH_FLAGS`, read back as numbers). `names` are what the messages call `a` and `b`,
+    `dtypes` their dtypes (the tolerances depend on them), `batch` the stack's batch shape."""
     (nonfinite_a, nonfinite_b, asym_a_max, asym_a_at, asym_b_max, asym_b_at, negative, overflow,
-     any_failed, failed_at, cond_max, cond_at, needed_max, any_dead) = flags
+     any_failed, failed_at, cond_max, cond_at, needed_max, _) = flags
+    a_name, b_name = names
     if nonfinite_a:
-        raise ValueError(f"{op}: a must be finite, found NaN or Inf")
+        raise ValueError(f"{op}: {a_name} must be finite, found NaN or Inf")
     if nonfinite_b:
-        raise ValueError(f"{op}: b must be finite, found NaN or Inf")
-    for name, t, worst, at in (("a", a, asym_a_max, asym_a_at), ("b", b, asym_b_max, asym_b_at)):
-        tol = symmetry_tolerance(t.dtype)
+        raise ValueError(f"{op}: {b_name} must be finite, found NaN or Inf")
+    for name, dtype, worst, at in ((a_name, dtypes[0], asym_a_max, asym_a_at),
+                                   (b_name, dtypes[1], asym_b_max, asym_b_at)):
+        tol = symmetry_tolerance(dtype)
         if worst > tol:
             raise ValueError(f"{op}: {name} must be symmetric, got max|{name} - {name}^T| = {worst:.2e} "
                              f"x max|{name}|{_entry(int(at), batch)}, above the {tol:.1e} that rounding explains "
-                             f"for {t.dtype}; pass the symmetric matrix itself (e.g. a scatter or covariance "
+                             f"for {dtype}; pass the symmetric matrix itself (e.g. a scatter or covariance "
                              f"matrix), not a product such as inv(S_w) @ S_b")
     if negative:
-        raise ValueError(f"{op}: b must be positive semi-definite (a scatter or covariance matrix), "
+        raise ValueError(f"{op}: {b_name} must be positive semi-definite (a scatter or covariance matrix), "
                          f"found a negative diagonal")
     if overflow:
-        raise ValueError(f"{op}: b + ridge·tr(b)/D·I overflows float64 (ridge={ridge:g}); pass a smaller ridge")
+        raise ValueError(f"{op}: {b_name} + ridge·tr({b_name})/D·I overflows float64 (ridge={ridge:g}); pass a "
+                         f"smaller ridge")
     if any_failed:
         where = _entry(int(failed_at), batch)
         if ridge == 0:
-            raise ValueError(f"{op}: b (+ ridge) is not positive definite on its non-dead dimensions{where}; b is "
-                             f"singular, e.g. fewer samples than dimensions, collinear features, or a feature "
-                             f"constant within every class but not across classes. Pass ridge > 0 (ridge=1e-6 "
-                             f"regularises it slightly, 1e-3 is a common choice).")
-        raise ValueError(f"{op}: b (+ ridge) is not positive definite on its non-dead dimensions{where} even "
-                         f"with ridge={ridge:g}: b has a negative eigenvalue below -ridge·tr(b)/D, so it is not "
-                         f"a scatter or covariance matrix (check how it is computed), or pass ridge > {ridge:g}.")
-    limit = max_condition(b.dtype)
+            raise ValueError(f"{op}: {b_name} (+ ridge) is not positive definite on its non-dead dimensions{where}; "
+                             f"{b_name} is singular, e.g. fewer samples than dimensions, collinear features, or a "
+                             f"feature constant within every class but not across classes. Pass ridge > 0 "
+                             f"(ridge=1e-6 regularises it slightly, 1e-3 is a common choice).")
+        raise ValueError(f"{op}: {b_name} (+ ridge) is not positive definite on its non-dead dimensions{where} "
+                         f"even with ridge={ridge:g}: {b_name} has a negative eigenvalue below "
+                         f"-ridge·tr({b_name})/D, so it is not a scatter or covariance matrix (check how it is "
+                         f"computed), or pass ridge > {ridge:g}.")
+    limit = max_condition(dtypes[1])
     if cond_max > limit:
         exponent = math.ceil(math.log10(needed_max)) if 0 < needed_max < float("inf") else -3
         suggest = f"1e{max(exponent, -6)}"
-        precision = (f"; b is {b.dtype}, and its own rounding moves the eigenvalues by up to cond·eps: compute "
-                     f"it in float64 (class_scatter's statistics are float64)") if b.dtype != torch.float64 else ""
-        raise ValueError(f"{op}: b (+ ridge) is ill-conditioned{_entry(int(cond_at), batch)}: condition number "
-                         f"~{cond_max:.1e} (estimated from its Cholesky factor), so the eigenvalues may be off "
-                         f"by up to cond·eps = {cond_max * torch.finfo(b.dtype).eps:.1e} relative; {op} accepts "
-                         f"cond <= {limit:.1e} for {b.dtype} (eigenvalues good to ~{CONDITION_ERROR:g}). b is "
-                         f"nearly singular: nearly collinear features, or a feature (almost) constant within "
-                         f"every class. Pass ridge={suggest} (or larger) to regularise it{precision}.")
-    return dead, bool(any_dead)
+        precision = (f"; {b_name} is {dtypes[1]}, and its own rounding moves the eigenvalues by up to cond·eps: "
+                     f"compute it in float64 (class_scatter's statistics are float64)"
+                     if dtypes[1] != torch.float64 else "")
+        raise ValueError(f"{op}: {b_name} (+ ridge) is ill-conditioned{_entry(int(cond_at), batch)}: condition "
+                         f"number ~{cond_max:.1e} (estimated from its Cholesky factor), so the eigenvalues may be "
+                         f"off by up to cond·eps = {cond_max * torch.finfo(dtypes[1]).eps:.1e} relative; {op} "
+                         f"accepts cond <= {limit:.1e} for {dtypes[1]} (eigenvalues good to "
+                         f"~{CONDITION_ERROR:g}). {b_name} is nearly singular: nearly collinear features, or a "
+                         f"feature (almost) constant within every class. Pass ridge={suggest} (or larger) to "
+                         f"regularise it{precision}.")
 
 
 def int_list(value, op: str, arg: str) -> list[int]:

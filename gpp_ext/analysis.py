@@ -439,8 +439,12 @@ class DiscriminantAnalyzer:
             raise ValueError(f"{_NAME}.utility: kind must be 'lda' or 'fisher', got {kind!r}")
         if kind == "fisher":
             return ops.fisher_utility(self.stats(layer))
+        stats = self.stats(layer)
+        k = self._k(k, stats.dim)
+        if k <= min(stats.num_classes, stats.dim):  # the rank-aware solve: no full D x D eigendecomposition
+            return ops.discriminant_utility(*ops.discriminants(stats, k, self.ridge))
         values, vectors = self.discriminants(layer)
-        return ops.discriminant_utility(values, vectors, self._k(k, values.shape[-1]))
+        return ops.discriminant_utility(values, vectors, k)
 
     def diagonality(self, layer: str | None = None) -> dict:
         """How far `S_w` and `S_b` are from diagonal: `{"within": float, "between": float}`, each the mean

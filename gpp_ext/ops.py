@@ -20,7 +20,7 @@ from . import _checks, reference
 from .stats import ScatterStats
 
 __all__ = [
-    "ScatterStats", "class_scatter", "merge_scatter", "generalized_eigh", "discriminant_utility",
+    "ScatterStats", "class_scatter", "merge_scatter", "generalized_eigh", "discriminants", "discriminant_utility",
     "fisher_utility", "deconv_backproject", "slice_channels", "extension_available", "has_kernel", "data_checks",
 ]
 
@@ -36,7 +36,8 @@ except (ImportError, OSError) as error:  # not built, or built against another t
         f"with `pip install --no-build-isolation -e .` (or `make build`).", RuntimeWarning, stacklevel=2)
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
-_OPS = ("class_scatter", "class_scatter_backward", "merge_scatter", "generalized_eigh", "discriminant_utility",
+_OPS = ("class_scatter", "class_scatter_backward", "merge_scatter", "generalized_eigh", "discriminants",
+        "discriminant_utility",
         "fisher_utility", "deconv_backproject", "slice_channels")
 # Which ops have a compiled kernel for which device: read once from the dispatcher, so that choosing a path
 # is a dictionary lookup that torch.compile can trace.
@@ -184,24 +185,63 @@ def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
     return tuple(torch.ops.gpp_ext.generalized_eigh(a, b, ridge))
 
 
+def discriminants(stats: ScatterStats, k: int | None = None, ridge: float = 0.0):
+    """The top-`k` discriminants of scatter statistics: `generalized_eigh(stats.between(), stats.within, ridge)`
+    cut to its first `k` pairs, computed without the full `D x D` eigendecomposition.
+
+    Args:
+        stats: `ScatterStats` (from `class_scatter` / `merge_scatter`), float64.
+        k: how many pairs, in `[0, min(C, D)]`; default `min(C - 1, D)`, all that can carry between-class
+            scatter (`S_b` has rank at most `C - 1`, so every later eigenvalue is 0).
+        ridge: as `generalized_eigh`'s: `S_w + ridge·tr(S_w)/D·I`.
+
+    Returns:
+        `(eigenvalues [k], eigenvectors [D, k])` float64: eigenvalues descending, eigenvectors as columns with
+        `E^T (S_w + r I) E = I`, the largest-magnitude entry of each positive, zero on dead dimensions.
+
+    The rank-aware solve: `S_b = M^T M` with `M [C, D]` the centred class means scaled by `sqrt(n_c)`, so with
+    `S_w + r I = L L^T` the pairs are the singular pairs of `L^{-1} M^T [D, C]` (`λ = s²`, `e = L^{-T} u`): one
+    Cholesky factorisation, two triangular solves with `C` right-hand sides and an SVD of a `[D, C]` matrix,
+    against a full eigendecomposition for `generalized_eigh`. The pairs with distinct non-zero eigenvalues
+    agree with `generalized_eigh`'s; where eigenvalues tie (including the zero ones, past the rank of `S_b`) the
+    two span the same subspace with possibly different bases. The data checks and their errors are
+    `generalized_eigh`'s (a non-finite or non-symmetric `stats.within`, a singular or ill-conditioned one
+    without a ridge), computed from the same factorisation; on a GPU they cost one read-back, skipped inside
+    `data_checks(False)`. A gradient (w.r.t. `stats.mean` or `stats.within`) runs the reference, the full solve.
+    """
+    op = "discriminants"
+    count, mean, within = _checks.stats_tensors(stats, op, "stats")
+    ridge = _checks.real(ridge, op, "ridge")
+    k = _checks.discriminant_count(k, *mean.shape, op)
+    if not _compiled("discriminants", mean) or _differentiating(mean, within, count):
+        return reference.discriminants(stats, k, ridge)
+    values, vectors, flags = torch.ops.gpp_ext.discriminants(count, mean, within, ridge, k)
+    if mean.device.type != "meta" and not torch.compiler.is_compiling() and (
+            mean.device.type == "cpu" or _data_checks):
+        _checks.raise_eigh_flags(flags.tolist(), ridge, op, _checks.DISCRIMINANT_NAMES)  # one read-back
+    return values, vectors
+
+
 def discriminant_utility(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, k: int | None = None):
     """Neuron utility from discriminants: `u_r = Σ_{j<k} max(λ_j, 0)·|e_{r,j}| / ‖e_j‖`.
 
     Args:
-        eigenvalues: `[..., D]`, descending (as from `generalized_eigh`; note `torch.linalg.eigh` is ascending).
-        eigenvectors: `[..., D, D]`, discriminants as columns.
-        k: how many leading discriminants (the first k columns) count (default all; `C - 1` carry all the
+        eigenvalues: `[..., K]`, descending (as from `generalized_eigh` or `discriminants`; note
+            `torch.linalg.eigh` is ascending).
+        eigenvectors: `[..., D, K]`, discriminants as columns: all `D` of `generalized_eigh`, or the top `K`
+            of `discriminants`.
+        k: how many leading discriminants (the first k columns) count (default all `K`; `C - 1` carry all the
             between-class scatter).
 
     Returns:
         `[..., D]` utility per neuron (row of `eigenvectors`), in the promoted input dtype.
     """
     lam = _checks.features(eigenvalues, "discriminant_utility", "eigenvalues")
-    vec = _checks.square_stack(eigenvectors, "discriminant_utility", "eigenvectors")
+    vec = _checks.column_stack(eigenvectors, "discriminant_utility", "eigenvectors")
     _checks.same_device("discriminant_utility", eigenvalues=lam, eigenvectors=vec)
     if k is not None:
         k = _checks.integer(k, "discriminant_utility", "k", minimum=0)
-    if lam.shape != vec.shape[:-1] or not _compiled("discriminant_utility", vec) or _differentiating(lam, vec):
+    if lam.shape != vec.shape[:-2] + vec.shape[-1:] or not _compiled("discriminant_utility", vec) or _differentiating(lam, vec):
         return reference.discriminant_utility(lam, vec, k)
     return torch.ops.gpp_ext.discriminant_utility(lam, vec, k)
 
@@ -276,9 +316,13 @@ def _register():
         dtype = torch.promote_types(a.dtype, b.dtype)
         return a.new_empty(a.shape[:-1], dtype=dtype), a.new_empty(a.shape, dtype=dtype)
 
+    @torch.library.register_fake(lib + "discriminants")
+    def _(count, mean, within, ridge, k):
+        return mean.new_empty((k,)), mean.new_empty((mean.shape[1], k)), mean.new_empty((14,))
+
     @torch.library.register_fake(lib + "discriminant_utility")
     def _(eigenvalues, eigenvectors, k):
-        return eigenvalues.new_empty(eigenvalues.shape,
+        return eigenvalues.new_empty(eigenvectors.shape[:-1],
                                      dtype=torch.promote_types(eigenvalues.dtype, eigenvectors.dtype))
 
     @torch.library.register_fake(lib + "fisher_utility")

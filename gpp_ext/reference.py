@@ -66,6 +66,17 @@ def _solve_definite(a: torch.Tensor, b: torch.Tensor, entry: int = 0):
     return w.flip(-1), e.flip(-1)
 
 
+def discriminants(stats: ScatterStats, k: int | None = None, ridge: float = 0.0):
+    """The first `k` pairs of `generalized_eigh(stats.between(), stats.within, ridge)` (the full solve; the op
+    gets them from a rank-aware one), `k` by default `min(C - 1, D)`."""
+    op = "discriminants"
+    count, mean, within = _checks.stats_tensors(stats, op, "stats")
+    ridge = _checks.real(ridge, op, "ridge")
+    k = _checks.discriminant_count(k, *mean.shape, op)
+    values, vectors = _generalized_eigh(stats.between(), within, ridge, op, _checks.DISCRIMINANT_NAMES)
+    return values[:k], vectors[:, :k]
+
+
 def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
     """Solves `a e = λ (b + ridge·tr(b)/D·I) e` for symmetric `a`, `b` of shape `[..., D, D]`.
 
@@ -83,13 +94,18 @@ def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
     if a.shape != b.shape:
         raise ValueError(f"{op}: b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
     ridge = _checks.real(ridge, op, "ridge")
+    return _generalized_eigh(a, b, ridge, op)
+
+
+def _generalized_eigh(a, b, ridge: float, op: str, names=("a", "b")):
+    """`generalized_eigh` of validated arguments; `op` and `names` are what its errors say."""
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     d = a.shape[-1]
     if a.numel() == 0:
         return a.new_empty(a.shape[:-1], dtype=out_dtype), a.new_empty(a.shape, dtype=out_dtype)
     # One read-back for every data check. Dead: no variance in b nor in a (b_jj = 0 with a_jj > 0 is a perfect
     # discriminant, not a dead neuron).
-    dead, any_dead = _checks.eigh_data(a, b, ridge, op)
+    dead, any_dead = _checks.eigh_data(a, b, ridge, op, names)
     A = a.to(torch.float64).reshape(-1, d, d)
     B = b.to(torch.float64).reshape(-1, d, d)
     A = 0.5 * (A + A.mT)
@@ -124,18 +140,19 @@ def generalized_eigh(a: torch.Tensor, b: torch.Tensor, ridge: float = 0.0):
 
 
 def discriminant_utility(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, k: int | None = None):
-    """`u_r = Σ_{j<k} max(λ_j, 0)·|e_{r,j}|/‖e_j‖`: eigenvalue-weighted loadings of the top-k discriminants."""
+    """`u_r = Σ_{j<k} max(λ_j, 0)·|e_{r,j}|/‖e_j‖`: eigenvalue-weighted loadings of the top-k discriminants
+    (eigenvectors `[..., D, K]` as columns, eigenvalues `[..., K]`)."""
     op = "discriminant_utility"
     lam = _checks.features(eigenvalues, op, "eigenvalues")
-    vec = _checks.square_stack(eigenvectors, op, "eigenvectors")
+    vec = _checks.column_stack(eigenvectors, op, "eigenvectors")
     _checks.same_device(op, eigenvalues=lam, eigenvectors=vec)
-    if lam.shape != vec.shape[:-1]:
-        raise ValueError(f"{op}: eigenvalues must be [..., D] matching eigenvectors {tuple(vec.shape)}, "
-                         f"got {tuple(lam.shape)}")
-    d = vec.shape[-1]
-    k = d if k is None else _checks.integer(k, op, "k", minimum=0)
-    if k > d:
-        raise ValueError(f"{op}: k must be in [0, D] = [0, {d}], got {k}")
+    if lam.shape != vec.shape[:-2] + vec.shape[-1:]:
+        raise ValueError(f"{op}: eigenvalues must be [..., K] matching eigenvectors [..., D, K] = "
+                         f"{tuple(vec.shape)}, got {tuple(lam.shape)}")
+    cols = vec.shape[-1]
+    k = cols if k is None else _checks.integer(k, op, "k", minimum=0)
+    if k > cols:
+        raise ValueError(f"{op}: k must be in [0, K] = [0, {cols}], got {k}")
     out_dtype = torch.promote_types(lam.dtype, vec.dtype)
     e = vec[..., :k].to(torch.float64)
     norm = e.norm(dim=-2, keepdim=True)

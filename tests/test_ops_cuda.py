@@ -89,6 +89,21 @@ def test_merge_scatter_matches_cpu():
 
 
 @pytest.mark.parametrize("ridge", [0.0, 1e-3])
+def test_discriminants_matches_cpu(ridge):
+    x, y = make_features(3000, 96, 12, dtype=torch.float64, seed=5)
+    stats = ops.class_scatter(x, y, 12)
+    on = ops.ScatterStats(stats.count.cuda(), stats.mean.cuda(), stats.within.cuda())
+    got = ops.discriminants(on, ridge=ridge)
+    ref = ops.discriminants(stats, ridge=ridge)
+    assert got[0].is_cuda and got[1].shape == (96, 11)
+    assert rel_err(got[0], ref[0]) < 1e-10
+    assert rel_err(got[1], ref[1]) < 1e-8  # well-separated discriminants: the same vectors, signs fixed
+    with pytest.raises(ValueError, match="stats.within"):
+        bad = ops.ScatterStats(on.count, on.mean, on.within * 0)
+        ops.discriminants(ops.ScatterStats(bad.count, bad.mean + 1, bad.within))
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1e-3])
 def test_generalized_eigh_matches_cpu(ridge):
     a, b = make_scatter_pair(64, batch=(3,), rank=9, seed=4)
     got = ops.generalized_eigh(a.cuda(), b.cuda(), ridge)
@@ -128,6 +143,6 @@ def test_slice_channels_matches_index_select(dtype):
 
 
 def test_every_op_has_a_cuda_kernel():
-    for name in ("class_scatter", "class_scatter_backward", "merge_scatter", "generalized_eigh",
+    for name in ("class_scatter", "class_scatter_backward", "merge_scatter", "generalized_eigh", "discriminants",
                  "discriminant_utility", "fisher_utility", "deconv_backproject", "slice_channels"):
         assert ops.has_kernel(name, "cuda"), name

@@ -37,6 +37,19 @@ def test_discriminant_utility_matches_numpy(impl, device, k):
         assert rel_err(u, expected) < 1e-12
 
 
+def test_discriminant_utility_of_the_top_columns(impl, device):
+    """`[D, K]` eigenvectors (the top K, as from `discriminants`) give the utility of the first K columns of the
+    full `[D, D]` ones."""
+    a, b = make_scatter_pair(40, rank=9, seed=1)
+    values, vectors = ops.generalized_eigh(a, b)
+    u = impl.discriminant_utility(values[:9].to(device), vectors[:, :9].to(device)).cpu()
+    assert u.shape == (40,)
+    assert rel_err(u, ops.discriminant_utility(values, vectors, 9)) < 1e-12
+    batched = impl.discriminant_utility(values[:9].repeat(2, 1).to(device), vectors[:, :9].repeat(2, 1, 1).to(device),
+                                        4).cpu()
+    assert batched.shape == (2, 40) and rel_err(batched[1], numpy_discriminant_utility(values, vectors, 4)) < 1e-12
+
+
 def test_discriminant_utility_batched_and_clamped():
     values = torch.tensor([[3.0, 1.0, -1e-14], [2.0, -0.5, 0.0]], dtype=torch.float64)
     vectors = torch.randn(2, 3, 3, dtype=torch.float64)
@@ -95,9 +108,10 @@ def test_fisher_utility_edge_cases(impl):
 
 @pytest.mark.parametrize("call,error,match", [
     (lambda m: m.discriminant_utility(torch.zeros(3), torch.zeros(4, 4)), ValueError, "eigenvalues must be"),
-    (lambda m: m.discriminant_utility(torch.zeros(3), torch.zeros(3, 3), 4), ValueError, r"k must be in \[0, D\]"),
+    (lambda m: m.discriminant_utility(torch.zeros(3), torch.zeros(3, 3), 4), ValueError, r"k must be in \[0, K\]"),
     (lambda m: m.discriminant_utility(torch.zeros(3), torch.zeros(3, 3), -1), ValueError, "k must be >= 0"),
-    (lambda m: m.discriminant_utility(torch.zeros(3), torch.zeros(3, 2)), ValueError, "eigenvectors must be"),
+    (lambda m: m.discriminant_utility(torch.zeros(3), torch.zeros(3, 2)), ValueError, r"eigenvalues must be \[\.\.\., K\]"),
+    (lambda m: m.discriminant_utility(torch.zeros(3), torch.zeros(3)), ValueError, "eigenvectors must be"),
     (lambda m: m.fisher_utility(torch.zeros(3)), TypeError, "stats must be a ScatterStats"),
     (lambda m: m.fisher_utility(ScatterStats.empty(2, 2), eps=-1.0), ValueError, "eps must be finite and >= 0"),
 ])

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -97,14 +98,17 @@ inline int64_t check_discriminant_utility_args(const at::Tensor& eigenvalues, co
   check_device(eigenvectors, eigenvalues.device(), op, "eigenvectors");
   check_float_or_double(eigenvalues, op, "eigenvalues");
   check_float_or_double(eigenvectors, op, "eigenvectors");
-  TORCH_CHECK_VALUE(eigenvectors.dim() >= 2 && eigenvectors.size(-1) == eigenvectors.size(-2), op,
-                    ": eigenvectors must be [..., D, D] with eigenvectors as columns, got ", eigenvectors.sizes());
+  TORCH_CHECK_VALUE(eigenvectors.dim() >= 2, op, ": eigenvectors must be [..., D, K] with eigenvectors as columns, got ",
+                    eigenvectors.sizes());
   const auto vec_sizes = eigenvectors.sizes();
-  TORCH_CHECK_VALUE(eigenvalues.sizes() == vec_sizes.slice(0, vec_sizes.size() - 1), op,
-                    ": eigenvalues must be [..., D] matching eigenvectors ", vec_sizes, ", got ", eigenvalues.sizes());
-  const int64_t d = eigenvectors.size(-1);
-  const int64_t k = k_opt.value_or(d);
-  TORCH_CHECK_VALUE(k >= 0 && k <= d, op, ": k must be in [0, D] = [0, ", d, "], got ", k);
+  std::vector<int64_t> value_sizes(vec_sizes.begin(), vec_sizes.end() - 2);
+  value_sizes.push_back(eigenvectors.size(-1));
+  TORCH_CHECK_VALUE(eigenvalues.sizes() == at::IntArrayRef(value_sizes), op,
+                    ": eigenvalues must be [..., K] matching eigenvectors [..., D, K] = ", vec_sizes, ", got ",
+                    eigenvalues.sizes());
+  const int64_t cols = eigenvectors.size(-1);
+  const int64_t k = k_opt.value_or(cols);
+  TORCH_CHECK_VALUE(k >= 0 && k <= cols, op, ": k must be in [0, K] = [0, ", cols, "], got ", k);
   return k;
 }
 

@@ -27,36 +27,38 @@ namespace {
 at::Tensor discriminant_utility_cpu(const at::Tensor& eigenvalues, const at::Tensor& eigenvectors,
                                     std::optional<int64_t> k_opt) {
   const int64_t k = check_discriminant_utility_args(eigenvalues, eigenvectors, k_opt);
-  const int64_t d = eigenvectors.size(-1);
+  const int64_t d = eigenvectors.size(-2);
+  const int64_t cols = eigenvectors.size(-1);
   const auto out_dtype = c10::promoteTypes(eigenvalues.scalar_type(), eigenvectors.scalar_type());
-  at::Tensor out = at::zeros(eigenvalues.sizes(), eigenvalues.options().dtype(at::kDouble));
+  const auto sizes = eigenvectors.sizes();
+  at::Tensor out = at::zeros(sizes.slice(0, sizes.size() - 1), eigenvalues.options().dtype(at::kDouble));
   if (out.numel() == 0 || k == 0) return out.to(out_dtype);
 
-  const at::Tensor lam = eigenvalues.to(at::kDouble).contiguous().view({-1, d});
-  const at::Tensor vec = eigenvectors.to(at::kDouble).contiguous().view({-1, d, d});
+  const at::Tensor lam = eigenvalues.to(at::kDouble).contiguous().view({-1, cols});
+  const at::Tensor vec = eigenvectors.to(at::kDouble).contiguous().view({-1, d, cols});
   const int64_t batch = lam.size(0);
   const double* lp = lam.const_data_ptr<double>();
   const double* ep = vec.const_data_ptr<double>();
   double* up = out.mutable_data_ptr<double>();
   std::vector<double> weight(static_cast<size_t>(k));
   for (int64_t b = 0; b < batch; ++b) {
-    const double* e = ep + b * d * d;
+    const double* e = ep + b * d * cols;
     // Column norms of the top-k eigenvectors, each summed over rows in order.
     at::parallel_for(0, k, 64, [&](int64_t j0, int64_t j1) {
       std::vector<double> sq(static_cast<size_t>(j1 - j0), 0.0);
       for (int64_t r = 0; r < d; ++r) {
-        for (int64_t j = j0; j < j1; ++j) sq[j - j0] += e[r * d + j] * e[r * d + j];
+        for (int64_t j = j0; j < j1; ++j) sq[j - j0] += e[r * cols + j] * e[r * cols + j];
       }
       for (int64_t j = j0; j < j1; ++j) {
         const double norm = std::sqrt(sq[j - j0]);
-        const double lambda = std::max(lp[b * d + j], 0.0);  // negative values are round-off of zero
+        const double lambda = std::max(lp[b * cols + j], 0.0);  // negative values are round-off of zero
         weight[j] = norm > 0.0 ? lambda / norm : 0.0;
       }
     });
     at::parallel_for(0, d, std::max<int64_t>(1, 16384 / k), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         double acc = 0.0;
-        const double* row = e + r * d;
+        const double* row = e + r * cols;
         for (int64_t j = 0; j < k; ++j) acc += weight[j] * std::abs(row[j]);
         up[b * d + r] = acc;
       }

@@ -35,29 +35,30 @@ __device__ double block_sum(double v, double* shared) {
   return total;
 }
 
-// weight[b, j] = max(lambda_j, 0) / ||e_j|| for j < k: one block per (column, batch entry).
+// weight[b, j] = max(lambda_j, 0) / ||e_j|| for j < k: one block per (column, batch entry). Eigenvectors are
+// [batch, d, cols] (cols >= k columns), eigenvalues [batch, cols].
 __global__ void discriminant_weight_kernel(const double* __restrict__ values, const double* __restrict__ vectors,
-                                           int64_t d, int64_t k, double* __restrict__ weight) {
+                                           int64_t d, int64_t cols, int64_t k, double* __restrict__ weight) {
   __shared__ double shared[kThreads];
   const int64_t j = blockIdx.x;
   const int64_t b = blockIdx.y;
-  const double* e = vectors + b * d * d;
+  const double* e = vectors + b * d * cols;
   double sq = 0.0;
-  for (int64_t r = threadIdx.x; r < d; r += blockDim.x) sq += e[r * d + j] * e[r * d + j];
+  for (int64_t r = threadIdx.x; r < d; r += blockDim.x) sq += e[r * cols + j] * e[r * cols + j];
   const double norm = sqrt(block_sum(sq, shared));
   if (threadIdx.x == 0) {
-    const double lambda = fmax(values[b * d + j], 0.0);  // negative values are round-off of zero
+    const double lambda = fmax(values[b * cols + j], 0.0);  // negative values are round-off of zero
     weight[b * k + j] = norm > 0.0 ? lambda / norm : 0.0;
   }
 }
 
 // u[b, r] = sum_{j<k} weight[b, j] |e_{r,j}|: one block per (row, batch entry), threads along the row.
 __global__ void discriminant_sum_kernel(const double* __restrict__ vectors, const double* __restrict__ weight,
-                                        int64_t d, int64_t k, double* __restrict__ out) {
+                                        int64_t d, int64_t cols, int64_t k, double* __restrict__ out) {
   __shared__ double shared[kThreads];
   const int64_t r = blockIdx.x;
   const int64_t b = blockIdx.y;
-  const double* row = vectors + b * d * d + r * d;
+  const double* row = vectors + b * d * cols + r * cols;
   double acc = 0.0;
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) acc += weight[b * k + j] * fabs(row[j]);
   const double total = block_sum(acc, shared);
@@ -67,22 +68,24 @@ __global__ void discriminant_sum_kernel(const double* __restrict__ vectors, cons
 at::Tensor discriminant_utility_cuda(const at::Tensor& eigenvalues, const at::Tensor& eigenvectors,
                                      std::optional<int64_t> k_opt) {
   const int64_t k = check_discriminant_utility_args(eigenvalues, eigenvectors, k_opt);
-  const int64_t d = eigenvectors.size(-1);
+  const int64_t d = eigenvectors.size(-2);
+  const int64_t cols = eigenvectors.size(-1);
   const c10::cuda::CUDAGuard guard(eigenvectors.device());
   const auto out_dtype = c10::promoteTypes(eigenvalues.scalar_type(), eigenvectors.scalar_type());
-  at::Tensor out = at::zeros(eigenvalues.sizes(), eigenvalues.options().dtype(at::kDouble));
+  const auto sizes = eigenvectors.sizes();
+  at::Tensor out = at::zeros(sizes.slice(0, sizes.size() - 1), eigenvalues.options().dtype(at::kDouble));
   if (out.numel() == 0 || k == 0) return out.to(out_dtype);
-  const at::Tensor lam = eigenvalues.to(at::kDouble).contiguous().view({-1, d});
-  const at::Tensor vec = eigenvectors.to(at::kDouble).contiguous().view({-1, d, d});
+  const at::Tensor lam = eigenvalues.to(at::kDouble).contiguous().view({-1, cols});
+  const at::Tensor vec = eigenvectors.to(at::kDouble).contiguous().view({-1, d, cols});
   const int64_t batch = lam.size(0);
   TORCH_CHECK_VALUE(batch <= 65535, "discriminant_utility: at most 65535 batch entries on CUDA, got ", batch);
   at::Tensor weight = at::empty({batch, k}, lam.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   discriminant_weight_kernel<<<dim3(static_cast<unsigned>(k), static_cast<unsigned>(batch)), kThreads, 0, stream>>>(
-      lam.const_data_ptr<double>(), vec.const_data_ptr<double>(), d, k, weight.mutable_data_ptr<double>());
+      lam.const_data_ptr<double>(), vec.const_data_ptr<double>(), d, cols, k, weight.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   discriminant_sum_kernel<<<dim3(static_cast<unsigned>(d), static_cast<unsigned>(batch)), kThreads, 0, stream>>>(
-      vec.const_data_ptr<double>(), weight.const_data_ptr<double>(), d, k, out.mutable_data_ptr<double>());
+      vec.const_data_ptr<double>(), weight.const_data_ptr<double>(), d, cols, k, out.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.to(out_dtype);
 }
