@@ -207,6 +207,15 @@ def test_a_record_made_before_a_loop_setting_existed_still_matches(harness):
     assert harness.protocol.same_config({**cut, "fade_end": 1.0, "alpha": 0.3}, cut)
 
 
+def test_candidates_that_differ_only_in_the_push_share_are_two_loops(harness):
+    """The harness always runs the loop with an epoch budget, so a trial's configuration must keep push_share
+    (a candidate with a shorter push once passed for the default and reused its figures)."""
+    fade = harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade"])
+    short = harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade-short"])
+    assert not harness.protocol.same_config(fade, short)
+    assert harness.protocol.same_config(fade, harness.protocol.config_of({}))  # the default is gpp-fade
+
+
 def test_a_loop_row_matches_the_loop_its_cell_runs(harness):
     """A loop row records the configuration it ran (its budget, epochs, seed): on resume it is current, not
     redone; another recipe makes it stale."""

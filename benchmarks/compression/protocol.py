@@ -230,5 +230,10 @@ def same_config(stored: dict | None, current: dict | None) -> bool:
 
 
 def config_of(overrides: dict) -> dict:
-    """The default recipe with `overrides`, as a dict (to tell whether two trials ran the same loop)."""
-    return {k: v for k, v in asdict(recipes.build("gpp", **overrides)).items() if k != "ignore"}
+    """The default recipe with `overrides` as the harness runs it, as a dict (to tell whether two trials ran the
+    same loop). The harness always sets an epoch budget after a trained base (`methods.cell_config`), so the
+    comparison must too: without one, `loop.run_settings` drops `push_share` (unread without an epoch budget)
+    and two candidates that differ only in it would pass for one. Its amount is in the trial's settings
+    (`settings`), so a placeholder of 1 stands for it here."""
+    config = recipes.build("gpp", **{**overrides, "epochs": 0, "epoch_budget": 1.0})
+    return {k: v for k, v in asdict(config).items() if k != "ignore"}
