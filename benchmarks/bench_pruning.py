@@ -1,6 +1,9 @@
 """Pruning benchmarks: the budget search of `select_channels` with the cost model (`cost_model`) against the
 search it replaced, which cuts a copy of the model for every candidate threshold (`reference`:
-`search="cuts"`), on the same graph and utilities; and one whole `gpp_ext.prune` call per model (criteria `l1` and `lda`) for its wall time.
+`search="cuts"`), on the same graph and utilities; one whole `gpp_ext.prune` call per model (criteria `l1`
+and `lda`) for its wall time; and, when torchvision is installed, `prune` on ResNet-50 and MobileNetV2 with its
+phases (graph, analysis, solve, trace, selection, cut, recalibration) beside Torch-Pruning's magnitude step and
+one forward pass of the analysis data.
 
 Rows share a group per model and budget so pytest-benchmark prints them side by side, and each checks that
 its choice meets the budget (the two searches must choose the same channels) before it is timed.
@@ -59,3 +62,53 @@ def test_prune_call(benchmark, impl, name):
         lambda: gpp_ext.prune(model, loader, x, criterion=impl, method="budget", budget=0.3, progress=False),
         rounds=ROUNDS, iterations=1, warmup_rounds=1 if FULL else 0)
     assert report.params[1] <= 0.3 * report.params[0] and small(x).shape == (2, 10)
+
+
+# ------------------------------------------------------------------------ large models against Torch-Pruning
+
+ZOO = ("resnet50", "mobilenet_v2") if FULL else ("resnet18",)
+ZOO_IMPLS = ["lda", "l1", "torch_pruning", "forward"]
+
+
+@functools.lru_cache(maxsize=1)
+def zoo_case(name):
+    """A torchvision model with random weights and its analysis data: 64 images of 64x64 (the issue's case)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    data = torch.randn(64 if FULL else 16, 3, 64, 64)
+    return model, [(data, torch.arange(len(data)) % 10)], data[:1]
+
+
+@pytest.mark.parametrize("impl", ZOO_IMPLS)
+@pytest.mark.parametrize("name", ZOO)
+def test_prune_large_model(benchmark, impl, name):
+    """One `prune` call on a torchvision model (half the parameters), its phases in `extra_info["seconds"]`,
+    beside Torch-Pruning's magnitude step on the same model and one forward pass of the analysis data."""
+    model, loader, example = zoo_case(name)
+    benchmark.group = f"prune[cpu] {name} 64x64x64"
+    rounds = dict(rounds=3 if FULL else 1, iterations=1, warmup_rounds=1 if FULL else 0)
+    if impl == "forward":
+        with torch.no_grad():
+            out = benchmark.pedantic(lambda: model(loader[0][0]), **rounds)
+        assert out.shape == (len(loader[0][0]), 10)
+        return
+    if impl == "torch_pruning":
+        tp = pytest.importorskip("torch_pruning")
+        import copy
+
+        def step():
+            m = copy.deepcopy(model)
+            head = m.fc if hasattr(m, "fc") else m.classifier[-1]
+            pruner = tp.pruner.MagnitudePruner(m, example, tp.importance.MagnitudeImportance(p=2),
+                                               pruning_ratio=0.3, ignored_layers=[head])
+            pruner.step()
+            return m
+        small = benchmark.pedantic(step, **rounds)
+        assert gpp_ext.count_params(small) < 0.7 * gpp_ext.count_params(model)
+        return
+    small, report = benchmark.pedantic(
+        lambda: gpp_ext.prune(model, loader, example, criterion=impl, method="budget", budget=0.5, progress=False),
+        **rounds)
+    benchmark.extra_info["seconds"] = {k: round(v, 4) for k, v in report.seconds.items()}
+    assert report.params[1] <= 0.51 * report.params[0] and small(example).shape == (1, 10)

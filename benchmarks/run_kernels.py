@@ -37,7 +37,8 @@ def rows_from(bench_json: dict) -> list[dict]:
         s = b["stats"]
         rows.append({"group": b["group"], "op": b["group"].split("[")[0], "device": b["params"].get("device", "cpu"),
                      "impl": b["params"]["impl"], "median_s": s["median"], "iqr_s": s["iqr"], "min_s": s["min"],
-                     "rounds": s["rounds"]})
+                     "rounds": s["rounds"], **({"seconds": b["extra_info"]["seconds"]}
+                                               if "seconds" in b.get("extra_info", {}) else {})})
     return rows
 
 
@@ -79,6 +80,14 @@ def table(rows: list[dict], rat: dict) -> str:
         scipy = g.get("speedup_vs_scipy", {}).get(r["impl"])
         lines.append(f"| {r['group']} | {r['impl']} | {r['median_s'] * 1e3:.3f} ms | {r['iqr_s'] * 1e3:.3f} ms | "
                      f"{fmt(speed, 'x')} | {fmt(scipy, 'x')} | {fmt(floor)} | {fmt(gpu, 'x')} |")
+    phases = [r for r in rows if r.get("seconds")]
+    if phases:
+        names = list(dict.fromkeys(k for r in phases for k in r["seconds"]))
+        lines += ["", "Where a `prune` call's time goes (seconds, its last round):", "",
+                  "| model | criterion | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+        for r in phases:
+            cells = " | ".join(f"{r['seconds'][k]:.3f}" if k in r["seconds"] else "" for k in names)
+            lines.append(f"| {r['group']} | {r['impl']} | {cells} |")
     return "\n".join(lines)
 
 

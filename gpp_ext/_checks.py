@@ -193,7 +193,7 @@ def _condition_estimate(b: torch.Tensor, chol: torch.Tensor, steps: int = 4):
         norm = bv.norm(dim=(-2, -1))
         high = torch.fmax(high, norm)
         v = bv / norm.clamp_min(1e-300).view(-1, 1, 1)
-        inv = torch.cholesky_solve(w, chol)
+        inv = torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, w, upper=False), upper=True)
         norm = inv.norm(dim=(-2, -1))
         inverse_norm = torch.fmax(inverse_norm, norm)
         w = inv / norm.clamp_min(1e-300).view(-1, 1, 1)

@@ -56,6 +56,28 @@ def test_trace_reaches_every_group_of_real_architectures():
         assert all(v.sum() > 0 for v in u.values()), name  # the signal gets everywhere
 
 
+def test_trace_batchnorm_shortcut_equals_its_vjp(monkeypatch):
+    """An eval-mode BatchNorm is traced by its per-channel scale; the generic transpose (autograd's VJP of the
+    layer at the recorded input) gives the same, to float32 rounding."""
+    from gpp_ext.pruning import trace
+
+    torch.manual_seed(0)
+    model = models.build("vgg")
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        with torch.no_grad():
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(-1.5, 1.5)
+    model.eval()
+    x = torch.randn(6, 1, 28, 28)
+    graph = ChannelGraph(model, x[:2])
+    fast = trace_utility(graph, x, torch.ones(model.classifier.in_features))
+    monkeypatch.setattr(trace, "BATCH_NORMS", ())
+    generic = trace_utility(graph, x, torch.ones(model.classifier.in_features))
+    assert fast.keys() == generic.keys()
+    for name in fast:
+        assert torch.allclose(fast[name], generic[name], rtol=1e-5, atol=1e-6 * float(generic[name].abs().max()))
+
+
 def test_trace_goes_through_chunks_and_repeated_inputs():
     from test_graph import ChunkNet
 
@@ -129,6 +151,12 @@ def test_prune_one_call(criterion, tmp_path):
     assert report.widths["fc1"] == (120, 60)
     assert small(x[:5]).shape == (5, 10)
     assert "params" in str(report) and report.to_dict()["criterion"] == criterion
+    # where the time went, phase by phase (the discriminant criteria report their analysis, solve and trace)
+    phases = {"graph", "scores", "selection", "cut", "recalibration", "counting"}
+    if criterion in ("lda", "fisher"):
+        phases |= {"analysis", "solve", "trace"}
+    assert set(report.seconds) == phases and all(v >= 0 for v in report.seconds.values())
+    assert "seconds: graph" in str(report) and report.to_dict()["seconds"] == report.seconds
     gpp_ext.io.save(small, tmp_path / "small.pt")
     back = gpp_ext.io.load(tmp_path / "small.pt").eval()
     assert torch.equal(back(x[:5]), small.eval()(x[:5]))

@@ -37,7 +37,9 @@ Built in:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +78,7 @@ class CriterionContext:
             passes its budget's kind).
         notes: what a criterion reports back (e.g. `notes["neurons"]`, the pre-decision neurons it kept);
             `prune` copies it into its report.
+        seconds: wall time per phase (`timed`): "analysis", "solve", "trace", ...; `prune` reports it.
     """
 
     loader: object = None
@@ -89,7 +92,17 @@ class CriterionContext:
     progress: bool = False
     cost_kind: str = "flops"
     notes: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Adds the wall time of the block to `seconds[phase]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
     def _need_loader(self, what: str):
         if self.loader is None:
@@ -112,7 +125,8 @@ class CriterionContext:
         and cached (its hooks are removed, its statistics stay)."""
         if "analyzer" not in self._cache:
             layer = self.classifier_of(graph) + ":input"
-            with DiscriminantAnalyzer(graph.model, self.classes_of(graph), layers=[layer]) as analyzer:
+            with self.timed("analysis"), \
+                    DiscriminantAnalyzer(graph.model, self.classes_of(graph), layers=[layer]) as analyzer:
                 analyzer.run(self._need_loader("the discriminant analysis"), max_batches=self.max_batches,
                              progress=self.progress, device=self.device)
             if analyzer.num_samples == 0:
@@ -129,7 +143,9 @@ class CriterionContext:
 
     def utility(self, graph: ChannelGraph, kind: str = "lda") -> torch.Tensor:
         """Per-neuron utility `[D]` float64 of the pre-decision layer: "lda" or "fisher"."""
-        return self.analyzer(graph).utility(kind=kind)
+        analyzer = self.analyzer(graph)
+        with self.timed("solve"):
+            return analyzer.utility(kind=kind)
 
     def batch(self):
         """The loader's first `(inputs, labels)` batch, on `device`."""
@@ -288,8 +304,10 @@ def _discriminant(graph: ChannelGraph, context: CriterionContext, kind: str) -> 
     selected = torch.sort(utility, descending=True, stable=True).indices[:count]
     weights = torch.zeros(width, dtype=torch.float64)
     weights[selected] = 1.0
-    images = context.tracing_images(graph)
-    return trace_utility(graph, images, weights.float().to(images.device), classifier=context.classifier_of(graph))
+    with context.timed("trace"):
+        images = context.tracing_images(graph)
+        return trace_utility(graph, images, weights.float().to(images.device),
+                             classifier=context.classifier_of(graph))
 
 
 @register("lda")

@@ -14,6 +14,7 @@ docs/design.md §2.8).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,10 +40,13 @@ class PruneReport:
     params: tuple = (0, 0)
     flops: tuple = (0, 0)
     neurons: int | None = None  # pre-decision neurons kept (discriminant criteria)
+    seconds: dict = field(default_factory=dict)  # wall time per phase: graph, analysis, solve, trace, scores,
+    #                                              selection, cut, recalibration, counting
 
     def to_dict(self) -> dict:
         return {"criterion": self.criterion, "widths": {k: list(v) for k, v in self.widths.items()},
-                "params": list(self.params), "flops": list(self.flops), "neurons": self.neurons}
+                "params": list(self.params), "flops": list(self.flops), "neurons": self.neurons,
+                "seconds": dict(self.seconds)}
 
     def __str__(self) -> str:
         rows = [f"{'group':<32} {'before':>7} {'after':>7}"]
@@ -51,6 +55,8 @@ class PruneReport:
         f0, f1 = self.flops
         rows.append(f"params {p0:,} -> {p1:,} ({p1 / max(p0, 1):.1%}); FLOPs {f0:,} -> {f1:,} ({f1 / max(f0, 1):.1%})"
                     f"; criterion {self.criterion}")
+        if self.seconds:
+            rows.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()))
         return "\n".join(rows)
 
 
@@ -118,14 +124,19 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     device = next(model.parameters()).device
+    seconds = {}
+    start = time.perf_counter()
     graph = ChannelGraph(model, example_inputs, ignore=ignore)
+    seconds["graph"] = time.perf_counter() - start
     classifier = find_classifier(model)  # one classifier for every step (gpp_ext.classifier)
     head = dict(model.named_modules())[classifier].out_features
     if num_classes is not None and num_classes != head:
         raise ValueError(f"prune: num_classes={num_classes} but the classifier {classifier!r} has {head} outputs; "
                          f"pass the classifier's class count (or leave num_classes out)")
     num_classes = head
+    start = time.perf_counter()
     params0, flops0 = count_params(model), count_flops(model, example_inputs)
+    counting = time.perf_counter() - start
     before = {g.name: g.size for g in graph.groups}
 
     context = criteria.CriterionContext(loader=loader, device=device, classifier=classifier,
@@ -134,7 +145,10 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
                                         progress=progress,
                                         cost_kind=budget_kind if budget_kind in ("params", "flops") else "flops")
     if keep is None:
+        start = time.perf_counter()
         scores = score(graph, context)
+        seconds.update(context.seconds)  # the criterion's own phases (analysis, solve, trace)
+        seconds["scores"] = time.perf_counter() - start - sum(context.seconds.values())  # the rest of it
         if not isinstance(scores, dict):
             raise TypeError(f"prune: criterion {name!r} must return a dict of group name -> [size] scores, got "
                             f"{type(scores).__name__}")
@@ -144,18 +158,26 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
 
             evaluate = evaluator_from(model, example_inputs, scores, loader, ignore=ignore, device=device,
                                       max_batches=max_batches)
+        start = time.perf_counter()
         keep = select_channels(graph, scores, method=method, eta=eta if method == "eta" else None, ratio=ratio,
                                budget=budget, budget_kind=budget_kind, min_channels=min_channels,
                                round_to=round_to, allocation=allocation, normalize=normalize, floor=floor,
                                evaluate=evaluate, seed=seed, progress=progress, latency=latency)
+        seconds["selection"] = time.perf_counter() - start
     # Under torch.distributed the statistics are already identical everywhere, but tracing images, Taylor's
     # batch and random scores are each process's own: rank 0 decides, and every process cuts the same channels.
     keep = gdist.broadcast_object(keep)
+    start = time.perf_counter()
     graph.prune(keep)
+    seconds["cut"] = time.perf_counter() - start
     if recalibrate:
+        start = time.perf_counter()
         recalibrate_batchnorm(model, loader, device=device, progress=progress)
+        seconds["recalibration"] = time.perf_counter() - start
     after = {g.name: g.size for g in graph.groups}
-    report = PruneReport(name, {n: (before[n], after.get(n, before[n])) for n in before},
-                         (params0, count_params(model)), (flops0, count_flops(model, example_inputs)),
-                         context.notes.get("neurons"))
+    start = time.perf_counter()
+    sizes = (params0, count_params(model)), (flops0, count_flops(model, example_inputs))
+    seconds["counting"] = counting + time.perf_counter() - start
+    report = PruneReport(name, {n: (before[n], after.get(n, before[n])) for n in before}, *sizes,
+                         context.notes.get("neurons"), seconds)
     return model, report

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..classifier import find_classifier, pre_decision_node
-from ..layers import CONV
+from ..layers import BATCH_NORMS, CONV
 from .graph import ChannelGraph
 
 __all__ = ["trace_utility"]
@@ -102,6 +102,13 @@ def _backproject(graph: ChannelGraph, node: torch.fx.Node, values: dict, signal:
         if isinstance(module, nn.ReLU6) or node.target is F.relu6:
             mask &= values[source] < 6
         return {source: out * mask}
+    if isinstance(module, BATCH_NORMS) and not module.training and module.running_var is not None:
+        # eval-mode BatchNorm is a per-channel affine map: its transpose scales by gamma / sqrt(var + eps)
+        # (the generic VJP below gives the same, re-running the layer under autograd)
+        scale = (module.running_var.detach() + module.eps).rsqrt()
+        if module.weight is not None:
+            scale = scale * module.weight.detach()
+        return {source: signal * scale.to(signal.dtype).view((1, -1) + (1,) * (signal.dim() - 2))}
     pool = _MAXPOOL.get(type(module)) if module is not None else None
     if pool is not None and module.dilation in (1, (1,), (1, 1), (1, 1, 1)):
         _, switches = pool(values[source], module.kernel_size, module.stride, module.padding, module.dilation,
