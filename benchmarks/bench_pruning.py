@@ -87,7 +87,7 @@ def test_prune_large_model(benchmark, impl, name):
     beside Torch-Pruning's magnitude step on the same model and one forward pass of the analysis data."""
     model, loader, example = zoo_case(name)
     benchmark.group = f"prune[cpu] {name} 64x64x64"
-    rounds = dict(rounds=3 if FULL else 1, iterations=1, warmup_rounds=1 if FULL else 0)
+    rounds = dict(rounds=ROUNDS, iterations=1, warmup_rounds=1 if FULL else 0)
     if impl == "forward":
         with torch.no_grad():
             out = benchmark.pedantic(lambda: model(loader[0][0]), **rounds)
