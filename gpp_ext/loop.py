@@ -78,10 +78,10 @@ class LoopConfig:
     """Knobs of the loop. Budgets are fractions of the base model; accuracies are fractions in [0, 1]."""
 
     epochs: int = 5                  # initial training
-    push_epochs: float = 1           # per iteration (fractions allowed)
-    finetune_epochs: float = 2       # per iteration
+    push_epochs: float = 0.45        # per iteration (fractions allowed): 15% of the default 3
+    finetune_epochs: float = 2.55    # per iteration
     epoch_budget: float | None = None  # if set: all training after the base, split over the iterations
-    push_share: float = 1 / 3        # with epoch_budget: the push's share of each iteration
+    push_share: float = 0.15         # with epoch_budget: the push's share of each iteration
     batch_size: int = 128
     lr: float = 4e-3                 # the peak of every phase's schedule
     weight_decay: float = 1e-4

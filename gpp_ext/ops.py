@@ -241,7 +241,8 @@ def discriminant_utility(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, 
     _checks.same_device("discriminant_utility", eigenvalues=lam, eigenvectors=vec)
     if k is not None:
         k = _checks.integer(k, "discriminant_utility", "k", minimum=0)
-    if lam.shape != vec.shape[:-2] + vec.shape[-1:] or not _compiled("discriminant_utility", vec) or _differentiating(lam, vec):
+    if lam.shape != vec.shape[:-2] + vec.shape[-1:] or not _compiled("discriminant_utility", vec) or \
+            _differentiating(lam, vec):
         return reference.discriminant_utility(lam, vec, k)
     return torch.ops.gpp_ext.discriminant_utility(lam, vec, k)
 

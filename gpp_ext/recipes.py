@@ -17,9 +17,9 @@ from .loop import LoopConfig
 __all__ = ["RECIPES", "DESCRIPTIONS", "build", "names"]
 
 RECIPES = {
-    # LoopConfig's defaults: one iteration at the solver's cost-aware widths; a third of the epochs pushing while
-    # the removal set the criterion (traced LDA utility) picks fades linearly to zero half-way, then the
-    # lossless cut and the fine-tune; every phase AdamW with a one-cycle schedule
+    # LoopConfig's defaults: one iteration at the solver's cost-aware widths; 15% of the epochs pushing while the
+    # removal set the criterion (traced LDA utility) picks fades linearly to zero half-way, then the lossless cut
+    # and the fine-tune (85%); every phase AdamW with a one-cycle schedule
     "gpp": {},
     # the default's widths and criterion cut at once, every epoch fine-tuning (the default until the benchmark's
     # validation chose the fade)

@@ -46,7 +46,7 @@ def score_first(harness, monkeypatch, candidate):
 def test_harness_smoke(harness, tmp_path, monkeypatch):
     # the rows and tables are under test here, not the choice (the next test checks a default that loses): the
     # default recipe's trial is scored first on validation, since one epoch on digits says nothing about it
-    score_first(harness, monkeypatch, "gpp-fade")
+    score_first(harness, monkeypatch, "gpp-fade-short")
     code, out = smoke(harness, tmp_path)
     assert code == 0
     records = json.loads(out.read_text())
@@ -77,7 +77,7 @@ def test_harness_smoke(harness, tmp_path, monkeypatch):
     assert {c["what"] for c in choices} >= {"slimming reg", "gpp recipe", "gpp ablation"}
     assert all(c["commit"] and c["machine"] for c in choices)  # every figure says where it was made
     recipe = [c for c in choices if c["what"] == "gpp recipe"]
-    assert {c["setting"] for c in recipe} == {"gpp-cut", "gpp-fade"}
+    assert {c["setting"] for c in recipe} == {"gpp-cut", "gpp-fade-short"}
     assert sum(c["chosen"] for c in recipe) == 1
     assert sum(c.get("chosen", False) for c in choices if c["what"] == "slimming reg") == 1
     # every method starts from the same reference and meets its budget
@@ -96,7 +96,7 @@ def test_no_gpp_row_runs_when_another_candidate_beats_the_default(harness, tmp_p
     code, out = smoke(harness, tmp_path, "--methods", "gpp,gpp-fade,l1")
     assert code == 0
     assert [r["method"] for r in json.loads(out.read_text())] == ["l1"]
-    assert "candidate 'gpp-cut' beats the default recipe ('gpp-fade')" in capsys.readouterr().err
+    assert "candidate 'gpp-cut' beats the default recipe ('gpp-fade-short')" in capsys.readouterr().err
 
 
 def test_resume_keeps_records_and_runs_only_the_missing(harness, tmp_path):
@@ -172,8 +172,8 @@ def test_bad_arguments_name_the_option(harness, tmp_path, capsys, argv, message)
 
 
 def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness, tmp_path, monkeypatch):
-    # the ablation cell "solver x fade x onecycle" is the candidate `gpp-fade`'s run
-    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "candidates": ("gpp-fade",),
+    # the ablation cell "solver x fade x onecycle" is the candidate `gpp-fade-short`'s run (the default's)
+    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "candidates": ("gpp-fade-short",),
                                                  "ablation": (("solver", "fade", "onecycle"),)})
     measured = []
     real = harness.protocol.measure
@@ -189,7 +189,7 @@ def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness
     assert measured == ["gpp"]
     trials = json.loads((tmp_path / "compression-choices.json").read_text())
     candidate, cell = trials
-    assert cell["same_as"] == "gpp recipe: gpp-fade" and cell["val_accuracy"] == candidate["val_accuracy"]
+    assert cell["same_as"] == "gpp recipe: gpp-fade-short" and cell["val_accuracy"] == candidate["val_accuracy"]
     # resumed: nothing is measured again
     measured.clear()
     assert smoke(harness, tmp_path, "--methods", "gpp", "--resume")[0] == 0
@@ -213,7 +213,7 @@ def test_candidates_that_differ_only_in_the_push_share_are_two_loops(harness):
     fade = harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade"])
     short = harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade-short"])
     assert not harness.protocol.same_config(fade, short)
-    assert harness.protocol.same_config(fade, harness.protocol.config_of({}))  # the default is gpp-fade
+    assert harness.protocol.same_config(short, harness.protocol.config_of({}))  # the default is gpp-fade-short
 
 
 def test_a_loop_row_matches_the_loop_its_cell_runs(harness):

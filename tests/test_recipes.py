@@ -58,8 +58,11 @@ def test_recipes_build_validated_configs_and_gpp_is_loopconfigs_defaults():
         recipes.build("gpp", learning_rate=0.1)
     with pytest.raises(ValueError, match="push='fade' .* needs schedule='budget'"):
         recipes.build("v1", push="fade")
-    # the default the benchmark validated pushes with the fade (no push terms); gpp-cut is the cut at once
-    assert (LoopConfig().push, LoopConfig().push_share, LoopConfig().alpha) == ("fade", pytest.approx(1 / 3), 0.0)
+    # the default the benchmark validated pushes with the fade for 15% of the epochs (no push terms), with or
+    # without an epoch budget; gpp-cut is the cut at once
+    config = LoopConfig()
+    assert (config.push, config.push_share, config.alpha) == ("fade", pytest.approx(0.15), 0.0)
+    assert config.push_epochs / (config.push_epochs + config.finetune_epochs) == pytest.approx(config.push_share)
     assert (recipes.build("gpp-cut").push, recipes.build("gpp-cut").push_epochs) == ("none", 0)
     with pytest.raises(ValueError, match="alpha, beta and gamma are all 0"):
         recipes.build("v1", alpha=0.0, beta=0.0, gamma=0.0)

@@ -40,7 +40,7 @@ ALLOCATION_AXIS = {"raw": dict(allocation="global", normalize="none", floor=0.0)
                    "normalised": dict(allocation="global", normalize="mean"),
                    "solver": dict(allocation="solver"), "search": dict(allocation="search"),
                    "uniform": dict(allocation="uniform")}
-PUSH_AXIS = {"cut": dict(methods.CUT), "fade": dict(methods.FADE)}
+PUSH_AXIS = {"cut": dict(methods.CUT), "fade": dict(CANDIDATES["gpp-fade-short"])}  # the default's fade
 SCHEDULE_AXIS = {"onecycle": dict(lr_schedule="onecycle"), "constant": dict(lr_schedule="constant", lr=2e-3)}
 ABLATION = tuple(itertools.product(ALLOCATION_AXIS, PUSH_AXIS, SCHEDULE_AXIS))
 
