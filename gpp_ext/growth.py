@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ._registry import Registry
+
 __all__ = ["GrowthContext", "register", "names", "describe", "get", "check_model"]
 
-_REGISTRY: dict = {}
+_REGISTRY = Registry("growth", "growth")
 
 
 @dataclass
@@ -49,33 +51,15 @@ class GrowthContext:
 def register(name: str, summary: str, check_model=None):
     """Registers a growth handler under `name`; `check_model(model)` (optional) raises `ValueError` for a model
     it cannot grow, before any training. Returns the decorator."""
-    if not isinstance(name, str) or not name or name in _REGISTRY:
-        raise ValueError(f"growth.register: name must be a new non-empty string, got {name!r}")
-
-    def decorate(handler):
-        _REGISTRY[name] = (handler, summary, check_model)
-        return handler
-    return decorate
+    return _REGISTRY.register(name, summary, check_model=check_model)
 
 
-def names() -> tuple:
-    return tuple(_REGISTRY)
-
-
-def describe() -> dict:
-    return {name: entry[1] for name, entry in _REGISTRY.items()}
-
-
-def get(name: str):
-    if name not in _REGISTRY:
-        raise ValueError(f"growth must be one of {names()}, got {name!r}")
-    return _REGISTRY[name][0]
+names, describe, get = _REGISTRY.names, _REGISTRY.describe, _REGISTRY.get
 
 
 def check_model(name: str, model: nn.Module) -> None:
     """`ValueError` when growth method `name` is unknown or cannot grow `model`."""
-    get(name)
-    check = _REGISTRY[name][2]
+    check = _REGISTRY.extra(name, "check_model")
     if check is not None:
         check(model)
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ._registry import Registry
 
 __all__ = ["PushContext", "register", "names", "describe", "get", "check", "PUSH_SETTINGS", "reads"]
 
-_REGISTRY: dict = {}
+_REGISTRY = Registry("push", "pushes")
 # The `LoopConfig` settings only some push methods read: each method names those it reads (`register(reads=)`),
 # so a configuration's unread ones can be told apart from the ones that shape its run (`loop.run_settings`).
 PUSH_SETTINGS = ("alpha", "beta", "gamma", "separation", "fade_reselect", "fade_schedule", "fade_end",
@@ -81,42 +82,23 @@ def stage_epochs(config) -> tuple:
 def register(name: str, summary: str, check=None, reads: tuple = ()):
     """Registers a push handler under `name`; `check(config)` (optional) raises `ValueError` for settings it
     cannot run with; `reads` names the `PUSH_SETTINGS` the handler reads. Returns the decorator."""
-    if not isinstance(name, str) or not name or name in _REGISTRY:
-        raise ValueError(f"pushes.register: name must be a new non-empty string, got {name!r}")
     unknown = sorted(set(reads) - set(PUSH_SETTINGS))
     if unknown:
         raise ValueError(f"pushes.register({name!r}): reads names settings outside PUSH_SETTINGS: {unknown}")
-
-    def decorate(handler):
-        _REGISTRY[name] = (handler, summary, check, tuple(reads))
-        return handler
-    return decorate
+    return _REGISTRY.register(name, summary, check=check, reads=tuple(reads))
 
 
-def names() -> tuple:
-    return tuple(_REGISTRY)
-
-
-def describe() -> dict:
-    return {name: entry[1] for name, entry in _REGISTRY.items()}
+names, describe, get = _REGISTRY.names, _REGISTRY.describe, _REGISTRY.get
 
 
 def reads(name: str) -> tuple:
     """The `PUSH_SETTINGS` push method `name` reads."""
-    get(name)
-    return _REGISTRY[name][3]
-
-
-def get(name: str):
-    if name not in _REGISTRY:
-        raise ValueError(f"push must be one of {names()}, got {name!r}")
-    return _REGISTRY[name][0]
+    return _REGISTRY.extra(name, "reads")
 
 
 def check(config) -> None:
     """`ValueError` when `config.push` is not registered or its handler cannot run with `config`."""
-    get(config.push)
-    extra = _REGISTRY[config.push][2]
+    extra = _REGISTRY.extra(config.push, "check")
     if extra is not None:
         extra(config)
 

@@ -106,7 +106,7 @@ def test_a_registered_push_method_runs_in_the_loop():
         with pytest.raises(ValueError, match="new non-empty string"):
             pushes.register("test-count", "again")
     finally:
-        del pushes._REGISTRY["test-count"]
+        pushes._REGISTRY.remove("test-count")
     with pytest.raises(ValueError, match="push must be one of"):
         LoopConfig(push="test-count").validate()
 
