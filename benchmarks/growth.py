@@ -19,6 +19,9 @@ compression benchmark:
 4. `gap` against `pruned`: scheduled grow-and-prune (`gap.scheduled_grow_and_prune`) of the largest net's
    architecture from scratch, to each smaller size, with the epochs the largest net saw plus `prune_epochs`
    (what `pruned` had in all: train-then-prune at equal epochs).
+5. `grown-triage`: the same trained net grown again with its most critical stages first (`triage` of its
+   modules, each replaced by one layer and fine-tuned `grow_epochs` with distillation, then `stage_order`: what
+   `LoopConfig(grow_order="triage")` runs), against the first-to-last order of 1.
 
 Results go to benchmarks/results/growth.{json,md} atomically after every run; `--resume` keeps the runs recorded
 with the same settings and runs the rest.
@@ -45,6 +48,7 @@ from gpp_ext.io import write_text_atomic
 from gpp_ext.loop import GrowPushPrune, train_kwargs
 from gpp_ext.models.resnet import ResNet
 from gpp_ext.training import evaluate, fit
+from gpp_ext.triage import stage_order, triage
 
 from ._meta import git_commit, machine
 
@@ -114,11 +118,24 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
     # 1. the Inception net, trained, then grown; every net met recorded
     cached = [r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"]
     largest_key = (seed, "grown-largest")
-    if runs.get(largest_key) is None:
+    def base():  # the trained Inception net every growth starts from (cached: the triage order reuses it)
+        path = _cache_path(seed, "base")
+        if os.path.exists(path) and runs.get((seed, "base")) is not None:
+            return gpp_ext.io.load(path)  # data: rebuilt from its spec
         started = time.perf_counter()
         torch.manual_seed(seed)
         model = fit(models.build("inception", in_channels=channels, num_classes=classes), splits.train,
                     mode["base_epochs"], seed=seed, **recipe)
+        gpp_ext.io.save(model, path, spec=model.spec())
+        runs.add((seed, "base"), dict(_measure(model, splits, example), epochs=mode["base_epochs"],
+                                      seconds=round(time.perf_counter() - started, 1)))
+        return model
+
+    def grown(order=None):
+        """The base grown stage by stage (`order`: the stages' order, default first to last):
+        `(largest, every net met, seconds)`."""
+        model = base()
+        started = time.perf_counter()
         met, seen = [], {id(model): mode["base_epochs"]}
 
         def train(m):  # a grown candidate: the epochs of the net it grew from, then grow_epochs more
@@ -131,16 +148,20 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
             return met[-1]["val_accuracy"]
 
         model, history = grow(model, train, score, threshold=0.0,
-                              max_modules_per_stage=mode["max_modules_per_stage"], progress=False)
+                              max_modules_per_stage=mode["max_modules_per_stage"], progress=False, order=order)
         for record, step in zip(met, history):
-            record["kept"] = step.kept
+            record.update(kept=step.kept, stage=step.stage)
+        return model, met, time.perf_counter() - started
+
+    if runs.get(largest_key) is None:
+        model, met, seconds = grown()
         for i, record in enumerate(met):
             runs.add((seed, "grown", i), record)
             log(f"  seed {seed} grown net {i}: {record['modules']} modules, {record['params']:,} params, "
                 f"test {record['test_accuracy']:.4f}, {record['epochs']:g} epochs, kept {record['kept']}")
         gpp_ext.io.save(model, _cache_path(seed), spec=model.spec())  # the largest grown net, for the runs below
         runs.add(largest_key, dict(_measure(model, splits, example), epochs=_largest_epochs(met),
-                                   seconds=round(time.perf_counter() - started, 1)))
+                                   seconds=round(seconds, 1)))
         cached = [r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"]
     largest_record = runs.get(largest_key)
     largest = gpp_ext.io.load(_cache_path(seed))  # data: rebuilt from its spec
@@ -179,6 +200,20 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
             log(f"  seed {seed} grow-and-prune to net {r['key'][2]}'s size: {rec['params']:,} params, test "
                 f"{rec['test_accuracy']:.4f}")
 
+    # 5. the same growth with the most critical stages first (`triage.stage_order`, as `grow_order="triage"` runs
+    #    it in the loop): does triage pick a better order than first to last?
+    key = (seed, "grown-triage")
+    if runs.get(key) is None:
+        started = time.perf_counter()
+        triaged = triage(base(), splits, epochs=mode["grow_epochs"], distill=0.5, seed=seed, progress=False, **recipe)
+        order = stage_order(triaged, len(largest.stages))
+        model, met, _ = grown(order)
+        rec = runs.add(key, dict(_measure(model, splits, example), epochs=_largest_epochs(met), order=order,
+                                 triage=[r.to_dict() for r in triaged], met=met,
+                                 seconds=round(time.perf_counter() - started, 1)))
+        log(f"  seed {seed} grown in triage order {order}: {rec['params']:,} params, test {rec['test_accuracy']:.4f} "
+            f"(first to last: {largest_record['params']:,} params, test {largest_record['test_accuracy']:.4f})")
+
     # 3. ResNets matched in size to every kept grown net, trained as long as it was
     for r in [r for r in cached if r["kept"]]:
         for name, blocks in RESNET_DEPTHS.items():
@@ -204,10 +239,10 @@ def _largest_epochs(met: list) -> float:
     return max(r["epochs"] for r in kept)
 
 
-def _cache_path(seed: int) -> str:
+def _cache_path(seed: int, what: str = "largest") -> str:
     folder = os.path.join(os.environ.get("GPP_EXT_CACHE", os.path.join(HERE, "..", "runs")), "growth")
     os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"largest-seed{seed}.pt")
+    return os.path.join(folder, f"{what}-seed{seed}.pt")
 
 
 class _tempdir:
@@ -248,6 +283,20 @@ def table(records: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def order_table(records: list) -> str:
+    """Per seed: the growth in first-to-last order against the growth in triage order (what each ended with)."""
+    lines = ["| seed | first to last: params | test | triage order | params | test | triage seconds |",
+             "|---:|---:|---:|---|---:|---:|---:|"]
+    for r in sorted((r for r in records if r["key"][1] == "grown-triage"), key=lambda r: r["key"][0]):
+        first = next((x for x in records if x["key"] == [r["key"][0], "grown-largest"]), None)
+        if first is None:
+            continue
+        lines.append(f"| {r['key'][0]} | {first['params']:,} | {first['test_accuracy']:.4f} | "
+                     f"{' '.join(map(str, r['order']))} | {r['params']:,} | {r['test_accuracy']:.4f} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="digits, one seed, tiny epochs")
@@ -277,7 +326,8 @@ def main(argv=None) -> int:
     md = os.path.splitext(args.out)[0] + ".md"
     write_text_atomic(md, "# Growth benchmark\n\n" + f"{machine()}, commit {git_commit()}; test accuracy, mean ± std "
                       "over seeds (parameters in brackets); every net trained with the loop's recipe\n\n"
-                      + table(runs.records))
+                      + table(runs.records) + "\n## Growth order: first to last, or most critical first (triage)\n\n"
+                      + order_table(runs.records))
     print(f"benchmarks.growth: {len(runs.records)} runs -> {args.out}, {md}")
     return 0
 

@@ -33,8 +33,12 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
             gap = next(x for x in records if x["key"] == [0, "gap", r["key"][2]])
             assert pruned["epochs"] == gap["epochs"] == largest["epochs"] + 0.5  # equal training
             assert pruned["params"] <= 1.02 * r["params"] and gap["params"] <= 1.02 * r["params"]
+    triaged = next(r for r in records if r["key"] == [0, "grown-triage"])
+    assert sorted(triaged["order"]) == list(range(len(triaged["order"]))) and triaged["triage"]
+    assert triaged["met"][0]["test_accuracy"] == grown[0]["test_accuracy"]  # the same trained net, another order
     assert all(r["commit"] and r["machine"] for r in records)
-    assert "| grown net |" in (tmp_path / "growth.md").read_text()
+    md = (tmp_path / "growth.md").read_text()
+    assert "| grown net |" in md and f"| 0 | {largest['params']:,} |" in md
     capsys.readouterr()
     assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
     assert "seed 0" not in capsys.readouterr().out  # nothing measured again
