@@ -49,3 +49,58 @@ def test_recalibration_and_latency(splits):
     recalibrate_batchnorm(model, training_batches(splits.train, 64, seed=3), num_batches=5)
     assert float(bn.running_mean.abs().max()) < 50 and not model.training
     assert latency_ms(model, splits.input_shape, 1, repeats=3) > 0
+
+
+def _layouts(model):
+    return {n: p.is_contiguous() for n, p in model.named_parameters()}
+
+
+def test_fit_trains_convolutions_channels_last_on_cpu_and_hands_the_model_back_as_it_was(splits, monkeypatch):
+    """`memory_format="auto"` runs the convolutions channels-last (oneDNN's fast layout) and converts back: the
+    same training as the default layout up to rounding, and the model's parameters contiguous again afterwards.
+    Tolerance: logits within 1% (relative norm) after one AdamW step; each convolution sums in another order,
+    and AdamW's first step, lr times the gradient's sign, turns that rounding into a change of up to lr in a
+    weight whose gradient is near zero (measured: 0.03-0.24% on VGG-BN, ResNet-20, the Inception net). Over
+    many steps the two trainings drift apart as two thread counts do (training amplifies rounding)."""
+    seen = []
+    conv = models.build("vgg", in_channels=1, num_classes=10).features[0].__class__
+    original = conv.forward
+
+    def spy(self, x):
+        if self.in_channels > 1:  # with one channel both layouts are the same
+            seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return original(self, x)
+
+    monkeypatch.setattr(conv, "forward", spy)
+    a = fit(_vgg(), splits.train, 20 * 128 / len(splits.train), seed=1, memory_format="auto")
+    assert seen and all(seen)
+    seen.clear()
+    b = fit(_vgg(), splits.train, 20 * 128 / len(splits.train), seed=1, memory_format="contiguous")
+    assert seen and not any(seen)
+    assert all(_layouts(a).values()) and all(_layouts(b).values())
+    one = [fit(_vgg(), splits.train, 128 / len(splits.train), seed=1, memory_format=f)
+           for f in ("auto", "contiguous")]
+    x = torch.stack([splits.val[i][0] for i in range(64)])
+    with torch.no_grad():
+        assert float((one[0](x) - one[1](x)).norm() / one[1](x).norm()) < 1e-2
+
+
+def test_fit_keeps_the_default_layout_for_a_model_that_needs_it(splits):
+    """A `.view` over a convolution's output needs the default layout: "auto" trains such a model in it, and
+    "channels_last" says why it cannot."""
+    class Viewing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4 * 6 * 6, 10)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.fc(y.view(y.shape[0], -1))
+
+    torch.manual_seed(0)
+    model = fit(Viewing(), splits.train, 3, memory_format="auto")
+    assert evaluate(model, splits.val) > 0.5 and all(_layouts(model).values())
+    with pytest.raises(ValueError, match="cannot run in that layout"):
+        fit(Viewing(), splits.train, 0.1, memory_format="channels_last")
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        fit(Viewing(), splits.train, 0.1, memory_format="nhwc")
