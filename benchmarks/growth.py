@@ -127,8 +127,10 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         model = fit(models.build("inception", in_channels=channels, num_classes=classes), splits.train,
                     mode["base_epochs"], seed=seed, **recipe)
         gpp_ext.io.save(model, path, spec=model.spec())
-        runs.add((seed, "base"), dict(_measure(model, splits, example), epochs=mode["base_epochs"],
-                                      seconds=round(time.perf_counter() - started, 1)))
+        rec = runs.add((seed, "base"), dict(_measure(model, splits, example), epochs=mode["base_epochs"],
+                                            seconds=round(time.perf_counter() - started, 1)))
+        log(f"  seed {seed} base Inception net: {rec['params']:,} params, test {rec['test_accuracy']:.4f} "
+            f"({rec['seconds']:.0f} s)")
         return model
 
     def grown(order=None):
@@ -145,6 +147,9 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
 
         def score(m):  # `grow` scores the trained net first, then every candidate, in its history's order
             met.append(dict(_measure(m, splits, example), epochs=seen[id(m)], modules=_modules(m), kept=None))
+            log(f"  seed {seed} {'triage order ' if order else ''}net with {met[-1]['modules']} modules: "
+                f"{met[-1]['params']:,} params, val {met[-1]['val_accuracy']:.4f} "
+                f"({time.perf_counter() - started:.0f} s)")
             return met[-1]["val_accuracy"]
 
         model, history = grow(model, train, score, threshold=0.0,
