@@ -80,6 +80,11 @@ def test_harness_smoke(harness, tmp_path, monkeypatch):
     assert {c["setting"] for c in recipe} == {"gpp-cut", "gpp-fade-short"}
     assert sum(c["chosen"] for c in recipe) == 1
     assert sum(c.get("chosen", False) for c in choices if c["what"] == "slimming reg") == 1
+    # Group Fisher's knob is its schedule: the share of the epochs spent removing channels (the smoke mode tries
+    # only the recipe's own), and its rows run with the chosen one
+    fisher = [c for c in choices if c["what"] == "group_fisher push_share"]
+    assert [c["setting"] for c in fisher] == ["push_share=0.333333"] and fisher[0]["chosen"]
+    assert next(r for r in records if r["method"] == "group_fisher")["knobs"] == {"push_share": 1 / 3}
     # every method starts from the same reference and meets its budget
     assert len({r["base_test_accuracy"] for r in records}) == 1
     assert all(r["met_budget"] for r in records)

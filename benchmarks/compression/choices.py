@@ -1,6 +1,7 @@
 """The compression benchmark's choices, made on the validation split at seed 0, recorded, then frozen.
 
-- **The peers' regularisation** (`methods.SWEEPS`): per model and sparse-training family, the strength with the
+- **The peers' knobs** (`methods.SWEEPS`): per model and sparse-training family, the regularisation strength
+  (for Group Fisher the share of the epochs spent removing channels, `methods.SWEEP_KNOBS`) with the
   best mean validation accuracy over the model's choice budgets (`protocol.MODES[...]["choice_budgets"]`).
 - **GPP's recipe**: the candidates below, each the loop with the default recipe changed by a few `LoopConfig`
   fields (every one naming its push, so a recorded trial keeps its meaning when the default changes), compared
@@ -130,22 +131,26 @@ def best_by_mean(entries: list) -> tuple:
 
 
 def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, values=None) -> dict:
-    """The peers' regularisation per sparse-training family, chosen by mean validation accuracy over `budgets`:
-    `{family: {"reg": value}}`."""
+    """The peers' knob per family (the regularisation strength of the sparse-training ones, Group Fisher's
+    removal share), chosen by mean validation accuracy over `budgets`: `{family: {knob: value}}`. `values`
+    replaces every regularisation sweep's strengths (a smaller mode; other knobs then keep their middle value)."""
     args = trials.args
     chosen = {}
     for family, regs in methods.SWEEPS.items():
-        method = family if family in ("slimming", "hgs", "sss", "sss_blocks") else f"{family}:global"
+        knob = methods.SWEEP_KNOBS.get(family, "reg")
+        # a smaller mode's `values` are strengths; another knob then tries only its middle value
+        values_here = regs if values is None else values if knob == "reg" else regs[len(regs) // 2:][:1]
+        method = family if family in ("slimming", "hgs", "sss", "sss_blocks", "group_fisher") else f"{family}:global"
         if method not in args.available or not any(methods.sweep_key(m) == family for m in args.methods_of[model]):
             continue
         if family in ("slimming", "torch_pruning:bn_scale_sl") and not protocol.has_bn(context[1]):
             continue  # BatchNorm-scale methods need BatchNorm
-        entries = [trials.run(f"{family} reg", f"reg={reg:g}", method, {"reg": reg}, (model, kind, budget, seed),
+        entries = [trials.run(f"{family} {knob}", f"{knob}={v:g}", method, {knob: v}, (model, kind, budget, seed),
                               context)
-                   for reg in (values or regs) for kind, budget in budgets]
+                   for v in values_here for kind, budget in budgets]
         setting, _ = best_by_mean(entries)
-        trials.mark(f"{family} reg", model, setting)
-        chosen[family] = {"reg": float(setting.split("=")[1])}
+        trials.mark(f"{family} {knob}", model, setting)
+        chosen[family] = {knob: next(v for v in values_here if f"{knob}={v:g}" == setting)}
     return chosen
 
 

@@ -66,9 +66,12 @@ FIXED = GPP + ("slimming", "hesso_style")
 # regularisation strengths tried on validation (seed 0, one budget per model) for the sparse-training methods
 # (for hgs, sss and sss_blocks it is the loop's `sparsity`: the weight of the hierarchical group lasso, or of the
 # L1 penalty on the structures' scales, whose proximal steps of 0.1 x lr-factor need larger weights to reach 0)
+# and, for Group Fisher, whose only knob is its schedule, the share of the epochs spent removing channels while
+# training (the loop's `push_share`; the rest fine-tunes the cut)
 SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "hgs": (1e-5, 1e-4, 1e-3), "sss": (3e-3, 1e-2, 3e-2),
           "sss_blocks": (3e-3, 1e-2, 3e-2), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
-          "torch_pruning:group_norm_sl": (1e-5, 1e-4, 1e-3)}
+          "torch_pruning:group_norm_sl": (1e-5, 1e-4, 1e-3), "group_fisher": (0.15, 1 / 3, 0.5)}
+SWEEP_KNOBS = {"group_fisher": "push_share"}  # the knob a sweep sets, where it is not the regularisation "reg"
 
 
 @dataclass
