@@ -143,27 +143,29 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         return model
     torch.manual_seed(seed)  # dropout and any other global draws
     model.to(device)
-    layout = _training_layout(model, dataset, device, memory_format, teacher if distill > 0 else None)
-    model.train()
-    distributed = gdist.is_distributed()
-    net = DistributedDataParallel(model) if distributed else model
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    loader = training_batches(dataset, batch_size, seed, balanced=push is not None, sliced=True)
-    total = max(1, int(round(epochs * len(loader))))
-    passes = math.ceil(total / len(loader))
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(lr_schedule, i + 0.5, total, warmup))
-                 if lr_schedule != "constant" else None)
-    if teacher is not None and distill > 0:
-        teacher = teacher.to(device).eval()
-    tap = PreDecisionTap(model) if push is not None else None
-    step = 0
+    layout, converted = _training_layout(model, dataset, device, memory_format, teacher if distill > 0 else None)
+    tap = None
     try:
+        model.train()
+        distributed = gdist.is_distributed()
+        net = DistributedDataParallel(model) if distributed else model
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                                  weight_decay=weight_decay)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        loader = training_batches(dataset, batch_size, seed, balanced=push is not None, sliced=True)
+        total = max(1, int(round(epochs * len(loader))))
+        passes = math.ceil(total / len(loader))
+        scheduler = (torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: lr_factor(lr_schedule, i + 0.5, total, warmup)) if lr_schedule != "constant" else None)
+        if teacher is not None and distill > 0:
+            teacher = teacher.to(device).eval()
+        tap = PreDecisionTap(model) if push is not None else None
+        step = 0
         for epoch in range(passes):
-            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{passes}", leave=False, disable=None if progress else True,
-                       total=min(len(loader), total - step))
+            bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{passes}", leave=False,
+                       disable=None if progress else True, total=min(len(loader), total - step))
             for x, y in bar:
                 x, y = x.to(device), y.to(device)
                 if layout is not None and x.dim() == 4:
@@ -201,10 +203,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
     finally:
         if tap is not None:
             tap.close()
-        if layout is not None:  # the caller's model (and teacher) back in the default layout
-            for m in (model, teacher):
-                if m is not None:
-                    m.to(memory_format=torch.contiguous_format)
+        for m in converted:  # the caller's model (and teacher) back in the layout they came in
+            m.to(memory_format=torch.contiguous_format)
     return model.eval()
 
 
@@ -213,20 +213,22 @@ OPTIMIZERS = ("adamw", "sgd")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
-def _training_layout(model: nn.Module, dataset, device, memory_format: str, teacher=None):
-    """`torch.channels_last` when `fit` should train in that layout (converting `model` and `teacher` to it),
-    else None (see `fit`'s `memory_format`)."""
+def _training_layout(model: nn.Module, dataset, device, memory_format: str, teacher=None) -> tuple:
+    """`(layout of the input batches, networks converted)`: converts `model` (and `teacher`) to channels-last
+    when `fit` should train in that layout (see `fit`'s `memory_format`); the converted networks are converted
+    back when it returns (one already channels-last is used as it is and left so)."""
     if memory_format == "contiguous" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        return None
+        return None, []
     if memory_format == "auto" and torch.device(device).type != "cpu":
-        return None  # measured on CPUs only
+        return None, []  # measured on CPUs only
     x = dataset[0][0]
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         if memory_format == "channels_last":
             raise ValueError("fit: memory_format='channels_last' needs image inputs [C, H, W]")
-        return None
+        return None, []
     nets = [m for m in (model, teacher) if m is not None]
-    for m in nets:
+    converted = [m for m in nets if not _channels_last(m)]
+    for m in converted:
         m.to(memory_format=torch.channels_last)
     probe = x.unsqueeze(0).repeat(2, 1, 1, 1).to(device).contiguous(memory_format=torch.channels_last)
     try:
@@ -239,13 +241,21 @@ def _training_layout(model: nn.Module, dataset, device, memory_format: str, teac
             finally:
                 m.train(was_training)
     except RuntimeError as e:
-        for m in nets:
+        for m in converted:
             m.to(memory_format=torch.contiguous_format)
         if memory_format == "channels_last":
             raise ValueError(f"fit: memory_format='channels_last' but the model cannot run in that layout: {e}") \
                 from e
-        return None
-    return torch.channels_last
+        return None, []
+    return torch.channels_last, converted
+
+
+def _channels_last(model: nn.Module) -> bool:
+    """Whether the model's 4-D weights are already laid out channels-last (those with one channel or a 1x1
+    kernel are both layouts at once and say nothing)."""
+    weights = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
+    return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                                 for p in weights)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.1) -> float:

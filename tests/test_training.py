@@ -104,3 +104,17 @@ def test_fit_keeps_the_default_layout_for_a_model_that_needs_it(splits):
         fit(Viewing(), splits.train, 0.1, memory_format="channels_last")
     with pytest.raises(ValueError, match="memory_format must be one of"):
         fit(Viewing(), splits.train, 0.1, memory_format="nhwc")
+
+
+def test_fit_leaves_a_channels_last_model_so_and_restores_the_layout_when_training_fails(splits):
+    model = _vgg().to(memory_format=torch.channels_last)
+    fit(model, splits.train, 0.1)
+    assert not any(p.is_contiguous() for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+
+    def fails(step, total):
+        raise RuntimeError("stop here")
+
+    model = _vgg()
+    with pytest.raises(RuntimeError, match="stop here"):
+        fit(model, splits.train, 0.1, after_step=fails)
+    assert all(_layouts(model).values())  # converted back although training stopped
