@@ -17,6 +17,7 @@ reproducible and a resumed run draws what an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import statistics
@@ -35,8 +36,8 @@ from .data import labels_of
 from .layers import BATCH_NORMS
 from .push import ClassBalancedSampler
 
-__all__ = ["fit", "lr_factor", "LR_SCHEDULES", "OPTIMIZERS", "training_batches", "evaluate", "latency_ms",
-           "compare_latency", "recalibrate_batchnorm", "labelled_batches"]
+__all__ = ["fit", "lr_factor", "LR_SCHEDULES", "OPTIMIZERS", "MEMORY_FORMATS", "training_batches", "evaluate",
+           "latency_ms", "compare_latency", "recalibrate_batchnorm", "labelled_batches", "fast_layout"]
 
 
 def labelled_batches(loader, device, limit: int | None = None, op: str = "prune"):
@@ -143,7 +144,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         return model
     torch.manual_seed(seed)  # dropout and any other global draws
     model.to(device)
-    layout, converted = _training_layout(model, dataset, device, memory_format, teacher if distill > 0 else None)
+    layout, converted = _to_fast_layout(model, _first_input(dataset), device, memory_format,
+                                        teacher if distill > 0 else None)
     tap = None
     try:
         model.train()
@@ -213,18 +215,44 @@ OPTIMIZERS = ("adamw", "sgd")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
-def _training_layout(model: nn.Module, dataset, device, memory_format: str, teacher=None) -> tuple:
-    """`(layout of the input batches, networks converted)`: converts `model` (and `teacher`) to channels-last
-    when `fit` should train in that layout (see `fit`'s `memory_format`); the converted networks are converted
-    back when it returns (one already channels-last is used as it is and left so)."""
+@contextlib.contextmanager
+def fast_layout(model: nn.Module, sample, device="cpu", memory_format: str = "auto", teacher=None):
+    """Runs the block with `model` (and `teacher`) in the memory layout their convolutions are fastest in, and
+    yields the layout the block must give its 4-D inputs (None: leave them as they are); the networks are
+    converted back when the block ends, however it ends.
+
+    `memory_format`: "auto" picks channels-last for a model with 2-D convolutions on the CPU (oneDNN's fast
+    path) when a probe forward pass of `sample` (one input, `[C, H, W]`) in eval mode accepts it (a `.view`
+    that needs the default layout does not), else the default layout; "channels_last" insists (`ValueError` if
+    the model cannot run so); "contiguous" never converts. A network that is already channels-last is used as
+    it is and left so."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+    layout, converted = _to_fast_layout(model, sample, device, memory_format, teacher)
+    try:
+        yield layout
+    finally:
+        for m in converted:
+            m.to(memory_format=torch.contiguous_format)
+
+
+def _first_input(dataset):
+    """The first input of a map-style data set (None for one that cannot be indexed)."""
+    try:
+        return dataset[0][0]
+    except (TypeError, IndexError, KeyError, NotImplementedError):
+        return None
+
+
+def _to_fast_layout(model: nn.Module, x, device, memory_format: str, teacher=None) -> tuple:
+    """`(layout of the input batches, networks converted)` for `fast_layout`."""
     if memory_format == "contiguous" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return None, []
     if memory_format == "auto" and torch.device(device).type != "cpu":
         return None, []  # measured on CPUs only
-    x = dataset[0][0]
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         if memory_format == "channels_last":
-            raise ValueError("fit: memory_format='channels_last' needs image inputs [C, H, W]")
+            raise ValueError("memory_format='channels_last' needs image inputs [C, H, W]")
         return None, []
     nets = [m for m in (model, teacher) if m is not None]
     converted = [m for m in nets if not _channels_last(m)]
@@ -244,8 +272,7 @@ def _training_layout(model: nn.Module, dataset, device, memory_format: str, teac
         for m in converted:
             m.to(memory_format=torch.contiguous_format)
         if memory_format == "channels_last":
-            raise ValueError(f"fit: memory_format='channels_last' but the model cannot run in that layout: {e}") \
-                from e
+            raise ValueError(f"memory_format='channels_last' but the model cannot run in that layout: {e}") from e
         return None, []
     return torch.channels_last, converted
 
@@ -274,15 +301,21 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float = 0.1) -> floa
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int = 512, device="cpu") -> float:
-    """Accuracy of `model` on a labelled data set, in eval mode (the mode is restored)."""
+def evaluate(model: nn.Module, dataset, batch_size: int = 128, device="cpu", memory_format: str = "auto") -> float:
+    """Accuracy of `model` on a labelled data set, in eval mode (the mode is restored). On the CPU the
+    convolutions run channels-last (`fast_layout`; the model is handed back in its own layout): with batches of
+    128, 2-2.5x faster than batches of 512 in the default layout on VGG-BN."""
     was_training = model.training
     model.eval()
     correct = total = 0
     try:
-        for x, y in DataLoader(dataset, batch_size=batch_size):
-            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-            total += y.numel()
+        with fast_layout(model, _first_input(dataset), device, memory_format) as layout:
+            for x, y in DataLoader(dataset, batch_size=batch_size):
+                x = x.to(device)
+                if layout is not None and x.dim() == 4:
+                    x = x.contiguous(memory_format=layout)
+                correct += int((model(x).argmax(1) == y.to(device)).sum())
+                total += y.numel()
     finally:
         model.train(was_training)
     return correct / max(total, 1)
@@ -354,11 +387,12 @@ def time_interleaved(runs: dict, rounds: int = 7, repeats: int = 10, unreliable:
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, loader, num_batches: int = 50, device=None,
-                          progress: bool = False) -> nn.Module:
+                          progress: bool = False, memory_format: str = "auto") -> nn.Module:
     """Re-estimates every BatchNorm's running statistics on training data (after a structural change).
 
     Resets the running mean/variance, runs `num_batches` batches forward in train mode without gradients with
-    a cumulative average (momentum None), then restores the model's modes. Under `torch.distributed` (a process
+    a cumulative average (momentum None), then restores the model's modes. On the CPU the convolutions run
+    channels-last (`fast_layout`'s `memory_format`). Under `torch.distributed` (a process
     group of more than one process) every process recalibrates on its own batches and the estimates are then
     averaged, so the model stays identical on every process.
     """
@@ -373,10 +407,16 @@ def recalibrate_batchnorm(model: nn.Module, loader, num_batches: int = 50, devic
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        for x, _ in tqdm(labelled_batches(loader, device, num_batches, op="recalibrate_batchnorm"),
-                         total=num_batches, desc="recalibrating BN", disable=None if progress else True,
-                         leave=False):
-            model(x)
+        with contextlib.ExitStack() as stack:
+            layout = False  # not chosen yet: on the first batch (`fast_layout`)
+            for x, _ in tqdm(labelled_batches(loader, device, num_batches, op="recalibrate_batchnorm"),
+                             total=num_batches, desc="recalibrating BN", disable=None if progress else True,
+                             leave=False):
+                if layout is False:
+                    image = isinstance(x, torch.Tensor) and x.dim() == 4
+                    layout = stack.enter_context(fast_layout(model, x[0] if image else None, device,
+                                                             memory_format))
+                model(x.contiguous(memory_format=layout) if layout is not None and x.dim() == 4 else x)
     finally:
         for m, momentum in saved:
             m.momentum = momentum

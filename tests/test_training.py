@@ -1,5 +1,7 @@
 """The one training module: fit (cross-entropy, push, penalties; seeded), evaluate, recalibrate_batchnorm."""
 
+import copy
+
 import pytest
 import torch
 
@@ -118,3 +120,26 @@ def test_fit_leaves_a_channels_last_model_so_and_restores_the_layout_when_traini
     with pytest.raises(RuntimeError, match="stop here"):
         fit(model, splits.train, 0.1, after_step=fails)
     assert all(_layouts(model).values())  # converted back although training stopped
+
+
+def test_evaluation_and_recalibration_in_the_fast_layout_match_the_default_one(splits):
+    """`evaluate` and `recalibrate_batchnorm` run channels-last on the CPU: the same accuracy and the same
+    BatchNorm statistics as in the default layout (1e-5 relative: a different summation order in each
+    convolution), and the model handed back in its own layout."""
+    model = fit(_vgg(), splits.train, 1)
+    from gpp_ext.training import fast_layout
+
+    with fast_layout(model, splits.val[0][0]) as layout:
+        assert layout is torch.channels_last and not all(_layouts(model).values())
+    assert all(_layouts(model).values())
+    with fast_layout(model, splits.val[0][0], memory_format="contiguous") as layout:
+        assert layout is None and all(_layouts(model).values())
+    assert evaluate(model, splits.val) == evaluate(model, splits.val, memory_format="contiguous")
+    batches = [(x, y) for x, y in training_batches(splits.train, 64, seed=0)][:5]
+    fast = recalibrate_batchnorm(copy.deepcopy(model), batches)
+    plain = recalibrate_batchnorm(copy.deepcopy(model), batches, memory_format="contiguous")
+    for a, b in zip(fast.modules(), plain.modules()):
+        if is_batch_norm(a):
+            assert torch.allclose(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
+    assert all(_layouts(fast).values())
