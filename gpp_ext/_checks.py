@@ -387,9 +387,8 @@ def scatter_data_on_device(y: torch.Tensor, num_classes: int, stats, op: str = "
 
 
 def index_in_range(index: torch.Tensor, size: int, dim: int, shape, op: str = "slice_channels") -> None:
-    """Data-dependent check of a channel index against the size of `dim` (syncs on a GPU; none on the meta
-    device, whose tensors carry shapes only)."""
-    if index.numel() == 0 or index.is_meta:
+    """Data-dependent check of a channel index against the size of `dim` (syncs on a GPU)."""
+    if index.numel() == 0:
         return
     lo, hi = index.aminmax()
     lo, hi = int(lo), int(hi)

@@ -20,12 +20,10 @@ slow reference it replaced, kept for the tests and benchmarks and as the fallbac
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import warnings
 
 import torch
-import torch.nn as nn
 
 from ..cost import count_flops, count_params
 from .costs import KINDS, CostModel, LatencyModel, cost_model
@@ -35,30 +33,12 @@ __all__ = ["select_channels", "resolve_method", "CostModel", "LatencyModel"]
 
 
 def _real_cost(graph: ChannelGraph, keep: dict, kind: str) -> int:
-    """The cost of `keep`, measured on a pruned copy of the model: a copy on the meta device (shapes only, no
-    data copied, so a large model's check costs little), or a full copy for a model the meta device cannot
-    run (data-dependent code, ops without meta kernels)."""
+    """The cost of `keep`, measured on a pruned copy of the model."""
     if not keep:
         return count_params(graph.model) if kind == "params" else count_flops(graph.model, graph.example_inputs)
-    try:
-        return _cut_cost(_meta_copy(graph.model), graph, keep, kind, tuple(
-            x.to("meta") if isinstance(x, torch.Tensor) else x for x in graph.example_inputs))
-    except Exception:  # noqa: BLE001 - any failure on meta tensors: measure on real ones instead
-        return _cut_cost(copy.deepcopy(graph.model), graph, keep, kind, graph.example_inputs)
-
-
-def _cut_cost(trial: nn.Module, graph: ChannelGraph, keep: dict, kind: str, example) -> int:
-    ChannelGraph(trial, example, ignore=graph.ignore).prune(keep)
-    return count_params(trial) if kind == "params" else count_flops(trial, example)
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` whose parameters and buffers are meta tensors of the same shapes and dtypes."""
-    memo = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
+    trial = copy.deepcopy(graph.model)
+    ChannelGraph(trial, graph.example_inputs, ignore=graph.ignore).prune(keep)
+    return count_params(trial) if kind == "params" else count_flops(trial, graph.example_inputs)
 
 
 def _kept(utility: torch.Tensor, count: int) -> torch.Tensor:
