@@ -206,7 +206,7 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         if tap is not None:
             tap.close()
         for m in converted:  # the caller's model (and teacher) back in the layout they came in
-            m.to(memory_format=torch.contiguous_format)
+            _to_default_layout(m)
     return model.eval()
 
 
@@ -233,7 +233,7 @@ def fast_layout(model: nn.Module, sample, device="cpu", memory_format: str = "au
         yield layout
     finally:
         for m in converted:
-            m.to(memory_format=torch.contiguous_format)
+            _to_default_layout(m)
 
 
 def _first_input(dataset):
@@ -270,11 +270,30 @@ def _to_fast_layout(model: nn.Module, x, device, memory_format: str, teacher=Non
                 m.train(was_training)
     except RuntimeError as e:
         for m in converted:
-            m.to(memory_format=torch.contiguous_format)
+            _to_default_layout(m)
         if memory_format == "channels_last":
             raise ValueError(f"memory_format='channels_last' but the model cannot run in that layout: {e}") from e
         return None, []
     return torch.channels_last, converted
+
+
+def _standard_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _to_default_layout(model: nn.Module) -> None:
+    """Every tensor of `model` back in the default layout, with the default strides: `.to(contiguous_format)`
+    is not enough, since a tensor with size-1 dimensions (a 1x1 convolution's weight) counts as contiguous in
+    both layouts and keeps its channels-last strides, which then send every later convolution down the
+    channels-last path with conversions around it (measured: a ResNet-50 tracing pass 1.5x slower)."""
+    def restore(t):
+        return t.clone(memory_format=torch.contiguous_format) if t.stride() != _standard_strides(t.shape) else t
+
+    model._apply(restore)
 
 
 def _channels_last(model: nn.Module) -> bool:

@@ -143,3 +143,19 @@ def test_evaluation_and_recalibration_in_the_fast_layout_match_the_default_one(s
             assert torch.allclose(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
             assert torch.allclose(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
     assert all(_layouts(fast).values())
+
+
+def test_the_fast_layout_hands_back_the_default_strides_even_for_one_by_one_convolutions(splits):
+    """A 1x1 convolution's weight is contiguous in both layouts, so `.to(contiguous_format)` would leave it with
+    channels-last strides (and later passes would take the channels-last path): every tensor must come back
+    with the default strides."""
+    from gpp_ext.training import _standard_strides, fast_layout
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 16, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 10))
+    with fast_layout(model, splits.val[0][0]) as layout:
+        assert layout is torch.channels_last and model[3].weight.stride() != _standard_strides((16, 8, 1, 1))
+    assert all(t.stride() == _standard_strides(t.shape) for t in model.state_dict().values())
+    fit(model, splits.train, 0.2)
+    assert all(t.stride() == _standard_strides(t.shape) for t in model.state_dict().values())
