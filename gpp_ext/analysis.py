@@ -12,7 +12,6 @@ Shapes: `N` samples in a batch, `D` features of a layer, `C` classes.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -385,23 +384,14 @@ class DiscriminantAnalyzer:
             total = max_batches if total is None else min(total, max_batches)
         if max_batches == 0:
             return self
-        from .training import fast_layout
-
-        with tqdm(loader, total=total, desc="analysing", disable=None if progress else True) as bar, \
-                contextlib.ExitStack() as stack:
-            layout = False  # chosen on the first batch: channels-last convolutions on the CPU (`fast_layout`)
+        with tqdm(loader, total=total, desc="analysing", disable=None if progress else True) as bar:
             for i, batch in enumerate(bar):
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                     raise TypeError(f"{_NAME}.run: loader must yield (inputs, labels) pairs, got "
                                     f"{type(batch).__name__}" + (f" of length {len(batch)}"
                                                                  if isinstance(batch, (tuple, list)) else ""))
-                inputs, labels = _to_device(batch[0], device), _to_device(batch[1], device)
-                image = isinstance(inputs, torch.Tensor) and inputs.dim() == 4
-                if layout is False:
-                    layout = stack.enter_context(fast_layout(self.model, inputs[0] if image else None, device))
-                if layout is not None and image:
-                    inputs = inputs.contiguous(memory_format=layout)
-                self.update(inputs, labels)
+                inputs, labels = batch
+                self.update(_to_device(inputs, device), _to_device(labels, device))
                 if max_batches is not None and i + 1 >= max_batches:
                     break
         return self

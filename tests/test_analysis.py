@@ -304,25 +304,3 @@ def test_mode_restored_and_no_gradients():
         model.eval()
         feats = model[2](model[1](model[0](x)))
     assert_stats_close(s, ops.class_scatter(feats, y, 3), F32_TOL)
-
-
-@pytest.mark.parametrize("mode", ["mean", "max"])
-def test_run_on_images_in_the_fast_layout_matches_updates_in_the_default_one(mode):
-    """`run` feeds a convolutional net its batches channels-last on the CPU (`training.fast_layout`): the same
-    statistics as `update` with the default layout, within 1e-4 relative (float32 convolutions summed in another
-    order, then accumulated in float64), and the model handed back in its own layout."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 3))
-    x, y = torch.randn(96, 3, 8, 8) + 5.0, torch.arange(96) % 3
-    seen = []
-    model[2].register_forward_pre_hook(lambda m, args: seen.append(
-        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
-    with DiscriminantAnalyzer(model, 3, layers=["2"], reduce=mode) as fast, \
-            DiscriminantAnalyzer(model, 3, layers=["2"], reduce=mode) as plain:
-        fast.run(DataLoader(TensorDataset(x, y), batch_size=32), progress=False)
-        assert seen[-3:] == [True] * 3  # the three batches ran channels-last (after the probe)
-        for i in range(0, 96, 32):
-            plain.update(x[i:i + 32], y[i:i + 32])
-        assert_stats_close(fast.stats(), plain.stats(), 1e-4)
-    assert all(p.is_contiguous() for p in model.parameters())
