@@ -96,9 +96,11 @@ class Runs:
         return next((r for r in self.records if tuple(r["key"]) == key), None)
 
     def add(self, key: tuple, record: dict) -> dict:
+        """Records `record` under `key`, replacing a record of the same key (a run redone because its cached
+        model was gone, e.g. in a fresh checkout)."""
         record = {"key": list(key), **record, "settings": self.settings, "commit": git_commit(),
                   "machine": machine()}
-        self.records.append(record)
+        self.records = [r for r in self.records if tuple(r["key"]) != tuple(key)] + [record]
         write_text_atomic(self.path, json.dumps(self.records, indent=1))
         return record
 

@@ -44,3 +44,16 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
     assert "seed 0" not in capsys.readouterr().out  # nothing measured again
     assert json.loads(out.read_text()) == records
     sys.modules.pop("benchmarks.growth", None)
+
+
+def test_a_run_redone_replaces_its_record(tmp_path, monkeypatch):
+    """A run redone (its cached model gone, as in a fresh checkout) replaces its record instead of adding a
+    second one under the same key."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    growth = importlib.import_module("benchmarks.growth")
+    runs = growth.Runs(str(tmp_path / "g.json"), {"a": 1}, resume=False)
+    runs.add((0, "base"), {"test_accuracy": 0.5})
+    runs.add((0, "base"), {"test_accuracy": 0.6})
+    assert [r["test_accuracy"] for r in runs.records] == [0.6]
+    assert json.loads((tmp_path / "g.json").read_text())[0]["test_accuracy"] == 0.6
+    sys.modules.pop("benchmarks.growth", None)

@@ -139,7 +139,10 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
     for family, regs in methods.SWEEPS.items():
         knob = methods.SWEEP_KNOBS.get(family, "reg")
         # a smaller mode's `values` are strengths; another knob then tries only its middle value
-        values_here = regs if values is None else values if knob == "reg" else regs[len(regs) // 2:][:1]
+        if values is None:
+            values_here = regs
+        else:
+            values_here = values if knob == "reg" else (regs[len(regs) // 2],)
         method = family if family in ("slimming", "hgs", "sss", "sss_blocks", "group_fisher") else f"{family}:global"
         if method not in args.available or not any(methods.sweep_key(m) == family for m in args.methods_of[model]):
             continue
