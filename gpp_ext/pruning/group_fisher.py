@@ -183,9 +183,12 @@ class FisherRemoval:
                 if not (isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled()):
                     return
 
-                def on_grad(grad, out=out):
-                    prod = (out.detach() * grad.detach()).double()
-                    axis = _channel_axis(module, out)
+                # the hook holds a detached view, never `out` itself: `out` holds its hooks, so a closure over
+                # it is a reference cycle through autograd that Python's collector cannot see, and every step's
+                # activations (and their graphs) would stay alive (a VGG-BN epoch reached 23 GB)
+                def on_grad(grad, value=out.detach()):
+                    prod = (value * grad.detach()).double()
+                    axis = _channel_axis(module, value)
                     per_channel = prod.movedim(axis, 0).reshape(prod.shape[axis], -1).sum(1).cpu()
                     for group, index in entries:
                         self._grads[group] += per_channel[index.cpu()].sum(1)
