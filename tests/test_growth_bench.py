@@ -38,7 +38,13 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
     assert triaged["met"][0]["test_accuracy"] == grown[0]["test_accuracy"]  # the same trained net, another order
     assert all(r["commit"] and r["machine"] for r in records)
     md = (tmp_path / "growth.md").read_text()
-    assert "| grown net |" in md and f"| 0 | {largest['params']:,} |" in md
+    assert "## The answers" in md and (tmp_path / "growth.png").stat().st_size > 0
+    for r in kept:  # every kept net has its row, and the questions count one pair per kept net with a rival
+        assert f"| 0 | {r['key'][2]} | {r['modules']} | {r['epochs']:g} | {r['test_accuracy']:.4f} " in md
+    assert f"| grown Inception net vs ResNet-8 | {len(kept)} |" in md
+    (tmp_path / "growth.md").unlink()
+    assert growth.main(["--out", str(out), "--render"]) == 0   # the tables and plot from the records alone
+    assert (tmp_path / "growth.md").read_text() == md
     capsys.readouterr()
     assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
     assert "seed 0" not in capsys.readouterr().out  # nothing measured again
