@@ -34,6 +34,10 @@ CANDIDATES = {
     "gpp-search": dict(methods.CUT, allocation="search"),
     "gpp-x2": dict(methods.CUT, max_iterations=2),
     "gpp-l1": dict(methods.CUT, criterion="l1"),
+    # the default's fade at the ablation's other width allocations: near-uniform fractions (the peers' winners
+    # keep them) and utilities ranked across groups after per-group normalisation, instead of the solver's
+    "gpp-fade-uniform": dict(methods.FADE, push_share=0.15, allocation="uniform"),
+    "gpp-fade-normalised": dict(methods.FADE, push_share=0.15, allocation="global", normalize="mean"),
 }
 # the ablation's axes: how the widths are decided, whether the removal set fades before the cut, and the
 # learning-rate schedule of every phase (a constant rate at the rate the first loop used)
