@@ -120,7 +120,9 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
              "`GrowPushPrune(...).run()` with the default recipe (`gpp`; `gpp-fade`/`gpp-nopush`: the same loop with "
              "the push switched). BatchNorm is recalibrated after each cut. The peers' regularisation and GPP's "
              "recipe were chosen on a validation split at seed 0 (see the end); accuracies below are on the test "
-             "set, mean ± std over seeds; seconds are the wall time of a run (searches included).", ""]
+             "set, mean ± std over seeds; seconds are the median over seeds of a run's wall time (searches included; the "
+             "median, because a run that shared the machine with a memory-starved process once took 50x its "
+             "usual time).", ""]
     for model in sorted({r["model"] for r in records}):
         mine = [r for r in records if r["model"] == model]
         base = {r["seed"]: r["base_test_accuracy"] for r in mine}
@@ -165,7 +167,7 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
                          f"{cell(_mean(r['acc_end_of_prep'] for r in rs))} | {cell(_mean(r['acc_after_cut'] for r in rs))} | "
                          f"{cell(_mean(r['acc_after_recal'] for r in rs))} | {' | '.join(curve)} | "
                          f"{mean_std([r['test_accuracy'] for r in rs])} | "
-                         f"{_latency_cell(rs)} | {_mean(r['seconds'] for r in rs):.0f} |")
+                         f"{_latency_cell(rs)} | {statistics.median(r['seconds'] for r in rs):.0f} |")
     lines += ["", "Latency: CPU, eager PyTorch, median ms at batch 1 / 64, from the latency pass (`--latency`: "
               "every compact model of a budget and the base timed interleaved in one window); * marks figures "
               "measured inside the run instead, which depend on what else the machine was doing."]
