@@ -27,3 +27,40 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+class Exclusive:
+    """Holds `<path>.lock` while a benchmark writes `path`: a second run on the same results (a `--latency` pass
+    or a `--resume` started beside a running one) would overwrite the first one's records with its own, so it
+    stops at once with an error naming the running one's pid. The lock is an `flock`, released by the kernel
+    however the holder ends."""
+
+    def __init__(self, path: str, who: str):
+        self.path, self.who, self._file = path + ".lock", who, None
+
+    def __enter__(self):
+        import fcntl
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise SystemExit(f"{self.who}: another run (pid {holder}) is writing {self.path[:-5]}; wait for it, or "
+                             f"stop it with `kill {holder}` (it saves what it has done) and run again with --resume")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        return False

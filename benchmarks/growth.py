@@ -52,7 +52,7 @@ from gpp_ext.models.resnet import ResNet
 from gpp_ext.training import evaluate, fit
 from gpp_ext.triage import stage_order, triage
 
-from ._meta import git_commit, machine
+from ._meta import Exclusive, git_commit, machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -421,6 +421,11 @@ def main(argv=None) -> int:
     settings = {k: v for k, v in mode.items() if k != "seeds"}
     settings["train"] = {k: v for k, v in train_kwargs(recipes.build("gpp")).items() if k != "amp"}
     settings["gpp_ext"] = gpp_ext.__version__
+    with Exclusive(args.out, "benchmarks.growth"):   # one writer per results file
+        return _run(args, mode, settings, stem)
+
+
+def _run(args, mode: dict, settings: dict, stem: str) -> int:
     runs = Runs(args.out, settings, args.resume, after=lambda records: render(records, stem))
 
     def log(text):

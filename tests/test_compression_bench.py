@@ -165,6 +165,23 @@ def test_resume_refuses_other_settings(harness, tmp_path):
     assert json.loads(out.read_text())[0]["mode"] == "quick"  # the user's file is untouched
 
 
+def test_a_second_run_on_the_same_results_stops_before_touching_them(harness, tmp_path):
+    """A `--latency` pass or a `--resume` started beside a running harness would overwrite its records: it stops
+    at once, naming the running one's pid, and the file is untouched."""
+    from benchmarks._meta import Exclusive
+
+    out = tmp_path / "compression.json"
+    out.write_text("[]\n")
+    with Exclusive(str(out), "test"):
+        with pytest.raises(SystemExit, match=f"pid {__import__('os').getpid()}.*--resume"):
+            smoke(harness, tmp_path, "--methods", "l1", "--resume")
+        with pytest.raises(SystemExit, match="another run"):
+            smoke(harness, tmp_path, "--latency")
+    assert out.read_text() == "[]\n"
+    with Exclusive(str(out), "test"):  # released when the holder ends
+        pass
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "magic"], "unknown"),
     (["--budgets", "1.5"], "fraction"),

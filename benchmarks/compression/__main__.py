@@ -37,7 +37,7 @@ import gpp_ext
 from gpp_ext import data, recipes
 from gpp_ext.io import write_text_atomic
 
-from .._meta import git_commit, machine
+from .._meta import Exclusive, git_commit, machine
 from . import choices as choosing
 from . import latency, methods, protocol, render, runner
 from .protocol import HARNESS_VERSION, MODES, settings  # noqa: F401  (the harness's public names)
@@ -212,8 +212,13 @@ def main(argv=None) -> int:
             return 1
         _render(records, choices, stem)
         return 0
-    if args.latency:
-        return _latency(args, stem, choices_path)
+    # one writer per results file: a second run beside this one would overwrite its records
+    with Exclusive(args.out, "benchmarks.compression"):
+        return _latency(args, stem, choices_path) if args.latency else _run(args, stem, choices_path)
+
+
+def _run(args, stem: str, choices_path: str) -> int:
+    """The runs: the choices, then every cell not yet recorded (`runner.run`), saved after each."""
     records = _load(args.out, args, "record(s)") if args.resume else []
     choices = _load(choices_path, args, "choice(s)") if args.resume else []
     if records or choices:
