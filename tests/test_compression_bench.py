@@ -285,3 +285,18 @@ def test_the_distillation_study_picks_its_rows_after_the_plain_ones_and_renders_
     kd = [rec("taylor+kd", s, 0.9, 0.85) for s in (0, 1)]
     lines = harness.render._distillation(records, kd)
     assert "| lenet5 | 10% | taylor | 0.8000 ± 0.0000 | 0.8500 ± 0.0000 | +0.0500 |" in lines
+
+
+def test_the_speed_table_sets_gpp_against_the_most_accurate_peer(harness):
+    render = harness.render
+
+    def rec(method, acc, b1, b64, met=True):
+        return {"model": "vgg", "budget_kind": "params", "budget": 0.1, "method": method, "seed": 0,
+                "test_accuracy": acc, "met_budget": met,
+                "latency": {"eager": {"speedup_b1": b1, "speedup_b64": b64}, "machine": "m", "commit": "c"}}
+
+    records = [rec("gpp", 0.90, 2.0, 3.0), rec("l1", 0.91, 1.0, 4.0), rec("random", 0.80, 9.0, 9.0),
+               rec("taylor", 0.95, 5.0, 5.0, met=False)]   # a peer that missed the budget is no rival
+    lines = render._speed(records)
+    duel = lines[lines.index("| model | budget | best peer | eager b1 | eager b64 |") + 2:]
+    assert duel == ["| vgg | 10% | l1 | 2.00 | 0.75 |"]
