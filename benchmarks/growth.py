@@ -23,8 +23,11 @@ compression benchmark:
    modules, each replaced by one layer and fine-tuned `grow_epochs` with distillation, then `stage_order`: what
    `LoopConfig(grow_order="triage")` runs), against the first-to-last order of 1.
 
-Results go to benchmarks/results/growth.{json,md,png} atomically after every run (`--render` redraws the tables
-and plot from the records alone); `--resume` keeps the runs recorded with the same settings and runs the rest.
+The long steps checkpoint under the cache folder (`runs/growth/`, or `$GPP_EXT_CACHE/growth/`): the trained base,
+each growth after every attempt (`grow(after_step=...)`) and the triage, so an interrupted seed resumes inside its
+growth instead of starting it over. Results go to benchmarks/results/growth.{json,md,png} atomically after every
+run (`--render` redraws the tables and plot from the records alone); `--resume` keeps the runs recorded with the
+same settings and runs the rest.
 Growth takes its own path per seed, so the tables pair every comparison with a grown net of the same seed and
 answer each question by the paired differences.
 """
@@ -50,7 +53,7 @@ from gpp_ext.io import write_atomic, write_text_atomic
 from gpp_ext.loop import GrowPushPrune, train_kwargs
 from gpp_ext.models.resnet import ResNet
 from gpp_ext.training import evaluate, fit
-from gpp_ext.triage import stage_order, triage
+from gpp_ext.triage import BlockCriticality, stage_order, triage
 
 from ._meta import Exclusive, git_commit, machine
 
@@ -139,12 +142,18 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
             f"({rec['seconds']:.0f} s)")
         return model
 
-    def grown(order=None):
+    def grown(order=None, spent: float = 0.0):
         """The base grown stage by stage (`order`: the stages' order, default first to last):
-        `(largest, every net met, seconds)`."""
-        model = base()
+        `(largest, every net met, seconds)`. Saved after every attempt (`_Checkpoint`), so an interrupted
+        growth resumes with `--resume` instead of starting over; `spent`: seconds already spent before it."""
+        point = _Checkpoint(seed, "growing-triage" if order else "growing", runs.settings)
+        resumed = point.load()
+        model, state = resumed if resumed else (base(), {"met": [], "history": None, "seconds": 0.0})
+        met, spent = state["met"], spent + state["seconds"]
+        if resumed:
+            log(f"  seed {seed} {'triage order ' if order else ''}growth resumed after {len(met)} nets")
         started = time.perf_counter()
-        met, seen = [], {id(model): mode["base_epochs"]}
+        seen = {id(model): mode["base_epochs"]}
 
         def train(m):  # a grown candidate: the epochs of the net it grew from, then grow_epochs more
             fit(m, splits.train, mode["grow_epochs"], seed=seed + 100 * _modules(m), **recipe)
@@ -155,14 +164,20 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
             met.append(dict(_measure(m, splits, example), epochs=seen[id(m)], modules=_modules(m), kept=None))
             log(f"  seed {seed} {'triage order ' if order else ''}net with {met[-1]['modules']} modules: "
                 f"{met[-1]['params']:,} params, val {met[-1]['val_accuracy']:.4f} "
-                f"({time.perf_counter() - started:.0f} s)")
+                f"({spent + time.perf_counter() - started:.0f} s)")
             return met[-1]["val_accuracy"]
 
-        model, history = grow(model, train, score, threshold=0.0,
-                              max_modules_per_stage=mode["max_modules_per_stage"], progress=False, order=order)
+        def after_step(m, history):
+            point.save(m, {"met": met, "history": [h.to_dict() for h in history],
+                           "seconds": spent + time.perf_counter() - started})
+
+        model, history = grow(model, train, score, threshold=0.0, max_modules_per_stage=mode["max_modules_per_stage"],
+                              progress=False, order=order, history=state["history"], after_step=after_step)
         for record, step in zip(met, history):
             record.update(kept=step.kept, stage=step.stage)
-        return model, met, time.perf_counter() - started
+        seconds = spent + time.perf_counter() - started
+        point.clear()
+        return model, met, seconds
 
     if runs.get(largest_key) is None:
         model, met, seconds = grown()
@@ -215,13 +230,20 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
     #    it in the loop): does triage pick a better order than first to last?
     key = (seed, "grown-triage")
     if runs.get(key) is None:
-        started = time.perf_counter()
-        triaged = triage(base(), splits, epochs=mode["grow_epochs"], distill=0.5, seed=seed, progress=False, **recipe)
+        point = _Checkpoint(seed, "triage", runs.settings)   # the triage, kept while the growth after it runs
+        done = point.load(model=False)
+        if done is None:
+            started = time.perf_counter()
+            triaged = triage(base(), splits, epochs=mode["grow_epochs"], distill=0.5, seed=seed, progress=False,
+                             **recipe)
+            done = {"triage": [r.to_dict() for r in triaged], "seconds": time.perf_counter() - started}
+            point.save(None, done)
+        triaged = [BlockCriticality(**r) for r in done["triage"]]
         order = stage_order(triaged, len(largest.stages))
-        model, met, _ = grown(order)
+        model, met, seconds = grown(order, spent=done["seconds"])
         rec = runs.add(key, dict(_measure(model, splits, example), epochs=_largest_epochs(met), order=order,
-                                 triage=[r.to_dict() for r in triaged], met=met,
-                                 seconds=round(time.perf_counter() - started, 1)))
+                                 triage=done["triage"], met=met, seconds=round(seconds, 1)))
+        point.clear()
         log(f"  seed {seed} grown in triage order {order}: {rec['params']:,} params, test {rec['test_accuracy']:.4f} "
             f"(first to last: {largest_record['params']:,} params, test {largest_record['test_accuracy']:.4f})")
 
@@ -254,6 +276,59 @@ def _cache_path(seed: int, what: str = "largest") -> str:
     folder = os.path.join(os.environ.get("GPP_EXT_CACHE", os.path.join(HERE, "..", "runs")), "growth")
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, f"{what}-seed{seed}.pt")
+
+
+class _Checkpoint:
+    """A long step's progress under the cache folder (`<what>-seed<seed>.json`: its state, the settings it ran
+    under and the name of its model file, `<what>-seed<seed>-<n>.pt`), so `--resume` goes on from it; ignored
+    when the settings differ, removed when the step is recorded. Each save writes a new model file before the
+    state that names it, so an interruption at any moment leaves a state and the model it describes."""
+
+    def __init__(self, seed: int, what: str, settings: dict):
+        self.stem = os.path.splitext(_cache_path(seed, what))[0]
+        self.state_path = self.stem + ".json"
+        self.settings, self.saves = settings, 0
+
+    def load(self, model: bool = True):
+        """`(model, state)` (`model=False`: the state alone), or None when there is no checkpoint of these
+        settings."""
+        if not os.path.exists(self.state_path):
+            return None
+        with open(self.state_path) as f:
+            saved = json.load(f)
+        if saved.get("settings") != self.settings:
+            return None
+        self.saves = saved.get("saves", 0)
+        if not model:
+            return saved["state"]
+        path = os.path.join(os.path.dirname(self.stem), saved.get("model") or "")
+        if not saved.get("model") or not os.path.exists(path):
+            return None
+        return gpp_ext.io.load(path), saved["state"]  # data: rebuilt from its spec
+
+    def save(self, model, state: dict) -> None:
+        entry = {"settings": self.settings, "state": state, "saves": self.saves + 1, "model": None}
+        if model is not None:
+            path = f"{self.stem}-{self.saves + 1}.pt"
+            gpp_ext.io.save(model, path, spec=model.spec())
+            entry["model"] = os.path.basename(path)
+        write_text_atomic(self.state_path, json.dumps(entry))
+        self.saves += 1
+        self._remove_models(keep=entry["model"])
+
+    def clear(self) -> None:
+        if os.path.exists(self.state_path):
+            os.remove(self.state_path)
+        self._remove_models(keep=None)
+
+    def _remove_models(self, keep) -> None:
+        import glob
+
+        prefix = os.path.basename(self.stem) + "-"
+        for path in glob.glob(glob.escape(self.stem) + "-*.pt"):
+            name = os.path.basename(path)
+            if name != keep and name[len(prefix):-3].isdigit():
+                os.remove(path)
 
 
 class _tempdir:

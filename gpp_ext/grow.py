@@ -35,7 +35,7 @@ class GrowthStep:
 
 
 def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_modules_per_stage: int = 3,
-         progress: bool = True, order=None):
+         progress: bool = True, order=None, history=None, after_step=None):
     """Grows `model` while validation accuracy improves; returns `(model, history)`.
 
     Args:
@@ -45,6 +45,11 @@ def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_module
         threshold: the gain in accuracy a new module must bring to be kept.
         max_modules_per_stage: no stage grows beyond this many modules.
         order: the stages in the order they are grown (default first to last; e.g. `triage.stage_order`).
+        history: resume an interrupted growth: the history `after_step` was given last (`GrowthStep`s or their
+            dicts), with `model` the net it held then. The net is not evaluated again; growing goes on where the
+            history ends (a stage whose last attempt was refused, or that is full, is done).
+        after_step: `after_step(model, history)` after every attempt, with the net kept so far and the history
+            up to it: save both there and a long growth can resume (`history=`) after an interruption.
     """
     if not hasattr(model, "add_module_to_stage") or not hasattr(model, "stages"):
         raise TypeError(f"grow: {type(model).__name__} has no growable stages (use models.InceptionNet)")
@@ -54,13 +59,26 @@ def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_module
     order = list(range(len(model.stages))) if order is None else [int(s) for s in order]
     if sorted(order) != list(range(len(model.stages))):
         raise ValueError(f"grow: order must list each of the {len(model.stages)} stages once, got {order}")
-    best = float(evaluate(model))
-    history = [GrowthStep(-1, 0, best, count_params(model), True)]
+    if history:
+        history = [h if isinstance(h, GrowthStep) else GrowthStep(**h) for h in history]
+        kept = [h for h in history if h.kept]
+        if history[0].stage != -1 or not history[0].kept or kept[-1].params != count_params(model):
+            raise ValueError(f"grow: history must start with the trained net's step (stage -1) and end at the net "
+                             f"given ({count_params(model):,} parameters), got a history whose last kept net has "
+                             f"{kept[-1].params:,}")
+        best = kept[-1].accuracy
+        refused = {h.stage for h in history if not h.kept}
+    else:
+        best = float(evaluate(model))
+        history, refused = [GrowthStep(-1, 0, best, count_params(model), True)], set()
+        if after_step is not None:
+            after_step(model, list(history))
     bar = tqdm(total=len(model.stages) * max_modules_per_stage, desc="growing", leave=False,
                disable=None if progress else True)  # None: bars on terminals only
+    bar.update(len(history) - 1)
     try:
         for stage in order:
-            while len(model.stages[stage]) < max_modules_per_stage:
+            while stage not in refused and len(model.stages[stage]) < max_modules_per_stage:
                 candidate = copy.deepcopy(model)
                 candidate.add_module_to_stage(stage)
                 candidate = train(candidate) or candidate
@@ -69,9 +87,12 @@ def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_module
                 history.append(GrowthStep(stage, len(candidate.stages[stage]), accuracy, count_params(candidate),
                                           kept))
                 bar.update(1)
-                if not kept:
-                    break
-                model, best = candidate, accuracy
+                if kept:
+                    model, best = candidate, accuracy
+                else:
+                    refused.add(stage)
+                if after_step is not None:
+                    after_step(model, list(history))
     finally:
         bar.close()
     return model, history

@@ -33,3 +33,40 @@ def test_refuses_models_without_stages():
         grow(models.build("lenet5"), lambda m: m, lambda m: 0.0)
     with pytest.raises(ValueError, match="threshold must be"):
         grow(models.build("inception"), lambda m: m, lambda m: 0.0, threshold=-1)
+
+
+def test_an_interrupted_growth_resumes_where_its_last_saved_step_left_it(tmp_path):
+    """`after_step` saves the net and history after every attempt; given back (`history=`), growing goes on from
+    there and ends where the uninterrupted growth ends, without training or scoring any attempt twice."""
+    from gpp_ext import io
+
+    def run(scores, stop_after=None, model=None, history=None, saved=None):
+        model = model or models.build("inception")
+        trained = []
+
+        def train(m):
+            trained.append(sum(len(s) for s in m.stages))
+            return m
+
+        def after(m, h):
+            io.save(m, tmp_path / "growing.pt", spec=m.spec())   # what a caller saves, and loads to resume
+            saved[:] = [io.load(tmp_path / "growing.pt"), [step.to_dict() for step in h]]
+            if stop_after is not None and len(h) == stop_after:
+                raise KeyboardInterrupt
+
+        return grow(model, train, lambda m: next(scores), threshold=0.01, max_modules_per_stage=3,
+                    progress=False, history=history, after_step=after), trained
+
+    values = [0.50, 0.60, 0.605, 0.70, 0.70]   # as the test above: base, kept, refused, kept, refused
+    whole, trained_whole = run(iter(values), saved=[])
+    saved = []
+    with pytest.raises(KeyboardInterrupt):
+        run(iter(values), stop_after=3, saved=saved)   # interrupted after the refused attempt at stage 0
+    net, history = saved
+    assert [len(s) for s in net.stages] == [2, 1] and len(history) == 3
+    (grown, steps), trained = run(iter(values[3:]), model=net, history=history, saved=[])
+    assert [len(s) for s in grown.stages] == [len(s) for s in whole[0].stages] == [2, 2]
+    assert [h.to_dict() for h in steps] == [h.to_dict() for h in whole[1]]
+    assert trained == trained_whole[2:]   # only the attempts after the interruption were trained
+    with pytest.raises(ValueError, match="history must start"):
+        grow(models.build("inception"), lambda m: m, lambda m: 0.0, history=history)   # not the net it describes

@@ -63,3 +63,43 @@ def test_a_run_redone_replaces_its_record(tmp_path, monkeypatch):
     assert [r["test_accuracy"] for r in runs.records] == [0.6]
     assert json.loads((tmp_path / "g.json").read_text())[0]["test_accuracy"] == 0.6
     sys.modules.pop("benchmarks.growth", None)
+
+
+def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """Growth is the benchmark's longest step (an hour a seed): killed half-way, `--resume` goes on from the net
+    and history saved after its last attempt, trains only the attempts after it, and records the growth whole."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("GPP_EXT_CACHE", str(tmp_path / "cache"))
+    growth = importlib.import_module("benchmarks.growth")
+    monkeypatch.setitem(growth.MODES, "smoke", dict(growth.MODES["smoke"], base_epochs=1, grow_epochs=0.5,
+                                                    prune_epochs=0.5, max_modules_per_stage=2))
+    real_grow, trained = growth.grow, {}
+
+    def interrupted(model, train, evaluate, *args, after_step=None, **kwargs):
+        resumed, order = kwargs.get("history") is not None, kwargs.get("order")
+
+        def counted(m):
+            trained.setdefault((resumed, order is None), []).append(sum(len(s) for s in m.stages))
+            return train(m)
+
+        def step(m, history):
+            after_step(m, history)
+            if len(history) == 2 and not resumed and order is None:
+                raise KeyboardInterrupt   # killed right after the first attempt was saved
+        return real_grow(model, counted, evaluate, *args, after_step=step, **kwargs)
+
+    monkeypatch.setattr(growth, "grow", interrupted)
+    out = tmp_path / "growth.json"
+    assert growth.main(["--smoke", "--out", str(out), "--seeds", "0"]) == 0
+    assert not any(r["key"][1] == "grown" for r in json.loads(out.read_text()))   # the growth was not recorded
+    assert list((tmp_path / "cache" / "growth").glob("growing-seed0*"))           # but its checkpoint was kept
+    assert trained == {(False, True): [3]}                                       # one attempt, then the kill
+    capsys.readouterr()
+    assert growth.main(["--smoke", "--out", str(out), "--seeds", "0", "--resume"]) == 0
+    assert "growth resumed after 2 nets" in capsys.readouterr().out
+    grown = [r for r in json.loads(out.read_text()) if r["key"][1] == "grown"]
+    assert [r["key"][2] for r in grown] == list(range(len(grown))) and grown[0]["kept"] and grown[0]["stage"] == -1
+    assert len(trained[(True, True)]) == len(grown) - 2   # only the attempts after the kill were trained
+    left = sorted(p.name for p in (tmp_path / "cache" / "growth").iterdir())
+    assert left == ["base-seed0.pt", "largest-seed0.pt"]   # done: the checkpoints (and the triage's) are gone
+    sys.modules.pop("benchmarks.growth", None)
