@@ -172,7 +172,8 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
                            "seconds": spent + time.perf_counter() - started})
 
         model, history = grow(model, train, score, threshold=0.0, max_modules_per_stage=mode["max_modules_per_stage"],
-                              progress=False, order=order, history=state["history"], after_step=after_step)
+                              progress=False, order=order, history=state["history"], after_step=after_step,
+                              seed=seed)
         for record, step in zip(met, history):
             record.update(kept=step.kept, stage=step.stage)
         seconds = spent + time.perf_counter() - started

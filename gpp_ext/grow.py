@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 
+import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -35,7 +36,7 @@ class GrowthStep:
 
 
 def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_modules_per_stage: int = 3,
-         progress: bool = True, order=None, history=None, after_step=None):
+         progress: bool = True, order=None, history=None, after_step=None, seed: int | None = None):
     """Grows `model` while validation accuracy improves; returns `(model, history)`.
 
     Args:
@@ -50,6 +51,9 @@ def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_module
             history ends (a stage whose last attempt was refused, or that is full, is done).
         after_step: `after_step(model, history)` after every attempt, with the net kept so far and the history
             up to it: save both there and a long growth can resume (`history=`) after an interruption.
+        seed: the new module of attempt `k` is initialised from `seed + k` (in a forked random state, the
+            caller's left as it was), so a growth is reproducible and a resumed one ends where an uninterrupted
+            one does; None draws from the global random state.
     """
     if not hasattr(model, "add_module_to_stage") or not hasattr(model, "stages"):
         raise TypeError(f"grow: {type(model).__name__} has no growable stages (use models.InceptionNet)")
@@ -80,7 +84,12 @@ def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_module
         for stage in order:
             while stage not in refused and len(model.stages[stage]) < max_modules_per_stage:
                 candidate = copy.deepcopy(model)
-                candidate.add_module_to_stage(stage)
+                if seed is None:
+                    candidate.add_module_to_stage(stage)
+                else:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(seed + len(history))
+                        candidate.add_module_to_stage(stage)
                 candidate = train(candidate) or candidate
                 accuracy = float(evaluate(candidate))
                 kept = accuracy > best + threshold

@@ -46,6 +46,11 @@ class GrowthContext:
     progress: bool = False
     device: object = "cpu"
     fit_kwargs: dict = field(default_factory=dict)   # the loop's training recipe (`loop.train_kwargs`)
+    # a growth that can resume inside itself calls `checkpoint(model, progress)` after every attempt (the net kept
+    # so far, and a JSON-able dict of how far it got); the loop saves both, and after an interruption hands the
+    # dict back in `resume` with the model it saved
+    checkpoint: object = None
+    resume: dict | None = None
 
 
 def register(name: str, summary: str, check_model=None):
@@ -77,19 +82,27 @@ def _inception(model: nn.Module, ctx: GrowthContext):
     from .grow import grow
 
     c = ctx.config
-    order, triaged = None, None
-    if c.grow_order == "triage":  # the stages whose modules a single layer replaces worst grow first
+    done = dict(ctx.resume or {})   # where an interrupted growth got to: its triage, order and history
+    if c.grow_order == "triage" and "triage" not in done:  # the stages a single layer replaces worst grow first
         from .triage import stage_order, triage
 
         triaged = triage(model, ctx.splits, epochs=c.grow_epochs, distill=0.5, seed=c.seed, device=ctx.device,
                          progress=ctx.progress, **ctx.fit_kwargs)
-        order = stage_order(triaged, len(model.stages))
+        done.update(triage=[r.to_dict() for r in triaged], order=stage_order(triaged, len(model.stages)))
+        if ctx.checkpoint is not None:
+            ctx.checkpoint(model, dict(done))
+
+    def after_step(m, history):
+        if ctx.checkpoint is not None:
+            ctx.checkpoint(m, dict(done, history=[h.to_dict() for h in history]))
+
     model, history = grow(model, lambda m: ctx.train(m), ctx.evaluate, c.grow_threshold, c.max_modules_per_stage,
-                          progress=ctx.progress, order=order)
+                          progress=ctx.progress, order=done.get("order"), history=done.get("history"),
+                          after_step=after_step, seed=c.seed)
     out = [dict(h.to_dict(), method="inception") for h in history]
-    if triaged is not None:
-        out[0]["triage"] = [r.to_dict() for r in triaged]
-        out[0]["order"] = order
+    if "triage" in done:
+        out[0]["triage"] = done["triage"]
+        out[0]["order"] = done["order"]
     return model, out
 
 

@@ -336,6 +336,7 @@ class _State:
     end_of_push: float | None = None    # validation accuracy at the end of the last push
     run_id: str = ""                    # names this run in its reports (`gpp report` matches them up)
     base_model: dict | None = None      # the base model (payload), timed beside the compact one at the end
+    growing: dict | None = None         # a growth in progress: how far it got (the checkpoint's model is its net)
 
 
 class GrowPushPrune:
@@ -536,10 +537,16 @@ class GrowPushPrune:
             def train(m, after_step=None):
                 return self._train(m, cfg.grow_epochs, stage, "growing", after_step=after_step, **teach)
 
+            def checkpoint(m, progress):  # after every attempt: the net kept so far and how far the growth got
+                self.model, self.state.growing = m, progress
+                self._save()
+
             context = growth.GrowthContext(self.splits, cfg, self.example, train,
                                            lambda m: evaluate(m, self.splits.val, device=self.device), self.progress,
-                                           self.device, train_kwargs(cfg))
+                                           self.device, train_kwargs(cfg), checkpoint=checkpoint,
+                                           resume=self.state.growing)
             self.model, self.state.growth = growth.get(cfg.growth)(self.model, context)
+            self.state.growing = None
             self.state.base = self._metrics(self.model, grown=True)
             self.state.base_model = io.payload(self.model)
             self.state.stage = stage

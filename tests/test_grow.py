@@ -70,3 +70,25 @@ def test_an_interrupted_growth_resumes_where_its_last_saved_step_left_it(tmp_pat
     assert trained == trained_whole[2:]   # only the attempts after the interruption were trained
     with pytest.raises(ValueError, match="history must start"):
         grow(models.build("inception"), lambda m: m, lambda m: 0.0, history=history)   # not the net it describes
+
+
+def test_a_seeded_growth_is_reproducible_and_leaves_the_callers_random_state_alone():
+    import copy
+
+    torch.manual_seed(0)
+    base = models.build("inception")
+
+    def run(global_seed):
+        torch.manual_seed(global_seed)   # whatever the caller's random state, the growth is the same
+        scores = iter([0.5, 0.6, 0.7, 0.8, 0.9])
+        grown = grow(copy.deepcopy(base), lambda m: m, lambda m: next(scores), threshold=0.0,
+                     max_modules_per_stage=2, progress=False, seed=3)[0]
+        drawn = torch.rand(1)
+        torch.manual_seed(global_seed)
+        assert torch.equal(drawn, torch.rand(1))   # the attempts drew from their own seeds, not the caller's
+        return grown
+
+    first, second = run(1), run(2)
+    assert sum(len(s) for s in first.stages) == 4
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -73,6 +73,37 @@ def _crash_and_resume(config, out, monkeypatch, crash_at: int, seed: int) -> dic
     return GrowPushPrune(*build(seed=seed), config, out_dir=out, progress=False).run(resume=True)
 
 
+def test_a_growth_interrupted_half_way_resumes_inside_the_growth(tmp_path, monkeypatch):
+    """The grow stage saves the net kept so far after every attempt: killed after the first attempt, a resumed run
+    trains only the attempts after it and ends where the uninterrupted run ends."""
+    import gpp_ext.grow as grow_module
+
+    config = LoopConfig(**{**FAST, "max_iterations": 1}, grow=True, grow_epochs=1, max_modules_per_stage=2)
+    straight = GrowPushPrune(*build("inception"), config, out_dir=tmp_path / "a", progress=False).run()
+    real_grow, trained = grow_module.grow, []
+
+    def interrupted(model, train, evaluate, *args, after_step=None, **kwargs):
+        def counted(m):
+            trained.append(sum(len(s) for s in m.stages))
+            return train(m)
+
+        def step(m, history):
+            after_step(m, history)
+            if len(history) == 2 and kwargs.get("history") is None:
+                raise KeyboardInterrupt
+        return real_grow(model, counted, evaluate, *args, after_step=step, **kwargs)
+
+    monkeypatch.setattr(grow_module, "grow", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        GrowPushPrune(*build("inception"), config, out_dir=tmp_path / "b", progress=False).run()
+    assert trained == [3]
+    resumed = GrowPushPrune(*build("inception", seed=7), config, out_dir=tmp_path / "b", progress=False).run(
+        resume=True)
+    assert len(trained) == len(straight["growth"]) - 1   # the first attempt was not trained again
+    assert resumed["growth"] == straight["growth"]
+    assert _comparable(resumed) == _comparable(straight)
+
+
 def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
     config = LoopConfig(**FAST)
     model, splits = build()
