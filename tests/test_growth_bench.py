@@ -10,10 +10,25 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _harness():
+    """The growth benchmark's parts as one namespace: `main` from the command line, the rest from the runner
+    (where a test patches `grow`, `fit` or `MODES`, the runner's names are the ones the runs use)."""
+    import types
+
+    runner = importlib.import_module("benchmarks.growth.runner")
+    cli = importlib.import_module("benchmarks.growth.__main__")
+    return types.SimpleNamespace(runner=runner, main=cli.main, MODES=runner.MODES, Runs=runner.Runs)
+
+
+def _forget():
+    for name in [n for n in sys.modules if n == "benchmarks.growth" or n.startswith("benchmarks.growth.")]:
+        sys.modules.pop(name)
+
+
 def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("GPP_EXT_CACHE", str(tmp_path / "cache"))
-    growth = importlib.import_module("benchmarks.growth")
+    growth = _harness()
     monkeypatch.setitem(growth.MODES, "smoke", dict(growth.MODES["smoke"], base_epochs=1, grow_epochs=1,
                                                     prune_epochs=0.5, max_modules_per_stage=2))
     out = tmp_path / "growth.json"
@@ -49,20 +64,20 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
     assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
     assert "seed 0" not in capsys.readouterr().out  # nothing measured again
     assert json.loads(out.read_text()) == records
-    sys.modules.pop("benchmarks.growth", None)
+    _forget()
 
 
 def test_a_run_redone_replaces_its_record(tmp_path, monkeypatch):
     """A run redone (its cached model gone, as in a fresh checkout) replaces its record instead of adding a
     second one under the same key."""
     monkeypatch.syspath_prepend(str(ROOT))
-    growth = importlib.import_module("benchmarks.growth")
+    growth = _harness()
     runs = growth.Runs(str(tmp_path / "g.json"), {"a": 1}, resume=False)
     runs.add((0, "base"), {"test_accuracy": 0.5})
     runs.add((0, "base"), {"test_accuracy": 0.6})
     assert [r["test_accuracy"] for r in runs.records] == [0.6]
     assert json.loads((tmp_path / "g.json").read_text())[0]["test_accuracy"] == 0.6
-    sys.modules.pop("benchmarks.growth", None)
+    _forget()
 
 
 def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
@@ -70,10 +85,10 @@ def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch
     and history saved after its last attempt, trains only the attempts after it, and records the growth whole."""
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("GPP_EXT_CACHE", str(tmp_path / "cache"))
-    growth = importlib.import_module("benchmarks.growth")
+    growth = _harness()
     monkeypatch.setitem(growth.MODES, "smoke", dict(growth.MODES["smoke"], base_epochs=1, grow_epochs=0.5,
                                                     prune_epochs=0.5, max_modules_per_stage=2))
-    real_grow, trained = growth.grow, {}
+    real_grow, trained = growth.runner.grow, {}
 
     def interrupted(model, train, evaluate, *args, after_step=None, **kwargs):
         resumed, order = kwargs.get("history") is not None, kwargs.get("order")
@@ -88,7 +103,7 @@ def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch
                 raise KeyboardInterrupt   # killed right after the first attempt was saved
         return real_grow(model, counted, evaluate, *args, after_step=step, **kwargs)
 
-    monkeypatch.setattr(growth, "grow", interrupted)
+    monkeypatch.setattr(growth.runner, "grow", interrupted)
     out = tmp_path / "growth.json"
     assert growth.main(["--smoke", "--out", str(out), "--seeds", "0"]) == 0
     assert not any(r["key"][1] == "grown" for r in json.loads(out.read_text()))   # the growth was not recorded
@@ -102,4 +117,4 @@ def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch
     assert len(trained[(True, True)]) == len(grown) - 2   # only the attempts after the kill were trained
     left = sorted(p.name for p in (tmp_path / "cache" / "growth").iterdir())
     assert left == ["base-seed0.pt", "largest-seed0.pt"]   # done: the checkpoints (and the triage's) are gone
-    sys.modules.pop("benchmarks.growth", None)
+    _forget()

@@ -1,45 +1,11 @@
-"""The growth benchmark: does a grown Inception net beat residual nets of the same size, does pushing and pruning
-the largest grown net beat the smaller nets met while growing, and does scheduled grow-and-prune beat
-train-then-prune at equal epochs?
-
-    python -m benchmarks.growth                        # Fashion-MNIST, seeds 0, 1, 2 (hours on 2 CPU cores)
-    python -m benchmarks.growth --resume               # go on after an interruption
-    python -m benchmarks.growth --smoke                # digits, one seed, tiny epochs: proves the harness
-
-Per seed, with the loop's training recipe (`loop.train_kwargs(recipes.build("gpp"))`) on the same splits as the
-compression benchmark:
-
-1. `grown`: the Inception net (`models.build("inception")`) trained `base_epochs`, then grown stage by stage by
-   `growth.inception` (each candidate trained `grow_epochs`, kept if validation accuracy rose at all); every net
-   met on the way is recorded (params, FLOPs, validation and test accuracy, the epochs it has seen, kept or not).
-2. `pruned`: the largest grown net pushed and pruned by the default loop (`GrowPushPrune(...).run()`, epoch
-   budget `prune_epochs`) to the size of each smaller kept net.
-3. `resnet`: ResNet-8, -14 and -20 (CIFAR layout, stage widths w, 2w, and the last width bisected) chosen so the
-   parameters match each kept grown net, trained from scratch for as many epochs as that net has seen.
-4. `gap` against `pruned`: scheduled grow-and-prune (`gap.scheduled_grow_and_prune`) of the largest net's
-   architecture from scratch, to each smaller size, with the epochs the largest net saw plus `prune_epochs`
-   (what `pruned` had in all: train-then-prune at equal epochs).
-5. `grown-triage`: the same trained net grown again with its most critical stages first (`triage` of its
-   modules, each replaced by one layer and fine-tuned `grow_epochs` with distillation, then `stage_order`: what
-   `LoopConfig(grow_order="triage")` runs), against the first-to-last order of 1.
-
-The long steps checkpoint under the cache folder (`runs/growth/`, or `$GPP_EXT_CACHE/growth/`): the trained base,
-each growth after every attempt (`grow(after_step=...)`) and the triage, so an interrupted seed resumes inside its
-growth instead of starting it over. Results go to benchmarks/results/growth.{json,md,png} atomically after every
-run (`--render` redraws the tables and plot from the records alone); `--resume` keeps the runs recorded with the
-same settings and runs the rest.
-Growth takes its own path per seed, so the tables pair every comparison with a grown net of the same seed and
-answer each question by the paired differences.
-"""
+"""The growth benchmark's runs: every step of a seed (the package's doc says which), the records and the
+checkpoints of its long steps."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import statistics
-import sys
 import time
 
 import torch
@@ -49,15 +15,15 @@ from gpp_ext import data, models, recipes
 from gpp_ext.cost import count_flops, count_params
 from gpp_ext.gap import scheduled_grow_and_prune
 from gpp_ext.grow import grow
-from gpp_ext.io import write_atomic, write_text_atomic
+from gpp_ext.io import write_text_atomic
 from gpp_ext.loop import GrowPushPrune, train_kwargs
 from gpp_ext.models.resnet import ResNet
 from gpp_ext.training import evaluate, fit
 from gpp_ext.triage import BlockCriticality, stage_order, triage
 
-from ._meta import Exclusive, git_commit, machine
+from .._meta import git_commit, machine
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # benchmarks/
 RESULTS = os.path.join(HERE, "results")
 MODES = {
     "full": dict(data="fashion-mnist", seeds=[0, 1, 2], base_epochs=10, grow_epochs=2, prune_epochs=3,
@@ -342,180 +308,3 @@ class _tempdir:
     def __exit__(self, *exc):
         self._dir.cleanup()
         return False
-
-
-def _kept(records: list) -> list:
-    """The kept grown nets of every seed, by seed then index."""
-    return sorted((r for r in records if len(r["key"]) == 3 and r["key"][1] == "grown" and r.get("kept")),
-                  key=lambda r: (r["key"][0], r["key"][2]))
-
-
-def _at(records: list, seed: int, kind: str, net: int):
-    return next((r for r in records if r["key"] == [seed, kind, net]), None)
-
-
-def _acc(r) -> str:
-    return f"{r['test_accuracy']:.4f} ({r['params']:,})" if r else "–"
-
-
-def table(records: list) -> str:
-    """Per seed and kept grown net: the net's test accuracy and every other way to reach its size (test accuracy,
-    parameters in brackets). Growth takes a different path per seed, so nets are not averaged across seeds; the
-    answers are paired differences (`answers`)."""
-    lines = ["| seed | net | modules | epochs | grown | largest pushed+pruned | grow-and-prune | ResNet-8 | "
-             "ResNet-14 | ResNet-20 |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in _kept(records):
-        seed, net = r["key"][0], r["key"][2]
-        lines.append(f"| {seed} | {net} | {r['modules']} | {r['epochs']:g} | {_acc(r)} | "
-                     + " | ".join(_acc(_at(records, seed, kind, net)) for kind in ("pruned", "gap", *RESNET_DEPTHS))
-                     + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _pairs(records: list, ours: str, theirs) -> list:
-    """`(seed, net, ours - theirs)` test-accuracy differences at every kept net's size where both are recorded
-    (`ours`/`theirs`: a kind, or "grown"; `theirs` may be a function of `(seed, net)` giving the record)."""
-    out = []
-    for r in _kept(records):
-        seed, net = r["key"][0], r["key"][2]
-        a = r if ours == "grown" else _at(records, seed, ours, net)
-        b = theirs(seed, net) if callable(theirs) else (r if theirs == "grown" else _at(records, seed, theirs, net))
-        if a is not None and b is not None:
-            out.append((seed, net, a["test_accuracy"] - b["test_accuracy"]))
-    return out
-
-
-def answers(records: list) -> str:
-    """The benchmark's questions, answered by paired differences at equal size (same seed, same net's size)."""
-    def best_resnet(seed, net):
-        rs = [x for x in (_at(records, seed, k, net) for k in RESNET_DEPTHS) if x is not None]
-        return max(rs, key=lambda x: x["test_accuracy"]) if len(rs) == len(RESNET_DEPTHS) else None
-
-    questions = [("grown Inception net vs the best of ResNet-8/14/20 at its size", "grown", best_resnet)]
-    questions += [(f"grown Inception net vs {k.replace('resnet', 'ResNet-')}", "grown", k) for k in RESNET_DEPTHS]
-    questions += [("largest grown net pushed+pruned vs the grown net of that size", "pruned", "grown"),
-                  ("grow-and-prune from scratch vs train-then-prune (pushed+pruned), equal epochs", "gap", "pruned")]
-    lines = ["| question (first minus second) | pairs | first wins | mean difference (points) | min | max |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for text, ours, theirs in questions:
-        diffs = [d for _, _, d in _pairs(records, ours, theirs)]
-        if not diffs:
-            lines.append(f"| {text} | 0 | – | – | – | – |")
-            continue
-        lines.append(f"| {text} | {len(diffs)} | {sum(d > 0 for d in diffs)} | {100 * statistics.mean(diffs):+.2f} | "
-                     f"{100 * min(diffs):+.2f} | {100 * max(diffs):+.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def order_table(records: list) -> str:
-    """Per seed: the growth in first-to-last order against the growth in triage order (what each ended with)."""
-    lines = ["| seed | first to last: params | test | triage order | params | test | triage seconds |",
-             "|---:|---:|---:|---|---:|---:|---:|"]
-    for r in sorted((r for r in records if r["key"][1] == "grown-triage"), key=lambda r: r["key"][0]):
-        first = next((x for x in records if x["key"] == [r["key"][0], "grown-largest"]), None)
-        if first is None:
-            continue
-        lines.append(f"| {r['key'][0]} | {first['params']:,} | {first['test_accuracy']:.4f} | "
-                     f"{' '.join(map(str, r['order']))} | {r['params']:,} | {r['test_accuracy']:.4f} | "
-                     f"{r['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(records: list, path: str) -> None:
-    """Test accuracy against parameters, one panel per seed: the grown nets (the path growth took), the largest
-    pushed and pruned to their sizes, grow-and-prune, and the ResNets matched to them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    seeds = sorted({r["key"][0] for r in _kept(records)})
-    if not seeds:
-        return
-    fig, axes = plt.subplots(1, len(seeds), figsize=(6 * len(seeds), 4.5), squeeze=False, sharey=True)
-    styles = {"grown": ("o-", "grown Inception"), "pruned": ("s--", "largest pushed+pruned"),
-              "gap": ("^:", "grow-and-prune"), "resnet8": ("x:", "ResNet-8"), "resnet14": ("+:", "ResNet-14"),
-              "resnet20": ("d:", "ResNet-20")}
-    for ax, seed in zip(axes[0], seeds):
-        kept = [r for r in _kept(records) if r["key"][0] == seed]
-        for kind, (style, label) in styles.items():
-            rs = kept if kind == "grown" else [x for x in (_at(records, seed, kind, r["key"][2]) for r in kept) if x]
-            if rs:
-                rs = sorted(rs, key=lambda x: x["params"])
-                ax.plot([x["params"] for x in rs], [x["test_accuracy"] for x in rs], style, label=label,
-                        linewidth=2 if kind == "grown" else 1)
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters")
-        ax.set_title(f"seed {seed}")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
-def render(records: list, stem: str) -> None:
-    """`stem`.md (the tables) and `stem`.png (the plot) from the records, atomically."""
-    commits = sorted({r["commit"] for r in records if r.get("commit")})
-    machines = sorted({r["machine"] for r in records if r.get("machine")})
-    seeds = sorted({r["key"][0] for r in records})
-    write_text_atomic(stem + ".md", "# Growth benchmark\n\n"
-                      f"Machine: {', '.join(machines) or '–'}; commits {', '.join(commits) or '–'}; seeds "
-                      f"{', '.join(map(str, seeds)) or '–'}. Every net trained with the loop's recipe; test accuracy "
-                      "(parameters in brackets). `benchmarks/growth.py` states the protocol.\n\n"
-                      "## The answers: paired differences at equal size\n\n" + answers(records)
-                      + "\n## Every kept grown net and the other ways to reach its size\n\n" + table(records)
-                      + "\n## Growth order: first to last, or most critical first (triage)\n\n"
-                      + order_table(records))
-    plot(records, stem + ".png")
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="digits, one seed, tiny epochs")
-    parser.add_argument("--resume", action="store_true", help="keep the runs recorded with the same settings")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the mode's)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "growth.json"))
-    parser.add_argument("--render", action="store_true", help="only render the tables and plot from --out")
-    args = parser.parse_args(argv)
-    stem = os.path.splitext(args.out)[0]
-    if args.render:
-        if not os.path.exists(args.out):
-            parser.error(f"--render: no results at {args.out}")
-        with open(args.out) as f:
-            records = json.load(f)
-        render(records, stem)
-        print(f"benchmarks.growth: {len(records)} runs -> {stem}.md, {stem}.png")
-        return 0
-    mode = dict(MODES["smoke" if args.smoke else "full"])
-    if args.seeds:
-        try:
-            mode["seeds"] = [int(s) for s in args.seeds.split(",")]
-        except ValueError:
-            parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    settings = {k: v for k, v in mode.items() if k != "seeds"}
-    settings["train"] = {k: v for k, v in train_kwargs(recipes.build("gpp")).items() if k != "amp"}
-    settings["gpp_ext"] = gpp_ext.__version__
-    with Exclusive(args.out, "benchmarks.growth"):   # one writer per results file
-        return _run(args, mode, settings, stem)
-
-
-def _run(args, mode: dict, settings: dict, stem: str) -> int:
-    runs = Runs(args.out, settings, args.resume, after=lambda records: render(records, stem))
-
-    def log(text):
-        print(text, flush=True)
-
-    try:
-        for seed in mode["seeds"]:
-            run_seed(seed, mode, runs, log)
-    except KeyboardInterrupt:
-        print("benchmarks.growth: interrupted; run again with --resume to go on", file=sys.stderr)
-    render(runs.records, stem)
-    print(f"benchmarks.growth: {len(runs.records)} runs -> {args.out}, {stem}.md, {stem}.png")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The growth benchmark: does a grown Inception net beat residual nets of the same size, does pushing and pruning
+the largest grown net beat the smaller nets met while growing, and does scheduled grow-and-prune beat
+train-then-prune at equal epochs?
+
+    python -m benchmarks.growth                        # Fashion-MNIST, seeds 0, 1, 2 (hours on 2 CPU cores)
+    python -m benchmarks.growth --resume               # go on after an interruption
+    python -m benchmarks.growth --smoke                # digits, one seed, tiny epochs: proves the harness
+
+Per seed, with the loop's training recipe (`loop.train_kwargs(recipes.build("gpp"))`) on the same splits as the
+compression benchmark:
+
+1. `grown`: the Inception net (`models.build("inception")`) trained `base_epochs`, then grown stage by stage by
+   `growth.inception` (each candidate trained `grow_epochs`, kept if validation accuracy rose at all); every net
+   met on the way is recorded (params, FLOPs, validation and test accuracy, the epochs it has seen, kept or not).
+2. `pruned`: the largest grown net pushed and pruned by the default loop (`GrowPushPrune(...).run()`, epoch
+   budget `prune_epochs`) to the size of each smaller kept net.
+3. `resnet`: ResNet-8, -14 and -20 (CIFAR layout, stage widths w, 2w, and the last width bisected) chosen so the
+   parameters match each kept grown net, trained from scratch for as many epochs as that net has seen.
+4. `gap` against `pruned`: scheduled grow-and-prune (`gap.scheduled_grow_and_prune`) of the largest net's
+   architecture from scratch, to each smaller size, with the epochs the largest net saw plus `prune_epochs`
+   (what `pruned` had in all: train-then-prune at equal epochs).
+5. `grown-triage`: the same trained net grown again with its most critical stages first (`triage` of its
+   modules, each replaced by one layer and fine-tuned `grow_epochs` with distillation, then `stage_order`: what
+   `LoopConfig(grow_order="triage")` runs), against the first-to-last order of 1.
+
+The long steps checkpoint under the cache folder (`runs/growth/`, or `$GPP_EXT_CACHE/growth/`): the trained base,
+each growth after every attempt (`grow(after_step=...)`) and the triage, so an interrupted seed resumes inside its
+growth instead of starting it over. Results go to benchmarks/results/growth.{json,md,png} atomically after every
+run (`--render` redraws the tables and plot from the records alone); `--resume` keeps the runs recorded with the
+same settings and runs the rest.
+Growth takes its own path per seed, so the tables pair every comparison with a grown net of the same seed and
+answer each question by the paired differences.
+
+Its parts: `runner.py` runs a seed's steps and keeps the records and checkpoints, `render.py` draws the tables and
+plot from the records, `__main__.py` is the command line.
+"""
