@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("method", "model", "dataset", "budget_kind", "budget", "seed", "params", "flops", "acc_end_of_prep",
@@ -58,6 +59,7 @@ def test_harness_smoke(harness, tmp_path, monkeypatch):
             assert key in r, key
         assert r["params"] < r["base_params"]
         assert 0 <= r["test_accuracy"] <= 1 and r["seconds"] >= 0
+        assert 0 < r["cpu_seconds"] <= r["seconds"] * torch.get_num_threads() + 1   # CPU time of the run itself
         assert r["prep_epochs_used"] + r["finetune_epochs"] == pytest.approx(r["epochs"])  # equal training
         assert r["train"] == records[0]["train"]  # every method trains with the loop's recipe
     from gpp_ext import recipes
