@@ -61,6 +61,7 @@ def _speed(records) -> list:
              f"{', '.join(sorted({r['latency']['commit'] for r in timed}))}).", "",
              "| model | budget | method | seeds timed | " + " | ".join(heads) + " |",
              "|---|---:|---|---:|" + "---:|" * len(heads)]
+
     def speedup(rs, k, b):
         v = [r["latency"][k][f"speedup_b{b}"] for r in rs if k in r["latency"]]
         return statistics.median(v) if v else None
@@ -137,9 +138,9 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
              "`GrowPushPrune(...).run()` with the default recipe (`gpp`; `gpp-fade`/`gpp-nopush`: the same loop with "
              "the push switched). BatchNorm is recalibrated after each cut. The peers' regularisation and GPP's "
              "recipe were chosen on a validation split at seed 0 (see the end); accuracies below are on the test "
-             "set, mean ± std over seeds; seconds are the median over seeds of a run's wall time (searches included; the "
-             "median, because a run that shared the machine with a memory-starved process once took 50x its "
-             "usual time).", ""]
+             "set, mean ± std over seeds; seconds are the median over seeds of a run's wall time (searches "
+             "included; the median, because a run that shared the machine with a memory-starved process once "
+             "took 50x its usual time).", ""]
     for model in sorted({r["model"] for r in records}):
         mine = [r for r in records if r["model"] == model]
         base = {r["seed"]: r["base_test_accuracy"] for r in mine}
