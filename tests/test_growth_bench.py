@@ -7,6 +7,8 @@ import json
 import pathlib
 import sys
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,8 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
     assert sorted(triaged["order"]) == list(range(len(triaged["order"]))) and triaged["triage"]
     assert triaged["met"][0]["test_accuracy"] == grown[0]["test_accuracy"]  # the same trained net, another order
     assert all(r["commit"] and r["machine"] for r in records)
+    timed = [r for r in records if "seconds" in r]   # every step's wall time, and its CPU time beside it
+    assert len(timed) >= 4 and all(0 < r["cpu_seconds"] <= r["seconds"] * torch.get_num_threads() + 1 for r in timed)
     md = (tmp_path / "growth.md").read_text()
     assert "## The answers" in md and (tmp_path / "growth.png").stat().st_size > 0
     for r in kept:  # every kept net has its row, and the questions count one pair per kept net with a rival

@@ -97,28 +97,28 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         path = _cache_path(seed, "base")
         if os.path.exists(path) and runs.get((seed, "base")) is not None:
             return gpp_ext.io.load(path)  # data: rebuilt from its spec
-        started = time.perf_counter()
+        clock = _Clock()
         torch.manual_seed(seed)
         model = fit(models.build("inception", in_channels=channels, num_classes=classes), splits.train,
                     mode["base_epochs"], seed=seed, **recipe)
         gpp_ext.io.save(model, path, spec=model.spec())
         rec = runs.add((seed, "base"), dict(_measure(model, splits, example), epochs=mode["base_epochs"],
-                                            seconds=round(time.perf_counter() - started, 1)))
+                                            **clock.times()))
         log(f"  seed {seed} base Inception net: {rec['params']:,} params, test {rec['test_accuracy']:.4f} "
             f"({rec['seconds']:.0f} s)")
         return model
 
-    def grown(order=None, spent: float = 0.0):
+    def grown(order=None, spent: dict | None = None):
         """The base grown stage by stage (`order`: the stages' order, default first to last):
-        `(largest, every net met, seconds)`. Saved after every attempt (`_Checkpoint`), so an interrupted
-        growth resumes with `--resume` instead of starting over; `spent`: seconds already spent before it."""
+        `(largest, every net met, times)`. Saved after every attempt (`_Checkpoint`), so an interrupted
+        growth resumes with `--resume` instead of starting over; `spent`: the times used before it."""
         point = _Checkpoint(seed, "growing-triage" if order else "growing", runs.settings)
         resumed = point.load()
-        model, state = resumed if resumed else (base(), {"met": [], "history": None, "seconds": 0.0})
-        met, spent = state["met"], spent + state["seconds"]
+        model, state = resumed if resumed else (base(), {"met": [], "history": None, "times": {}})
+        met = state["met"]
         if resumed:
             log(f"  seed {seed} {'triage order ' if order else ''}growth resumed after {len(met)} nets")
-        started = time.perf_counter()
+        clock = _Clock(spent, state["times"])
         seen = {id(model): mode["base_epochs"]}
 
         def train(m):  # a grown candidate: the epochs of the net it grew from, then grow_epochs more
@@ -130,31 +130,28 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
             met.append(dict(_measure(m, splits, example), epochs=seen[id(m)], modules=_modules(m), kept=None))
             log(f"  seed {seed} {'triage order ' if order else ''}net with {met[-1]['modules']} modules: "
                 f"{met[-1]['params']:,} params, val {met[-1]['val_accuracy']:.4f} "
-                f"({spent + time.perf_counter() - started:.0f} s)")
+                f"({clock.times()['seconds']:.0f} s)")
             return met[-1]["val_accuracy"]
 
         def after_step(m, history):
-            point.save(m, {"met": met, "history": [h.to_dict() for h in history],
-                           "seconds": spent + time.perf_counter() - started})
+            point.save(m, {"met": met, "history": [h.to_dict() for h in history], "times": clock.times()})
 
         model, history = grow(model, train, score, threshold=0.0, max_modules_per_stage=mode["max_modules_per_stage"],
                               progress=False, order=order, history=state["history"], after_step=after_step,
                               seed=seed)
         for record, step in zip(met, history):
             record.update(kept=step.kept, stage=step.stage)
-        seconds = spent + time.perf_counter() - started
         point.clear()
-        return model, met, seconds
+        return model, met, clock.times()
 
     if runs.get(largest_key) is None:
-        model, met, seconds = grown()
+        model, met, times = grown()
         for i, record in enumerate(met):
             runs.add((seed, "grown", i), record)
             log(f"  seed {seed} grown net {i}: {record['modules']} modules, {record['params']:,} params, "
                 f"test {record['test_accuracy']:.4f}, {record['epochs']:g} epochs, kept {record['kept']}")
         gpp_ext.io.save(model, _cache_path(seed), spec=model.spec())  # the largest grown net, for the runs below
-        runs.add(largest_key, dict(_measure(model, splits, example), epochs=_largest_epochs(met),
-                                   seconds=round(seconds, 1)))
+        runs.add(largest_key, dict(_measure(model, splits, example), epochs=_largest_epochs(met), **times))
         cached = [r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"]
     largest_record = runs.get(largest_key)
     largest = gpp_ext.io.load(_cache_path(seed))  # data: rebuilt from its spec
@@ -165,7 +162,7 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         target = r["params"] / largest_record["params"]
         key = (seed, "pruned", r["key"][2])
         if runs.get(key) is None:
-            started = time.perf_counter()
+            clock = _Clock()
             config = recipes.build("gpp", epochs=0, epoch_budget=mode["prune_epochs"], target_params=target,
                                    seed=seed)
             with _tempdir() as out:
@@ -174,13 +171,12 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
                 loop.run()
                 compact = loop.final_model
             rec = runs.add(key, dict(_measure(compact, splits, example), target_params=r["params"],
-                                     epochs=largest_record["epochs"] + mode["prune_epochs"],
-                                     seconds=round(time.perf_counter() - started, 1)))
+                                     epochs=largest_record["epochs"] + mode["prune_epochs"], **clock.times()))
             log(f"  seed {seed} pruned to net {r['key'][2]}'s size: {rec['params']:,} params, test "
                 f"{rec['test_accuracy']:.4f}")
         key = (seed, "gap", r["key"][2])
         if runs.get(key) is None:
-            started = time.perf_counter()
+            clock = _Clock()
             torch.manual_seed(seed)
             fresh = copy.deepcopy(largest)
             for m in fresh.modules():
@@ -189,7 +185,7 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
             epochs = largest_record["epochs"] + mode["prune_epochs"]
             compact, _ = scheduled_grow_and_prune(fresh, splits, target, epochs, seed=seed, **recipe)
             rec = runs.add(key, dict(_measure(compact, splits, example), target_params=r["params"], epochs=epochs,
-                                     seconds=round(time.perf_counter() - started, 1)))
+                                     **clock.times()))
             log(f"  seed {seed} grow-and-prune to net {r['key'][2]}'s size: {rec['params']:,} params, test "
                 f"{rec['test_accuracy']:.4f}")
 
@@ -200,16 +196,16 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         point = _Checkpoint(seed, "triage", runs.settings)   # the triage, kept while the growth after it runs
         done = point.load(model=False)
         if done is None:
-            started = time.perf_counter()
+            clock = _Clock()
             triaged = triage(base(), splits, epochs=mode["grow_epochs"], distill=0.5, seed=seed, progress=False,
                              **recipe)
-            done = {"triage": [r.to_dict() for r in triaged], "seconds": time.perf_counter() - started}
+            done = {"triage": [r.to_dict() for r in triaged], "times": clock.times()}
             point.save(None, done)
         triaged = [BlockCriticality(**r) for r in done["triage"]]
         order = stage_order(triaged, len(largest.stages))
-        model, met, seconds = grown(order, spent=done["seconds"])
+        model, met, times = grown(order, spent=done["times"])
         rec = runs.add(key, dict(_measure(model, splits, example), epochs=_largest_epochs(met), order=order,
-                                 triage=done["triage"], met=met, seconds=round(seconds, 1)))
+                                 triage=done["triage"], met=met, **times))
         point.clear()
         log(f"  seed {seed} grown in triage order {order}: {rec['params']:,} params, test {rec['test_accuracy']:.4f} "
             f"(first to last: {largest_record['params']:,} params, test {largest_record['test_accuracy']:.4f})")
@@ -220,12 +216,12 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
             key = (seed, name, r["key"][2])
             if runs.get(key) is not None:
                 continue
-            started = time.perf_counter()
+            clock = _Clock()
             torch.manual_seed(seed)
             net = fit(resnet_of(r["params"], blocks, channels, classes), splits.train, r["epochs"], seed=seed,
                       **recipe)
             rec = runs.add(key, dict(_measure(net, splits, example), target_params=r["params"], epochs=r["epochs"],
-                                     seconds=round(time.perf_counter() - started, 1)))
+                                     **clock.times()))
             log(f"  seed {seed} {name} at net {r['key'][2]}'s size: {rec['params']:,} params, test "
                 f"{rec['test_accuracy']:.4f}")
 
@@ -243,6 +239,20 @@ def _cache_path(seed: int, what: str = "largest") -> str:
     folder = os.path.join(os.environ.get("GPP_EXT_CACHE", os.path.join(HERE, "..", "runs")), "growth")
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, f"{what}-seed{seed}.pt")
+
+
+class _Clock:
+    """A step's wall time and CPU time (`times()`: `{"seconds", "cpu_seconds"}`), with what earlier parts of it
+    used (`spent`: an interrupted step's times, or a triage before its growth). The CPU time does not grow while
+    the process is paused or waits for a core another process holds."""
+
+    def __init__(self, *spent):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.before = {k: sum((part or {}).get(k, 0.0) for part in spent) for k in ("seconds", "cpu_seconds")}
+
+    def times(self) -> dict:
+        return {"seconds": round(self.before["seconds"] + time.perf_counter() - self.wall, 1),
+                "cpu_seconds": round(self.before["cpu_seconds"] + time.process_time() - self.cpu, 1)}
 
 
 class _Checkpoint:
