@@ -67,9 +67,10 @@ def grow(model: nn.Module, train, evaluate, threshold: float = 0.005, max_module
         history = [h if isinstance(h, GrowthStep) else GrowthStep(**h) for h in history]
         kept = [h for h in history if h.kept]
         if history[0].stage != -1 or not history[0].kept or kept[-1].params != count_params(model):
-            raise ValueError(f"grow: history must start with the trained net's step (stage -1) and end at the net "
-                             f"given ({count_params(model):,} parameters), got a history whose last kept net has "
-                             f"{kept[-1].params:,}")
+            raise ValueError(f"grow: history must start with the trained net's step (stage -1, kept) and end at the "
+                             f"net given ({count_params(model):,} parameters), got one starting at stage "
+                             f"{history[0].stage} whose last kept net has "
+                             f"{kept[-1].params if kept else 0:,} parameters")
         best = kept[-1].accuracy
         refused = {h.stage for h in history if not h.kept}
     else:

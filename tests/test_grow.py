@@ -70,6 +70,8 @@ def test_an_interrupted_growth_resumes_where_its_last_saved_step_left_it(tmp_pat
     assert trained == trained_whole[2:]   # only the attempts after the interruption were trained
     with pytest.raises(ValueError, match="history must start"):
         grow(models.build("inception"), lambda m: m, lambda m: 0.0, history=history)   # not the net it describes
+    with pytest.raises(ValueError, match="starting at stage 0"):   # a history that lost its first step
+        grow(net, lambda m: m, lambda m: 0.0, history=[dict(h, kept=False) for h in history[1:]])
 
 
 def test_a_seeded_growth_is_reproducible_and_leaves_the_callers_random_state_alone():
