@@ -16,6 +16,7 @@ from . import __doc__ as PROTOCOL
 from .render import render
 from .runner import MODES, RESULTS, Runs, run_seed
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=PROTOCOL.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="digits, one seed, tiny epochs")
