@@ -103,8 +103,9 @@ CONFIG_HELP = {
     "cuts": "cuts per prune stage, each analysed afresh (--schedule budget)",
     "allocation": "--schedule budget: how many channels each layer keeps: one threshold on utilities across "
                   "layers (global), the same fraction of every layer (uniform), the cost-aware widths of greatest "
-                  "value on a width grid (solver), the solver calibrated by the loss of candidate cuts (search), or a "
-                  "genetic search on that loss guided by per-layer sensitivity (genetic)",
+                  "value on a width grid (solver), the solver with each layer weighted by how much the loss depends "
+                  "on it (its mask Fisher information: fisher), the solver calibrated by the loss of candidate cuts "
+                  "(search), or a genetic search on that loss guided by per-layer sensitivity (genetic)",
     "normalize": "compare utilities across layers divided by their layer's mean, or as they are",
     "floor": "--schedule budget: every layer keeps at least this share of its channels",
     "round_to": "keep every pruned width a multiple of this (the solver's grid steps by layer size when 1): odd "

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from .classifier import find_classifier
 from .pruning import ChannelGraph, CriterionContext, criteria, select_channels
+from .pruning.allocation import ON_DATA, evaluator_from
 
 __all__ = ["RemovalFade", "FADE_SCHEDULES"]
 
@@ -133,9 +134,7 @@ class RemovalFade:
         if self.widths is None or not self.fixed_widths:  # the first selection decides the widths (unless
             # fixed_widths=False: every selection decides them afresh, as before the widths were an allocation's)
             evaluate = None
-            if self.allocation in ("search", "genetic"):
-                from .pruning.allocation import evaluator_from
-
+            if self.allocation in ON_DATA:
                 evaluate = evaluator_from(self.model, self.graph.example_inputs, scores, self.loader,
                                           ignore=tuple(self.graph.ignore), device=context.device,
                                           max_batches=self.max_batches)

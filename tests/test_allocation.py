@@ -1,6 +1,6 @@
 """Width allocation as its own step: every method meets the budget exactly on the width grid, the chain DP is the
-exact optimum, the greedy serves residual and concatenated groups, the calibrated search is reproducible, and the
-fade keeps the widths of its first selection."""
+exact optimum, the greedy serves residual and concatenated groups, the Fisher-weighted solver follows the loss's
+sensitivity, the calibrated search is reproducible, and the fade keeps the widths of its first selection."""
 
 import itertools
 
@@ -11,8 +11,9 @@ import torch
 from gpp_ext import data, models, prune
 from gpp_ext.fade import RemovalFade
 from gpp_ext.pruning import ChannelGraph, CostModel
-from gpp_ext.pruning.allocation import (CandidateEvaluator, _chain, _greedy, allocate, evaluator_from, group_values,
-                                        keep_top, search_widths, width_grid)
+from gpp_ext.pruning.allocation import (CandidateEvaluator, _chain, _greedy, allocate, evaluator_from,
+                                        fisher_coefficients, fisher_widths, group_values, keep_top, search_widths,
+                                        width_grid)
 from gpp_ext.training import fit, training_batches
 
 NETS = {
@@ -147,7 +148,40 @@ def test_the_candidate_evaluator_scores_real_cuts(trained_lenet):
     assert {g.name: g.size for g in ChannelGraph(model, x).groups} == full
 
 
-@pytest.mark.parametrize("allocation", ["solver", "search"])
+def test_fisher_coefficients_weight_each_group_by_the_loss_sensitivity_it_carries(trained_lenet):
+    import copy
+
+    model, splits = trained_lenet
+    x = torch.zeros(2, 1, 8, 8)
+    batches = list(itertools.islice(training_batches(splits.train, 64, 0), 4))
+    graph = ChannelGraph(model, x)
+    one = fisher_coefficients(graph, batches, power=1.0)
+    half = fisher_coefficients(graph, batches, power=0.5)
+    assert set(one) == {g.name for g in graph.groups}
+    assert np.mean(list(one.values())) == pytest.approx(1.0)  # shares of the mean
+    assert all(half[n] == pytest.approx(one[n] ** 0.5) for n in one) and len(set(one.values())) > 1
+    assert all(v == 1.0 for v in fisher_coefficients(graph, batches, power=0).values())  # the plain solver
+    # a group the loss cannot see (conv2 reads nothing of conv1) carries no Fisher information: coefficient 0,
+    # and the solver keeps it at the bottom of its grid while the plain solver does not
+    blind = copy.deepcopy(model)
+    with torch.no_grad():
+        blind.conv2.weight.zero_()
+    graph = ChannelGraph(blind, x)
+    coefficients = fisher_coefficients(graph, batches)
+    assert coefficients["conv1"] == 0.0 and all(v > 0 for n, v in coefficients.items() if n != "conv1")
+    scores = {g.name: torch.ones(g.size) for g in graph.groups}
+    evaluate = evaluator_from(blind, x, scores, training_batches(splits.train, 64, 0), batches=2, calibration=2)
+    widths, record = fisher_widths(graph, scores, 0.3, evaluate, "params")
+    assert record["coefficients"] == pytest.approx(fisher_coefficients(graph, evaluate.calibration + evaluate.batches))
+    assert widths["conv1"] == width_grid(6)[0] < allocate(graph, scores, 0.3, "params", "solver")["conv1"]
+    assert CostModel(graph, "params").cost(widths) <= 0.3 * CostModel(graph, "params").cost({})
+    with pytest.raises(ValueError, match="power"):
+        fisher_coefficients(graph, batches, power=-1)
+    with pytest.raises(ValueError, match="fisher_widths"):
+        allocate(graph, scores, 0.3, "params", "fisher")
+
+
+@pytest.mark.parametrize("allocation", ["solver", "fisher", "search"])
 def test_prune_with_an_allocation_meets_the_budget(trained_lenet, allocation):
     model, splits = trained_lenet
     loader = training_batches(splits.train, 64, 0)

@@ -18,6 +18,12 @@ normalised scores. Methods:
   the groups form a chain coupled only pairwise (a plain CNN: each layer's cost is bilinear in its own width and
   its input's); elsewhere (residual groups, concatenations) a greedy that removes, one grid step at a time, the
   step that loses the least value per unit of cost saved, then spends what is left of the budget back;
+- `"fisher"` (`fisher_widths`): the solver with each group's coefficient measured on data instead of 1: the
+  group's share of the loss's sensitivity, the mask Fisher information summed over its channels (the quantity
+  Group Fisher ranks single channels by, `group_fisher.mask_fisher`) relative to the mean over groups, to the
+  power `FISHER_POWER`. With log values the solver spends on each group in proportion to its coefficient, so
+  equal coefficients give every group an equal share of the budget whatever it does for the loss; the Fisher
+  coefficients move the budget to the groups the loss depends on (docs/design.md §2.5);
 - `"search"` (`search_widths`): per-group coefficients of the solver searched by the loss of each candidate,
   cut and BatchNorm-recalibrated (`CandidateEvaluator`);
 - `"genetic"` (`genetic.genetic_widths`): a genetic search over the widths guided by per-group sensitivity,
@@ -42,11 +48,16 @@ import torch
 from .costs import KINDS, cost_model as make_cost_model
 from .graph import ChannelGraph
 
-__all__ = ["allocate", "keep_top", "width_grid", "group_values", "ALLOCATIONS", "CandidateEvaluator",
-           "search_widths", "evaluator_from"]
+__all__ = ["allocate", "keep_top", "width_grid", "group_values", "ALLOCATIONS", "ON_DATA", "CandidateEvaluator",
+           "fisher_coefficients", "fisher_widths", "search_widths", "evaluator_from"]
 
-ALLOCATIONS = ("uniform", "global", "solver", "search", "genetic")
-SEARCHES = ("search", "genetic")   # the allocations that score candidates on data (they need an evaluator)
+ALLOCATIONS = ("uniform", "global", "solver", "fisher", "search", "genetic")
+# the allocations that need data: an evaluator (`CandidateEvaluator`), whose fixed training slice "fisher" measures
+# its coefficients on and the searches score their candidates on
+ON_DATA = ("fisher", "search", "genetic")
+# the exponent of the "fisher" allocation's coefficients: 0 is the plain solver, 1 spends in proportion to the
+# Fisher share itself; 1/2 was chosen on validation (docs/design.md §2.5)
+FISHER_POWER = 0.5
 _DP_BUCKETS = 2000  # cost resolution of the chain DP: costs are rounded up, so a solution never exceeds the budget
 
 
@@ -135,9 +146,9 @@ def allocate(graph: ChannelGraph, scores: dict, budget: float, kind: str = "para
     maximises the sum of the groups' values (`group_values(value=...)`), each scaled by its `coefficients`
     entry (default 1). Groups not in `scores` stay whole."""
     _check(graph, scores, budget, kind)
-    if method not in ALLOCATIONS or method in SEARCHES:
-        raise ValueError(f"allocate: method must be 'uniform', 'global' or 'solver' (the searches on data are "
-                         f"search_widths and genetic.genetic_widths), got {method!r}")
+    if method not in ALLOCATIONS or method in ON_DATA:
+        raise ValueError(f"allocate: method must be 'uniform', 'global' or 'solver' (the allocations on data are "
+                         f"fisher_widths, search_widths and genetic.genetic_widths), got {method!r}")
     if not 0 <= floor < 1 or min_channels < 1 or (round_to is not None and round_to < 1):
         raise ValueError(f"allocate: floor must be in [0, 1), min_channels >= 1, round_to >= 1 or None, got "
                          f"{floor}, {min_channels}, {round_to}")
@@ -416,6 +427,55 @@ class CandidateEvaluator:
         self.evaluations += 1
         self.seconds += time.perf_counter() - started
         return total / max(count, 1)
+
+
+def fisher_coefficients(graph: ChannelGraph, batches, groups=None, power: float = FISHER_POWER,
+                        device=None) -> dict:
+    """`{group: coefficient}` for the solver (`allocate(coefficients=...)`): each group's mask Fisher information
+    summed over its channels (`group_fisher.mask_fisher` on `batches` of `(inputs, labels)`, moved to `device`),
+    divided by the mean over `groups` (default: every prunable group), to the power `power`. A model whose loss
+    does not move on these batches (every total zero) gets equal coefficients: the plain solver."""
+    from .group_fisher import mask_fisher
+
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 <= power <= 4:
+        raise ValueError(f"fisher_coefficients: power must be a number in [0, 4], got {power!r}")
+    names = list(groups) if groups is not None else [g.name for g in graph.groups]
+    known = {g.name for g in graph.groups}
+    if not names or set(names) - known:
+        raise ValueError(f"fisher_coefficients: groups must name prunable groups of the graph, got "
+                         f"{sorted(set(names) - known) or names}")
+    if device is None:
+        device = next((p.device for p in graph.model.parameters()), torch.device("cpu"))
+    fisher = mask_fisher(graph, [(x.to(device), y.to(device)) for x, y in batches])
+    totals = {n: float(fisher[n].sum()) for n in names}
+    mean = sum(totals.values()) / len(totals)
+    if not math.isfinite(mean):
+        raise ValueError("fisher_coefficients: the mask Fisher information is not finite (a diverged model?)")
+    if mean <= 0:
+        return {n: 1.0 for n in names}
+    return {n: (t / mean) ** power for n, t in totals.items()}
+
+
+def fisher_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, kind: str = "params",
+                  normalize: str = "mean", floor: float = 0.0, min_channels: int = 1, round_to: int | None = None,
+                  value: str = "log", power: float = FISHER_POWER, cost_model=None, latency=None) -> tuple:
+    """The `"fisher"` allocation: `(widths, record)`, the solver's widths (`allocate(method="solver")`) with the
+    groups' coefficients from `fisher_coefficients` on the fixed training slice of `evaluate` (a
+    `CandidateEvaluator`: its calibration and scoring batches). `record` holds the coefficients and the seconds
+    (one backward pass per batch; no candidate is cut)."""
+    import time
+
+    _check(graph, scores, budget, kind)
+    started = time.perf_counter()
+    batches = list(evaluate.calibration)
+    if evaluate.batches is not evaluate.calibration:
+        batches += list(evaluate.batches)
+    coefficients = fisher_coefficients(graph, batches, groups=list(scores), power=power, device=evaluate.device)
+    widths = allocate(graph, scores, budget, kind, "solver", normalize=normalize, floor=floor,
+                      min_channels=min_channels, round_to=round_to, coefficients=coefficients, value=value,
+                      cost_model=cost_model, latency=latency)
+    return widths, {"coefficients": coefficients, "power": power, "evaluations": 0,
+                    "seconds": time.perf_counter() - started}
 
 
 def search_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, kind: str = "params",

@@ -25,6 +25,7 @@ from ..classifier import find_classifier
 from ..cost import count_flops, count_params
 from ..training import recalibrate_batchnorm
 from . import criteria
+from .allocation import ON_DATA, evaluator_from
 from .graph import ChannelGraph
 from .selection import resolve_method, select_channels
 
@@ -153,9 +154,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
             raise TypeError(f"prune: criterion {name!r} must return a dict of group name -> [size] scores, got "
                             f"{type(scores).__name__}")
         evaluate = None
-        if allocation in ("search", "genetic") and method == "budget":
-            from .allocation import evaluator_from
-
+        if allocation in ON_DATA and method == "budget":
             evaluate = evaluator_from(model, example_inputs, scores, loader, ignore=ignore, device=device,
                                       max_batches=max_batches)
         start = time.perf_counter()

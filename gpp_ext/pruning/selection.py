@@ -147,22 +147,25 @@ def select_channels(graph: ChannelGraph, utilities: dict, method: str | None = N
                          f"{search!r}")
     if normalize not in ("mean", "none"):
         raise ValueError(f"select_channels: normalize must be 'mean' or 'none', got {normalize!r}")
-    if allocation not in ("global", "uniform", "solver", "search", "genetic"):
-        raise ValueError(f"select_channels: allocation must be 'global', 'uniform', 'solver', 'search' or 'genetic', "
-                         f"got {allocation!r}")
-    if allocation in ("search", "genetic") and evaluate is None:
+    from .allocation import ALLOCATIONS, ON_DATA
+
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"select_channels: allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation in ON_DATA and evaluate is None:
         raise ValueError(f"select_channels: allocation={allocation!r} needs evaluate=<allocation.CandidateEvaluator> "
                          f"(prune and the loop build one from their data)")
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1:
         raise ValueError(f"select_channels: floor must be in [0, 1) (a share of each group's channels), got "
                          f"{floor!r}")
-    if allocation in ("solver", "search", "genetic"):
-        from .allocation import allocate, keep_top, search_widths
+    if allocation in ("solver",) + ON_DATA:
+        from .allocation import allocate, fisher_widths, keep_top, search_widths
 
         model = cost_model(graph, budget_kind, latency)
         grid = dict(normalize=normalize, floor=floor, min_channels=min_channels,
                     round_to=round_to if round_to > 1 else None)
-        if allocation == "search":
+        if allocation == "fisher":
+            widths, _ = fisher_widths(graph, utilities, budget, evaluate, budget_kind, cost_model=model, **grid)
+        elif allocation == "search":
             widths, _ = search_widths(graph, utilities, budget, evaluate, budget_kind, seed=seed, progress=progress,
                                       cost_model=model, **grid)
         elif allocation == "genetic":
