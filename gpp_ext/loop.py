@@ -102,9 +102,9 @@ class LoopConfig:
     cuts: int = 1                    # cuts per prune stage, each analysed afresh (schedule "budget")
     budget_kind: str = "params"      # what schedule "budget" counts: "params" (target_params), "flops"
                                      # (target_flops) or "latency" (target_latency)
-    allocation: str = "solver"       # schedule "budget": "solver" (cost-aware widths on a grid), "fisher" (the
-                                     # solver weighting each layer by the loss's mask Fisher information), "genetic"
-                                     # (a genetic search on data), "search"
+    allocation: str = "fisher"       # schedule "budget": "fisher" (the cost-aware solver on a width grid, each
+                                     # layer weighted by the loss's mask Fisher information), "solver" (the same,
+                                     # every layer weighted alike), "genetic" (a genetic search on data), "search"
                                      # (the solver calibrated on data), "global" threshold, "uniform" fraction
     floor: float = 0.05              # schedule "budget": every group keeps at least this share of its channels
     normalize: str = "mean"          # utilities divided by their layer's mean ("mean") or as they are ("none")

@@ -17,7 +17,8 @@ from .loop import LoopConfig
 __all__ = ["RECIPES", "DESCRIPTIONS", "build", "names"]
 
 RECIPES = {
-    # LoopConfig's defaults: one iteration at the solver's cost-aware widths; 15% of the epochs pushing while the
+    # LoopConfig's defaults: one iteration at the cost-aware widths of the solver with each layer weighted by the
+    # loss's mask Fisher information (allocation "fisher"); 15% of the epochs pushing while the
     # removal set the criterion (traced LDA utility) picks fades linearly to zero half-way, then the lossless cut
     # and the fine-tune (85%); every phase AdamW with a one-cycle schedule
     "gpp": {},
@@ -59,7 +60,8 @@ RECIPES = {
                lr=2e-3, weight_decay=1e-4, alpha=0.3, beta=0.3, gamma=0.05),
 }
 DESCRIPTIONS = {
-    "gpp": "the default: the removal set at cost-aware widths faded to zero, a lossless cut, a one-cycle fine-tune",
+    "gpp": "the default: the removal set at Fisher-weighted cost-aware widths faded to zero, a lossless cut, a "
+           "one-cycle fine-tune",
     "gpp-cut": "the default's widths and criterion cut at once, then every epoch fine-tuning",
     "group-fisher": "Group Fisher: channels of least Fisher information per cost removed while training, then cut",
     "hgs": "hierarchical group-sparse training, then the channels whose removal raises the loss most are kept",

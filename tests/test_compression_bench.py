@@ -47,7 +47,7 @@ def score_first(harness, monkeypatch, candidate):
 def test_harness_smoke(harness, tmp_path, monkeypatch):
     # the rows and tables are under test here, not the choice (the next test checks a default that loses): the
     # default recipe's trial is scored first on validation, since one epoch on digits says nothing about it
-    score_first(harness, monkeypatch, "gpp-fade-short")
+    score_first(harness, monkeypatch, "gpp-fade-fisher")
     code, out = smoke(harness, tmp_path)
     assert code == 0
     records = json.loads(out.read_text())
@@ -79,7 +79,7 @@ def test_harness_smoke(harness, tmp_path, monkeypatch):
     assert {c["what"] for c in choices} >= {"slimming reg", "gpp recipe", "gpp ablation"}
     assert all(c["commit"] and c["machine"] for c in choices)  # every figure says where it was made
     recipe = [c for c in choices if c["what"] == "gpp recipe"]
-    assert {c["setting"] for c in recipe} == {"gpp-cut", "gpp-fade-short"}
+    assert {c["setting"] for c in recipe} == {"gpp-cut", "gpp-fade-fisher"}
     assert sum(c["chosen"] for c in recipe) == 1
     assert sum(c.get("chosen", False) for c in choices if c["what"] == "slimming reg") == 1
     # Group Fisher's knob is its schedule: the share of the epochs spent removing channels (the smoke mode tries
@@ -103,7 +103,7 @@ def test_no_gpp_row_runs_when_another_candidate_beats_the_default(harness, tmp_p
     code, out = smoke(harness, tmp_path, "--methods", "gpp,gpp-fade,l1")
     assert code == 0
     assert [r["method"] for r in json.loads(out.read_text())] == ["l1"]
-    assert "candidate 'gpp-cut' beats the default recipe ('gpp-fade-short')" in capsys.readouterr().err
+    assert "candidate 'gpp-cut' beats the default recipe ('gpp-fade-fisher')" in capsys.readouterr().err
 
 
 def test_resume_keeps_records_and_runs_only_the_missing(harness, tmp_path):
@@ -196,9 +196,9 @@ def test_bad_arguments_name_the_option(harness, tmp_path, capsys, argv, message)
 
 
 def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness, tmp_path, monkeypatch):
-    # the ablation cell "solver x fade x onecycle" is the candidate `gpp-fade-short`'s run (the default's)
-    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "candidates": ("gpp-fade-short",),
-                                                 "ablation": (("solver", "fade", "onecycle"),)})
+    # the ablation cell "fisher x fade x onecycle" is the candidate `gpp-fade-fisher`'s run (the default's)
+    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "candidates": ("gpp-fade-fisher",),
+                                                 "ablation": (("fisher", "fade", "onecycle"),)})
     measured = []
     real = harness.protocol.measure
 
@@ -213,7 +213,7 @@ def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness
     assert measured == ["gpp"]
     trials = json.loads((tmp_path / "compression-choices.json").read_text())
     candidate, cell = trials
-    assert cell["same_as"] == "gpp recipe: gpp-fade-short" and cell["val_accuracy"] == candidate["val_accuracy"]
+    assert cell["same_as"] == "gpp recipe: gpp-fade-fisher" and cell["val_accuracy"] == candidate["val_accuracy"]
     # resumed: nothing is measured again
     measured.clear()
     assert smoke(harness, tmp_path, "--methods", "gpp", "--resume")[0] == 0
@@ -237,7 +237,11 @@ def test_candidates_that_differ_only_in_the_push_share_are_two_loops(harness):
     fade = harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade"])
     short = harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade-short"])
     assert not harness.protocol.same_config(fade, short)
-    assert harness.protocol.same_config(short, harness.protocol.config_of({}))  # the default is gpp-fade-short
+    # the default is gpp-fade-fisher: the short fade at the Fisher-weighted solver's widths
+    default = harness.protocol.config_of({})
+    assert harness.protocol.same_config(harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade-fisher"]),
+                                        default)
+    assert not harness.protocol.same_config(short, default)
 
 
 def test_a_loop_row_matches_the_loop_its_cell_runs(harness):
@@ -250,6 +254,19 @@ def test_a_loop_row_matches_the_loop_its_cell_runs(harness):
     assert not harness.runner._stale(record, {})
     assert harness.runner._stale({**record, "config": {**ran, "push": "none"}}, {})
     assert harness.runner._stale({**record, "method": "gpp-nopush"}, {})
+
+
+def test_a_one_shot_criterion_cut_at_another_defaults_widths_is_redone(harness):
+    """A one-shot criterion is cut at the default recipe's widths: its record carries that rule, and a record made
+    under another default (or before records carried it, under the plain solver) is redone on resume."""
+    rule = harness.methods.widths_rule("l1")
+    assert rule == {"allocation": "fisher", "normalize": "mean", "floor": 0.05, "round_to": 1}
+    assert harness.methods.widths_rule("group_fisher") is None and harness.methods.widths_rule("slimming") is None
+    record = {"method": "l1", "budget": 0.1, "budget_kind": "params", "epochs": 3.0, "seed": 1, "knobs": {},
+              "train": harness.protocol.train_recipe(), "widths_rule": rule}
+    assert not harness.runner._stale(record, {})
+    assert harness.runner._stale({k: v for k, v in record.items() if k != "widths_rule"}, {})
+    assert harness.runner._stale({**record, "widths_rule": {**rule, "allocation": "solver"}}, {})
 
 
 def test_a_setting_that_missed_its_size_target_is_not_chosen(harness):

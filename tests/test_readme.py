@@ -98,7 +98,7 @@ def test_readme_own_model_commands_run_as_written(tmp_path):
     report = json.loads((tmp_path / "runs" / "mynet" / "report.json").read_text())
     assert report["final"]["params"] <= 0.5 * report["base"]["params"] * 1.05, (report["stopped"],
                                                                                report["iterations"])
-    assert report["config"]["round_to"] == 8 and report["config"]["allocation"] == "solver"
+    assert report["config"]["round_to"] == 8 and report["config"]["allocation"] == "fisher"
     assert report["target_reached"]
     assert report["preprocessing"]["channels"] == 1 and report["dataset"].startswith("imagefolder:")
     onnx = report["onnx_latency"]  # ONNX Runtime CPU latency of base and compact, beside eager PyTorch

@@ -24,21 +24,23 @@ import statistics
 
 from . import methods, protocol
 
-# GPP's recipe candidates, each naming its push (the cut at once, or the fade before a lossless cut), so that a
-# recorded trial keeps its meaning when the default changes; the default recipe must be one of them
+# GPP's recipe candidates, each naming its push and its width allocation (the cut at once, or the fade before a
+# lossless cut), so that a recorded trial keeps its meaning when the default changes; the default recipe must be
+# one of them
+SOLVER = dict(allocation="solver")
 CANDIDATES = {
-    "gpp-cut": dict(methods.CUT),
-    "gpp-fade": dict(methods.FADE),
+    "gpp-cut": dict(methods.CUT, **SOLVER),
+    "gpp-fade": dict(methods.FADE, **SOLVER),
     # the fade with less of the budget before the cut (15% instead of a third): more of it fine-tunes the cut
-    "gpp-fade-short": dict(methods.FADE, push_share=0.15),
+    "gpp-fade-short": dict(methods.FADE, push_share=0.15, **SOLVER),
     "gpp-search": dict(methods.CUT, allocation="search"),
-    "gpp-x2": dict(methods.CUT, max_iterations=2),
-    "gpp-l1": dict(methods.CUT, criterion="l1"),
-    # the default's fade at the ablation's other width allocations: near-uniform fractions (the peers' winners
+    "gpp-x2": dict(methods.CUT, max_iterations=2, **SOLVER),
+    "gpp-l1": dict(methods.CUT, criterion="l1", **SOLVER),
+    # the short fade at the ablation's other width allocations: near-uniform fractions (the peers' winners
     # keep them) and utilities ranked across groups after per-group normalisation, instead of the solver's
     "gpp-fade-uniform": dict(methods.FADE, push_share=0.15, allocation="uniform"),
     "gpp-fade-normalised": dict(methods.FADE, push_share=0.15, allocation="global", normalize="mean"),
-    # the default's fade with the solver's groups weighted by the loss's mask Fisher information instead of
+    # the short fade with the solver's groups weighted by the loss's mask Fisher information instead of
     # equally (on LeNet-5 at 5% of the parameters the plain solver spends as much on the cheap fc2 as on conv2)
     "gpp-fade-fisher": dict(methods.FADE, push_share=0.15, allocation="fisher"),
 }
@@ -49,7 +51,7 @@ ALLOCATION_AXIS = {"raw": dict(allocation="global", normalize="none", floor=0.0)
                    "solver": dict(allocation="solver"), "fisher": dict(allocation="fisher"),
                    "search": dict(allocation="search"),
                    "uniform": dict(allocation="uniform")}
-PUSH_AXIS = {"cut": dict(methods.CUT), "fade": dict(CANDIDATES["gpp-fade-short"])}  # the default's fade
+PUSH_AXIS = {"cut": dict(methods.CUT), "fade": dict(methods.FADE, push_share=0.15)}  # the default's fade
 SCHEDULE_AXIS = {"onecycle": dict(lr_schedule="onecycle"), "constant": dict(lr_schedule="constant", lr=2e-3)}
 ABLATION = tuple(itertools.product(ALLOCATION_AXIS, PUSH_AXIS, SCHEDULE_AXIS))
 

@@ -199,12 +199,27 @@ def run(method: str, base, setup: Setup, cached=None):
                               used=setup.prep_epochs)
     if method in TP_MAGNITUDE:
         return _torch_pruning(method, model, setup)
-    default = recipes.build("gpp")  # the loop's widths, this method's channels
     cut, _ = gpp_ext.prune(copy.deepcopy(model), setup.loader(), setup.example, setup.splits.num_classes,
                            criterion=method, method="budget", budget=setup.budget, budget_kind=setup.kind,
-                           allocation=default.allocation, normalize=default.normalize, floor=default.floor,
-                           round_to=default.round_to, recalibrate=False, progress=False, seed=setup.seed)
+                           **widths_rule(method), recalibrate=False, progress=False, seed=setup.seed)
     return model, cut, 0.0
+
+
+WIDTH_SETTINGS = ("allocation", "normalize", "floor", "round_to")
+# the widths rule of the default recipe when the one-shot criteria's records did not yet carry theirs
+WIDTHS_RULE_BEFORE = dict(allocation="solver", normalize="mean", floor=0.05, round_to=1)
+
+
+def widths_rule(method: str) -> dict | None:
+    """How a one-shot criterion's cut decides its widths: the default recipe's `WIDTH_SETTINGS` (the loop's
+    widths, this method's channels), recorded with its runs so that a run made under another default is redone;
+    None for a method that decides its widths itself."""
+    method = kd_variant(method)[0]
+    if loop_overrides(method) is not None or method in ("hesso_style", "slimming") or \
+            method.startswith("torch_pruning:"):
+        return None
+    default = recipes.build("gpp")
+    return {k: getattr(default, k) for k in WIDTH_SETTINGS}
 
 
 # ---------------------------------------------------------------------------------------------------- ours

@@ -56,12 +56,12 @@ _RESNET = ("gpp", "sss_blocks", "random", "torch_pruning:magnitude:local", "torc
 MODES = {
     "smoke": dict(models=["vgg"], seeds=[0], budgets={"vgg": [("params", 0.3)]},
                   choice_budgets={"vgg": [("params", 0.3)]}, base_epochs={"vgg": 1}, epochs=1.0, prep_epochs=0.5,
-                  sweep_values=(1e-4,), candidates=("gpp-fade-short", "gpp-cut"),
+                  sweep_values=(1e-4,), candidates=("gpp-fade-fisher", "gpp-cut"),
                   ablation=(("uniform", "cut", "onecycle"),), ablation_budgets={"vgg": [("params", 0.3)]},
                   methods={"vgg": _ALL}),
     "quick": dict(models=["lenet5"], seeds=[0], budgets={"lenet5": [("params", 0.25), ("params", 0.1)]},
                   choice_budgets={"lenet5": [("params", 0.25), ("params", 0.1)]}, base_epochs={"lenet5": 8},
-                  epochs=3.0, prep_epochs=1.0, sweep_values=None, candidates=("gpp-fade-short", "gpp-cut"),
+                  epochs=3.0, prep_epochs=1.0, sweep_values=None, candidates=("gpp-fade-fisher", "gpp-cut"),
                   ablation=(), ablation_budgets={}, methods={"lenet5": _ALL}),
     "full": dict(models=["lenet5", "vgg", "resnet20"], seeds=[0, 1, 2],
                  budgets={"lenet5": [("params", b) for b in (0.5, 0.25, 0.1, 0.05)],
@@ -191,7 +191,7 @@ def measure_cut(method: str, base, setup: methods.Setup, cache: Cache, stem: str
     return {"acc_end_of_prep": acc_prep, "acc_after_cut": acc_cut, "acc_after_recal": acc_recal, "ft_curve": curve,
             "test_accuracy": evaluate(cut, splits.test), "val_accuracy": evaluate(cut, splits.val),
             "prep_epochs_used": used, "finetune_epochs": remaining, **_sizes(cut, splits),
-            "seconds": round(time.perf_counter() - started, 1)}, cut
+            "widths_rule": methods.widths_rule(method), "seconds": round(time.perf_counter() - started, 1)}, cut
 
 
 def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str, keep: bool = True) -> dict:

@@ -30,14 +30,18 @@ def knobs_for(method: str, chosen: dict) -> dict:
 
 
 def _stale(record: dict, chosen: dict) -> bool:
-    """A record made with other choices, another training recipe or (a loop row) another loop than the one its
-    cell would run now (compared on what the run reads, `loop.run_settings`)."""
+    """A record made with other choices, another training recipe, (a loop row) another loop than the one its
+    cell would run now (compared on what the run reads, `loop.run_settings`) or (a one-shot criterion) another
+    default's widths (`methods.widths_rule`)."""
     settings = methods.loop_settings(record["method"], record.get("knobs", {}))
     if settings is not None:
         now = methods.cell_config(record["budget"], record.get("budget_kind", "params"), record["epochs"],
                                   record["seed"], settings)
         if not protocol.same_config(record.get("config"), {k: v for k, v in asdict(now).items() if k != "ignore"}):
             return True
+    rule = methods.widths_rule(record["method"])
+    if rule is not None and record.get("widths_rule", methods.WIDTHS_RULE_BEFORE) != rule:
+        return True  # a one-shot criterion cut at the widths of another default
     return record.get("knobs", {}) != knobs_for(record["method"], chosen) or record.get("train") != protocol.train_recipe()
 
 
