@@ -235,13 +235,16 @@ class LoopConfig:
 
 def run_settings(settings) -> dict:
     """The settings a run of `settings` (a `LoopConfig`, or one as a dict, e.g. a recorded one) reads: all but
-    the push settings its push method never reads (`pushes.reads`), the per-iteration epochs `epoch_budget`
+    the push settings its push method never reads (`pushes.reads`), the selection settings of a push that decides
+    the keep-set itself (`pushes.selects`), the per-iteration epochs `epoch_budget`
     replaces (or `push_share` without it) and `ignore`. Two configurations with equal run settings run the same
     loop."""
     d = asdict(settings) if isinstance(settings, LoopConfig) else dict(settings)
     push = d.get("push", "none")
     read = pushes.reads(push) if push in pushes.names() else pushes.PUSH_SETTINGS  # unknown: assume all count
     unread = set(pushes.PUSH_SETTINGS) - set(read)
+    if push in pushes.names() and pushes.selects(push):  # the push decides the keep-set: no selection runs
+        unread |= set(pushes.SELECTION_SETTINGS)
     unread |= {"push_epochs", "finetune_epochs"} if d.get("epoch_budget") is not None else {"push_share"}
     return {k: v for k, v in d.items() if k not in unread and k != "ignore"}
 

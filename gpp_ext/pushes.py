@@ -31,7 +31,8 @@ import torch.nn as nn
 
 from ._registry import Registry
 
-__all__ = ["PushContext", "register", "names", "describe", "get", "check", "PUSH_SETTINGS", "reads"]
+__all__ = ["PushContext", "register", "names", "describe", "get", "check", "PUSH_SETTINGS", "SELECTION_SETTINGS",
+           "reads", "selects"]
 
 _REGISTRY = Registry("push", "pushes")
 # The `LoopConfig` settings only some push methods read: each method names those it reads (`register(reads=)`),
@@ -39,6 +40,9 @@ _REGISTRY = Registry("push", "pushes")
 PUSH_SETTINGS = ("alpha", "beta", "gamma", "separation", "fade_reselect", "fade_schedule", "fade_end",
                  "fade_fixed_widths", "sparsity", "gap_partitions", "gap_cycles")
 _PUSH_TERMS = ("alpha", "beta", "gamma", "separation")
+# The settings of the prune stage's selection (which channels, how many per group): a push that prepares the
+# keep-set itself (`register(selects=True)`, e.g. Group Fisher's removal while training) never reads them.
+SELECTION_SETTINGS = ("criterion", "neurons", "allocation", "normalize", "round_to")
 
 
 @dataclass
@@ -79,13 +83,15 @@ def stage_epochs(config) -> tuple:
     return per * config.push_share, per * (1 - config.push_share)
 
 
-def register(name: str, summary: str, check=None, reads: tuple = ()):
+def register(name: str, summary: str, check=None, reads: tuple = (), selects: bool = False):
     """Registers a push handler under `name`; `check(config)` (optional) raises `ValueError` for settings it
-    cannot run with; `reads` names the `PUSH_SETTINGS` the handler reads. Returns the decorator."""
+    cannot run with; `reads` names the `PUSH_SETTINGS` the handler reads; `selects=True` says the handler
+    decides the keep-set itself (it returns one whenever the model is above the iteration's goal), so the
+    prune stage's `SELECTION_SETTINGS` do not shape its run. Returns the decorator."""
     unknown = sorted(set(reads) - set(PUSH_SETTINGS))
     if unknown:
         raise ValueError(f"pushes.register({name!r}): reads names settings outside PUSH_SETTINGS: {unknown}")
-    return _REGISTRY.register(name, summary, check=check, reads=tuple(reads))
+    return _REGISTRY.register(name, summary, check=check, reads=tuple(reads), selects=bool(selects))
 
 
 names, describe, get = _REGISTRY.names, _REGISTRY.describe, _REGISTRY.get
@@ -94,6 +100,11 @@ names, describe, get = _REGISTRY.names, _REGISTRY.describe, _REGISTRY.get
 def reads(name: str) -> tuple:
     """The `PUSH_SETTINGS` push method `name` reads."""
     return _REGISTRY.extra(name, "reads")
+
+
+def selects(name: str) -> bool:
+    """Whether push method `name` decides the keep-set itself (`register(selects=True)`)."""
+    return bool(_REGISTRY.extra(name, "selects"))
 
 
 def check(config) -> None:
@@ -178,7 +189,7 @@ def _needs_training(name: str):
 
 @register("group_fisher", "Group Fisher's schedule: the channels of least mask Fisher information per cost saved "
           "removed a few at a time while training goes on, until the iteration's budget; a lossless cut",
-          check=_needs_training("group_fisher"))
+          check=_needs_training("group_fisher"), selects=True)
 def _group_fisher(ctx: PushContext):
     from .latency import table_for
     from .pruning.group_fisher import FisherRemoval
@@ -254,7 +265,7 @@ def _gap_check(config) -> None:
 @register("gap", "scheduled grow-and-prune: runs of layers take turns being dense while the others are held at "
           "the budget's uniform widths (their removed channels at zero), each pruned by L1 when its turn ends; the "
           "cut removes only zeros (--epochs 0: from scratch, recipe gap)", check=_gap_check,
-          reads=("gap_partitions", "gap_cycles"))
+          reads=("gap_partitions", "gap_cycles"), selects=True)
 def _gap(ctx: PushContext):
     from .gap import GapSchedule
     from .training import fit

@@ -231,6 +231,18 @@ def test_a_record_made_before_a_loop_setting_existed_still_matches(harness):
     assert harness.protocol.same_config({**cut, "fade_end": 1.0, "alpha": 0.3}, cut)
 
 
+def test_a_push_that_decides_the_keep_set_is_not_redone_for_selection_settings_it_never_reads(harness):
+    """Group Fisher's push removes channels itself, so a record made under the plain solver's default widths is
+    current under the Fisher-weighted default; hgs selects at the default's widths, so its record is not."""
+    from gpp_ext import recipes
+
+    fisher = harness.protocol.config_of(dict(recipes.RECIPES["group-fisher"]))
+    assert harness.protocol.same_config({**fisher, "allocation": "solver", "criterion": "l1"}, fisher)
+    assert not harness.protocol.same_config({**fisher, "floor": 0.0}, fisher)  # its removal keeps the floor
+    hgs = harness.protocol.config_of(dict(recipes.RECIPES["hgs"]))
+    assert not harness.protocol.same_config({**hgs, "allocation": "solver"}, hgs)
+
+
 def test_candidates_that_differ_only_in_the_push_share_are_two_loops(harness):
     """The harness always runs the loop with an epoch budget, so a trial's configuration must keep push_share
     (a candidate with a shorter push once passed for the default and reused its figures)."""
