@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn as nn
 
+from . import distributed as gdist
 from .classifier import find_classifier
 from .pruning import ChannelGraph, CriterionContext, criteria, select_channels
 from .pruning.allocation import ON_DATA, evaluator_from
@@ -142,9 +143,13 @@ class RemovalFade:
                                    budget_kind=self.budget_kind, min_channels=self.min_channels,
                                    round_to=self.round_to, normalize=self.normalize, allocation=self.allocation,
                                    floor=self.floor, evaluate=evaluate, seed=self.seed, latency=self.latency)
-            self.widths = {name: int(k.numel()) for name, k in keep.items()}
         else:
             keep = self._keep_at_widths(scores, factor)
+        # Under torch.distributed each process scores on its own batches (tracing images, the Fisher weights of
+        # the widths): rank 0 decides, so every process fades, and then cuts, the same channels
+        keep = gdist.broadcast_object(keep)
+        if self.widths is None or not self.fixed_widths:
+            self.widths = {name: int(k.numel()) for name, k in keep.items()}
         swapped = 0
         for group in self.graph.groups:
             removed = torch.ones(group.size, dtype=torch.bool)

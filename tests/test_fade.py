@@ -109,3 +109,28 @@ def test_reselection_and_schedule():
     fade.finish()
     with pytest.raises(RuntimeError, match="finished"):
         fade.step(1, 1)
+
+
+def test_under_distributed_every_process_fades_what_rank_0_chose(monkeypatch):
+    """Each process scores on its own batches; the fade takes rank 0's keep-set (`broadcast_object`) at every
+    selection, so all processes fade and cut the same channels. Rank 0 is simulated: the broadcast hands back a
+    keep-set other than this process's own (each group's highest-indexed channels at this process's widths)."""
+    import gpp_ext.fade as fade_module
+
+    calls = []
+
+    def from_rank_0(keep, src=0, group=None):
+        calls.append(keep)
+        return {n: torch.arange(sizes[n] - int(k.numel()), sizes[n]) for n, k in keep.items()}
+
+    model, x, data, classes = _task("vgg")
+    sizes = {g.name: g.size for g in ChannelGraph(model, x).groups}
+    monkeypatch.setattr(fade_module.gdist, "broadcast_object", from_rank_0)
+    fade = RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.5, reselect=3, max_batches=2)
+    assert len(calls) == 1
+    for name, removed in fade.removed.items():
+        width = sizes[name] - removed.numel()
+        assert removed.tolist() == list(range(sizes[name] - width)), name  # rank 0's: the lowest indices go
+        assert fade.widths[name] == width
+    fit(model, data, 1, batch_size=24, lr=1e-2, after_step=fade.step, seed=1)
+    assert len(calls) == 3  # every selection
