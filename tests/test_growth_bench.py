@@ -29,7 +29,6 @@ def _forget():
 
 def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
-    monkeypatch.setenv("GPP_EXT_CACHE", str(tmp_path / "cache"))
     growth = _harness()
     monkeypatch.setitem(growth.MODES, "smoke", dict(growth.MODES["smoke"], base_epochs=1, grow_epochs=1,
                                                     prune_epochs=0.5, max_modules_per_stage=2))
@@ -68,6 +67,13 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
     assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
     assert "seed 0" not in capsys.readouterr().out  # nothing measured again
     assert json.loads(out.read_text()) == records
+    # a checkout without the largest net's file: the seeded growth is run again, meets the recorded nets, and
+    # every record stands
+    (tmp_path / "growth-nets" / "largest-seed0.pt").unlink()
+    assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
+    assert f"met the {len(grown)} recorded nets again" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == records
+    assert (tmp_path / "growth-nets" / "largest-seed0.pt").exists()
     _forget()
 
 
@@ -88,7 +94,6 @@ def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch
     """Growth is the benchmark's longest step (an hour a seed): killed half-way, `--resume` goes on from the net
     and history saved after its last attempt, trains only the attempts after it, and records the growth whole."""
     monkeypatch.syspath_prepend(str(ROOT))
-    monkeypatch.setenv("GPP_EXT_CACHE", str(tmp_path / "cache"))
     growth = _harness()
     monkeypatch.setitem(growth.MODES, "smoke", dict(growth.MODES["smoke"], base_epochs=1, grow_epochs=0.5,
                                                     prune_epochs=0.5, max_modules_per_stage=2))
@@ -111,7 +116,7 @@ def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch
     out = tmp_path / "growth.json"
     assert growth.main(["--smoke", "--out", str(out), "--seeds", "0"]) == 0
     assert not any(r["key"][1] == "grown" for r in json.loads(out.read_text()))   # the growth was not recorded
-    assert list((tmp_path / "cache" / "growth").glob("growing-seed0*"))           # but its checkpoint was kept
+    assert list((tmp_path / "growth-nets").glob("growing-seed0*"))           # but its checkpoint was kept
     assert trained == {(False, True): [3]}                                       # one attempt, then the kill
     capsys.readouterr()
     assert growth.main(["--smoke", "--out", str(out), "--seeds", "0", "--resume"]) == 0
@@ -119,6 +124,6 @@ def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch
     grown = [r for r in json.loads(out.read_text()) if r["key"][1] == "grown"]
     assert [r["key"][2] for r in grown] == list(range(len(grown))) and grown[0]["kept"] and grown[0]["stage"] == -1
     assert len(trained[(True, True)]) == len(grown) - 2   # only the attempts after the kill were trained
-    left = sorted(p.name for p in (tmp_path / "cache" / "growth").iterdir())
+    left = sorted(p.name for p in (tmp_path / "growth-nets").iterdir())
     assert left == ["base-seed0.pt", "largest-seed0.pt"]   # done: the checkpoints (and the triage's) are gone
     _forget()

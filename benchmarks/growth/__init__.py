@@ -23,9 +23,11 @@ compression benchmark:
    modules, each replaced by one layer and fine-tuned `grow_epochs` with distillation, then `stage_order`: what
    `LoopConfig(grow_order="triage")` runs), against the first-to-last order of 1.
 
-The long steps checkpoint under the cache folder (`runs/growth/`, or `$GPP_EXT_CACHE/growth/`): the trained base,
-each growth after every attempt (`grow(after_step=...)`) and the triage, so an interrupted seed resumes inside its
-growth instead of starting it over. Results go to benchmarks/results/growth.{json,md,png} atomically after every
+The long steps checkpoint in the folder beside the records (`benchmarks/results/growth-nets/` for `growth.json`,
+committed with them): the trained base, each growth after every attempt (`grow(after_step=...)`) and the triage, so
+an interrupted seed resumes inside its growth instead of starting it over, in another session or checkout too. A
+recorded seed whose largest grown net's file is gone is grown again (seeded) to rebuild it: its records stand when
+the growth meets the recorded nets again, and are redone from the new growth when it does not. Results go to benchmarks/results/growth.{json,md,png} atomically after every
 run (`--render` redraws the tables and plot from the records alone); `--resume` keeps the runs recorded with the
 same settings and runs the rest.
 Growth takes its own path per seed, so the tables pair every comparison with a grown net of the same seed and

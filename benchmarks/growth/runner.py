@@ -56,6 +56,9 @@ class Runs:
 
     def __init__(self, path: str, settings: dict, resume: bool, after=None):
         self.path, self.settings, self.after = path, settings, after
+        # the models the runs reuse and the long steps' checkpoints, beside the records (`growth-nets/` for
+        # `growth.json`) and committed with them, so a run that spans sessions (or fresh checkouts) resumes
+        self.cache = os.path.splitext(path)[0] + "-nets"
         self.records = []
         if resume and os.path.exists(path):
             with open(path) as f:
@@ -72,10 +75,21 @@ class Runs:
         record = {"key": list(key), **record, "settings": self.settings, "commit": git_commit(),
                   "machine": machine()}
         self.records = [r for r in self.records if tuple(r["key"]) != tuple(key)] + [record]
+        self._saved()
+        return record
+
+    def drop(self, keep) -> list:
+        """Removes the records for which `keep(record)` is false; returns them."""
+        dropped = [r for r in self.records if not keep(r)]
+        if dropped:
+            self.records = [r for r in self.records if keep(r)]
+            self._saved()
+        return dropped
+
+    def _saved(self) -> None:
         write_text_atomic(self.path, json.dumps(self.records, indent=1))
         if self.after is not None:
             self.after(self.records)
-        return record
 
 
 def _measure(model, splits, example) -> dict:
@@ -94,7 +108,7 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
     cached = [r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"]
     largest_key = (seed, "grown-largest")
     def base():  # the trained Inception net every growth starts from (cached: the triage order reuses it)
-        path = _cache_path(seed, "base")
+        path = _cache_path(runs, seed, "base")
         if os.path.exists(path) and runs.get((seed, "base")) is not None:
             return gpp_ext.io.load(path)  # data: rebuilt from its spec
         clock = _Clock()
@@ -112,7 +126,7 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         """The base grown stage by stage (`order`: the stages' order, default first to last):
         `(largest, every net met, times)`. Saved after every attempt (`_Checkpoint`), so an interrupted
         growth resumes with `--resume` instead of starting over; `spent`: the times used before it."""
-        point = _Checkpoint(seed, "growing-triage" if order else "growing", runs.settings)
+        point = _Checkpoint(runs, seed, "growing-triage" if order else "growing", runs.settings)
         resumed = point.load()
         model, state = resumed if resumed else (base(), {"met": [], "history": None, "times": {}})
         met = state["met"]
@@ -144,17 +158,19 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         point.clear()
         return model, met, clock.times()
 
+    if runs.get(largest_key) is not None and not os.path.exists(_cache_path(runs, seed)):
+        _regrow(seed, runs, grown, log)
     if runs.get(largest_key) is None:
         model, met, times = grown()
         for i, record in enumerate(met):
             runs.add((seed, "grown", i), record)
             log(f"  seed {seed} grown net {i}: {record['modules']} modules, {record['params']:,} params, "
                 f"test {record['test_accuracy']:.4f}, {record['epochs']:g} epochs, kept {record['kept']}")
-        gpp_ext.io.save(model, _cache_path(seed), spec=model.spec())  # the largest grown net, for the runs below
+        gpp_ext.io.save(model, _cache_path(runs, seed), spec=model.spec())  # the largest grown net, for the runs below
         runs.add(largest_key, dict(_measure(model, splits, example), epochs=_largest_epochs(met), **times))
         cached = [r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"]
     largest_record = runs.get(largest_key)
-    largest = gpp_ext.io.load(_cache_path(seed))  # data: rebuilt from its spec
+    largest = gpp_ext.io.load(_cache_path(runs, seed))  # data: rebuilt from its spec
     smaller = [r for r in cached if r["kept"] and r["params"] < largest_record["params"]]
 
     # 2. the largest pushed and pruned to each smaller size; 4. grow-and-prune from scratch to the same sizes
@@ -193,7 +209,7 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
     #    it in the loop): does triage pick a better order than first to last?
     key = (seed, "grown-triage")
     if runs.get(key) is None:
-        point = _Checkpoint(seed, "triage", runs.settings)   # the triage, kept while the growth after it runs
+        point = _Checkpoint(runs, seed, "triage", runs.settings)   # the triage, kept while the growth after it runs
         done = point.load(model=False)
         if done is None:
             clock = _Clock()
@@ -226,6 +242,25 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
                 f"{rec['test_accuracy']:.4f}")
 
 
+def _regrow(seed: int, runs: Runs, grown, log) -> None:
+    """The largest grown net's file is gone (a checkout without it) while the runs after it are recorded: the
+    growth is run again (it is seeded). When it meets the recorded nets again (same parameters, same test
+    accuracy), its file is restored and every record stands; otherwise the records of this seed's growth and of
+    every run that depended on it are dropped, to be redone from the new growth."""
+    log(f"  seed {seed}: the largest grown net's file is gone; growing again to rebuild it")
+    model, met, _ = grown()
+    recorded = sorted((r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"),
+                      key=lambda r: r["key"][2])
+    same = [(r["params"], r["test_accuracy"]) for r in met] == [(r["params"], r["test_accuracy"]) for r in recorded]
+    if same:
+        gpp_ext.io.save(model, _cache_path(runs, seed), spec=model.spec())
+        log(f"  seed {seed}: the growth met the {len(met)} recorded nets again; its records stand")
+        return
+    dropped = runs.drop(lambda r: r["key"][0] != seed or r["key"][1] == "base")
+    log(f"  seed {seed}: the growth did not meet the recorded nets again; {len(dropped)} record(s) of it and of "
+        f"the runs after it dropped, to be redone")
+
+
 def _modules(model) -> int:
     return sum(len(stage) for stage in model.stages)
 
@@ -235,10 +270,9 @@ def _largest_epochs(met: list) -> float:
     return max(r["epochs"] for r in kept)
 
 
-def _cache_path(seed: int, what: str = "largest") -> str:
-    folder = os.path.join(os.environ.get("GPP_EXT_CACHE", os.path.join(HERE, "..", "runs")), "growth")
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"{what}-seed{seed}.pt")
+def _cache_path(runs: Runs, seed: int, what: str = "largest") -> str:
+    os.makedirs(runs.cache, exist_ok=True)
+    return os.path.join(runs.cache, f"{what}-seed{seed}.pt")
 
 
 class _Clock:
@@ -261,8 +295,8 @@ class _Checkpoint:
     when the settings differ, removed when the step is recorded. Each save writes a new model file before the
     state that names it, so an interruption at any moment leaves a state and the model it describes."""
 
-    def __init__(self, seed: int, what: str, settings: dict):
-        self.stem = os.path.splitext(_cache_path(seed, what))[0]
+    def __init__(self, runs: Runs, seed: int, what: str, settings: dict):
+        self.stem = os.path.splitext(_cache_path(runs, seed, what))[0]
         self.state_path = self.stem + ".json"
         self.settings, self.saves = settings, 0
 
