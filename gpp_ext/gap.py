@@ -18,9 +18,12 @@ from scratch no layer has earned more).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
+from .checkpoints import Hooks
 from .cost import count_flops, count_params
 from .pruning import ChannelGraph
 from .pruning.selection import select_channels
@@ -102,6 +105,17 @@ class GapSchedule:
             if gone.numel():
                 self.graph.scale_channels(name, gone, 0.0)
 
+    def state_dict(self) -> dict:
+        """The schedule's progress (phase, removed channels, history), for `fit(checkpoint=...)`; the weights,
+        zeros included, are the model's."""
+        return {"phase": self.phase, "removed": {n: t.clone() for n, t in self.removed.items()},
+                "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phase = int(state["phase"])
+        self.removed = {n: torch.as_tensor(t, dtype=torch.long) for n, t in state["removed"].items()}
+        self.history = [dict(h) for h in state["history"]]
+
     @torch.no_grad()
     def finish(self) -> dict:
         while self.phase < self.phases:
@@ -116,7 +130,8 @@ class GapSchedule:
 
 def scheduled_grow_and_prune(model: nn.Module, splits, target: float, epochs: float, partitions: int = 2,
                              cycles: int = 1, finetune_share: float = 0.2, budget_kind: str = "params",
-                             seed: int = 0, device="cpu", progress: bool = False, **fit_kwargs):
+                             seed: int = 0, device="cpu", progress: bool = False, checkpoint=None, after_step=None,
+                             **fit_kwargs):
     """Trains `model` from its current weights to `target` of its cost; returns `(compact model, history)`.
 
     Args:
@@ -125,6 +140,11 @@ def scheduled_grow_and_prune(model: nn.Module, splits, target: float, epochs: fl
         target: the fraction of the cost (`budget_kind`: "params" or "flops") the compact model keeps.
         epochs: all training: the phases, then `finetune_share` of it on the cut network.
         partitions, cycles: see `GapSchedule`.
+        checkpoint: a file path: both trainings checkpoint after every epoch (`fit(checkpoint=...)`, in
+            `<path stem>-phases.pt` and `<path stem>-finetune.pt`), so an interrupted call made again goes on
+            where it stopped and ends as an uninterrupted one would; the files are removed when it returns.
+        after_step: `after_step(step, total)`, called after every optimiser step of both trainings (after the
+            schedule's own); one with `state_dict()` / `load_state_dict()` is checkpointed with them.
         fit_kwargs: the training recipe (`fit`'s lr, lr_schedule, optimizer, batch_size, weight_decay, warmup).
     """
     if epochs <= 0 or not 0 <= finetune_share < 1:
@@ -133,11 +153,19 @@ def scheduled_grow_and_prune(model: nn.Module, splits, target: float, epochs: fl
     model.to(device)
     example = torch.zeros(2, *splits.input_shape, device=device)
     schedule = GapSchedule(model, example, target, budget_kind, partitions, cycles)
+    points = [None, None]
+    if checkpoint is not None:
+        stem, ext = os.path.splitext(os.fspath(checkpoint))
+        points = [f"{stem}-{part}{ext or '.pt'}" for part in ("phases", "finetune")]
     model = fit(model, splits.train, epochs * (1 - finetune_share), seed=seed, device=device, progress=progress,
-                after_step=schedule.after_step, desc="grow-and-prune", **fit_kwargs)
+                after_step=Hooks(schedule.after_step, after_step), desc="grow-and-prune", checkpoint=points[0],
+                **fit_kwargs)
     schedule.graph.prune(schedule.finish())
     model = fit(model, splits.train, epochs * finetune_share, seed=seed + 1, device=device, progress=progress,
-                desc="fine-tuning", **fit_kwargs)
+                after_step=Hooks(after_step), desc="fine-tuning", checkpoint=points[1], **fit_kwargs)
+    for point in points:
+        if point is not None and os.path.exists(point):
+            os.remove(point)
     history = schedule.history + [{"phase": "final", "val_accuracy": evaluate(model, splits.val, device=device),
                                    "params": count_params(model), "flops": count_flops(model, example)}]
     return model, history

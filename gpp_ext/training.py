@@ -31,6 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from . import distributed as gdist
+from .checkpoints import FitCheckpoint, hook_owner, order_generators, start_digest
 from .classifier import PreDecisionTap
 from .data import labels_of
 from .layers import BATCH_NORMS
@@ -81,7 +82,7 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         distill: float = 0.0, temperature: float = 4.0, lr_schedule: str = "constant", after_step=None,
         after_backward=None, device="cpu", amp: bool = False, progress: bool = False,
         desc: str = "training", optimizer: str = "adamw", warmup: float = 0.1,
-        memory_format: str = "auto") -> nn.Module:
+        memory_format: str = "auto", checkpoint=None) -> nn.Module:
     """Trains `model` on `dataset` (AdamW by default) and returns it in eval mode (it is trained in place).
 
     Args:
@@ -119,6 +120,13 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
             default layout does not), and in the default layout otherwise; "channels_last" insists (an error
             if the model cannot run so), "contiguous" never converts. The model's tensors are converted back
             before `fit` returns, so the caller's model keeps its layout.
+        checkpoint: a file path (`gpp_ext.checkpoints`): the run's whole state (weights, optimiser, schedule,
+            batch order, random generators, and the state of an `after_step` hook that has `state_dict()` /
+            `load_state_dict()`) is written there atomically after every epoch, and a call that finds the
+            checkpoint of the same run there (same arguments, data size and starting weights) goes on after its
+            last saved epoch, ending exactly where an uninterrupted run ends. When training ends the file stays,
+            marked done (the same call again returns the trained weights at once); remove it when you no longer
+            need it. A file of another run at that path is refused (`ValueError`), never overwritten.
 
     Under `torch.distributed` every process must call `fit` with the same arguments: the model trains under
     `DistributedDataParallel` (wrapped for this call only, so a model pruned between calls is wrapped afresh),
@@ -142,6 +150,15 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         raise ValueError(f"fit: memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     if epochs <= 0:
         return model
+    saved = None
+    if checkpoint is not None:  # read (and refused if another run's) before any training
+        checkpoint = FitCheckpoint(checkpoint, dict(
+            epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed, push=push is not None,
+            penalty=penalty is not None, teacher=teacher is not None, distill=distill, temperature=temperature,
+            lr_schedule=lr_schedule, optimizer=optimizer, warmup=warmup, samples=len(dataset),
+            hook=type(hook_owner(after_step)).__name__ if hook_owner(after_step) is not None else None,
+            start=start_digest(model)))
+        saved = checkpoint.load()
     torch.manual_seed(seed)  # dropout and any other global draws
     model.to(device)
     layout, converted = _to_fast_layout(model, _first_input(dataset), device, memory_format,
@@ -164,8 +181,20 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
         if teacher is not None and distill > 0:
             teacher = teacher.to(device).eval()
         tap = PreDecisionTap(model) if push is not None else None
-        step = 0
-        for epoch in range(passes):
+        step, first = 0, 0
+        generators, owner = order_generators(loader), hook_owner(after_step)
+        if saved is not None:  # go on after the last saved epoch, as if never interrupted
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(saved["scheduler"])
+            for g, state in zip(generators, saved["generators"]):
+                g.set_state(state)
+            torch.set_rng_state(saved["rng"])
+            if owner is not None and saved.get("hook") is not None:
+                owner.load_state_dict(saved["hook"])
+            step, first = saved["step"], saved["epoch"]
+        for epoch in range(first, passes):
             bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{passes}", leave=False,
                        disable=None if progress else True, total=min(len(loader), total - step))
             for x, y in bar:
@@ -202,6 +231,12 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
                     after_step(step, total)
                 if step >= total:
                     break
+            if checkpoint is not None and gdist.rank() == 0:
+                checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                                 "generators": [g.get_state() for g in generators], "rng": torch.get_rng_state(),
+                                 "hook": owner.state_dict() if owner is not None else None,
+                                 "step": step, "epoch": epoch + 1, "done": step >= total})
     finally:
         if tap is not None:
             tap.close()

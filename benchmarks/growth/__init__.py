@@ -24,8 +24,10 @@ compression benchmark:
    `LoopConfig(grow_order="triage")` runs), against the first-to-last order of 1.
 
 The long steps checkpoint in the folder beside the records (`benchmarks/results/growth-nets/` for `growth.json`,
-committed with them): the trained base, each growth after every attempt (`grow(after_step=...)`) and the triage, so
-an interrupted seed resumes inside its growth instead of starting it over, in another session or checkout too. A
+committed with them): each growth after every attempt (`grow(after_step=...)`), the triage, and every long training
+(the base, each grow-and-prune, each ResNet) after every epoch (`fit(checkpoint=...)`, with its wall and CPU time so
+far), so an interrupted seed resumes inside its step instead of starting it over, in another session or checkout
+too, and records the times an uninterrupted run would. A
 recorded seed whose largest grown net's file is gone is grown again (seeded) to rebuild it: its records stand when
 the growth meets the recorded nets again, and are redone from the new growth when it does not. Results go to benchmarks/results/growth.{json,md,png} atomically after every
 run (`--render` redraws the tables and plot from the records alone); `--resume` keeps the runs recorded with the

@@ -111,11 +111,12 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         path = _cache_path(runs, seed, "base")
         if os.path.exists(path) and runs.get((seed, "base")) is not None:
             return gpp_ext.io.load(path)  # data: rebuilt from its spec
-        clock = _Clock()
+        clock, point = _Clock(), _cache_path(runs, seed, "base-training")
         torch.manual_seed(seed)
         model = fit(models.build("inception", in_channels=channels, num_classes=classes), splits.train,
-                    mode["base_epochs"], seed=seed, **recipe)
+                    mode["base_epochs"], seed=seed, after_step=clock, checkpoint=point, **recipe)
         gpp_ext.io.save(model, path, spec=model.spec())
+        os.remove(point)
         rec = runs.add((seed, "base"), dict(_measure(model, splits, example), epochs=mode["base_epochs"],
                                             **clock.times()))
         log(f"  seed {seed} base Inception net: {rec['params']:,} params, test {rec['test_accuracy']:.4f} "
@@ -199,7 +200,8 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
                 if hasattr(m, "reset_parameters") and m is not fresh:
                     m.reset_parameters()
             epochs = largest_record["epochs"] + mode["prune_epochs"]
-            compact, _ = scheduled_grow_and_prune(fresh, splits, target, epochs, seed=seed, **recipe)
+            compact, _ = scheduled_grow_and_prune(fresh, splits, target, epochs, seed=seed, after_step=clock,
+                                                  checkpoint=_cache_path(runs, seed, f"gap-{r['key'][2]}"), **recipe)
             rec = runs.add(key, dict(_measure(compact, splits, example), target_params=r["params"], epochs=epochs,
                                      **clock.times()))
             log(f"  seed {seed} grow-and-prune to net {r['key'][2]}'s size: {rec['params']:,} params, test "
@@ -232,10 +234,11 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
             key = (seed, name, r["key"][2])
             if runs.get(key) is not None:
                 continue
-            clock = _Clock()
+            clock, point = _Clock(), _cache_path(runs, seed, f"{name}-{r['key'][2]}")
             torch.manual_seed(seed)
             net = fit(resnet_of(r["params"], blocks, channels, classes), splits.train, r["epochs"], seed=seed,
-                      **recipe)
+                      after_step=clock, checkpoint=point, **recipe)
+            os.remove(point)
             rec = runs.add(key, dict(_measure(net, splits, example), target_params=r["params"], epochs=r["epochs"],
                                      **clock.times()))
             log(f"  seed {seed} {name} at net {r['key'][2]}'s size: {rec['params']:,} params, test "
@@ -287,6 +290,18 @@ class _Clock:
     def times(self) -> dict:
         return {"seconds": round(self.before["seconds"] + time.perf_counter() - self.wall, 1),
                 "cpu_seconds": round(self.before["cpu_seconds"] + time.process_time() - self.cpu, 1)}
+
+    # a `fit` hook: checkpointed with the training (`fit(checkpoint=...)`), so a step resumed in a later process
+    # records the time of its saved progress plus this process's, as an uninterrupted run would
+    def __call__(self, step: int, total: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return self.times()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before = {k: float(state[k]) for k in ("seconds", "cpu_seconds")}
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
 
 
 class _Checkpoint:
