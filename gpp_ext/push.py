@@ -78,6 +78,16 @@ class PushLoss(nn.Module):
         """Forgets the moving average (e.g. after the model was pruned)."""
         self._running = None
 
+    def get_extra_state(self) -> dict:
+        """The moving average and the restriction, in `state_dict()` (so `fit(checkpoint=...)` resumes them)."""
+        return {"running": self._running.state_dict() if self._running is not None else None,
+                "index": self._features_index}
+
+    def set_extra_state(self, state: dict) -> None:
+        running = state.get("running")
+        self._running = ScatterStats.from_state_dict(running) if running is not None else None
+        self._features_index = state.get("index")
+
     def restrict(self, index) -> "PushLoss":
         """Computes the push terms on the pre-decision features `index` only (a 1-D index tensor; None: all of
         them), e.g. the kept subnetwork's while a removal set fades (`gpp_ext.fade`). Cross-entropy is always on

@@ -121,8 +121,9 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
             if the model cannot run so), "contiguous" never converts. The model's tensors are converted back
             before `fit` returns, so the caller's model keeps its layout.
         checkpoint: a file path (`gpp_ext.checkpoints`): the run's whole state (weights, optimiser, schedule,
-            batch order, random generators, and the state of an `after_step` hook that has `state_dict()` /
-            `load_state_dict()`) is written there atomically after every epoch, and a call that finds the
+            batch order, random generators, the push's moving statistics, and the state of an `after_step` hook
+            that has `state_dict()` / `load_state_dict()`; a hook without them is taken to be stateless) is
+            written there atomically after every epoch, and a call that finds the
             checkpoint of the same run there (same arguments, data size and starting weights) goes on after its
             last saved epoch, ending exactly where an uninterrupted run ends. When training ends the file stays,
             marked done (the same call again returns the trained weights at once); remove it when you no longer
@@ -193,6 +194,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
             torch.set_rng_state(saved["rng"])
             if owner is not None and saved.get("hook") is not None:
                 owner.load_state_dict(saved["hook"])
+            if isinstance(push, nn.Module) and saved.get("push") is not None:
+                push.load_state_dict(saved["push"])
             step, first = saved["step"], saved["epoch"]
         for epoch in range(first, passes):
             bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{passes}", leave=False,
@@ -236,6 +239,7 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
                                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                                  "generators": [g.get_state() for g in generators], "rng": torch.get_rng_state(),
                                  "hook": owner.state_dict() if owner is not None else None,
+                                 "push": push.state_dict() if isinstance(push, nn.Module) else None,
                                  "step": step, "epoch": epoch + 1, "done": step >= total})
     finally:
         if tap is not None:

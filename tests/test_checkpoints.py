@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from gpp_ext import data, models
 from gpp_ext.checkpoints import order_generators
+from gpp_ext.push import PushLoss
 from gpp_ext.gap import GapSchedule, scheduled_grow_and_prune
 from gpp_ext.training import fit, training_batches
 
@@ -57,6 +58,25 @@ def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(splits, tmp_path
     calls = []
     again = fit(_net(), splits.train, 3, checkpoint=path, after_step=lambda s, t: calls.append(s), **RECIPE)
     assert _same(again, whole) and calls == [] and path.exists()
+
+
+def test_a_push_resumes_with_its_moving_statistics(splits, tmp_path):
+    """The push's moving average of class statistics (`ema`) is part of the run: it is saved and restored, on
+    class-balanced batches whose order is restored too."""
+    def start():
+        torch.manual_seed(0)
+        return models.build("lenet5", input_size=8)
+
+    def push():
+        return PushLoss(10, 0.3, 0.3, 0.05, ema=0.9)
+
+    recipe = dict(RECIPE, batch_size=100)
+    whole = fit(start(), splits.train, 2, push=push(), **recipe)
+    steps = len(training_batches(splits.train, 100, 3, balanced=True))
+    path = tmp_path / "push.pt"
+    with pytest.raises(_Killed):
+        fit(start(), splits.train, 2, push=push(), checkpoint=path, after_step=_kill_at(steps + 1), **recipe)
+    assert _same(fit(start(), splits.train, 2, push=push(), checkpoint=path, **recipe), whole)
 
 
 def test_a_checkpoint_of_another_run_is_refused_and_kept(splits, tmp_path):
