@@ -74,13 +74,18 @@ class RemovalFade:
             comes back only when it now ranks in the top half of its group's kept width. `fixed_widths=False`
             lets every selection decide the widths afresh (what the fade did first; with raw utilities compared
             across layers the first selection can starve a layer that later ones would refill).
+        gradual: the removal set grows over the selections instead of being whole from the first: selection
+            `j` of `reselect` removes `j / reselect` of what each group will lose, its channels chosen by the
+            criterion at that moment, each fading from its entry to zero at the end of the fade (so the network
+            adapts between removals, as gradual pruners do). Needs `fixed_widths`.
     """
 
     def __init__(self, model: nn.Module, example_inputs, loader, budget: float, budget_kind: str = "params",
                  criterion="lda", reselect: int = 4, schedule: str = "cosine", fade_end: float = 1.0,
                  min_channels: int = 1, round_to: int = 1, neurons=0.75, max_batches: int | None = 20,
                  num_classes: int | None = None, seed: int = 0, ignore=(), normalize: str = "mean",
-                 allocation: str = "global", floor: float = 0.0, fixed_widths: bool = True, latency=None):
+                 allocation: str = "global", floor: float = 0.0, fixed_widths: bool = True, latency=None,
+                 gradual: bool = False):
         if not 0 < budget <= 1:
             raise ValueError(f"RemovalFade: budget must be in (0, 1] (the fraction of the cost the cut keeps), got "
                              f"{budget}")
@@ -90,6 +95,8 @@ class RemovalFade:
             raise ValueError(f"RemovalFade: reselect must be an int >= 1, got {reselect!r}")
         if not 0 < fade_end <= 1:
             raise ValueError(f"RemovalFade: fade_end must be in (0, 1], got {fade_end}")
+        if gradual and not fixed_widths:
+            raise ValueError("RemovalFade: gradual=True needs fixed_widths=True (the set grows towards fixed widths)")
         self.name, self._criterion = criteria.resolve(criterion)
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
@@ -99,7 +106,7 @@ class RemovalFade:
         self.seed, self.normalize, self.allocation, self.floor = seed, normalize, allocation, floor
         self.latency = latency
         self.widths = None  # {group: width}, decided by the first selection and fixed after it
-        self.fixed_widths = fixed_widths
+        self.fixed_widths, self.gradual = fixed_widths, gradual
         self.graph = ChannelGraph(model, example_inputs, ignore=ignore)
         self.classifier = find_classifier(model)
         self.num_classes = num_classes or dict(model.named_modules())[self.classifier].out_features
@@ -132,24 +139,24 @@ class RemovalFade:
         finally:
             self.model.train(was_training)
         factor = _schedule(self.schedule, self._u)
-        if self.widths is None or not self.fixed_widths:  # the first selection decides the widths (unless
-            # fixed_widths=False: every selection decides them afresh, as before the widths were an allocation's)
+        # Under torch.distributed each process scores on its own batches (tracing images, the Fisher weights of
+        # the widths): rank 0 decides, so every process fades, and then cuts, the same channels
+        decided = self.widths is None or not self.fixed_widths
+        if decided:  # the first selection decides the widths (unless fixed_widths=False: every selection decides
+            # them afresh, as before the widths were an allocation's)
             evaluate = None
             if self.allocation in ON_DATA:
                 evaluate = evaluator_from(self.model, self.graph.example_inputs, scores, self.loader,
                                           ignore=tuple(self.graph.ignore), device=context.device,
                                           max_batches=self.max_batches)
-            keep = select_channels(self.graph, scores, method="budget", budget=self.budget,
-                                   budget_kind=self.budget_kind, min_channels=self.min_channels,
-                                   round_to=self.round_to, normalize=self.normalize, allocation=self.allocation,
-                                   floor=self.floor, evaluate=evaluate, seed=self.seed, latency=self.latency)
-        else:
-            keep = self._keep_at_widths(scores, factor)
-        # Under torch.distributed each process scores on its own batches (tracing images, the Fisher weights of
-        # the widths): rank 0 decides, so every process fades, and then cuts, the same channels
-        keep = gdist.broadcast_object(keep)
-        if self.widths is None or not self.fixed_widths:
+            keep = gdist.broadcast_object(select_channels(
+                self.graph, scores, method="budget", budget=self.budget, budget_kind=self.budget_kind,
+                min_channels=self.min_channels, round_to=self.round_to, normalize=self.normalize,
+                allocation=self.allocation, floor=self.floor, evaluate=evaluate, seed=self.seed,
+                latency=self.latency))
             self.widths = {name: int(k.numel()) for name, k in keep.items()}
+        if not decided or self.gradual:
+            keep = gdist.broadcast_object(self._keep_at_widths(scores, factor, self._stage_widths()))
         swapped = 0
         for group in self.graph.groups:
             removed = torch.ones(group.size, dtype=torch.bool)
@@ -183,11 +190,20 @@ class RemovalFade:
         self._update_kept_features()
         self._update_masks()
 
-    def _keep_at_widths(self, scores: dict, factor: float) -> dict:
-        """The fixed widths' best channels by the new scores, with hysteresis: a channel more than half faded
+    def _stage_widths(self) -> dict:
+        """The widths the coming selection keeps: the fixed widths, or with `gradual` the share of the way
+        towards them that selection reaches (selection `j` of `reselect`: `j / reselect` of each group's loss)."""
+        if not self.gradual:
+            return self.widths
+        share = (self._selections + 1) / self.reselect
+        sizes = {g.name: g.size for g in self.graph.groups}
+        return {name: sizes[name] - int(round((sizes[name] - width) * share)) for name, width in self.widths.items()}
+
+    def _keep_at_widths(self, scores: dict, factor: float, widths: dict) -> dict:
+        """The best channels at `widths` by the new scores, with hysteresis: a channel more than half faded
         stays in the removal set unless it now ranks in the top half of its group's kept width."""
         keep = {}
-        for name, width in self.widths.items():
+        for name, width in widths.items():
             order = torch.sort(scores[name].detach().double().cpu(), descending=True, stable=True).indices
             rank = torch.empty_like(order)
             rank[order] = torch.arange(order.numel())

@@ -70,7 +70,8 @@ GROW_ORDERS = ("stages", "triage")
 _ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor=0.0, fade_fixed_widths=False,
                     target_latency=None, latency_runtime="eager", latency_batch=1, final_finetune="train",
                     finetune_distill=0.0, sparsity=1e-4, growth="inception", plant_rounds=2, plant_share=0.25,
-                    plant_max_params=2.0, grow_order="stages", grow_distill=0.0, gap_partitions=2, gap_cycles=1)
+                    plant_max_params=2.0, grow_order="stages", grow_distill=0.0, gap_partitions=2, gap_cycles=1,
+                    fade_gradual=False)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class LoopConfig:
     fade_schedule: str = "linear"    # push "fade": "linear" or "cosine"
     fade_end: float = 0.5            # push "fade": share of the push at which the set reaches zero
     fade_fixed_widths: bool = True   # push "fade": the first selection's widths stay (later ones pick channels)
+    fade_gradual: bool = False       # push "fade": the removal set grows over the selections (needs fixed widths)
     distill: float = 0.0             # weight of distillation from the model as it was before the push
     finetune_distill: float = 0.0    # weight of distillation from the base model in every fine-tuning
     sparsity: float = 1e-4           # weight of a push method's sparsity penalty (pushes "hgs", "sss")
@@ -200,6 +202,9 @@ class LoopConfig:
         if self.latency_runtime not in RUNTIMES or self.latency_batch < 1:
             raise ValueError(f"LoopConfig: latency_runtime must be one of {RUNTIMES} and latency_batch >= 1, got "
                              f"{self.latency_runtime!r}, {self.latency_batch!r}")
+        if self.fade_gradual and not self.fade_fixed_widths:
+            raise ValueError("LoopConfig: fade_gradual=True needs fade_fixed_widths=True (the removal set grows "
+                             "towards the widths of the first selection)")
         if self.fade_schedule not in FADE_SCHEDULES or not 0 < self.fade_end <= 1 or self.fade_reselect < 1:
             raise ValueError(f"LoopConfig: fade_schedule must be one of {FADE_SCHEDULES}, fade_end in (0, 1] and "
                              f"fade_reselect >= 1, got fade_schedule={self.fade_schedule!r}, "

@@ -38,7 +38,7 @@ _REGISTRY = Registry("push", "pushes")
 # The `LoopConfig` settings only some push methods read: each method names those it reads (`register(reads=)`),
 # so a configuration's unread ones can be told apart from the ones that shape its run (`loop.run_settings`).
 PUSH_SETTINGS = ("alpha", "beta", "gamma", "separation", "fade_reselect", "fade_schedule", "fade_end",
-                 "fade_fixed_widths", "sparsity", "gap_partitions", "gap_cycles")
+                 "fade_fixed_widths", "fade_gradual", "sparsity", "gap_partitions", "gap_cycles")
 _PUSH_TERMS = ("alpha", "beta", "gamma", "separation")
 # The settings of the prune stage's selection (which channels, how many per group): a push that prepares the
 # keep-set itself (`register(selects=True)`, e.g. Group Fisher's removal while training) never reads them.
@@ -149,7 +149,8 @@ def _fade_check(config) -> None:
 
 
 @register("fade", "the coming cut's removal set fades to exactly zero while the rest trains: a lossless cut",
-          check=_fade_check, reads=_PUSH_TERMS + ("fade_reselect", "fade_schedule", "fade_end", "fade_fixed_widths"))
+          check=_fade_check, reads=_PUSH_TERMS + ("fade_reselect", "fade_schedule", "fade_end", "fade_fixed_widths",
+                                                   "fade_gradual"))
 def _fade(ctx: PushContext):
     from .fade import RemovalFade
     from .latency import table_for as latency_table
@@ -166,7 +167,7 @@ def _fade(ctx: PushContext):
                        schedule=c.fade_schedule, fade_end=c.fade_end, neurons=c.neurons,
                        num_classes=ctx.splits.num_classes, seed=ctx.seed, allocation=c.allocation,
                        normalize=c.normalize, floor=c.floor, ignore=tuple(c.ignore), round_to=c.round_to,
-                       fixed_widths=c.fade_fixed_widths, latency=latency_table(c))
+                       fixed_widths=c.fade_fixed_widths, latency=latency_table(c), gradual=c.fade_gradual)
     fade.attach(push)
     model = fit(model, ctx.splits.train, ctx.epochs, push=push, after_step=fade.step, **ctx.fit_kwargs)
     keep = fade.finish()

@@ -220,14 +220,14 @@ def test_half_faded_channels_come_back_only_when_ranked_in_the_top_half(trained_
     # the removed channels now score best: ranked in the top half they come back even when faded ...
     scores[name] = torch.zeros(scores[name].numel())
     scores[name][removed] = 1.0 + torch.arange(removed.numel(), dtype=torch.float)
-    back = fade._keep_at_widths(scores, factor=0.1)[name]
+    back = fade._keep_at_widths(scores, 0.1, fade.widths)[name]
     top_half = removed.flip(0)[:width // 2]
     assert set(top_half.tolist()) <= set(back.tolist())
     # ... but beyond the top half a channel faded past half stays out; barely faded, it may return
     scores[name] = torch.zeros(scores[name].numel())
     scores[name][removed] = 1.0  # all tie above the rest; ranks among them follow the index order
-    faded = fade._keep_at_widths(scores, factor=0.1)[name]
-    fresh = fade._keep_at_widths(scores, factor=0.9)[name]
+    faded = fade._keep_at_widths(scores, 0.1, fade.widths)[name]
+    fresh = fade._keep_at_widths(scores, 0.9, fade.widths)[name]
     assert len(set(removed.tolist()) & set(faded.tolist())) <= width // 2
     assert len(set(removed.tolist()) & set(fresh.tolist())) == min(width, removed.numel())
     assert faded.numel() == fresh.numel() == width

@@ -134,3 +134,29 @@ def test_under_distributed_every_process_fades_what_rank_0_chose(monkeypatch):
         assert fade.widths[name] == width
     fit(model, data, 1, batch_size=24, lr=1e-2, after_step=fade.step, seed=1)
     assert len(calls) == 3  # every selection
+
+
+def test_a_gradual_fade_grows_the_set_to_the_fixed_widths_and_cuts_losslessly():
+    """`gradual=True`: selection j of `reselect` removes j / reselect of each group's loss (chosen by the
+    criterion then), so the set grows step by step; it ends at the first selection's widths, exactly zero."""
+    model, x, data, classes = _task("vgg")
+    fade = RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.4, reselect=4, max_batches=2,
+                       gradual=True, schedule="linear", fade_end=0.5)
+    sizes = {g.name: g.size for g in fade.graph.groups}
+    final = sum(sizes[n] - w for n, w in fade.widths.items())
+    counts = [fade.history[-1]["removed"]]
+    fit(model, data, 1, batch_size=12, lr=1e-2, seed=1,
+        after_step=lambda step, total: (fade.step(step, total), counts.append(fade.history[-1]["removed"])))
+    selections = sorted(set(counts))
+    assert len(selections) == 4 and selections[-1] == final   # four sizes, growing, ending at the widths
+    assert abs(selections[0] - final / 4) <= len(sizes)       # the first removes a quarter (rounded per group)
+    assert counts == sorted(counts)
+    keep = fade.finish()
+    assert {n: int(k.numel()) for n, k in keep.items()} == {n: w for n, w in fade.widths.items() if w < sizes[n]}
+    model.eval()
+    probe = torch.randn(8, *x.shape[1:])
+    before = model(probe)
+    ChannelGraph(model, x).prune(keep)
+    assert (model(probe) - before).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="fixed_widths"):
+        RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.4, gradual=True, fixed_widths=False)
