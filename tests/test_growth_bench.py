@@ -74,6 +74,22 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
     assert f"met the {len(grown)} recorded nets again" in capsys.readouterr().out
     assert json.loads(out.read_text()) == records
     assert (tmp_path / "growth-nets" / "largest-seed0.pt").exists()
+    # a growth that does not meet the records again (here they were altered): its nets are recorded anew, the
+    # pushed-and-pruned nets and the triage order are redone, grow-and-prune from scratch and the ResNets stand
+    altered = [dict(r, test_accuracy=0.0) if r["key"][1] == "grown" else r for r in records]
+    out.write_text(json.dumps(altered))
+    (tmp_path / "growth-nets" / "largest-seed0.pt").unlink()
+    assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "did not meet the recorded nets again" in said and "pruned to net" in said and "triage order" in said
+    assert "grow-and-prune to net" not in said and "resnet" not in said
+    again = {tuple(r["key"]): r for r in json.loads(out.read_text())}
+    assert again.keys() == {tuple(r["key"]) for r in records}
+    for r in records:
+        if r["key"][1] in ("base", "gap", *growth.runner.RESNET_DEPTHS):
+            assert again[tuple(r["key"])] == r
+        if r["key"][1] == "grown":
+            assert again[tuple(r["key"])]["test_accuracy"] == r["test_accuracy"]
     _forget()
 
 

@@ -160,7 +160,8 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         return model, met, clock.times()
 
     if runs.get(largest_key) is not None and not os.path.exists(_cache_path(runs, seed)):
-        _regrow(seed, runs, grown, log)
+        _regrow(seed, runs, grown, lambda m: _measure(m, splits, example), log)
+        cached = [r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"]
     if runs.get(largest_key) is None:
         model, met, times = grown()
         for i, record in enumerate(met):
@@ -245,23 +246,46 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
                 f"{rec['test_accuracy']:.4f}")
 
 
-def _regrow(seed: int, runs: Runs, grown, log) -> None:
+def _regrow(seed: int, runs: Runs, grown, measure, log) -> None:
     """The largest grown net's file is gone (a checkout without it) while the runs after it are recorded: the
     growth is run again (it is seeded). When it meets the recorded nets again (same parameters, same test
-    accuracy), its file is restored and every record stands; otherwise the records of this seed's growth and of
-    every run that depended on it are dropped, to be redone from the new growth."""
+    accuracy), its file is restored and every record stands. Otherwise its nets replace the recorded ones, and of
+    the runs after it only those that never read the grown weights stand: a grow-and-prune (from scratch, seeded)
+    or a ResNet whose size and epochs the new growth asks for again; the pushed-and-pruned nets and the triage
+    order's growth are dropped, to be redone."""
     log(f"  seed {seed}: the largest grown net's file is gone; growing again to rebuild it")
-    model, met, _ = grown()
+    model, met, times = grown()
     recorded = sorted((r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"),
                       key=lambda r: r["key"][2])
     same = [(r["params"], r["test_accuracy"]) for r in met] == [(r["params"], r["test_accuracy"]) for r in recorded]
+    gpp_ext.io.save(model, _cache_path(runs, seed), spec=model.spec())
     if same:
-        gpp_ext.io.save(model, _cache_path(runs, seed), spec=model.spec())
         log(f"  seed {seed}: the growth met the {len(met)} recorded nets again; its records stand")
         return
-    dropped = runs.drop(lambda r: r["key"][0] != seed or r["key"][1] == "base")
-    log(f"  seed {seed}: the growth did not meet the recorded nets again; {len(dropped)} record(s) of it and of "
-        f"the runs after it dropped, to be redone")
+    old_largest = runs.get((seed, "grown-largest"))
+    largest = dict(measure(model), epochs=_largest_epochs(met), **times)
+    kept = {i: r for i, r in enumerate(met) if r["kept"]}
+    same_arch = old_largest["params"] == largest["params"] and old_largest["epochs"] == largest["epochs"]
+
+    def stands(r) -> bool:
+        key = r["key"]
+        if key[0] != seed or key[1] == "base":
+            return True
+        if key[1] == "gap":
+            net = kept.get(key[2])
+            return same_arch and net is not None and net["params"] == r["target_params"]
+        if key[1] in RESNET_DEPTHS:
+            net = kept.get(key[2])
+            return net is not None and net["params"] == r["target_params"] and net["epochs"] == r["epochs"]
+        return False  # the growth's own records (replaced below), the pushed-and-pruned nets, the triage order
+
+    dropped = runs.drop(stands)
+    for i, record in enumerate(met):
+        runs.add((seed, "grown", i), record)
+    runs.add((seed, "grown-largest"), largest)
+    log(f"  seed {seed}: the growth did not meet the recorded nets again; its {len(met)} nets recorded anew, "
+        f"{len([r for r in dropped if r['key'][1] not in ('grown', 'grown-largest')])} run(s) after it dropped "
+        f"to be redone, the rest (grow-and-prune from scratch, matched ResNets) stand")
 
 
 def _modules(model) -> int:
