@@ -138,22 +138,32 @@ def test_latency_pass_times_the_kept_compact_models_in_one_window(harness, tmp_p
     assert [p.name for p in kept] == ["vgg-digits-smoke-seed0-params0.3-l1.pt",
                                       "vgg-digits-smoke-seed0-params0.3-random.pt"]
     before = json.loads(out.read_text())
-    kept[1].unlink()  # a compact model that is gone: its record keeps what it had
+    kept[1].unlink()  # a compact model that is gone (a fresh checkout): rebuilt from its record's widths
     assert smoke(harness, tmp_path, "--latency")[0] == 0
     records = json.loads(out.read_text())
     timed = {r["method"]: r for r in records}
     lat = timed["l1"]["latency"]
-    assert lat["models_in_window"] == 2  # the base and the one compact model left
+    assert lat["models_in_window"] == 3  # the base, the kept compact model and the rebuilt one
     for runtime in ("eager",) + (("onnxruntime",) if "onnxruntime" in lat else ()):
         for b in (1, 64):
             assert lat[runtime][f"b{b}_ms"] > 0 and lat[runtime][f"speedup_b{b}"] > 0
     assert lat["eager"]["speedup_b64"] == pytest.approx(lat["base_ms"]["b64"] / lat["eager"]["b64_ms"])
-    assert "latency" not in timed["random"] and timed["random"] == before[1]
-    assert {k: v for k, v in timed["l1"].items() if k != "latency"} == before[0]  # nothing else changes
+    assert timed["random"]["latency"]["eager"]["b1_ms"] > 0
+    for r, old in zip(records, before):
+        assert {k: v for k, v in r.items() if k != "latency"} == old  # nothing else changes
     table = (tmp_path / "compression.md").read_text()
     assert "## Speed of the compact models" in table
-    assert table.count(" *|") == 0 and table.count(" * |") == 1  # only random's latency is the in-run one
+    assert table.count(" *|") == 0 and table.count(" * |") == 0  # no in-run latency left
+    # the rebuilt architecture is the compact model's: same widths, same parameters
+    import gpp_ext
+
+    compact = gpp_ext.io.load(kept[0])
+    base = gpp_ext.io.load(next((tmp_path / "cache").glob("vgg-digits-smoke-seed0-base*.pt")))
+    rebuilt = harness.latency.from_widths(base, timed["l1"], torch.zeros(2, 1, 8, 8))
+    assert [tuple(p.shape) for p in rebuilt.parameters()] == [tuple(p.shape) for p in compact.parameters()]
+    # a record without widths and without its model is not timed
     kept[0].unlink()
+    out.write_text(json.dumps([{k: v for k, v in r.items() if k != "widths"} for r in records]))
     assert smoke(harness, tmp_path, "--latency")[0] == 1  # nothing left to time
 
 

@@ -34,6 +34,7 @@ import sys
 import time
 
 import gpp_ext
+import torch
 from gpp_ext import data, recipes
 from gpp_ext.io import write_text_atomic
 
@@ -124,7 +125,14 @@ def _latency(args, stem: str, choices_path: str) -> int:
     def save(rs):
         write_text_atomic(args.out, json.dumps(rs, indent=1) + "\n")
 
-    timed = latency.latency_pass(records_of, latency.compact_loader(path_of), load_base, input_shape_of,
+    bases = {}
+
+    def rebuild(r):  # a compact model not kept in the cache (a fresh checkout): its shapes from its widths
+        if r["model"] not in bases:
+            bases[r["model"]] = load_base(r["model"])
+        return latency.from_widths(bases[r["model"]], r, torch.zeros(2, *input_shape_of(r["model"])))
+
+    timed = latency.latency_pass(records_of, latency.compact_loader(path_of, rebuild), load_base, input_shape_of,
                                  machine=args.machine, commit=args.commit, save=lambda _: save(records))
     print(f"benchmarks.compression: timed {timed} of {len(records_of)} record(s)' compact models", flush=True)
     _render(records, choices, stem)

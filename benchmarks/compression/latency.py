@@ -87,12 +87,47 @@ def latency_pass(records: list, load_compact, load_base, input_shape_of, machine
     return timed
 
 
-def compact_loader(path_of):
-    """`load_compact` for `latency_pass`: the model at `path_of(record)`, or None when it was not kept."""
+def compact_loader(path_of, rebuild=None):
+    """`load_compact` for `latency_pass`: the model at `path_of(record)`; when it was not kept (a fresh checkout:
+    the compact models live in the run cache), `rebuild(record)` (e.g. `from_widths`), else None."""
     from gpp_ext import io
 
     def load(record):
         path = path_of(record)
-        return io.load(path) if os.path.exists(path) else None
+        if os.path.exists(path):
+            return io.load(path)
+        return rebuild(record) if rebuild is not None else None
 
     return load
+
+
+def from_widths(base, record: dict, example, log=print):
+    """The compact model's architecture rebuilt from the base and the record's `widths` (`{group: [before,
+    after]}`): each group cut to its first `after` channels of the base's weights. Latency depends on the shapes
+    only, so this times as the kept model did. None (with a line saying why) when the record has no widths, they
+    name groups the base lacks, or the rebuilt model's parameters differ from the record's (a method that also
+    removed blocks: its depth is not in the widths)."""
+    import copy
+
+    import torch
+
+    from gpp_ext.cost import count_params
+    from gpp_ext.pruning import ChannelGraph
+
+    widths = record.get("widths")
+    what = f"{record['method']}/seed{record['seed']} at {record.get('budget_kind', 'params')} {record['budget']:g}"
+    if not widths:
+        log(f"  latency: {what} has no widths and no kept model; not timed")
+        return None
+    model = copy.deepcopy(base).eval()
+    graph = ChannelGraph(model, example)
+    sizes = {g.name: g.size for g in graph.groups}
+    if any(name not in sizes or sizes[name] != before for name, (before, _) in widths.items()):
+        log(f"  latency: {what}: its widths do not fit the base's groups; not timed")
+        return None
+    graph.prune({name: torch.arange(after) for name, (before, after) in widths.items() if after < before})
+    if count_params(model) != record["params"]:
+        log(f"  latency: {what}: rebuilt from its widths it has {count_params(model):,} parameters, not the "
+            f"{record['params']:,} recorded (blocks removed?); not timed")
+        return None
+    return model

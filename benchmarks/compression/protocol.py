@@ -191,7 +191,25 @@ def measure_cut(method: str, base, setup: methods.Setup, cache: Cache, stem: str
     return {"acc_end_of_prep": acc_prep, "acc_after_cut": acc_cut, "acc_after_recal": acc_recal, "ft_curve": curve,
             "test_accuracy": evaluate(cut, splits.test), "val_accuracy": evaluate(cut, splits.val),
             "prep_epochs_used": used, "finetune_epochs": remaining, **_sizes(cut, splits),
+            "widths": widths_of(base, cut, setup.example),
             "widths_rule": methods.widths_rule(method), "seconds": round(time.perf_counter() - started, 1)}, cut
+
+
+def widths_of(base, compact, example) -> dict | None:
+    """`{group: [base width, compact width]}` over the base's channel groups (what a GPP row records from its
+    loop), read from the two models' graphs; None when the compact model's groups are not the base's (blocks
+    removed, or a graph that cannot be traced). The latency pass rebuilds a compact model's shapes from it when the model itself was not kept."""
+    from gpp_ext.pruning import ChannelGraph
+
+    try:
+        before = {g.name: g.size for g in ChannelGraph(base, example).groups}
+        after = {g.name: g.size for g in ChannelGraph(compact, example).groups}
+    except Exception as error:  # an aid to the latency pass: a graph that cannot be read must not lose the run
+        print(f"  widths not recorded: {type(error).__name__}: {error}", flush=True)
+        return None
+    if set(after) != set(before):
+        return None
+    return {name: [before[name], after[name]] for name in before}
 
 
 def measure(method: str, base, setup: methods.Setup, cache: Cache, stem: str, keep: bool = True) -> dict:
