@@ -125,7 +125,7 @@ class LoopConfig:
     beta: float = 0.0                # default (the validated recipe); recipe v1 uses 0.3, 0.3, 0.05
     gamma: float = 0.0
     separation: str = "fisher"
-    criterion: str = "lda"
+    criterion: str = "taylor"        # which channels go; the benchmark's validation tied it with "lda" and kept it
     neurons: float = 0.75            # pre-decision neurons kept for tracing
     grow: bool = False
     growth: str = "inception"        # with grow: a growth method (gpp_ext.growth): "inception", "planting"

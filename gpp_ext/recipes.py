@@ -19,8 +19,9 @@ __all__ = ["RECIPES", "DESCRIPTIONS", "build", "names"]
 RECIPES = {
     # LoopConfig's defaults: one iteration at the cost-aware widths of the solver with each layer weighted by the
     # loss's mask Fisher information (allocation "fisher"); 15% of the epochs pushing while the
-    # removal set the criterion (traced LDA utility) picks fades linearly to zero half-way, then the lossless cut
-    # and the fine-tune (85%); every phase AdamW with a one-cycle schedule
+    # removal set the criterion (first-order Taylor importance; the traced LDA utility tied it on validation)
+    # picks fades linearly to zero half-way, then the lossless cut and the fine-tune (85%); every phase AdamW
+    # with a one-cycle schedule
     "gpp": {},
     # the default's widths and criterion cut at once, every epoch fine-tuning (the default until the benchmark's
     # validation chose the fade)
@@ -36,7 +37,7 @@ RECIPES = {
     # exact zeros by the modified accelerated proximal gradient (zero blocks removed), then the channels of
     # smallest BatchNorm scale cut at the default's widths
     "sss": dict(push="sss", push_epochs=1, finetune_epochs=2, push_share=1 / 3, criterion="bn_scale"),
-    # the same selection of whole residual blocks only, then the default's discriminant cut of channels
+    # the same selection of whole residual blocks only, then the default's cut of channels
     "sss-blocks": dict(push="sss_blocks", push_epochs=1, finetune_epochs=2, push_share=1 / 3),
     # a genetic channel search with distillation: the widths by a genetic search guided by per-layer sensitivity
     # (candidates scored after BatchNorm recalibration, finalists after a short fine-tune), the channels inside

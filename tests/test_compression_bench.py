@@ -47,7 +47,7 @@ def score_first(harness, monkeypatch, candidate):
 def test_harness_smoke(harness, tmp_path, monkeypatch):
     # the rows and tables are under test here, not the choice (the next test checks a default that loses): the
     # default recipe's trial is scored first on validation, since one epoch on digits says nothing about it
-    score_first(harness, monkeypatch, "gpp-fade-fisher")
+    score_first(harness, monkeypatch, "gpp-fade-taylor")
     code, out = smoke(harness, tmp_path)
     assert code == 0
     records = json.loads(out.read_text())
@@ -79,7 +79,7 @@ def test_harness_smoke(harness, tmp_path, monkeypatch):
     assert {c["what"] for c in choices} >= {"slimming reg", "gpp recipe", "gpp ablation"}
     assert all(c["commit"] and c["machine"] for c in choices)  # every figure says where it was made
     recipe = [c for c in choices if c["what"] == "gpp recipe"]
-    assert {c["setting"] for c in recipe} == {"gpp-cut", "gpp-fade-fisher"}
+    assert {c["setting"] for c in recipe} == {"gpp-cut", "gpp-fade-taylor"}
     assert sum(c["chosen"] for c in recipe) == 1
     assert sum(c.get("chosen", False) for c in choices if c["what"] == "slimming reg") == 1
     # Group Fisher's knob is its schedule: the share of the epochs spent removing channels (the smoke mode tries
@@ -103,7 +103,7 @@ def test_no_gpp_row_runs_when_another_candidate_beats_the_default(harness, tmp_p
     code, out = smoke(harness, tmp_path, "--methods", "gpp,gpp-fade,l1")
     assert code == 0
     assert [r["method"] for r in json.loads(out.read_text())] == ["l1"]
-    assert "candidate 'gpp-cut' beats the default recipe ('gpp-fade-fisher')" in capsys.readouterr().err
+    assert "candidate 'gpp-cut' beats the default recipe ('gpp-fade-taylor')" in capsys.readouterr().err
 
 
 def test_resume_keeps_records_and_runs_only_the_missing(harness, tmp_path):
@@ -206,8 +206,8 @@ def test_bad_arguments_name_the_option(harness, tmp_path, capsys, argv, message)
 
 
 def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness, tmp_path, monkeypatch):
-    # the ablation cell "fisher x fade x onecycle" is the candidate `gpp-fade-fisher`'s run (the default's)
-    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "candidates": ("gpp-fade-fisher",),
+    # the ablation cell "fisher x fade x onecycle" is the candidate `gpp-fade-taylor`'s run (the default's)
+    monkeypatch.setitem(harness.MODES, "smoke", {**harness.MODES["smoke"], "candidates": ("gpp-fade-taylor",),
                                                  "ablation": (("fisher", "fade", "onecycle"),)})
     measured = []
     real = harness.protocol.measure
@@ -223,7 +223,7 @@ def test_a_trial_already_measured_under_another_name_is_reused_not_rerun(harness
     assert measured == ["gpp"]
     trials = json.loads((tmp_path / "compression-choices.json").read_text())
     candidate, cell = trials
-    assert cell["same_as"] == "gpp recipe: gpp-fade-fisher" and cell["val_accuracy"] == candidate["val_accuracy"]
+    assert cell["same_as"] == "gpp recipe: gpp-fade-taylor" and cell["val_accuracy"] == candidate["val_accuracy"]
     # resumed: nothing is measured again
     measured.clear()
     assert smoke(harness, tmp_path, "--methods", "gpp", "--resume")[0] == 0
@@ -259,11 +259,14 @@ def test_candidates_that_differ_only_in_the_push_share_are_two_loops(harness):
     fade = harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade"])
     short = harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade-short"])
     assert not harness.protocol.same_config(fade, short)
-    # the default is gpp-fade-fisher: the short fade at the Fisher-weighted solver's widths
+    # the default is gpp-fade-taylor: the short fade at the Fisher-weighted solver's widths, Taylor importance
+    # choosing the set; gpp-fade-fisher, the same with the discriminant criterion, is another loop
     default = harness.protocol.config_of({})
-    assert harness.protocol.same_config(harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade-fisher"]),
+    assert harness.protocol.same_config(harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade-taylor"]),
                                         default)
     assert not harness.protocol.same_config(short, default)
+    assert not harness.protocol.same_config(
+        harness.protocol.config_of(harness.choosing.CANDIDATES["gpp-fade-fisher"]), default)
 
 
 def test_a_loop_row_matches_the_loop_its_cell_runs(harness):

@@ -28,26 +28,27 @@ from . import methods, protocol
 # lossless cut), so that a recorded trial keeps its meaning when the default changes; the default recipe must be
 # one of them
 SOLVER = dict(allocation="solver")
+LDA = dict(criterion="lda")   # the traced discriminant utility: the default criterion until gpp-fade-taylor won
 CANDIDATES = {
-    "gpp-cut": dict(methods.CUT, **SOLVER),
-    "gpp-fade": dict(methods.FADE, **SOLVER),
+    "gpp-cut": dict(methods.CUT, **SOLVER, **LDA),
+    "gpp-fade": dict(methods.FADE, **SOLVER, **LDA),
     # the fade with less of the budget before the cut (15% instead of a third): more of it fine-tunes the cut
-    "gpp-fade-short": dict(methods.FADE, push_share=0.15, **SOLVER),
-    "gpp-search": dict(methods.CUT, allocation="search"),
-    "gpp-x2": dict(methods.CUT, max_iterations=2, **SOLVER),
+    "gpp-fade-short": dict(methods.FADE, push_share=0.15, **SOLVER, **LDA),
+    "gpp-search": dict(methods.CUT, allocation="search", **LDA),
+    "gpp-x2": dict(methods.CUT, max_iterations=2, **SOLVER, **LDA),
     "gpp-l1": dict(methods.CUT, criterion="l1", **SOLVER),
     # the short fade at the ablation's other width allocations: near-uniform fractions (the peers' winners
     # keep them) and utilities ranked across groups after per-group normalisation, instead of the solver's
-    "gpp-fade-uniform": dict(methods.FADE, push_share=0.15, allocation="uniform"),
-    "gpp-fade-normalised": dict(methods.FADE, push_share=0.15, allocation="global", normalize="mean"),
+    "gpp-fade-uniform": dict(methods.FADE, push_share=0.15, allocation="uniform", **LDA),
+    "gpp-fade-normalised": dict(methods.FADE, push_share=0.15, allocation="global", normalize="mean", **LDA),
     # the short fade with the solver's groups weighted by the loss's mask Fisher information instead of
     # equally (on LeNet-5 at 5% of the parameters the plain solver spends as much on the cheap fc2 as on conv2)
-    "gpp-fade-fisher": dict(methods.FADE, push_share=0.15, allocation="fisher"),
+    "gpp-fade-fisher": dict(methods.FADE, push_share=0.15, allocation="fisher", **LDA),
     # the default's fade with the removal set growing over the selections (as gradual pruners remove), and with
     # the first-order Taylor criterion choosing the set instead of the traced discriminant utility: Group Fisher
     # still led on validation at LeNet-5 5% at equal widths; in a 3-seed LeNet-5 probe (10%, 5% of the
     # parameters) they scored +0.07/+0.13 and +0.24/+0.17 points of validation accuracy over the default
-    "gpp-fade-gradual": dict(methods.FADE, push_share=0.15, allocation="fisher", fade_gradual=True),
+    "gpp-fade-gradual": dict(methods.FADE, push_share=0.15, allocation="fisher", fade_gradual=True, **LDA),
     "gpp-fade-taylor": dict(methods.FADE, push_share=0.15, allocation="fisher", criterion="taylor"),
 }
 # the ablation's axes: how the widths are decided, whether the removal set fades before the cut, and the
