@@ -192,6 +192,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
             for g, state in zip(generators, saved["generators"]):
                 g.set_state(state)
             torch.set_rng_state(saved["rng"])
+            if saved.get("cuda_rng") is not None and torch.device(device).type == "cuda":
+                torch.cuda.set_rng_state(saved["cuda_rng"], device)
             if owner is not None and saved.get("hook") is not None:
                 owner.load_state_dict(saved["hook"])
             if isinstance(push, nn.Module) and saved.get("push") is not None:
@@ -238,6 +240,8 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
                 checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": scheduler.state_dict() if scheduler is not None else None,
                                  "generators": [g.get_state() for g in generators], "rng": torch.get_rng_state(),
+                                 "cuda_rng": torch.cuda.get_rng_state(device)
+                                 if torch.device(device).type == "cuda" else None,
                                  "hook": owner.state_dict() if owner is not None else None,
                                  "push": push.state_dict() if isinstance(push, nn.Module) else None,
                                  "step": step, "epoch": epoch + 1, "done": step >= total})

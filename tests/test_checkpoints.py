@@ -44,20 +44,30 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(splits, tmp_path):
-    whole = fit(_net(), splits.train, 3, **RECIPE)
+def _close(a: nn.Module, b: nn.Module, device) -> bool:
+    """Bit for bit on the CPU; on CUDA within 1e-5, because cuDNN's backward kernels may sum in another order
+    from run to run (two uninterrupted runs differ as much)."""
+    if device.type == "cpu":
+        return _same(a, b)
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.allclose(sa[k].float().cpu(), sb[k].float().cpu(), atol=1e-5) for k in sa)
+
+
+def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(splits, tmp_path, device):
+    recipe = dict(RECIPE, device=device)
+    whole = fit(_net(), splits.train, 3, **recipe)
     steps = len(training_batches(splits.train, 256, 3))
     path = tmp_path / "run.pt"
     model = _net()
     with pytest.raises(_Killed):   # killed in the middle of the second epoch: the first epoch is saved
-        fit(model, splits.train, 3, checkpoint=path, after_step=_kill_at(steps + 2), **RECIPE)
+        fit(model, splits.train, 3, checkpoint=path, after_step=_kill_at(steps + 2), **recipe)
     assert path.exists()
-    resumed = fit(_net(), splits.train, 3, checkpoint=path, **RECIPE)   # the same call from the same start
-    assert _same(resumed, whole)
+    resumed = fit(_net(), splits.train, 3, checkpoint=path, **recipe)   # the same call from the same start
+    assert _close(resumed, whole, device)
     # done: the same call returns the trained weights at once (no step is taken), and the file stays
     calls = []
-    again = fit(_net(), splits.train, 3, checkpoint=path, after_step=lambda s, t: calls.append(s), **RECIPE)
-    assert _same(again, whole) and calls == [] and path.exists()
+    again = fit(_net(), splits.train, 3, checkpoint=path, after_step=lambda s, t: calls.append(s), **recipe)
+    assert _same(again, resumed) and calls == [] and path.exists()
 
 
 def test_a_push_resumes_with_its_moving_statistics(splits, tmp_path):
