@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import read, save_atomic
+from .io import hash_tensors
 
 __all__ = ["FitCheckpoint", "Hooks", "start_digest", "order_generators", "hook_owner"]
 
@@ -31,13 +32,10 @@ FORMAT = "gpp_ext.fit-checkpoint/1"
 
 
 def start_digest(model: nn.Module) -> str:
-    """SHA-256 of a model's state (every tensor's name, dtype, shape and bytes)."""
+    """SHA-256 of a model's state: every tensor's name, dtype, shape and bytes, in the state's order."""
     h = hashlib.sha256()
-    for key, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"|{key}|{t.dtype}|{list(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    state = model.state_dict()
+    hash_tensors(h, state, state)
     return h.hexdigest()
 
 

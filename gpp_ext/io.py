@@ -64,11 +64,16 @@ def digest(data: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"spec": data.get("spec"), "widths": data.get("widths")}, sort_keys=True,
                         default=str).encode())
-    for key in sorted(data["state_dict"]):
-        t = data["state_dict"][key].detach().cpu().contiguous()
+    hash_tensors(h, data["state_dict"], sorted(data["state_dict"]))
+    return h.hexdigest()
+
+
+def hash_tensors(h, tensors: dict, keys) -> None:
+    """Feeds `h` (a hashlib object) each tensor of `keys`, in that order: its name, dtype, shape and bytes."""
+    for key in keys:
+        t = tensors[key].detach().cpu().contiguous()
         h.update(f"|{key}|{t.dtype}|{list(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def payload(model: nn.Module, spec: dict | None = None) -> dict:
