@@ -275,7 +275,7 @@ def test_a_loop_row_matches_the_loop_its_cell_runs(harness):
     setup = harness.methods.Setup(None, 0.1, "params", 1, 3.0, 1.0)
     ran = {k: v for k, v in dataclasses.asdict(harness.methods.loop_config(setup, {})).items() if k != "ignore"}
     record = {"method": "gpp", "budget": 0.1, "budget_kind": "params", "epochs": 3.0, "seed": 1, "knobs": {},
-              "train": harness.protocol.train_recipe(), "config": ran}
+              "train": harness.protocol.train_recipe(), "config": ran, "widths": {"fc": [8, 4]}}
     assert not harness.runner._stale(record, {})
     assert harness.runner._stale({**record, "config": {**ran, "push": "none"}}, {})
     assert harness.runner._stale({**record, "method": "gpp-nopush"}, {})
@@ -288,10 +288,20 @@ def test_a_one_shot_criterion_cut_at_another_defaults_widths_is_redone(harness):
     assert rule == {"allocation": "fisher", "normalize": "mean", "floor": 0.05, "round_to": 1}
     assert harness.methods.widths_rule("group_fisher") is None and harness.methods.widths_rule("slimming") is None
     record = {"method": "l1", "budget": 0.1, "budget_kind": "params", "epochs": 3.0, "seed": 1, "knobs": {},
-              "train": harness.protocol.train_recipe(), "widths_rule": rule}
+              "train": harness.protocol.train_recipe(), "widths_rule": rule, "widths": None}
     assert not harness.runner._stale(record, {})
     assert harness.runner._stale({k: v for k, v in record.items() if k != "widths_rule"}, {})
     assert harness.runner._stale({**record, "widths_rule": {**rule, "allocation": "solver"}}, {})
+
+
+def test_a_record_made_before_records_carried_widths_is_redone(harness):
+    """The latency pass rebuilds a compact model that was not kept from its record's widths: a record without the
+    key (made before records carried it) is redone on resume; one that recorded None (blocks removed) stands."""
+    record = {"method": "slimming", "budget": 0.1, "budget_kind": "params", "epochs": 3.0, "seed": 1, "knobs": {},
+              "train": harness.protocol.train_recipe(), "widths": None}
+    assert not harness.runner._stale(record, {})
+    assert not harness.runner._stale({**record, "widths": {"fc": [8, 4]}}, {})
+    assert harness.runner._stale({k: v for k, v in record.items() if k != "widths"}, {})
 
 
 def test_a_setting_that_missed_its_size_target_is_not_chosen(harness):

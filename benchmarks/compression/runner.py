@@ -31,8 +31,11 @@ def knobs_for(method: str, chosen: dict) -> dict:
 
 def _stale(record: dict, chosen: dict) -> bool:
     """A record made with other choices, another training recipe, (a loop row) another loop than the one its
-    cell would run now (compared on what the run reads, `loop.run_settings`) or (a one-shot criterion) another
-    default's widths (`methods.widths_rule`)."""
+    cell would run now (compared on what the run reads, `loop.run_settings`), (a one-shot criterion) another
+    default's widths (`methods.widths_rule`), or before records carried their widths (no `widths` key; None is a
+    recorded answer): the latency pass rebuilds a compact model that was not kept from them."""
+    if "widths" not in record:
+        return True
     settings = methods.loop_settings(record["method"], record.get("knobs", {}))
     if settings is not None:
         now = methods.cell_config(record["budget"], record.get("budget_kind", "params"), record["epochs"],
