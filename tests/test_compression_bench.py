@@ -354,3 +354,13 @@ def test_the_speed_table_sets_gpp_against_the_most_accurate_peer(harness):
     lines = render._speed(records)
     duel = lines[lines.index("| model | budget | best peer | eager b1 | eager b64 |") + 2:]
     assert duel == ["| vgg | 10% | l1 | 2.00 | 0.75 |"]
+
+
+def test_who_wins_pairs_gpp_with_the_best_peer_seed_by_seed(harness):
+    """The per-seed differences: their spread and how many seeds GPP was ahead in, over the seeds both ran."""
+    paired = harness.render._paired
+    mine = [{"seed": 0, "test_accuracy": 0.90}, {"seed": 1, "test_accuracy": 0.92}, {"seed": 2, "test_accuracy": 0.91}]
+    theirs = [{"seed": 0, "test_accuracy": 0.91}, {"seed": 1, "test_accuracy": 0.90}]
+    assert paired(mine, theirs) == "± 0.0212, 1 of 2"    # differences -0.01 and +0.02
+    assert paired(mine[:1], theirs) == "0 of 1"
+    assert paired(mine, [{"seed": 5, "test_accuracy": 0.5}]) == "–"

@@ -41,6 +41,17 @@ def _ranked(by_method):
     return sorted(by_method.items(), key=lambda kv: -_mean(r["test_accuracy"] for r in kv[1]))
 
 
+def _paired(mine: list, theirs: list) -> str:
+    """`std, k of n`: the per-seed differences of test accuracy between two methods' runs (seeds both have), their
+    standard deviation and the number of seeds in which the first was ahead."""
+    other = {r["seed"]: r["test_accuracy"] for r in theirs}
+    diffs = [r["test_accuracy"] - other[r["seed"]] for r in mine if r["seed"] in other]
+    if not diffs:
+        return "–"
+    spread = f"± {statistics.stdev(diffs):.4f}, " if len(diffs) > 1 else ""
+    return f"{spread}{sum(d > 0 for d in diffs)} of {len(diffs)}"
+
+
 def _latency_cell(rs) -> str:
     passed = [r["latency"]["eager"] for r in rs if "latency" in r]
     if passed:
@@ -149,22 +160,30 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
                      f"{mean_std(list(base.values()))} over seeds {sorted(base)}; then {', '.join(conf['epochs'])} "
                      f"epochs per method, of which up to {', '.join(conf['prep_epochs'])} before the cut.")
     lines += ["", "## Who wins", "",
-              "| model | budget | best (test acc) | gpp: test acc, rank | best peer | gpp − best peer |",
-              "|---|---:|---|---|---|---:|"]
+              "| model | budget | best (test acc) | gpp: test acc, rank | best peer | gpp − best peer | "
+              "per seed: std, gpp ahead |",
+              "|---|---:|---|---|---|---:|---|"]
     for (model, kind, budget), by_method in _groups(records).items():
-        order = _ranked({m: rs for m, rs in by_method.items() if _met(rs)})
+        seeds = {r["seed"] for rs in by_method.values() for r in rs}
+        # a method still missing seeds of the cell (a run in progress) is ranked once it has them all
+        order = _ranked({m: rs for m, rs in by_method.items() if _met(rs) and {r["seed"] for r in rs} == seeds})
         names = [m for m, _ in order]
+        if not names:
+            continue
 
         def acc(method):
             return _mean(r["test_accuracy"] for r in by_method[method])
 
         peers = [m for m in names if not m.startswith("gpp")]
         gap = f"{acc('gpp') - acc(peers[0]):+.4f}" if "gpp" in names and peers else "–"
+        paired = _paired(by_method["gpp"], by_method[peers[0]]) if "gpp" in names and peers else "–"
         lines.append(f"| {model} | {_budget(kind, budget)} | {names[0]} ({acc(names[0]):.4f}) | "
                      + (f"{acc('gpp'):.4f}, {names.index('gpp') + 1} of {len(names)}" if "gpp" in names else "–")
-                     + " | " + (f"{peers[0]} ({acc(peers[0]):.4f})" if peers else "–") + f" | {gap} |")
+                     + " | " + (f"{peers[0]} ({acc(peers[0]):.4f})" if peers else "–") + f" | {gap} | {paired} |")
     lines += ["", "Ranks count the methods that met the budget (2% slack for whole channels) in every seed; † "
-              "below marks the others.", "", "## Every method", "",
+              "below marks the others; a method still missing some of a cell's seeds is not ranked there yet. The last column pairs GPP with the best peer seed by seed (the same base "
+              "model): the standard deviation of the per-seed differences, and in how many seeds GPP was ahead. A "
+              "gap smaller than that deviation is not one the seeds can tell from noise.", "", "## Every method", "",
               "Accuracy at the end of the preparation, right after the cut, after BatchNorm recalibration, after "
               "1/8, 1/4, 1/2 and 1 epoch of fine-tuning, and at the end (test set, mean over seeds). GPP's rows "
               "are whole loop runs, which report validation accuracy at the end of the push and after the cut "
@@ -177,8 +196,11 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
         return "–" if v is None else f"{v:.4f}"
 
     for (model, kind, budget), by_method in _groups(records).items():
+        seeds = {r["seed"] for rs in by_method.values() for r in rs}
         for method, rs in _ranked(by_method):
             missed = "" if _met(rs) else f" † ({sum(not r['met_budget'] for r in rs)} of {len(rs)} over budget)"
+            if len(rs) < len(seeds):
+                missed += f" (seeds {', '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} so far)"
             curve = [cell(_mean(r.get("ft_curve", {}).get(k) for r in rs)) for k in CURVE]
             lines.append(f"| {model} | {_budget(kind, budget)} | {method}{missed} | "
                          f"{_mean(r['params'] for r in rs):,.0f} | {_mean(r['flops'] for r in rs):,.0f} | "
