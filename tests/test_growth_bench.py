@@ -49,6 +49,9 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
             gap = next(x for x in records if x["key"] == [0, "gap", r["key"][2]])
             assert pruned["epochs"] == gap["epochs"] == largest["epochs"] + 0.5  # equal training
             assert pruned["params"] <= 1.02 * r["params"] and gap["params"] <= 1.02 * r["params"]
+    order = [r["key"][1] for r in records]   # recorded as run: the claims' runs before grow-and-prune and triage
+    assert max(i for i, k in enumerate(order) if k == "pruned" or k in growth.runner.RESNET_DEPTHS) < \
+        min(i for i, k in enumerate(order) if k in ("gap", "grown-triage"))
     triaged = next(r for r in records if r["key"] == [0, "grown-triage"])
     assert sorted(triaged["order"]) == list(range(len(triaged["order"]))) and triaged["triage"]
     assert triaged["met"][0]["test_accuracy"] == grown[0]["test_accuracy"]  # the same trained net, another order
@@ -90,6 +93,19 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
             assert again[tuple(r["key"])] == r
         if r["key"][1] == "grown":
             assert again[tuple(r["key"])]["test_accuracy"] == r["test_accuracy"]
+    _forget()
+
+
+def test_the_claims_runs_of_every_seed_come_first(tmp_path, monkeypatch):
+    """Two passes over the seeds: the runs that answer the paper's claims for every seed, then the rest."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    growth = _harness()
+    cli = sys.modules["benchmarks.growth.__main__"]
+    calls = []
+    monkeypatch.setattr(cli, "run_seed", lambda seed, mode, runs, log, part: calls.append((part, seed)))
+    monkeypatch.setattr(cli, "render", lambda records, stem: None)
+    assert growth.main(["--smoke", "--seeds", "0,1,2", "--out", str(tmp_path / "growth.json")]) == 0
+    assert calls == [("claims", 0), ("claims", 1), ("claims", 2), ("further", 0), ("further", 1), ("further", 2)]
     _forget()
 
 

@@ -23,6 +23,10 @@ compression benchmark:
    modules, each replaced by one layer and fine-tuned `grow_epochs` with distillation, then `stage_order`: what
    `LoopConfig(grow_order="triage")` runs), against the first-to-last order of 1.
 
+The runs go in two passes over the seeds: 1–3 (what answers the paper's two claims) for every seed, then 4 and 5,
+which take about as long again (a grow-and-prune trains the largest architecture from scratch for as many epochs
+as the growth and the prune had together).
+
 The long steps checkpoint in the folder beside the records (`benchmarks/results/growth-nets/` for `growth.json`,
 committed with them): each growth after every attempt (`grow(after_step=...)`), the triage, and every long training
 (the base, each grow-and-prune, each ResNet) after every epoch (`fit(checkpoint=...)`, with its wall and CPU time so

@@ -14,7 +14,7 @@ from gpp_ext.loop import train_kwargs
 from .._meta import Exclusive
 from . import __doc__ as PROTOCOL
 from .render import render
-from .runner import MODES, RESULTS, Runs, run_seed
+from .runner import MODES, PARTS, RESULTS, Runs, run_seed
 
 
 def main(argv=None) -> int:
@@ -54,8 +54,9 @@ def _run(args, mode: dict, settings: dict, stem: str) -> int:
         print(text, flush=True)
 
     try:
-        for seed in mode["seeds"]:
-            run_seed(seed, mode, runs, log)
+        for part in PARTS:   # the claims' runs for every seed first, then the rest
+            for seed in mode["seeds"]:
+                run_seed(seed, mode, runs, log, part)
     except KeyboardInterrupt:
         print("benchmarks.growth: interrupted; run again with --resume to go on", file=sys.stderr)
     render(runs.records, stem)

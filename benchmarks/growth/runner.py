@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -97,7 +98,14 @@ def _measure(model, splits, example) -> dict:
             "val_accuracy": evaluate(model, splits.val), "test_accuracy": evaluate(model, splits.test)}
 
 
-def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
+# the two passes over the seeds: the runs that answer the paper's two claims (grown nets, the largest pushed and
+# pruned, matched ResNets) for every seed first, then grow-and-prune and the triage order, which take as long again
+PARTS = ("claims", "further")
+
+
+def run_seed(seed: int, mode: dict, runs: Runs, log, part: str | None = None) -> None:
+    """A seed's steps (the package's doc): growth, then `part`'s runs (`PARTS`; None: both, in order)."""
+    parts = PARTS if part is None else (part,)
     splits = data.load_dataset(mode["data"], seed=seed)
     channels, classes = splits.input_shape[0], splits.num_classes
     example = torch.zeros(2, *splits.input_shape)
@@ -173,10 +181,43 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         cached = [r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"]
     largest_record = runs.get(largest_key)
     largest = gpp_ext.io.load(_cache_path(runs, seed))  # data: rebuilt from its spec
-    smaller = [r for r in cached if r["kept"] and r["params"] < largest_record["params"]]
 
-    # 2. the largest pushed and pruned to each smaller size; 4. grow-and-prune from scratch to the same sizes
-    for r in smaller:
+    grown_seed = _Grown(seed, mode, runs, log, splits, example, recipe, base, grown, largest, largest_record,
+                        cached)
+    if "claims" in parts:
+        _claims(grown_seed)
+    if "further" in parts:
+        _further(grown_seed)
+
+
+@dataclass
+class _Grown:
+    """A seed once grown: what its later runs read (`base()`, `grown(order)`: the growth's steps, re-runnable)."""
+    seed: int
+    mode: dict
+    runs: Runs
+    log: object
+    splits: object
+    example: torch.Tensor
+    recipe: dict
+    base: object
+    grown: object
+    largest: torch.nn.Module
+    largest_record: dict
+    cached: list
+
+    @property
+    def smaller(self) -> list:
+        """The kept nets smaller than the largest: the sizes it is pushed and pruned to."""
+        return [r for r in self.cached if r["kept"] and r["params"] < self.largest_record["params"]]
+
+
+def _claims(g: _Grown) -> None:
+    """2. the largest pushed and pruned to each smaller size; 3. the matched ResNets."""
+    seed, mode, runs, log, splits, example, recipe = g.seed, g.mode, g.runs, g.log, g.splits, g.example, g.recipe
+    largest, largest_record, cached = g.largest, g.largest_record, g.cached
+    channels, classes = splits.input_shape[0], splits.num_classes
+    for r in g.smaller:
         target = r["params"] / largest_record["params"]
         key = (seed, "pruned", r["key"][2])
         if runs.get(key) is None:
@@ -192,6 +233,30 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
                                      epochs=largest_record["epochs"] + mode["prune_epochs"], **clock.times()))
             log(f"  seed {seed} pruned to net {r['key'][2]}'s size: {rec['params']:,} params, test "
                 f"{rec['test_accuracy']:.4f}")
+
+    # 3. ResNets matched in size to every kept grown net, trained as long as it was
+    for r in [r for r in cached if r["kept"]]:
+        for name, blocks in RESNET_DEPTHS.items():
+            key = (seed, name, r["key"][2])
+            if runs.get(key) is not None:
+                continue
+            clock, point = _Clock(), _cache_path(runs, seed, f"{name}-{r['key'][2]}")
+            torch.manual_seed(seed)
+            net = fit(resnet_of(r["params"], blocks, channels, classes), splits.train, r["epochs"], seed=seed,
+                      after_step=clock, checkpoint=point, **recipe)
+            os.remove(point)
+            rec = runs.add(key, dict(_measure(net, splits, example), target_params=r["params"], epochs=r["epochs"],
+                                     **clock.times()))
+            log(f"  seed {seed} {name} at net {r['key'][2]}'s size: {rec['params']:,} params, test "
+                f"{rec['test_accuracy']:.4f}")
+
+
+def _further(g: _Grown) -> None:
+    """4. grow-and-prune from scratch to the sizes of 2; 5. the growth in triage order."""
+    seed, mode, runs, log, splits, example, recipe = g.seed, g.mode, g.runs, g.log, g.splits, g.example, g.recipe
+    largest, largest_record = g.largest, g.largest_record
+    for r in g.smaller:
+        target = r["params"] / largest_record["params"]
         key = (seed, "gap", r["key"][2])
         if runs.get(key) is None:
             clock = _Clock()
@@ -216,34 +281,18 @@ def run_seed(seed: int, mode: dict, runs: Runs, log) -> None:
         done = point.load(model=False)
         if done is None:
             clock = _Clock()
-            triaged = triage(base(), splits, epochs=mode["grow_epochs"], distill=0.5, seed=seed, progress=False,
+            triaged = triage(g.base(), splits, epochs=mode["grow_epochs"], distill=0.5, seed=seed, progress=False,
                              **recipe)
             done = {"triage": [r.to_dict() for r in triaged], "times": clock.times()}
             point.save(None, done)
         triaged = [BlockCriticality(**r) for r in done["triage"]]
         order = stage_order(triaged, len(largest.stages))
-        model, met, times = grown(order, spent=done["times"])
+        model, met, times = g.grown(order, spent=done["times"])
         rec = runs.add(key, dict(_measure(model, splits, example), epochs=_largest_epochs(met), order=order,
                                  triage=done["triage"], met=met, **times))
         point.clear()
         log(f"  seed {seed} grown in triage order {order}: {rec['params']:,} params, test {rec['test_accuracy']:.4f} "
             f"(first to last: {largest_record['params']:,} params, test {largest_record['test_accuracy']:.4f})")
-
-    # 3. ResNets matched in size to every kept grown net, trained as long as it was
-    for r in [r for r in cached if r["kept"]]:
-        for name, blocks in RESNET_DEPTHS.items():
-            key = (seed, name, r["key"][2])
-            if runs.get(key) is not None:
-                continue
-            clock, point = _Clock(), _cache_path(runs, seed, f"{name}-{r['key'][2]}")
-            torch.manual_seed(seed)
-            net = fit(resnet_of(r["params"], blocks, channels, classes), splits.train, r["epochs"], seed=seed,
-                      after_step=clock, checkpoint=point, **recipe)
-            os.remove(point)
-            rec = runs.add(key, dict(_measure(net, splits, example), target_params=r["params"], epochs=r["epochs"],
-                                     **clock.times()))
-            log(f"  seed {seed} {name} at net {r['key'][2]}'s size: {rec['params']:,} params, test "
-                f"{rec['test_accuracy']:.4f}")
 
 
 def _regrow(seed: int, runs: Runs, grown, measure, log) -> None:
