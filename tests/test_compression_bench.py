@@ -364,3 +364,15 @@ def test_who_wins_pairs_gpp_with_the_best_peer_seed_by_seed(harness):
     assert paired(mine, theirs) == "± 0.0212, 1 of 2"    # differences -0.01 and +0.02
     assert paired(mine[:1], theirs) == "0 of 1"
     assert paired(mine, [{"seed": 5, "test_accuracy": 0.5}]) == "–"
+
+
+def test_the_runner_says_how_many_cells_are_left_and_about_how_long(harness):
+    cells = [(0, "params", 0.1, "gpp"), (0, "params", 0.1, "l1"), (1, "params", 0.1, "gpp"), (1, "params", 0.1, "new")]
+    done = {("vgg", 0, "params", 0.1, "gpp")}
+    records = [{"model": "vgg", "method": "gpp", "seconds": 3600.0}, {"model": "lenet5", "method": "l1", "seconds": 1}]
+    choices = [{"model": "vgg", "method": "l1", "seconds": 1800.0}]
+    # gpp 1 h, l1 0.5 h (its trials), the new method the median of every run on the model (0.75 h)
+    assert harness.runner._left("vgg", cells, done, records, choices) == \
+        "vgg: 3 of 4 cells to run, about 2.2 h at the medians of its recorded runs"
+    assert harness.runner._left("vgg", cells[:1], done, records, choices) == "vgg: every cell recorded"
+    assert harness.runner._left("resnet20", cells, set(), records, choices) == "resnet20: 4 of 4 cells to run"

@@ -48,6 +48,25 @@ def _stale(record: dict, chosen: dict) -> bool:
     return record.get("knobs", {}) != knobs_for(record["method"], chosen) or record.get("train") != protocol.train_recipe()
 
 
+def _left(name: str, cells: list, done: set, records: list, choices: list) -> str:
+    """A line saying how many of `name`'s cells are still to run and about how long they take: per method, the
+    median wall time of its recorded runs on this model (else of its validation trials, else of every run on the
+    model)."""
+    todo = [c for c in cells if (name, *c) not in done]
+    if not todo:
+        return f"{name}: every cell recorded"
+    seconds = {}
+    for r in [*records, *choices]:
+        if r["model"] == name and r.get("seconds") is not None:
+            seconds.setdefault(r["method"], []).append(r["seconds"])
+    every = [v for vs in seconds.values() for v in vs]
+    if not every:
+        return f"{name}: {len(todo)} of {len(cells)} cells to run"
+    fallback = statistics.median(every)
+    hours = sum(statistics.median(seconds[m]) if m in seconds else fallback for *_, m in todo) / 3600
+    return f"{name}: {len(todo)} of {len(cells)} cells to run, about {hours:.1f} h at the medians of its recorded runs"
+
+
 def _then(first, later):
     """The items of `first`, then those of `later()`, called only once `first` is exhausted."""
     yield from first
@@ -149,6 +168,7 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
             records[:] = [r for r in records if not any(r is x for x in stale)]
             done -= {(r["model"], r["seed"], r.get("budget_kind", "params"), r["budget"], r["method"]) for r in stale}
             save(records)
+        print(_left(name, cells, done, records, choices), flush=True)
         for seed, kind, budget, method in _then(cells, lambda: kd_cells(args, name, records, validated)):
             if (name, seed, kind, budget, method) in done:
                 continue
