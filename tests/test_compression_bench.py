@@ -6,6 +6,7 @@ import importlib
 import dataclasses
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -376,3 +377,50 @@ def test_the_runner_says_how_many_cells_are_left_and_about_how_long(harness):
         "vgg: 3 of 4 cells to run, about 2.2 h at the medians of its recorded runs"
     assert harness.runner._left("vgg", cells[:1], done, records, choices) == "vgg: every cell recorded"
     assert harness.runner._left("resnet20", cells, set(), records, choices) == "resnet20: 4 of 4 cells to run"
+
+
+class _SweepTrials:
+    """A stand-in for `choices.Trials`: validation accuracy a function of the strength, every run recorded."""
+
+    def __init__(self, accuracy, method="torch_pruning:group_norm_sl:global"):
+        self.args = types.SimpleNamespace(available={method}, methods_of={"m": [method]})
+        self.accuracy, self.ran, self.marked = accuracy, [], None
+
+    def run(self, what, setting, method, knobs, place, context):
+        self.ran.append(knobs["reg"])
+        return {"setting": setting, "val_accuracy": self.accuracy(knobs["reg"]), "target_reached": True}
+
+    def mark(self, what, model, setting):
+        self.marked = setting
+
+
+def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harness):
+    import math
+
+    choosing = harness.choosing
+    budgets = [("params", 0.1), ("params", 0.02)]
+
+    def peaked(at):
+        return lambda reg: 0.9 - abs(math.log10(reg) - math.log10(at)) / 100
+
+    # the best past the top of 1e-5..1e-3: 1e-2 is tried, then 1e-1 (worse), and 1e-2 is chosen
+    t = _SweepTrials(peaked(1e-2))
+    assert choosing.sweep_regs(t, "m", budgets, 0, None) == {"torch_pruning:group_norm_sl": {"reg": 1e-2}}
+    assert sorted(set(t.ran)) == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2, 1e-1]) and t.marked == "reg=0.01"
+    assert len(t.ran) == 5 * len(budgets)          # every strength at every choice budget, once
+    # far past the top: at most EXTEND_STEPS steps, the best of what was tried
+    t = _SweepTrials(peaked(1e3))
+    assert choosing.sweep_regs(t, "m", budgets, 0, None)["torch_pruning:group_norm_sl"]["reg"] == pytest.approx(0.1)
+    assert len(set(t.ran)) == 3 + choosing.EXTEND_STEPS
+    # past the bottom, a grid step down
+    t = _SweepTrials(peaked(1e-6))
+    assert choosing.sweep_regs(t, "m", budgets, 0, None)["torch_pruning:group_norm_sl"]["reg"] == pytest.approx(1e-6)
+    # inside the grid: nothing more is tried; a smaller mode's own strengths are never extended
+    t = _SweepTrials(peaked(1e-4))
+    choosing.sweep_regs(t, "m", budgets, 0, None)
+    assert sorted(set(t.ran)) == [1e-5, 1e-4, 1e-3]
+    t = _SweepTrials(peaked(1e-2))
+    assert choosing.sweep_regs(t, "m", budgets, 0, None, values=(1e-4,))["torch_pruning:group_norm_sl"] == {"reg": 1e-4}
+    assert set(t.ran) == {1e-4}
+    assert choosing.beyond([3e-3, 1e-2, 3e-2], 1e-2) is None
+    assert choosing.beyond([3e-3, 1e-2, 3e-2], 3e-2) == pytest.approx(9e-2)

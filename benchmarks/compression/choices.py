@@ -147,31 +147,64 @@ def best_by_mean(entries: list) -> tuple:
     return max(eligible, key=means.get), means
 
 
+# how many steps a regularisation sweep may go past an end of its grid while its best strength sits at that end
+EXTEND_STEPS = 2
+
+
+def beyond(values: list, best: float) -> float | None:
+    """The next strength past the end of the (geometric, ascending) grid `values` where `best` sits, one grid step
+    further (the ratio of the last two values at that end, to 3 significant digits, so 1e-3 steps to 0.01 and
+    not 0.009999999999999998); None when `best` is inside the grid."""
+    if best == values[-1]:
+        return float(f"{values[-1] * values[-1] / values[-2]:.3g}")
+    if best == values[0]:
+        return float(f"{values[0] * values[0] / values[1]:.3g}")
+    return None
+
+
 def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, values=None) -> dict:
     """The peers' knob per family (the regularisation strength of the sparse-training ones, Group Fisher's
     removal share), chosen by mean validation accuracy over `budgets`: `{family: {knob: value}}`. `values`
-    replaces every regularisation sweep's strengths (a smaller mode; other knobs then keep their middle value)."""
+    replaces every regularisation sweep's strengths (a smaller mode; other knobs then keep their middle value).
+
+    A full regularisation sweep (`values` None) whose best strength sits at an end of its grid goes on past that
+    end, a grid step at a time (`beyond`, at most `EXTEND_STEPS`), until the best is inside what it tried: a
+    peer's best recipe may lie outside the grid first written down, and the peers must get their best."""
     args = trials.args
     chosen = {}
     for family, regs in methods.SWEEPS.items():
         knob = methods.SWEEP_KNOBS.get(family, "reg")
         # a smaller mode's `values` are strengths; another knob then tries only its middle value
         if values is None:
-            values_here = regs
+            values_here = list(regs)
         else:
-            values_here = values if knob == "reg" else (regs[len(regs) // 2],)
+            values_here = list(values) if knob == "reg" else [regs[len(regs) // 2]]
         method = family if family in ("slimming", "hgs", "sss", "sss_blocks", "group_fisher") else f"{family}:global"
         if method not in args.available or not any(methods.sweep_key(m) == family for m in args.methods_of[model]):
             continue
         if family in ("slimming", "torch_pruning:bn_scale_sl") and not protocol.has_bn(context[1]):
             continue  # BatchNorm-scale methods need BatchNorm
-        entries = [trials.run(f"{family} {knob}", f"{knob}={v:g}", method, {knob: v}, (model, kind, budget, seed),
-                              context)
-                   for v in values_here for kind, budget in budgets]
-        setting, _ = best_by_mean(entries)
-        trials.mark(f"{family} {knob}", model, setting)
-        chosen[family] = {knob: next(v for v in values_here if f"{knob}={v:g}" == setting)}
+
+        def trial(v):
+            return [trials.run(f"{family} {knob}", f"{knob}={v:g}", method, {knob: v}, (model, kind, budget, seed),
+                               context) for kind, budget in budgets]
+
+        entries = [e for v in values_here for e in trial(v)]
+        best = _value_of(best_by_mean(entries)[0], values_here, knob)
+        for _ in range(EXTEND_STEPS if values is None and knob == "reg" else 0):
+            further = beyond(values_here, best)
+            if further is None:
+                break
+            values_here = sorted([*values_here, further])
+            entries += trial(further)
+            best = _value_of(best_by_mean(entries)[0], values_here, knob)
+        trials.mark(f"{family} {knob}", model, f"{knob}={best:g}")
+        chosen[family] = {knob: best}
     return chosen
+
+
+def _value_of(setting: str, values: list, knob: str) -> float:
+    return next(v for v in values if f"{knob}={v:g}" == setting)
 
 
 def compare_recipes(trials: Trials, model: str, budgets: list, seed: int, context, candidates) -> list:
