@@ -182,8 +182,8 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
         method = family if family in ("slimming", "hgs", "sss", "sss_blocks", "group_fisher") else f"{family}:global"
         if method not in args.available or not any(methods.sweep_key(m) == family for m in args.methods_of[model]):
             continue
-        if family in ("slimming", "torch_pruning:bn_scale_sl") and not protocol.has_bn(context[1]):
-            continue  # BatchNorm-scale methods need BatchNorm
+        if protocol.needs_bn(method) and not protocol.has_bn(context[1]):
+            continue
 
         def trial(v):
             return [trials.run(f"{family} {knob}", f"{knob}={v:g}", method, {knob: v}, (model, kind, budget, seed),

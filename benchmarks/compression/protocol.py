@@ -121,6 +121,11 @@ def base_model(name: str, splits, args, seed: int, cache: Cache):
     return cache.get(base_stem(name, args, seed), build, keep=True)
 
 
+def needs_bn(method: str) -> bool:
+    """BN-scale pruning and network slimming do not exist without BatchNorm (their runs are skipped there)."""
+    return method.startswith("torch_pruning:bn_scale") or method.split("+")[0] == "slimming"
+
+
 def has_bn(model) -> bool:
     return any(is_batch_norm(m) for m in model.modules())
 

@@ -168,13 +168,15 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
             records[:] = [r for r in records if not any(r is x for x in stale)]
             done -= {(r["model"], r["seed"], r.get("budget_kind", "params"), r["budget"], r["method"]) for r in stale}
             save(records)
-        print(_left(name, cells, done, records, choices), flush=True)
+        with_bn = protocol.has_bn(contexts(name, seed0)[1])
+        print(_left(name, [c for c in cells if with_bn or not protocol.needs_bn(c[3])], done, records, choices),
+              flush=True)
         for seed, kind, budget, method in _then(cells, lambda: kd_cells(args, name, records, validated)):
             if (name, seed, kind, budget, method) in done:
                 continue
             splits, base, stem = contexts(name, seed)
-            if (method.startswith("torch_pruning:bn_scale") or method == "slimming") and not protocol.has_bn(base):
-                continue  # BN-scale pruning and network slimming do not exist without BatchNorm
+            if protocol.needs_bn(method) and not protocol.has_bn(base):
+                continue
             setup = methods.Setup(splits, budget, kind, seed, args.epochs, args.prep_epochs,
                                   knobs=knobs_for(method, chosen))
             m = protocol.measure(method, base, setup, cache, stem)
