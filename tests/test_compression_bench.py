@@ -424,3 +424,18 @@ def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harne
     assert set(t.ran) == {1e-4}
     assert choosing.beyond([3e-3, 1e-2, 3e-2], 1e-2) is None
     assert choosing.beyond([3e-3, 1e-2, 3e-2], 3e-2) == pytest.approx(9e-2)
+
+
+def test_a_method_missing_seeds_of_a_cell_is_marked_and_not_ranked(harness):
+    def record(method, seed, acc):
+        return {"method": method, "model": "lenet5", "dataset": "d", "budget_kind": "params", "budget": 0.1,
+                "seed": seed, "test_accuracy": acc, "params": 10, "flops": 100, "acc_end_of_prep": None,
+                "acc_after_cut": None, "acc_after_recal": None, "ft_curve": {}, "latency_ms_b1": 1.0,
+                "latency_ms_b64": 2.0, "seconds": 1.0, "machine": "m", "torch": "t", "commit": "c",
+                "base_test_accuracy": 0.9, "base_epochs": 1, "epochs": 3.0, "prep_epochs": 1.0, "met_budget": True}
+
+    records = [record("gpp", 0, 0.80), record("gpp", 1, 0.82), record("l1", 0, 0.79), record("l1", 1, 0.83),
+               record("taylor", 0, 0.95)]   # taylor has one seed of two: not ranked, however high
+    out = harness.render._render(records, {"date": "x"}, [], [])
+    assert "| lenet5 | 10% | gpp (0.8100) | 0.8100, 1 of 2 | l1 (0.8100) | +0.0000 | ± 0.0141, 1 of 2 |" in out
+    assert "| lenet5 | 10% | taylor (seeds 0 so far) |" in out

@@ -181,9 +181,10 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
                      + (f"{acc('gpp'):.4f}, {names.index('gpp') + 1} of {len(names)}" if "gpp" in names else "–")
                      + " | " + (f"{peers[0]} ({acc(peers[0]):.4f})" if peers else "–") + f" | {gap} | {paired} |")
     lines += ["", "Ranks count the methods that met the budget (2% slack for whole channels) in every seed; † "
-              "below marks the others; a method still missing some of a cell's seeds is not ranked there yet. The last column pairs GPP with the best peer seed by seed (the same base "
-              "model): the standard deviation of the per-seed differences, and in how many seeds GPP was ahead. A "
-              "gap smaller than that deviation is not one the seeds can tell from noise.", "", "## Every method", "",
+              "below marks the others; a method still missing some of a cell's seeds is not ranked there yet. The "
+              "last column pairs GPP with the best peer seed by seed (the same base model): the standard deviation "
+              "of the per-seed differences, and in how many seeds GPP was ahead. A gap smaller than that deviation "
+              "is not one the seeds can tell from noise.", "", "## Every method", "",
               "Accuracy at the end of the preparation, right after the cut, after BatchNorm recalibration, after "
               "1/8, 1/4, 1/2 and 1 epoch of fine-tuning, and at the end (test set, mean over seeds). GPP's rows "
               "are whole loop runs, which report validation accuracy at the end of the push and after the cut "
@@ -200,7 +201,7 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
         for method, rs in _ranked(by_method):
             missed = "" if _met(rs) else f" † ({sum(not r['met_budget'] for r in rs)} of {len(rs)} over budget)"
             if len(rs) < len(seeds):
-                missed += f" (seeds {', '.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} so far)"
+                missed += f" (seeds {', '.join(str(s) for s in sorted(r['seed'] for r in rs))} so far)"
             curve = [cell(_mean(r.get("ft_curve", {}).get(k) for r in rs)) for k in CURVE]
             lines.append(f"| {model} | {_budget(kind, budget)} | {method}{missed} | "
                          f"{_mean(r['params'] for r in rs):,.0f} | {_mean(r['flops'] for r in rs):,.0f} | "
