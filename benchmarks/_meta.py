@@ -17,14 +17,30 @@ def machine() -> str:
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
+# what the benchmarks themselves write while they run: a change there is a result, not a change of the code
+RESULTS = "benchmarks/results/"
+
+
+def dirty_paths(porcelain: str) -> list:
+    """The changed tracked paths of `git status --porcelain` output, less those under `RESULTS`: a benchmark
+    that runs for days rewrites its own records, and those must not mark every later record's commit dirty."""
+    paths = []
+    for line in porcelain.splitlines():
+        path = line[3:].split(" -> ")[-1].strip('"')
+        if path and not path.startswith(RESULTS):
+            paths.append(path)
+    return paths
+
+
 def git_commit() -> str:
-    """The short commit hash, `-dirty` when tracked files have uncommitted changes; "unknown" outside git."""
+    """The short commit hash, `-dirty` when tracked files other than the benchmark results have uncommitted
+    changes (the code a figure came from is then not that commit's); "unknown" outside git."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=10).stdout
+        return out.stdout.strip() + ("-dirty" if dirty_paths(status) else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ from torch.utils.data import DataLoader
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from benchmarks._meta import cpu_model, git_commit  # noqa: E402
 from gpp_ext import data, models  # noqa: E402
 from gpp_ext.analysis import DiscriminantAnalyzer  # noqa: E402
 from gpp_ext.distributed import barrier  # noqa: E402
@@ -101,10 +100,9 @@ def main(argv=None) -> int:
                      "max_rel_err_vs_one_process": error})
         print(f"{world} processes x {threads} threads: {median:.2f} s (statistics within {error:.1e} of one "
               f"process)", flush=True)
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     meta = {"model": args.model, "dataset": args.data, "samples": len(splits.train), "layers": layers,
-            "machine": f"{platform.machine()}, {cores} cores", "torch": torch.__version__, "commit": commit,
+            "machine": f"{cpu_model()}, {cores} cores", "torch": torch.__version__, "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text_atomic(args.out, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     base = rows[0]["median_s"]

@@ -195,6 +195,17 @@ def test_a_second_run_on_the_same_results_stops_before_touching_them(harness, tm
         pass
 
 
+def test_a_record_is_stamped_dirty_by_changed_code_not_by_the_results_the_benchmarks_write():
+    """Benchmarks that run for days rewrite their own records; only a change elsewhere means the figures came from
+    code that is not the commit they name."""
+    from benchmarks._meta import dirty_paths
+
+    assert dirty_paths(" M benchmarks/results/compression.json\nM  benchmarks/results/growth-nets/a.pt\n") == []
+    assert dirty_paths(" M benchmarks/results/growth.md\n M gpp_ext/loop.py\n") == ["gpp_ext/loop.py"]
+    assert dirty_paths('R  old.py -> benchmarks/results/new.json\nR  benchmarks/results/x -> "a b.py"\n') == ["a b.py"]
+    assert dirty_paths("") == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "magic"], "unknown"),
     (["--budgets", "1.5"], "fraction"),
