@@ -6,6 +6,7 @@
 #   make bench           full kernel benchmarks -> benchmarks/results/kernels.{json,md}
 #   make bench-compression  GPP vs baselines vs Torch-Pruning -> benchmarks/results/compression.* (QUICK=1)
 #   make cpp-test        CMake build of the same sources + ctest
+#   make lint            static checks of the Python code (ruff: unused/undefined names, line length)
 #   make cuda-check      build the CUDA kernels with a CUDA build of torch (no GPU needed), install, load, test
 #   make clean           remove build products (keeps the venv); `make distclean` removes it too
 #
@@ -36,7 +37,7 @@ CUDA_PY := $(abspath $(CUDA_VENV))/bin/python
 
 export MAX_JOBS
 
-.PHONY: all venv build test pytest bench-smoke bench bench-compression cpp-test cuda-check demo clean distclean
+.PHONY: all venv build test pytest bench-smoke bench bench-compression cpp-test lint cuda-check demo clean distclean
 
 all: test
 
@@ -68,6 +69,11 @@ cpp-test: $(STAMP)
 	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 test: pytest bench-smoke cpp-test
+
+# ruff is a developer's tool, not a dependency of the package: installed into the venv when missing
+lint: $(STAMP)
+	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PIP) install --quiet --disable-pip-version-check ruff
+	$(PY) -m ruff check gpp_ext benchmarks tests setup.py
 
 $(CUDA_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(CUDA_VENV)

@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     env = dict(os.environ, GPP_EXT_BENCH="smoke" if args.quick else "full", GPP_EXT_BENCH_THREADS=str(args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "raw.json")
-        cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "bench_ops.py"), os.path.join(HERE, "bench_pruning.py"),
-               os.path.join(HERE, "bench_training.py"),
+        cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "bench_ops.py"),
+               os.path.join(HERE, "bench_pruning.py"), os.path.join(HERE, "bench_training.py"),
                "-q", "-p", "no:cacheprovider",
                "--benchmark-only", f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds",
                "--benchmark-sort=name"]

@@ -148,7 +148,8 @@ _TYPES = {"target_params": _fraction, "target_flops": _fraction, "target_latency
           "epochs": _count, "seed": _count, "grow_epochs": _count, "push_epochs": _epochs, "finetune_epochs": _epochs,
           "epoch_budget": _epochs, "batch_size": _positive, "max_iterations": _positive, "cuts": _positive,
           "round_to": _positive, "fade_reselect": _positive, "max_modules_per_stage": _positive,
-          "distill": _number(float, 0), "finetune_distill": _number(float, 0), "sparsity": _number(float, 0), "weight_decay": _number(float, 0), "alpha": _number(float, 0),
+          "distill": _number(float, 0), "finetune_distill": _number(float, 0), "sparsity": _number(float, 0),
+          "weight_decay": _number(float, 0), "alpha": _number(float, 0),
           "beta": _number(float, 0), "gamma": _number(float, 0), "eta_start": _number(float, 0),
           "eta_step": _number(float, 0), "neurons": lambda text: (_positive if text.strip().isdigit()
                                                                   else _fraction)(text)}

@@ -180,7 +180,8 @@ class RemovalFade:
                         self._anchor[key] = p.tensor.detach().clone()
                     positions = p.index[entering].reshape(-1).to(p.tensor.device)
                     if positions.numel():
-                        self._anchor[key].index_copy_(p.dim, positions, p.tensor.detach().index_select(p.dim, positions))
+                        kept = p.tensor.detach().index_select(p.dim, positions)
+                        self._anchor[key].index_copy_(p.dim, positions, kept)
             index = removed.nonzero().squeeze(1)
             self._removed[group.name] = index
             self._entry[group.name] = entry[index]

@@ -32,8 +32,8 @@ import torch.nn as nn
 from .atomic import read, save_atomic, write_atomic, write_text_atomic
 from .layers import WIDTH_ATTRS, WIDTH_LAYERS
 
-__all__ = ["save", "load", "read", "payload", "from_payload", "digest", "write_atomic", "save_atomic", "write_text_atomic",
-           "FORMAT"]
+__all__ = ["save", "load", "read", "payload", "from_payload", "digest", "write_atomic", "save_atomic",
+           "write_text_atomic", "FORMAT"]
 
 FORMAT = "gpp_ext.model/2"
 _FORMATS = ("gpp_ext.model/1", FORMAT)  # /1: the same without the digest (read, unchecked)

@@ -200,10 +200,12 @@ def render_markdown(report: dict) -> str:
         knob = f"{it['eta']:.2f}" if it.get("eta") is not None else f"{goal[1]:.1%} {goal[0]}"
         push = it.get("val_accuracy_end_of_push")
         lines.append(f"| {it['iteration']} | {knob} | {it['params']:,} | {it['flops']:,} | "
-                     f"{'–' if push is None else f'{push:.4f}'} | {it['val_accuracy_after_prune']:.4f} | {it['val_accuracy']:.4f} | {it['test_accuracy']:.4f} | "
+                     f"{'–' if push is None else f'{push:.4f}'} | {it['val_accuracy_after_prune']:.4f} | "
+                     f"{it['val_accuracy']:.4f} | {it['test_accuracy']:.4f} | "
                      f"{it['latency_ms_b1']:.3f} |")
     if report.get("growth"):
-        lines += ["", "## Growth", "", "| step | what was tried | val acc | params | kept |", "|---|---|---:|---:|:---:|"]
+        lines += ["", "## Growth", "", "| step | what was tried | val acc | params | kept |",
+                  "|---|---|---:|---:|:---:|"]
         lines += [f"| {_growth_step(g)} | {g['accuracy']:.4f} | {g['params']:,} | {'yes' if g['kept'] else 'no'} |"
                   for g in report["growth"]]
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import gpp_ext
 from gpp_ext import models
-from gpp_ext.pruning import ChannelGraph, CriterionContext, criteria, select_channels, trace_utility
+from gpp_ext.pruning import ChannelGraph, CriterionContext, criteria, trace_utility
 from gpp_ext.testing import digits
 
 

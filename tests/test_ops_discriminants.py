@@ -8,7 +8,6 @@ as subspaces, per group of (near-)equal eigenvalues separated from the others by
 between the two spans in the S_w' inner product must be 1 within tol/gap (the Davis-Kahan bound).
 """
 
-import numpy as np
 import pytest
 import scipy.linalg
 import torch

@@ -3,7 +3,6 @@ the reliability issue: each failed, hung or passed silently before the fix)."""
 
 import gzip
 import json
-import os
 import shutil
 import signal
 import subprocess

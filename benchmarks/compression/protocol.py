@@ -203,7 +203,8 @@ def measure_cut(method: str, base, setup: methods.Setup, cache: Cache, stem: str
 def widths_of(base, compact, example) -> dict | None:
     """`{group: [base width, compact width]}` over the base's channel groups (what a GPP row records from its
     loop), read from the two models' graphs; None when the compact model's groups are not the base's (blocks
-    removed, or a graph that cannot be traced). The latency pass rebuilds a compact model's shapes from it when the model itself was not kept."""
+    removed, or a graph that cannot be traced). The latency pass rebuilds a compact model's shapes from it when the
+    model itself was not kept."""
     from gpp_ext.pruning import ChannelGraph
 
     try:

@@ -55,7 +55,8 @@ def _paired(mine: list, theirs: list) -> str:
 def _latency_cell(rs) -> str:
     passed = [r["latency"]["eager"] for r in rs if "latency" in r]
     if passed:
-        return f"{statistics.median(p['b1_ms'] for p in passed):.3f} / {statistics.median(p['b64_ms'] for p in passed):.2f}"
+        b1, b64 = (statistics.median(p[k] for p in passed) for k in ("b1_ms", "b64_ms"))
+        return f"{b1:.3f} / {b64:.2f}"
     return f"{_mean(r['latency_ms_b1'] for r in rs):.3f} / {_mean(r['latency_ms_b64'] for r in rs):.2f} *"
 
 
@@ -205,7 +206,8 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
             curve = [cell(_mean(r.get("ft_curve", {}).get(k) for r in rs)) for k in CURVE]
             lines.append(f"| {model} | {_budget(kind, budget)} | {method}{missed} | "
                          f"{_mean(r['params'] for r in rs):,.0f} | {_mean(r['flops'] for r in rs):,.0f} | "
-                         f"{cell(_mean(r['acc_end_of_prep'] for r in rs))} | {cell(_mean(r['acc_after_cut'] for r in rs))} | "
+                         f"{cell(_mean(r['acc_end_of_prep'] for r in rs))} | "
+                         f"{cell(_mean(r['acc_after_cut'] for r in rs))} | "
                          f"{cell(_mean(r['acc_after_recal'] for r in rs))} | {' | '.join(curve)} | "
                          f"{mean_std([r['test_accuracy'] for r in rs])} | "
                          f"{_latency_cell(rs)} | {statistics.median(r['seconds'] for r in rs):.0f} |")

@@ -45,7 +45,8 @@ def _stale(record: dict, chosen: dict) -> bool:
     rule = methods.widths_rule(record["method"])
     if rule is not None and record.get("widths_rule", methods.WIDTHS_RULE_BEFORE) != rule:
         return True  # a one-shot criterion cut at the widths of another default
-    return record.get("knobs", {}) != knobs_for(record["method"], chosen) or record.get("train") != protocol.train_recipe()
+    return record.get("knobs", {}) != knobs_for(record["method"], chosen) or \
+        record.get("train") != protocol.train_recipe()
 
 
 def _left(name: str, cells: list, done: set, records: list, choices: list) -> str:

@@ -33,9 +33,9 @@ committed with them): each growth after every attempt (`grow(after_step=...)`), 
 far), so an interrupted seed resumes inside its step instead of starting it over, in another session or checkout
 too, and records the times an uninterrupted run would. A
 recorded seed whose largest grown net's file is gone is grown again (seeded) to rebuild it: its records stand when
-the growth meets the recorded nets again, and are redone from the new growth when it does not. Results go to benchmarks/results/growth.{json,md,png} atomically after every
-run (`--render` redraws the tables and plot from the records alone); `--resume` keeps the runs recorded with the
-same settings and runs the rest.
+the growth meets the recorded nets again, and are redone from the new growth when it does not. Results go to
+benchmarks/results/growth.{json,md,png} atomically after every run (`--render` redraws the tables and plot from
+the records alone); `--resume` keeps the runs recorded with the same settings and runs the rest.
 Growth takes its own path per seed, so the tables pair every comparison with a grown net of the same seed and
 answer each question by the paired differences.
 

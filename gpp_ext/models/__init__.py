@@ -25,8 +25,8 @@ from .vgg import VGGSmall
 
 MODELS = {"lenet5": LeNet5, "vgg": VGGSmall, "inception": InceptionNet, "resnet20": ResNet20}
 
-__all__ = ["MODELS", "build", "build_source", "spec_of", "load_weights", "LeNet5", "VGGSmall", "InceptionModule", "InceptionNet", "BasicBlock", "ResNet",
-           "ResNet20"]
+__all__ = ["MODELS", "build", "build_source", "spec_of", "load_weights", "LeNet5", "VGGSmall", "InceptionModule",
+           "InceptionNet", "BasicBlock", "ResNet", "ResNet20"]
 
 
 def build(name: str, **kwargs) -> nn.Module:

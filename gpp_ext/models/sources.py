@@ -81,7 +81,8 @@ def _torchvision(name: str, source: str, kwargs: dict):
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         raise ValueError(f"model {source!r}: torchvision has no model {name!r}"
-                         + (f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"))
+                         + (f"; did you mean {', '.join(close)}?" if close
+                            else "; see torchvision.models.list_models()"))
     return lambda **kw: tv.models.get_model(name, weights=None, **kw), {**_TORCHVISION_DEFAULTS.get(name, {}),
                                                                        **kwargs}
 

@@ -52,8 +52,8 @@ from ..training import labelled_batches
 from .graph import ChannelGraph, ChannelParam
 from .trace import trace_utility
 
-__all__ = ["CriterionContext", "check_neurons", "register", "unregister", "get", "names", "describe", "resolve", "per_channel", "lda", "fisher",
-           "l1", "bn_scale", "taylor", "random"]
+__all__ = ["CriterionContext", "check_neurons", "register", "unregister", "get", "names", "describe", "resolve",
+           "per_channel", "lda", "fisher", "l1", "bn_scale", "taylor", "random"]
 
 
 # ------------------------------------------------------------------------------------------------ context

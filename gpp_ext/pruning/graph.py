@@ -231,7 +231,7 @@ class ChannelGraph:
         self._attached: dict[str, tuple] = {}                # norm/PReLU modules -> layout of their channels
         self._split_parts: dict[int, list[int]] = {}          # chunked producer root -> its coupled parts
         self._part_of: dict[int, int] = {}                    # part root -> the chunked producer root
-        self._scales: dict[tuple, tuple] = {}                # (module, attr) of a per-channel parameter -> (layout, dim)
+        self._scales: dict[tuple, tuple] = {}                # (module, attr) of a channel parameter -> (layout, dim)
         self._axis: dict[torch.fx.Node, int] = {}             # nodes whose channels are not on dim 1 (permuted)
         self._unsupported: list[str] = []
         layout: dict[torch.fx.Node, tuple | None] = {}

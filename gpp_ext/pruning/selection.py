@@ -13,8 +13,9 @@ go (and only they do).
 
 `costs.CostModel` gives the parameters or FLOPs of the model a keep-set would leave, from the number of
 channels each group keeps, without cutting anything (`costs.LatencyModel` its latency, from a measured
-per-layer table). The budget search bisects on it and checks a parameter or FLOP choice once by a real cut (`search="cuts"` measures every candidate on a pruned copy instead: the
-slow reference it replaced, kept for the tests and benchmarks and as the fallback).
+per-layer table). The budget search bisects on it and checks a parameter or FLOP choice once by a real cut
+(`search="cuts"` measures every candidate on a pruned copy instead, kept for the tests and benchmarks as the
+cost model's oracle and as the fallback).
 """
 
 from __future__ import annotations

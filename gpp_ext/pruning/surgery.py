@@ -3,9 +3,9 @@
 `prune(graph, keep)` (what `ChannelGraph.prune` runs) checks `keep` completely before touching the model,
 snapshots every tensor and width attribute it may replace, slices (through `gpp_ext.ops.slice_channels`) the
 tensors of every module in the graph's tables (producers' output rows and biases, consumers' input columns,
-depthwise filters, norm parameters and running statistics, per-channel parameters such as layer scales), updates the layers' width attributes, and re-traces
-the model, which also proves it still runs. Any failure restores the snapshot, so the user's model is never
-left half pruned.
+depthwise filters, norm parameters and running statistics, per-channel parameters such as layer scales), updates
+the layers' width attributes, and re-traces the model, which also proves it still runs. Any failure restores the
+snapshot, so the user's model is never left half pruned.
 
 Kept channels are taken in the order given (index_select semantics), so a permutation preserves the function.
 
