@@ -118,8 +118,9 @@ class DiscriminantAnalyzer:
         model: any `nn.Module` taking `model(inputs)`.
         num_classes: `C >= 1`; labels must lie in `[0, C)`.
         layers: `None` for the pre-decision layer, the input of the final classifier (`model.classifier` if it
-            is an `nn.Linear`, else the last `nn.Linear` in `model.named_modules()` order, which must have
-            `out_features == num_classes`), analysed under the name `"<classifier name>:input"`. Otherwise a
+            is an `nn.Linear`, else the last `nn.Linear` the forward pass calls: `gpp_ext.classifier` states the
+            rule; it must have `out_features == num_classes`), analysed under the name
+            `"<classifier name>:input"`. Otherwise a
             list of module names (as in `model.named_modules()`) whose outputs are analysed; a name ending in
             `":input"` analyses that module's input instead.
         reduce: how a feature map `[N, C, *spatial]` becomes one value per channel: `"mean"` (global average)

@@ -191,13 +191,25 @@ def _config(args, model_name: str, **extra):
                          **overrides, **extra)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default to its help unless there is nothing to show: no value (None: the help says
+    what happens then), an off switch, or a help that states its default already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or (action.nargs == 0 and action.default is False) or "default" in text \
+                or "(gpp: " in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpp", description="Grow-Push-Prune: turn a generalist classifier into a "
                                      "compact, task-specific one.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     compress = sub.add_parser("compress", help="train, (grow,) push and prune a built-in model on a data set",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
     compress.add_argument("--model", default="lenet5", help=MODEL_HELP)
     compress.add_argument("--model-args", default=None, help="JSON object of keyword arguments for the model's "
                           "factory, e.g. '{\"width\": 32}' (recorded, so the saved model rebuilds)")
@@ -266,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("criteria", help="list the registered pruning criteria")
 
     export = sub.add_parser("export", help="export a saved model to ONNX and/or TorchScript, checked by running it",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=_HelpFormatter)
     export.add_argument("model", help="a model file written by gpp compress (model.pt) or gpp_ext.io.save")
     export.add_argument("--onnx", default=None, help="write ONNX here (checked in ONNX Runtime)")
     export.add_argument("--opset", type=_number(int, *OPSETS), default=18, help=f"ONNX opset, in "

@@ -126,6 +126,15 @@ def test_every_loop_setting_has_a_flag_defaulting_to_the_recipe():
     for f in fields(LoopConfig):
         if f.name not in _OTHER_FIELDS:
             assert "--" + f.name.replace("_", "-") in help_text, f.name
+    # a default is stated once, and only when there is one to state
+    import re
+
+    flat = " ".join(help_text.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    assert "(default: lenet5)" in flat and "(default: auto)" in flat
+    entries = re.split(r"\s(?=--[a-z])", flat)
+    twice = [e for e in entries if e.count("(default:") + e.count("(gpp: ") > 1]
+    assert not twice, twice
 
 
 def test_the_default_recipe_reaches_the_target_and_a_missed_target_exits_3(tmp_path):
