@@ -9,7 +9,11 @@ schedule (the loop's recipe) is cut into `partitions * cycles` phases. In each p
 its channels train) while every other group is pruned to its width: its removed channels are held at zero after
 every optimiser step (producer rows, biases and norm parameters, through `ChannelGraph.scale_channels`). When a
 phase ends, the dense partition is pruned to its widths by the L1 norm of its channels, and the next partition
-grows back: its removed channels, at zero, train again. After the last phase every group is pruned; the removed
+grows back. The paper regrows weights from zero; a whole channel regrown from zero would stay dead (its norm's
+weight and bias are zero too, so no gradient reaches it), so a regrown channel starts as `ChannelGraph.widen`'s
+new channels do (`reset_channels`: producer rows drawn at the scale of the kept ones, norms the identity, the
+outgoing columns zero, so the output does not jump) and trains from there. After the last phase every group is
+pruned; the removed
 channels, exactly zero, are cut away (which changes no output), and `scheduled_grow_and_prune` fine-tunes the
 cut network for its closing share of the epochs (`finetune_share`; in the loop, push `gap`, the loop's own
 fine-tuning). The widths are the budget's uniform fractions (every group keeps the same share of its channels:
@@ -59,11 +63,13 @@ class GapSchedule:
     uniform widths (`budget` of its cost, `budget_kind` "params" or "flops") except the dense partition of the
     current phase; `partitions * cycles` phases share the steps evenly. `finish()` prunes what is still dense
     and returns the keep-set `{group: kept indices}` (the removed channels are exactly zero, so cutting them
-    changes no output). `history` lists each phase's end: the step and the groups pruned then.
+    changes no output). `history` lists each phase's end: the step and the groups pruned then. The regrown
+    channels' fresh weights come from `seed` and the phase, so a resumed run regrows what an uninterrupted one
+    would.
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor, budget: float, budget_kind: str = "params",
-                 partitions: int = 2, cycles: int = 1, ignore=()):
+                 partitions: int = 2, cycles: int = 1, ignore=(), seed: int = 0):
         if not 0 < budget <= 1 or partitions < 1 or cycles < 1 or budget_kind not in ("params", "flops"):
             raise ValueError(f"GapSchedule: budget must be in (0, 1], partitions and cycles >= 1 and budget_kind "
                              f"'params' or 'flops', got {budget}, {partitions}, {cycles}, {budget_kind!r}")
@@ -76,7 +82,7 @@ class GapSchedule:
         self.widths = {n: int(keep[n].numel()) for n in names}
         self.parts = _partitions(names, partitions)
         self.phases = len(self.parts) * cycles
-        self.phase, self.removed, self.history = 0, {}, []
+        self.phase, self.removed, self.history, self.seed = 0, {}, [], int(seed)
         with torch.no_grad():
             for name in names:  # from the start, every group outside the first dense partition is pruned
                 if name not in self.parts[0]:
@@ -93,9 +99,12 @@ class GapSchedule:
             self._prune(name)
         self.phase += 1
         self.history.append({"phase": self.phase, "step": step, "pruned": list(dense)})
-        if self.phase < self.phases:  # the next partition grows: its removed channels train again from zero
+        if self.phase < self.phases:  # the next partition grows: its removed channels start afresh and train
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.phase)
             for name in self.parts[self.phase % len(self.parts)]:
-                self.removed.pop(name, None)
+                gone = self.removed.pop(name, None)
+                if gone is not None and gone.numel():
+                    self.graph.reset_channels(name, gone, generator)
 
     @torch.no_grad()
     def after_step(self, step: int, total: int) -> None:
@@ -152,7 +161,7 @@ def scheduled_grow_and_prune(model: nn.Module, splits, target: float, epochs: fl
                          f"{finetune_share}")
     model.to(device)
     example = torch.zeros(2, *splits.input_shape, device=device)
-    schedule = GapSchedule(model, example, target, budget_kind, partitions, cycles)
+    schedule = GapSchedule(model, example, target, budget_kind, partitions, cycles, seed=seed)
     points = [None, None]
     if checkpoint is not None:
         stem, ext = os.path.splitext(os.fspath(checkpoint))

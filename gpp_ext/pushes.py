@@ -269,7 +269,7 @@ def _gap_check(config) -> None:
           reads=("gap_partitions", "gap_cycles"), selects=True)
 def _gap(ctx: PushContext):
     from .gap import GapSchedule
-    from .training import fit
+    from .training import fit, recalibrate_batchnorm, training_batches
 
     c, model = ctx.config, ctx.model
     model.to(ctx.device)
@@ -277,6 +277,9 @@ def _gap(ctx: PushContext):
     if relative >= 1:  # the model already meets this iteration's goal: plain training
         return fit(model, ctx.splits.train, ctx.epochs, **ctx.fit_kwargs), None
     schedule = GapSchedule(model, ctx.example, relative, c.budget_kind, c.gap_partitions, c.gap_cycles,
-                           ignore=tuple(c.ignore))
+                           ignore=tuple(c.ignore), seed=ctx.seed)
     model = fit(model, ctx.splits.train, ctx.epochs, after_step=schedule.after_step, **ctx.fit_kwargs)
-    return model, schedule.finish()
+    keep = schedule.finish()
+    # the last dense partition was silenced after the last step: the running statistics after it are stale
+    recalibrate_batchnorm(model, training_batches(ctx.splits.train, c.batch_size, ctx.seed + 1), device=ctx.device)
+    return model, keep

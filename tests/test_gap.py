@@ -50,6 +50,48 @@ def test_groups_take_turns_and_the_removed_channels_stay_exactly_zero(splits):
     assert (model(x) - before).abs().max() < 1e-5  # the cut removes only zeros
 
 
+def test_a_partition_that_grows_back_trains_its_regrown_channels(splits):
+    """Regrown from zero, a whole channel would stay dead (zero rows, zero norm weight and bias: no gradient), and
+    the partitions pruned at the start would keep the channels their random initial weights chose. Regrown as
+    new channels, they train: their rows move away from the values the regrowth gave them."""
+    torch.manual_seed(0)
+    model = models.build("lenet5", input_size=8)
+    schedule = GapSchedule(model, EXAMPLE, 0.4, partitions=2, cycles=1, seed=3)
+    grown = schedule.removed["fc1"].clone()
+    at_regrowth = {}
+
+    def after_step(step, total):
+        phase = schedule.phase
+        schedule.after_step(step, total)
+        if phase == 0 and schedule.phase == 1:  # the boundary: fc1 and fc2 have just grown back
+            at_regrowth.update(_regrown_rows(schedule.graph, "fc1", grown))
+
+    fit(model, splits.train, 2, lr=4e-3, seed=0, after_step=after_step)
+    assert at_regrowth, "the schedule never reached its phase boundary"
+    now = _regrown_rows(schedule.graph, "fc1", grown)
+    for module, rows in at_regrowth.items():
+        assert rows.abs().sum() > 0  # they start live, not at zero
+        assert (now[module] - rows).abs().max() > 1e-3, "the regrown channels did not train"
+
+
+def test_the_regrowth_is_seeded():
+    """The regrown values come from the schedule's seed and the phase: the same seed regrows the same values (so
+    a resumed run regrows what an uninterrupted one would), another seed others."""
+    def regrow(seed):
+        torch.manual_seed(0)
+        schedule = GapSchedule(models.build("lenet5", input_size=8), EXAMPLE, 0.4, partitions=2, seed=seed)
+        grown = schedule.removed["fc1"].clone()
+        schedule._end_phase(0)
+        return _regrown_rows(schedule.graph, "fc1", grown)["fc1"]
+
+    assert torch.equal(regrow(3), regrow(3)) and not torch.equal(regrow(3), regrow(4))
+
+
+def _regrown_rows(graph, name, channels) -> dict:
+    return {p.module: p.tensor.detach().index_select(p.dim, p.index[channels].reshape(-1)).clone()
+            for p in graph.channel_params(name) if p.role == "producer" and p.attr == "weight"}
+
+
 def test_from_scratch_to_the_budget_on_real_data(splits):
     torch.manual_seed(0)
     model = models.build("lenet5", input_size=8)

@@ -279,6 +279,38 @@ def test_widening_keeps_the_function_and_pruning_the_new_channels_undoes_it(name
         assert torch.equal(io.load(tmp_path / "m.pt").eval()(x), model(x))
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_reset_channels_revive_silenced_ones_without_changing_the_output(name):
+    """A channel silenced by `scale_channels(..., 0)` computes nothing and, its norm's weight and bias zero too,
+    gets no gradient; `reset_channels` gives it `widen`'s new-channel values in place: the outputs stay those of
+    the silenced model (1e-5, as for pruning), its producer rows are live again, and it learns."""
+    model, x = make(name, seed=6)
+    graph = ChannelGraph(model, x)
+    g = torch.Generator().manual_seed(7)
+    drop = {group.name: torch.randperm(group.size, generator=g)[: max(1, group.size // 2)] for group in graph.groups}
+    zero_channels(graph, drop)
+    silenced = model(x)
+    revived = 0
+    for n, channels in drop.items():
+        graph.reset_channels(n, channels, generator=g)
+        for p in graph.channel_params(n):
+            rows = p.tensor.index_select(p.dim, p.index[channels].reshape(-1))
+            if p.role == "producer" and p.attr == "weight":
+                revived += int(rows.abs().sum() > 0)
+            if p.role == "consumer":  # what reads a reset channel reads it with weight 0 (until a later group's
+                assert rows.abs().sum() == 0  # reset redraws whole rows of the reading layer, read by no one)
+    assert revived
+    assert (model(x) - silenced).abs().max() < 1e-5
+    model.train()
+    model(torch.randn_like(x)).square().sum().backward()
+    moved = [p for n, channels in drop.items() for p in graph.channel_params(n)
+             if p.role == "consumer" and p.is_parameter and p.tensor.grad is not None
+             and p.tensor.grad.index_select(p.dim, p.index[channels].reshape(-1)).abs().sum() > 0]
+    assert moved  # the reset channels feed gradient to the columns that read them: they train again
+    with pytest.raises(ValueError, match="must lie in"):
+        graph.reset_channels(graph.groups[0].name, [graph.groups[0].size])
+
+
 def test_widening_refuses_what_it_cannot_do_and_changes_nothing():
     model, x = make("vgg")
     graph = ChannelGraph(model, x)

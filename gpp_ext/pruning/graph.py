@@ -824,6 +824,21 @@ class ChannelGraph:
                     found.append(ChannelParam(module, attr, dim, index, role, member, tensor))
         return found
 
+    def _channel_indices(self, name: str, channels, where: str) -> torch.Tensor:
+        """`channels` of group `name` (indices or a `[group.size]` boolean mask) as checked int64 indices."""
+        group = self.group(name)
+        channels = torch.as_tensor(channels)
+        if channels.dtype == torch.bool:
+            if channels.shape != (group.size,):
+                raise ValueError(f"ChannelGraph.{where}: a mask for group {name!r} must have shape "
+                                 f"[{group.size}], got {list(channels.shape)}")
+            channels = channels.nonzero().squeeze(1)
+        if channels.is_floating_point() or channels.dim() != 1:
+            raise TypeError(f"ChannelGraph.{where}: channels must be 1-D integer indices or a boolean mask")
+        if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= group.size):
+            raise ValueError(f"ChannelGraph.{where}: channels of group {name!r} must lie in [0, {group.size})")
+        return channels.long().cpu()
+
     @torch.no_grad()
     def scale_channels(self, name: str, channels, factor: float) -> None:
         """Multiplies, in place, what produces channels `channels` of group `name` by `factor`: producer weight
@@ -836,24 +851,27 @@ class ChannelGraph:
             channels: indices in `[0, group.size)` (a tensor or a list), or a `[group.size]` boolean mask.
             factor: the multiplier (a float).
         """
-        group = self.group(name)
-        channels = torch.as_tensor(channels)
-        if channels.dtype == torch.bool:
-            if channels.shape != (group.size,):
-                raise ValueError(f"ChannelGraph.scale_channels: a mask for group {name!r} must have shape "
-                                 f"[{group.size}], got {list(channels.shape)}")
-            channels = channels.nonzero().squeeze(1)
-        if channels.is_floating_point() or channels.dim() != 1:
-            raise TypeError("ChannelGraph.scale_channels: channels must be 1-D integer indices or a boolean mask")
-        if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= group.size):
-            raise ValueError(f"ChannelGraph.scale_channels: channels of group {name!r} must lie in "
-                             f"[0, {group.size})")
+        channels = self._channel_indices(name, channels, "scale_channels")
         for p in self.channel_params(name):
             if p.role == "consumer" or p.attr.startswith("running_"):
                 continue
-            positions = p.index[channels.long().cpu()].reshape(-1).to(p.tensor.device)
+            positions = p.index[channels].reshape(-1).to(p.tensor.device)
             where = (slice(None),) * p.dim + (positions,)
             p.tensor[where] = p.tensor[where] * factor
+
+    @torch.no_grad()
+    def reset_channels(self, name: str, channels, generator: torch.Generator | None = None) -> None:
+        """Gives channels `channels` of group `name`, in place, the values `widen` gives new channels: producer
+        rows and depthwise filters drawn at the scale of the group's other channels (from `generator`), biases
+        zero, norms the identity (running statistics too), per-channel scales the mean of the others, and the
+        consumers' input columns zero, so the model computes what it computes with those channels silenced.
+
+        What it is for: a channel silenced by `scale_channels(..., 0)` has zero producer rows and zero norm
+        weight and bias, so no gradient reaches it (the norm's output is constant, the ReLU after it flat) and
+        training alone never brings it back; reset, it trains again (its outgoing columns first, from zero).
+        `channels` as in `scale_channels`.
+        """
+        surgery.reset(self, name, self._channel_indices(name, channels, "reset_channels"), generator)
 
     # ------------------------------------------------------------------------------------------ pruning
     def prune(self, keep: dict) -> nn.Module:

@@ -13,6 +13,8 @@ Kept channels are taken in the order given (index_select semantics), so a permut
 channels appended to each named group. New producer rows and depthwise filters are drawn at the scale of the
 existing ones, biases start at zero, norms at the identity (weight 1, bias 0, running mean 0, variance 1) and the
 consumers' new input columns at zero, so a widened model computes exactly what it computed before.
+`reset(graph, name, channels)` (what `ChannelGraph.reset_channels` runs) gives existing channels those values in
+place.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn as nn
 from .. import ops
 from ..layers import BATCH_NORMS, CONV, WIDTH_ATTRS
 
-__all__ = ["prune", "widen", "validate_keep", "validate_add", "layout_index"]
+__all__ = ["prune", "widen", "reset", "validate_keep", "validate_add", "layout_index"]
 
 
 def _is_int(v) -> bool:
@@ -131,6 +133,27 @@ def widen(graph, add: dict, generator: torch.Generator | None = None) -> nn.Modu
     if not keep:
         return graph.model
     return _change(graph, keep, _NewChannels(generator))
+
+
+def reset(graph, name: str, channels: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Channels `channels` (int64 indices) of group `name` take, in place, the values `widen` gives new channels
+    (`_NewChannels`), a producer row's scale taken from the tensor's other channels (see
+    `ChannelGraph.reset_channels`)."""
+    new = _NewChannels(generator)
+    with torch.no_grad():
+        for p in graph.channel_params(name):
+            positions = p.index[channels].reshape(-1)
+            if not positions.numel():
+                continue
+            others = torch.ones(p.tensor.shape[p.dim], dtype=torch.bool)
+            others[positions] = False
+            existing = p.tensor.detach()
+            if others.any():
+                existing = existing.index_select(p.dim, others.nonzero().squeeze(1).to(existing.device))
+            shape = list(p.tensor.shape)
+            shape[p.dim] = positions.numel()
+            value = new(graph.modules[p.module], p.attr, p.role, existing, shape)
+            p.tensor.index_copy_(p.dim, positions.to(p.tensor.device), value)
 
 
 def _change(graph, keep: dict, new) -> nn.Module:
