@@ -68,18 +68,20 @@ def _shapes(model: nn.Module, names, example: torch.Tensor) -> dict:
         def hook(module, args, out, name=name):
             seen[name] = (list(args[0].shape[1:]), list(out.shape[1:]))
         hooks.append(modules[name].register_forward_hook(hook))
+    was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(example)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return seen
 
 
-def collapse(model: nn.Module, name: str, in_shape, out_shape) -> nn.Module:
+def collapse(model: nn.Module, name: str, in_shape, out_shape, seed: int | None = None) -> nn.Module:
     """A copy of `model` with block `name` replaced by one 3x3 conv + BatchNorm + ReLU from `in_shape` to
-    `out_shape` (`[C, H, W]`)."""
+    `out_shape` (`[C, H, W]`), its weights drawn from `seed` (None: torch's global generator)."""
     if len(in_shape) != 3 or len(out_shape) != 3:
         raise ValueError(f"collapse: block {name!r} must map [C, H, W] to [C, H, W], got {in_shape} -> {out_shape}")
     stride = max(1, round(in_shape[1] / out_shape[1]))
@@ -89,8 +91,11 @@ def collapse(model: nn.Module, name: str, in_shape, out_shape) -> nn.Module:
     out = copy.deepcopy(model)
     parent_name, _, child = name.rpartition(".")
     parent = out.get_submodule(parent_name) if parent_name else out
-    layer = _Collapsed(nn.Conv2d(in_shape[0], out_shape[0], 3, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(out_shape[0]), nn.ReLU())
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        layer = _Collapsed(nn.Conv2d(in_shape[0], out_shape[0], 3, stride=stride, padding=1, bias=False),
+                           nn.BatchNorm2d(out_shape[0]), nn.ReLU())
     setattr(parent, child, layer.to(next(model.parameters()).device))
     return out
 
@@ -100,15 +105,17 @@ def triage(model: nn.Module, splits, epochs: float = 0.5, distill: float = 0.0, 
     """`[BlockCriticality]` for every block of the trained `model` (or those named in `blocks`), in order.
 
     Args:
-        model: a trained classifier (left unchanged).
+        model: a trained classifier (left unchanged: every training runs on a copy, on `device`).
         splits: a `gpp_ext.data.DataSplits`; collapsed copies train on `train`, are scored on `val`.
-        epochs: the short training every copy and the reference get.
+        epochs: the short training every copy and the reference get (> 0: an untrained single layer says
+            nothing about what the block does).
+        seed: the trainings' seed; the `i`-th collapsed layer's weights are drawn from `seed + i`.
         distill: weight of distillation from `model` in that training (0: plain cross-entropy).
         blocks: module names to triage (default `find_blocks(model)`).
         fit_kwargs: the training recipe (`fit`'s lr, lr_schedule, optimizer, batch_size, weight_decay, warmup).
     """
-    if epochs < 0 or distill < 0:
-        raise ValueError(f"triage: epochs and distill must be >= 0, got {epochs}, {distill}")
+    if not epochs > 0 or distill < 0:
+        raise ValueError(f"triage: epochs must be > 0 and distill >= 0, got {epochs}, {distill}")
     names = list(find_blocks(model) if blocks is None else blocks)
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
@@ -116,7 +123,8 @@ def triage(model: nn.Module, splits, epochs: float = 0.5, distill: float = 0.0, 
         raise ValueError(f"triage: {'no blocks to triage' if not names else f'no modules named {unknown}'} in "
                          f"{type(model).__name__}; pass blocks=[module names] (found: {find_blocks(model)})")
     example = torch.zeros(2, *splits.input_shape, device=device)
-    model = model.to(device)
+    model = copy.deepcopy(model).to(device)
+    modules = dict(model.named_modules())
     shapes = _shapes(model, names, example)
     teacher = copy.deepcopy(model).eval() if distill > 0 else None
 
@@ -126,9 +134,9 @@ def triage(model: nn.Module, splits, epochs: float = 0.5, distill: float = 0.0, 
 
     reference = evaluate(train(copy.deepcopy(model)), splits.val, device=device)
     out = []
-    for name in tqdm(names, desc="triage", leave=False, disable=None if progress else True):
+    for i, name in enumerate(tqdm(names, desc="triage", leave=False, disable=None if progress else True)):
         in_shape, out_shape = shapes[name]
-        collapsed = collapse(model, name, in_shape, out_shape)
+        collapsed = collapse(model, name, in_shape, out_shape, seed=seed + i)
         layer = collapsed.get_submodule(name)
         accuracy = evaluate(train(collapsed), splits.val, device=device)
         out.append(BlockCriticality(name, in_shape, out_shape, count_params(modules[name]), count_params(layer),

@@ -34,22 +34,30 @@ def test_blocks_are_found_and_collapse_keeps_the_shapes():
     assert "stages.1.0.conv1" in dict(resnet.named_modules())  # the original is untouched
     with pytest.raises(ValueError, match="no strided 3x3"):
         collapse(resnet, "stages.1.0", [16, 8, 8], [32, 5, 5])
+    # the single layer's weights come from its seed, not from whatever drew from torch's generator before
+    a, b = (collapse(resnet, "stages.1.0", shape["i"], shape["o"], seed=5) for _ in range(2))
+    torch.randn(3)
+    c = collapse(resnet, "stages.1.0", shape["i"], shape["o"], seed=6)
+    weight = [m.get_submodule("stages.1.0")[0].weight for m in (a, b, c)]
+    assert torch.equal(weight[0], weight[1]) and not torch.equal(weight[0], weight[2])
 
 
 @pytest.mark.parametrize("name", ["resnet20", "inception"])
 def test_triage_reports_every_block_on_real_data_and_leaves_the_model(splits, name):
     torch.manual_seed(0)
-    model = fit(models.build(name, in_channels=1, num_classes=10), splits.train, 2, lr=4e-3, seed=0).eval()
+    model = fit(models.build(name, in_channels=1, num_classes=10), splits.train, 2, lr=4e-3, seed=0).train()
     before = copy.deepcopy(model.state_dict())
     results = triage(model, splits, epochs=0.25, distill=0.5, progress=False, lr=4e-3)
     assert [r.name for r in results] == find_blocks(model)
     for r in results:
         assert 0 <= r.accuracy <= 1 and -1 <= r.drop <= 1 and r.params > 0 and r.layer_params > 0
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
     table = triage_table(results)
     assert table.count("\n") == len(results) + 2 and "most critical" in table or max(r.drop for r in results) <= 0
     with pytest.raises(ValueError, match="no modules named"):
         triage(model, splits, blocks=["nope"], progress=False)
+    with pytest.raises(ValueError, match="epochs must be > 0"):
+        triage(model, splits, epochs=0, progress=False)
 
 
 def test_stage_order_puts_the_most_critical_stage_first():
