@@ -7,6 +7,7 @@ import json
 import pathlib
 import sys
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,10 +48,16 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
         if r["params"] < largest["params"]:
             pruned = next(x for x in records if x["key"] == [0, "pruned", r["key"][2]])
             gap = next(x for x in records if x["key"] == [0, "gap", r["key"][2]])
-            assert pruned["epochs"] == gap["epochs"] == largest["epochs"] + 0.5  # equal training
+            scratch = next(x for x in records if x["key"] == [0, "scratch", r["key"][2]])
+            assert pruned["epochs"] == gap["epochs"] == scratch["epochs"] == largest["epochs"] + 0.5  # equal training
             assert pruned["params"] <= 1.02 * r["params"] and gap["params"] <= 1.02 * r["params"]
-    order = [r["key"][1] for r in records]   # recorded as run: the claims' runs before grow-and-prune and triage
+            assert scratch["params"] == r["params"]   # the grown net's own architecture, trained from scratch
+            assert pruned["recipe"] == growth.runner.default_recipe()
+    assert largest["refused_epochs"] == sum(1 for r in grown[1:] if not r["kept"])  # grow_epochs 1 each
+    order = [r["key"][1] for r in records]   # recorded as run: the claims, then the control, then the rest
     assert max(i for i, k in enumerate(order) if k == "pruned" or k in growth.runner.RESNET_DEPTHS) < \
+        min(i for i, k in enumerate(order) if k == "scratch")
+    assert max(i for i, k in enumerate(order) if k == "scratch") < \
         min(i for i, k in enumerate(order) if k in ("gap", "grown-triage"))
     triaged = next(r for r in records if r["key"] == [0, "grown-triage"])
     assert sorted(triaged["order"]) == list(range(len(triaged["order"]))) and triaged["triage"]
@@ -85,19 +92,36 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
     assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
     said = capsys.readouterr().out
     assert "did not meet the recorded nets again" in said and "pruned to net" in said and "triage order" in said
-    assert "grow-and-prune to net" not in said and "resnet" not in said
+    assert "grow-and-prune to net" not in said and "resnet" not in said and "architecture from scratch" not in said
     again = {tuple(r["key"]): r for r in json.loads(out.read_text())}
     assert again.keys() == {tuple(r["key"]) for r in records}
     for r in records:
-        if r["key"][1] in ("base", "gap", *growth.runner.RESNET_DEPTHS):
+        if r["key"][1] in ("base", "gap", "scratch", *growth.runner.RESNET_DEPTHS):
             assert again[tuple(r["key"])] == r
         if r["key"][1] == "grown":
             assert again[tuple(r["key"])]["test_accuracy"] == r["test_accuracy"]
+    # a pushed-and-pruned net made by another default recipe is redone; nothing else is
+    records = json.loads(out.read_text())
+    out.write_text(json.dumps([dict(r, recipe={"push": "v0"}) if r["key"][1] == "pruned" else r for r in records]))
+    assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "pruned to net" in said and "resnet" not in said and "grow-and-prune" not in said
+    assert all(r["recipe"] == growth.runner.default_recipe() for r in json.loads(out.read_text())
+               if r["key"][1] == "pruned")
+    # results made with other settings are not dropped by a resume: it stops and says so, the file untouched
+    text = out.read_text()
+    out.write_text(json.dumps([dict(r, settings={"other": 1}) if r["key"][1] == "base" else r
+                               for r in json.loads(text)]))
+    kept = out.read_text()
+    with pytest.raises(SystemExit, match="1 of the .* runs .* were made with other settings"):
+        growth.main(["--smoke", "--out", str(out), "--resume"])
+    assert out.read_text() == kept
     _forget()
 
 
 def test_the_claims_runs_of_every_seed_come_first(tmp_path, monkeypatch):
-    """Two passes over the seeds: the runs that answer the paper's claims for every seed, then the rest."""
+    """Passes over the seeds: the runs that answer the paper's claims for every seed, then the control that puts
+    the second claim at equal epochs, then the rest."""
     monkeypatch.syspath_prepend(str(ROOT))
     growth = _harness()
     cli = sys.modules["benchmarks.growth.__main__"]
@@ -105,7 +129,7 @@ def test_the_claims_runs_of_every_seed_come_first(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "run_seed", lambda seed, mode, runs, log, part: calls.append((part, seed)))
     monkeypatch.setattr(cli, "render", lambda records, stem: None)
     assert growth.main(["--smoke", "--seeds", "0,1,2", "--out", str(tmp_path / "growth.json")]) == 0
-    assert calls == [("claims", 0), ("claims", 1), ("claims", 2), ("further", 0), ("further", 1), ("further", 2)]
+    assert calls == [(part, seed) for part in ("claims", "controls", "further") for seed in (0, 1, 2)]
     _forget()
 
 

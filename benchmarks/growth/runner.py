@@ -36,8 +36,8 @@ RESNET_DEPTHS = {"resnet8": 1, "resnet14": 2, "resnet20": 3}
 
 
 def resnet_of(params: int, blocks: int, in_channels: int, classes: int) -> ResNet:
-    """The ResNet with `blocks` blocks per stage and stage widths (w, 2w, 4w) whose parameters come closest to
-    `params`."""
+    """The ResNet with `blocks` blocks per stage whose parameters come closest to `params`: stage widths (w, 2w, 4w)
+    with the closest w, then the last width bisected over [2w, 8w]."""
     def build(w):
         return ResNet([w, 2 * w, 4 * w], blocks, in_channels=in_channels, num_classes=classes)
 
@@ -63,7 +63,13 @@ class Runs:
         self.records = []
         if resume and os.path.exists(path):
             with open(path) as f:
-                self.records = [r for r in json.load(f) if r.get("settings") == settings]
+                records = json.load(f)
+            other = [r for r in records if r.get("settings") != settings]
+            if other:  # resuming would drop them at the first save: the user's results are not thrown away unasked
+                raise SystemExit(f"benchmarks.growth: {len(other)} of the {len(records)} runs in {path} were made "
+                                 f"with other settings (epochs, training recipe or gpp_ext version); move the file "
+                                 f"away to start afresh, or run the version that made them")
+            self.records = records
         elif os.path.exists(path) and not resume:
             raise SystemExit(f"benchmarks.growth: {path} holds results; pass --resume to go on, or move it away")
 
@@ -98,13 +104,15 @@ def _measure(model, splits, example) -> dict:
             "val_accuracy": evaluate(model, splits.val), "test_accuracy": evaluate(model, splits.test)}
 
 
-# the two passes over the seeds: the runs that answer the paper's two claims (grown nets, the largest pushed and
-# pruned, matched ResNets) for every seed first, then grow-and-prune and the triage order, which take as long again
-PARTS = ("claims", "further")
+# the passes over the seeds: the runs that answer the paper's two claims (grown nets, the largest pushed and
+# pruned, matched ResNets) for every seed first; then the control that makes the second claim a comparison at
+# equal epochs (each smaller grown net's architecture trained from scratch as long as the pushed-and-pruned net
+# was); then grow-and-prune and the triage order, which take as long again as the rest
+PARTS = ("claims", "controls", "further")
 
 
 def run_seed(seed: int, mode: dict, runs: Runs, log, part: str | None = None) -> None:
-    """A seed's steps (the package's doc): growth, then `part`'s runs (`PARTS`; None: both, in order)."""
+    """A seed's steps (the package's doc): growth, then `part`'s runs (`PARTS`; None: all, in order)."""
     parts = PARTS if part is None else (part,)
     splits = data.load_dataset(mode["data"], seed=seed)
     channels, classes = splits.input_shape[0], splits.num_classes
@@ -141,7 +149,7 @@ def run_seed(seed: int, mode: dict, runs: Runs, log, part: str | None = None) ->
         met = state["met"]
         if resumed:
             log(f"  seed {seed} {'triage order ' if order else ''}growth resumed after {len(met)} nets")
-        clock = _Clock(spent, state["times"])
+        clock = _Clock(state["times"] if resumed else spent)  # a resumed state's times already hold `spent`
         seen = {id(model): mode["base_epochs"]}
 
         def train(m):  # a grown candidate: the epochs of the net it grew from, then grow_epochs more
@@ -164,30 +172,33 @@ def run_seed(seed: int, mode: dict, runs: Runs, log, part: str | None = None) ->
                               seed=seed)
         for record, step in zip(met, history):
             record.update(kept=step.kept, stage=step.stage)
-        point.clear()
-        return model, met, clock.times()
+        return model, met, clock.times()   # the checkpoint stays until the caller has recorded the growth
 
     if runs.get(largest_key) is not None and not os.path.exists(_cache_path(runs, seed)):
-        _regrow(seed, runs, grown, lambda m: _measure(m, splits, example), log)
+        _regrow(seed, runs, grown, lambda m: _measure(m, splits, example), log, mode)
         cached = [r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"]
     if runs.get(largest_key) is None:
         model, met, times = grown()
+        # a growth interrupted before this point and grown again may take a shorter path: no net of an earlier
+        # path stays recorded
+        runs.drop(lambda r: not (r["key"][0] == seed and r["key"][1] == "grown"))
         for i, record in enumerate(met):
             runs.add((seed, "grown", i), record)
             log(f"  seed {seed} grown net {i}: {record['modules']} modules, {record['params']:,} params, "
                 f"test {record['test_accuracy']:.4f}, {record['epochs']:g} epochs, kept {record['kept']}")
         gpp_ext.io.save(model, _cache_path(runs, seed), spec=model.spec())  # the largest grown net, for the runs below
-        runs.add(largest_key, dict(_measure(model, splits, example), epochs=_largest_epochs(met), **times))
+        runs.add(largest_key, dict(_measure(model, splits, example), epochs=_largest_epochs(met),
+                                   refused_epochs=_refused_epochs(met, mode), **times))
+        _Checkpoint(runs, seed, "growing", runs.settings).clear()
         cached = [r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"]
     largest_record = runs.get(largest_key)
     largest = gpp_ext.io.load(_cache_path(runs, seed))  # data: rebuilt from its spec
 
     grown_seed = _Grown(seed, mode, runs, log, splits, example, recipe, base, grown, largest, largest_record,
                         cached)
-    if "claims" in parts:
-        _claims(grown_seed)
-    if "further" in parts:
-        _further(grown_seed)
+    for part, steps in (("claims", _claims), ("controls", _controls), ("further", _further)):
+        if part in parts:
+            steps(grown_seed)
 
 
 @dataclass
@@ -206,6 +217,9 @@ class _Grown:
     largest_record: dict
     cached: list
 
+    def base_spec(self) -> dict:
+        return self.base().spec()
+
     @property
     def smaller(self) -> list:
         """The kept nets smaller than the largest: the sizes it is pushed and pruned to."""
@@ -220,7 +234,8 @@ def _claims(g: _Grown) -> None:
     for r in g.smaller:
         target = r["params"] / largest_record["params"]
         key = (seed, "pruned", r["key"][2])
-        if runs.get(key) is None:
+        done = runs.get(key)
+        if done is None or done.get("recipe") != default_recipe():  # made by another default: redone
             clock = _Clock()
             config = recipes.build("gpp", epochs=0, epoch_budget=mode["prune_epochs"], target_params=target,
                                    seed=seed)
@@ -230,7 +245,8 @@ def _claims(g: _Grown) -> None:
                 loop.run()
                 compact = loop.final_model
             rec = runs.add(key, dict(_measure(compact, splits, example), target_params=r["params"],
-                                     epochs=largest_record["epochs"] + mode["prune_epochs"], **clock.times()))
+                                     epochs=largest_record["epochs"] + mode["prune_epochs"],
+                                     recipe=default_recipe(), **clock.times()))
             log(f"  seed {seed} pruned to net {r['key'][2]}'s size: {rec['params']:,} params, test "
                 f"{rec['test_accuracy']:.4f}")
 
@@ -249,6 +265,48 @@ def _claims(g: _Grown) -> None:
                                      **clock.times()))
             log(f"  seed {seed} {name} at net {r['key'][2]}'s size: {rec['params']:,} params, test "
                 f"{rec['test_accuracy']:.4f}")
+
+
+def _controls(g: _Grown) -> None:
+    """2b. every smaller kept net's architecture trained from scratch for as many epochs as the pushed-and-pruned
+    net of its size had in all (the largest net's epochs plus `prune_epochs`): the second claim at equal epochs."""
+    seed, mode, runs, log, splits, example, recipe = g.seed, g.mode, g.runs, g.log, g.splits, g.example, g.recipe
+    epochs = g.largest_record["epochs"] + mode["prune_epochs"]
+    for r in g.smaller:
+        key = (seed, "scratch", r["key"][2])
+        if runs.get(key) is not None:
+            continue
+        clock, point = _Clock(), _cache_path(runs, seed, f"scratch-{r['key'][2]}")
+        torch.manual_seed(seed)
+        net = grown_architecture(g.cached, r["key"][2], g.base_spec())
+        if count_params(net) != r["params"]:
+            raise RuntimeError(f"benchmarks.growth: seed {seed} net {r['key'][2]}'s architecture rebuilt with "
+                               f"{count_params(net):,} parameters, recorded with {r['params']:,}")
+        net = fit(net, splits.train, epochs, seed=seed, after_step=clock, checkpoint=point, **recipe)
+        os.remove(point)
+        rec = runs.add(key, dict(_measure(net, splits, example), target_params=r["params"], epochs=epochs,
+                                 **clock.times()))
+        log(f"  seed {seed} net {r['key'][2]}'s architecture from scratch, {epochs:g} epochs: {rec['params']:,} "
+            f"params, test {rec['test_accuracy']:.4f}")
+
+
+def grown_architecture(cached: list, net: int, base_spec: dict):
+    """The architecture of kept grown net `net`, untrained: the base's stages with a copy of a stage's last
+    module appended for every kept growth step up to `net` (what `growth.inception` adds), from the records."""
+    kwargs = copy.deepcopy(base_spec["kwargs"])
+    for r in sorted(cached, key=lambda r: r["key"][2]):
+        if 0 < r["key"][2] <= net and r["kept"]:
+            stage = kwargs["stages"][r["stage"]]
+            stage.append(list(stage[-1]))
+    return models.build(base_spec["name"], **kwargs)
+
+
+def default_recipe() -> dict:
+    """The default recipe's settings, as a pushed-and-pruned record states them (its epochs, target and seed
+    are the run's own)."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(recipes.build("gpp"))))
 
 
 def _further(g: _Grown) -> None:
@@ -289,19 +347,20 @@ def _further(g: _Grown) -> None:
         order = stage_order(triaged, len(largest.stages))
         model, met, times = g.grown(order, spent=done["times"])
         rec = runs.add(key, dict(_measure(model, splits, example), epochs=_largest_epochs(met), order=order,
-                                 triage=done["triage"], met=met, **times))
+                                 triage=done["triage"], triage_seconds=done["times"]["seconds"], met=met, **times))
         point.clear()
+        _Checkpoint(runs, seed, "growing-triage", runs.settings).clear()
         log(f"  seed {seed} grown in triage order {order}: {rec['params']:,} params, test {rec['test_accuracy']:.4f} "
             f"(first to last: {largest_record['params']:,} params, test {largest_record['test_accuracy']:.4f})")
 
 
-def _regrow(seed: int, runs: Runs, grown, measure, log) -> None:
+def _regrow(seed: int, runs: Runs, grown, measure, log, mode: dict) -> None:
     """The largest grown net's file is gone (a checkout without it) while the runs after it are recorded: the
     growth is run again (it is seeded). When it meets the recorded nets again (same parameters, same test
     accuracy), its file is restored and every record stands. Otherwise its nets replace the recorded ones, and of
-    the runs after it only those that never read the grown weights stand: a grow-and-prune (from scratch, seeded)
-    or a ResNet whose size and epochs the new growth asks for again; the pushed-and-pruned nets and the triage
-    order's growth are dropped, to be redone."""
+    the runs after it only those that never read the grown weights stand: a grow-and-prune (from scratch, seeded),
+    a ResNet or a net's architecture from scratch whose size and epochs the new growth asks for again; the
+    pushed-and-pruned nets and the triage order's growth are dropped, to be redone."""
     log(f"  seed {seed}: the largest grown net's file is gone; growing again to rebuild it")
     model, met, times = grown()
     recorded = sorted((r for r in runs.records if r["key"][0] == seed and r["key"][1] == "grown"),
@@ -309,6 +368,7 @@ def _regrow(seed: int, runs: Runs, grown, measure, log) -> None:
     same = [(r["params"], r["test_accuracy"]) for r in met] == [(r["params"], r["test_accuracy"]) for r in recorded]
     gpp_ext.io.save(model, _cache_path(runs, seed), spec=model.spec())
     if same:
+        _Checkpoint(runs, seed, "growing", runs.settings).clear()
         log(f"  seed {seed}: the growth met the {len(met)} recorded nets again; its records stand")
         return
     old_largest = runs.get((seed, "grown-largest"))
@@ -326,15 +386,31 @@ def _regrow(seed: int, runs: Runs, grown, measure, log) -> None:
         if key[1] in RESNET_DEPTHS:
             net = kept.get(key[2])
             return net is not None and net["params"] == r["target_params"] and net["epochs"] == r["epochs"]
+        if key[1] == "scratch":
+            net = kept.get(key[2])
+            return old_largest["epochs"] == largest["epochs"] and net is not None and \
+                net["params"] == r["target_params"]
         return False  # the growth's own records (replaced below), the pushed-and-pruned nets, the triage order
 
     dropped = runs.drop(stands)
+    # an interrupted training of a net whose size changed would resume from weights of another shape: its
+    # checkpoint goes (one of a net that stayed the same resumes)
+    before = {r["key"][2]: (r["params"], r["epochs"]) for r in recorded if r["kept"]}
+    after = {i: (r["params"], r["epochs"]) for i, r in kept.items()}
+    changed = {i for i in set(before) | set(after) if before.get(i) != after.get(i)}
+    for i in sorted(changed):
+        for what in [f"{name}-{i}" for name in RESNET_DEPTHS] + [f"scratch-{i}", f"gap-{i}"]:
+            stem, ext = os.path.splitext(_cache_path(runs, seed, what))
+            for path in (stem + ext, f"{stem}-phases{ext}", f"{stem}-finetune{ext}"):
+                if os.path.exists(path):
+                    os.remove(path)
     for i, record in enumerate(met):
         runs.add((seed, "grown", i), record)
-    runs.add((seed, "grown-largest"), largest)
+    runs.add((seed, "grown-largest"), dict(largest, refused_epochs=_refused_epochs(met, mode)))
+    _Checkpoint(runs, seed, "growing", runs.settings).clear()
     log(f"  seed {seed}: the growth did not meet the recorded nets again; its {len(met)} nets recorded anew, "
         f"{len([r for r in dropped if r['key'][1] not in ('grown', 'grown-largest')])} run(s) after it dropped "
-        f"to be redone, the rest (grow-and-prune from scratch, matched ResNets) stand")
+        f"to be redone, the rest (grow-and-prune, matched ResNets, the nets from scratch) stand")
 
 
 def _modules(model) -> int:
@@ -342,8 +418,14 @@ def _modules(model) -> int:
 
 
 def _largest_epochs(met: list) -> float:
+    """The epochs that built the largest kept net: the base's and its kept growth steps' (not the refused ones)."""
     kept = [r for r in met if r["kept"]]
     return max(r["epochs"] for r in kept)
+
+
+def _refused_epochs(met: list, mode: dict) -> float:
+    """The epochs spent on growth steps that were tried and refused (on nets thrown away)."""
+    return mode["grow_epochs"] * sum(1 for r in met[1:] if not r["kept"])
 
 
 def _cache_path(runs: Runs, seed: int, what: str = "largest") -> str:
