@@ -311,7 +311,7 @@ def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, ba
     loader = training_batches(splits.train, config.batch_size, seed)
     example = torch.zeros(2, *splits.input_shape, device=device)
     kwargs = dict(criterion=config.criterion, neurons=config.neurons, progress=progress, recalibrate=recalibrate,
-                  ignore=tuple(config.ignore), round_to=config.round_to)
+                  ignore=tuple(config.ignore), round_to=config.round_to, seed=seed)
     table = latency_table(config)
     if keep is not None:
         model, report = prune(model, loader, example, splits.num_classes, keep=keep, **kwargs)

@@ -58,12 +58,16 @@ def test_mask_gradient_is_the_derivative_of_the_loss(name, kwargs, shape):
             fd = (_loss_with_mask(model, example, group.name, channel, 1 + eps, x, y)
                   - _loss_with_mask(model, example, group.name, channel, 1 - eps, x, y)) / (2 * eps)
             # float64 central differences: truncation ~eps^2, rounding ~1e-16/eps; 1e-6 absolute is ample
-            assert grads[group.name][channel] == pytest.approx(fd, rel=1e-4, abs=1e-6), (group.name, channel)
+            assert grads[group.name].sum(0)[channel] == pytest.approx(fd, rel=1e-4, abs=1e-6), (group.name, channel)
+            # a sample's part: the derivative of its own loss, over the batch size (the loss is the batch mean)
+            one = (_loss_with_mask(model, example, group.name, channel, 1 + eps, x[:1], y[:1])
+                   - _loss_with_mask(model, example, group.name, channel, 1 - eps, x[:1], y[:1])) / (2 * eps)
+            assert len(x) * grads[group.name][0, channel] == pytest.approx(one, rel=1e-4, abs=1e-6)
             checked += 1
     assert checked >= 4
 
 
-def test_fisher_accumulates_squared_batch_gradients_and_is_divided_by_the_cost_saved():
+def test_fisher_sums_squared_per_sample_gradients_and_is_divided_by_the_cost_saved():
     torch.manual_seed(0)
     model = models.build("vgg", in_channels=1, num_classes=10).eval()
     example = torch.zeros(2, 1, 16, 16)
@@ -72,7 +76,7 @@ def test_fisher_accumulates_squared_batch_gradients_and_is_divided_by_the_cost_s
     per_batch = list(mask_gradients(graph, batches))
     fisher = mask_fisher(graph, batches)
     for group in graph.groups:
-        expected = sum(g[group.name].square() for g in per_batch)
+        expected = sum(g[group.name].square().sum(0) for g in per_batch)   # squared per sample, then summed
         assert torch.allclose(fisher[group.name], expected, rtol=1e-12, atol=0)
     context = criteria.CriterionContext(loader=batches, cost_kind="flops")
     scores = criteria.get("group_fisher")(graph, context)
@@ -158,6 +162,17 @@ def test_fisher_removal_removes_while_training_until_the_budget_and_the_cut_chan
     from gpp_ext import count_flops
 
     assert count_flops(model, example) <= 0.3 * flops * 1.0001
+    # by default a removal every `interval` steps of the removal window (a few channels each), as the paper
+    # removes channels every few iterations
+    torch.manual_seed(0)
+    model = models.build("vgg", in_channels=1, num_classes=10)
+    steps = []
+    removal = FisherRemoval(model, example, budget=0.3, budget_kind="flops", share=0.5, interval=2).attach()
+    fit(model, splits.train, 2, lr=4e-3, seed=0, batch_size=64,
+        after_step=lambda step, total: (removal.step(step, total), steps.append(total)))
+    removal.finish()
+    assert removal.removals == int(0.5 * steps[0]) // 2 > 4 and len(removal.history) == removal.removals
+    assert removal.history[-1]["cost_share"] <= 0.3
 
 
 def test_fisher_removal_keeps_no_activation_alive_after_its_step():

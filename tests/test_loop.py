@@ -1,5 +1,6 @@
 """The grow-push-prune loop end to end on digits, resume after a crash, and the `gpp` command line."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -204,3 +205,21 @@ def test_epoch_budget_splits_the_training():
         LoopConfig(schedule="eta", push="fade").validate()
     with pytest.raises(ValueError, match="push must be one of"):
         LoopConfig(push="shove").validate()
+
+
+def test_the_prune_stage_draws_its_randomness_from_the_run_seed():
+    """A criterion or width search that draws random numbers (random, the genetic search, loss-increase samples)
+    draws them from the stage's seed: two seeds cut differently, one seed the same way twice."""
+    splits = data.load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    base = models.build("lenet5", input_size=8)
+    config = LoopConfig(criterion="random", target_params=0.5, allocation="uniform")
+
+    def kept(seed):
+        model, _ = loop_module.prune_stage(copy.deepcopy(base), splits, config, 1, gpp_ext.count_params(base),
+                                           seed=seed)
+        return [t.detach().clone() for t in model.state_dict().values()]
+
+    same, other = kept(3), kept(4)
+    assert all(torch.equal(a, b) for a, b in zip(same, kept(3)))
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(same, other))

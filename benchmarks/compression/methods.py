@@ -260,9 +260,10 @@ def _slimming_prep(model, setup: Setup):
 
 
 def _slimming(model, setup: Setup):
+    # the paper's cut: one global threshold on the raw BatchNorm scales (no per-layer normalisation)
     cut, _ = gpp_ext.prune(copy.deepcopy(model), setup.loader(), setup.example, setup.splits.num_classes,
                            criterion="bn_scale", method="budget", budget=setup.budget, budget_kind=setup.kind,
-                           recalibrate=False, progress=False)
+                           allocation="global", normalize="none", recalibrate=False, progress=False)
     return model, cut, setup.prep_epochs
 
 

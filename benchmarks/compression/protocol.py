@@ -34,8 +34,12 @@ from . import methods, render
 # Bumped whenever the methods or the protocol change, so --resume never mixes records of two harnesses
 # (3: converged bases, equal total epochs, the strongest peers, accuracy along fine-tuning, FLOPs budgets;
 #  4: GPP's rows are the loop with the default recipe, every method trains with the loop's recipe, ResNet-20,
-#     choices at several budgets per model).
-HARNESS_VERSION = 4
+#     choices at several budgets per model;
+#  5: Group Fisher's Fisher squares each sample's mask gradient before summing (the paper's empirical Fisher; the
+#     batch's summed gradient was squared), which the default recipe's Fisher-weighted widths use too, and removes
+#     channels every 10 steps instead of in 8 large removals; the loop's prune stage draws from the run's seed;
+#     network slimming cuts at one global threshold on the raw BatchNorm scales).
+HARNESS_VERSION = 5
 # base test accuracy the full protocol asks for (Fashion-MNIST)
 THRESHOLDS = {"lenet5": 0.900, "vgg": 0.930, "resnet20": 0.925}
 BASE_LR = 2e-3                                   # the bases' training: AdamW, cosine schedule

@@ -16,8 +16,8 @@ compression benchmark:
    the largest's record also counts the epochs spent on refused attempts, `refused_epochs`).
 2. `pruned`: the largest grown net pushed and pruned by the default loop (`GrowPushPrune(...).run()`, epoch
    budget `prune_epochs`) to the size of each smaller kept net; each record states the default recipe it ran
-   (`recipe`), and one made by another default is redone on `--resume`. It has seen more epochs than the
-   grown net of its size (the largest's plus `prune_epochs`), so:
+   and the pruning algorithms' version (`recipe`); one made by another is redone on `--resume`. It has seen
+   more epochs than the grown net of its size (the largest's plus `prune_epochs`), so:
 2b. `scratch`: each smaller kept net's architecture trained from scratch for those same epochs: the second
    claim at equal epochs.
 3. `resnet`: ResNet-8, -14 and -20 (CIFAR layout, stage widths w, 2w, and the last width bisected) chosen so the

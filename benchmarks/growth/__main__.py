@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import gpp_ext
@@ -53,12 +54,17 @@ def _run(args, mode: dict, settings: dict, stem: str) -> int:
     def log(text):
         print(text, flush=True)
 
+    # `kill` (SIGTERM) stops a background run as cleanly as Ctrl-C does: a shell starts background jobs with
+    # SIGINT ignored, so Ctrl-C's signal cannot reach them
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for part in PARTS:   # the claims' runs for every seed first, then the rest
+        for part in PARTS:   # the claims' runs for every seed first, then the control, then the rest
             for seed in mode["seeds"]:
                 run_seed(seed, mode, runs, log, part)
     except KeyboardInterrupt:
         print("benchmarks.growth: interrupted; run again with --resume to go on", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     render(runs.records, stem)
     print(f"benchmarks.growth: {len(runs.records)} runs -> {args.out}, {stem}.md, {stem}.png")
     return 0

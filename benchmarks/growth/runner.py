@@ -302,11 +302,13 @@ def grown_architecture(cached: list, net: int, base_spec: dict):
 
 
 def default_recipe() -> dict:
-    """The default recipe's settings, as a pushed-and-pruned record states them (its epochs, target and seed
-    are the run's own)."""
+    """The default recipe's settings and the pruning algorithms' version (`gpp_ext.pruning.ALGORITHM_VERSION`),
+    as a pushed-and-pruned record states them (its epochs, target and seed are the run's own)."""
     from dataclasses import asdict
 
-    return json.loads(json.dumps(asdict(recipes.build("gpp"))))
+    from gpp_ext.pruning import ALGORITHM_VERSION
+
+    return json.loads(json.dumps({**asdict(recipes.build("gpp")), "algorithms": ALGORITHM_VERSION}))
 
 
 def _further(g: _Grown) -> None:

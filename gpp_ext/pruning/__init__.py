@@ -28,7 +28,13 @@ from .costs import CostModel, LatencyModel, cost_model
 from .selection import select_channels
 from .trace import trace_utility
 
-__all__ = ["ChannelGraph", "ChannelParam", "Group", "CriterionContext", "criteria", "prune", "PruneReport",
+__all__ = ["ALGORITHM_VERSION", "ChannelGraph", "ChannelParam", "Group", "CriterionContext", "criteria", "prune",
+           "PruneReport",
            "select_channels", "CostModel", "LatencyModel", "cost_model", "trace_utility", "recalibrate_batchnorm",
            "allocate", "keep_top",
            "search_widths", "CandidateEvaluator"]
+
+# Bumped when a change makes the same settings prune differently (a criterion's, an allocation's or a push's
+# formula), so results recorded with an earlier version can be told apart and redone (the benchmarks do):
+# 2: Group Fisher's estimate squares each sample's mask gradient before summing over the samples.
+ALGORITHM_VERSION = 2

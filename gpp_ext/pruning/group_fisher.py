@@ -3,11 +3,13 @@ information of a mask on every channel of a coupled group, per unit of cost its 
 
 A channel group shares one mask `m` (all its coupled channels go together), applied at the output of each of
 the group's layers (after the normalisation that follows a convolution: removing the channel removes the
-norm's output): the gradient of the batch loss with respect to `m_c` is `g_c = sum over those outputs, the
-batch and the positions of out * dL/dout` at channel `c` (`ChannelGraph.channel_params` says which layers and
-where). The importance is the Fisher estimate `sum over batches of g_c^2` (the squared batch-summed product, accumulated
-over batches), divided by what removing one channel of the group saves in the budget's unit (`CostModel`:
-FLOPs, or parameters when the budget counts them), so a cheap channel must carry less information to stay.
+norm's output): sample `n`'s part of the gradient of the loss with respect to `m_c` is `g_nc = sum over those
+outputs and the positions of out * dL/dout` at channel `c` for that sample (`ChannelGraph.channel_params` says
+which layers and where). The importance is the empirical Fisher `sum over samples of g_nc^2`, each sample's
+gradient squared before the samples are summed, as the paper's estimate has it; squaring
+the batch's summed gradient instead would measure the square of the mean gradient, mostly noise while training.
+It is divided by what removing one channel of the group saves in the budget's unit (`CostModel`: FLOPs, or
+parameters when the budget counts them), so a cheap channel must carry less information to stay.
 
 Registered as the criterion `group_fisher`; with `allocation="global"` and `normalize="none"` its scores are
 ranked across groups as the paper ranks them (one threshold), and the loop's default solver uses them as it
@@ -54,11 +56,19 @@ def _channel_axis(module: nn.Module, out: torch.Tensor) -> int:
     return out.dim() - 1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
 
 
+def _per_sample(module: nn.Module, prod: torch.Tensor) -> torch.Tensor:
+    """`[N, channels]` (on the CPU): `prod` (`out * dL/dout`, batch first) summed over all but the batch and the
+    channel axis."""
+    axis = _channel_axis(module, prod)
+    return prod.movedim(axis, 1).reshape(prod.shape[0], prod.shape[axis], -1).sum(2).cpu()
+
+
 def mask_gradients(graph: ChannelGraph, batches, loss_fn=None):
-    """Per batch of `batches` (`(inputs, labels)` on the model's device), `{group: [size] float64}`: the
-    gradient of the batch loss with respect to each channel's mask, one mask shared by the group's coupled
-    layers and applied at each of their outputs (`_masked_outputs`), so the gradient is the sum over those
-    outputs, the batch and the positions of `output x dL/doutput` (a generator). The model runs in eval mode;
+    """Per batch of `batches` (`(inputs, labels)` on the model's device), `{group: [N, size] float64}`: each
+    sample's part of the gradient of the batch loss with respect to each channel's mask (their sum over the
+    samples is that gradient), one mask shared by the group's coupled layers and applied at each of their
+    outputs (`_masked_outputs`), so a sample's part is the sum over those outputs and the positions of
+    `output x dL/doutput` (a generator). The model runs in eval mode;
     its gradients are cleared after each batch, and its mode and hooks restored at the end."""
     loss_fn = loss_fn or nn.functional.cross_entropy
     model = graph.model
@@ -79,16 +89,14 @@ def mask_gradients(graph: ChannelGraph, batches, loss_fn=None):
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 loss_fn(model(x), y).backward()
-            grads = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in graph.groups}
+            grads = {g.name: torch.zeros(len(y), g.size, dtype=torch.float64) for g in graph.groups}
             for name, entries in masked.items():
                 for out in outputs.get(name, ()):
                     if out.grad is None:
                         continue
-                    prod = (out * out.grad).detach().double()
-                    axis = _channel_axis(graph.modules[name], out)
-                    per_channel = prod.movedim(axis, 0).reshape(prod.shape[axis], -1).sum(1).cpu()
+                    per_sample = _per_sample(graph.modules[name], (out * out.grad).detach().double())
                     for group, index in entries:
-                        grads[group] += per_channel[index.cpu()].sum(1)
+                        grads[group] += per_sample[:, index.cpu()].sum(2)
             model.zero_grad(set_to_none=True)
             yield grads
     finally:
@@ -100,13 +108,13 @@ def mask_gradients(graph: ChannelGraph, batches, loss_fn=None):
 
 
 def mask_fisher(graph: ChannelGraph, batches, loss_fn=None) -> dict:
-    """`{group: [size] float64}`: the squared mask gradients (`mask_gradients`) accumulated over `batches`:
-    the Fisher estimate."""
+    """`{group: [size] float64}`: the empirical Fisher of the masks, each sample's mask gradient
+    (`mask_gradients`) squared, summed over the samples of `batches`."""
     fisher = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in graph.groups}
     seen = 0
     for grads in mask_gradients(graph, batches, loss_fn):
         for name in fisher:
-            fisher[name] += grads[name].square()
+            fisher[name] += grads[name].square().sum(0)
         seen += 1
     if seen == 0:
         raise ValueError("group_fisher: the loader yielded no batches")
@@ -137,29 +145,32 @@ class FisherRemoval:
         fit(model, data, epochs, after_step=removal.step)     # removal.attach() first: it hooks the model
         keep = removal.finish()                               # then a cut of exactly `keep` changes nothing
 
-    During training, the mask gradients of every step (`out x dL/dout` summed over the batch and positions at
-    each masked output, as `mask_gradients`) are squared and accumulated. At `removals` evenly spaced steps
-    within the first `share` of the training, the channels with the lowest accumulated Fisher per unit of cost
-    saved are removed one at a time (the cost saved recomputed at the current widths) until the model meets that
-    step's goal (the cost falls geometrically from the full model to `budget` over the removals); the
-    accumulators then restart. A removed channel is silenced (`ChannelGraph.scale_channels(..., 0)`) after every
-    optimiser step, so training cannot revive it, and the final cut removes only zeros. Every group keeps at least
-    `max(min_channels, ceil(floor * size))` channels.
+    During training, every step's per-sample mask gradients (`out x dL/dout` summed over the positions at each
+    masked output, as `mask_gradients`) are squared and summed into the Fisher estimate. Every `interval` steps
+    within the first `share` of the training (the paper removes one channel every few iterations), the channels
+    with the lowest accumulated Fisher per unit of cost saved are removed one at a time (the cost saved
+    recomputed at the current widths) until the model meets that removal's goal (the cost falls geometrically
+    from the full model to `budget` over the removals); the accumulators then restart. A short training removes
+    several channels at each of its removals; `removals` fixes their number instead. A removed channel is
+    silenced (`ChannelGraph.scale_channels(..., 0)`) after every optimiser step, so training cannot revive it,
+    and the final cut removes only zeros. Every group keeps at least `max(min_channels, ceil(floor * size))`
+    channels.
     """
 
     def __init__(self, model: nn.Module, example_inputs, budget: float, budget_kind: str = "flops",
-                 removals: int = 8, share: float = 0.5, floor: float = 0.0, min_channels: int = 1, ignore=(),
-                 latency=None):
+                 removals: int | None = None, share: float = 0.5, floor: float = 0.0, min_channels: int = 1,
+                 ignore=(), latency=None, interval: int = 10):
         from .costs import cost_model
 
         if not 0 < budget <= 1:
             raise ValueError(f"FisherRemoval: budget must be in (0, 1], got {budget!r}")
-        if isinstance(removals, bool) or not isinstance(removals, int) or removals < 1 or not 0 < share <= 1:
-            raise ValueError(f"FisherRemoval: removals must be an int >= 1 and share in (0, 1], got {removals!r}, "
-                             f"{share!r}")
+        if removals is not None and (isinstance(removals, bool) or not isinstance(removals, int) or removals < 1) \
+                or isinstance(interval, bool) or not isinstance(interval, int) or interval < 1 or not 0 < share <= 1:
+            raise ValueError(f"FisherRemoval: removals must be None or an int >= 1, interval an int >= 1 and share in "
+                             f"(0, 1], got {removals!r}, {interval!r}, {share!r}")
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
-        self.model, self.budget, self.removals, self.share = model, budget, removals, share
+        self.model, self.budget, self.removals, self.share, self.interval = model, budget, removals, share, interval
         self.graph = ChannelGraph(model, example_inputs, ignore=ignore)
         self.costs = cost_model(self.graph, budget_kind, latency)
         self.full = self.costs.cost({})
@@ -167,7 +178,7 @@ class FisherRemoval:
         self.minimum = {n: min(s, max(min_channels, int(math.ceil(floor * s - 1e-9)))) for n, s in self.sizes.items()}
         self.removed = {n: torch.zeros(s, dtype=torch.bool) for n, s in self.sizes.items()}
         self.fisher = {n: torch.zeros(s, dtype=torch.float64) for n, s in self.sizes.items()}
-        self._grads = {n: torch.zeros(s, dtype=torch.float64) for n, s in self.sizes.items()}
+        self._grads: dict = {}   # this step's per-sample mask gradients, [N, size] per group
         self._masked = _masked_outputs(self.graph)
         self._handles = []
         self._done = 0
@@ -187,11 +198,10 @@ class FisherRemoval:
                 # it is a reference cycle through autograd that Python's collector cannot see, and every step's
                 # activations (and their graphs) would stay alive (a VGG-BN epoch reached 23 GB)
                 def on_grad(grad, value=out.detach()):
-                    prod = (value * grad.detach()).double()
-                    axis = _channel_axis(module, value)
-                    per_channel = prod.movedim(axis, 0).reshape(prod.shape[axis], -1).sum(1).cpu()
+                    per_sample = _per_sample(module, (value * grad.detach()).double())
                     for group, index in entries:
-                        self._grads[group] += per_channel[index.cpu()].sum(1)
+                        part = per_sample[:, index.cpu()].sum(2)
+                        self._grads[group] = self._grads[group] + part if group in self._grads else part
                 out.register_hook(on_grad)
             self._handles.append(module.register_forward_hook(hook))
         return self
@@ -207,9 +217,11 @@ class FisherRemoval:
 
     def step(self, step: int, total: int) -> None:
         """After optimiser step `step` of `total` (`fit`'s `after_step`): accumulate, remove when due, silence."""
-        for n in self.fisher:
-            self.fisher[n] += self._grads[n].square()
-            self._grads[n].zero_()
+        for n, g in self._grads.items():
+            self.fisher[n] += g.square().sum(0)
+        self._grads = {}
+        if self.removals is None:  # one removal every `interval` steps of the removal window, at least one
+            self.removals = max(1, int(self.share * total) // self.interval)
         due = min(self.removals, int(step * self.removals / max(1.0, self.share * total)))
         while self._done < due:
             self._done += 1
@@ -252,6 +264,7 @@ class FisherRemoval:
     def finish(self) -> dict:
         """Completes the removals not yet made (a shorter training than planned), silences, unhooks, and returns
         the keep-set `{group: kept indices}` for the cut."""
+        self.removals = self.removals or 1   # no step was taken: one removal to the budget
         while self._done < self.removals:
             self._done += 1
             self._remove(self.budget ** (self._done / self.removals))
