@@ -393,13 +393,16 @@ def test_the_runner_says_how_many_cells_are_left_and_about_how_long(harness):
 class _SweepTrials:
     """A stand-in for `choices.Trials`: validation accuracy a function of the strength, every run recorded."""
 
-    def __init__(self, accuracy, method="torch_pruning:group_norm_sl:global"):
+    def __init__(self, accuracy, method="hgs"):
         self.args = types.SimpleNamespace(available={method}, methods_of={"m": [method]})
-        self.accuracy, self.ran, self.marked = accuracy, [], None
+        self.accuracy, self.ran, self.optimizers, self.marked = accuracy, [], [], None
 
     def run(self, what, setting, method, knobs, place, context):
         self.ran.append(knobs["reg"])
-        return {"setting": setting, "val_accuracy": self.accuracy(knobs["reg"]), "target_reached": True}
+        self.optimizers.append(knobs.get("prep_optimizer"))
+        accuracy = self.accuracy(knobs["reg"]) if knobs.get("prep_optimizer") in (None, "adamw") else \
+            self.accuracy(knobs["reg"] * 100) + 0.01   # under SGD: best 100x lower, and better
+        return {"setting": setting, "val_accuracy": accuracy, "target_reached": True}
 
     def mark(self, what, model, setting):
         self.marked = setting
@@ -416,25 +419,34 @@ def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harne
 
     # the best past the top of 1e-5..1e-3: 1e-2 is tried, then 1e-1 (worse), and 1e-2 is chosen
     t = _SweepTrials(peaked(1e-2))
-    assert choosing.sweep_regs(t, "m", budgets, 0, None) == {"torch_pruning:group_norm_sl": {"reg": 1e-2}}
+    assert choosing.sweep_regs(t, "m", budgets, 0, None) == {"hgs": {"reg": 1e-2}}
     assert sorted(set(t.ran)) == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2, 1e-1]) and t.marked == "reg=0.01"
     assert len(t.ran) == 5 * len(budgets)          # every strength at every choice budget, once
     # far past the top: at most EXTEND_STEPS steps, the best of what was tried
     t = _SweepTrials(peaked(1e3))
-    assert choosing.sweep_regs(t, "m", budgets, 0, None)["torch_pruning:group_norm_sl"]["reg"] == pytest.approx(0.1)
+    assert choosing.sweep_regs(t, "m", budgets, 0, None)["hgs"]["reg"] == pytest.approx(0.1)
     assert len(set(t.ran)) == 3 + choosing.EXTEND_STEPS
     # past the bottom, a grid step down
     t = _SweepTrials(peaked(1e-6))
-    assert choosing.sweep_regs(t, "m", budgets, 0, None)["torch_pruning:group_norm_sl"]["reg"] == pytest.approx(1e-6)
+    assert choosing.sweep_regs(t, "m", budgets, 0, None)["hgs"]["reg"] == pytest.approx(1e-6)
     # inside the grid: nothing more is tried; a smaller mode's own strengths are never extended
     t = _SweepTrials(peaked(1e-4))
     choosing.sweep_regs(t, "m", budgets, 0, None)
     assert sorted(set(t.ran)) == [1e-5, 1e-4, 1e-3]
     t = _SweepTrials(peaked(1e-2))
-    assert choosing.sweep_regs(t, "m", budgets, 0, None, values=(1e-4,))["torch_pruning:group_norm_sl"] == {"reg": 1e-4}
+    assert choosing.sweep_regs(t, "m", budgets, 0, None, values=(1e-4,))["hgs"] == {"reg": 1e-4}
     assert set(t.ran) == {1e-4}
     assert choosing.beyond([3e-3, 1e-2, 3e-2], 1e-2) is None
     assert choosing.beyond([3e-3, 1e-2, 3e-2], 3e-2) == pytest.approx(9e-2)
+    # a sparse-training peer: its strengths swept under each optimiser of its preparation, each grid extended on
+    # its own, and the best of all chosen with its optimiser
+    t = _SweepTrials(peaked(1e-4), method="torch_pruning:group_norm_sl:global")
+    chosen = choosing.sweep_regs(t, "m", budgets, 0, None)["torch_pruning:group_norm_sl"]
+    assert chosen["prep_optimizer"] == "sgd" and chosen["reg"] == pytest.approx(1e-6) and t.marked == "reg=1e-06 sgd"
+    assert set(t.optimizers) == {"adamw", "sgd"}
+    tried = set(zip(t.ran, t.optimizers))
+    assert sorted(r for r, o in tried if o == "adamw") == [1e-5, 1e-4, 1e-3]
+    assert sorted(r for r, o in tried if o == "sgd") == pytest.approx([1e-7, 1e-6, 1e-5, 1e-4, 1e-3])
 
 
 def test_a_method_missing_seeds_of_a_cell_is_marked_and_not_ranked(harness):

@@ -123,3 +123,25 @@ def test_the_sss_pushes_run_from_the_command_line(push, tmp_path):
     assert report["config"]["push"] == push and report["target_reached"]
     compact = io.load(tmp_path / push / "model.pt")
     assert sum(p.numel() for p in compact.parameters()) <= 0.4 * report["base"]["params"]
+
+
+def test_the_factors_end_at_their_last_proximal_iterate():
+    """The modified APG's momentum extrapolation moves a factor the threshold zeroed off zero again; the run
+    ends on the proximal iterates (exact zeros where the threshold put them), with no extra shrinking of the
+    factors that survive."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 6, 6))
+    sss = SparseStructureSelection(model, lam=1.0, blocks=False)   # threshold 0.1 a step
+    weight = model[1].weight
+    with torch.no_grad():
+        weight.copy_(torch.tensor([0.01, 0.02, 0.03, 2.0, 3.0, 4.0]))
+    for step in range(1, 4):
+        weight.grad = torch.tensor([0.0, 0.0, 0.0, 0.1, -0.1, 0.0])
+        sss.after_backward(model)
+        sss.after_step(step, 3)
+    last = sss._prox[0].clone()
+    assert (last[:3] == 0).all() and (last[3:] > 0).all()      # the small factors zeroed, the large ones kept
+    sss.finish(delete=False)
+    assert torch.equal(weight.detach(), last)                  # the iterates: survivors not shrunk once more

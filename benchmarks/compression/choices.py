@@ -169,7 +169,9 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
 
     A full regularisation sweep (`values` None) whose best strength sits at an end of its grid goes on past that
     end, a grid step at a time (`beyond`, at most `EXTEND_STEPS`), until the best is inside what it tried: a
-    peer's best recipe may lie outside the grid first written down, and the peers must get their best."""
+    peer's best recipe may lie outside the grid first written down, and the peers must get their best. The
+    sparse-training peers (`methods.PREP_OPTIMIZER_FAMILIES`) sweep their strengths under each optimiser of their
+    preparation (`methods.PREP_OPTIMIZERS`), and the best of all is chosen."""
     args = trials.args
     chosen = {}
     for family, regs in methods.SWEEPS.items():
@@ -185,26 +187,33 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
         if protocol.needs_bn(method) and not protocol.has_bn(context[1]):
             continue
 
-        def trial(v):
-            return [trials.run(f"{family} {knob}", f"{knob}={v:g}", method, {knob: v}, (model, kind, budget, seed),
-                               context) for kind, budget in budgets]
+        tried = {}   # setting -> knobs
 
-        entries = [e for v in values_here for e in trial(v)]
-        best = _value_of(best_by_mean(entries)[0], values_here, knob)
-        for _ in range(EXTEND_STEPS if values is None and knob == "reg" else 0):
-            further = beyond(values_here, best)
-            if further is None:
-                break
-            values_here = sorted([*values_here, further])
-            entries += trial(further)
-            best = _value_of(best_by_mean(entries)[0], values_here, knob)
-        trials.mark(f"{family} {knob}", model, f"{knob}={best:g}")
-        chosen[family] = {knob: best}
+        def trial(v, optimizer):
+            knobs = {knob: v, **({"prep_optimizer": optimizer} if optimizer else {})}
+            setting = f"{knob}={v:g}" + (f" {optimizer}" if optimizer else "")
+            tried[setting] = knobs
+            return [trials.run(f"{family} {knob}", setting, method, knobs, (model, kind, budget, seed), context)
+                    for kind, budget in budgets]
+
+        entries = []
+        # the sparse-training peers: the strengths swept under each optimiser of the preparation
+        for optimizer in (methods.PREP_OPTIMIZERS if family in methods.PREP_OPTIMIZER_FAMILIES else (None,)):
+            grid = list(values_here)
+            here = [e for v in grid for e in trial(v, optimizer)]
+            best = tried[best_by_mean(here)[0]][knob]
+            for _ in range(EXTEND_STEPS if values is None and knob == "reg" else 0):
+                further = beyond(grid, best)
+                if further is None:
+                    break
+                grid = sorted([*grid, further])
+                here += trial(further, optimizer)
+                best = tried[best_by_mean(here)[0]][knob]
+            entries += here
+        setting = best_by_mean(entries)[0]
+        trials.mark(f"{family} {knob}", model, setting)
+        chosen[family] = tried[setting]
     return chosen
-
-
-def _value_of(setting: str, values: list, knob: str) -> float:
-    return next(v for v in values if f"{knob}={v:g}" == setting)
 
 
 def compare_recipes(trials: Trials, model: str, budgets: list, seed: int, context, candidates) -> list:

@@ -72,6 +72,12 @@ SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "hgs": (1e-5, 1e-4, 1e-3), "sss": (3e-
           "sss_blocks": (3e-3, 1e-2, 3e-2), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
           "torch_pruning:group_norm_sl": (1e-5, 1e-4, 1e-3), "group_fisher": (0.15, 1 / 3, 0.5)}
 SWEEP_KNOBS = {"group_fisher": "push_share"}  # the knob a sweep sets, where it is not the regularisation "reg"
+# The sparse-training peers' own recipes train their regulariser with SGD (network slimming's paper, Torch-
+# Pruning's sparse-learning scripts: momentum 0.9, learning rate 0.01); under AdamW an L1 or group-norm term is
+# rescaled per coordinate, which is another method. Their sweeps try both optimisers for the preparation, each
+# over the strengths, and keep the best on validation (`prep_optimizer` in their knobs).
+PREP_OPTIMIZER_FAMILIES = ("slimming", "torch_pruning:bn_scale_sl", "torch_pruning:group_norm_sl")
+PREP_OPTIMIZERS = {"adamw": {}, "sgd": dict(optimizer="sgd", lr=0.01)}
 
 
 @dataclass
@@ -91,6 +97,12 @@ class Setup:
         """The `fit` arguments of every training phase: the default recipe's (`loop.train_kwargs`), so the
         peers train exactly as the loop does."""
         return train_kwargs(recipes.build("gpp"))
+
+    @property
+    def prep_train(self) -> dict:
+        """The `fit` arguments of a sparse-training preparation: `train` with the optimiser the knobs name
+        (`prep_optimizer`, `PREP_OPTIMIZERS`; the loop's by default)."""
+        return {**self.train, **PREP_OPTIMIZERS[self.knobs.get("prep_optimizer", "adamw")]}
 
     @property
     def batch_size(self) -> int:
@@ -174,7 +186,7 @@ def prep_key(method: str, setup: Setup) -> str | None:
     recipe, so a preparation cached under another recipe is never reused."""
     if method == "slimming" or method in TP_SPARSE:
         family = sweep_key(method)
-        t = setup.train
+        t = setup.prep_train
         recipe = f"{t['optimizer']}-{t['lr_schedule']}-lr{t['lr']:g}-wd{t['weight_decay']:g}-b{t['batch_size']}"
         return f"{family.replace(':', '_')}-reg{setup.knobs.get('reg', 1e-4):g}-prep{setup.prep_epochs:g}-{recipe}"
     return None
@@ -256,7 +268,7 @@ def _slimming_prep(model, setup: Setup):
     def penalty(m):
         return reg * sum(b.weight.abs().sum() for b in m.modules() if is_batch_norm(b) and b.weight is not None)
 
-    return fit(model, setup.splits.train, setup.prep_epochs, seed=setup.seed, penalty=penalty, **setup.train)
+    return fit(model, setup.splits.train, setup.prep_epochs, seed=setup.seed, penalty=penalty, **setup.prep_train)
 
 
 def _slimming(model, setup: Setup):
@@ -342,13 +354,14 @@ def _tp_pruner(tp, method: str, model, setup: Setup, ratio: float):
 
 
 def _tp_sparse_prep(method: str, model, setup: Setup):
-    """Torch-Pruning's sparse learning: regularize() between backward and step, no weight decay (its recipe).
+    """Torch-Pruning's sparse learning: regularize() between backward and step, no weight decay (its recipe),
+    with the optimiser the knobs name (`Setup.prep_train`).
     The regulariser does not depend on the scope or the ratio, so local and global share this preparation."""
     import torch_pruning as tp
 
     pruner = _tp_pruner(tp, method, model, setup, 0.5)
     return fit(model, setup.splits.train, setup.prep_epochs, seed=setup.seed,
-               after_backward=lambda m: pruner.regularize(m), **{**setup.train, "weight_decay": 0.0})
+               after_backward=lambda m: pruner.regularize(m), **{**setup.prep_train, "weight_decay": 0.0})
 
 
 def _torch_pruning(method: str, model, setup: Setup, used: float = 0.0):

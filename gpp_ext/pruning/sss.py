@@ -56,6 +56,7 @@ class SparseStructureSelection:
             self.factors += [m.weight for m in model.modules() if is_batch_norm(m) and m.weight is not None]
         self._grads: list = [None] * len(self.factors)
         self._velocity = [torch.zeros_like(f) for f in self.factors]
+        self._prox: list = [None] * len(self.factors)   # the last proximal iterate of each factor
 
     def after_backward(self, model) -> None:
         """Takes the factors' gradients out of the optimiser's step."""
@@ -75,15 +76,19 @@ class SparseStructureSelection:
                 continue
             z = f - eta * grad
             shrunk = _soft(z, eta * self.lam)
+            self._prox[i] = shrunk
             self._velocity[i] = shrunk - f + MOMENTUM * self._velocity[i]
             f.copy_(shrunk + MOMENTUM * self._velocity[i])
 
     @torch.no_grad()
     def finish(self, delete: bool = True) -> list:
-        """Thresholds every factor once more, folds the block scales and deletes the blocks at zero (unless
-        `delete=False`); returns the names deleted."""
-        for f in self.factors:
-            f.copy_(_soft(f, ETA * self.lam))
+        """Sets every factor to its last proximal iterate (the update's momentum extrapolation moves a factor the
+        threshold zeroed off zero again; the iterates are what converges, exact zeros included), folds the block
+        scales and deletes the blocks at zero (unless `delete=False`); returns the names deleted. A factor that
+        never got a gradient keeps its value."""
+        for f, prox in zip(self.factors, self._prox):
+            if prox is not None:
+                f.copy_(prox)
         return self.blocks.finish(delete) if self.blocks is not None else []
 
     def zero_blocks(self) -> list:
