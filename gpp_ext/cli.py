@@ -97,6 +97,8 @@ CONFIG_HELP = {
     "lr_schedule": "every phase's learning rate: constant, cosine (to 0), warmup-cosine or onecycle (warm-up, then "
                    "cosine annealing); each phase is one whole cycle",
     "optimizer": "adamw, or sgd (momentum 0.9, Nesterov)",
+    "push_optimizer": "--push hgs: the optimiser of its sparse training (unset: --optimizer's)",
+    "push_lr": "--push hgs: that training's peak learning rate (unset: --lr)",
     "criterion": "channel utility (registered criteria; `gpp criteria` describes them)",
     "schedule": "eta: each iteration prunes below a threshold raised every iteration; budget: iteration i of "
                 "--max-iterations keeps target**(i/n) of the base cost",
@@ -139,12 +141,13 @@ _CHOICES = {"schedule": SCHEDULES, "push": pushes.names(), "allocation": ALLOCAT
             "criterion": tuple(criteria.names()), "budget_kind": ("params", "flops", "latency"),
             "latency_runtime": RUNTIMES, "final_finetune": FINAL_FINETUNE, "fade_schedule": FADE_SCHEDULES,
             "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "separation": ("fisher", "ratio"),
-            "grow_order": GROW_ORDERS}
+            "grow_order": GROW_ORDERS, "push_optimizer": OPTIMIZERS}
 _TYPES = {"target_params": _fraction, "target_flops": _fraction, "target_latency": _fraction, "fade_end": _fraction,
           "latency_batch": _positive,
           "accuracy_floor": _number(float, 0, 1, high_open=True), "push_share": _number(float, 0, 1),
           "warmup": _number(float, 0, 1, high_open=True), "floor": _number(float, 0, 1, high_open=True),
-          "lr": _number(float, 0, low_open=True), "temperature": _number(float, 0, low_open=True),
+          "lr": _number(float, 0, low_open=True), "push_lr": _number(float, 0, low_open=True),
+          "temperature": _number(float, 0, low_open=True),
           "epochs": _count, "seed": _count, "grow_epochs": _count, "push_epochs": _epochs, "finetune_epochs": _epochs,
           "epoch_budget": _epochs, "batch_size": _positive, "max_iterations": _positive, "cuts": _positive,
           "round_to": _positive, "fade_reselect": _positive, "max_modules_per_stage": _positive,

@@ -71,7 +71,7 @@ _ADDED_SINCE = dict(lr_schedule="constant", optimizer="adamw", warmup=0.1, floor
                     target_latency=None, latency_runtime="eager", latency_batch=1, final_finetune="train",
                     finetune_distill=0.0, sparsity=1e-4, growth="inception", plant_rounds=2, plant_share=0.25,
                     plant_max_params=2.0, grow_order="stages", grow_distill=0.0, gap_partitions=2, gap_cycles=1,
-                    fade_gradual=False)
+                    fade_gradual=False, push_optimizer=None, push_lr=None)
 
 
 @dataclass
@@ -118,6 +118,8 @@ class LoopConfig:
     distill: float = 0.0             # weight of distillation from the model as it was before the push
     finetune_distill: float = 0.0    # weight of distillation from the base model in every fine-tuning
     sparsity: float = 1e-4           # weight of a push method's sparsity penalty (pushes "hgs", "sss")
+    push_optimizer: str | None = None   # push "hgs": the optimiser of its sparse training (None: `optimizer`)
+    push_lr: float | None = None     # push "hgs": that training's peak learning rate (None: `lr`)
     gap_partitions: int = 2          # push "gap": runs of layers that take turns being dense
     gap_cycles: int = 1              # push "gap": how many times each run is dense
     temperature: float = 4.0
@@ -186,6 +188,9 @@ class LoopConfig:
         if self.push not in pushes.names():
             raise ValueError(f"LoopConfig: push must be one of {pushes.names()}, got {self.push!r}")
         pushes.check(self)
+        if self.push_optimizer not in (None, *OPTIMIZERS) or not (self.push_lr is None or self.push_lr > 0):
+            raise ValueError(f"LoopConfig: push_optimizer must be None or one of {OPTIMIZERS} and push_lr None or > 0, "
+                             f"got {self.push_optimizer!r}, {self.push_lr!r}")
         if self.lr_schedule not in LR_SCHEDULES or self.optimizer not in OPTIMIZERS or not 0 <= self.warmup < 1:
             raise ValueError(f"LoopConfig: lr_schedule must be one of {LR_SCHEDULES}, optimizer one of {OPTIMIZERS} "
                              f"and warmup in [0, 1), got {self.lr_schedule!r}, {self.optimizer!r}, {self.warmup!r}")

@@ -38,7 +38,8 @@ _REGISTRY = Registry("push", "pushes")
 # The `LoopConfig` settings only some push methods read: each method names those it reads (`register(reads=)`),
 # so a configuration's unread ones can be told apart from the ones that shape its run (`loop.run_settings`).
 PUSH_SETTINGS = ("alpha", "beta", "gamma", "separation", "fade_reselect", "fade_schedule", "fade_end",
-                 "fade_fixed_widths", "fade_gradual", "sparsity", "gap_partitions", "gap_cycles")
+                 "fade_fixed_widths", "fade_gradual", "sparsity", "gap_partitions", "gap_cycles", "push_optimizer",
+                 "push_lr")
 _PUSH_TERMS = ("alpha", "beta", "gamma", "separation")
 # The settings of the prune stage's selection (which channels, how many per group): a push that prepares the
 # keep-set itself (`register(selects=True)`, e.g. Group Fisher's removal while training) never reads them.
@@ -212,8 +213,8 @@ def _group_fisher(ctx: PushContext):
 
 
 @register("hgs", "hierarchical group-sparse training: a group lasso over each channel's neuron, its filters and "
-          "the columns that read it (weight --sparsity); the prune stage then selects with the criterion",
-          reads=("sparsity",))
+          "the columns that read it (weight --sparsity; --push-optimizer sgd trains it as the paper does); the prune "
+          "stage then selects with the criterion", reads=("sparsity", "push_optimizer", "push_lr"))
 def _hgs(ctx: PushContext):
     from .pruning import ChannelGraph
     from .pruning.hgs import hierarchical_penalty
@@ -221,8 +222,10 @@ def _hgs(ctx: PushContext):
 
     c = ctx.config
     graph = ChannelGraph(ctx.model, ctx.example, ignore=tuple(c.ignore))
+    # under AdamW a group-lasso gradient is rescaled per coordinate; its paper trains it with SGD
+    own = {k: v for k, v in (("optimizer", c.push_optimizer), ("lr", c.push_lr)) if v is not None}
     return fit(ctx.model, ctx.splits.train, ctx.epochs, penalty=hierarchical_penalty(graph, c.sparsity),
-               **ctx.fit_kwargs), None
+               **{**ctx.fit_kwargs, **own}), None
 
 
 def _sss_push(ctx: PushContext, channels: bool):

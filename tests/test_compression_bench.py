@@ -462,3 +462,12 @@ def test_a_method_missing_seeds_of_a_cell_is_marked_and_not_ranked(harness):
     out = harness.render._render(records, {"date": "x"}, [], [])
     assert "| lenet5 | 10% | gpp (0.8100) | 0.8100, 1 of 2 | l1 (0.8100) | +0.0000 | ± 0.0141, 1 of 2 |" in out
     assert "| lenet5 | 10% | taylor (seeds 0 so far) |" in out
+
+
+def test_a_loop_peer_s_preparation_optimiser_is_its_push_optimiser(harness):
+    methods = harness.methods
+    sgd = methods.loop_settings("hgs", {"reg": 1e-4, "prep_optimizer": "sgd"})
+    assert sgd["sparsity"] == 1e-4 and (sgd["push_optimizer"], sgd["push_lr"]) == ("sgd", 0.01)
+    adamw = methods.loop_settings("hgs", {"reg": 1e-4, "prep_optimizer": "adamw"})
+    assert "push_optimizer" not in adamw and adamw["sparsity"] == 1e-4
+    assert methods.recipes.build("hgs", **{k: v for k, v in sgd.items()}).push_optimizer == "sgd"

@@ -89,3 +89,28 @@ def test_the_hgs_recipe_runs_from_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "hgs" / "report.json").read_text())
     assert report["config"]["push"] == "hgs" and report["config"]["sparsity"] == 1e-3 and report["target_reached"]
+
+
+def test_the_push_trains_its_penalty_with_its_own_optimiser(monkeypatch):
+    """Under AdamW a group-lasso gradient is rescaled per coordinate; `push_optimizer`/`push_lr` let the push train
+    it as the paper does (SGD), while every other phase keeps the loop's optimiser."""
+    from gpp_ext import pushes, training
+    from gpp_ext.loop import LoopConfig
+
+    splits = data.load_dataset("digits", seed=0)
+    seen = []
+
+    def spy(model, dataset, epochs, **kwargs):
+        seen.append((kwargs["optimizer"], kwargs["lr"], kwargs.get("penalty") is not None))
+        return model
+
+    monkeypatch.setattr(training, "fit", spy)
+    for own, expected in ((dict(), ("adamw", 4e-3, True)), (dict(push_optimizer="sgd", push_lr=0.01),
+                                                             ("sgd", 0.01, True))):
+        config = recipes.build("hgs", **own)
+        context = pushes.PushContext(_lenet(), splits, config, 0, "cpu", 1.0, 0.5, None,
+                                     fit_kwargs=dict(lr=config.lr, optimizer=config.optimizer))
+        pushes.get("hgs")(context)
+        assert seen[-1] == expected
+    with pytest.raises(ValueError, match="push_optimizer"):
+        LoopConfig(push_optimizer="adam").validate()

@@ -76,7 +76,7 @@ SWEEP_KNOBS = {"group_fisher": "push_share"}  # the knob a sweep sets, where it 
 # Pruning's sparse-learning scripts: momentum 0.9, learning rate 0.01); under AdamW an L1 or group-norm term is
 # rescaled per coordinate, which is another method. Their sweeps try both optimisers for the preparation, each
 # over the strengths, and keep the best on validation (`prep_optimizer` in their knobs).
-PREP_OPTIMIZER_FAMILIES = ("slimming", "torch_pruning:bn_scale_sl", "torch_pruning:group_norm_sl")
+PREP_OPTIMIZER_FAMILIES = ("slimming", "hgs", "torch_pruning:bn_scale_sl", "torch_pruning:group_norm_sl")
 PREP_OPTIMIZERS = {"adamw": {}, "sgd": dict(optimizer="sgd", lr=0.01)}
 
 
@@ -156,12 +156,18 @@ def loop_overrides(method: str) -> dict | None:
 
 
 def loop_settings(method: str, knobs: dict) -> dict | None:
-    """The `LoopConfig` overrides a loop method runs with `knobs` (a sweep's `reg` is the loop's `sparsity`), or
-    None for a method that is not the loop."""
+    """The `LoopConfig` overrides a loop method runs with `knobs` (a sweep's `reg` is the loop's `sparsity`, its
+    `prep_optimizer` the push's `push_optimizer` and `push_lr`), or None for a method that is not the loop."""
     base = loop_overrides(method)
     if base is None:
         return None
-    return {**base, **{("sparsity" if k == "reg" else k): v for k, v in knobs.items()}}
+    out = dict(base)
+    for k, v in knobs.items():
+        if k == "prep_optimizer":   # the push's own optimiser (hgs), as the preparations of the other families
+            out.update({"push_" + name: value for name, value in PREP_OPTIMIZERS[v].items()})
+        else:
+            out["sparsity" if k == "reg" else k] = v
+    return out
 
 
 def sweep_key(method: str) -> str | None:
