@@ -408,10 +408,12 @@ class _SweepTrials:
         self.marked = setting
 
 
-def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harness):
+def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harness, monkeypatch):
     import math
 
     choosing = harness.choosing
+    # first a family with one optimiser (the grid's own extension), then one that sweeps two
+    monkeypatch.setattr(choosing.methods, "PREP_OPTIMIZER_FAMILIES", ())
     budgets = [("params", 0.1), ("params", 0.02)]
 
     def peaked(at):
@@ -440,6 +442,7 @@ def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harne
     assert choosing.beyond([3e-3, 1e-2, 3e-2], 3e-2) == pytest.approx(9e-2)
     # a sparse-training peer: its strengths swept under each optimiser of its preparation, each grid extended on
     # its own, and the best of all chosen with its optimiser
+    monkeypatch.setattr(choosing.methods, "PREP_OPTIMIZER_FAMILIES", ("torch_pruning:group_norm_sl",))
     t = _SweepTrials(peaked(1e-4), method="torch_pruning:group_norm_sl:global")
     chosen = choosing.sweep_regs(t, "m", budgets, 0, None)["torch_pruning:group_norm_sl"]
     assert chosen["prep_optimizer"] == "sgd" and chosen["reg"] == pytest.approx(1e-6) and t.marked == "reg=1e-06 sgd"
