@@ -366,6 +366,12 @@ def test_the_speed_table_sets_gpp_against_the_most_accurate_peer(harness):
     lines = render._speed(records)
     duel = lines[lines.index("| model | budget | best peer | eager b1 | eager b64 |") + 2:]
     assert duel == ["| vgg | 10% | l1 | 2.00 | 0.75 |"]
+    # a peer still missing a seed of the cell is no rival yet either, as in "who wins"
+    records += [rec("gpp", 0.90, 2.0, 3.0) | {"seed": 1}, rec("l1", 0.91, 1.0, 4.0) | {"seed": 1},
+                rec("random", 0.80, 9.0, 9.0) | {"seed": 1}, rec("genetic", 0.99, 1.0, 1.0)]
+    lines = render._speed(records)
+    assert lines[lines.index("| model | budget | best peer | eager b1 | eager b64 |") + 2:] == \
+        ["| vgg | 10% | l1 | 2.00 | 0.75 |"]
 
 
 def test_who_wins_pairs_gpp_with_the_best_peer_seed_by_seed(harness):

@@ -41,6 +41,14 @@ def _ranked(by_method):
     return sorted(by_method.items(), key=lambda kv: -_mean(r["test_accuracy"] for r in kv[1]))
 
 
+def _contenders(by_method: dict) -> list:
+    """`[(method, runs)]` of a cell ranked by mean test accuracy: the methods that met the budget in every seed
+    and have every seed of the cell (one still missing some, a run in progress, is ranked once it has them all).
+    Who wins and the speed duel rank the same way."""
+    seeds = {r["seed"] for rs in by_method.values() for r in rs}
+    return _ranked({m: rs for m, rs in by_method.items() if _met(rs) and {r["seed"] for r in rs} == seeds})
+
+
 def _paired(mine: list, theirs: list) -> str:
     """`std, k of n`: the per-seed differences of test accuracy between two methods' runs (seeds both have), their
     standard deviation and the number of seeds in which the first was ahead."""
@@ -85,8 +93,7 @@ def _speed(records) -> list:
                                                                         for b in (1, 64))]
             lines.append(f"| {model} | {_budget(kind, budget)} | {method} | {len(rs)} | " + " | ".join(cells) + " |")
         # GPP against the most accurate peer that met the budget (the one it has to beat on accuracy)
-        ranked = [m for m, rs in _ranked({m: rs for m, rs in _groups(records)[(model, kind, budget)].items()
-                                          if _met(rs)}) if not m.startswith("gpp")]
+        ranked = [m for m, _ in _contenders(_groups(records)[(model, kind, budget)]) if not m.startswith("gpp")]
         if "gpp" in by_method and ranked and ranked[0] in by_method:
             ratios = []
             for k in runtimes:
@@ -165,9 +172,7 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
               "per seed: std, gpp ahead |",
               "|---|---:|---|---|---|---:|---|"]
     for (model, kind, budget), by_method in _groups(records).items():
-        seeds = {r["seed"] for rs in by_method.values() for r in rs}
-        # a method still missing seeds of the cell (a run in progress) is ranked once it has them all
-        order = _ranked({m: rs for m, rs in by_method.items() if _met(rs) and {r["seed"] for r in rs} == seeds})
+        order = _contenders(by_method)
         names = [m for m, _ in order]
         if not names:
             continue
