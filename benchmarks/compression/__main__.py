@@ -6,7 +6,7 @@
     python -m benchmarks.compression --models vgg --seeds 0 --budgets 0.1 --methods gpp,l1
     python -m benchmarks.compression --latency         # time the kept compact models (on a quiet machine)
 
-The protocol (harness version 4) is in `protocol.py`, the choices made on validation in `choices.py`, the order
+The protocol (harness version 5) is in `protocol.py`, the choices made on validation in `choices.py`, the order
 of the work in `runner.py`, the methods in `methods.py`. In short: the same converged base per (model, seed);
 the same epochs after it for every method, all trained with the loop's own recipe; GPP's rows are
 `GrowPushPrune(...).run()` with the default recipe, which must win GPP's candidates on validation at several

@@ -1,4 +1,4 @@
-"""The compression benchmark's protocol (harness version 4): what every run gets, and one run measured.
+"""The compression benchmark's protocol (harness version 5): what every run gets, and one run measured.
 
 1. One base model per (model, seed), trained to convergence with a cosine schedule and cached; the full mode
    warns when it is below the accuracy the protocol asks (`THRESHOLDS`, test set of Fashion-MNIST).
