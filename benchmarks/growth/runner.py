@@ -378,31 +378,38 @@ def _regrow(seed: int, runs: Runs, grown, measure, log, mode: dict) -> None:
     kept = {i: r for i, r in enumerate(met) if r["kept"]}
     same_arch = old_largest["params"] == largest["params"] and old_largest["epochs"] == largest["epochs"]
 
+    def still(kind: str, i: int, params: int, epochs: float) -> bool:
+        """Whether a `kind` run at net `i`, made for a net of `params` parameters and `epochs` epochs, is one the
+        new growth asks for again: grow-and-prune needs the same largest net too, a net from scratch the same
+        largest net's epochs, a ResNet its net's epochs."""
+        net = kept.get(i)
+        if net is None or net["params"] != params:
+            return False
+        if kind == "gap":
+            return same_arch
+        if kind == "scratch":
+            return old_largest["epochs"] == largest["epochs"]
+        return net["epochs"] == epochs
+
     def stands(r) -> bool:
         key = r["key"]
         if key[0] != seed or key[1] == "base":
             return True
-        if key[1] == "gap":
-            net = kept.get(key[2])
-            return same_arch and net is not None and net["params"] == r["target_params"]
-        if key[1] in RESNET_DEPTHS:
-            net = kept.get(key[2])
-            return net is not None and net["params"] == r["target_params"] and net["epochs"] == r["epochs"]
-        if key[1] == "scratch":
-            net = kept.get(key[2])
-            return old_largest["epochs"] == largest["epochs"] and net is not None and \
-                net["params"] == r["target_params"]
+        if key[1] in ("gap", "scratch", *RESNET_DEPTHS):
+            return still(key[1], key[2], r["target_params"], r["epochs"])
         return False  # the growth's own records (replaced below), the pushed-and-pruned nets, the triage order
 
     dropped = runs.drop(stands)
-    # an interrupted training of a net whose size changed would resume from weights of another shape: its
-    # checkpoint goes (one of a net that stayed the same resumes)
-    before = {r["key"][2]: (r["params"], r["epochs"]) for r in recorded if r["kept"]}
-    after = {i: (r["params"], r["epochs"]) for i, r in kept.items()}
-    changed = {i for i in set(before) | set(after) if before.get(i) != after.get(i)}
-    for i in sorted(changed):
-        for what in [f"{name}-{i}" for name in RESNET_DEPTHS] + [f"scratch-{i}", f"gap-{i}"]:
-            stem, ext = os.path.splitext(_cache_path(runs, seed, what))
+    # an interrupted training the new growth does not ask for again would resume from weights of another shape
+    # (or for another target): its checkpoint goes, by the same rule as the records
+    for r in recorded:
+        i = r["key"][2]
+        if not r["kept"]:
+            continue
+        for kind in ("gap", "scratch", *RESNET_DEPTHS):
+            if still(kind, i, r["params"], r["epochs"]):
+                continue
+            stem, ext = os.path.splitext(_cache_path(runs, seed, f"{kind}-{i}"))
             for path in (stem + ext, f"{stem}-phases{ext}", f"{stem}-finetune{ext}"):
                 if os.path.exists(path):
                     os.remove(path)
