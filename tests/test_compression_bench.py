@@ -331,7 +331,8 @@ def test_the_distillation_study_picks_its_rows_after_the_plain_ones_and_renders_
     assert methods.kd_variant("l1+kd") == ("l1", True) and methods.kd_variant("genetic-nokd") == ("genetic", False)
     assert methods.loop_overrides("gpp+kd")["finetune_distill"] == 0.5
     assert methods.loop_overrides("genetic-nokd")["finetune_distill"] == 0.0 and methods.loop_overrides("l1+kd") is None
-    assert methods.sweep_key("torch_pruning:group_norm_sl:global+kd") == "torch_pruning:group_norm_sl"
+    assert methods.sweep_key("torch_pruning:group_norm_sl:global+kd") == "torch_pruning:group_norm_sl:global"
+    assert methods.sweep_key("torch_pruning:group_norm_sl:local") == "torch_pruning:group_norm_sl:local"
 
     class Args:
         kd, seeds = ("lenet5", "params", 0.1), [0, 1]
@@ -399,15 +400,19 @@ def test_the_runner_says_how_many_cells_are_left_and_about_how_long(harness):
 class _SweepTrials:
     """A stand-in for `choices.Trials`: validation accuracy a function of the strength, every run recorded."""
 
-    def __init__(self, accuracy, method="hgs"):
+    def __init__(self, accuracy, method="hgs", steps_gain=0.0):
         self.args = types.SimpleNamespace(available={method}, methods_of={"m": [method]})
         self.accuracy, self.ran, self.optimizers, self.marked = accuracy, [], [], None
+        self.steps, self.steps_gain = [], steps_gain
 
     def run(self, what, setting, method, knobs, place, context):
-        self.ran.append(knobs["reg"])
+        self.ran.append(knobs.get("reg"))
         self.optimizers.append(knobs.get("prep_optimizer"))
-        accuracy = self.accuracy(knobs["reg"]) if knobs.get("prep_optimizer") in (None, "adamw") else \
-            self.accuracy(knobs["reg"] * 100) + 0.01   # under SGD: best 100x lower, and better
+        self.steps.append(knobs.get("tp_steps", 1))
+        reg = knobs.get("reg", 1e-4)
+        accuracy = self.accuracy(reg) if knobs.get("prep_optimizer") in (None, "adamw") else \
+            self.accuracy(reg * 100) + 0.01   # under SGD: best 100x lower, and better
+        accuracy += self.steps_gain if knobs.get("tp_steps", 1) > 1 else 0.0
         return {"setting": setting, "val_accuracy": accuracy, "target_reached": True}
 
     def mark(self, what, model, setting):
@@ -448,14 +453,32 @@ def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harne
     assert choosing.beyond([3e-3, 1e-2, 3e-2], 3e-2) == pytest.approx(9e-2)
     # a sparse-training peer: its strengths swept under each optimiser of its preparation, each grid extended on
     # its own, and the best of all chosen with its optimiser
-    monkeypatch.setattr(choosing.methods, "PREP_OPTIMIZER_FAMILIES", ("torch_pruning:group_norm_sl",))
-    t = _SweepTrials(peaked(1e-4), method="torch_pruning:group_norm_sl:global")
-    chosen = choosing.sweep_regs(t, "m", budgets, 0, None)["torch_pruning:group_norm_sl"]
-    assert chosen["prep_optimizer"] == "sgd" and chosen["reg"] == pytest.approx(1e-6) and t.marked == "reg=1e-06 sgd"
+    # (a Torch-Pruning method, which then tries its cut progressively at the chosen strength: worse here)
+    sparse = "torch_pruning:group_norm_sl:global"
+    monkeypatch.setattr(choosing.methods, "PREP_OPTIMIZER_FAMILIES", (sparse,))
+    t = _SweepTrials(peaked(1e-4), method=sparse, steps_gain=-0.01)
+    chosen = choosing.sweep_regs(t, "m", budgets, 0, None)[sparse]
+    assert chosen == {"reg": pytest.approx(1e-6), "prep_optimizer": "sgd"} and t.marked == "reg=1e-06 sgd"
     assert set(t.optimizers) == {"adamw", "sgd"}
-    tried = set(zip(t.ran, t.optimizers))
-    assert sorted(r for r, o in tried if o == "adamw") == [1e-5, 1e-4, 1e-3]
-    assert sorted(r for r, o in tried if o == "sgd") == pytest.approx([1e-7, 1e-6, 1e-5, 1e-4, 1e-3])
+    tried = set(zip(t.ran, t.optimizers, t.steps))
+    assert sorted(r for r, o, _ in tried if o == "adamw") == [1e-5, 1e-4, 1e-3]
+    assert sorted(r for r, o, s in tried if o == "sgd" and s == 1) == pytest.approx([1e-7, 1e-6, 1e-5, 1e-4, 1e-3])
+    assert [(r, s) for r, _, s in tried if s > 1] == [(pytest.approx(1e-6), choosing.methods.TP_STEPS)]
+    # progressive steps better: chosen with the strength; a smaller mode never tries them
+    t = _SweepTrials(peaked(1e-4), method=sparse, steps_gain=0.01)
+    assert choosing.sweep_regs(t, "m", budgets, 0, None)[sparse] == {
+        "reg": pytest.approx(1e-6), "prep_optimizer": "sgd", "tp_steps": choosing.methods.TP_STEPS}
+    assert t.marked == f"reg=1e-06 sgd, {choosing.methods.TP_STEPS} steps"
+    t = _SweepTrials(peaked(1e-4), method=sparse, steps_gain=0.01)
+    assert "tp_steps" not in choosing.sweep_regs(t, "m", budgets, 0, None, values=(1e-4,))[sparse]
+    # Torch-Pruning's magnitude pruning has no strength: its cut at once against progressively, nothing else
+    magnitude = "torch_pruning:magnitude:global"
+    for gain, expected in ((0.01, {"tp_steps": choosing.methods.TP_STEPS}), (-0.01, {})):
+        t = _SweepTrials(peaked(1e-4), method=magnitude, steps_gain=gain)
+        assert choosing.sweep_regs(t, "m", budgets, 0, None) == {magnitude: expected}
+        assert t.steps == [1, 1, choosing.methods.TP_STEPS, choosing.methods.TP_STEPS] and set(t.ran) == {None}
+    t = _SweepTrials(peaked(1e-4), method=magnitude)
+    assert choosing.sweep_regs(t, "m", budgets, 0, None, values=(1e-4,)) == {} and t.ran == []
 
 
 def test_a_method_missing_seeds_of_a_cell_is_marked_and_not_ranked(harness):
@@ -480,3 +503,29 @@ def test_a_loop_peer_s_preparation_optimiser_is_its_push_optimiser(harness):
     adamw = methods.loop_settings("hgs", {"reg": 1e-4, "prep_optimizer": "adamw"})
     assert "push_optimizer" not in adamw and adamw["sparsity"] == 1e-4
     assert methods.recipes.build("hgs", **{k: v for k, v in sgd.items()}).push_optimizer == "sgd"
+
+
+@pytest.mark.parametrize("kind,budget", [("params", 0.3), ("flops", 0.3)])
+def test_torch_pruning_cuts_at_once_or_progressively_to_the_budget(harness, kind, budget):
+    pytest.importorskip("torch_pruning")
+    methods = harness.methods
+    from gpp_ext import data, models
+
+    splits = data.load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    base = models.build("vgg", in_channels=splits.input_shape[0], num_classes=splits.num_classes)
+    base.train()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    cuts = {}
+    for steps in (1, methods.TP_STEPS):
+        setup = methods.Setup(splits, budget, kind, 0, 1.0, 0.5, knobs={"tp_steps": steps})
+        before, cut, used = methods._torch_pruning("torch_pruning:magnitude:global", base, setup)
+        assert before is base and used == 0.0 and cut.training
+        cost = setup.cost(cut)
+        # at most the budget, and not far under it: the progressive cut overshoots by one of its small steps
+        assert 0.9 * budget * setup.cost(base) <= cost <= budget * setup.cost(base)
+        cuts[steps] = [m.out_channels for m in cut.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert cut(torch.zeros(2, *splits.input_shape)).shape == (2, splits.num_classes)
+    # the base is untouched, BatchNorm statistics included (the pruner's tracing forward runs in eval mode)
+    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+    assert cuts[1] != cuts[methods.TP_STEPS]   # the importance computed again between small steps: other widths

@@ -171,7 +171,9 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
     end, a grid step at a time (`beyond`, at most `EXTEND_STEPS`), until the best is inside what it tried: a
     peer's best recipe may lie outside the grid first written down, and the peers must get their best. The
     sparse-training peers (`methods.PREP_OPTIMIZER_FAMILIES`) sweep their strengths under each optimiser of their
-    preparation (`methods.PREP_OPTIMIZERS`), and the best of all is chosen."""
+    preparation (`methods.PREP_OPTIMIZERS`), and the best of all is chosen. Torch-Pruning's methods then try
+    their cut both ways their authors run it, at once (`tp_steps` 1) and progressively (`methods.TP_STEPS`
+    small steps, the importance computed again before each), at the chosen strength (full sweeps only)."""
     args = trials.args
     chosen = {}
     for family, regs in methods.SWEEPS.items():
@@ -180,38 +182,52 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
         if values is None:
             values_here = list(regs)
         else:
-            values_here = list(values) if knob == "reg" else [regs[len(regs) // 2]]
-        method = family if family in ("slimming", "hgs", "sss", "sss_blocks", "group_fisher") else f"{family}:global"
+            values_here = list(values) if knob == "reg" else list(regs[len(regs) // 2:][:1])
+        method = family   # every sweep is named by the method it runs
         if method not in args.available or not any(methods.sweep_key(m) == family for m in args.methods_of[model]):
             continue
         if protocol.needs_bn(method) and not protocol.has_bn(context[1]):
             continue
-
+        what = f"{family} {knob}"
         tried = {}   # setting -> knobs
 
-        def trial(v, optimizer):
-            knobs = {knob: v, **({"prep_optimizer": optimizer} if optimizer else {})}
-            setting = f"{knob}={v:g}" + (f" {optimizer}" if optimizer else "")
+        def trial(knobs, setting):
             tried[setting] = knobs
-            return [trials.run(f"{family} {knob}", setting, method, knobs, (model, kind, budget, seed), context)
+            return [trials.run(what, setting, method, knobs, (model, kind, budget, seed), context)
                     for kind, budget in budgets]
+
+        def strength(v, optimizer):
+            return trial({knob: v, **({"prep_optimizer": optimizer} if optimizer else {})},
+                         f"{knob}={v:g}" + (f" {optimizer}" if optimizer else ""))
 
         entries = []
         # the sparse-training peers: the strengths swept under each optimiser of the preparation
         for optimizer in (methods.PREP_OPTIMIZERS if family in methods.PREP_OPTIMIZER_FAMILIES else (None,)):
+            if not values_here:
+                break
             grid = list(values_here)
-            here = [e for v in grid for e in trial(v, optimizer)]
+            here = [e for v in grid for e in strength(v, optimizer)]
             best = tried[best_by_mean(here)[0]][knob]
             for _ in range(EXTEND_STEPS if values is None and knob == "reg" else 0):
                 further = beyond(grid, best)
                 if further is None:
                     break
                 grid = sorted([*grid, further])
-                here += trial(further, optimizer)
+                here += strength(further, optimizer)
                 best = tried[best_by_mean(here)[0]][knob]
             entries += here
+        if method.startswith("torch_pruning:") and values is None:
+            # the cut at once (what the strengths were swept with), then progressively, at the best strength
+            at = tried[best_by_mean(entries)[0]] if entries else {}
+            if not entries:
+                entries += trial(dict(at), "at once")
+            setting = best_by_mean(entries)[0]
+            entries += trial({**at, "tp_steps": methods.TP_STEPS},
+                             (f"{setting}, " if at else "") + f"{methods.TP_STEPS} steps")
+        if not entries:
+            continue
         setting = best_by_mean(entries)[0]
-        trials.mark(f"{family} {knob}", model, setting)
+        trials.mark(what, model, setting)
         chosen[family] = tried[setting]
     return chosen
 

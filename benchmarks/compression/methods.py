@@ -68,15 +68,20 @@ FIXED = GPP + ("slimming", "hesso_style")
 # L1 penalty on the structures' scales, whose proximal steps of 0.1 x lr-factor need larger weights to reach 0)
 # and, for Group Fisher, whose only knob is its schedule, the share of the epochs spent removing channels while
 # training (the loop's `push_share`; the rest fine-tunes the cut)
+# Torch-Pruning's local and global variants sweep their strengths apart: they share a preparation per strength
+# (`prep_key`), but the strength that cuts best at one layer-wise ratio need not be the best for a global ranking.
 SWEEPS = {"slimming": (1e-5, 1e-4, 1e-3), "hgs": (1e-5, 1e-4, 1e-3), "sss": (3e-3, 1e-2, 3e-2),
-          "sss_blocks": (3e-3, 1e-2, 3e-2), "torch_pruning:bn_scale_sl": (1e-5, 1e-4, 1e-3),
-          "torch_pruning:group_norm_sl": (1e-5, 1e-4, 1e-3), "group_fisher": (0.15, 1 / 3, 0.5)}
-SWEEP_KNOBS = {"group_fisher": "push_share"}  # the knob a sweep sets, where it is not the regularisation "reg"
+          "sss_blocks": (3e-3, 1e-2, 3e-2), "group_fisher": (0.15, 1 / 3, 0.5),
+          **{method: (1e-5, 1e-4, 1e-3) for method in TP_SPARSE},
+          # no strength: only how Torch-Pruning makes its cut, at once or progressively (`tp_steps`)
+          **{method: () for method in TP_MAGNITUDE}}
+# the knob a sweep sets, where it is not the regularisation "reg"
+SWEEP_KNOBS = {"group_fisher": "push_share", **{method: "tp_steps" for method in TP_MAGNITUDE}}
 # The sparse-training peers' own recipes train their regulariser with SGD (network slimming's paper, Torch-
 # Pruning's sparse-learning scripts: momentum 0.9, learning rate 0.01); under AdamW an L1 or group-norm term is
 # rescaled per coordinate, which is another method. Their sweeps try both optimisers for the preparation, each
 # over the strengths, and keep the best on validation (`prep_optimizer` in their knobs).
-PREP_OPTIMIZER_FAMILIES = ("slimming", "hgs", "torch_pruning:bn_scale_sl", "torch_pruning:group_norm_sl")
+PREP_OPTIMIZER_FAMILIES = ("slimming", "hgs", *TP_SPARSE)
 PREP_OPTIMIZERS = {"adamw": {}, "sgd": dict(optimizer="sgd", lr=0.01)}
 
 
@@ -171,8 +176,7 @@ def loop_settings(method: str, knobs: dict) -> dict | None:
 
 
 def sweep_key(method: str) -> str | None:
-    """The sweep a method's regularisation comes from (local and global share one; a distillation variant's is
-    its method's)."""
+    """The sweep a method's regularisation comes from (a distillation variant's is its method's)."""
     method = kd_variant(method)[0]
     for key in SWEEPS:
         if method == key or method.startswith(key + ":"):
@@ -191,7 +195,7 @@ def prep_key(method: str, setup: Setup) -> str | None:
     trained once per seed and regularisation strength and shared; None otherwise. The name carries the training
     recipe, so a preparation cached under another recipe is never reused."""
     if method == "slimming" or method in TP_SPARSE:
-        family = sweep_key(method)
+        family = sweep_key(method).removesuffix(":local").removesuffix(":global")   # the scopes share it
         t = setup.prep_train
         recipe = f"{t['optimizer']}-{t['lr_schedule']}-lr{t['lr']:g}-wd{t['weight_decay']:g}-b{t['batch_size']}"
         return f"{family.replace(':', '_')}-reg{setup.knobs.get('reg', 1e-4):g}-prep{setup.prep_epochs:g}-{recipe}"
@@ -343,10 +347,19 @@ def _hesso_style(model, setup: Setup):
 
 # --------------------------------------------------------------------------------------------- Torch-Pruning
 
-def _tp_pruner(tp, method: str, model, setup: Setup, ratio: float):
+# Torch-Pruning cuts in one step in its quick start and progressively in its benchmark: a pruner of ratio 1 over
+# many small steps (400 by default), the importance computed again before each, until the model meets its
+# target. Each of its methods tries both on validation (`choices.sweep_regs`, the knob `tp_steps`). Progressive
+# global steps can starve a layer: the importance is normalised per layer by its mean, so a layer's survivors
+# score lower after each of its removals (on VGG-BN at 25% of the parameters both first convolutions keep 1 of 32).
+TP_STEPS = 400
+
+
+def _tp_pruner(tp, method: str, model, setup: Setup, ratio: float, steps: int = 1):
     _, kind, scope = method.split(":")
     classifier = dict(model.named_modules())[find_classifier(model)]
-    common = dict(pruning_ratio=ratio, global_pruning=scope == "global", ignored_layers=[classifier])
+    common = dict(pruning_ratio=ratio, global_pruning=scope == "global", ignored_layers=[classifier],
+                  iterative_steps=steps)
     example = torch.zeros(1, *setup.splits.input_shape)
     if kind == "magnitude":
         return tp.pruner.MagnitudePruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -371,25 +384,46 @@ def _tp_sparse_prep(method: str, model, setup: Setup):
 
 
 def _torch_pruning(method: str, model, setup: Setup, used: float = 0.0):
+    """Torch-Pruning's cut to the budget. At once (`tp_steps` 1, the default): the smallest channel ratio of one
+    pruner step that meets it, by bisection. Progressively (`tp_steps` > 1, as its benchmark's
+    `progressive_pruning`): a ratio-1 pruner over that many steps, stepped until the cost meets it."""
     import torch_pruning as tp
 
     target = setup.budget * setup.cost(model)
+    steps = int(setup.knobs.get("tp_steps", 1))
 
-    def cut(ratio):
+    def pruner_on(ratio):
         m = copy.deepcopy(model)
         torch.manual_seed(setup.seed)
-        _tp_pruner(tp, method, m, setup, ratio).step()
+        m.eval()   # its graph is traced by a forward pass, which must leave the BatchNorm statistics as they were
+        return m, _tp_pruner(tp, method, m, setup, ratio, steps=steps)
+
+    def done(m):
         m.zero_grad(set_to_none=True)
-        return m
+        return m.train(model.training)
+
+    if steps > 1:
+        cut, pruner = pruner_on(1.0)
+        while setup.cost(cut) > target and pruner.current_step < pruner.iterative_steps:
+            pruner.step()
+        if setup.cost(cut) > target:
+            raise RuntimeError(f"{method}: Torch-Pruning's {steps} steps left a cost of {setup.cost(cut):,}, over "
+                               f"the budget's {target:,.0f} ({setup.kind})")
+        return model, done(cut), used
+
+    def cut_at(ratio):
+        m, pruner = pruner_on(ratio)
+        pruner.step()
+        return done(m)
 
     lo, hi = 0.0, 0.99
     for _ in range(12):  # the smallest channel ratio that meets the budget
         mid = 0.5 * (lo + hi)
-        if setup.cost(cut(mid)) <= target:
+        if setup.cost(cut_at(mid)) <= target:
             hi = mid
         else:
             lo = mid
-    return model, cut(hi), used
+    return model, cut_at(hi), used
 
 
 def with_knobs(setup: Setup, **knobs) -> Setup:
