@@ -72,6 +72,33 @@ def test_finetuned_scores_are_a_short_training_then_the_same_measure(trained):
     assert after < before  # ten steps of training on the calibration batches lower the calibration-side loss
 
 
+def test_the_finalists_are_rescored_on_held_out_batches_that_ranked_none_of_them(trained):
+    model, graph, scores, _, loader = trained
+    evaluator = evaluator_from(model, torch.zeros(2, 1, 8, 8), scores, loader, batches=2, calibration=2, held_out=2)
+    # calibration, scoring and held-out batches are the loader's first six, in that order and disjoint
+    assert [torch.equal(x, loader[i][0]) for i, (x, _) in enumerate(evaluator.calibration)] == [True, True]
+    assert [torch.equal(x, loader[2 + i][0]) for i, (x, _) in enumerate(evaluator.batches)] == [True, True]
+    assert [torch.equal(x, loader[4 + i][0]) for i, (x, _) in enumerate(evaluator.held_out)] == [True, True]
+    widths = allocate(graph, scores, 0.3, "flops", "uniform")
+    # no training: the held-out score is the call's measure (cross-entropy) on the held-out batches
+    assert evaluator.finetuned(widths, steps=0, held_out=True) == pytest.approx(
+        evaluator(widths, batches=evaluator.held_out), rel=1e-12)
+    assert evaluator.finetuned(widths, steps=0) == pytest.approx(evaluator(widths), rel=1e-12)
+    # a loader too short for them (or max_batches) leaves none: the finalists fall back to the scoring batches
+    assert evaluator_from(model, torch.zeros(2, 1, 8, 8), scores, loader, batches=2, calibration=2,
+                          max_batches=4).held_out == []
+    asked = []
+
+    def finetuned(widths, steps, held_out=False):
+        asked.append(held_out)
+        return evaluator.finetuned(widths, steps, held_out=held_out)
+
+    counting = lambda w: evaluator(w)   # noqa: E731
+    counting.finetuned, counting.held_out = finetuned, evaluator.held_out
+    _, record = genetic_widths(graph, scores, 0.3, counting, "flops", population=6, generations=1, seed=1)
+    assert asked and all(asked) and record["finalists_scored_on"] == "held-out batches"
+
+
 def test_prune_with_the_genetic_allocation_and_the_recipe_from_the_command_line(trained, tmp_path):
     model, graph, scores, evaluator, loader = trained
     pruned, report = prune(model, loader, torch.zeros(2, 1, 8, 8), criterion="l1", budget=0.4, budget_kind="params",

@@ -353,10 +353,11 @@ class CandidateEvaluator:
     and its loss measured on `batches` (a fixed list of `(inputs, labels)`, the same for every candidate):
     cross-entropy, or with `teacher_logits=True` the KL divergence to the unpruned model's outputs. Lower is
     better. Counts its evaluations and their time (`evaluations`, `seconds`). Reusable by any search over
-    widths (the calibrated solver here; a genetic search)."""
+    widths (the calibrated solver here; a genetic search). `held_out` batches (optional) are kept apart for a
+    search to re-score its finalists on data that did not rank them (`finetuned(..., held_out=True)`)."""
 
     def __init__(self, model, example_inputs, scores: dict, batches: list, calibration: list | None = None,
-                 loss: str = "kl", ignore=(), device="cpu"):
+                 loss: str = "kl", ignore=(), device="cpu", held_out: list | None = None):
         import copy
 
         if loss not in ("kl", "ce"):
@@ -365,6 +366,7 @@ class CandidateEvaluator:
             raise ValueError("CandidateEvaluator: batches must hold at least one (inputs, labels) batch")
         self.model, self.example, self.scores, self.ignore = model, example_inputs, scores, tuple(ignore)
         self.batches, self.calibration, self.loss, self.device = batches, calibration or batches, loss, device
+        self.held_out = list(held_out or ())
         self.evaluations, self.seconds = 0, 0.0
         self._copy = copy.deepcopy
         self.reference = None
@@ -381,9 +383,11 @@ class CandidateEvaluator:
         graph.prune(keep_top(self.scores, widths))
         return candidate
 
-    def finetuned(self, widths: dict, steps: int = 8, lr: float = 1e-3) -> float:
+    def finetuned(self, widths: dict, steps: int = 8, lr: float = 1e-3, held_out: bool = False) -> float:
         """The candidate's loss after a short fine-tune: `steps` AdamW steps of cross-entropy on the calibration
-        batches (cycled), then BatchNorm recalibration and the same measurement as a call."""
+        batches (cycled), then BatchNorm recalibration and the same measurement as a call; with `held_out` (and
+        held-out batches given) the cross-entropy on the held-out batches instead, so that candidates ranked on
+        the scoring batches are compared on data that did not rank them."""
         import time
 
         import torch.nn.functional as F
@@ -397,7 +401,7 @@ class CandidateEvaluator:
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(candidate(x.to(self.device)), y.to(self.device)).backward()
             optimizer.step()
-        return self._measure(candidate, None, started)
+        return self._measure(candidate, self.held_out if held_out and self.held_out else None, started)
 
     def __call__(self, widths: dict, batches: list | None = None) -> float:
         import time
@@ -555,17 +559,20 @@ def search_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, ki
 
 
 def evaluator_from(model, example_inputs, scores: dict, loader, ignore=(), device="cpu", batches: int = 8,
-                   calibration: int = 8, max_batches: int | None = None, loss: str = "kl") -> CandidateEvaluator:
+                   calibration: int = 8, max_batches: int | None = None, loss: str = "kl",
+                   held_out: int = 8) -> CandidateEvaluator:
     """A `CandidateEvaluator` on the first batches of `loader` (the same fixed batches for every candidate):
     `calibration` batches re-estimate BatchNorm, the `batches` after them (or the same ones when the loader is
-    shorter) measure the loss."""
+    shorter) measure the loss, and the `held_out` after those (as many as the loader and `max_batches` leave)
+    are kept for re-scoring a search's finalists."""
     from ..training import labelled_batches
 
-    limit = calibration + batches if max_batches is None else min(max_batches, calibration + batches)
+    wanted = calibration + batches + held_out
+    limit = wanted if max_batches is None else min(max_batches, wanted)
     taken = [(x.cpu(), y.cpu()) for x, y in labelled_batches(loader, "cpu", limit=limit)]
     if not taken:
         raise ValueError("allocation search: the loader yields no batches")
     calib = taken[:calibration]
-    scored = taken[calibration:] or calib
+    scored = taken[calibration:calibration + batches] or calib
     return CandidateEvaluator(model, example_inputs, scores, scored, calibration=calib, loss=loss, ignore=ignore,
-                              device=device)
+                              device=device, held_out=taken[calibration + batches:])

@@ -13,7 +13,8 @@ fine-tuned with knowledge distillation): `allocation="genetic"`.
    spent on the most sensitive groups); the best `elite` carry over. Identical width vectors are scored once.
 4. **Two-step fitness**: every individual is scored by its loss after BatchNorm recalibration (the evaluator:
    the same one the calibrated search uses); the `finalists` best are re-scored after a short fine-tune
-   (`CandidateEvaluator.finetuned`), and the best of those wins.
+   (`CandidateEvaluator.finetuned`) on its held-out batches, which ranked none of them (the scoring batches
+   would favour whichever finalist their noise favoured), and the best of those wins.
 
 Same seed, same widths. The loop fine-tunes the result; with `finetune_distill` it distils from the unpruned
 model (the recipe `genetic` does).
@@ -142,10 +143,12 @@ def genetic_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, k
         if len(unique) == finalists:
             break
     finetuned = getattr(evaluate, "finetuned", None)
-    final = sorted(((float(finetuned(p, finetune_steps)) if finetuned else fitness(p), i)
+    final = sorted(((float(finetuned(p, finetune_steps, held_out=True)) if finetuned else fitness(p), i)
                     for i, p in enumerate(unique)))
     widths = unique[final[0][1]]
     record = {"sensitivity": sens, "best_per_generation": history, "evaluations": len(seen) + len(names) + 1,
               "finalists": [{"widths": unique[i], "score": s} for s, i in final],
+              "finalists_scored_on": "held-out batches" if finetuned and getattr(evaluate, "held_out", None) else
+              "the scoring batches",
               "seconds": time.perf_counter() - started}
     return widths, record
