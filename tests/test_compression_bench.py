@@ -415,7 +415,7 @@ class _SweepTrials:
         accuracy += self.steps_gain if knobs.get("tp_steps", 1) > 1 else 0.0
         return {"setting": setting, "val_accuracy": accuracy, "target_reached": True}
 
-    def mark(self, what, model, setting):
+    def mark(self, what, model, setting, places=None):
         self.marked = setting
 
 
@@ -479,6 +479,41 @@ def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harne
         assert t.steps == [1, 1, choosing.methods.TP_STEPS, choosing.methods.TP_STEPS] and set(t.ran) == {None}
     t = _SweepTrials(peaked(1e-4), method=magnitude)
     assert choosing.sweep_regs(t, "m", budgets, 0, None, values=(1e-4,)) == {} and t.ran == []
+
+
+def test_the_peers_knobs_are_chosen_per_band_of_budgets_and_each_cell_takes_its_band_s(harness, monkeypatch):
+    import math
+
+    choosing, runner = harness.choosing, harness.runner
+    monkeypatch.setattr(choosing.methods, "PREP_OPTIMIZER_FAMILIES", ())
+
+    class Banded(_SweepTrials):   # the best strength 1e-3 at the hard budgets, 1e-5 at the mild ones
+        def run(self, what, setting, method, knobs, place, context):
+            self.places = getattr(self, "places", []) + [place[1:3]]
+            at = 1e-5 if choosing.band(place[2]) == "mild" else 1e-3
+            return {"setting": setting, "val_accuracy": 0.9 - abs(math.log10(knobs["reg"]) - math.log10(at)) / 100,
+                    "target_reached": True}
+
+    t = Banded(None)
+    chosen = choosing.sweep_bands(t, "m", [("params", 0.25), ("params", 0.1), ("flops", 0.05)], 0, None)
+    assert chosen == {"hard": {"hgs": {"reg": 1e-3}}, "mild": {"hgs": {"reg": 1e-5}}}
+    assert set(t.places) == {("params", 0.25), ("params", 0.1), ("flops", 0.05)}
+    # a cell takes its band's knobs: 50% and 25% the mild ones, 10% and below the hard ones
+    assert [runner.knobs_for("hgs", chosen, b)["reg"] for b in (0.5, 0.25, 0.1, 0.02)] == [1e-5, 1e-5, 1e-3, 1e-3]
+    assert runner.knobs_for("l1", chosen, 0.5) == {}   # no sweep, no knobs
+    # a band without a choice budget takes the other band's
+    hard_only = choosing.sweep_bands(Banded(None), "m", [("params", 0.1)], 0, None)
+    assert set(hard_only) == {"hard"} and runner.knobs_for("hgs", hard_only, 0.5) == {"reg": 1e-3}
+
+
+def test_a_trial_is_flagged_chosen_only_in_the_band_it_was_chosen_for(harness, tmp_path):
+    trials = harness.choosing.Trials(None, [], lambda cs: None, None)
+    trials.choices[:] = [{"what": "hgs reg", "model": "m", "setting": s, "budget_kind": "params", "budget": b}
+                         for s in ("reg=1e-05", "reg=0.001") for b in (0.25, 0.1)]
+    trials.mark("hgs reg", "m", "reg=0.001", places=[("params", 0.1)])
+    trials.mark("hgs reg", "m", "reg=1e-05", places=[("params", 0.25)])
+    assert {(e["setting"], e["budget"]) for e in trials.choices if e["chosen"]} == {("reg=0.001", 0.1),
+                                                                                    ("reg=1e-05", 0.25)}
 
 
 def test_a_method_missing_seeds_of_a_cell_is_marked_and_not_ranked(harness):

@@ -73,8 +73,9 @@ MODES = {
                           "resnet20": [("params", 0.25), ("params", 0.1), ("flops", 0.25)]},
                  # GPP's recipe is chosen on LeNet-5 and VGG-BN; ResNet-20 is held out (only the peers'
                  # regularisation is chosen on it)
-                 choice_budgets={"lenet5": [("params", 0.1), ("params", 0.05)],
-                                 "vgg": [("params", 0.1), ("params", 0.02), ("flops", 0.1)],
+                 # (the peers' knobs per band: `choices.band`; each model has a mild and a hard choice budget)
+                 choice_budgets={"lenet5": [("params", 0.25), ("params", 0.1), ("params", 0.05)],
+                                 "vgg": [("params", 0.25), ("params", 0.1), ("params", 0.02), ("flops", 0.1)],
                                  "resnet20": [("params", 0.1), ("flops", 0.25)]},
                  base_epochs={"lenet5": 20, "vgg": 15, "resnet20": 15}, epochs=3.0, prep_epochs=1.0,
                  sweep_values=None, candidates=None, ablation=None,

@@ -2,7 +2,8 @@
 
 1. GPP's recipe candidates on validation at the recipe models' choice budgets (seed 0); the default recipe must
    win them, or no GPP row runs (`choices.default_check`).
-2. Per model: the peers' regularisation on validation (seed 0), then every cell not yet in the records, each
+2. Per model: the peers' regularisation on validation (seed 0), per band of budgets (`choices.sweep_bands`),
+   then every cell not yet in the records, each
    saved as soon as it is measured; records made under other choices, another training recipe or another
    GPP configuration are redone.
 3. The ablation, after the cells of the model it runs on.
@@ -24,9 +25,9 @@ from . import choices as choosing
 from . import methods, protocol
 
 
-def knobs_for(method: str, chosen: dict) -> dict:
-    family = methods.sweep_key(method)
-    return chosen.get(family, {}) if family is not None else {}
+def knobs_for(method: str, chosen: dict, budget: float) -> dict:
+    """A cell's knobs for `method` at `budget`: its band's choice (`choices.sweep_bands`)."""
+    return choosing.knobs_of(chosen, methods.sweep_key(method), budget)
 
 
 def _stale(record: dict, chosen: dict) -> bool:
@@ -45,7 +46,7 @@ def _stale(record: dict, chosen: dict) -> bool:
     rule = methods.widths_rule(record["method"])
     if rule is not None and record.get("widths_rule", methods.WIDTHS_RULE_BEFORE) != rule:
         return True  # a one-shot criterion cut at the widths of another default
-    return record.get("knobs", {}) != knobs_for(record["method"], chosen) or \
+    return record.get("knobs", {}) != knobs_for(record["method"], chosen, record["budget"]) or \
         record.get("train") != protocol.train_recipe()
 
 
@@ -160,8 +161,8 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
         ablation = args.ablation if name in args.ablation_budgets else ()
         if not cells and not ablation:
             continue
-        chosen = choosing.sweep_regs(trials, name, args.choice_budgets[name], seed0, contexts(name, seed0),
-                                     args.sweep_values)
+        chosen = choosing.sweep_bands(trials, name, args.choice_budgets[name], seed0, contexts(name, seed0),
+                                      args.sweep_values)
         stale = [r for r in records if r["model"] == name and _stale(r, chosen)]
         if stale:
             print(f"  redoing {len(stale)} record(s) made with other choices, training or GPP configuration",
@@ -179,7 +180,7 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
             if protocol.needs_bn(method) and not protocol.has_bn(base):
                 continue
             setup = methods.Setup(splits, budget, kind, seed, args.epochs, args.prep_epochs,
-                                  knobs=knobs_for(method, chosen))
+                                  knobs=knobs_for(method, chosen, budget))
             m = protocol.measure(method, base, setup, cache, stem)
             base_cost = gpp_ext.count_params(base) if kind == "params" else \
                 gpp_ext.count_flops(base, torch.zeros(2, *splits.input_shape))
