@@ -400,10 +400,10 @@ def test_the_runner_says_how_many_cells_are_left_and_about_how_long(harness):
 class _SweepTrials:
     """A stand-in for `choices.Trials`: validation accuracy a function of the strength, every run recorded."""
 
-    def __init__(self, accuracy, method="hgs", steps_gain=0.0):
+    def __init__(self, accuracy, method="hgs", steps_gain=0.0, share_gain=0.0):
         self.args = types.SimpleNamespace(available={method}, methods_of={"m": [method]})
         self.accuracy, self.ran, self.optimizers, self.marked = accuracy, [], [], None
-        self.steps, self.steps_gain = [], steps_gain
+        self.steps, self.steps_gain, self.shares, self.share_gain = [], steps_gain, [], share_gain
 
     def run(self, what, setting, method, knobs, place, context):
         self.ran.append(knobs.get("reg"))
@@ -413,6 +413,8 @@ class _SweepTrials:
         accuracy = self.accuracy(reg) if knobs.get("prep_optimizer") in (None, "adamw") else \
             self.accuracy(reg * 100) + 0.01   # under SGD: best 100x lower, and better
         accuracy += self.steps_gain if knobs.get("tp_steps", 1) > 1 else 0.0
+        self.shares.append(knobs.get("push_share"))
+        accuracy += self.share_gain if "push_share" in knobs else 0.0
         return {"setting": setting, "val_accuracy": accuracy, "target_reached": True}
 
     def mark(self, what, model, setting, places=None):
@@ -434,7 +436,13 @@ def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harne
     t = _SweepTrials(peaked(1e-2))
     assert choosing.sweep_regs(t, "m", budgets, 0, None) == {"hgs": {"reg": 1e-2}}
     assert sorted(set(t.ran)) == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2, 1e-1]) and t.marked == "reg=0.01"
-    assert len(t.ran) == 5 * len(budgets)          # every strength at every choice budget, once
+    # every strength at every choice budget, once, then the shorter preparation at the best strength (no
+    # better here: not chosen)
+    assert len(t.ran) == 6 * len(budgets)
+    assert [(r, sh) for r, sh in zip(t.ran, t.shares) if sh is not None] == [(1e-2, 0.15)] * len(budgets)
+    t = _SweepTrials(peaked(1e-2), share_gain=0.01)
+    assert choosing.sweep_regs(t, "m", budgets, 0, None) == {"hgs": {"reg": 1e-2, "push_share": 0.15}}
+    assert t.marked == "reg=0.01, 0.15 preparing"
     # far past the top: at most EXTEND_STEPS steps, the best of what was tried
     t = _SweepTrials(peaked(1e3))
     assert choosing.sweep_regs(t, "m", budgets, 0, None)["hgs"]["reg"] == pytest.approx(0.1)
@@ -446,9 +454,9 @@ def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harne
     t = _SweepTrials(peaked(1e-4))
     choosing.sweep_regs(t, "m", budgets, 0, None)
     assert sorted(set(t.ran)) == [1e-5, 1e-4, 1e-3]
-    t = _SweepTrials(peaked(1e-2))
+    t = _SweepTrials(peaked(1e-2), share_gain=0.01)
     assert choosing.sweep_regs(t, "m", budgets, 0, None, values=(1e-4,))["hgs"] == {"reg": 1e-4}
-    assert set(t.ran) == {1e-4}
+    assert set(t.ran) == {1e-4} and set(t.shares) == {None}
     assert choosing.beyond([3e-3, 1e-2, 3e-2], 1e-2) is None
     assert choosing.beyond([3e-3, 1e-2, 3e-2], 3e-2) == pytest.approx(9e-2)
     # a sparse-training peer: its strengths swept under each optimiser of its preparation, each grid extended on
@@ -464,6 +472,7 @@ def test_a_sweep_whose_best_strength_is_at_an_end_of_its_grid_goes_past_it(harne
     assert sorted(r for r, o, _ in tried if o == "adamw") == [1e-5, 1e-4, 1e-3]
     assert sorted(r for r, o, s in tried if o == "sgd" and s == 1) == pytest.approx([1e-7, 1e-6, 1e-5, 1e-4, 1e-3])
     assert [(r, s) for r, _, s in tried if s > 1] == [(pytest.approx(1e-6), choosing.methods.TP_STEPS)]
+    assert sorted({r for r, sh in zip(t.ran, t.shares) if sh is not None}) == pytest.approx([1e-6])
     # progressive steps better: chosen with the strength; a smaller mode never tries them
     t = _SweepTrials(peaked(1e-4), method=sparse, steps_gain=0.01)
     assert choosing.sweep_regs(t, "m", budgets, 0, None)[sparse] == {
@@ -564,3 +573,16 @@ def test_torch_pruning_cuts_at_once_or_progressively_to_the_budget(harness, kind
     # the base is untouched, BatchNorm statistics included (the pruner's tracing forward runs in eval mode)
     assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
     assert cuts[1] != cuts[methods.TP_STEPS]   # the importance computed again between small steps: other widths
+
+
+def test_a_shorter_preparation_is_a_knob_its_cache_key_and_its_epochs_follow(harness):
+    methods = harness.methods
+    plain = methods.Setup(None, 0.1, "params", 0, 3.0, 1.0, knobs={"reg": 1e-4})
+    short = methods.Setup(None, 0.1, "params", 0, 3.0, 1.0, knobs={"reg": 1e-4, "push_share": 0.15})
+    assert plain.prep == 1.0 and short.prep == pytest.approx(0.45)
+    assert methods.Setup(None, 0.1, "params", 0, 3.0, 1.0, knobs={"push_share": 0.9}).prep == 1.0  # at most
+    keys = {methods.prep_key(m, s) for m in ("torch_pruning:group_norm_sl:global", "torch_pruning:group_norm_sl:local")
+            for s in (plain, short)}
+    assert len(keys) == 2   # the scopes share a preparation; the shorter one is another
+    # the loop's peers read the same knob as the loop's own push share
+    assert methods.loop_settings("hgs", short.knobs)["push_share"] == 0.15

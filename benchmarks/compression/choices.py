@@ -202,7 +202,8 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
     end, a grid step at a time (`beyond`, at most `EXTEND_STEPS`), until the best is inside what it tried: a
     peer's best recipe may lie outside the grid first written down, and the peers must get their best. The
     sparse-training peers (`methods.PREP_OPTIMIZER_FAMILIES`) sweep their strengths under each optimiser of their
-    preparation (`methods.PREP_OPTIMIZERS`), and the best of all is chosen. Torch-Pruning's methods then try
+    preparation (`methods.PREP_OPTIMIZERS`), and the best of all is chosen; they then try a shorter preparation
+    at the chosen strength (`methods.PREP_SHARES`, the knob `push_share`). Torch-Pruning's methods then try
     their cut both ways their authors run it, at once (`tp_steps` 1) and progressively (`methods.TP_STEPS`
     small steps, the importance computed again before each), at the chosen strength (full sweeps only)."""
     args = trials.args
@@ -247,6 +248,11 @@ def sweep_regs(trials: Trials, model: str, budgets: list, seed: int, context, va
                 here += strength(further, optimizer)
                 best = tried[best_by_mean(here)[0]][knob]
             entries += here
+        if family in methods.PREP_SHARE_FAMILIES and values is None and entries:
+            # a shorter preparation (more fine-tuning) at the best strength
+            setting = best_by_mean(entries)[0]
+            for share in methods.PREP_SHARES:
+                entries += trial({**tried[setting], "push_share": share}, f"{setting}, {share:g} preparing")
         if method.startswith("torch_pruning:") and values is None:
             # the cut at once (what the strengths were swept with), then progressively, at the best strength
             at = tried[best_by_mean(entries)[0]] if entries else {}

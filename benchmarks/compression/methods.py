@@ -83,6 +83,11 @@ SWEEP_KNOBS = {"group_fisher": "push_share", **{method: "tp_steps" for method in
 # over the strengths, and keep the best on validation (`prep_optimizer` in their knobs).
 PREP_OPTIMIZER_FAMILIES = ("slimming", "hgs", *TP_SPARSE)
 PREP_OPTIMIZERS = {"adamw": {}, "sgd": dict(optimizer="sgd", lr=0.01)}
+# The sparse-training peers prepare for the longest the protocol allows (`prep_epochs`, a third of the epochs),
+# as their papers train sparse as long as they can; a shorter preparation leaves more fine-tuning, and GPP's own
+# default pushes for 15%. Each is tried at its chosen strength (the knob `push_share`, as the loop reads it).
+PREP_SHARE_FAMILIES = ("slimming", "hgs", "sss", "sss_blocks", *TP_SPARSE)
+PREP_SHARES = (0.15,)
 
 
 @dataclass
@@ -102,6 +107,13 @@ class Setup:
         """The `fit` arguments of every training phase: the default recipe's (`loop.train_kwargs`), so the
         peers train exactly as the loop does."""
         return train_kwargs(recipes.build("gpp"))
+
+    @property
+    def prep(self) -> float:
+        """The epochs a preparation trains: `prep_epochs`, or the knobs' `push_share` of all the epochs (as the
+        loop's methods read it), at most `prep_epochs`."""
+        share = self.knobs.get("push_share")
+        return self.prep_epochs if share is None else min(self.prep_epochs, share * self.epochs)
 
     @property
     def prep_train(self) -> dict:
@@ -198,7 +210,7 @@ def prep_key(method: str, setup: Setup) -> str | None:
         family = sweep_key(method).removesuffix(":local").removesuffix(":global")   # the scopes share it
         t = setup.prep_train
         recipe = f"{t['optimizer']}-{t['lr_schedule']}-lr{t['lr']:g}-wd{t['weight_decay']:g}-b{t['batch_size']}"
-        return f"{family.replace(':', '_')}-reg{setup.knobs.get('reg', 1e-4):g}-prep{setup.prep_epochs:g}-{recipe}"
+        return f"{family.replace(':', '_')}-reg{setup.knobs.get('reg', 1e-4):g}-prep{setup.prep:g}-{recipe}"
     return None
 
 
@@ -218,7 +230,7 @@ def run(method: str, base, setup: Setup, cached=None):
         return _slimming(cached(key, lambda: _slimming_prep(model, setup)), setup)
     if method in TP_SPARSE:
         return _torch_pruning(method, cached(key, lambda: _tp_sparse_prep(method, model, setup)), setup,
-                              used=setup.prep_epochs)
+                              used=setup.prep)
     if method in TP_MAGNITUDE:
         return _torch_pruning(method, model, setup)
     cut, _ = gpp_ext.prune(copy.deepcopy(model), setup.loader(), setup.example, setup.splits.num_classes,
@@ -278,7 +290,7 @@ def _slimming_prep(model, setup: Setup):
     def penalty(m):
         return reg * sum(b.weight.abs().sum() for b in m.modules() if is_batch_norm(b) and b.weight is not None)
 
-    return fit(model, setup.splits.train, setup.prep_epochs, seed=setup.seed, penalty=penalty, **setup.prep_train)
+    return fit(model, setup.splits.train, setup.prep, seed=setup.seed, penalty=penalty, **setup.prep_train)
 
 
 def _slimming(model, setup: Setup):
@@ -286,7 +298,7 @@ def _slimming(model, setup: Setup):
     cut, _ = gpp_ext.prune(copy.deepcopy(model), setup.loader(), setup.example, setup.splits.num_classes,
                            criterion="bn_scale", method="budget", budget=setup.budget, budget_kind=setup.kind,
                            allocation="global", normalize="none", recalibrate=False, progress=False)
-    return model, cut, setup.prep_epochs
+    return model, cut, setup.prep
 
 
 # ------------------------------------------------------------------------------------ the HESSO-style peer
@@ -337,12 +349,12 @@ def hesso_saliency(graph, context) -> dict:
 def _hesso_style(model, setup: Setup):
     fade = RemovalFade(model, setup.example, setup.loader(), setup.budget, budget_kind=setup.kind,
                        criterion=hesso_saliency, reselect=4, schedule="linear", normalize="none", seed=setup.seed)
-    model = fit(model, setup.splits.train, setup.prep_epochs, seed=setup.seed, after_step=fade.step, **setup.train)
+    model = fit(model, setup.splits.train, setup.prep, seed=setup.seed, after_step=fade.step, **setup.train)
     keep = fade.finish()
     before = copy.deepcopy(model)
     cut, _ = gpp_ext.prune(model, setup.loader(), setup.example, setup.splits.num_classes, keep=keep,
                            recalibrate=False, progress=False, inplace=True)
-    return before, cut, setup.prep_epochs
+    return before, cut, setup.prep
 
 
 # --------------------------------------------------------------------------------------------- Torch-Pruning
@@ -379,7 +391,7 @@ def _tp_sparse_prep(method: str, model, setup: Setup):
     import torch_pruning as tp
 
     pruner = _tp_pruner(tp, method, model, setup, 0.5)
-    return fit(model, setup.splits.train, setup.prep_epochs, seed=setup.seed,
+    return fit(model, setup.splits.train, setup.prep, seed=setup.seed,
                after_backward=lambda m: pruner.regularize(m), **{**setup.prep_train, "weight_decay": 0.0})
 
 
