@@ -504,14 +504,20 @@ def test_the_peers_knobs_are_chosen_per_band_of_budgets_and_each_cell_takes_its_
                     "target_reached": True}
 
     t = Banded(None)
+    t.choices = [{"model": "m", "what": "hgs reg", "chosen": True},
+                 {"model": "m", "what": "gpp recipe", "chosen": True}]
     chosen = choosing.sweep_bands(t, "m", [("params", 0.25), ("params", 0.1), ("flops", 0.05)], 0, None)
+    # a trial at a budget no longer among the choice budgets is unflagged; GPP's recipe trials are not the peers'
+    assert [e["chosen"] for e in t.choices] == [False, True]
     assert chosen == {"hard": {"hgs": {"reg": 1e-3}}, "mild": {"hgs": {"reg": 1e-5}}}
     assert set(t.places) == {("params", 0.25), ("params", 0.1), ("flops", 0.05)}
     # a cell takes its band's knobs: 50% and 25% the mild ones, 10% and below the hard ones
     assert [runner.knobs_for("hgs", chosen, b)["reg"] for b in (0.5, 0.25, 0.1, 0.02)] == [1e-5, 1e-5, 1e-3, 1e-3]
     assert runner.knobs_for("l1", chosen, 0.5) == {}   # no sweep, no knobs
     # a band without a choice budget takes the other band's
-    hard_only = choosing.sweep_bands(Banded(None), "m", [("params", 0.1)], 0, None)
+    t = Banded(None)
+    t.choices = []
+    hard_only = choosing.sweep_bands(t, "m", [("params", 0.1)], 0, None)
     assert set(hard_only) == {"hard"} and runner.knobs_for("hgs", hard_only, 0.5) == {"reg": 1e-3}
 
 
@@ -559,7 +565,12 @@ def test_torch_pruning_cuts_at_once_or_progressively_to_the_budget(harness, kind
     torch.manual_seed(0)
     base = models.build("vgg", in_channels=splits.input_shape[0], num_classes=splits.num_classes)
     base.train()
+    bns = [m for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:   # statistics a forward pass in training mode would move
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
     state = {k: v.clone() for k, v in base.state_dict().items()}
+    first = next(m for m in base.modules() if isinstance(m, torch.nn.Conv2d))
     cuts = {}
     for steps in (1, methods.TP_STEPS):
         setup = methods.Setup(splits, budget, kind, 0, 1.0, 0.5, knobs={"tp_steps": steps})
@@ -569,8 +580,14 @@ def test_torch_pruning_cuts_at_once_or_progressively_to_the_budget(harness, kind
         # at most the budget, and not far under it: the progressive cut overshoots by one of its small steps
         assert 0.9 * budget * setup.cost(base) <= cost <= budget * setup.cost(base)
         cuts[steps] = [m.out_channels for m in cut.modules() if isinstance(m, torch.nn.Conv2d)]
+        # the kept channels' BatchNorm statistics are the base's (the pruner's tracing forward runs in eval mode)
+        kept = [next(i for i, w in enumerate(first.weight) if torch.equal(w, v))
+                for v in next(m for m in cut.modules() if isinstance(m, torch.nn.Conv2d)).weight]
+        bn = next(m for m in cut.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        assert torch.equal(bn.running_mean, bns[0].running_mean[kept]) and \
+            torch.equal(bn.running_var, bns[0].running_var[kept])
         assert cut(torch.zeros(2, *splits.input_shape)).shape == (2, splits.num_classes)
-    # the base is untouched, BatchNorm statistics included (the pruner's tracing forward runs in eval mode)
+    # the base is untouched, BatchNorm statistics included
     assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
     assert cuts[1] != cuts[methods.TP_STEPS]   # the importance computed again between small steps: other widths
 
@@ -586,3 +603,26 @@ def test_a_shorter_preparation_is_a_knob_its_cache_key_and_its_epochs_follow(har
     assert len(keys) == 2   # the scopes share a preparation; the shorter one is another
     # the loop's peers read the same knob as the loop's own push share
     assert methods.loop_settings("hgs", short.knobs)["push_share"] == 0.15
+
+
+@pytest.mark.parametrize("method", ["slimming", "torch_pruning:group_norm_sl:global"])
+def test_a_shorter_preparation_trains_that_long_and_leaves_the_rest_to_the_fine_tune(harness, monkeypatch, method):
+    if method.startswith("torch_pruning"):
+        pytest.importorskip("torch_pruning")
+    methods = harness.methods
+    from gpp_ext import data, models
+
+    splits = data.load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    base = models.build("vgg", in_channels=splits.input_shape[0], num_classes=splits.num_classes)
+    trained = []
+
+    def fit(model, dataset, epochs, **kwargs):   # the preparation's training, recorded instead of run
+        trained.append(epochs)
+        return model
+
+    monkeypatch.setattr(methods, "fit", fit)
+    setup = methods.Setup(splits, 0.3, "params", 0, 3.0, 1.0, knobs={"reg": 1e-4, "push_share": 0.15})
+    _, cut, used = methods.run(method, base, setup)
+    assert trained == [pytest.approx(0.45)] and used == pytest.approx(0.45)
+    assert setup.cost(cut) <= 0.3 * setup.cost(base) * harness.protocol.BUDGET_SLACK

@@ -180,7 +180,12 @@ def band(budget: float) -> str:
 
 
 def sweep_bands(trials: Trials, model: str, budgets: list, seed: int, context, values=None) -> dict:
-    """`{band: {family: knobs}}`: `sweep_regs` over the choice budgets of each band that has some."""
+    """`{band: {family: knobs}}`: `sweep_regs` over the choice budgets of each band that has some. The peers'
+    trials of `model` are unflagged first, so a trial at a budget that is no longer a choice budget is not left
+    flagged chosen."""
+    for e in trials.choices:
+        if e["model"] == model and e["what"] not in ("gpp recipe", "gpp ablation"):
+            e["chosen"] = False
     return {b: sweep_regs(trials, model, here, seed, context, values)
             for b in BANDS if (here := [(k, x) for k, x in budgets if band(x) == b])}
 

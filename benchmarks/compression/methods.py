@@ -364,6 +364,8 @@ def _hesso_style(model, setup: Setup):
 # target. Each of its methods tries both on validation (`choices.sweep_regs`, the knob `tp_steps`). Progressive
 # global steps can starve a layer: the importance is normalised per layer by its mean, so a layer's survivors
 # score lower after each of its removals (on VGG-BN at 25% of the parameters both first convolutions keep 1 of 32).
+# And a step can take the model well under its budget, as in Torch-Pruning's benchmark (layers of equal width
+# lose a channel together: ResNet-20, local, at 25% of the FLOPs ends at 21.5%); the records show the size reached.
 TP_STEPS = 400
 
 
@@ -407,20 +409,16 @@ def _torch_pruning(method: str, model, setup: Setup, used: float = 0.0):
     def pruner_on(ratio):
         m = copy.deepcopy(model)
         torch.manual_seed(setup.seed)
-        m.eval()   # its graph is traced by a forward pass, which must leave the BatchNorm statistics as they were
         return m, _tp_pruner(tp, method, m, setup, ratio, steps=steps)
 
-    def done(m):
+    def done(m):   # Torch-Pruning traces its graph in eval mode and leaves the model there
         m.zero_grad(set_to_none=True)
         return m.train(model.training)
 
-    if steps > 1:
+    if steps > 1:   # (a cut still over the budget after every step is recorded as missing it, not chosen)
         cut, pruner = pruner_on(1.0)
         while setup.cost(cut) > target and pruner.current_step < pruner.iterative_steps:
             pruner.step()
-        if setup.cost(cut) > target:
-            raise RuntimeError(f"{method}: Torch-Pruning's {steps} steps left a cost of {setup.cost(cut):,}, over "
-                               f"the budget's {target:,.0f} ({setup.kind})")
         return model, done(cut), used
 
     def cut_at(ratio):

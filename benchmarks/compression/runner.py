@@ -188,8 +188,7 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
                       "budget": budget, "seed": seed, "knobs": setup.knobs, **m,
                       "base_params": gpp_ext.count_params(base), "base_cost": base_cost,
                       "base_test_accuracy": contexts.accuracy(name, seed),
-                      # the budget is an upper bound; 2% slack for the granularity of whole channels
-                      "met_budget": m[kind] <= budget * base_cost * 1.02}
+                      "met_budget": m[kind] <= budget * base_cost * protocol.BUDGET_SLACK}
             record.update(protocol.settings(args, name), commit=args.commit, torch=torch.__version__,
                           machine=args.machine, train=protocol.train_recipe())
             records.append(record)
