@@ -33,7 +33,7 @@ import torch.nn as nn
 from . import distributed as gdist
 from .classifier import find_classifier
 from .pruning import ChannelGraph, CriterionContext, criteria, select_channels
-from .pruning.allocation import ON_DATA, evaluator_from
+from .pruning.allocation import ON_DATA, evaluator_from, held_out_batches
 
 __all__ = ["RemovalFade", "FADE_SCHEDULES"]
 
@@ -148,7 +148,8 @@ class RemovalFade:
             if self.allocation in ON_DATA:
                 evaluate = evaluator_from(self.model, self.graph.example_inputs, scores, self.loader,
                                           ignore=tuple(self.graph.ignore), device=context.device,
-                                          max_batches=self.max_batches)
+                                          max_batches=self.max_batches,
+                                          held_out=held_out_batches(self.allocation))
             keep = gdist.broadcast_object(select_channels(
                 self.graph, scores, method="budget", budget=self.budget, budget_kind=self.budget_kind,
                 min_channels=self.min_channels, round_to=self.round_to, normalize=self.normalize,

@@ -49,7 +49,8 @@ from .costs import KINDS, cost_model as make_cost_model
 from .graph import ChannelGraph
 
 __all__ = ["allocate", "keep_top", "width_grid", "group_values", "ALLOCATIONS", "ON_DATA", "CandidateEvaluator",
-           "fisher_coefficients", "fisher_widths", "search_widths", "evaluator_from"]
+           "fisher_coefficients", "fisher_widths", "search_widths", "evaluator_from",
+           "held_out_batches"]
 
 ALLOCATIONS = ("uniform", "global", "solver", "fisher", "search", "genetic")
 # the allocations that need data: an evaluator (`CandidateEvaluator`), whose fixed training slice "fisher" measures
@@ -558,13 +559,20 @@ def search_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, ki
     return widths, record
 
 
+def held_out_batches(allocation: str) -> int:
+    """How many held-out batches `allocation`'s evaluator keeps: 8 for the genetic search, which re-scores its
+    finalists on them; none for the others."""
+    return 8 if allocation == "genetic" else 0
+
+
 def evaluator_from(model, example_inputs, scores: dict, loader, ignore=(), device="cpu", batches: int = 8,
                    calibration: int = 8, max_batches: int | None = None, loss: str = "kl",
-                   held_out: int = 8) -> CandidateEvaluator:
+                   held_out: int = 0) -> CandidateEvaluator:
     """A `CandidateEvaluator` on the first batches of `loader` (the same fixed batches for every candidate):
     `calibration` batches re-estimate BatchNorm, the `batches` after them (or the same ones when the loader is
     shorter) measure the loss, and the `held_out` after those (as many as the loader and `max_batches` leave)
-    are kept for re-scoring a search's finalists."""
+    are kept for re-scoring a search's finalists (`held_out_batches(allocation)`: only the allocations that
+    re-score read them, so no other reads more of the loader than it uses)."""
     from ..training import labelled_batches
 
     wanted = calibration + batches + held_out

@@ -25,7 +25,7 @@ from ..classifier import find_classifier
 from ..cost import count_flops, count_params
 from ..training import recalibrate_batchnorm
 from . import criteria
-from .allocation import ON_DATA, evaluator_from
+from .allocation import ON_DATA, evaluator_from, held_out_batches
 from .graph import ChannelGraph
 from .selection import resolve_method, select_channels
 
@@ -156,7 +156,7 @@ def prune(model: nn.Module, loader, example_inputs, num_classes: int | None = No
         evaluate = None
         if allocation in ON_DATA and method == "budget":
             evaluate = evaluator_from(model, example_inputs, scores, loader, ignore=ignore, device=device,
-                                      max_batches=max_batches)
+                                      max_batches=max_batches, held_out=held_out_batches(allocation))
         start = time.perf_counter()
         keep = select_channels(graph, scores, method=method, eta=eta if method == "eta" else None, ratio=ratio,
                                budget=budget, budget_kind=budget_kind, min_channels=min_channels,
