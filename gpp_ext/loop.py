@@ -57,7 +57,7 @@ from .models.sources import build_source, is_code_source, spec_of
 from .run_folder import RunFolder, run_identity
 
 __all__ = ["LoopConfig", "GrowPushPrune", "push_stage", "prune_stage", "stage_seed", "stage_epochs", "stage_goal",
-           "train_kwargs", "run_settings"]
+           "train_kwargs", "run_settings", "same_run"]
 
 SCHEDULES = ("eta", "budget")
 FINAL_FINETUNE = ("train", "train+val")
@@ -257,6 +257,16 @@ def run_settings(settings) -> dict:
         unread |= set(pushes.SELECTION_SETTINGS)
     unread |= {"push_epochs", "finetune_epochs"} if d.get("epoch_budget") is not None else {"push_share"}
     return {k: v for k, v in d.items() if k not in unread and k != "ignore"}
+
+
+def same_run(stored, current) -> bool:
+    """Whether two configurations (`LoopConfig`s or dicts, e.g. one recorded before a field existed) run the same
+    loop: they agree on every setting the run reads (`run_settings`), a field one of them lacks counting as the
+    value runs used before it was added (`_ADDED_SINCE`)."""
+    stored, current = run_settings(stored), run_settings(current)
+    missing = object()
+    return all(stored.get(k, _ADDED_SINCE.get(k, missing)) == current.get(k, _ADDED_SINCE.get(k, missing))
+               for k in set(stored) | set(current))
 
 
 def stage_goal(config: LoopConfig, iteration: float) -> float:

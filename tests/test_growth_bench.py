@@ -183,3 +183,19 @@ def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch
     left = sorted(p.name for p in (tmp_path / "growth-nets").iterdir())
     assert left == ["base-seed0.pt", "largest-seed0.pt"]   # done: the checkpoints (and the triage's) are gone
     _forget()
+
+
+def test_a_pushed_and_pruned_record_from_before_a_loop_field_existed_still_stands():
+    from benchmarks.growth.runner import default_recipe, same_recipe
+
+    now = default_recipe()
+    assert same_recipe(now)
+    # made before push_optimizer and push_lr existed (they default to what runs used before them): it stands
+    older = {k: v for k, v in now.items() if k not in ("push_optimizer", "push_lr")}
+    assert same_recipe(older)
+    # another pruning algorithm version, a setting the run reads, or no recipe at all: redone
+    assert not same_recipe({**older, "algorithms": now["algorithms"] - 1})
+    assert not same_recipe({**now, "lr": now["lr"] * 2})
+    assert not same_recipe({k: v for k, v in now.items() if k != "algorithms"})
+    assert not same_recipe(None)
+    _forget()

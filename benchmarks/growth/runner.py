@@ -17,7 +17,7 @@ from gpp_ext.cost import count_flops, count_params
 from gpp_ext.gap import scheduled_grow_and_prune
 from gpp_ext.grow import grow
 from gpp_ext.io import write_text_atomic
-from gpp_ext.loop import GrowPushPrune, train_kwargs
+from gpp_ext.loop import GrowPushPrune, same_run, train_kwargs
 from gpp_ext.models.resnet import ResNet
 from gpp_ext.training import evaluate, fit
 from gpp_ext.triage import BlockCriticality, stage_order, triage
@@ -235,7 +235,7 @@ def _claims(g: _Grown) -> None:
         target = r["params"] / largest_record["params"]
         key = (seed, "pruned", r["key"][2])
         done = runs.get(key)
-        if done is None or done.get("recipe") != default_recipe():  # made by another default: redone
+        if done is None or not same_recipe(done.get("recipe")):  # made by another default: redone
             clock = _Clock()
             config = recipes.build("gpp", epochs=0, epoch_budget=mode["prune_epochs"], target_params=target,
                                    seed=seed)
@@ -309,6 +309,17 @@ def default_recipe() -> dict:
     from gpp_ext.pruning import ALGORITHM_VERSION
 
     return json.loads(json.dumps({**asdict(recipes.build("gpp")), "algorithms": ALGORITHM_VERSION}))
+
+
+def same_recipe(stored: dict | None) -> bool:
+    """Whether a pushed-and-pruned record's `recipe` (`default_recipe()` when it was made) runs the loop today's
+    default runs, with today's pruning algorithms: a `LoopConfig` field added since, at the value runs used
+    before it existed, changes nothing (`loop.same_run`)."""
+    if stored is None:
+        return False
+    now = default_recipe()
+    return stored.get("algorithms") == now["algorithms"] and same_run(
+        {k: v for k, v in stored.items() if k != "algorithms"}, {k: v for k, v in now.items() if k != "algorithms"})
 
 
 def _further(g: _Grown) -> None:
