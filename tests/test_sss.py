@@ -145,3 +145,12 @@ def test_the_factors_end_at_their_last_proximal_iterate():
     assert (last[:3] == 0).all() and (last[3:] > 0).all()      # the small factors zeroed, the large ones kept
     sss.finish(delete=False)
     assert torch.equal(weight.detach(), last)                  # the iterates: survivors not shrunk once more
+
+
+def test_a_model_with_nothing_to_select_is_refused_before_any_training():
+    lenet = models.build("lenet5", in_channels=1, num_classes=10, input_size=28)   # no BatchNorm, no blocks
+    with pytest.raises(ValueError, match="no residual blocks and BatchNorm weights to select"):
+        SparseStructureSelection(lenet, 1e-2)
+    with pytest.raises(ValueError, match="no residual blocks to select"):
+        SparseStructureSelection(models.build("vgg", in_channels=1, num_classes=10), 1e-2, channels=False)
+    assert SparseStructureSelection(models.build("vgg", in_channels=1, num_classes=10), 1e-2, blocks=False).factors

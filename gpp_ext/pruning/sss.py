@@ -54,6 +54,10 @@ class SparseStructureSelection:
         self.factors = list(self.blocks.parameters()) if blocks else []
         if channels:
             self.factors += [m.weight for m in model.modules() if is_batch_norm(m) and m.weight is not None]
+        if not self.factors:
+            what = " and ".join(n for n, on in (("residual blocks", blocks), ("BatchNorm weights", channels)) if on)
+            raise ValueError(f"SparseStructureSelection: the model has no {what} to select (a channel's factor is "
+                             f"its BatchNorm weight); use a model with them, or another push (hgs, group_fisher)")
         self._grads: list = [None] * len(self.factors)
         self._velocity = [torch.zeros_like(f) for f in self.factors]
         self._prox: list = [None] * len(self.factors)   # the last proximal iterate of each factor
