@@ -69,6 +69,30 @@ def test_all_reduce_scatter_refuses_different_shapes(tmp_path):
         assert "same shape" in (tmp_path / f"rank{r}.txt").read_text()
 
 
+def _abort_worker(rank, world, out, when):
+    import atexit
+    import os
+    import signal
+
+    (out / f"rank{rank}.txt").write_text("worked")
+    if rank == 0 and when == "in teardown":
+        atexit.register(os.kill, os.getpid(), signal.SIGABRT)  # dies after the barrier and the group are gone
+    elif rank == 0:
+        os.kill(os.getpid(), signal.SIGABRT)
+
+
+def test_run_processes_tells_a_teardown_abort_from_a_crash(tmp_path):
+    """gloo can abort a process while it leaves the group after all the work is done: that warns. A process
+    killed before every rank finished still fails the caller."""
+    from torch.multiprocessing import ProcessExitedException
+
+    with pytest.warns(RuntimeWarning, match="rank 0 died of SIGABRT while leaving"):
+        run_processes(_abort_worker, 2, tmp_path, "in teardown")
+    assert all((tmp_path / f"rank{r}.txt").read_text() == "worked" for r in (0, 1))
+    with pytest.raises(ProcessExitedException, match="SIGABRT"):
+        run_processes(_abort_worker, 2, tmp_path, "at work")
+
+
 def test_without_a_process_group_it_is_the_identity():
     stats = ops.class_scatter(*make_features(50, 4, 3, dtype=torch.float64), 3)
     assert all_reduce_scatter(stats) is stats
