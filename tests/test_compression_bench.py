@@ -357,10 +357,11 @@ def test_the_distillation_study_picks_its_rows_after_the_plain_ones_and_renders_
 def test_the_speed_table_sets_gpp_against_the_most_accurate_peer(harness):
     render = harness.render
 
-    def rec(method, acc, b1, b64, met=True):
+    def rec(method, acc, b1, b64, met=True):   # speed-ups over a base of 1 ms
         return {"model": "vgg", "budget_kind": "params", "budget": 0.1, "method": method, "seed": 0,
                 "test_accuracy": acc, "met_budget": met,
-                "latency": {"eager": {"speedup_b1": b1, "speedup_b64": b64}, "machine": "m", "commit": "c"}}
+                "latency": {"eager": {"speedup_b1": b1, "speedup_b64": b64, "b1_ms": 1 / b1, "b64_ms": 1 / b64},
+                            "machine": "m", "commit": "c"}}
 
     records = [rec("gpp", 0.90, 2.0, 3.0), rec("l1", 0.91, 1.0, 4.0), rec("random", 0.80, 9.0, 9.0),
                rec("taylor", 0.95, 5.0, 5.0, met=False)]   # a peer that missed the budget is no rival
@@ -372,7 +373,22 @@ def test_the_speed_table_sets_gpp_against_the_most_accurate_peer(harness):
                 rec("random", 0.80, 9.0, 9.0) | {"seed": 1}, rec("genetic", 0.99, 1.0, 1.0)]
     lines = render._speed(records)
     assert lines[lines.index("| model | budget | best peer | eager b1 | eager b64 |") + 2:] == \
-        ["| vgg | 10% | l1 | 2.00 | 0.75 |"]
+        ["| vgg | 10% | l1 | 2.00 (2.00–2.00) | 0.75 (0.75–0.75) |"]
+
+
+def test_the_speed_duel_pairs_the_models_of_the_same_seed(harness):
+    """GPP ~10% faster than the peer in seed 0 and 10% slower in seed 1, where both models are slower: paired by
+    seed, the median is parity and the bracket shows both seeds; a ratio of medians over seeds would set one
+    seed's model against another's (1.02 from the median speed-ups here)."""
+    def rec(method, seed, ms):
+        return {"model": "vgg", "budget_kind": "params", "budget": 0.1, "method": method, "seed": seed,
+                "test_accuracy": 0.9 if method == "gpp" else 0.91, "met_budget": True,
+                "latency": {"eager": {"speedup_b1": 1 / ms, "speedup_b64": 1 / ms, "b1_ms": ms, "b64_ms": ms},
+                            "machine": "m", "commit": "c"}}
+
+    records = [rec("gpp", 0, 1.0), rec("l1", 0, 1.1), rec("gpp", 1, 2.0), rec("l1", 1, 1.8)]
+    lines = harness.render._speed(records)
+    assert lines[-1] == "| vgg | 10% | l1 | 1.00 (0.90–1.10) | 1.00 (0.90–1.10) |"
 
 
 def test_who_wins_pairs_gpp_with_the_best_peer_seed_by_seed(harness):

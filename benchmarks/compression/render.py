@@ -68,6 +68,20 @@ def _latency_cell(rs) -> str:
     return f"{_mean(r['latency_ms_b1'] for r in rs):.3f} / {_mean(r['latency_ms_b64'] for r in rs):.2f} *"
 
 
+def _paired_speed(ours: list, theirs: list, runtime: str, batch: int) -> str:
+    """GPP's speed-up over a peer, paired by seed: the peer's latency over GPP's for the models of the same seed
+    (same base), so a seed where the two keep other widths is not compared with another seed's model."""
+    def by_seed(rs):
+        return {r["seed"]: r["latency"][runtime][f"b{batch}_ms"] for r in rs if runtime in r["latency"]}
+
+    mine, other = by_seed(ours), by_seed(theirs)
+    ratios = sorted(other[s] / mine[s] for s in mine.keys() & other.keys())
+    if not ratios:
+        return "–"
+    middle = statistics.median(ratios)
+    return f"{middle:.2f}" + (f" ({ratios[0]:.2f}–{ratios[-1]:.2f})" if len(ratios) > 1 else "")
+
+
 def _speed(records) -> list:
     """The speed-up of each method's compact models over the base, from the latency pass (median over seeds)."""
     timed = [r for r in records if "latency" in r]
@@ -95,15 +109,13 @@ def _speed(records) -> list:
         # GPP against the most accurate peer that met the budget (the one it has to beat on accuracy)
         ranked = [m for m, _ in _contenders(_groups(records)[(model, kind, budget)]) if not m.startswith("gpp")]
         if "gpp" in by_method and ranked and ranked[0] in by_method:
-            ratios = []
-            for k in runtimes:
-                for b in (1, 64):
-                    ours, theirs = speedup(by_method["gpp"], k, b), speedup(by_method[ranked[0]], k, b)
-                    ratios.append(f"{ours / theirs:.2f}" if ours and theirs else "–")
-            duel.append(f"| {model} | {_budget(kind, budget)} | {ranked[0]} | " + " | ".join(ratios) + " |")
+            cells = [_paired_speed(by_method["gpp"], by_method[ranked[0]], k, b) for k in runtimes for b in (1, 64)]
+            duel.append(f"| {model} | {_budget(kind, budget)} | {ranked[0]} | " + " | ".join(cells) + " |")
     if duel:
         lines += ["", "GPP's compact models against the most accurate peer's at each budget: GPP's speed-up over "
-                  "the peer's (the peer's latency over GPP's, medians over seeds; > 1: GPP is faster).", "",
+                  "the peer's, seed by seed (the peer's latency over GPP's, both models of the same seed and base "
+                  "timed in the same window), the median over seeds and, in brackets, the lowest and highest; "
+                  "> 1: GPP is faster.", "",
                   "| model | budget | best peer | " + " | ".join(heads) + " |", "|---|---:|---|" + "---:|" * len(heads)]
         lines += duel
     return lines
