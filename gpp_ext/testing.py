@@ -106,8 +106,8 @@ def run_processes(fn, world_size: int, *args, backend: str = "gloo", timeout: fl
 
     A process killed by a signal after every rank finished `fn` and the closing barrier, that is while gloo tears
     its connections down, only warns: torch 2.13's gloo can abort there ("terminate called without an active
-    exception", seen about once in a few hundred runs on a loaded 2-core machine) when the work and its outputs
-    are complete. A signal before that point still raises."""
+    exception": seen once in CI on a 2-core machine, not again in 60 runs under load) when the work and its
+    outputs are complete. A signal before that point still raises."""
     import os
     import tempfile
     import time
