@@ -84,15 +84,17 @@ def stage_epochs(config) -> tuple:
     return per * config.push_share, per * (1 - config.push_share)
 
 
-def register(name: str, summary: str, check=None, reads: tuple = (), selects: bool = False):
+def register(name: str, summary: str, check=None, reads: tuple = (), selects: bool = False, check_model=None):
     """Registers a push handler under `name`; `check(config)` (optional) raises `ValueError` for settings it
-    cannot run with; `reads` names the `PUSH_SETTINGS` the handler reads; `selects=True` says the handler
+    cannot run with, `check_model(config, model)` (optional) for a model it cannot run on (the loop calls it
+    before training anything); `reads` names the `PUSH_SETTINGS` the handler reads; `selects=True` says the handler
     decides the keep-set itself (it returns one whenever the model is above the iteration's goal), so the
     prune stage's `SELECTION_SETTINGS` do not shape its run. Returns the decorator."""
     unknown = sorted(set(reads) - set(PUSH_SETTINGS))
     if unknown:
         raise ValueError(f"pushes.register({name!r}): reads names settings outside PUSH_SETTINGS: {unknown}")
-    return _REGISTRY.register(name, summary, check=check, reads=tuple(reads), selects=bool(selects))
+    return _REGISTRY.register(name, summary, check=check, reads=tuple(reads), selects=bool(selects),
+                              check_model=check_model)
 
 
 names, describe, get = _REGISTRY.names, _REGISTRY.describe, _REGISTRY.get
@@ -113,6 +115,14 @@ def check(config) -> None:
     extra = _REGISTRY.extra(config.push, "check")
     if extra is not None:
         extra(config)
+
+
+def check_model(config, model) -> None:
+    """`ValueError` when `config.push`'s handler cannot run on `model` (say, SSS on a model with nothing to
+    select); called by the loop with its other model checks, before the base model trains."""
+    extra = _REGISTRY.extra(config.push, "check_model")
+    if extra is not None:
+        extra(config, model)
 
 
 def _push_loss(ctx: PushContext):
@@ -228,6 +238,14 @@ def _hgs(ctx: PushContext):
                **{**ctx.fit_kwargs, **own}), None
 
 
+def _sss_selectable(channels: bool):
+    def check(config, model) -> None:
+        from .pruning.sss import check_selectable
+
+        check_selectable(model, blocks=True, channels=channels)
+    return check
+
+
 def _sss_push(ctx: PushContext, channels: bool):
     from .models.sources import spec_of
     from .pruning.sss import SparseStructureSelection
@@ -247,14 +265,14 @@ def _sss_push(ctx: PushContext, channels: bool):
 
 @register("sss", "sparse structure selection: scales on residual blocks and channels (BatchNorm weights) trained "
           "to exact zeros by the modified accelerated proximal gradient (--sparsity); zero blocks are removed",
-          check=_needs_training("sss"), reads=("sparsity",))
+          check=_needs_training("sss"), reads=("sparsity",), check_model=_sss_selectable(channels=True))
 def _sss(ctx: PushContext):
     return _sss_push(ctx, channels=True)
 
 
 @register("sss_blocks", "sparse structure selection of whole residual blocks only (--sparsity): zero blocks are "
           "removed, the prune stage then selects channels with the criterion", check=_needs_training("sss_blocks"),
-          reads=("sparsity",))
+          reads=("sparsity",), check_model=_sss_selectable(channels=False))
 def _sss_blocks(ctx: PushContext):
     return _sss_push(ctx, channels=False)
 

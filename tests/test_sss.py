@@ -154,3 +154,27 @@ def test_a_model_with_nothing_to_select_is_refused_before_any_training():
     with pytest.raises(ValueError, match="no residual blocks to select"):
         SparseStructureSelection(models.build("vgg", in_channels=1, num_classes=10), 1e-2, channels=False)
     assert SparseStructureSelection(models.build("vgg", in_channels=1, num_classes=10), 1e-2, blocks=False).factors
+
+
+def test_the_loop_refuses_sss_on_such_a_model_before_training_it(tmp_path, monkeypatch):
+    """`GrowPushPrune` checks the push against the model with its other model checks: nothing is trained, and
+    `gpp compress` says why and exits non-zero at once."""
+    import gpp_ext.loop as loop_module
+    from gpp_ext.loop import GrowPushPrune
+
+    monkeypatch.setattr(loop_module, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+    splits = data.load_dataset("digits", seed=0)
+    for push in ("sss", "sss_blocks"):
+        with pytest.raises(ValueError, match="no residual blocks"):
+            GrowPushPrune(models.build("lenet5", input_size=8), splits, recipes.build("sss", push=push),
+                          out_dir=tmp_path / push, progress=False)
+        assert not (tmp_path / push).exists()
+    vgg = models.build("vgg", in_channels=1, num_classes=10)
+    with pytest.raises(ValueError, match="no residual blocks to select"):   # its BatchNorm weights do not count
+        GrowPushPrune(vgg, splits, recipes.build("sss", push="sss_blocks"), out_dir=tmp_path / "v", progress=False)
+    GrowPushPrune(vgg, splits, recipes.build("sss"), out_dir=tmp_path / "v", progress=False)   # channels: accepted
+    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "sss", "--model", "lenet5",
+                          "--data", "digits", "--quiet", "--threads", "1", "--out", str(tmp_path / "cli")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "no residual blocks and BatchNorm weights to select" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -12,9 +12,10 @@ are read after the backward pass and cleared) and updated by the modified APG of
     theta  = S(z, eta * lam) + mu * v_new          S(z, t) = sign(z) * max(|z| - t, 0)
 
 with `mu = 0.9` and `eta` the paper's SGD rate 0.1 times the schedule of the rest of the training (`fit`'s
-learning-rate factor), `lam` the penalty weight. At the end the factors are thresholded once more (so every one
-that the last steps left within `eta * lam` of zero is zero), block scales are folded into their branch's last
-norm, and the blocks at zero are removed (`blocks.BlockScales.finish`, exact); channels whose BatchNorm weight is
+learning-rate factor), `lam` the penalty weight. At the end each factor takes its last proximal iterate
+`S(z, eta * lam)` (exact zeros where the steps made them; the momentum term alone keeps a factor off zero between
+steps), block scales are folded into their branch's last norm, and the blocks at zero are removed
+(`blocks.BlockScales.finish`, exact); channels whose BatchNorm weight is
 zero are what the channel criterion `bn_scale` ranks lowest at the coming cut.
 """
 
@@ -24,9 +25,9 @@ import torch
 import torch.nn as nn
 
 from ..layers import is_batch_norm
-from .blocks import BlockScales
+from .blocks import BlockScales, residual_blocks
 
-__all__ = ["SparseStructureSelection", "ETA", "MOMENTUM"]
+__all__ = ["SparseStructureSelection", "check_selectable", "ETA", "MOMENTUM"]
 
 ETA = 0.1        # the step of the factors' proximal update at the peak of the schedule (the paper's SGD rate)
 MOMENTUM = 0.9
@@ -34,6 +35,19 @@ MOMENTUM = 0.9
 
 def _soft(z: torch.Tensor, t: float) -> torch.Tensor:
     return torch.sign(z) * (z.abs() - t).clamp_min(0.0)
+
+
+def check_selectable(model: nn.Module, blocks: bool = True, channels: bool = True) -> None:
+    """`ValueError` when `model` has none of the structures SSS would scale (removable residual blocks when
+    `blocks`, BatchNorm weights when `channels`): there the push would be plain training under SSS's name.
+    Reads the model only (no scale or hook is attached), so a loop can call it before training anything."""
+    if blocks and residual_blocks(model):
+        return
+    if channels and any(is_batch_norm(m) and m.weight is not None for m in model.modules()):
+        return
+    what = " and ".join(n for n, on in (("residual blocks", blocks), ("BatchNorm weights", channels)) if on)
+    raise ValueError(f"SparseStructureSelection: the model has no {what} to select (a channel's factor is its "
+                     f"BatchNorm weight); use a model with them, or another push (hgs, group_fisher)")
 
 
 class SparseStructureSelection:
@@ -49,15 +63,12 @@ class SparseStructureSelection:
                  blocks: bool = True, channels: bool = True):
         if not lam >= 0:
             raise ValueError(f"SparseStructureSelection: lam must be >= 0, got {lam!r}")
+        check_selectable(model, blocks, channels)
         self.model, self.lam, self.schedule, self.warmup = model, float(lam), schedule, warmup
         self.blocks = BlockScales(model) if blocks else None
         self.factors = list(self.blocks.parameters()) if blocks else []
         if channels:
             self.factors += [m.weight for m in model.modules() if is_batch_norm(m) and m.weight is not None]
-        if not self.factors:
-            what = " and ".join(n for n, on in (("residual blocks", blocks), ("BatchNorm weights", channels)) if on)
-            raise ValueError(f"SparseStructureSelection: the model has no {what} to select (a channel's factor is "
-                             f"its BatchNorm weight); use a model with them, or another push (hgs, group_fisher)")
         self._grads: list = [None] * len(self.factors)
         self._velocity = [torch.zeros_like(f) for f in self.factors]
         self._prox: list = [None] * len(self.factors)   # the last proximal iterate of each factor
