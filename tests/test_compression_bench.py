@@ -323,6 +323,7 @@ def test_a_setting_that_missed_its_size_target_is_not_chosen(harness):
                {"setting": "gpp-x2", "val_accuracy": 0.85, "target_reached": True}]
     best, means = harness.choosing.best_by_mean(entries)
     assert best == "gpp" and means["gpp-x2"] > means["gpp"]
+    assert harness.choosing.missed_target(entries) == {"gpp-x2"}
     assert harness.choosing.best_by_mean([{"setting": "reg=1", "val_accuracy": 0.5}])[0] == "reg=1"
 
 

@@ -141,14 +141,17 @@ def best_by_mean(entries: list) -> tuple:
     """`(setting, {setting: mean validation accuracy})` over `entries` (ties: the first listed). A setting whose
     run missed its size target anywhere (a loop that stopped early at its accuracy floor keeps a larger model,
     whose accuracy says nothing about the budget) cannot be chosen while another met every target."""
-    by, missed = {}, set()
+    by, missed = {}, missed_target(entries)
     for e in entries:
         by.setdefault(e["setting"], []).append(e["val_accuracy"])
-        if e.get("target_reached") is False:
-            missed.add(e["setting"])
     means = {s: statistics.mean(v) for s, v in by.items()}
     eligible = [s for s in means if s not in missed] or list(means)
     return max(eligible, key=means.get), means
+
+
+def missed_target(entries: list) -> set:
+    """The settings whose run missed its size target in any of `entries`."""
+    return {e["setting"] for e in entries if e.get("target_reached") is False}
 
 
 # how many steps a regularisation sweep may go past an end of its grid while its best strength sits at that end

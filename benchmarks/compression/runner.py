@@ -143,8 +143,11 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
     validated, best, default, means = choosing.default_check(choices, tuple(recipe_models))
     if best is not None:
         trials.mark("gpp recipe", None, best)
-        print("  mean validation accuracy: " + ", ".join(f"{s} {v:.4f}" for s, v in
-                                                        sorted(means.items(), key=lambda kv: -kv[1])), flush=True)
+        missed = choosing.missed_target([e for e in choices if e["what"] == "gpp recipe"
+                                         and e["model"] in recipe_models])
+        print("  mean validation accuracy: " + ", ".join(f"{s} {v:.4f}{' (missed a size target)' * (s in missed)}"
+                                                        for s, v in sorted(means.items(), key=lambda kv: -kv[1]))
+              + f"; chosen: {best}", flush=True)
     if not validated and default is None:
         print("benchmarks.compression: no recipe candidate is the default recipe (choices.CANDIDATES), so nothing "
               "validates it; the GPP rows run the default recipe, so none runs until it is a candidate that wins "
