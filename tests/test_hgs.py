@@ -6,12 +6,13 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 from gpp_ext import data, models, recipes
-from gpp_ext.pruning import ChannelGraph, criteria
+from gpp_ext.pruning import ChannelGraph, criteria, hgs
 from gpp_ext.pruning.hgs import hierarchical_penalty
 from gpp_ext.training import fit
 
@@ -75,6 +76,46 @@ def test_loss_increase_scores_are_the_losses_of_silenced_copies_and_change_nothi
         rise = float(f(trial(x[pick]), y[pick])) - float(f(model(x[pick]), y[pick]))
     assert float(scores[group.name][1]) == pytest.approx(max(rise, 0.0), abs=1e-5)
     assert all((s >= 0).all() for s in scores.values()) and any((s > 0).any() for s in scores.values())
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("vgg", dict(widths=(8, 8, "M", 16, "M"), hidden=32)),
+    ("resnet20", dict(in_channels=1, widths=(8, 16, 16))),
+    ("inception", dict(stem=8, stages=(((4, 4, 6, 2, 3, 2),), ((8, 8, 12, 4, 6, 4),))))])
+def test_loss_increase_reruns_only_the_layers_after_a_group_and_scores_as_whole_passes_do(name, kwargs, monkeypatch):
+    torch.manual_seed(0)
+    model = models.build(name, **kwargs).eval()
+    x, y = torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,))
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, so silencing a channel moves the loss
+        model.train()
+        model(x * 2 + 0.5)
+        model.eval()
+    graph = ChannelGraph(model, torch.zeros(2, 1, 16, 16))
+    context = criteria.CriterionContext(loader=[(x, y)], seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shortcut agrees with the whole pass in every group
+        fast = criteria.get("loss_increase")(graph, context)
+    calls = []
+
+    class Whole(hgs._Suffix):  # every channel scored by whole passes, as before the shortcut
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.complete = False
+
+        def loss(self, *args):
+            calls.append(args)
+            return 0.0
+
+    monkeypatch.setattr(hgs, "_Suffix", Whole)
+    whole = criteria.get("loss_increase")(graph, context)
+    assert not calls and set(fast) == set(whole) == {g.name for g in graph.groups}
+    for group in graph.groups:
+        assert torch.allclose(fast[group.name], whole[group.name], rtol=1e-5, atol=1e-7), group.name
+    assert sum(bool((s > 0).any()) for s in fast.values()) >= len(fast) / 2  # not a comparison of zeros
+    # the residual model's stage groups are read by every block after them; the last group's rerun is short
+    suffixes = [Whole.__mro__[1](graph, {f"{p.module}.{p.attr}" for p in graph.channel_params(g.name)
+                                    if p.role != "consumer"}) for g in graph.groups]
+    assert all(s.complete for s in suffixes) and len(suffixes[-1].nodes) < len(suffixes[0].nodes)
 
 
 def test_the_hgs_recipe_runs_from_the_command_line(tmp_path):
