@@ -81,6 +81,19 @@ def _touches(target: str, path: str) -> bool:
     return target == path or path.startswith(target + ".") or target.startswith(path + ".")
 
 
+def _copied(value):
+    """`value` with every tensor in it (not parameters) cloned, through tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        return value.clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_copied(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
+
+
 class _Suffix:
     """The traced graph of `graph` split for one group: the nodes that read a tensor in `changed` (module.attr
     paths) or depend on one (`nodes`, in order), and what they read from the rest, computed once per batch
@@ -136,7 +149,9 @@ class _Suffix:
         total, count = 0.0, 0
         for env, (_, y) in zip(prepared, batches):
             interpreter = torch.fx.Interpreter(self.gm)
-            out = self._run(interpreter, self.nodes, dict(env), set())
+            # copies: an in-place op among the rerun nodes (`x.add_(branch)`) must not change what the next
+            # channel's rerun reads
+            out = self._run(interpreter, self.nodes, {n: _copied(v) for n, v in env.items()}, set())
             total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
             count += int(y.numel())
         return total / max(count, 1)
