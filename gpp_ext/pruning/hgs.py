@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.fx
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..training import labelled_batches
 from .graph import ChannelGraph
@@ -173,6 +174,8 @@ def loss_increase(graph: ChannelGraph, context) -> dict:
     batches = [(x[pick[i:i + 256]], y[pick[i:i + 256]]) for i in range(0, len(pick), 256)]
     was_training = model.training
     model.eval()
+    bar = tqdm(total=sum(g.size for g in graph.groups), desc="loss increase", leave=False,
+               disable=None if context.progress else True)
     try:
         base = _loss(model, batches)
         scores = {}
@@ -198,7 +201,9 @@ def loss_increase(graph: ChannelGraph, context) -> dict:
                         - base
                 for p, original in zip(params, saved):  # restored exactly, not rescaled
                     p.tensor.data.copy_(original)
+                bar.update()
             scores[group.name] = rise.clamp_min(0.0)
     finally:
+        bar.close()
         model.train(was_training)
     return scores
