@@ -120,7 +120,7 @@ def test_loss_increase_reruns_only_the_layers_after_a_group_and_scores_as_whole_
             super().__init__(*args)
             self.complete = False
 
-        def loss(self, *args):
+        def summed(self, *args):
             calls.append(args)
             return 0.0
 
@@ -134,6 +134,21 @@ def test_loss_increase_reruns_only_the_layers_after_a_group_and_scores_as_whole_
     suffixes = [shortcut(graph, {f"{p.module}.{p.attr}" for p in graph.channel_params(g.name)
                                  if p.role != "consumer"}) for g in graph.groups]
     assert all(s.complete for s in suffixes) and len(suffixes[-1].nodes) < len(suffixes[0].nodes)
+
+
+def test_a_channel_silenced_for_a_measurement_that_fails_is_restored():
+    model = _lenet()
+    before = copy.deepcopy(model.state_dict())
+    graph = ChannelGraph(model, torch.zeros(2, 1, 8, 8))
+    group = graph.groups[1].name
+    params = [p for p in graph.channel_params(group) if p.role != "consumer" and not p.attr.startswith("running_")]
+
+    def fails():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hgs._silenced(graph, group, params, [p.tensor.detach().clone() for p in params], 2, fails)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_the_hgs_recipe_runs_from_the_command_line(tmp_path):

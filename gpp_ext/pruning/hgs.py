@@ -145,17 +145,45 @@ class _Suffix:
         return {n: env[n] for n in self.reads}
 
     @torch.no_grad()
-    def loss(self, prepared: list, batches) -> float:
-        """The mean cross-entropy over `batches` (their `prepare`d values in `prepared`), as `_loss` computes it."""
-        total, count = 0.0, 0
-        for env, (_, y) in zip(prepared, batches):
-            interpreter = torch.fx.Interpreter(self.gm)
-            # copies: an in-place op among the rerun nodes (`x.add_(branch)`) must not change what the next
-            # channel's rerun reads
-            out = self._run(interpreter, self.nodes, {n: _copied(v) for n, v in env.items()}, set())
-            total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            count += int(y.numel())
-        return total / max(count, 1)
+    def summed(self, prepared: dict, y: torch.Tensor) -> float:
+        """The summed cross-entropy of one batch (labels `y`, its `prepare`d values in `prepared`)."""
+        interpreter = torch.fx.Interpreter(self.gm)
+        # copies: an in-place op among the rerun nodes (`x.add_(branch)`) must not change what the next
+        # channel's rerun reads
+        out = self._run(interpreter, self.nodes, {n: _copied(v) for n, v in prepared.items()}, set())
+        return float(nn.functional.cross_entropy(out, y, reduction="sum"))
+
+
+def _silenced(graph: ChannelGraph, group: str, params: list, saved: list, channel: int, measure):
+    """`measure()` with `channel` of `group` silenced; the tensors in `params` are restored exactly (from `saved`,
+    not rescaled) afterwards, also when `measure` raises."""
+    graph.scale_channels(group, [channel], 0.0)
+    try:
+        return measure()
+    finally:
+        for p, original in zip(params, saved):
+            p.tensor.data.copy_(original)
+
+
+def _rerun_sums(suffix: _Suffix, model: nn.Module, size: int, batches: list, silenced, bar):
+    """Per channel, the cross-entropy summed over `batches` with that channel silenced (`silenced(c, measure)`),
+    rerunning only `suffix`'s nodes, one batch at a time (only one batch's cached activations are held). None,
+    with a warning, when the rerun disagrees with a whole pass on the first batch (channel 0 silenced)."""
+    sums = [0.0] * size
+    for b, (x, y) in enumerate(batches):
+        prepared = suffix.prepare(x)
+        if b == 0:
+            whole, short = silenced(0, lambda: (_loss(model, [(x, y)]), suffix.summed(prepared, y) / y.numel()))
+            if abs(short - whole) > 1e-5 * max(1.0, abs(whole)):
+                warnings.warn(f"loss_increase: rerunning only the layers after a group gives a loss of "
+                              f"{short:.6g}, a whole pass {whole:.6g}; the group is scored with whole passes",
+                              RuntimeWarning, stacklevel=3)
+                return None
+        for c in range(size):
+            sums[c] += silenced(c, lambda: suffix.summed(prepared, y))
+            if b == len(batches) - 1:
+                bar.update()
+    return sums
 
 
 def loss_increase(graph: ChannelGraph, context) -> dict:
@@ -178,31 +206,26 @@ def loss_increase(graph: ChannelGraph, context) -> dict:
                disable=None if context.progress else True)
     try:
         base = _loss(model, batches)
+        count = sum(int(y.numel()) for _, y in batches)
         scores = {}
         for group in graph.groups:
             params = [p for p in graph.channel_params(group.name)
                       if p.role != "consumer" and not p.attr.startswith("running_")]
             saved = [p.tensor.detach().clone() for p in params]
+
+            def silenced(c, measure):
+                return _silenced(graph, group.name, params, saved, c, measure)
+
             suffix = _Suffix(graph, {f"{p.module}.{p.attr}" for p in params})
-            prepared = [suffix.prepare(b[0]) for b in batches] if suffix.complete else None
-            rise = torch.zeros(group.size, dtype=torch.float64)
-            for c in range(group.size):
-                graph.scale_channels(group.name, [c], 0.0)
-                if prepared is not None and c == 0:  # the shortcut checked once per group against a whole pass
-                    whole, short = _loss(model, batches), suffix.loss(prepared, batches)
-                    if abs(short - whole) > 1e-5 * max(1.0, abs(whole)):
-                        warnings.warn(f"loss_increase: group {group.name!r}: rerunning only the layers after it "
-                                      f"gives a loss of {short:.6g}, a whole pass {whole:.6g}; this group is scored "
-                                      f"with whole passes", RuntimeWarning, stacklevel=2)
-                        prepared = None
-                    rise[c] = whole - base
-                else:
-                    rise[c] = (suffix.loss(prepared, batches) if prepared is not None else _loss(model, batches)) \
-                        - base
-                for p, original in zip(params, saved):  # restored exactly, not rescaled
-                    p.tensor.data.copy_(original)
-                bar.update()
-            scores[group.name] = rise.clamp_min(0.0)
+            sums = _rerun_sums(suffix, model, group.size, batches, silenced, bar) if suffix.complete else None
+            if sums is not None:
+                rise = [total / max(count, 1) - base for total in sums]
+            else:
+                rise = []
+                for c in range(group.size):
+                    rise.append(silenced(c, lambda: _loss(model, batches)) - base)
+                    bar.update()
+            scores[group.name] = torch.tensor(rise, dtype=torch.float64).clamp_min(0.0)
     finally:
         bar.close()
         model.train(was_training)
