@@ -97,8 +97,8 @@ def _copied(value):
 
 class _Suffix:
     """The traced graph of `graph` split for one group: the nodes that read a tensor in `changed` (module.attr
-    paths) or depend on one (`nodes`, in order), and what they read from the rest, computed once per batch
-    (`prepare`); `loss` then runs only those nodes."""
+    paths) or depend on one (`nodes`, in order), and what they read from the rest (`reads`), computed once per
+    batch by the nodes they need (`prefix`, in `prepare`); `summed` then runs only `nodes`."""
 
     def __init__(self, graph: ChannelGraph, changed: set):
         self.gm = graph.gm
@@ -111,7 +111,14 @@ class _Suffix:
                 dirty.add(node)
         self.nodes = [n for n in order if n in dirty]
         self.reads = {a for n in self.nodes for a in n.all_input_nodes if a not in dirty}
-        self.prefix = [n for n in order if n not in dirty]
+        needed, todo = set(), list(self.reads)
+        while todo:  # what the cached values are computed from
+            node = todo.pop()
+            if node not in needed:
+                needed.add(node)
+                todo.extend(node.all_input_nodes)
+        # every placeholder, in order, so that the inputs bind to the parameters they bind to in a whole pass
+        self.prefix = [n for n in order if n in needed or n.op == "placeholder"]
         self.complete = bool(self.nodes) and self.nodes[-1].op == "output"
 
     @staticmethod
