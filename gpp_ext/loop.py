@@ -461,7 +461,7 @@ class GrowPushPrune:
                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
         if self.config.grow:
             growth.check_model(self.config.growth, self.model)
-        pushes.check_model(self.config, self.model)
+        pushes.check_model(self.config, self.model, self.example)
         # The channel graph every prune stage builds: a model it cannot handle (torch.roll, einsum, an `if` on
         # the data) is refused now, not after the base model has been trained.
         from .pruning import ChannelGraph

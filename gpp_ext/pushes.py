@@ -86,10 +86,10 @@ def stage_epochs(config) -> tuple:
 
 def register(name: str, summary: str, check=None, reads: tuple = (), selects: bool = False, check_model=None):
     """Registers a push handler under `name`; `check(config)` (optional) raises `ValueError` for settings it
-    cannot run with, `check_model(config, model)` (optional) for a model it cannot run on (the loop calls it
-    before training anything); `reads` names the `PUSH_SETTINGS` the handler reads; `selects=True` says the handler
-    decides the keep-set itself (it returns one whenever the model is above the iteration's goal), so the
-    prune stage's `SELECTION_SETTINGS` do not shape its run. Returns the decorator."""
+    cannot run with, `check_model(config, model, example)` (optional) for a model it cannot run on (the loop
+    calls it before training anything); `reads` names the `PUSH_SETTINGS` the handler reads; `selects=True` says
+    the handler decides the keep-set itself (it returns one whenever the model is above the iteration's goal), so
+    the prune stage's `SELECTION_SETTINGS` do not shape its run. Returns the decorator."""
     unknown = sorted(set(reads) - set(PUSH_SETTINGS))
     if unknown:
         raise ValueError(f"pushes.register({name!r}): reads names settings outside PUSH_SETTINGS: {unknown}")
@@ -117,12 +117,13 @@ def check(config) -> None:
         extra(config)
 
 
-def check_model(config, model) -> None:
+def check_model(config, model, example) -> None:
     """`ValueError` when `config.push`'s handler cannot run on `model` (say, SSS on a model with nothing to
-    select); called by the loop with its other model checks, before the base model trains."""
+    select; `example`: inputs of the data's shape); called by the loop with its other model checks, before the
+    base model trains."""
     extra = _REGISTRY.extra(config.push, "check_model")
     if extra is not None:
-        extra(config, model)
+        extra(config, model, example)
 
 
 def _push_loss(ctx: PushContext):
@@ -239,10 +240,10 @@ def _hgs(ctx: PushContext):
 
 
 def _sss_selectable(channels: bool):
-    def check(config, model) -> None:
+    def check(config, model, example) -> None:
         from .pruning.sss import check_selectable
 
-        check_selectable(model, blocks=True, channels=channels)
+        check_selectable(model, blocks=True, channels=channels, example=example, ignore=tuple(config.ignore))
     return check
 
 
@@ -252,7 +253,8 @@ def _sss_push(ctx: PushContext, channels: bool):
     from .training import fit
 
     c = ctx.config
-    sss = SparseStructureSelection(ctx.model, c.sparsity, c.lr_schedule, c.warmup, channels=channels)
+    sss = SparseStructureSelection(ctx.model, c.sparsity, c.lr_schedule, c.warmup, channels=channels,
+                                   example=ctx.example, ignore=tuple(c.ignore))
     try:
         model = fit(ctx.model, ctx.splits.train, ctx.epochs, after_backward=sss.after_backward,
                     after_step=sss.after_step, **ctx.fit_kwargs)
@@ -263,8 +265,9 @@ def _sss_push(ctx: PushContext, channels: bool):
     return model, None
 
 
-@register("sss", "sparse structure selection: scales on residual blocks and channels (BatchNorm weights) trained "
-          "to exact zeros by the modified accelerated proximal gradient (--sparsity); zero blocks are removed",
+@register("sss", "sparse structure selection: scales on residual blocks and channels (BatchNorm weights, or a "
+          "factor on each layer no norm follows) trained to exact zeros by the modified accelerated proximal "
+          "gradient (--sparsity); zero blocks are removed",
           check=_needs_training("sss"), reads=("sparsity",), check_model=_sss_selectable(channels=True))
 def _sss(ctx: PushContext):
     return _sss_push(ctx, channels=True)

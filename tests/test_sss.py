@@ -147,13 +147,75 @@ def test_the_factors_end_at_their_last_proximal_iterate():
     assert torch.equal(weight.detach(), last)                  # the iterates: survivors not shrunk once more
 
 
+def _linear_only():
+    """A model with nothing SSS could select: no blocks, no BatchNorm, no prunable channel group."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+
 def test_a_model_with_nothing_to_select_is_refused_before_any_training():
     lenet = models.build("lenet5", in_channels=1, num_classes=10, input_size=28)   # no BatchNorm, no blocks
-    with pytest.raises(ValueError, match="no residual blocks and BatchNorm weights to select"):
-        SparseStructureSelection(lenet, 1e-2)
+    with pytest.raises(ValueError, match="no residual blocks and channels .* to select"):
+        SparseStructureSelection(lenet, 1e-2)   # without example inputs only BatchNorm weights count
+    with pytest.raises(ValueError, match="no residual blocks and channels .* to select"):
+        SparseStructureSelection(_linear_only(), 1e-2, example=torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="no residual blocks to select"):
         SparseStructureSelection(models.build("vgg", in_channels=1, num_classes=10), 1e-2, channels=False)
     assert SparseStructureSelection(models.build("vgg", in_channels=1, num_classes=10), 1e-2, blocks=False).factors
+
+
+def test_layers_no_norm_follows_get_explicit_factors_that_fold_away_exactly():
+    """LeNet-5 has no BatchNorm: each of its prunable layers gets a factor per output channel, which the modified
+    APG shrinks while the model trains; folding them into the layers (some at exact zero) changes no output and
+    leaves an ordinary model whose zeroed channels the `bn_scale` criterion ranks lowest. VGG-BN's hidden fully
+    connected layer (no norm after it) gets one; its convolutions keep their BatchNorm weights as factors."""
+    from gpp_ext.pruning import ChannelGraph, criteria
+    from gpp_ext.pruning.sss import scalable_layers
+
+    vgg = models.build("vgg", in_channels=1, num_classes=10)
+    assert scalable_layers(vgg, torch.zeros(2, 1, 28, 28)) == ["fc"]
+    splits = data.load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = models.build("lenet5", input_size=8)
+    example = torch.zeros(2, 1, 8, 8)
+    sss = SparseStructureSelection(model, lam=0.1, schedule="constant", example=example)
+    assert [n for n, _ in sss.channels.layers] == ["conv1", "conv2", "fc1", "fc2"]
+    assert len(sss.factors) == 4 and all((f == 1).all() for f in sss.factors)
+    fit(model, splits.train, 2, lr=4e-3, seed=0, after_backward=sss.after_backward, after_step=sss.after_step)
+    assert all(float(f.detach().abs().mean()) < 0.95 for f in sss.factors)   # the L1 steps shrank them
+    generator = torch.Generator().manual_seed(1)
+    zeros = {}
+    with torch.no_grad():   # some factors at exact zero, the others spread out, as a long run leaves them
+        for (name, layer), prox in zip(sss.channels.layers, sss._prox):
+            prox.uniform_(0.2, 1.5, generator=generator)
+            zeros[name] = list(range(0, prox.numel(), 3))
+            prox[zeros[name]] = 0.0
+            layer.channel_scale.copy_(prox)
+    model.eval()
+    x = torch.stack([splits.val[i][0] for i in range(16)])
+    with torch.no_grad():
+        expected = model(x)
+    assert sss.finish() == []
+    assert not any("channel_scale" in n for n, _ in model.named_parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-6, rtol=1e-5)
+    scores = criteria.get("bn_scale")(ChannelGraph(model, example))
+    for name, channels in zeros.items():
+        kept = [c for c in range(len(scores[name])) if c not in channels]
+        assert float(scores[name][channels].max()) == 0.0 and float(scores[name][kept].min()) > 0.0
+
+
+def test_the_sss_recipe_compresses_a_model_without_batchnorm_from_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "sss", "--model", "lenet5",
+                          "--data", "digits", "--epochs", "1", "--push-epochs", "0.5", "--finetune-epochs", "0.3",
+                          "--sparsity", "0.1", "--target-params", "0.4", "--quiet", "--threads", "1",
+                          "--no-onnx-latency", "--out", str(tmp_path / "sss")], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "sss" / "report.json").read_text())
+    assert report["config"]["push"] == "sss" and report["target_reached"]
+    compact = io.load(tmp_path / "sss" / "model.pt")
+    assert not any("channel_scale" in n for n, _ in compact.named_parameters())
 
 
 def test_the_loop_refuses_sss_on_such_a_model_before_training_it(tmp_path, monkeypatch):
@@ -164,17 +226,21 @@ def test_the_loop_refuses_sss_on_such_a_model_before_training_it(tmp_path, monke
 
     monkeypatch.setattr(loop_module, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
     splits = data.load_dataset("digits", seed=0)
-    for push in ("sss", "sss_blocks"):
-        with pytest.raises(ValueError, match="no residual blocks"):
-            GrowPushPrune(models.build("lenet5", input_size=8), splits, recipes.build("sss", push=push),
-                          out_dir=tmp_path / push, progress=False)
+    lenet = models.build("lenet5", input_size=8)
+    for push, model, factory, message in (("sss", _linear_only(), _linear_only, "no residual blocks and channels"),
+                                          ("sss_blocks", lenet, None, "no residual blocks to select")):
+        with pytest.raises(ValueError, match=message):
+            GrowPushPrune(model, splits, recipes.build("sss", push=push), out_dir=tmp_path / push, progress=False,
+                          factory=factory)
         assert not (tmp_path / push).exists()
+    GrowPushPrune(models.build("lenet5", input_size=8), splits, recipes.build("sss"), out_dir=tmp_path / "l",
+                  progress=False)   # its layers get explicit factors: accepted
     vgg = models.build("vgg", in_channels=1, num_classes=10)
     with pytest.raises(ValueError, match="no residual blocks to select"):   # its BatchNorm weights do not count
         GrowPushPrune(vgg, splits, recipes.build("sss", push="sss_blocks"), out_dir=tmp_path / "v", progress=False)
     GrowPushPrune(vgg, splits, recipes.build("sss"), out_dir=tmp_path / "v", progress=False)   # channels: accepted
-    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "sss", "--model", "lenet5",
-                          "--data", "digits", "--quiet", "--threads", "1", "--out", str(tmp_path / "cli")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "no residual blocks and BatchNorm weights to select" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "sss", "--push", "sss_blocks",
+                          "--model", "lenet5", "--data", "digits", "--quiet", "--threads", "1",
+                          "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "no residual blocks to select" in out.stderr
     assert "Traceback" not in out.stderr

@@ -128,9 +128,10 @@ def base_model(name: str, splits, args, seed: int, cache: Cache):
 
 
 def needs_bn(method: str) -> bool:
-    """BN-scale pruning, network slimming and sparse structure selection of channels (whose factors are the
-    BatchNorm weights) do not exist without BatchNorm (their runs are skipped there)."""
-    return method.startswith("torch_pruning:bn_scale") or method.split("+")[0] in ("slimming", "sss")
+    """BN-scale pruning and network slimming (whose factors are the BatchNorm weights) do not exist without
+    BatchNorm (their runs are skipped there); sparse structure selection puts its own factors on layers no
+    BatchNorm follows."""
+    return method.startswith("torch_pruning:bn_scale") or method.split("+")[0] == "slimming"
 
 
 def has_bn(model) -> bool:
