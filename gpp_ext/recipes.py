@@ -34,8 +34,8 @@ RECIPES = {
     # nested group lasso, then channels kept by the loss their removal adds, at the default's widths
     "hgs": dict(push="hgs", push_epochs=1, finetune_epochs=2, push_share=1 / 3, criterion="loss_increase"),
     # sparse structure selection (Huang & Wang 2018): a third of the epochs training block and channel scales to
-    # exact zeros by the modified accelerated proximal gradient (zero blocks removed), then the channels of
-    # smallest BatchNorm scale cut at the default's widths
+    # exact zeros by the modified accelerated proximal gradient (zero blocks removed; a layer no norm follows gets
+    # its own factors, folded into it), then the channels of smallest scale cut at the default's widths
     "sss": dict(push="sss", push_epochs=1, finetune_epochs=2, push_share=1 / 3, criterion="bn_scale"),
     # the same selection of whole residual blocks only, then the default's cut of channels
     "sss-blocks": dict(push="sss_blocks", push_epochs=1, finetune_epochs=2, push_share=1 / 3),
