@@ -41,3 +41,21 @@ def pytest_sessionstart(session):
             f"gpp_ext's compiled extension is not loaded ({ops.load_error()}): build it with `make build` "
             f"(or `pip install --no-build-isolation -e .`), or set GPP_EXT_ALLOW_FALLBACK=1 to test the "
             f"pure-PyTorch fallback alone")
+
+
+@pytest.fixture
+def compress_cli(tmp_path):
+    """`compress_cli(name, *flags)`: `gpp compress` on the digits, quietly, on one thread, into `tmp_path/name`;
+    returns `(completed process, report dict or None, output folder)`."""
+    import json
+    import subprocess
+    import sys
+
+    def run(name, *flags, timeout=900):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--data", "digits", *flags,
+                               "--quiet", "--threads", "1", "--no-onnx-latency", "--out", str(out)],
+                              capture_output=True, text=True, timeout=timeout)
+        report = out / "report.json"
+        return done, (json.loads(report.read_text()) if report.exists() else None), out
+    return run

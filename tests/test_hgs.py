@@ -3,9 +3,6 @@ the nested group lasso written out by hand, it shrinks channels when trained wit
 the losses of silenced copies and leave the model as it was, and the recipe runs from the command line."""
 
 import copy
-import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -151,17 +148,13 @@ def test_a_channel_silenced_for_a_measurement_that_fails_is_restored():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_the_hgs_recipe_runs_from_the_command_line(tmp_path):
+def test_the_hgs_recipe_runs_from_the_command_line(compress_cli):
     assert recipes.build("hgs").criterion == "loss_increase"
     with pytest.raises(ValueError, match="sparsity"):
         recipes.build("hgs", sparsity=-1.0)
-    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "hgs", "--model", "lenet5",
-                          "--data", "digits", "--epochs", "1", "--push-epochs", "0.5", "--finetune-epochs", "0.5",
-                          "--sparsity", "1e-3", "--target-params", "0.4", "--quiet", "--threads", "1",
-                          "--no-onnx-latency", "--out", str(tmp_path / "hgs")], capture_output=True, text=True,
-                         timeout=600)
+    out, report, _ = compress_cli("hgs", "--recipe", "hgs", "--model", "lenet5", "--epochs", "1", "--push-epochs",
+                                  "0.5", "--finetune-epochs", "0.5", "--sparsity", "1e-3", "--target-params", "0.4")
     assert out.returncode == 0, out.stderr
-    report = json.loads((tmp_path / "hgs" / "report.json").read_text())
     assert report["config"]["push"] == "hgs" and report["config"]["sparsity"] == 1e-3 and report["target_reached"]
 
 

@@ -2,7 +2,6 @@
 without changing any output (ResNet-20; torchvision's ResNet-18 where torchvision imports), the scales leave no
 trace in the saved model, the modified APG drives scales to exact zeros, and the recipes run end to end."""
 
-import json
 import subprocess
 import sys
 
@@ -111,17 +110,14 @@ def test_the_modified_apg_drives_scales_to_zero_and_zero_blocks_go_exactly():
 
 
 @pytest.mark.parametrize("push", ["sss", "sss_blocks"])
-def test_the_sss_pushes_run_from_the_command_line(push, tmp_path):
+def test_the_sss_pushes_run_from_the_command_line(push, compress_cli):
     assert recipes.build("sss").push == "sss"
-    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "sss", "--push", push,
-                          "--model", "resnet20", "--model-args", '{"widths": [8, 16, 16]}', "--data", "digits",
-                          "--epochs", "1", "--push-epochs", "0.5", "--finetune-epochs", "0.3", "--sparsity", "0.3",
-                          "--target-params", "0.4", "--quiet", "--threads", "1", "--no-onnx-latency",
-                          "--out", str(tmp_path / push)], capture_output=True, text=True, timeout=900)
+    out, report, folder = compress_cli(push, "--recipe", "sss", "--push", push, "--model", "resnet20", "--model-args",
+                                       '{"widths": [8, 16, 16]}', "--epochs", "1", "--push-epochs", "0.5",
+                                       "--finetune-epochs", "0.3", "--sparsity", "0.3", "--target-params", "0.4")
     assert out.returncode == 0, out.stderr
-    report = json.loads((tmp_path / push / "report.json").read_text())
     assert report["config"]["push"] == push and report["target_reached"]
-    compact = io.load(tmp_path / push / "model.pt")
+    compact = io.load(folder / "model.pt")
     assert sum(p.numel() for p in compact.parameters()) <= 0.4 * report["base"]["params"]
 
 
@@ -205,16 +201,13 @@ def test_layers_no_norm_follows_get_explicit_factors_that_fold_away_exactly():
         assert float(scores[name][channels].max()) == 0.0 and float(scores[name][kept].min()) > 0.0
 
 
-def test_the_sss_recipe_compresses_a_model_without_batchnorm_from_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "sss", "--model", "lenet5",
-                          "--data", "digits", "--epochs", "1", "--push-epochs", "0.5", "--finetune-epochs", "0.3",
-                          "--sparsity", "0.1", "--target-params", "0.4", "--quiet", "--threads", "1",
-                          "--no-onnx-latency", "--out", str(tmp_path / "sss")], capture_output=True, text=True,
-                         timeout=600)
+def test_the_sss_recipe_compresses_a_model_without_batchnorm_from_the_command_line(compress_cli):
+    out, report, folder = compress_cli("sss", "--recipe", "sss", "--model", "lenet5", "--epochs", "1",
+                                       "--push-epochs", "0.5", "--finetune-epochs", "0.3", "--sparsity", "0.1",
+                                       "--target-params", "0.4")
     assert out.returncode == 0, out.stderr
-    report = json.loads((tmp_path / "sss" / "report.json").read_text())
     assert report["config"]["push"] == "sss" and report["target_reached"]
-    compact = io.load(tmp_path / "sss" / "model.pt")
+    compact = io.load(folder / "model.pt")
     assert not any("channel_scale" in n for n, _ in compact.named_parameters())
 
 
