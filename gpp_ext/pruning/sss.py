@@ -141,8 +141,9 @@ class SparseStructureSelection:
             raise ValueError(f"SparseStructureSelection: lam must be >= 0, got {lam!r}")
         check_selectable(model, blocks, channels, example, ignore)
         self.model, self.lam, self.schedule, self.warmup = model, float(lam), schedule, warmup
-        self.blocks = BlockScales(model) if blocks else None
+        # the channel factors first: their layers are found by tracing the model as it is, without block scales
         self.channels = ChannelScales(model, example, ignore) if channels and example is not None else None
+        self.blocks = BlockScales(model) if blocks else None
         self.factors = list(self.blocks.parameters()) if blocks else []
         if channels:
             self.factors += [m.weight for m in model.modules() if is_batch_norm(m) and m.weight is not None]
