@@ -284,16 +284,17 @@ def compare_recipes(trials: Trials, model: str, budgets: list, seed: int, contex
 
 
 def default_check(choices: list, models: tuple) -> tuple:
-    """`(validated, best, default, means)` over the recipe trials of `models`: whether the candidate whose
+    """`(validated, best, default, means, missed)` over the recipe trials of `models`: whether the candidate whose
     recorded loop is the default recipe's (`default`, None if no candidate is) has the best mean validation
-    accuracy (`best`, by `best_by_mean`; `means`: per candidate)."""
+    accuracy (`best`, by `best_by_mean`; `means`: per candidate; `missed`: the candidates that missed a size
+    target, which cannot be chosen)."""
     entries = [e for e in choices if e["what"] == "gpp recipe" and e["model"] in models]
     if not entries:
-        return True, None, None, {}
+        return True, None, None, {}, set()
     best, means = best_by_mean(entries)
     today = protocol.config_of({})
     default = next((e["setting"] for e in entries if protocol.same_config(e.get("config"), today)), None)
-    return default is not None and best == default, best, default, means
+    return default is not None and best == default, best, default, means, missed_target(entries)
 
 
 def run_ablation(trials: Trials, model: str, budgets: list, seed: int, context, cells) -> None:

@@ -140,11 +140,9 @@ def run(args, records: list, save, choices: list, save_choices) -> None:
         for name in recipe_models:
             choosing.compare_recipes(trials, name, args.choice_budgets[name], seed0, contexts(name, seed0),
                                      args.candidates)
-    validated, best, default, means = choosing.default_check(choices, tuple(recipe_models))
+    validated, best, default, means, missed = choosing.default_check(choices, tuple(recipe_models))
     if best is not None:
         trials.mark("gpp recipe", None, best)
-        missed = choosing.missed_target([e for e in choices if e["what"] == "gpp recipe"
-                                         and e["model"] in recipe_models])
         print("  mean validation accuracy: " + ", ".join(f"{s} {v:.4f}{' (missed a size target)' * (s in missed)}"
                                                         for s, v in sorted(means.items(), key=lambda kv: -kv[1]))
               + f"; chosen: {best}", flush=True)

@@ -11,8 +11,9 @@ most.
   (`ChannelGraph.scale_channels(..., 0)`, then restored exactly) and the increase of the cross-entropy on a
   fixed set of randomly drawn training samples is its score (clamped at zero: removing it does not help).
   Only the part of the traced graph downstream of what silencing a group changes is run again per channel: the
-  activations it reads are computed once per group (`_Suffix`). Checked against a whole forward pass once per
-  group; where they disagree, that group falls back to whole passes with a warning.
+  activations it reads are computed once per group and batch (`_Suffix`), and each rerun reads its own copies.
+  Checked against a whole forward pass once per group; where they disagree, that group falls back to whole
+  passes with a warning.
 """
 
 from __future__ import annotations
