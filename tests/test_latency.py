@@ -168,14 +168,18 @@ def test_bad_latency_settings_are_refused_before_any_work(tmp_path):
 
 
 def test_the_loop_meets_a_latency_target_and_reports_it(tmp_path, monkeypatch):
-    from gpp_ext import data, recipes
+    from gpp_ext import data, latency, recipes
     from gpp_ext.loop import GrowPushPrune
     import gpp_ext.loop as loop_module  # the loop's own name for the table it uses
 
     monkeypatch.setenv("GPP_EXT_ONNX_LATENCY", "0")
-    monkeypatch.setattr(loop_module, "latency_table",
-                        lambda config, progress=False: Analytic("eager", config.latency_batch, cache=tmp_path)
-                        if config.budget_kind == "latency" else None)
+    # every stage must see the same table: the loop's own name for it, and `gpp_ext.latency.table_for`, which the
+    # push methods (the fade's widths) import when they run; patching only the loop's let the fade size its
+    # widths on this machine's measured table and the test depend on the machine's speed
+    def analytic(config, progress=False):
+        return Analytic("eager", config.latency_batch, cache=tmp_path) if config.budget_kind == "latency" else None
+    monkeypatch.setattr(loop_module, "latency_table", analytic)
+    monkeypatch.setattr(latency, "table_for", analytic)
     splits = data.load_dataset("digits", seed=0)
     model = models.build("lenet5", in_channels=1, num_classes=10, input_size=8)
     # the analytic 0.5 ms fixed part is most of this small model's latency: 85% is what widths can reach
