@@ -108,6 +108,35 @@ def test_fit_keeps_the_default_layout_for_a_model_that_needs_it(splits):
         fit(Viewing(), splits.train, 0.1, memory_format="nhwc")
 
 
+SHORTCUT_ON_ONE_THREAD = """
+import torch
+from gpp_ext import data, models
+from gpp_ext.training import fit
+torch.set_num_threads(1)
+splits = data.load_dataset("digits", seed=0)
+torch.manual_seed(0)
+net = models.build("resnet20", in_channels=1, num_classes=10, widths=[3, 6, 12])
+fit(net, splits.train, 2, seed=0)
+print("trained")
+"""
+
+
+def test_auto_layout_trains_a_narrow_strided_shortcut_on_one_thread_without_corrupting_the_heap():
+    """torch 2.13 on the CPU corrupts the heap training a strided 1x1 convolution of 3 input channels in
+    channels-last on one thread (a ResNet shortcut; the process aborts with `double free or corruption`):
+    "auto" must keep such a model in the default layout. In a child process, since an abort would end pytest."""
+    import subprocess
+    import sys
+
+    from gpp_ext.training import _unsafe_in_channels_last
+
+    assert _unsafe_in_channels_last(models.build("resnet20", in_channels=1, num_classes=10, widths=[3, 6, 12]))
+    assert not _unsafe_in_channels_last(models.build("resnet20", in_channels=1, num_classes=10))
+    done = subprocess.run([sys.executable, "-c", SHORTCUT_ON_ONE_THREAD], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
+
+
 def test_fit_leaves_a_channels_last_model_so_and_restores_the_layout_when_training_fails(splits):
     model = _vgg().to(memory_format=torch.channels_last)
     fit(model, splits.train, 0.1)
