@@ -11,7 +11,8 @@
 #   make clean           remove build products (keeps the venv); `make distclean` removes it too
 #
 # Variables: TORCH (pip spec, default torch==2.13.0), PYTHON (interpreter that creates the venv),
-# VENV (default .venv), MAX_JOBS (parallel compile jobs, default 2); for cuda-check: CUDA_TORCH
+# VENV (default .venv), MAX_JOBS (parallel compile jobs, default 2), PYTEST_WORKERS (parallel test processes, default
+# one per core up to 4); for cuda-check: CUDA_TORCH
 # (default torch==2.14.1, a CUDA 13 build), CUDA_VENV (.venv-cuda), CUDA_TOOLKIT (/usr/local/cuda-13.0),
 # CUDA_ARCH (one architecture keeps the check short, default 9.0).
 
@@ -19,9 +20,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 MAX_JOBS ?= 2
+# pytest-xdist workers: one per core, at most 4 (each imports torch; the suite is mostly single-threaded Python)
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEPS := numpy tqdm matplotlib scipy scikit-learn pytest pytest-benchmark hypothesis torch-pruning onnx onnxscript onnxruntime expecttest pybind11 ninja cmake "setuptools>=64" wheel
+DEPS := numpy tqdm matplotlib scipy scikit-learn pytest pytest-benchmark pytest-xdist hypothesis torch-pruning onnx onnxscript onnxruntime expecttest pybind11 ninja cmake "setuptools>=64" wheel
 # One stamp per torch spec, so `make test TORCH=...` reinstalls when the spec changes.
 STAMP := $(VENV)/.deps-$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH))))
 CMAKE_BUILD := build/cmake
@@ -55,7 +58,7 @@ build: $(STAMP)
 	$(PY) -c "import gpp_ext, sys; info = gpp_ext.build_info(); print('gpp_ext build_info:', info); sys.exit(0 if info['extension'] else 1)"
 
 pytest: build
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(PYTEST_WORKERS)
 
 # Each benchmark once, small shapes, untimed: proves the harness and its result checks still work.
 bench-smoke: build
@@ -95,7 +98,7 @@ cuda-check: $(CUDA_STAMP)
 		CPATH="$$($(CUDA_PY) -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')" \
 		$(CUDA_PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall .
 	cd build/cuda-run && $(CUDA_PY) -c "import gpp_ext, sys; info = gpp_ext.build_info(); print('gpp_ext (CUDA build) build_info:', info); sys.exit(0 if info['extension'] and info['cuda'] else 1)"
-	cd build/cuda-run && GPP_EXT_EXPECT_CUDA=1 $(CUDA_PY) -m pytest $(CURDIR)/tests -q -p no:cacheprovider --rootdir=$(CURDIR)
+	cd build/cuda-run && GPP_EXT_EXPECT_CUDA=1 $(CUDA_PY) -m pytest $(CURDIR)/tests -q -p no:cacheprovider --rootdir=$(CURDIR) -n $(PYTEST_WORKERS)
 
 # A short grow-push-prune run with a printed summary (Fashion-MNIST when installed, else digits).
 demo: build

@@ -162,3 +162,41 @@ def digits_image_folder(folder, per_class: int | None = None, size: int = 16, la
             im = Image.fromarray(images[i], mode="L").resize((size, size), Image.NEAREST)
             (im.convert("RGB") if rgb else im).save(os.path.join(target, f"{i:04d}.png"))
     return folder
+
+
+def run_cli(*args, cwd=None, process: bool = False, timeout: float = 600, preexec_fn=None):
+    """`gpp ARGS` as a `subprocess.CompletedProcess` (returncode, stdout, stderr). By default in this process
+    through `gpp_ext.cli.main`: the same code the `gpp` command runs, without the few seconds a fresh interpreter
+    spends importing torch; the thread count, the working folder and the warning filters are restored after it.
+    `process=True` (or a `preexec_fn`, e.g. a resource limit) runs `python -m gpp_ext.cli` in a child process
+    instead: for what only a real process shows (the entry point itself, limits, signals, a concurrent run)."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+    import warnings
+
+    args = [str(a) for a in args]
+    if process or preexec_fn is not None:
+        return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd, preexec_fn=preexec_fn)
+    from . import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, folder = torch.get_num_threads(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")   # as a fresh process shows them: each once per place
+            try:
+                code = cli.main(args)
+            except SystemExit as stop:   # argparse's errors and --help
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if not isinstance(stop.code, (int, type(None))):
+                    print(stop.code, file=sys.stderr)
+    finally:
+        os.chdir(folder)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["gpp", *args], code, out.getvalue(), err.getvalue())

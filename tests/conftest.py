@@ -10,6 +10,11 @@ import torch
 import gpp_ext
 from gpp_ext import ops, reference
 
+# `make test` spreads the suite over the cores with pytest-xdist: each worker takes its share of them, so that the
+# workers' torch threads do not oversubscribe the machine
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 CUDA = torch.cuda.is_available()
 cuda_param = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])
 
@@ -45,17 +50,16 @@ def pytest_sessionstart(session):
 
 @pytest.fixture
 def compress_cli(tmp_path):
-    """`compress_cli(name, *flags)`: `gpp compress` on the digits, quietly, on one thread, into `tmp_path/name`;
-    returns `(completed process, report dict or None, output folder)`."""
+    """`compress_cli(name, *flags)`: `gpp compress` on the digits, quietly, on one thread, into `tmp_path/name`, in
+    this process (`gpp_ext.testing.run_cli`); returns `(completed process, report dict or None, output folder)`."""
     import json
-    import subprocess
-    import sys
+
+    from gpp_ext.testing import run_cli
 
     def run(name, *flags, timeout=900):
         out = tmp_path / name
-        done = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--data", "digits", *flags,
-                               "--quiet", "--threads", "1", "--no-onnx-latency", "--out", str(out)],
-                              capture_output=True, text=True, timeout=timeout)
+        done = run_cli("compress", "--data", "digits", *flags, "--quiet", "--threads", "1", "--no-onnx-latency",
+                       "--out", out, timeout=timeout)
         report = out / "report.json"
         return done, (json.loads(report.read_text()) if report.exists() else None), out
     return run

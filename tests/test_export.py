@@ -3,21 +3,20 @@
 keeps no unchecked file."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import gpp_ext
 from gpp_ext import data, export, io, models
+from gpp_ext.testing import run_cli
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
 def gpp(*args):
-    return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *args], capture_output=True, text=True, timeout=600)
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

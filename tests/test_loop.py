@@ -2,8 +2,6 @@
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from gpp_ext import data, loop as loop_module, models
 from gpp_ext.loop import GrowPushPrune, LoopConfig
 from gpp_ext.recipes import RECIPES
 from gpp_ext.report import write_reports
+from gpp_ext.testing import run_cli
 
 # the v1 recipe (eta schedule, push terms, AdamW at a constant rate), sized for a test
 FAST = {**RECIPES["v1"], **dict(epochs=4, push_epochs=1, finetune_epochs=2, max_iterations=3, batch_size=64,
@@ -120,12 +119,12 @@ def test_resume_after_a_crash_gives_the_same_result(tmp_path, monkeypatch):
         GrowPushPrune(model, splits, other, out_dir=tmp_path / "b", progress=False).run(resume=True)
 
 
-def gpp(*args):
-    return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *args], capture_output=True, text=True, timeout=300)
+def gpp(*args, process=False):
+    return run_cli(*args, process=process, timeout=300)
 
 
 def test_cli_help_errors_and_missing_data(tmp_path):
-    out = gpp("--help")
+    out = gpp("--help", process=True)  # the entry point itself, in a fresh interpreter
     assert out.returncode == 0 and "compress" in out.stdout and "demo" in out.stdout
     out = gpp("compress", "--help")
     assert out.returncode == 0 and "--target-params" in out.stdout

@@ -2,8 +2,6 @@
 target says so with its own exit status."""
 
 import json
-import subprocess
-import sys
 from dataclasses import asdict, fields
 
 import pytest
@@ -12,11 +10,11 @@ import torch
 from gpp_ext import data, models, pushes, recipes
 from gpp_ext.loop import LoopConfig, push_stage
 from gpp_ext.training import LR_SCHEDULES, fit, lr_factor
+from gpp_ext.testing import run_cli
 
 
 def gpp(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return run_cli(*args, timeout=timeout)
 
 
 def test_lr_schedules_warm_up_and_anneal_to_zero():

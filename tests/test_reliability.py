@@ -20,6 +20,7 @@ from gpp_ext.loop import GrowPushPrune, LoopConfig
 from gpp_ext.recipes import RECIPES
 from gpp_ext.report import read_report, summary_table
 from gpp_ext.training import compare_latency
+from gpp_ext.testing import run_cli
 
 # the v1 recipe (eta schedule, push terms, AdamW at a constant rate), sized for a test
 TINY = {**RECIPES["v1"], **dict(epochs=1, push_epochs=0.25, finetune_epochs=0.25, max_iterations=1, batch_size=64,
@@ -37,8 +38,7 @@ def digits():
 
 
 def gpp(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return run_cli(*args, timeout=timeout)
 
 
 COMPRESS = ["compress", "--model", "lenet5", "--data", "digits", "--epochs", "1", "--push-epochs", "1",

@@ -23,6 +23,7 @@ from gpp_ext.data.files import image_folder, npz
 from gpp_ext.loop import GrowPushPrune, LoopConfig
 from gpp_ext.report import read_report
 from gpp_ext.run_folder import LOCK_FILE
+from gpp_ext.testing import run_cli
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -32,8 +33,8 @@ TINY = ["--data", "digits", "--epochs", "0", "--max-iterations", "1", "--push-ep
 
 
 def gpp(*args, cwd=None, preexec_fn=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, preexec_fn=preexec_fn)
+    """`gpp ARGS` in this process, or in a child process when a resource limit (`preexec_fn`) is needed."""
+    return run_cli(*args, cwd=cwd, preexec_fn=preexec_fn, timeout=timeout)
 
 
 def lenet():
@@ -284,7 +285,8 @@ def test_a_saved_model_whose_code_changed_is_named_not_a_traceback(tmp_path):
     io.save(models.build_source(f"{net}:make"), tmp_path / "m.pt")
     net.write_text("import torch.nn as nn\ndef make(num_classes=10):\n"
                    "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes))\n")
-    sys.modules.pop(next((m for m in sys.modules if m.startswith("gpp_ext_user_")), "-"), None)
+    for name in [m for m in sys.modules if m.startswith("gpp_ext_user_")]:  # as a fresh process would import it
+        del sys.modules[name]
     out = gpp("export", tmp_path / "m.pt", "--trust-model-code", "--onnx", tmp_path / "m.onnx", "--input-shape",
               "1,8,8", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr

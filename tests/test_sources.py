@@ -122,10 +122,9 @@ def test_missing_optional_library_is_a_clear_error(monkeypatch):
 
 
 def _gpp(*args, cwd=None):
-    import subprocess
+    from gpp_ext.testing import run_cli
 
-    return subprocess.run([sys.executable, "-m", "gpp_ext.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+    return run_cli(*args, cwd=cwd)
 
 
 @pytest.mark.parametrize("args,match", [
