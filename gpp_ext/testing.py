@@ -169,7 +169,8 @@ def run_cli(*args, cwd=None, process: bool = False, timeout: float = 600, preexe
     through `gpp_ext.cli.main`: the same code the `gpp` command runs, without the few seconds a fresh interpreter
     spends importing torch; the thread count, the working folder and the warning filters are restored after it.
     `process=True` (or a `preexec_fn`, e.g. a resource limit) runs `python -m gpp_ext.cli` in a child process
-    instead: for what only a real process shows (the entry point itself, limits, signals, a concurrent run)."""
+    instead: for what only a real process shows (the entry point itself, limits, signals, a concurrent run);
+    `timeout` (seconds) bounds the child process only."""
     import contextlib
     import io
     import os
