@@ -267,9 +267,9 @@ def fast_layout(model: nn.Module, sample, device="cpu", memory_format: str = "au
     `memory_format`: "auto" picks channels-last for a model with 2-D convolutions on the CPU (oneDNN's fast
     path) when a probe forward pass of `sample` (one input, `[C, H, W]`) in eval mode accepts it (a `.view`
     that needs the default layout does not) and no layer is one that torch trains unsafely in that layout (a
-    strided 1x1 convolution on a number of channels that is not a multiple of 8), else the default layout; "channels_last" insists (`ValueError` if
-    the model cannot run so); "contiguous" never converts. A network that is already channels-last is used as
-    it is and left so."""
+    strided 1x1 convolution on a number of channels that is not a multiple of 8), else the default layout;
+    "channels_last" insists (`ValueError` if the model cannot run so); "contiguous" never converts. A network
+    that is already channels-last is used as it is and left so."""
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     layout, converted = _to_fast_layout(model, sample, device, memory_format, teacher)
