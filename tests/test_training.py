@@ -125,6 +125,7 @@ def test_auto_layout_trains_a_narrow_strided_shortcut_on_one_thread_without_corr
     """torch 2.13 on the CPU corrupts the heap training a strided 1x1 convolution of 3 input channels in
     channels-last on one thread (a ResNet shortcut; the process aborts with `double free or corruption`):
     "auto" must keep such a model in the default layout. In a child process, since an abort would end pytest."""
+    import os
     import subprocess
     import sys
 
@@ -133,7 +134,7 @@ def test_auto_layout_trains_a_narrow_strided_shortcut_on_one_thread_without_corr
     assert _unsafe_in_channels_last(models.build("resnet20", in_channels=1, num_classes=10, widths=[3, 6, 12]))
     assert not _unsafe_in_channels_last(models.build("resnet20", in_channels=1, num_classes=10))
     done = subprocess.run([sys.executable, "-c", SHORTCUT_ON_ONE_THREAD], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
 
 
