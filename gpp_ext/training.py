@@ -22,6 +22,7 @@ import copy
 import math
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -269,7 +270,8 @@ def fast_layout(model: nn.Module, sample, device="cpu", memory_format: str = "au
     that needs the default layout does not) and no layer is one that torch trains unsafely in that layout (a
     strided 1x1 convolution on a number of channels that is not a multiple of 8), else the default layout;
     "channels_last" insists (`ValueError` if the model cannot run so); "contiguous" never converts. A network
-    that is already channels-last is used as it is and left so."""
+    that is already channels-last is used as it is and left so (with a `RuntimeWarning` when it holds such an
+    unsafe layer and torch runs on one thread)."""
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     layout, converted = _to_fast_layout(model, sample, device, memory_format, teacher)
@@ -300,6 +302,13 @@ def _to_fast_layout(model: nn.Module, x, device, memory_format: str, teacher=Non
         return None, []
     nets = [m for m in (model, teacher) if m is not None]
     if memory_format == "auto" and any(_unsafe_in_channels_last(m) for m in nets):
+        held = [m for m in nets if _unsafe_in_channels_last(m) and _channels_last(m)]
+        if held and torch.get_num_threads() == 1:
+            warnings.warn(f"{type(held[0]).__name__} is already channels-last and holds a strided 1x1 convolution "
+                          "on a number of channels that is not a multiple of 8; torch 2.13 can corrupt the heap "
+                          "training that layer channels-last on one thread. It is used as given: convert it with "
+                          "`model.to(memory_format=torch.contiguous_format)` first, or train on more threads.",
+                          RuntimeWarning, stacklevel=4)
         return None, []
     converted = [m for m in nets if not _channels_last(m)]
     for m in converted:

@@ -138,6 +138,37 @@ def test_auto_layout_trains_a_narrow_strided_shortcut_on_one_thread_without_corr
     assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
 
 
+def test_auto_layout_warns_on_one_thread_when_a_model_is_already_channels_last_with_a_narrow_shortcut():
+    """A model the user already put in channels-last is used as given ("auto" converts nothing back), so with
+    the unsafe shortcut on one thread `fast_layout` says so and how to avoid it; nothing is trained here, since
+    that could abort pytest. On two threads, or with a safe model, it stays quiet."""
+    import warnings
+
+    from gpp_ext.training import fast_layout
+
+    narrow = models.build("resnet20", in_channels=1, num_classes=10, widths=[3, 6, 12])
+    narrow.to(memory_format=torch.channels_last)
+    sample = torch.zeros(1, 16, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with pytest.warns(RuntimeWarning, match="contiguous_format"):
+            with fast_layout(narrow, sample) as layout:
+                assert layout is None
+        wide = models.build("resnet20", in_channels=1, num_classes=10).to(memory_format=torch.channels_last)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with fast_layout(models.build("resnet20", in_channels=1, num_classes=10, widths=[3, 6, 12]), sample):
+                pass  # the default layout: nothing to warn about
+            with fast_layout(wide, sample) as layout:
+                assert layout is torch.channels_last
+            torch.set_num_threads(2)
+            with fast_layout(narrow, sample):
+                pass
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fit_leaves_a_channels_last_model_so_and_restores_the_layout_when_training_fails(splits):
     model = _vgg().to(memory_format=torch.channels_last)
     fit(model, splits.train, 0.1)
