@@ -75,7 +75,9 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
     assert (tmp_path / "growth.md").read_text() == md
     capsys.readouterr()
     assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
-    assert "seed 0" not in capsys.readouterr().out  # nothing measured again
+    said = capsys.readouterr().out
+    assert "seed 0" not in said  # nothing measured again
+    assert f"resuming with {len(records)} run(s) recorded" in said
     assert json.loads(out.read_text()) == records
     # a checkout without the largest net's file: the seeded growth is run again, meets the recorded nets, and
     # every record stands

@@ -54,6 +54,8 @@ def _run(args, mode: dict, settings: dict, stem: str) -> int:
     def log(text):
         print(text, flush=True)
 
+    if args.resume:   # a long run's log says at once where it goes on from
+        log(f"benchmarks.growth: resuming with {len(runs.records)} run(s) recorded in {args.out}")
     # `kill` (SIGTERM) stops a background run as cleanly as Ctrl-C does: a shell starts background jobs with
     # SIGINT ignored, so Ctrl-C's signal cannot reach them
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
