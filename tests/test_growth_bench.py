@@ -102,14 +102,40 @@ def test_growth_harness_records_every_comparison_and_resumes(tmp_path, monkeypat
             assert again[tuple(r["key"])] == r
         if r["key"][1] == "grown":
             assert again[tuple(r["key"])]["test_accuracy"] == r["test_accuracy"]
-    # a pushed-and-pruned net made by another default recipe is redone; nothing else is
+    # a pushed-and-pruned net made by another default recipe is redone; nothing else is. The first redo is
+    # stopped in its first cut (as `kill` stops a background run): its loop's folder and mark stay in the cache,
+    # and the next resume goes on after the last completed stage (the push is not run again), to the result of
+    # an uninterrupted run
+    import gpp_ext.loop
+
     records = json.loads(out.read_text())
+    pruned = {tuple(r["key"]): r for r in records if r["key"][1] == "pruned"}
     out.write_text(json.dumps([dict(r, recipe={"push": "v0"}) if r["key"][1] == "pruned" else r for r in records]))
+    cut, pushes = gpp_ext.loop.prune_stage, []
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpp_ext.loop, "prune_stage", stopped)
+    assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
+    first = min(pruned)[2]
+    folder = tmp_path / "growth-nets" / f"pruned-{first}-seed0"
+    mark = json.loads((tmp_path / "growth-nets" / f"pruned-{first}-seed0.json").read_text())
+    assert (folder / "checkpoint.pt").exists() and mark["state"]["seconds"] > 0
+    monkeypatch.setattr(gpp_ext.loop, "prune_stage", cut)
+    push = gpp_ext.loop.push_stage
+    monkeypatch.setattr(gpp_ext.loop, "push_stage", lambda *a, **k: pushes.append(1) or push(*a, **k))
+    capsys.readouterr()
     assert growth.main(["--smoke", "--out", str(out), "--resume"]) == 0
     said = capsys.readouterr().out
     assert "pruned to net" in said and "resnet" not in said and "grow-and-prune" not in said
-    assert all(r["recipe"] == growth.runner.default_recipe() for r in json.loads(out.read_text())
-               if r["key"][1] == "pruned")
+    assert len(pushes) == len(pruned) - 1   # the interrupted net's push was done already
+    assert not folder.exists() and not list((tmp_path / "growth-nets").glob("pruned-*"))
+    redone = {tuple(r["key"]): r for r in json.loads(out.read_text()) if r["key"][1] == "pruned"}
+    assert all(r["recipe"] == growth.runner.default_recipe() for r in redone.values())
+    assert {k: (r["params"], r["test_accuracy"]) for k, r in redone.items()} == \
+        {k: (r["params"], r["test_accuracy"]) for k, r in pruned.items()}
+    assert redone[min(pruned)]["seconds"] > mark["state"]["seconds"]   # the interrupted attempt's time counts
     # results made with other settings are not dropped by a resume: it stops and says so, the file untouched
     text = out.read_text()
     out.write_text(json.dumps([dict(r, settings={"other": 1}) if r["key"][1] == "base" else r

@@ -38,8 +38,11 @@ triage order is compared with first to last only where both growths end at the s
 The long steps checkpoint in the folder beside the records (`benchmarks/results/growth-nets/` for `growth.json`,
 committed with them): each growth after every attempt (`grow(after_step=...)`), the triage, and every long
 training (the base, each grow-and-prune, each ResNet, each net from scratch) after every epoch
-(`fit(checkpoint=...)`, with its wall and CPU time so far), so an interrupted seed resumes inside its step instead
-of starting it over, in another session or checkout too, and records the times an uninterrupted run would. A
+(`fit(checkpoint=...)`, with its wall and CPU time so far), and each push and prune of the largest net after
+every stage of its loop (its run folder `pruned-<net>-seed<seed>/` and a mark of what it was started for and the
+time it has taken), so an interrupted seed resumes inside its step instead of starting it over, in another
+session or checkout too, and records the times an uninterrupted run would (a pushed and pruned net's time counts
+its interrupted attempts only when they were stopped by Ctrl-C or `kill`, not by a hard kill). A
 recorded seed whose largest grown net's file is gone is grown again (seeded) to rebuild it: its records stand when
 the growth meets the recorded nets again, and are redone from the new growth when it does not. Results go to
 benchmarks/results/growth.{json,md,png} atomically after every run (`--render` redraws the tables and plot from

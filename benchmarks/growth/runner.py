@@ -236,17 +236,16 @@ def _claims(g: _Grown) -> None:
         key = (seed, "pruned", r["key"][2])
         done = runs.get(key)
         if done is None or not same_recipe(done.get("recipe")):  # made by another default: redone
-            clock = _Clock()
             config = recipes.build("gpp", epochs=0, epoch_budget=mode["prune_epochs"], target_params=target,
                                    seed=seed)
-            with _tempdir() as out:
-                loop = GrowPushPrune(copy.deepcopy(largest), splits, config, out_dir=out, progress=False,
+            with _ResumableLoop(runs, seed, f"pruned-{r['key'][2]}", largest_record, config) as (folder, clock):
+                loop = GrowPushPrune(copy.deepcopy(largest), splits, config, out_dir=folder, progress=False,
                                      onnx_latency=False)
-                loop.run()
+                loop.run(resume=True)
                 compact = loop.final_model
-            rec = runs.add(key, dict(_measure(compact, splits, example), target_params=r["params"],
-                                     epochs=largest_record["epochs"] + mode["prune_epochs"],
-                                     recipe=default_recipe(), **clock.times()))
+                rec = runs.add(key, dict(_measure(compact, splits, example), target_params=r["params"],
+                                         epochs=largest_record["epochs"] + mode["prune_epochs"],
+                                         recipe=default_recipe(), **clock.times()))
             log(f"  seed {seed} pruned to net {r['key'][2]}'s size: {rec['params']:,} params, test "
                 f"{rec['test_accuracy']:.4f}")
 
@@ -532,13 +531,40 @@ class _Checkpoint:
                 os.remove(path)
 
 
-class _tempdir:
+class _ResumableLoop:
+    """A loop run that outlives the process: its run folder (`<what>-seed<seed>/` in the cache, checkpointed by
+    the loop after every stage) and a mark beside it (`<what>-seed<seed>.json`: what the folder was started for,
+    the largest net, the loop's settings and the benchmark's, and the time spent before an interruption), both
+    committed with the records, so `--resume` goes on from the last completed stage, also in a fresh checkout.
+    A folder started for anything else (another grown net, target or recipe) is removed and the run starts
+    afresh. Yields `(folder, clock)`; the clock counts the interrupted attempts' time as well. Both go when the
+    block ends normally (the step is recorded)."""
+
+    def __init__(self, runs: Runs, seed: int, what: str, largest: dict, config):
+        from dataclasses import asdict
+
+        self.folder = os.path.splitext(_cache_path(runs, seed, what))[0]
+        started_for = {**runs.settings, "config": asdict(config),
+                       "largest": [largest["params"], largest["test_accuracy"]]}
+        # as the mark's file will read it back (tuples as lists), so that the same run compares equal
+        self.mark = _Checkpoint(runs, seed, what, json.loads(json.dumps(started_for)))
+
     def __enter__(self):
-        import tempfile
+        import shutil
 
-        self._dir = tempfile.TemporaryDirectory(prefix="gpp-growth-")
-        return os.path.join(self._dir.name, "run")
+        spent = self.mark.load(model=False)
+        if spent is None and os.path.isdir(self.folder):
+            shutil.rmtree(self.folder)   # started for something else: its checkpoint would be refused
+        self.clock = _Clock(spent)
+        self.mark.save(None, self.clock.times())
+        return self.folder, self.clock
 
-    def __exit__(self, *exc):
-        self._dir.cleanup()
+    def __exit__(self, kind, error, trace):
+        import shutil
+
+        if kind is None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.mark.clear()
+        else:   # interrupted (Ctrl-C, `kill`) or failed: the next attempt counts this one's time
+            self.mark.save(None, self.clock.times())
         return False
