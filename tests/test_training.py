@@ -158,8 +158,9 @@ def test_auto_layout_warns_on_one_thread_when_a_model_is_already_channels_last_w
         wide = models.build("resnet20", in_channels=1, num_classes=10).to(memory_format=torch.channels_last)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with fast_layout(models.build("resnet20", in_channels=1, num_classes=10, widths=[3, 6, 12]), sample):
-                pass  # the default layout: nothing to warn about
+            default = models.build("resnet20", in_channels=1, num_classes=10, widths=[3, 6, 12])
+            with fast_layout(default, sample) as layout:   # kept in the default layout: nothing to warn about
+                assert layout is None
             with fast_layout(wide, sample) as layout:
                 assert layout is torch.channels_last
             torch.set_num_threads(2)
