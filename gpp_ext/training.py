@@ -260,7 +260,8 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @contextlib.contextmanager
-def fast_layout(model: nn.Module, sample, device="cpu", memory_format: str = "auto", teacher=None):
+def fast_layout(model: nn.Module, sample, device="cpu", memory_format: str = "auto", teacher=None,
+                training: bool = True):
     """Runs the block with `model` (and `teacher`) in the memory layout their convolutions are fastest in, and
     yields the layout the block must give its 4-D inputs (None: leave them as they are); the networks are
     converted back when the block ends, however it ends.
@@ -271,10 +272,11 @@ def fast_layout(model: nn.Module, sample, device="cpu", memory_format: str = "au
     strided 1x1 convolution on a number of channels that is not a multiple of 8), else the default layout;
     "channels_last" insists (`ValueError` if the model cannot run so); "contiguous" never converts. A network
     that is already channels-last is used as it is and left so (with a `RuntimeWarning` when it holds such an
-    unsafe layer and torch runs on one thread)."""
+    unsafe layer, torch runs on one thread and the block trains: `training=False` for a block that only runs
+    forward passes, where that layer is safe)."""
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
-    layout, converted = _to_fast_layout(model, sample, device, memory_format, teacher)
+    layout, converted = _to_fast_layout(model, sample, device, memory_format, teacher, training)
     try:
         yield layout
     finally:
@@ -290,7 +292,7 @@ def _first_input(dataset):
         return None
 
 
-def _to_fast_layout(model: nn.Module, x, device, memory_format: str, teacher=None) -> tuple:
+def _to_fast_layout(model: nn.Module, x, device, memory_format: str, teacher=None, training: bool = True) -> tuple:
     """`(layout of the input batches, networks converted)` for `fast_layout`."""
     if memory_format == "contiguous" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return None, []
@@ -303,7 +305,7 @@ def _to_fast_layout(model: nn.Module, x, device, memory_format: str, teacher=Non
     nets = [m for m in (model, teacher) if m is not None]
     if memory_format == "auto" and any(_unsafe_in_channels_last(m) for m in nets):
         held = [m for m in nets if _unsafe_in_channels_last(m) and _channels_last(m)]
-        if held and torch.get_num_threads() == 1:
+        if held and training and torch.get_num_threads() == 1:
             warnings.warn(f"{type(held[0]).__name__} is already channels-last and holds a strided 1x1 convolution "
                           "on a number of channels that is not a multiple of 8; torch 2.13 can corrupt the heap "
                           "training that layer channels-last on one thread. It is used as given: convert it with "
@@ -393,7 +395,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 128, device="cpu", mem
     model.eval()
     correct = total = 0
     try:
-        with fast_layout(model, _first_input(dataset), device, memory_format) as layout:
+        with fast_layout(model, _first_input(dataset), device, memory_format, training=False) as layout:
             for x, y in DataLoader(dataset, batch_size=batch_size):
                 x = x.to(device)
                 if layout is not None and x.dim() == 4:
@@ -499,7 +501,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, num_batches: int = 50, devic
                 if layout is False:
                     image = isinstance(x, torch.Tensor) and x.dim() == 4
                     layout = stack.enter_context(fast_layout(model, x[0] if image else None, device,
-                                                             memory_format))
+                                                             memory_format, training=False))
                 model(x.contiguous(memory_format=layout) if layout is not None and x.dim() == 4 else x)
     finally:
         for m, momentum in saved:

@@ -141,10 +141,11 @@ def test_auto_layout_trains_a_narrow_strided_shortcut_on_one_thread_without_corr
 def test_auto_layout_warns_on_one_thread_when_a_model_is_already_channels_last_with_a_narrow_shortcut():
     """A model the user already put in channels-last is used as given ("auto" converts nothing back), so with
     the unsafe shortcut on one thread `fast_layout` says so and how to avoid it; nothing is trained here, since
-    that could abort pytest. On two threads, or with a safe model, it stays quiet."""
+    that could abort pytest. On two threads, with a safe model, or in blocks that only run forward passes
+    (evaluation, BatchNorm recalibration), it stays quiet."""
     import warnings
 
-    from gpp_ext.training import fast_layout
+    from gpp_ext.training import evaluate, fast_layout, recalibrate_batchnorm
 
     narrow = models.build("resnet20", in_channels=1, num_classes=10, widths=[3, 6, 12])
     narrow.to(memory_format=torch.channels_last)
@@ -163,6 +164,11 @@ def test_auto_layout_warns_on_one_thread_when_a_model_is_already_channels_last_w
                 assert layout is None
             with fast_layout(wide, sample) as layout:
                 assert layout is torch.channels_last
+            with fast_layout(narrow, sample, training=False) as layout:
+                assert layout is None
+            data = torch.utils.data.TensorDataset(torch.randn(8, 1, 16, 16), torch.arange(8) % 10)
+            evaluate(narrow, data, batch_size=4)
+            recalibrate_batchnorm(narrow, torch.utils.data.DataLoader(data, batch_size=4), num_batches=2)
             torch.set_num_threads(2)
             with fast_layout(narrow, sample):
                 pass
