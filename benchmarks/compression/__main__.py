@@ -1,7 +1,7 @@
 """Compression benchmark: GPP against our baselines and the strongest peers, at equal training.
 
     python -m benchmarks.compression --quick           # LeNet-5, 1 seed, 2 budgets: a few minutes on 2 cores
-    python -m benchmarks.compression                   # LeNet-5, VGG-BN, ResNet-20, 3 seeds: a day; run it in parts
+    python -m benchmarks.compression                   # LeNet-5, VGG-BN, ResNet-20, 3 seeds: days; run it in parts
     python -m benchmarks.compression --resume          # go on with an interrupted run (same settings)
     python -m benchmarks.compression --models vgg --seeds 0 --budgets 0.1 --methods gpp,l1
     python -m benchmarks.compression --latency         # time the kept compact models (on a quiet machine)

@@ -3,7 +3,7 @@ the largest grown net beat the smaller nets met while growing (and those nets' a
 scheduled grow-and-prune beat train-then-prune at equal epochs, and does growing the most critical stages first
 pay?
 
-    python -m benchmarks.growth                        # Fashion-MNIST, seeds 0, 1, 2 (hours on 2 CPU cores)
+    python -m benchmarks.growth                        # Fashion-MNIST, seeds 0, 1, 2 (days on one core)
     python -m benchmarks.growth --resume               # go on after an interruption
     python -m benchmarks.growth --smoke                # digits, one seed, tiny epochs: proves the harness
 
