@@ -114,5 +114,5 @@ def _planting(model: nn.Module, ctx: GrowthContext):
     c = ctx.config
     model, history = grow_by_planting(model, ctx.example, ctx.train, ctx.evaluate, threshold=c.grow_threshold,
                                       rounds=c.plant_rounds, share=c.plant_share, max_params=c.plant_max_params,
-                                      seed=c.seed, progress=ctx.progress)
+                                      seed=c.seed, progress=ctx.progress, ignore=tuple(c.ignore))
     return model, [dict(h.to_dict(), method="planting") for h in history]

@@ -37,9 +37,10 @@ from .pruning.surgery import validate_add
 __all__ = ["plant", "PlantedOnly", "grow_by_planting", "PlantingStep", "plantable_groups"]
 
 
-def plantable_groups(model: nn.Module, example: torch.Tensor) -> list:
-    """The names of the groups `plant` can widen (prunable, not normalised across channels)."""
-    graph = ChannelGraph(model, example)
+def plantable_groups(model: nn.Module, example: torch.Tensor, ignore=()) -> list:
+    """The names of the groups `plant` can widen (prunable, not normalised across channels); `ignore` as
+    `ChannelGraph`'s (submodules traced as opaque)."""
+    graph = ChannelGraph(model, example, ignore=tuple(ignore))
     names = []
     for group in graph.groups:
         try:
@@ -50,10 +51,11 @@ def plantable_groups(model: nn.Module, example: torch.Tensor) -> list:
     return names
 
 
-def plant(model: nn.Module, example: torch.Tensor, add: dict, generator: torch.Generator | None = None):
+def plant(model: nn.Module, example: torch.Tensor, add: dict, generator: torch.Generator | None = None,
+          ignore=()):
     """Widens each group `name` of `model` by `add[name]` channels, in place; returns `(model, planted)` with
     `planted = {name: indices of the new channels}`. The widened model computes what `model` computed."""
-    graph = ChannelGraph(model, example)
+    graph = ChannelGraph(model, example, ignore=tuple(ignore))
     sizes = {g.name: g.size for g in graph.groups}
     graph.widen(add, generator)
     return model, {name: torch.arange(sizes[name], sizes[name] + int(n)) for name, n in add.items()}
@@ -62,24 +64,27 @@ def plant(model: nn.Module, example: torch.Tensor, add: dict, generator: torch.G
 class PlantedOnly:
     """While active (a context manager), only the entries of the planted channels train.
 
-    `planted`: `{group: channel indices}` of `model`'s groups (as `plant` returns). On entry, parameters holding
-    no planted entry stop requiring gradients; `after_step` (pass it to `fit`) restores, after every optimiser
-    step, the other entries of the parameters that hold planted ones, and every floating buffer outside the
-    planted channels (BatchNorm running statistics of the old channels); on exit gradients are required again.
+    `planted`: `{group: channel indices}` of `model`'s groups (as `plant` returns; `ignore` as given to it). On
+    entry, parameters holding no planted entry stop requiring gradients; `after_step` (pass it to `fit`) restores,
+    after every optimiser step, the other entries of the parameters that hold planted ones, and every floating
+    buffer outside the planted channels (BatchNorm running statistics of the old channels), on whatever device
+    the model has moved to; on exit gradients are required again.
     """
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, planted: dict):
-        graph = ChannelGraph(model, example)
+    def __init__(self, model: nn.Module, example: torch.Tensor, planted: dict, ignore=()):
+        graph = ChannelGraph(model, example, ignore=tuple(ignore))
         masks = {}
         for name, channels in planted.items():
             channels = torch.as_tensor(channels, dtype=torch.long)
             for p in graph.channel_params(name):
                 _, mask = masks.setdefault(id(p.tensor), (p.tensor, torch.zeros_like(p.tensor, dtype=torch.bool)))
                 mask.index_fill_(p.dim, p.index[channels].reshape(-1).to(mask.device), True)
-        self.mixed = [(t, m, t.detach().clone()) for t, m in masks.values()]
+        self.mixed = [[t, m, t.detach().clone()] for t, m in masks.values()]
         self.frozen = [p for p in model.parameters() if id(p) not in masks and p.requires_grad]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()
-                        if id(b) not in masks and b.is_floating_point()]
+        # buffers by owner and name: moving the model (`fit(device=...)`) replaces buffer tensors, not modules
+        self.buffers = [(owner, name, b.detach().clone()) for owner in model.modules()
+                        for name, b in owner.named_buffers(recurse=False)
+                        if b is not None and id(b) not in masks and b.is_floating_point()]
 
     def __enter__(self):
         for p in self.frozen:
@@ -93,10 +98,14 @@ class PlantedOnly:
 
     @torch.no_grad()
     def after_step(self, step: int = 0, total: int = 0) -> None:
-        for tensor, mask, saved in self.mixed:
-            tensor.copy_(torch.where(mask, tensor, saved))
-        for buffer, saved in self.buffers:
-            buffer.copy_(saved)
+        for entry in self.mixed:
+            tensor, mask, saved = entry
+            if mask.device != tensor.device:  # the model moved since (fit's device): follow it
+                entry[1], entry[2] = mask.to(tensor.device), saved.to(tensor.device)
+            tensor.copy_(torch.where(entry[1], tensor, entry[2]))
+        for owner, name, saved in self.buffers:
+            buffer = getattr(owner, name)
+            buffer.copy_(saved.to(buffer.device))
 
 
 @dataclass
@@ -117,7 +126,7 @@ class PlantingStep:
 
 def grow_by_planting(model: nn.Module, example: torch.Tensor, train, evaluate, threshold: float = 0.005,
                      rounds: int = 2, share: float = 0.25, max_params: float = 2.0, seed: int = 0,
-                     progress: bool = True):
+                     progress: bool = True, ignore=()):
     """Grows `model` by planting while validation accuracy improves; returns `(model, history)`.
 
     Args:
@@ -131,40 +140,42 @@ def grow_by_planting(model: nn.Module, example: torch.Tensor, train, evaluate, t
         share: each round plants this share of every plantable group's width (at least one channel).
         max_params: the grown model keeps at most this multiple of `model`'s parameters.
         seed: seeds the new channels' weights.
+        ignore: names of submodules the channel graph traces as opaque (`ChannelGraph`'s `ignore`).
     """
     if not threshold >= 0 or rounds < 1 or not 0 < share <= 4 or not max_params > 1:
         raise ValueError(f"grow_by_planting: threshold must be >= 0, rounds >= 1, share in (0, 4] and max_params "
                          f"> 1, got {threshold}, {rounds}, {share}, {max_params}")
+    ignore = tuple(ignore)
     limit = max_params * count_params(model)
     best = float(evaluate(model))
     history = [PlantingStep(0, {}, best, count_params(model), True, {})]
     generator = torch.Generator().manual_seed(seed)
     for r in tqdm(range(1, rounds + 1), desc="planting", leave=False, disable=None if progress else True):
-        groups = plantable_groups(model, example)
+        groups = plantable_groups(model, example, ignore)
         if not groups:
             break
-        sizes = {g.name: g.size for g in ChannelGraph(model, example).groups}
+        sizes = {g.name: g.size for g in ChannelGraph(model, example, ignore=ignore).groups}
         trial, planted = plant(copy.deepcopy(model), example, {g: max(1, round(share * sizes[g])) for g in groups},
-                               generator)
-        with PlantedOnly(trial, example, planted) as frozen:
+                               generator, ignore)
+        with PlantedOnly(trial, example, planted, ignore) as frozen:
             trial = train(trial, frozen.after_step) or trial
         everything = float(evaluate(trial))
         gains, cost = {}, {}
         for name, channels in planted.items():
             silenced = copy.deepcopy(trial)
-            ChannelGraph(silenced, example).scale_channels(name, channels, 0.0)
+            ChannelGraph(silenced, example, ignore=ignore).scale_channels(name, channels, 0.0)
             gains[name] = everything - float(evaluate(silenced))
-            cost[name] = count_params(trial) - count_params(_without(trial, example, planted, (name,)))
+            cost[name] = count_params(trial) - count_params(_without(trial, example, planted, (name,), ignore))
         order = sorted((n for n in gains if gains[n] > 0), key=lambda n: gains[n] / max(cost[n], 1), reverse=True)
         chosen, params = [], count_params(model)
         for name in order:
             if params + cost[name] <= limit:
                 chosen.append(name)
                 params += cost[name]
-        grown = _without(trial, example, planted, [n for n in planted if n not in chosen])
+        grown = _without(trial, example, planted, [n for n in planted if n not in chosen], ignore)
         if chosen:  # the kept channels were trained beside the ones cut away: they train again, alone
             kept_planted = {n: planted[n] for n in chosen}
-            with PlantedOnly(grown, example, kept_planted) as frozen:
+            with PlantedOnly(grown, example, kept_planted, ignore) as frozen:
                 grown = train(grown, frozen.after_step) or grown
         accuracy = float(evaluate(grown)) if chosen else best
         kept = bool(chosen) and accuracy > best + threshold
@@ -176,11 +187,11 @@ def grow_by_planting(model: nn.Module, example: torch.Tensor, train, evaluate, t
     return model, history
 
 
-def _without(model: nn.Module, example: torch.Tensor, planted: dict, names) -> nn.Module:
+def _without(model: nn.Module, example: torch.Tensor, planted: dict, names, ignore=()) -> nn.Module:
     """A copy of `model` with the planted channels of groups `names` cut away (exactly what it was before they
     were planted there)."""
     out = copy.deepcopy(model)
-    graph = ChannelGraph(out, example)
+    graph = ChannelGraph(out, example, ignore=tuple(ignore))
     keep = {}
     for name in names:
         size = graph.group(name).size

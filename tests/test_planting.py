@@ -37,7 +37,8 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_only_the_planted_channels_train_and_everything_else_stays_bit_for_bit(splits, starved):
+def test_only_the_planted_channels_train_and_everything_else_stays_bit_for_bit(splits, starved, device):
+    # on CUDA the model is planted on the CPU and moved by `fit`: the masks and saved entries follow it
     model = copy.deepcopy(starved)
     before, x = _state(model), torch.stack([splits.val[i][0] for i in range(64)])
     logits = model(x)
@@ -47,7 +48,8 @@ def test_only_the_planted_channels_train_and_everything_else_stays_bit_for_bit(s
     fresh = _state(model)
     with PlantedOnly(model, EXAMPLE, planted) as frozen:
         assert not model.conv1.weight.requires_grad and model.conv2.weight.requires_grad
-        fit(model, splits.train, 1, lr=4e-3, weight_decay=0.1, seed=1, after_step=frozen.after_step)
+        fit(model, splits.train, 1, lr=4e-3, weight_decay=0.1, seed=1, after_step=frozen.after_step, device=device)
+    model.cpu()
     assert model.conv1.weight.requires_grad  # released
     changed = _state(model)
     rows = planted["conv2"]
@@ -154,3 +156,35 @@ def test_a_teacher_file_is_checked_before_the_data_are_read(tmp_path):
                               "--quiet", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
         assert out.returncode != 0 and message in out.stderr, out.stderr
         assert not (tmp_path / "run").exists()
+
+
+class _Sorted(torch.nn.Module):
+    def forward(self, x):  # an op the channel graph cannot follow: traced as opaque when ignored
+        return torch.sort(x, dim=1).values
+
+
+class _WithOpaque(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 6, 3)
+        self.odd, self.fc = _Sorted(), torch.nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(self.odd(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_planting_follows_the_models_ignore_list(splits):
+    torch.manual_seed(0)
+    model = _WithOpaque()
+    with pytest.raises(ValueError, match="ignore="):
+        plantable_groups(model, EXAMPLE)
+    assert plantable_groups(model, EXAMPLE, ignore=["odd"]) == ["conv1"]  # conv2 feeds the opaque module
+
+    def train(m, after_step):
+        return fit(m, splits.train, 1, lr=4e-3, seed=3, after_step=after_step)
+
+    before = count_params(model)
+    grown, history = grow_by_planting(model, EXAMPLE, train, lambda m: evaluate(m, splits.val), threshold=0.0,
+                                      rounds=1, share=1.0, progress=False, ignore=["odd"])
+    assert set(history[1].gains) == {"conv1"}
+    assert count_params(grown) >= before and grown(EXAMPLE).shape == (2, 10)
