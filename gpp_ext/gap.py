@@ -31,9 +31,10 @@ from .checkpoints import Hooks
 from .cost import count_flops, count_params
 from .pruning import ChannelGraph
 from .pruning.selection import select_channels
-from .training import evaluate, fit
+from .pruning.surgery import cross_channel_norm
+from .training import evaluate, fit, recalibrate_batchnorm, training_batches
 
-__all__ = ["scheduled_grow_and_prune", "GapSchedule", "channel_l1"]
+__all__ = ["scheduled_grow_and_prune", "GapSchedule", "channel_l1", "check_groups"]
 
 
 def channel_l1(graph: ChannelGraph, name: str) -> torch.Tensor:
@@ -47,6 +48,19 @@ def channel_l1(graph: ChannelGraph, name: str) -> torch.Tensor:
         t = p.tensor.detach().abs().double().movedim(p.dim, 0).reshape(p.tensor.shape[p.dim], -1).sum(1).cpu()
         score += t[p.index].sum(1)
     return score
+
+
+def check_groups(graph: ChannelGraph) -> None:
+    """`ValueError` naming a group that grow-and-prune cannot hold at zero exactly: one normalised across
+    channels (LayerNorm, GroupNorm with several channels per group), where silenced channels still change the
+    other channels' outputs, so the cut at the end would not be exact."""
+    for group in graph.groups:
+        norm = cross_channel_norm(graph, group.name)
+        if norm is not None:
+            raise ValueError(f"grow-and-prune: group {group.name!r} is normalised across channels by {norm}, so "
+                             f"its channels held at zero still change the others' outputs; it needs per-channel "
+                             f"norms (BatchNorm, or GroupNorm with one channel per group), or the block in "
+                             f"ignore=[...]")
 
 
 def _partitions(names: list, k: int) -> list:
@@ -77,6 +91,7 @@ class GapSchedule:
         names = [g.name for g in self.graph.groups]
         if not names:
             raise ValueError(f"GapSchedule: {type(model).__name__} has no prunable channel groups")
+        check_groups(self.graph)
         keep = select_channels(self.graph, {n: channel_l1(self.graph, n) for n in names}, method="budget",
                                budget=budget, budget_kind=budget_kind, allocation="uniform")
         self.widths = {n: int(keep[n].numel()) for n in names}
@@ -118,9 +133,17 @@ class GapSchedule:
         """The schedule's progress (phase, removed channels, history), for `fit(checkpoint=...)`; the weights,
         zeros included, are the model's."""
         return {"phase": self.phase, "removed": {n: t.clone() for n, t in self.removed.items()},
-                "history": [dict(h) for h in self.history]}
+                "history": [dict(h) for h in self.history], "schedule": self._plan()}
+
+    def _plan(self) -> dict:
+        return {"partitions": self.parts, "phases": self.phases, "widths": dict(self.widths)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()`'s progress; a state of another schedule (other partitions, cycles or widths)
+        is refused (`ValueError`)."""
+        if state.get("schedule") != self._plan():
+            raise ValueError(f"GapSchedule: the saved progress belongs to another schedule ({state.get('schedule')}, "
+                             f"this one is {self._plan()}); remove the checkpoint or run the same schedule")
         self.phase = int(state["phase"])
         self.removed = {n: torch.as_tensor(t, dtype=torch.long) for n, t in state["removed"].items()}
         self.history = [dict(h) for h in state["history"]]
@@ -170,6 +193,9 @@ def scheduled_grow_and_prune(model: nn.Module, splits, target: float, epochs: fl
                 after_step=Hooks(schedule.after_step, after_step), desc="grow-and-prune", checkpoint=points[0],
                 **fit_kwargs)
     schedule.graph.prune(schedule.finish())
+    # the last dense partition was silenced after the last step: the running statistics after it are stale
+    recalibrate_batchnorm(model, training_batches(splits.train, fit_kwargs.get("batch_size", 128), seed + 1),
+                          device=device)
     model = fit(model, splits.train, epochs * finetune_share, seed=seed + 1, device=device, progress=progress,
                 after_step=Hooks(after_step), desc="fine-tuning", checkpoint=points[1], **fit_kwargs)
     for point in points:

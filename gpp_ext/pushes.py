@@ -287,9 +287,17 @@ def _gap_check(config) -> None:
                          f"budget_kind={config.budget_kind!r}")
 
 
+def _gap_model_check(config, model, example) -> None:
+    from .gap import check_groups
+    from .pruning import ChannelGraph
+
+    check_groups(ChannelGraph(model, example, ignore=tuple(config.ignore)))
+
+
 @register("gap", "scheduled grow-and-prune: runs of layers take turns being dense while the others are held at "
           "the budget's uniform widths (their removed channels at zero), each pruned by L1 when its turn ends; the "
           "cut removes only zeros (--epochs 0: from scratch, recipe gap)", check=_gap_check,
+          check_model=_gap_model_check,
           reads=("gap_partitions", "gap_cycles"), selects=True)
 def _gap(ctx: PushContext):
     from .gap import GapSchedule

@@ -115,3 +115,47 @@ def test_the_gap_recipe_runs_from_the_command_line(tmp_path):
     assert out.returncode in (0, 3), out.stderr
     report = json.loads((tmp_path / "gap" / "report.json").read_text())
     assert report["config"]["push"] == "gap" and report["config"]["epochs"] == 0 and report["target_reached"]
+
+
+def test_the_cut_network_starts_its_fine_tuning_with_recalibrated_batchnorm(splits):
+    """The last dense partition is silenced after the last step, so the statistics of the norms after it are
+    stale: `scheduled_grow_and_prune` re-estimates them before the fine-tuning (and with no fine-tuning, before
+    it returns), so the model it returns is one a recalibration would not change."""
+    from gpp_ext.training import recalibrate_batchnorm, training_batches
+
+    torch.manual_seed(0)
+    model = models.build("vgg", widths=[8, 8, "M", 16, 16, "M"], hidden=16)
+    compact, _ = scheduled_grow_and_prune(model, splits, 0.5, epochs=1, finetune_share=0.0, partitions=2, lr=4e-3,
+                                          batch_size=64)
+    state = {k: v.clone() for k, v in compact.state_dict().items()}
+    recalibrate_batchnorm(compact, training_batches(splits.train, 64, 1))
+    for key, value in compact.state_dict().items():
+        assert torch.allclose(value.double(), state[key].double(), rtol=1e-5, atol=1e-6), key
+
+
+def test_groups_normalised_across_channels_are_refused_before_training(splits, tmp_path):
+    from gpp_ext.loop import GrowPushPrune
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Sequential(
+            torch.nn.Linear(64, 8), torch.nn.LayerNorm(8), torch.nn.ReLU(), torch.nn.Linear(8, 10)))
+
+    net = make()
+    with pytest.raises(ValueError, match=r"normalised across channels by 1\.1 \(LayerNorm\)"):
+        GapSchedule(net, EXAMPLE, 0.5)
+    config = recipes.build("gap", target_params=0.5, epoch_budget=1)
+    with pytest.raises(ValueError, match="LayerNorm"):
+        GrowPushPrune(net, splits, config, out_dir=tmp_path / "run", progress=False, factory=make)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_of_another_schedule_is_refused():
+    """Cycles change the phases but not the starting weights: the saved progress names its schedule."""
+    torch.manual_seed(0)
+    one = GapSchedule(models.build("lenet5", input_size=8), EXAMPLE, 0.5, cycles=1)
+    torch.manual_seed(0)
+    three = GapSchedule(models.build("lenet5", input_size=8), EXAMPLE, 0.5, cycles=3)
+    three.load_state_dict(three.state_dict())
+    with pytest.raises(ValueError, match="another schedule"):
+        three.load_state_dict(one.state_dict())

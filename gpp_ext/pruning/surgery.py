@@ -27,7 +27,7 @@ import torch.nn as nn
 from .. import ops
 from ..layers import BATCH_NORMS, CONV, WIDTH_ATTRS
 
-__all__ = ["prune", "widen", "reset", "validate_keep", "validate_add", "layout_index"]
+__all__ = ["prune", "widen", "reset", "validate_keep", "validate_add", "cross_channel_norm", "layout_index"]
 
 
 def _is_int(v) -> bool:
@@ -98,6 +98,18 @@ def prune(graph, keep: dict) -> nn.Module:
     return _change(graph, keep, None)
 
 
+def cross_channel_norm(graph, name: str) -> str | None:
+    """`"module (type)"` of a norm that normalises group `name`'s channels together with others (LayerNorm,
+    GroupNorm with several channels per group), where a channel added, or silenced, changes the other channels'
+    outputs; None when there is none."""
+    for p in graph.channel_params(name):
+        m = graph.modules[p.module]
+        if p.role == "norm" and (isinstance(m, nn.LayerNorm) or
+                                 (isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels)):
+            return f"{p.module} ({type(m).__name__})"
+    return None
+
+
 def validate_add(graph, add: dict) -> dict:
     """`add` as `{group name: int >= 1}`, or a clear error naming the entry that is wrong: an unknown or frozen
     group, a count that is not a positive int, or a group a norm normalises across (LayerNorm, GroupNorm with
@@ -116,12 +128,10 @@ def validate_add(graph, add: dict) -> dict:
             raise ValueError(f"ChannelGraph.widen: group {name!r} cannot change width: {group.reason}")
         if not _is_int(n) or int(n) < 1:
             raise ValueError(f"ChannelGraph.widen: add[{name!r}] must be an int >= 1 (channels to add), got {n!r}")
-        for p in graph.channel_params(name):
-            m = graph.modules[p.module]
-            if p.role == "norm" and (isinstance(m, nn.LayerNorm) or
-                                     (isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels)):
-                raise ValueError(f"ChannelGraph.widen: group {name!r} is normalised across channels by "
-                                 f"{p.module} ({type(m).__name__}); a new channel would change its outputs")
+        norm = cross_channel_norm(graph, name)
+        if norm is not None:
+            raise ValueError(f"ChannelGraph.widen: group {name!r} is normalised across channels by {norm}; a new "
+                             f"channel would change its outputs")
         checked[name] = torch.cat([torch.arange(group.size), torch.full((int(n),), -1)])
     return checked
 
