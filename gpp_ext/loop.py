@@ -235,6 +235,9 @@ class LoopConfig:
         if self.growth not in growth.names() or self.grow_order not in GROW_ORDERS:
             raise ValueError(f"LoopConfig: growth must be one of {growth.names()} and grow_order one of "
                              f"{GROW_ORDERS}, got {self.growth!r}, {self.grow_order!r}")
+        if self.grow_epochs < 0 or (self.grow and not self.grow_epochs > 0):
+            raise ValueError(f"LoopConfig: grow_epochs must be >= 0, and > 0 with grow=True (a grown candidate must "
+                             f"train before it is judged), got {self.grow_epochs!r}")
         if self.gap_partitions < 1 or self.gap_cycles < 1:
             raise ValueError(f"LoopConfig: gap_partitions and gap_cycles must be >= 1, got {self.gap_partitions!r}, "
                              f"{self.gap_cycles!r}")

@@ -79,15 +79,21 @@ def _shapes(model: nn.Module, names, example: torch.Tensor) -> dict:
     return seen
 
 
+def _stride(name: str, in_shape, out_shape, op: str) -> int:
+    """The stride of the 3x3 convolution that maps `in_shape` to `out_shape` (`[C, H, W]`), or a clear error."""
+    if len(in_shape) != 3 or len(out_shape) != 3:
+        raise ValueError(f"{op}: block {name!r} must map [C, H, W] to [C, H, W], got {in_shape} -> {out_shape}")
+    stride = max(1, round(in_shape[1] / out_shape[1]))
+    if (in_shape[1] - 1) // stride + 1 != out_shape[1] or (in_shape[2] - 1) // stride + 1 != out_shape[2]:
+        raise ValueError(f"{op}: block {name!r} maps {in_shape} to {out_shape}, which no strided 3x3 "
+                         f"convolution does")
+    return stride
+
+
 def collapse(model: nn.Module, name: str, in_shape, out_shape, seed: int | None = None) -> nn.Module:
     """A copy of `model` with block `name` replaced by one 3x3 conv + BatchNorm + ReLU from `in_shape` to
     `out_shape` (`[C, H, W]`), its weights drawn from `seed` (None: torch's global generator)."""
-    if len(in_shape) != 3 or len(out_shape) != 3:
-        raise ValueError(f"collapse: block {name!r} must map [C, H, W] to [C, H, W], got {in_shape} -> {out_shape}")
-    stride = max(1, round(in_shape[1] / out_shape[1]))
-    if (in_shape[1] - 1) // stride + 1 != out_shape[1] or (in_shape[2] - 1) // stride + 1 != out_shape[2]:
-        raise ValueError(f"collapse: block {name!r} maps {in_shape} to {out_shape}, which no strided 3x3 "
-                         f"convolution does")
+    stride = _stride(name, in_shape, out_shape, "collapse")
     out = copy.deepcopy(model)
     parent_name, _, child = name.rpartition(".")
     parent = out.get_submodule(parent_name) if parent_name else out
@@ -126,6 +132,10 @@ def triage(model: nn.Module, splits, epochs: float = 0.5, distill: float = 0.0, 
     model = copy.deepcopy(model).to(device)
     modules = dict(model.named_modules())
     shapes = _shapes(model, names, example)
+    for name in names:  # every block collapsible before any training
+        if name not in shapes:
+            raise ValueError(f"triage: block {name!r} is never called in a forward pass of {type(model).__name__}")
+        _stride(name, *shapes[name], "triage")
     teacher = copy.deepcopy(model).eval() if distill > 0 else None
 
     def train(m):

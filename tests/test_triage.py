@@ -81,3 +81,21 @@ def test_the_loop_grows_the_most_critical_stage_first(splits, tmp_path):
     assert tried and tried[0] == first["order"][0]  # the most critical stage is grown first
     with pytest.raises(ValueError, match="grow_order"):
         LoopConfig(grow_order="random").validate()
+    for epochs in (0, -1):  # refused by the configuration, not after the base model has trained
+        with pytest.raises(ValueError, match="grow_epochs must be >= 0, and > 0 with grow=True"):
+            LoopConfig(grow=True, grow_order="triage", grow_epochs=epochs).validate()
+
+
+def test_blocks_that_cannot_be_collapsed_are_refused_before_any_training(splits, monkeypatch):
+    import gpp_ext.triage as triage_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the blocks were checked")
+
+    monkeypatch.setattr(triage_module, "fit", no_training)
+    model = models.build("resnet20", in_channels=1, num_classes=10)
+    model.spare = torch.nn.Conv2d(16, 16, 3)   # a module the forward pass never calls
+    with pytest.raises(ValueError, match="'spare' is never called"):
+        triage(model, splits, blocks=["stages.0.0", "spare"], progress=False)
+    with pytest.raises(ValueError, match=r"'classifier' must map \[C, H, W\]"):
+        triage(model, splits, blocks=["stages.0.0", "classifier"], progress=False)
