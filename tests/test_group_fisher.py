@@ -214,3 +214,97 @@ def test_the_group_fisher_recipe_runs_from_the_command_line_and_needs_push_epoch
     first = report["iterations"][0]
     # the cut removed only silenced channels: accuracy right after it is the push's
     assert first["val_accuracy_after_prune"] == pytest.approx(first["val_accuracy_end_of_push"], abs=1e-9)
+
+
+class _Block(torch.nn.Module):
+    """conv -> BatchNorm -> activation -> conv -> pool -> linear; `after` adds an in-place op the trace cannot
+    see after the BatchNorm."""
+
+    def __init__(self, act, after=False):
+        super().__init__()
+        self.conv, self.bn, self.act = torch.nn.Conv2d(1, 6, 3), torch.nn.BatchNorm2d(6), act
+        self.conv2, self.fc, self.after = torch.nn.Conv2d(6, 4, 3), torch.nn.Linear(4, 10), after
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.after:
+            y += 1.0
+        return self.fc(self.conv2(self.act(y)).mean((2, 3)))
+
+
+def test_an_in_place_activation_after_a_masked_output_does_not_change_the_fisher():
+    """The activation overwrites the norm's output the Fisher multiplies by its gradient: a copy is kept."""
+    from gpp_ext.pruning.group_fisher import FisherRemoval
+
+    x, y = _batch((1, 8, 8))
+    example = torch.zeros(2, 1, 8, 8)
+    scores = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = _Block(torch.nn.Hardswish(inplace=inplace))
+        graph = ChannelGraph(model, example)
+        fisher = mask_fisher(graph, [(x, y)])
+        removal = FisherRemoval(model, example, budget=0.5, removals=1).attach()
+        model.train()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        removal.step(0, 10)   # accumulates, removes nothing yet
+        scores.append((fisher, {n: f.clone() for n, f in removal.fisher.items()}))
+    for a, b in zip(*scores):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    torch.manual_seed(0)
+    hidden = _Block(torch.nn.ReLU(), after=True)
+    with pytest.raises(RuntimeError, match="'bn' was changed in place"):
+        mask_fisher(ChannelGraph(hidden, example), [(x, y)])
+
+
+class _Concat(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.bn, self.fc = torch.nn.BatchNorm2d(5), torch.nn.Linear(5, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3)))
+
+
+def test_a_norm_over_a_concatenation_masks_each_channel_once():
+    """Both branches feed the norm: the mask sits after it only, and the mask gradient is the loss's derivative."""
+    from gpp_ext.pruning.group_fisher import _masked_outputs
+
+    torch.manual_seed(0)
+    model = _Concat().double().eval()
+    example = torch.zeros(2, 1, 6, 6, dtype=torch.float64)
+    graph = ChannelGraph(model, example)
+    assert set(_masked_outputs(graph)) == {"bn"}
+    x, y = _batch((1, 6, 6))
+    x = x.double()
+    grads = next(iter(mask_gradients(graph, [(x, y)])))
+    assert {g.name for g in graph.groups} == {"a", "b"}   # each branch's channels, normalised by one norm
+    for group in graph.groups:
+        for channel in range(group.size):
+            eps = 1e-5
+            fd = (_loss_with_mask(model, example, group.name, channel, 1 + eps, x, y)
+                  - _loss_with_mask(model, example, group.name, channel, 1 - eps, x, y)) / (2 * eps)
+            assert grads[group.name].sum(0)[channel] == pytest.approx(fd, rel=1e-4, abs=1e-6), (group.name, channel)
+
+
+def test_removals_due_at_once_are_one_removal_on_the_gathered_fisher():
+    """A step that passes several removal goals removes to the last one on the Fisher gathered so far, not a
+    removal per goal on accumulators the first one restarted (which would rank by zeros, in index order)."""
+    from gpp_ext.pruning.group_fisher import FisherRemoval
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3))
+    removal = FisherRemoval(model, torch.zeros(2, 8), budget=0.3, budget_kind="params", removals=4).attach()
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    fisher = {n: g.square().sum(0) for n, g in removal._grads.items()}
+    removal.step(1, 2)   # share 0.5 of 2 steps: all 4 removals are due after step 1
+    assert len(removal.history) == 1 and removal.history[0]["goal"] == pytest.approx(0.3)
+    for name, gone in removal.removed.items():
+        if gone.any() and (~gone).any():  # within a group, what goes scores no higher than what stays
+            assert float(fisher[name][gone].max()) <= float(fisher[name][~gone].min()), name
+    removal.finish()
+    with pytest.raises(ValueError, match="min_channels must be an int >= 1"):
+        FisherRemoval(model, torch.zeros(2, 8), budget=0.3, min_channels=0)

@@ -19,6 +19,7 @@ uses any criterion's.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -44,12 +45,54 @@ def _masked_outputs(graph: ChannelGraph) -> dict:
         normalised = set()
         for node in graph.gm.graph.nodes:
             if node.op == "call_module" and node.target in norms and node.args:
-                source = node.args[0]
-                if getattr(source, "op", None) == "call_module" and source.target in producers:
-                    normalised.add(source.target)
+                normalised.update(_producers_into(node.args[0], producers))
         for name, p in list(norms.items()) + [(n, p) for n, p in producers.items() if n not in normalised]:
             out.setdefault(name, []).append((group.name, p.index))
     return out
+
+
+def _producers_into(node, producers) -> set:
+    """The producers among `producers` whose outputs reach `node` directly or through concatenations (a norm
+    over `cat([a(x), b(x)])` normalises the channels of both `a` and `b`)."""
+    if getattr(node, "op", None) == "call_module" and node.target in producers:
+        return {node.target}
+    if getattr(node, "op", None) == "call_function" and node.target in (torch.cat, torch.concat) and node.args:
+        found = set()
+        for part in node.args[0]:
+            found |= _producers_into(part, producers)
+        return found
+    return set()
+
+
+def _inplace_after(graph: ChannelGraph, name: str) -> bool:
+    """Whether the traced graph changes module `name`'s output in place after it (a module with `inplace=True`,
+    an `inplace=True` keyword, a `relu_`-style function or method): the Fisher must then keep a copy of it."""
+    for node in graph.gm.graph.nodes:
+        if node.op != "call_module" or node.target != name:
+            continue
+        for user in node.users:
+            if user.op == "call_module" and getattr(graph.modules.get(user.target), "inplace", False) is True:
+                return True
+            if user.op in ("call_function", "call_method") and user.args and user.args[0] is node and (
+                    user.kwargs.get("inplace") is True or
+                    getattr(user.target, "__name__", str(user.target)).endswith("_") and
+                    not getattr(user.target, "__name__", str(user.target)).endswith("__")):
+                return True
+    return False
+
+
+def _recorded(out: torch.Tensor, copy: bool):
+    """What the Fisher multiplies the gradient by: `out` itself (a detached view), or a copy when an in-place
+    op follows; with the view, its version, checked when the gradient arrives."""
+    value = out.detach()
+    return (value.clone(), None) if copy else (value, value._version)
+
+
+def _check_unchanged(name: str, value: torch.Tensor, version) -> None:
+    if version is not None and value._version != version:
+        raise RuntimeError(f"group_fisher: the output of {name!r} was changed in place after it was computed (an "
+                           f"in-place op the traced graph does not show, e.g. `x += y` or `x.relu_()`), so its "
+                           f"Fisher information cannot be measured; make that op out-of-place")
 
 
 def _channel_axis(module: nn.Module, out: torch.Tensor) -> int:
@@ -73,13 +116,16 @@ def mask_gradients(graph: ChannelGraph, batches, loss_fn=None):
     loss_fn = loss_fn or nn.functional.cross_entropy
     model = graph.model
     masked = _masked_outputs(graph)
+    copies = {name: _inplace_after(graph, name) for name in masked}
     outputs: dict[str, list] = {}
     handles = []
     for name in masked:
         def hook(module, args, out, name=name):
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.retain_grad()
-                outputs.setdefault(name, []).append(out)
+                # a tensor hook, not retain_grad: after an in-place op, `.grad` would be the new version's
+                entry = [*_recorded(out, copies[name]), None]
+                out.register_hook(lambda grad, entry=entry: entry.__setitem__(2, grad.detach()))
+                outputs.setdefault(name, []).append(entry)
         handles.append(graph.modules[name].register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -91,10 +137,11 @@ def mask_gradients(graph: ChannelGraph, batches, loss_fn=None):
                 loss_fn(model(x), y).backward()
             grads = {g.name: torch.zeros(len(y), g.size, dtype=torch.float64) for g in graph.groups}
             for name, entries in masked.items():
-                for out in outputs.get(name, ()):
-                    if out.grad is None:
+                for value, version, grad in outputs.get(name, ()):
+                    if grad is None:
                         continue
-                    per_sample = _per_sample(graph.modules[name], (out * out.grad).detach().double())
+                    _check_unchanged(name, value, version)
+                    per_sample = _per_sample(graph.modules[name], (value * grad).double())
                     for group, index in entries:
                         grads[group] += per_sample[:, index.cpu()].sum(2)
             model.zero_grad(set_to_none=True)
@@ -168,6 +215,10 @@ class FisherRemoval:
                 or isinstance(interval, bool) or not isinstance(interval, int) or interval < 1 or not 0 < share <= 1:
             raise ValueError(f"FisherRemoval: removals must be None or an int >= 1, interval an int >= 1 and share in "
                              f"(0, 1], got {removals!r}, {interval!r}, {share!r}")
+        if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1 \
+                or not 0 <= floor < 1:
+            raise ValueError(f"FisherRemoval: min_channels must be an int >= 1 and floor in [0, 1), got "
+                             f"{min_channels!r}, {floor!r}")
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         self.model, self.budget, self.removals, self.share, self.interval = model, budget, removals, share, interval
@@ -188,16 +239,18 @@ class FisherRemoval:
     def attach(self) -> "FisherRemoval":
         """Hooks the masked outputs so every training step's mask gradients are accumulated."""
         for name, entries in self._masked.items():
-            module = self.graph.modules[name]
+            module, copy = self.graph.modules[name], _inplace_after(self.graph, name)
 
-            def hook(mod, args, out, entries=entries, module=module):
+            def hook(mod, args, out, entries=entries, module=module, name=name, copy=copy):
                 if not (isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled()):
                     return
+                value, version = _recorded(out, copy)
 
-                # the hook holds a detached view, never `out` itself: `out` holds its hooks, so a closure over
-                # it is a reference cycle through autograd that Python's collector cannot see, and every step's
-                # activations (and their graphs) would stay alive (a VGG-BN epoch reached 23 GB)
-                def on_grad(grad, value=out.detach()):
+                # the hook holds a detached view (or copy), never `out` itself: `out` holds its hooks, so a closure
+                # over it is a reference cycle through autograd that Python's collector cannot see, and every
+                # step's activations (and their graphs) would stay alive (a VGG-BN epoch reached 23 GB)
+                def on_grad(grad, value=value, version=version):
+                    _check_unchanged(name, value, version)
                     per_sample = _per_sample(module, (value * grad.detach()).double())
                     for group, index in entries:
                         part = per_sample[:, index.cpu()].sum(2)
@@ -223,10 +276,16 @@ class FisherRemoval:
         if self.removals is None:  # one removal every `interval` steps of the removal window, at least one
             self.removals = max(1, int(self.share * total) // self.interval)
         due = min(self.removals, int(step * self.removals / max(1.0, self.share * total)))
-        while self._done < due:
-            self._done += 1
-            self._remove(self.budget ** (self._done / self.removals))
+        self._catch_up(due)
         self._silence()
+
+    def _catch_up(self, due: int) -> None:
+        """Makes the removals up to number `due`: several due at once (a step that passes more than one goal)
+        are one removal to the last goal, on the Fisher gathered since the last removal (which each removal
+        restarts: a second removal in a row would rank channels by zeros)."""
+        if self._done < due:
+            self._done = due
+            self._remove(self.budget ** (due / self.removals))
 
     def _remove(self, goal: float) -> None:
         target = goal * self.full
@@ -265,9 +324,15 @@ class FisherRemoval:
         """Completes the removals not yet made (a shorter training than planned), silences, unhooks, and returns
         the keep-set `{group: kept indices}` for the cut."""
         self.removals = self.removals or 1   # no step was taken: one removal to the budget
-        while self._done < self.removals:
-            self._done += 1
-            self._remove(self.budget ** (self._done / self.removals))
+        if self._done < self.removals and not any(bool(f.any()) for f in self.fisher.values()):
+            warnings.warn("FisherRemoval.finish: no Fisher information was gathered since the last removal (no "
+                          "training step with the hooks attached), so the last channels are removed in index "
+                          "order; attach() before training", RuntimeWarning, stacklevel=2)
+        self._catch_up(self.removals)
+        share = self.costs.cost(self.widths()) / self.full
+        if share > self.budget + 1e-9:
+            warnings.warn(f"FisherRemoval.finish: the minimum widths (min_channels, floor) keep {share:.4f} of the "
+                          f"cost, above the budget {self.budget}", RuntimeWarning, stacklevel=2)
         self._silence()
         self.detach()
         return {n: (~r).nonzero().squeeze(1) for n, r in self.removed.items() if r.any()}
