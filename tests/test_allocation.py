@@ -231,3 +231,40 @@ def test_half_faded_channels_come_back_only_when_ranked_in_the_top_half(trained_
     assert len(set(removed.tolist()) & set(faded.tolist())) <= width // 2
     assert len(set(removed.tolist()) & set(fresh.tolist())) == min(width, removed.numel())
     assert faded.numel() == fresh.numel() == width
+
+
+def test_the_searches_on_data_check_their_arguments_before_any_evaluation():
+    from gpp_ext.pruning.genetic import genetic_widths
+
+    graph, scores = graph_and_scores("lenet5")
+
+    def evaluate(widths):
+        raise AssertionError("a candidate was evaluated before the arguments were checked")
+
+    evaluate.calibration, evaluate.batches, evaluate.device = [], [], "cpu"
+    for bad in (dict(floor=1.5), dict(min_channels=0), dict(round_to=0), dict(normalize="max")):
+        for search in (search_widths, genetic_widths, fisher_widths):
+            with pytest.raises(ValueError, match="allocate: (floor|normalize)"):
+                search(graph, scores, 0.3, evaluate, "flops", **bad)
+    with pytest.raises(ValueError, match="mutation in"):
+        genetic_widths(graph, scores, 0.3, evaluate, "flops", mutation=1.5)
+
+
+def test_the_search_ranks_diverged_candidates_last_and_says_when_all_diverged():
+    graph, scores = graph_and_scores("vgg")
+    sizes = {g.name: g.size for g in graph.groups}
+    first = sorted(sizes)[0]
+
+    def some_diverge(widths):  # the narrower the first group, the better, unless it is narrower than half
+        return float("nan") if widths[first] < sizes[first] // 2 else widths[first] / sizes[first]
+
+    widths, record = search_widths(graph, scores, 0.3, some_diverge, "flops", starts=8, rounds=4, seed=0)
+    assert widths[first] >= sizes[first] // 2 and np.isfinite(record["finalists"][0]["score"])
+    with pytest.raises(ValueError, match="no candidate of the 4 starts has a finite loss"):
+        search_widths(graph, scores, 0.3, lambda w: float("nan"), "flops", starts=4, rounds=2)
+
+
+def test_the_search_warns_when_the_grid_cannot_meet_the_budget():
+    graph, scores = graph_and_scores("lenet5")
+    with pytest.warns(RuntimeWarning, match="search_widths: a flops budget of 1.0% cannot be met"):
+        search_widths(graph, scores, 0.01, lambda w: sum(w.values()), "flops", floor=0.5, starts=2, rounds=0)

@@ -129,12 +129,29 @@ def check_scores(graph: ChannelGraph, scores: dict, where: str = "allocate", arg
             raise ValueError(f"{where}: {arg}[{name!r}] must be finite and >= 0")
 
 
-def _check(graph: ChannelGraph, scores: dict, budget: float, kind: str) -> None:
+def _check(graph: ChannelGraph, scores: dict, budget: float, kind: str, normalize: str = "mean",
+           floor: float = 0.0, min_channels: int = 1, round_to: int | None = None) -> None:
+    """Every argument an allocation reads, checked before any work (the allocations on data evaluate
+    candidates first, so a bad grid argument must not wait for `allocate`)."""
     check_scores(graph, scores)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"allocate: budget must be in (0, 1] (the fraction of the cost to keep), got {budget!r}")
     if kind not in KINDS:
         raise ValueError(f"allocate: kind must be one of {KINDS}, got {kind!r}")
+    if normalize not in ("mean", "none"):
+        raise ValueError(f"allocate: normalize must be 'mean' or 'none', got {normalize!r}")
+    if not 0 <= floor < 1 or min_channels < 1 or (round_to is not None and round_to < 1):
+        raise ValueError(f"allocate: floor must be in [0, 1), min_channels >= 1, round_to >= 1 or None, got "
+                         f"{floor}, {min_channels}, {round_to}")
+
+
+def _warn_over(model, widths: dict, budget: float, kind: str, where: str) -> None:
+    """The warning `allocate` gives when the grid's smallest widths cannot meet the budget, for the searches that
+    silence `allocate`'s own while they try candidates."""
+    share = model.cost(widths) / model.cost({})
+    if share > budget * (1 + 1e-12):
+        warnings.warn(f"{where}: a {kind} budget of {budget:.1%} cannot be met on the width grid; the widths found "
+                      f"keep {share:.1%}", RuntimeWarning, stacklevel=3)
 
 
 def allocate(graph: ChannelGraph, scores: dict, budget: float, kind: str = "params", method: str = "solver",
@@ -146,13 +163,10 @@ def allocate(graph: ChannelGraph, scores: dict, budget: float, kind: str = "para
     needs data: `search_widths`), `normalize`, the grid (`floor`, `min_channels`, `round_to`). The solver
     maximises the sum of the groups' values (`group_values(value=...)`), each scaled by its `coefficients`
     entry (default 1). Groups not in `scores` stay whole."""
-    _check(graph, scores, budget, kind)
+    _check(graph, scores, budget, kind, normalize, floor, min_channels, round_to)
     if method not in ALLOCATIONS or method in ON_DATA:
         raise ValueError(f"allocate: method must be 'uniform', 'global' or 'solver' (the allocations on data are "
                          f"fisher_widths, search_widths and genetic.genetic_widths), got {method!r}")
-    if not 0 <= floor < 1 or min_channels < 1 or (round_to is not None and round_to < 1):
-        raise ValueError(f"allocate: floor must be in [0, 1), min_channels >= 1, round_to >= 1 or None, got "
-                         f"{floor}, {min_channels}, {round_to}")
     model = cost_model or make_cost_model(graph, kind, latency)
     sizes = {g.name: g.size for g in graph.groups}
     grids = {n: width_grid(sizes[n], floor, min_channels, round_to) for n in scores}
@@ -470,7 +484,7 @@ def fisher_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, ki
     (one backward pass per batch; no candidate is cut)."""
     import time
 
-    _check(graph, scores, budget, kind)
+    _check(graph, scores, budget, kind, normalize, floor, min_channels, round_to)
     started = time.perf_counter()
     batches = list(evaluate.calibration)
     if evaluate.batches is not evaluate.calibration:
@@ -503,7 +517,7 @@ def search_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, ki
 
     from tqdm.auto import tqdm
 
-    _check(graph, scores, budget, kind)
+    _check(graph, scores, budget, kind, normalize, floor, min_channels, round_to)
     if starts < 1 or rounds < 0 or finalists < 1:
         raise ValueError(f"search_widths: starts >= 1, rounds >= 0 and finalists >= 1, got {starts}, {rounds}, "
                          f"{finalists}")
@@ -520,7 +534,8 @@ def search_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, ki
     def score(widths):
         key = tuple(widths[n] for n in names)
         if key not in seen:
-            seen[key] = float(evaluate(widths))
+            loss = float(evaluate(widths))
+            seen[key] = loss if math.isfinite(loss) else math.inf   # a diverged candidate ranks last
         bar.update(1)
         return seen[key], key
 
@@ -536,6 +551,9 @@ def search_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, ki
                                     coefficients=dict(zip(names, c)), **common))
             if got < best:
                 best_c, best = c, got
+        if best_c is None:
+            raise ValueError(f"search_widths: no candidate of the {starts} starts has a finite loss (the evaluator "
+                             f"returned NaN or inf for all: a diverged model, or an evaluator that fails)")
         for r in range(rounds):
             share = max(1, int(round(len(names) * 0.5 * (1 - r / max(rounds, 1)))))
             c = best_c.copy()
@@ -553,6 +571,7 @@ def search_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, ki
     else:
         final = [(value, key) for key, value in ranked]
     widths = dict(zip(names, final[0][1]))
+    _warn_over(model, widths, budget, kind, "search_widths")
     record = {"evaluations": len(seen) + (len(ranked) if rescore is not None else 0),
               "seconds": time.perf_counter() - started,
               "finalists": [{"widths": dict(zip(names, key)), "score": value} for value, key in final]}

@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from .allocation import _check, allocate, width_grid
+from .allocation import _check, _warn_over, allocate, width_grid
 from .costs import cost_model as make_cost_model
 from .graph import ChannelGraph
 
@@ -55,10 +55,11 @@ def genetic_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, k
     loss of every generation, the evaluations and the seconds."""
     from tqdm.auto import tqdm
 
-    _check(graph, scores, budget, kind)
-    if population < 4 or generations < 0 or not 0 <= elite < population or finalists < 1:
-        raise ValueError(f"genetic_widths: population >= 4, generations >= 0, 0 <= elite < population and "
-                         f"finalists >= 1, got {population}, {generations}, {elite}, {finalists}")
+    _check(graph, scores, budget, kind, normalize, floor, min_channels, round_to)
+    if population < 4 or generations < 0 or not 0 <= elite < population or finalists < 1 or not 0 <= mutation <= 1:
+        raise ValueError(f"genetic_widths: population >= 4, generations >= 0, 0 <= elite < population, finalists "
+                         f">= 1 and mutation in [0, 1], got {population}, {generations}, {elite}, {finalists}, "
+                         f"{mutation}")
     started = time.perf_counter()
     model = cost_model or make_cost_model(graph, kind, latency)
     names = sorted(scores)
@@ -146,6 +147,7 @@ def genetic_widths(graph: ChannelGraph, scores: dict, budget: float, evaluate, k
     final = sorted(((float(finetuned(p, finetune_steps, held_out=True)) if finetuned else fitness(p), i)
                     for i, p in enumerate(unique)))
     widths = unique[final[0][1]]
+    _warn_over(model, widths, budget, kind, "genetic_widths")
     record = {"sensitivity": sens, "best_per_generation": history, "evaluations": len(seen) + len(names) + 1,
               "finalists": [{"widths": unique[i], "score": s} for s, i in final],
               "finalists_scored_on": "held-out batches" if finetuned and getattr(evaluate, "held_out", None) else
