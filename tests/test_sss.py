@@ -237,3 +237,43 @@ def test_the_loop_refuses_sss_on_such_a_model_before_training_it(tmp_path, monke
                           "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "no residual blocks to select" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_named_blocks_keep_their_names_and_a_norm_without_affine_gets_no_scale():
+    """Blocks in a Sequential of named children keep their names when others go (numbered ones are renumbered,
+    as a rebuilt net numbers them); a block whose last norm is not affine has nothing to fold a scale into."""
+    from collections import OrderedDict
+
+    from gpp_ext.models import BasicBlock
+
+    torch.manual_seed(0)
+    stage = torch.nn.Sequential(OrderedDict(first=BasicBlock(4, 4), second=BasicBlock(4, 4),
+                                            third=BasicBlock(4, 4)))
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), stage).eval()
+    stage.third.bn2 = torch.nn.BatchNorm2d(4, affine=False).eval()
+    scales = BlockScales(model)
+    assert [n for n, _ in scales.blocks] == ["2.first", "2.second"]
+    with torch.no_grad():
+        scales.blocks[1][1].block_scale.zero_()
+    x = torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    assert scales.finish() == ["2.second"]
+    assert [k for k, _ in stage.named_children()] == ["first", "third"]
+    assert scales.scales() == {"2.first": 1.0, "2.second": 0.0}   # still readable after the fold
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-6)
+    with pytest.raises(RuntimeError, match="already finished"):
+        scales.finish()
+
+
+def test_sss_checks_its_schedule_and_needs_after_backward():
+    splits = data.load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = models.build("resnet20", in_channels=1, num_classes=10, widths=(8, 16, 16))
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        SparseStructureSelection(model, lam=1e-3, schedule="cosin")
+    sss = SparseStructureSelection(model, lam=1e-3)
+    with pytest.raises(RuntimeError, match="after_step ran without after_backward"):
+        fit(model, splits.train, 0.05, seed=0, after_step=sss.after_step)
+    assert sss.zero_blocks() == [] and sss.finish(delete=False) == [] and sss.zero_blocks() == []

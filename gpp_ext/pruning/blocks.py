@@ -82,10 +82,11 @@ def remove_blocks(model: nn.Module, names) -> list:
             keep = [next(iter(parent.named_children()))]
         kept = {k for k, _ in keep}
         deleted += [full for k, full in children.items() if k not in kept]
+        numbered = all(k.isdigit() for k, _ in parent.named_children())
         for k in list(parent._modules):
             del parent._modules[k]
-        for i, (_, module) in enumerate(keep):
-            parent.add_module(str(i), module)
+        for i, (k, module) in enumerate(keep):  # blocks numbered 0, 1, ... stay so (as a rebuilt net numbers
+            parent.add_module(str(i) if numbered else k, module)   # them); named ones keep their names
     return deleted
 
 
@@ -94,11 +95,14 @@ class BlockScales:
     parameter initialised to 1, applied to the output of the branch's last normalisation by a forward hook).
     `finish()` folds the scales into those norms, deletes the blocks whose scale is exactly 0 (`delete=False`:
     keeps them, each then computing the identity), removes the parameters and hooks, and returns the names
-    deleted."""
+    deleted. A block whose last norm has no affine weight (`affine=False`) has nothing to fold a scale into and
+    gets none."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.blocks = residual_blocks(model)
+        self.blocks = [(name, block) for name, block in residual_blocks(model)
+                       if _last_norm(block).weight is not None and _last_norm(block).bias is not None]
+        self._final: dict | None = None   # the scales at finish, once the parameters are gone
         self._handles = []
         for _, block in self.blocks:
             if hasattr(block, "block_scale"):
@@ -112,6 +116,9 @@ class BlockScales:
             self._handles.append(_last_norm(block).register_forward_hook(hook))
 
     def scales(self) -> dict:
+        """`{block: scale}` (after `finish`, the scales it folded)."""
+        if self._final is not None:
+            return dict(self._final)
         return {name: float(block.block_scale.detach()) for name, block in self.blocks}
 
     def parameters(self) -> list:
@@ -119,6 +126,9 @@ class BlockScales:
 
     @torch.no_grad()
     def finish(self, delete: bool = True) -> list:
+        if self._final is not None:
+            raise RuntimeError("BlockScales.finish: already finished (the scales are folded and gone)")
+        self._final = self.scales()
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -137,8 +137,13 @@ class SparseStructureSelection:
 
     def __init__(self, model: nn.Module, lam: float, schedule: str = "constant", warmup: float = 0.1,
                  blocks: bool = True, channels: bool = True, example=None, ignore=()):
+        from ..training import LR_SCHEDULES
+
         if not lam >= 0:
             raise ValueError(f"SparseStructureSelection: lam must be >= 0, got {lam!r}")
+        if schedule not in LR_SCHEDULES or not 0 <= warmup < 1:
+            raise ValueError(f"SparseStructureSelection: schedule must be one of {LR_SCHEDULES} (fit's lr_schedule) "
+                             f"and warmup in [0, 1), got {schedule!r}, {warmup!r}")
         check_selectable(model, blocks, channels, example, ignore)
         self.model, self.lam, self.schedule, self.warmup = model, float(lam), schedule, warmup
         # the channel factors first: their layers are found by tracing the model as it is, without block scales
@@ -152,23 +157,32 @@ class SparseStructureSelection:
         self._grads: list = [None] * len(self.factors)
         self._velocity = [torch.zeros_like(f) for f in self.factors]
         self._prox: list = [None] * len(self.factors)   # the last proximal iterate of each factor
+        self._taken = False   # after_backward has run since the last after_step
 
     def after_backward(self, model) -> None:
         """Takes the factors' gradients out of the optimiser's step."""
         for i, f in enumerate(self.factors):
             self._grads[i] = None if f.grad is None else f.grad.detach().clone()
             f.grad = None
+        self._taken = True
 
     @torch.no_grad()
     def after_step(self, step: int, total: int) -> None:
         """One modified-APG update of every factor (step `step` of `total`)."""
         from ..training import lr_factor
 
+        if not self._taken:
+            raise RuntimeError("SparseStructureSelection: after_step ran without after_backward, so the optimiser "
+                               "trained the factors and no proximal step was taken; pass both to fit: "
+                               "fit(..., after_backward=sss.after_backward, after_step=sss.after_step)")
+        self._taken = False
         eta = ETA * lr_factor(self.schedule, step - 1, total, self.warmup)
         for i, f in enumerate(self.factors):
             grad = self._grads[i]
             if grad is None:
                 continue
+            if self._velocity[i].device != f.device:  # the model moved (fit's device) since construction
+                self._velocity[i] = self._velocity[i].to(f.device)
             z = f - eta * grad
             shrunk = _soft(z, eta * self.lam)
             self._prox[i] = shrunk
