@@ -111,8 +111,15 @@ def _inception(model: nn.Module, ctx: GrowthContext):
 def _planting(model: nn.Module, ctx: GrowthContext):
     from .planting import grow_by_planting
 
+    from .training import recalibrate_batchnorm, training_batches
+
     c = ctx.config
+
+    def recalibrate(m):
+        recalibrate_batchnorm(m, training_batches(ctx.splits.train, c.batch_size, c.seed + 1), device=ctx.device)
+
     model, history = grow_by_planting(model, ctx.example, ctx.train, ctx.evaluate, threshold=c.grow_threshold,
                                       rounds=c.plant_rounds, share=c.plant_share, max_params=c.plant_max_params,
-                                      seed=c.seed, progress=ctx.progress, ignore=tuple(c.ignore))
+                                      seed=c.seed, progress=ctx.progress, ignore=tuple(c.ignore),
+                                      recalibrate=recalibrate)
     return model, [dict(h.to_dict(), method="planting") for h in history]

@@ -18,12 +18,16 @@ the width of every plantable group at once, trains the planted channels, measure
 validation accuracy lost when its planted channels are silenced (an exact removal), keeps the groups in order of
 gain per parameter while the gain is positive (within `max_params`), cuts the rest of the planted channels away
 exactly, trains the kept ones again without them, and keeps the round only if validation accuracy rose by more
-than `threshold`.
+than `threshold`. After every training, and before every measurement, the BatchNorm statistics are re-estimated
+(`recalibrate`): the old channels' norms now also read the planted channels, so the statistics `PlantedOnly` kept
+are stale (on a starved VGG on the digits, 3 seeds, re-estimating raised the grown nets' test accuracy by 2.0
+to 3.6 points, partly by keeping other rounds and sites).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +35,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .cost import count_params
+from .layers import BATCH_NORMS
 from .pruning import ChannelGraph
 from .pruning.surgery import validate_add
 
@@ -126,7 +131,7 @@ class PlantingStep:
 
 def grow_by_planting(model: nn.Module, example: torch.Tensor, train, evaluate, threshold: float = 0.005,
                      rounds: int = 2, share: float = 0.25, max_params: float = 2.0, seed: int = 0,
-                     progress: bool = True, ignore=()):
+                     progress: bool = True, ignore=(), recalibrate=None):
     """Grows `model` by planting while validation accuracy improves; returns `(model, history)`.
 
     Args:
@@ -141,13 +146,29 @@ def grow_by_planting(model: nn.Module, example: torch.Tensor, train, evaluate, t
         max_params: the grown model keeps at most this multiple of `model`'s parameters.
         seed: seeds the new channels' weights.
         ignore: names of submodules the channel graph traces as opaque (`ChannelGraph`'s `ignore`).
+        recalibrate: `recalibrate(model)` re-estimates its BatchNorm statistics in place (e.g.
+            `training.recalibrate_batchnorm` on training batches). The old channels' norms read the planted
+            channels through their new input columns, so the statistics `PlantedOnly` keeps are stale once those
+            train; every model is therefore measured, and the grown one returned, with re-estimated statistics
+            (the starting model is measured on a re-estimated copy, so a round's gain is the planting's alone).
+            Needed for models with BatchNorm (a warning says so when it is missing).
     """
     if not threshold >= 0 or rounds < 1 or not 0 < share <= 4 or not max_params > 1:
         raise ValueError(f"grow_by_planting: threshold must be >= 0, rounds >= 1, share in (0, 4] and max_params "
                          f"> 1, got {threshold}, {rounds}, {share}, {max_params}")
+    if recalibrate is None:
+        if any(isinstance(m, BATCH_NORMS) for m in model.modules()):
+            warnings.warn("grow_by_planting: the model has BatchNorm but no recalibrate= was given, so planted "
+                          "models are measured with the old channels' stale statistics", RuntimeWarning,
+                          stacklevel=2)
+
+        def recalibrate(m):
+            return m
     ignore = tuple(ignore)
     limit = max_params * count_params(model)
-    best = float(evaluate(model))
+    start = copy.deepcopy(model)
+    recalibrate(start)
+    best = float(evaluate(start))
     history = [PlantingStep(0, {}, best, count_params(model), True, {})]
     generator = torch.Generator().manual_seed(seed)
     for r in tqdm(range(1, rounds + 1), desc="planting", leave=False, disable=None if progress else True):
@@ -159,11 +180,13 @@ def grow_by_planting(model: nn.Module, example: torch.Tensor, train, evaluate, t
                                generator, ignore)
         with PlantedOnly(trial, example, planted, ignore) as frozen:
             trial = train(trial, frozen.after_step) or trial
+        recalibrate(trial)
         everything = float(evaluate(trial))
         gains, cost = {}, {}
         for name, channels in planted.items():
             silenced = copy.deepcopy(trial)
             ChannelGraph(silenced, example, ignore=ignore).scale_channels(name, channels, 0.0)
+            recalibrate(silenced)
             gains[name] = everything - float(evaluate(silenced))
             cost[name] = count_params(trial) - count_params(_without(trial, example, planted, (name,), ignore))
         order = sorted((n for n in gains if gains[n] > 0), key=lambda n: gains[n] / max(cost[n], 1), reverse=True)
@@ -177,6 +200,7 @@ def grow_by_planting(model: nn.Module, example: torch.Tensor, train, evaluate, t
             kept_planted = {n: planted[n] for n in chosen}
             with PlantedOnly(grown, example, kept_planted, ignore) as frozen:
                 grown = train(grown, frozen.after_step) or grown
+            recalibrate(grown)
         accuracy = float(evaluate(grown)) if chosen else best
         kept = bool(chosen) and accuracy > best + threshold
         history.append(PlantingStep(r, {n: int(planted[n].numel()) for n in chosen}, accuracy, count_params(grown),

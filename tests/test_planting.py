@@ -188,3 +188,36 @@ def test_planting_follows_the_models_ignore_list(splits):
                                       rounds=1, share=1.0, progress=False, ignore=["odd"])
     assert set(history[1].gains) == {"conv1"}
     assert count_params(grown) >= before and grown(EXAMPLE).shape == (2, 10)
+
+
+def test_planting_measures_and_returns_models_with_re_estimated_batchnorm_statistics(splits):
+    """The old channels' norms read the planted channels once those train, so the statistics PlantedOnly kept are
+    stale: every measurement and the returned model use re-estimated ones (and a BatchNorm model without
+    `recalibrate` gets a warning)."""
+    from gpp_ext.training import recalibrate_batchnorm, training_batches
+
+    torch.manual_seed(0)
+    model = fit(models.build("vgg", widths=[4, 4, "M", 6, "M"], hidden=8), splits.train, 3, lr=4e-3, seed=0,
+                batch_size=64).eval()
+    calls = []
+
+    def recalibrate(m):
+        calls.append(m)
+        recalibrate_batchnorm(m, training_batches(splits.train, 64, 1))
+
+    def train(m, after_step):
+        return fit(m, splits.train, 1, lr=4e-3, seed=3, after_step=after_step, batch_size=64)
+
+    before = _state(model)
+    grown, history = grow_by_planting(model, EXAMPLE, train, lambda m: evaluate(m, splits.val), threshold=0.0,
+                                      rounds=1, share=0.5, progress=False, recalibrate=recalibrate)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched
+    assert len(calls) >= 2 + len(history[1].gains) and all(c is not model for c in calls)
+    assert history[1].kept  # a starved net: planting pays here
+    assert grown is not model and history[1].accuracy == pytest.approx(evaluate(grown, splits.val))
+    again = copy.deepcopy(grown)
+    recalibrate_batchnorm(again, training_batches(splits.train, 64, 1))
+    for key, value in again.state_dict().items():  # the statistics returned are the re-estimated ones
+        assert torch.allclose(value, grown.state_dict()[key], atol=1e-6), key
+    with pytest.warns(RuntimeWarning, match="has BatchNorm but no recalibrate"):
+        grow_by_planting(model, EXAMPLE, lambda m, a: m, lambda m: 0.5, rounds=1, progress=False)
