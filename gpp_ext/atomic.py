@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 
@@ -150,6 +151,16 @@ def read(path, where: str, what: str = "", hint: str = "") -> object:
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except (PermissionError, IsADirectoryError):  # not damage: the file is there but cannot be read as it is
         raise
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):  # a whole pickled object (torch.save(model)): code, not data
+            named = re.search(r"GLOBAL ([\w.]+)", str(error))
+            found = f"it names {named.group(1)}" if named else ""
+            raise ValueError(f"{where}: refused {what + ' ' if what else ''}{path}: it is a pickled Python object "
+                             f"(e.g. torch.save(model)), and loading one runs code it names; save the weights "
+                             f"instead (torch.save(model.state_dict(), ...) or gpp_ext.io.save(model, ...)){hint}"
+                             + (f" ({found})" if found else "")) from error
+        raise ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is damaged or incomplete "
+                         f"(e.g. a copy that was cut short){hint} ({type(error).__name__}: {error})") from error
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         # torch reports a cut-short archive as OSError (EINVAL) or RuntimeError, an empty file as EOFError
         raise ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is damaged or incomplete "

@@ -28,6 +28,8 @@ from .latency import RUNTIMES
 from .loop import FINAL_FINETUNE, GROW_ORDERS, SCHEDULES, LoopConfig
 from .pruning import criteria
 from .pruning.allocation import ALLOCATIONS
+from .io import write_text_atomic
+from .run_folder import RUN_FILES, RunFolder
 from .training import LR_SCHEDULES, OPTIMIZERS
 
 __all__ = ["main"]
@@ -40,6 +42,7 @@ MODEL_HELP = ("a built-in model (" + ", ".join(MODELS) + "), torchvision:NAME, t
 DATA_HELP = ("fashion-mnist, digits, imagefolder:DIR (one sub-folder per class, or DIR/train, DIR/test and optionally "
              "DIR/val holding them), or npz:FILE (arrays x [N,C,H,W] and y [N]; optional x_test, y_test)")
 DEMO_OUT = os.path.join("runs", "demo")
+DEMO_MARKER = ".gpp-demo"   # in a folder a demo wrote: the next demo may replace the run there
 MISSED_TARGET = 3  # exit status of a run whose compact model missed the size target (stopped by the floor)
 
 
@@ -268,9 +271,10 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = sub.add_parser("demo", help="a short compression run with a printed summary")
-    demo.add_argument("--out", default=DEMO_OUT, help="output folder (an earlier demo there is replaced; another "
-                      "folder holding a run needs --overwrite)")
+    demo.add_argument("--out", default=DEMO_OUT, help="output folder (an earlier demo in runs/demo is replaced; "
+                      "any other run there, or in another folder, needs --overwrite)")
     demo.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in the output folder")
     demo.add_argument("--data", choices=DATA, default=None, help="default: fashion-mnist when installed, else digits")
     demo.add_argument("--data-dir", default=None)
     demo.add_argument("--quiet", action="store_true")
@@ -446,12 +450,7 @@ class _process_group:
 
 
 def _compress_run(args, device, config_overrides=None) -> int:
-    import torch
-
-    from . import data
     from . import distributed as gdist
-    from .loop import GrowPushPrune
-    from .report import summary_table, write_reports
 
     lead = gdist.rank() == 0  # under torchrun, rank 0 speaks and writes; every process computes
     peers = _read_peers(args.peers, args.model, args.data) if args.peers else None
@@ -466,6 +465,38 @@ def _compress_run(args, device, config_overrides=None) -> int:
     teacher = io.load(args.teacher) if args.teacher else None  # a model file is data: nothing it names runs
     ignore = tuple(n.strip() for n in (args.ignore or "").split(",") if n.strip())
     config = _config(args, args.model, ignore=ignore, **(config_overrides or {}))  # every setting checked now
+    out = args.out or os.path.join("runs", f"{_slug(args.model)}-{_slug(args.data)}")
+    # the output folder before the data are read and the model built: locked, writable, and free or continued
+    folder = RunFolder(out, {}, where="gpp compress")
+    with folder.lock():
+        _check_out(args, out, folder)
+        if getattr(args, "demo_marker", None) and lead:  # the folder now takes a demo: a later demo may replace it
+            write_text_atomic(args.demo_marker, "a gpp demo run: the next `gpp demo` replaces this folder\n")
+        return _compress_in(args, device, config, out, teacher, ignore, peers, amp, lead)
+
+
+def _check_out(args, out: str, folder) -> None:
+    """The output folder `out` takes this run: no input file is one the run writes there (--overwrite would
+    delete it, the run would replace it), it is writable, and a run it holds is continued or replaced."""
+    for option, path in (("--model", args.model), ("--weights", args.weights), ("--teacher", args.teacher)):
+        if path and os.path.isfile(path) and any(_same_file(path, os.path.join(out, n)) for n in RUN_FILES):
+            raise ValueError(f"{option} {path} is a file this run writes in its output folder {out}; copy it "
+                             f"elsewhere first, or choose another folder (--out)")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the folder's run and --overwrite replaces it; give one of them")
+    folder.check_writable()
+    if not args.resume and not args.overwrite:
+        folder.refuse_existing()
+
+
+def _compress_in(args, device, config, out, teacher, ignore, peers, amp, lead) -> int:
+    import torch
+
+    from . import data
+    from . import distributed as gdist
+    from .loop import GrowPushPrune
+    from .report import summary_table, write_reports
+
     saved = _load_model_file(args) if _is_model_file(args.model) else None  # refused here, before the data
     splits = data.load_dataset(args.data, data_dir=args.data_dir, seed=config.seed,
                                image_size=args.image_size, channels=args.channels,
@@ -482,7 +513,6 @@ def _compress_run(args, device, config_overrides=None) -> int:
     unknown = [n for n in ignore if n not in dict(model.named_modules())]
     if unknown:
         raise ValueError(f"--ignore: the model has no modules {unknown[:4]}")
-    out = args.out or os.path.join("runs", f"{_slug(args.model)}-{_slug(args.data)}")
     loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet, device=device,
                          onnx_latency=args.onnx_latency, teacher=teacher)
     if lead:
@@ -553,13 +583,23 @@ def _demo(args) -> int:
                   "scikit-learn's digits instead", flush=True)
     # The default recipe, sized to finish in a few minutes on 2 CPU cores.
     epochs, budget, batch = {"fashion-mnist": (10, 4, 128), "digits": (30, 10, 64)}[name]
+    # runs/demo is replaced only when a demo made it (its marker file): a run of anyone else's there is kept
+    marker = os.path.join(args.out, DEMO_MARKER)
+    replace = args.overwrite or (not args.resume and os.path.normpath(args.out) == DEMO_OUT
+                                 and (os.path.exists(marker) or not _holds_run(args.out)))
     argv = ["compress", "--model", "lenet5", "--data", name, "--target-params", "0.2", "--accuracy-floor", "0.03",
             "--epochs", str(epochs), "--epoch-budget", str(budget), "--batch-size", str(batch), "--no-grow",
             "--out", args.out] + (["--data-dir", args.data_dir] if args.data_dir else []) \
-        + (["--overwrite"] if args.overwrite or os.path.normpath(args.out) == DEMO_OUT else []) \
+        + (["--overwrite"] if replace else []) + (["--resume"] if args.resume else []) \
         + (["--quiet"] if args.quiet else [])
     print(f"gpp demo: LeNet-5 on {name}: gpp {' '.join(argv)}", flush=True)
-    return _compress(_parser().parse_args(argv))
+    compress = _parser().parse_args(argv)
+    compress.demo_marker = marker
+    return _compress(compress)
+
+
+def _holds_run(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, n)) for n in RUN_FILES)
 
 
 def _report(args) -> int:

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from . import distributed as gdist
 from .atomic import read, save_atomic, write_atomic
+from .checkpoints import start_digest
 from .data import labels_of
 from .models.sources import spec_of
 
@@ -44,17 +45,21 @@ def _sha(data: bytes) -> str:
 
 def run_identity(model: nn.Module, splits) -> dict:
     """What a run is about, recorded in its checkpoint so that a resume can refuse another run's folder: the
-    model (its factory spec, else its modules' names and types) and the data (name, input shape, classes,
-    split sizes and a digest of the training labels)."""
+    model (its factory spec, else its modules' names and types), the data (name, input shape, classes, split
+    sizes and a digest of the training labels), and where the run starts (a digest of the starting weights, e.g.
+    other `--weights` of the same shapes, and how raw inputs become model inputs, e.g. `--image-norm`)."""
     spec = model.spec() if callable(getattr(model, "spec", None)) else None
     layout = ";".join(f"{name}:{type(m).__name__}" for name, m in model.named_modules())
     labels = labels_of(splits.train).to(torch.int64).contiguous().numpy().tobytes()
     if not spec and spec_of(model):  # a sourced model: its spec is the unpruned architecture, so add the widths
         shapes = ";".join(f"{k}:{list(v.shape)}" for k, v in model.state_dict().items())
         spec = {**spec_of(model), "shapes": _sha(shapes.encode())}
+    preprocessing = getattr(splits, "preprocessing", None)
     return {"model": json.loads(json.dumps(spec)) if spec else {"modules": _sha(layout.encode())},
             "data": {"name": splits.name, "input_shape": list(splits.input_shape), "classes": list(splits.classes),
-                     "sizes": [len(splits.train), len(splits.val), len(splits.test)], "train_labels": _sha(labels)}}
+                     "sizes": [len(splits.train), len(splits.val), len(splits.test)], "train_labels": _sha(labels)},
+            "start": {"weights": start_digest(model)[:16],
+                      "preprocessing": json.loads(json.dumps(preprocessing)) if preprocessing else None}}
 
 
 def differences(saved: dict, current: dict, prefix: str = "") -> list:
@@ -244,7 +249,9 @@ class RunFolder:
         data = on_lead(lambda: self._read() if os.path.exists(self.checkpoint) else None)
         if data is None:
             return None
-        found = differences(data.get("identity", {}), self.identity)
+        saved = data.get("identity", {})
+        # a checkpoint written before the starting point was recorded is compared on what it recorded
+        found = differences(saved, {k: v for k, v in self.identity.items() if k in saved or k != "start"})
         if found:
             raise ValueError(f"{self.where}: {self.checkpoint} belongs to another run (" + "; ".join(found[:4])
                              + "); resume with the model and data it was started with, or use another folder")
@@ -254,14 +261,23 @@ class RunFolder:
                              + "; ".join(found[:4]) + "); resume with the same settings or use another folder")
         return data
 
-    def start_fresh(self, overwrite: bool) -> None:
-        """Makes room for a new run: refused when the folder holds another run's files, unless `overwrite`,
-        which deletes them first (so old reports never sit beside a new checkpoint)."""
-        existing = on_lead(lambda: [n for n in RUN_FILES if os.path.exists(os.path.join(self.out_dir, n))])
-        if existing and not overwrite:
+    def _existing(self) -> list:
+        return on_lead(lambda: [n for n in RUN_FILES if os.path.exists(os.path.join(self.out_dir, n))])
+
+    def refuse_existing(self) -> None:
+        """`ValueError` when the folder holds a run's files (a new run there needs resume or overwrite)."""
+        existing = self._existing()
+        if existing:
             raise ValueError(f"{self.where}: {self.out_dir} holds a run already ({', '.join(existing)}); continue "
                              f"it with resume=True (--resume), replace it with overwrite=True (--overwrite), or "
                              f"choose another folder")
+
+    def start_fresh(self, overwrite: bool) -> None:
+        """Makes room for a new run: refused when the folder holds another run's files, unless `overwrite`,
+        which deletes them first (so old reports never sit beside a new checkpoint)."""
+        if not overwrite:
+            self.refuse_existing()
+        existing = self._existing()
         if gdist.rank() == 0:
             for name in existing:
                 os.unlink(os.path.join(self.out_dir, name))

@@ -130,3 +130,6 @@ def test_npz_not_a_file(tmp_path):
         npz(tmp_path / "x.npz")
     with pytest.raises(FileNotFoundError):
         npz(tmp_path / "none.npz")
+    np.save(tmp_path / "one.npy", np.zeros((4, 8, 8), dtype=np.float32))  # a single array, not x and y
+    with pytest.raises(ValueError, match=r"one\.npy holds a single array \(a \.npy file, shape \(4, 8, 8\)\)"):
+        npz(tmp_path / "one.npy")

@@ -403,3 +403,68 @@ def test_keep_lists_of_floats_or_bools_are_refused_not_truncated():
             ChannelGraph(net, torch.randn(1, 1, 6, 6)).prune({"0": bad})
     ChannelGraph(net, torch.randn(1, 1, 6, 6)).prune({"0": [np.int64(1), 3]})
     assert net[0].out_channels == 2
+
+
+def test_resume_refuses_other_starting_weights_or_input_scaling_and_reads_older_checkpoints(tmp_path, digits):
+    """Other weights of the same shapes (another --weights file) or another input scaling (--image-norm) is
+    another run; a checkpoint written before the starting point was recorded is compared on what it holds."""
+    import dataclasses
+
+    from gpp_ext.atomic import read, save_atomic
+
+    run = tmp_path / "run"
+    config = LoopConfig(**{**TINY})
+    GrowPushPrune(lenet(0), digits, config, out_dir=run, progress=False).run()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(ValueError, match=r"belongs to another run \(start\.weights"):
+        GrowPushPrune(lenet(1), digits, config, out_dir=run, progress=False).run(resume=True)
+    scaled = dataclasses.replace(digits, preprocessing={"scale": 1.0, "mean": [0.5], "std": [0.25]})
+    with pytest.raises(ValueError, match=r"belongs to another run \(start\.preprocessing"):
+        GrowPushPrune(lenet(0), scaled, config, out_dir=run, progress=False).run(resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched
+    checkpoint = read(run / "checkpoint.pt", "test", "the checkpoint")
+    del checkpoint["identity"]["start"]
+    save_atomic(checkpoint, run / "checkpoint.pt")
+    report = GrowPushPrune(lenet(1), digits, config, out_dir=run, progress=False).run(resume=True)
+    assert report["target_reached"] in (True, False)  # resumed (finished already), not refused
+
+
+def test_the_output_folder_is_checked_before_the_data_are_read(finished_run, tmp_path, monkeypatch, capsys):
+    """A folder holding a run, or an input file the run would write over, is refused before any data is read."""
+    from gpp_ext import cli
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were read before the output folder was checked")
+
+    monkeypatch.setattr(data, "load_dataset", no_data)
+    run = _copy(finished_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert cli.main([*COMPRESS, "--out", str(run)]) == 2 and "holds a run already" in capsys.readouterr().err
+    for option in ("--model", "--weights", "--teacher"):
+        argv = [*COMPRESS, "--out", str(run), "--overwrite"]
+        argv = [a if a != "lenet5" else (str(run / "model.pt") if option == "--model" else a) for a in argv]
+        if option != "--model":
+            argv += [option, str(run / "model.pt")]
+        assert cli.main(argv) == 2, option
+        assert f"{option} {run / 'model.pt'} is a file this run writes" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # the model file is still there
+
+
+def test_the_demo_replaces_only_a_demo_and_resumes(finished_run, tmp_path, monkeypatch):
+    from gpp_ext import cli
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(cli, "_compress_in", lambda args, *rest: seen.append(args) or 0)
+    assert cli.main(["demo", "--data", "digits", "--quiet"]) == 0  # an empty runs/demo: a demo takes it
+    assert seen[-1].overwrite and (tmp_path / "runs" / "demo" / cli.DEMO_MARKER).exists()
+    assert cli.main(["demo", "--data", "digits", "--quiet", "--resume"]) == 0
+    assert seen[-1].resume and not seen[-1].overwrite
+    shutil.rmtree(tmp_path / "runs" / "demo")
+    shutil.copytree(finished_run, tmp_path / "runs" / "demo")   # someone's own run in runs/demo
+    before = {p.name: p.read_bytes() for p in (tmp_path / "runs" / "demo").iterdir()}
+    calls = len(seen)
+    assert cli.main(["demo", "--data", "digits", "--quiet"]) == 2 and len(seen) == calls  # refused, kept
+    assert {p.name: p.read_bytes() for p in (tmp_path / "runs" / "demo").iterdir()} == before
+    (tmp_path / "runs" / "demo" / cli.DEMO_MARKER).write_text("")  # a demo's folder: replaced
+    assert cli.main(["demo", "--data", "digits", "--quiet"]) == 0 and seen[-1].overwrite

@@ -562,3 +562,25 @@ def test_gpp_report_validates_types_not_only_keys(tmp_path, edit, match):
     out = gpp("report", tmp_path)
     assert out.returncode == 2 and "wrong type" in out.stderr and match in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+class _Touch:
+    """A pickle that would run `os.system` when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickled_object_is_refused_as_code_not_called_damaged(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save(_Touch(marker), tmp_path / "evil.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")   # torch.save(model): the classic mistake
+    with pytest.raises(ValueError, match=r"evil\.pt: it is a pickled Python object .*it names (posix|os|nt)\.system"):
+        io.load(tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"whole\.pt: it is a pickled Python object .*state_dict\(\).*it names "
+                                         r"torch\.nn\.modules\.linear\.Linear"):
+        io.load(tmp_path / "whole.pt")
+    assert not marker.exists()

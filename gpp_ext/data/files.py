@@ -282,6 +282,9 @@ def npz(path, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int =
     except Exception as error:
         raise ValueError(f"npz: cannot read {path} ({type(error).__name__}: {error}); expected a .npz file written "
                          f"by numpy.savez with arrays x and y") from error
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"npz: {path} holds a single array (a .npy file, shape {getattr(data, 'shape', '?')}); "
+                         f"expected a .npz file written by numpy.savez with arrays x and y")
     with data:
         keys = set(data.files)
         if not {"x", "y"} <= keys:
