@@ -246,3 +246,44 @@ def test_cli_lists_the_registered_criteria():
     assert out.returncode == 0
     listed = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
     assert listed == criteria.names()
+
+
+class ChannelsLastBlock(nn.Module):
+    """A ConvNeXt-style block: the pointwise layers are `nn.Linear`s acting on the last axis of [N, H, W, C]."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.Hardswish(inplace=inplace), nn.Linear(16, 8)
+        self.classifier = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.fc2(self.act(self.fc1(self.norm(self.dw(x).permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        return self.classifier((x + y).mean((2, 3)))
+
+
+def test_taylor_finds_the_channel_axis_of_channels_last_linears_and_survives_in_place_activations():
+    x, y = torch.randn(6, 1, 9, 9), torch.randint(0, 10, (6,))
+    torch.manual_seed(0)
+    model = ChannelsLastBlock()
+    graph = ChannelGraph(model, x[:2])
+    scores = criteria.taylor(graph, CriterionContext(loader=[(x, y)]))
+    hidden = next(g for g in graph.groups if "fc1" in g.modules)
+    assert scores[hidden.name].shape == (16,)
+    out = {}
+
+    def keep(module, args, o):
+        o.retain_grad()
+        out["o"] = o
+
+    model.fc1.register_forward_hook(keep)
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = (out["o"] * out["o"].grad).sum((1, 2)).abs().mean(0).double()   # over H and W, per channel
+    assert torch.allclose(scores[hidden.name], expected, rtol=1e-5, atol=1e-12)
+    torch.manual_seed(0)
+    inplace = ChannelsLastBlock(inplace=True)
+    again = criteria.taylor(ChannelGraph(inplace, x[:2]), CriterionContext(loader=[(x, y)]))
+    assert all(torch.equal(again[k], scores[k]) for k in scores)

@@ -50,6 +50,7 @@ from ..classifier import find_classifier
 from ..layers import BATCH_NORMS
 from ..training import labelled_batches
 from .graph import ChannelGraph, ChannelParam
+from .taps import check_unchanged, inplace_after, per_sample, tap
 from .trace import trace_utility
 
 __all__ = ["CriterionContext", "check_neurons", "register", "unregister", "get", "names", "describe", "resolve",
@@ -377,11 +378,13 @@ def taylor(graph: ChannelGraph, context: CriterionContext, loss_fn=None) -> dict
     outputs = {}
     handles = []
     names_ = {name for group in graph.groups for name in group.modules}
+    copies = {name: inplace_after(graph, name) for name in names_}
     for name in names_:
         def hook(m, args, out, name=name):
             if out.requires_grad:  # layers whose parameters are frozen and inputs constant carry no gradient
-                out.retain_grad()
-                outputs.setdefault(name, []).append(out)
+                entry, output = tap(out, copies[name])
+                outputs.setdefault(name, []).append(entry)
+                return output
         handles.append(graph.modules[name].register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -391,12 +394,12 @@ def taylor(graph: ChannelGraph, context: CriterionContext, loss_fn=None) -> dict
             loss_fn(model(inputs), labels).backward()
         scores = {}
         for name, outs in outputs.items():  # every call of a layer used more than once counts
-            for out in outs:
-                if out.grad is None:
+            for value, version, grad in outs:
+                if grad is None:
                     continue
-                prod = (out * out.grad).detach()
-                prod = prod.flatten(2).sum(2) if prod.dim() > 2 else prod
-                scores[name] = scores.get(name, 0) + prod.abs().mean(0).double().cpu()
+                check_unchanged("taylor", name, value, version)
+                prod = per_sample(graph.modules[name], value * grad)   # [N, channels], wherever the channels are
+                scores[name] = scores.get(name, 0) + prod.abs().mean(0).double()
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)

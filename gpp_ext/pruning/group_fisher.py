@@ -27,6 +27,7 @@ import torch.nn as nn
 from ..training import labelled_batches
 from .costs import CostModel
 from .graph import ChannelGraph
+from .taps import check_unchanged, inplace_after, per_sample, tap
 
 __all__ = ["mask_gradients", "mask_fisher", "group_fisher", "FisherRemoval", "DEFAULT_BATCHES"]
 
@@ -64,48 +65,6 @@ def _producers_into(node, producers) -> set:
     return set()
 
 
-def _inplace_after(graph: ChannelGraph, name: str) -> bool:
-    """Whether the traced graph changes module `name`'s output in place after it (a module with `inplace=True`,
-    an `inplace=True` keyword, a `relu_`-style function or method): the Fisher must then keep a copy of it."""
-    for node in graph.gm.graph.nodes:
-        if node.op != "call_module" or node.target != name:
-            continue
-        for user in node.users:
-            if user.op == "call_module" and getattr(graph.modules.get(user.target), "inplace", False) is True:
-                return True
-            if user.op in ("call_function", "call_method") and user.args and user.args[0] is node and (
-                    user.kwargs.get("inplace") is True or
-                    getattr(user.target, "__name__", str(user.target)).endswith("_") and
-                    not getattr(user.target, "__name__", str(user.target)).endswith("__")):
-                return True
-    return False
-
-
-def _recorded(out: torch.Tensor, copy: bool):
-    """What the Fisher multiplies the gradient by: `out` itself (a detached view), or a copy when an in-place
-    op follows; with the view, its version, checked when the gradient arrives."""
-    value = out.detach()
-    return (value.clone(), None) if copy else (value, value._version)
-
-
-def _check_unchanged(name: str, value: torch.Tensor, version) -> None:
-    if version is not None and value._version != version:
-        raise RuntimeError(f"group_fisher: the output of {name!r} was changed in place after it was computed (an "
-                           f"in-place op the traced graph does not show, e.g. `x += y` or `x.relu_()`), so its "
-                           f"Fisher information cannot be measured; make that op out-of-place")
-
-
-def _channel_axis(module: nn.Module, out: torch.Tensor) -> int:
-    return out.dim() - 1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
-
-
-def _per_sample(module: nn.Module, prod: torch.Tensor) -> torch.Tensor:
-    """`[N, channels]` (on the CPU): `prod` (`out * dL/dout`, batch first) summed over all but the batch and the
-    channel axis."""
-    axis = _channel_axis(module, prod)
-    return prod.movedim(axis, 1).reshape(prod.shape[0], prod.shape[axis], -1).sum(2).cpu()
-
-
 def mask_gradients(graph: ChannelGraph, batches, loss_fn=None):
     """Per batch of `batches` (`(inputs, labels)` on the model's device), `{group: [N, size] float64}`: each
     sample's part of the gradient of the batch loss with respect to each channel's mask (their sum over the
@@ -116,16 +75,15 @@ def mask_gradients(graph: ChannelGraph, batches, loss_fn=None):
     loss_fn = loss_fn or nn.functional.cross_entropy
     model = graph.model
     masked = _masked_outputs(graph)
-    copies = {name: _inplace_after(graph, name) for name in masked}
+    copies = {name: inplace_after(graph, name) for name in masked}
     outputs: dict[str, list] = {}
     handles = []
     for name in masked:
         def hook(module, args, out, name=name):
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                # a tensor hook, not retain_grad: after an in-place op, `.grad` would be the new version's
-                entry = [*_recorded(out, copies[name]), None]
-                out.register_hook(lambda grad, entry=entry: entry.__setitem__(2, grad.detach()))
+                entry, output = tap(out, copies[name])
                 outputs.setdefault(name, []).append(entry)
+                return output
         handles.append(graph.modules[name].register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -140,10 +98,10 @@ def mask_gradients(graph: ChannelGraph, batches, loss_fn=None):
                 for value, version, grad in outputs.get(name, ()):
                     if grad is None:
                         continue
-                    _check_unchanged(name, value, version)
-                    per_sample = _per_sample(graph.modules[name], (value * grad).double())
+                    check_unchanged("group_fisher", name, value, version)
+                    parts = per_sample(graph.modules[name], (value * grad).double())
                     for group, index in entries:
-                        grads[group] += per_sample[:, index.cpu()].sum(2)
+                        grads[group] += parts[:, index.cpu()].sum(2)
             model.zero_grad(set_to_none=True)
             yield grads
     finally:
@@ -239,23 +197,22 @@ class FisherRemoval:
     def attach(self) -> "FisherRemoval":
         """Hooks the masked outputs so every training step's mask gradients are accumulated."""
         for name, entries in self._masked.items():
-            module, copy = self.graph.modules[name], _inplace_after(self.graph, name)
+            module, copy = self.graph.modules[name], inplace_after(self.graph, name)
 
             def hook(mod, args, out, entries=entries, module=module, name=name, copy=copy):
                 if not (isinstance(out, torch.Tensor) and out.requires_grad and torch.is_grad_enabled()):
                     return
-                value, version = _recorded(out, copy)
 
-                # the hook holds a detached view (or copy), never `out` itself: `out` holds its hooks, so a closure
+                # the gradient hook holds a detached view, never `out` itself: `out` holds its hooks, so a closure
                 # over it is a reference cycle through autograd that Python's collector cannot see, and every
                 # step's activations (and their graphs) would stay alive (a VGG-BN epoch reached 23 GB)
-                def on_grad(grad, value=value, version=version):
-                    _check_unchanged(name, value, version)
-                    per_sample = _per_sample(module, (value * grad.detach()).double())
+                def on_grad(value, version, grad):
+                    check_unchanged("group_fisher", name, value, version)
+                    parts = per_sample(module, (value * grad).double())
                     for group, index in entries:
-                        part = per_sample[:, index.cpu()].sum(2)
+                        part = parts[:, index.cpu()].sum(2)
                         self._grads[group] = self._grads[group] + part if group in self._grads else part
-                out.register_hook(on_grad)
+                return tap(out, copy, on_grad)[1]
             self._handles.append(module.register_forward_hook(hook))
         return self
 
