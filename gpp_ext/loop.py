@@ -449,6 +449,12 @@ class GrowPushPrune:
             raise ValueError(f"GrowPushPrune: the model's classifier {classifier!r} has {head} outputs but the data "
                              f"({self.splits.name}) has {self.splits.num_classes} classes; build the model with "
                              f"num_classes={self.splits.num_classes}")
+        width, neurons = dict(self.model.named_modules())[classifier].in_features, self.config.neurons
+        count = neurons if isinstance(neurons, int) else int(round(float(neurons) * width))
+        if self.config.criterion in ("lda", "fisher") and not 1 <= count <= width:
+            raise ValueError(f"GrowPushPrune: neurons={neurons!r} keeps {count} of the {width} pre-decision neurons "
+                             f"(the inputs of the classifier {classifier!r}) that criterion "
+                             f"{self.config.criterion!r} traces; give a count in 1..{width} or a fraction")
         was_training = self.model.training
         self.model.to(self.device).eval()
         try:

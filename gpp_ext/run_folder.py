@@ -27,7 +27,6 @@ import torch.nn as nn
 
 from . import distributed as gdist
 from .atomic import read, save_atomic, write_atomic
-from .checkpoints import start_digest
 from .data import labels_of
 from .models.sources import spec_of
 
@@ -45,9 +44,9 @@ def _sha(data: bytes) -> str:
 
 def run_identity(model: nn.Module, splits) -> dict:
     """What a run is about, recorded in its checkpoint so that a resume can refuse another run's folder: the
-    model (its factory spec, else its modules' names and types), the data (name, input shape, classes, split
-    sizes and a digest of the training labels), and where the run starts (a digest of the starting weights, e.g.
-    other `--weights` of the same shapes, and how raw inputs become model inputs, e.g. `--image-norm`)."""
+    model (its factory spec, else its modules' names and types) and the data (name, input shape, classes, split
+    sizes, a digest of the training labels, and how raw inputs become model inputs, e.g. `--image-norm`). The
+    weights are not part of it: a resumed run continues from the checkpoint's model, whatever the caller built."""
     spec = model.spec() if callable(getattr(model, "spec", None)) else None
     layout = ";".join(f"{name}:{type(m).__name__}" for name, m in model.named_modules())
     labels = labels_of(splits.train).to(torch.int64).contiguous().numpy().tobytes()
@@ -58,8 +57,7 @@ def run_identity(model: nn.Module, splits) -> dict:
     return {"model": json.loads(json.dumps(spec)) if spec else {"modules": _sha(layout.encode())},
             "data": {"name": splits.name, "input_shape": list(splits.input_shape), "classes": list(splits.classes),
                      "sizes": [len(splits.train), len(splits.val), len(splits.test)], "train_labels": _sha(labels)},
-            "start": {"weights": start_digest(model)[:16],
-                      "preprocessing": json.loads(json.dumps(preprocessing)) if preprocessing else None}}
+            "inputs": {"preprocessing": json.loads(json.dumps(preprocessing)) if preprocessing else None}}
 
 
 def differences(saved: dict, current: dict, prefix: str = "") -> list:
@@ -250,8 +248,8 @@ class RunFolder:
         if data is None:
             return None
         saved = data.get("identity", {})
-        # a checkpoint written before the starting point was recorded is compared on what it recorded
-        found = differences(saved, {k: v for k, v in self.identity.items() if k in saved or k != "start"})
+        # a checkpoint written before the input scaling was recorded is compared on what it recorded
+        found = differences(saved, {k: v for k, v in self.identity.items() if k in saved or k != "inputs"})
         if found:
             raise ValueError(f"{self.where}: {self.checkpoint} belongs to another run (" + "; ".join(found[:4])
                              + "); resume with the model and data it was started with, or use another folder")

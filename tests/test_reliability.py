@@ -405,9 +405,9 @@ def test_keep_lists_of_floats_or_bools_are_refused_not_truncated():
     assert net[0].out_channels == 2
 
 
-def test_resume_refuses_other_starting_weights_or_input_scaling_and_reads_older_checkpoints(tmp_path, digits):
-    """Other weights of the same shapes (another --weights file) or another input scaling (--image-norm) is
-    another run; a checkpoint written before the starting point was recorded is compared on what it holds."""
+def test_resume_refuses_another_input_scaling_and_reads_older_checkpoints(tmp_path, digits):
+    """Another input scaling (--image-norm) is another run; a checkpoint written before the scaling was recorded is
+    compared on what it holds. (The weights are not compared: a resume continues from the checkpoint's model.)"""
     import dataclasses
 
     from gpp_ext.atomic import read, save_atomic
@@ -416,16 +416,14 @@ def test_resume_refuses_other_starting_weights_or_input_scaling_and_reads_older_
     config = LoopConfig(**{**TINY})
     GrowPushPrune(lenet(0), digits, config, out_dir=run, progress=False).run()
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    with pytest.raises(ValueError, match=r"belongs to another run \(start\.weights"):
-        GrowPushPrune(lenet(1), digits, config, out_dir=run, progress=False).run(resume=True)
     scaled = dataclasses.replace(digits, preprocessing={"scale": 1.0, "mean": [0.5], "std": [0.25]})
-    with pytest.raises(ValueError, match=r"belongs to another run \(start\.preprocessing"):
+    with pytest.raises(ValueError, match=r"belongs to another run \(inputs\.preprocessing"):
         GrowPushPrune(lenet(0), scaled, config, out_dir=run, progress=False).run(resume=True)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched
     checkpoint = read(run / "checkpoint.pt", "test", "the checkpoint")
-    del checkpoint["identity"]["start"]
+    del checkpoint["identity"]["inputs"]
     save_atomic(checkpoint, run / "checkpoint.pt")
-    report = GrowPushPrune(lenet(1), digits, config, out_dir=run, progress=False).run(resume=True)
+    report = GrowPushPrune(lenet(1), scaled, config, out_dir=run, progress=False).run(resume=True)
     assert report["target_reached"] in (True, False)  # resumed (finished already), not refused
 
 
@@ -468,3 +466,13 @@ def test_the_demo_replaces_only_a_demo_and_resumes(finished_run, tmp_path, monke
     assert {p.name: p.read_bytes() for p in (tmp_path / "runs" / "demo").iterdir()} == before
     (tmp_path / "runs" / "demo" / cli.DEMO_MARKER).write_text("")  # a demo's folder: replaced
     assert cli.main(["demo", "--data", "digits", "--quiet"]) == 0 and seen[-1].overwrite
+
+
+def test_a_neuron_count_the_pre_decision_layer_cannot_hold_is_refused_before_training(digits, tmp_path):
+    width = lenet().classifier.in_features
+    for neurons in (width + 1, 0.001):
+        config = LoopConfig(**{**TINY, "neurons": neurons, "criterion": "lda"})
+        with pytest.raises(ValueError, match=rf"neurons={neurons!r} keeps \d+ of the {width} pre-decision neurons"):
+            GrowPushPrune(lenet(), digits, config, out_dir=tmp_path / "run", progress=False)
+    GrowPushPrune(lenet(), digits, LoopConfig(**{**TINY, "neurons": width + 1, "criterion": "l1"}),
+                  out_dir=tmp_path / "run", progress=False)   # a criterion that traces nothing does not read it
