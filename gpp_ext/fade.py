@@ -290,6 +290,8 @@ class RemovalFade:
         self._u = min(1.0, step / (self.fade_end * max(total, 1)))
         due = min(self.reselect - 1, int(self._u * self.reselect)) + 1  # selections that should have happened
         if self._selections < due and self._u < 1.0:
+            if self.gradual:  # a step that passed several stages goes to the last of them
+                self._selections = due - 1
             self._select()
         self._apply()
 
@@ -298,6 +300,11 @@ class RemovalFade:
         (`{group: kept indices}`) that `prune(keep=...)` or `ChannelGraph.prune` cuts losslessly."""
         if not self._finished:
             self._u = 1.0
+            if self.gradual and self._selections < self.reselect:
+                # a push too short for every stage (or none): the set reaches the full widths now, so the cut
+                # meets the budget; the channels entering here are cut without having faded
+                self._selections = self.reselect - 1
+                self._select()
             self._apply()
             for handle in self._hooks:
                 handle.remove()

@@ -160,3 +160,17 @@ def test_a_gradual_fade_grows_the_set_to_the_fixed_widths_and_cuts_losslessly():
     assert (model(probe) - before).abs().max() < 1e-5
     with pytest.raises(ValueError, match="fixed_widths"):
         RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.4, gradual=True, fixed_widths=False)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_a_gradual_fade_too_short_for_its_stages_still_ends_at_the_widths(steps):
+    """Fewer steps than stages (or none): a step that passes several stages goes to the last, and `finish`
+    completes the set, so the cut meets the widths the first selection decided instead of missing the budget."""
+    model, x, data, classes = _task("vgg")
+    fade = RemovalFade(model, x, DataLoader(data, batch_size=32), budget=0.4, reselect=4, max_batches=2,
+                       gradual=True, schedule="linear", fade_end=0.5)
+    for step in range(1, steps + 1):
+        fade.step(step, steps)
+    sizes = {g.name: g.size for g in fade.graph.groups}
+    keep = fade.finish()
+    assert {n: int(k.numel()) for n, k in keep.items()} == {n: w for n, w in fade.widths.items() if w < sizes[n]}
