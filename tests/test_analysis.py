@@ -141,6 +141,27 @@ def test_conv_reduction_matches_hand_computation(mode):
     assert_stats_close(an.stats("features"), ops.class_scatter(feats, labels, 3), F64_TOL)
 
 
+def test_the_spatial_mean_of_float32_maps_with_a_large_offset_keeps_float64_precision():
+    """Feature maps at 3e4 +- 0.3 in float32: the spatial mean is taken in float64, so S_w matches the float64
+    oracle of the same float32 values to the Gram product's tolerance (2e-5; in float32 the mean alone cost 1e-2)."""
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Identity()
+            self.classifier = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.classifier(self.features(x).mean((2, 3)))
+
+    g = torch.Generator().manual_seed(0)
+    x = (3e4 + 0.3 * torch.randn(400, 4, 16, 16, generator=g, dtype=torch.float64)).float()
+    y = torch.arange(400) % 3
+    an = DiscriminantAnalyzer(Offset(), 3, layers=["features"])
+    an.update(x, y)
+    oracle = ops.class_scatter(x.double().mean((2, 3)), y, 3)
+    assert rel_err(an.stats("features").within, oracle.within) < F32_TOL
+
+
 def test_default_layer_of_conv_net_is_pooled_features():
     torch.manual_seed(0)
     model = ConvNet().double()
