@@ -98,7 +98,13 @@ class FitCheckpoint:
 
     def load(self) -> dict | None:
         """The saved state of this run, or None when there is no file. Raises `ValueError` naming the file when it
-        holds another run's checkpoint (or is not a checkpoint)."""
+        holds another run's checkpoint (or is not a checkpoint). Under `torch.distributed` rank 0 (the only
+        process that writes it) reads it and shares it, so processes on other machines resume from it too."""
+        from .run_folder import on_lead
+
+        return on_lead(self._load)
+
+    def _load(self) -> dict | None:
         if not os.path.exists(self.path):
             return None
         state = read(self.path, "fit", what="training checkpoint", hint="; remove it to start over")

@@ -123,29 +123,38 @@ def broadcast_object(obj, src: int = 0, group=None):
 
 
 class ShardSampler(Sampler):
-    """Rank `r` of `W` takes samples `r, r + W, r + 2W, ...` of the data set: every sample exactly once over
-    all ranks, shards differing in size by at most one, no shuffling (statistics do not depend on order)."""
+    """Rank `r` of `W` takes samples `r, r + W, r + 2W, ...` of the data set (in its order, or with
+    `shuffle_seed` of one permutation of it drawn from that seed, the same on every rank): every sample exactly
+    once over all ranks, shards differing in size by at most one. The statistics of the whole data set do not
+    depend on the order; a run cut short (`max_batches`) sees the first samples of each shard, which with the
+    permutation are a random subset of every class rather than the start of a data set stored class by class."""
 
-    def __init__(self, dataset, num_replicas: int | None = None, rank_: int | None = None):
+    def __init__(self, dataset, num_replicas: int | None = None, rank_: int | None = None,
+                 shuffle_seed: int | None = None):
         self.num_replicas = world_size() if num_replicas is None else int(num_replicas)
         self.rank = rank() if rank_ is None else int(rank_)
         if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"ShardSampler: rank must be in [0, num_replicas), got rank {self.rank} of "
                              f"{self.num_replicas}")
         self.length = len(dataset)
+        self.shuffle_seed = shuffle_seed
 
     def __len__(self) -> int:
         return max(0, math.ceil((self.length - self.rank) / self.num_replicas))
 
     def __iter__(self):
-        return iter(range(self.rank, self.length, self.num_replicas))
+        if self.shuffle_seed is None:
+            return iter(range(self.rank, self.length, self.num_replicas))
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(int(self.shuffle_seed)))
+        return iter(order[self.rank::self.num_replicas].tolist())
 
 
-def shard_loader(loader):
+def shard_loader(loader, seed: int = 0):
     """This rank's share of `loader`'s data for an exact distributed analysis, or `None` when it cannot be
     derived: a `DataLoader` over a map-style data set batched by a `BatchSampler` around a plain (sequential
     or random) sampler — what `DataLoader(data, batch_size, shuffle=...)` builds — is rebuilt around a
-    `ShardSampler` with the same batch size, workers and collate function; one that already samples per rank
+    `ShardSampler` with the same batch size, workers and collate function (a shuffling loader's shards take one
+    permutation drawn from `seed`, the same on every rank); one that already samples per rank
     (`DistributedSampler`, `ShardSampler`) is returned as it is."""
     if not isinstance(loader, DataLoader):
         return None
@@ -156,7 +165,9 @@ def shard_loader(loader):
     if type(batches) is not torch.utils.data.BatchSampler or not isinstance(batches.sampler, plain) or \
             isinstance(loader.dataset, torch.utils.data.IterableDataset):
         return None
-    return DataLoader(loader.dataset, batch_size=batches.batch_size, sampler=ShardSampler(loader.dataset),
+    shuffled = isinstance(batches.sampler, torch.utils.data.RandomSampler)
+    return DataLoader(loader.dataset, batch_size=batches.batch_size,
+                      sampler=ShardSampler(loader.dataset, shuffle_seed=seed if shuffled else None),
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                       drop_last=batches.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn)
 

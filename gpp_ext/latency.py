@@ -207,15 +207,18 @@ class LatencyTable:
         folder = cache_dir() if cache is None else cache
         self.path = os.path.join(os.fspath(folder), "latency", f"{runtime}-b{batch}-{digest}.json") \
             if folder is not False else None
-        self._layers: dict[str, LayerTable] = {}
-        self._models: dict[str, float] = {}
         self.measured = 0   # layer tables and models measured (not read from the cache) by this object
-        self._read()
+        # Under torch.distributed, rank 0 reads the cache and measures, and shares what it has: every process then
+        # holds the same tables, so the widths they decide (and the collectives that follow) agree
+        from .run_folder import on_lead
+
+        self._layers, self._models = on_lead(self._read)
 
     # ------------------------------------------------------------------------------------------------ cache
-    def _read(self) -> None:
+    def _read(self) -> tuple:
+        """`(layers, models)` of the cache, empty when there is none or it cannot be used."""
         if self.path is None or not os.path.exists(self.path):
-            return
+            return {}, {}
         try:
             with open(self.path) as f:
                 data = json.load(f)
@@ -228,11 +231,13 @@ class LatencyTable:
         except (OSError, ValueError, TypeError, AttributeError) as error:
             warnings.warn(f"LatencyTable: the cache {self.path} cannot be used ({error}); measuring again",
                           RuntimeWarning, stacklevel=3)
-            return
-        self._layers, self._models = layers, models
+            return {}, {}
+        return layers, models
 
     def _write(self) -> None:
-        if self.path is None:
+        from . import distributed as gdist
+
+        if self.path is None or gdist.rank() != 0:
             return
         data = {"environment": self.environment, "layers": {k: v.to_dict() for k, v in self._layers.items()},
                 "models": self._models}
@@ -282,7 +287,9 @@ class LatencyTable:
                 todo_models[key] = (model, [int(d) for d in input_shape])
         if not todo_layers and not todo_models:
             return
-        tables, times = self._window(todo_layers, todo_models)
+        from .run_folder import on_lead
+
+        tables, times = on_lead(lambda: self._window(todo_layers, todo_models))
         self._layers.update(tables)
         self._models.update(times)
         self.measured += len(tables) + len(times)

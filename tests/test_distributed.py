@@ -118,6 +118,21 @@ def test_shard_sampler_covers_every_sample_once():
     assert shard_loader(DataLoader(data, batch_sampler=balanced)) is None and shard_loader(iter([])) is None
 
 
+def test_a_shuffling_loaders_shards_are_one_seeded_permutation_not_the_stored_order():
+    """A data set stored class by class, analysed for a few batches per rank: the shards of a shuffling loader
+    take one permutation (the same on every rank, so still every sample once), so the first batches hold every
+    class, as a single process's shuffled batches would; a sequential loader keeps its order."""
+    labels = torch.arange(10).repeat_interleave(30)   # 300 samples, class by class
+    data = TensorDataset(torch.randn(300, 2), labels)
+    shards = [list(ShardSampler(data, 2, r, shuffle_seed=0)) for r in range(2)]
+    assert sorted(sum(shards, [])) == list(range(300)) and shards == [list(ShardSampler(data, 2, r, shuffle_seed=0))
+                                                                      for r in range(2)]
+    first = next(iter(shard_loader(DataLoader(data, batch_size=32, shuffle=True))))[1]
+    assert len(first.unique()) >= 6   # not the first class or two of the stored order
+    ordered = next(iter(shard_loader(DataLoader(data, batch_size=32))))[1]
+    assert ordered.unique().tolist() == [0, 1]   # (one process here: the first 32 samples)
+
+
 class _Net(torch.nn.Module):
     """float64, so that the features do not depend on how the samples are batched (a float32 GEMM's rounding
     does, by ~1e-7, and the processes batch differently from one process)."""
@@ -162,6 +177,68 @@ def test_analyzer_run_is_exact_across_processes(tmp_path):
             assert_stats_close(ScatterStats.from_state_dict(got["state"]["layers"][name]),
                                ScatterStats.from_state_dict(stats), 1e-10)
         assert rel_err(got["lda"], lda) < 1e-8  # an eigen-solve of the same matrices, conditioned ~1e2
+
+
+class _Stop(Exception):
+    pass
+
+
+def _fit_checkpoint_worker(rank, world, out):
+    """Each rank in its own folder, as on two machines: only rank 0 writes (and so holds) the checkpoint."""
+    import os
+
+    from gpp_ext.training import fit
+
+    os.chdir(out / f"machine{rank}")
+    data = TensorDataset(torch.randn(96, 6, generator=torch.Generator().manual_seed(0)), torch.arange(96) % 3)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+    def stop(step, total):
+        if step == 4:   # the first step of the second epoch (3 steps of 32 per epoch): after epoch 1's save
+            raise _Stop
+
+    try:
+        fit(model(), data, 2, batch_size=32, seed=0, after_step=stop, checkpoint="fit.pt")
+    except _Stop:
+        pass
+    steps = []
+    trained = fit(model(), data, 2, batch_size=32, seed=0, after_step=lambda s, t: steps.append(s),
+                  checkpoint="fit.pt")
+    torch.save({"steps": steps, "state": trained.state_dict()}, out / f"rank{rank}.pt")
+
+
+def test_fit_resumes_on_every_rank_from_rank_0s_checkpoint(tmp_path):
+    """Without the shared read, the rank that cannot see the file starts over: unequal step counts, a hung DDP."""
+    for rank in (0, 1):
+        (tmp_path / f"machine{rank}").mkdir()
+    run_processes(_fit_checkpoint_worker, 2, tmp_path, timeout=90)
+    assert (tmp_path / "machine0" / "fit.pt").exists() and not (tmp_path / "machine1" / "fit.pt").exists()
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert got[0]["steps"] == got[1]["steps"] == [4, 5, 6]   # both went on after the saved epoch
+    assert all(torch.equal(got[0]["state"][k], got[1]["state"][k]) for k in got[0]["state"])
+
+
+def _latency_worker(rank, world, out):
+    from gpp_ext.latency import LatencyTable
+
+    table = LatencyTable("eager", batch=1, cache=False, rounds=1, repeats=2)
+    layer = table.layer(torch.nn.Linear(32, 16), (1, 32))
+    torch.save({"layer": layer.to_dict(), "measured": table.measured}, out / f"rank{rank}.pt")
+
+
+def test_every_rank_holds_rank_0s_latency_table():
+    """Timed on each process, the tables differed by the noise of the clock, and so could the widths decided
+    from them; rank 0 measures and shares."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        run_processes(_latency_worker, 2, Path(folder), timeout=90)
+        got = [torch.load(Path(folder) / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert got[0]["layer"] == got[1]["layer"] and got[0]["measured"] == got[1]["measured"] == 1
 
 
 # ------------------------------------------------------------------------------------ the loop under torchrun
