@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import socket
 import tempfile
 import zipfile
 
@@ -34,8 +35,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """This machine's name as it goes into temporary file names (letters, digits, '.' and '_')."""
+    return re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "host"
+
+
 def _remove_stale(folder: str) -> None:
-    """Removes the temporary files (`.tmp-<pid>-...`) that writers which no longer run left in `folder`."""
+    """Removes the temporary files (`.tmp-<pid>@<host>-...`) that writers of this machine which no longer run
+    left in `folder` (a pid says nothing of another machine's writers on a shared disk: theirs are left alone)."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -43,7 +50,9 @@ def _remove_stale(folder: str) -> None:
     for name in names:
         if not name.startswith(_TMP):
             continue
-        pid = name[len(_TMP):].split("-", 1)[0]
+        pid, at, host = name[len(_TMP):].split("-", 1)[0].partition("@")   # "<pid>@<host>" ("<pid>" before)
+        if at and host != _host():
+            continue   # another machine's writer
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             try:
                 os.unlink(os.path.join(folder, name))
@@ -59,16 +68,18 @@ def write_atomic(path, write) -> None:
     os.makedirs(folder, exist_ok=True)
     _remove_stale(folder)
     # keep the extension: torch.save names its archive after the file, and a bare ".tmp-x" name is refused
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_TMP}{os.getpid()}-",
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_TMP}{os.getpid()}@{_host()}-",
                                suffix=os.path.splitext(path)[1] or ".tmp")
     os.close(fd)
     try:
         try:
             write(tmp)
+            _sync(tmp)  # the content on the disk before the rename makes it the file
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are for everyone to read
             os.replace(tmp, path)
+            _sync(folder, directory=True)  # and the rename itself
         except OSError as error:  # no space, a size limit, a read-only disk: named by the file being written
             if error.filename == path:
                 raise
@@ -77,6 +88,23 @@ def write_atomic(path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _sync(path: str, directory: bool = False) -> None:
+    """fsync of a file, or of a folder's entries (where the platform and file system allow it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return   # a folder cannot be opened to sync (Windows): the rename is as durable as the OS makes it
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
 
 
 class _Sink:

@@ -129,6 +129,9 @@ def _session(path: str):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+ONNX_SINGLE_FILE_LIMIT = 2 ** 31 - 2 ** 24   # protobuf's 2 GiB, less room for the graph itself
+
+
 def to_onnx(model: nn.Module, path, input_shape, opset: int = 18, dynamic_batch: bool = False,
             atol: float = 1e-4, rtol: float = 1e-5) -> dict:
     """Exports `model` (eval mode, CPU) to ONNX at `path` and checks it in ONNX Runtime.
@@ -145,6 +148,11 @@ def to_onnx(model: nn.Module, path, input_shape, opset: int = 18, dynamic_batch:
                          f"writes opset 18 and converts to others; below {OPSETS[0]} its conversion fails), got "
                          f"{opset!r}")
     model, shape = _check_args(model, input_shape, "export.to_onnx")
+    size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    if size > ONNX_SINGLE_FILE_LIMIT:
+        raise ValueError(f"export.to_onnx: the model's weights take {size / 2 ** 30:.2f} GiB, above the 2 GiB an ONNX "
+                         f"file holds (larger models keep their weights in a separate file, which this atomic, "
+                         f"checked export does not write); export to TorchScript instead")
     _need_onnx()
     path = os.fspath(path)
     batches = (2, 3) if dynamic_batch else (1,)

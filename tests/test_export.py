@@ -75,6 +75,17 @@ def test_export_refuses_bad_input(compact, tmp_path):
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.pt").exists()
 
 
+def test_a_model_too_large_for_one_onnx_file_is_refused_before_exporting(compact, tmp_path, monkeypatch):
+    """Above 2 GiB torch writes the weights to a second file named after the temporary one, which the atomic
+    rename would leave dangling: refused up front (the limit lowered here to this model's size)."""
+    _, model = compact
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(export, "ONNX_SINGLE_FILE_LIMIT", size - 1)
+    with pytest.raises(ValueError, match="above the 2 GiB an ONNX file holds"):
+        export.to_onnx(model, tmp_path / "x.onnx", (1, 8, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
 class _Scaled(torch.nn.Module):
     def __init__(self, inner, factor):
         super().__init__()

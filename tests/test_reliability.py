@@ -302,10 +302,15 @@ def test_a_corrupted_model_file_is_refused_and_dtypes_survive(tmp_path):
 def test_temporary_files_of_a_killed_writer_are_cleaned_on_the_next_write(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stray = tmp_path / f".tmp-{dead.pid}-abc.pt"
-    stray.write_bytes(b"half a file")
+    from gpp_ext.atomic import _host
+
+    stray = tmp_path / f".tmp-{dead.pid}-abc.pt"                       # as writers named them before hosts
+    ours = tmp_path / f".tmp-{dead.pid}@{_host()}-abc.pt"
+    theirs = tmp_path / f".tmp-{dead.pid}@another.host-abc.pt"         # a writer on another machine (shared disk)
+    for path in (stray, ours, theirs):
+        path.write_bytes(b"half a file")
     io.save(lenet(), tmp_path / "m.pt")
-    assert not stray.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.pt", theirs.name])
 
 
 # 12 ------------------------------------------------------------------------------ trustworthy latency
