@@ -180,13 +180,13 @@ def read(path, where: str, what: str = "", hint: str = "") -> object:
     except (PermissionError, IsADirectoryError):  # not damage: the file is there but cannot be read as it is
         raise
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):  # a whole pickled object (torch.save(model)): code, not data
-            named = re.search(r"GLOBAL ([\w.]+)", str(error))
-            found = f"it names {named.group(1)}" if named else ""
+        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if named:  # a whole pickled object (torch.save(model)): code, not data
+            found = f"it names {named.group(1)}"
             raise ValueError(f"{where}: refused {what + ' ' if what else ''}{path}: it is a pickled Python object "
                              f"(e.g. torch.save(model)), and loading one runs code it names; save the weights "
                              f"instead (torch.save(model.state_dict(), ...) or gpp_ext.io.save(model, ...)){hint}"
-                             + (f" ({found})" if found else "")) from error
+                             + f" ({found})") from error
         raise ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is damaged or incomplete "
                          f"(e.g. a copy that was cut short){hint} ({type(error).__name__}: {error})") from error
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
