@@ -180,7 +180,7 @@ def read(path, where: str, what: str = "", hint: str = "") -> object:
     except (PermissionError, IsADirectoryError):  # not damage: the file is there but cannot be read as it is
         raise
     except pickle.UnpicklingError as error:
-        named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        named = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(error))
         if named:  # a whole pickled object (torch.save(model)): code, not data
             found = f"it names {named.group(1)}"
             raise ValueError(f"{where}: refused {what + ' ' if what else ''}{path}: it is a pickled Python object "
