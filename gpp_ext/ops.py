@@ -64,7 +64,8 @@ def has_kernel(op: str, device) -> bool:
 
 def _compiled(op: str, t: torch.Tensor) -> bool:
     # Fake tensors under torch.compile report their real device, so they take the compiled op and its fake.
-    return _KERNELS.get((op, t.device.type), False)
+    # Quantized and other layouts have no kernel: they run the reference.
+    return _KERNELS.get((op, t.device.type), False) and not t.is_quantized
 
 
 def _differentiating(*tensors) -> bool:
@@ -110,7 +111,9 @@ def class_scatter(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> Scatter
 
     Rows are centred by their float64 class mean before the Gram product, so float32 features with a large
     mean keep their precision. For float32 input the Gram product of the centred rows runs in float32 over
-    blocks of 4096 rows, accumulated in float64 (relative error ~1e-6); float64 input stays float64.
+    blocks of rows (4096 on the CPU, 16384 on CUDA), accumulated in float64 (relative error ~1e-6); float64
+    input stays float64. A float32 block whose product overflows float32 (centred values beyond ~1e19) is an
+    error from the compiled kernel, where the reference would compute it: give such features as float64.
     """
     x, y, num_classes = _checks.scatter_inputs(x, y, num_classes)
     if not _compiled("class_scatter", x):
@@ -210,7 +213,7 @@ def discriminants(stats: ScatterStats, k: int | None = None, ridge: float = 0.0)
     `data_checks(False)`. A gradient (w.r.t. `stats.mean` or `stats.within`) runs the reference, the full solve.
     """
     op = "discriminants"
-    count, mean, within = _checks.stats_tensors(stats, op, "stats")
+    count, mean, within = _checks.stats_tensors(stats, op, "stats", counts=True)
     ridge = _checks.real(ridge, op, "ridge")
     k = _checks.discriminant_count(k, *mean.shape, op)
     if not _compiled("discriminants", mean) or _differentiating(mean, within, count):
@@ -253,7 +256,7 @@ def fisher_utility(stats: ScatterStats, eps: float = 1e-6) -> torch.Tensor:
     Exact as a discriminant measure when the scatter matrices are near diagonal. The ridge is relative to the
     total scatter, so the utility does not depend on the features' scale; a neuron with no variance gets 0.
     """
-    count, mean, within = _checks.stats_tensors(stats, "fisher_utility", "stats")
+    count, mean, within = _checks.stats_tensors(stats, "fisher_utility", "stats", counts=True)
     eps = _checks.real(eps, "fisher_utility", "eps")
     if not _compiled("fisher_utility", mean) or _differentiating(count, mean, within):
         return reference.fisher_utility(stats, eps)
@@ -362,6 +365,10 @@ def _register():
             grad_mean = mean.new_zeros(mean.shape)
         if grad_within is None:
             grad_within = mean.new_zeros((d, d))
+        if torch.is_grad_enabled():  # a gradient of this gradient is wanted (create_graph): differentiable ops
+            centred = x.double() - mean[y]
+            grad_x = centred @ (grad_within + grad_within.mT) + grad_mean[y] / count[y].clamp_min(1.0).unsqueeze(1)
+            return grad_x.to(x.dtype), None, None
         return torch.ops.gpp_ext.class_scatter_backward(grad_mean, grad_within, x, y, count, mean), None, None
 
     torch.library.register_autograd(lib + "class_scatter", class_scatter_backward,
@@ -396,3 +403,6 @@ def _register():
 
 if _C is not None:
     _register()
+    # the fake (meta) kernels exist only now: a meta tensor takes them (shape inference, torch.compile's tracing)
+    _KERNELS.update({(op, "meta"): torch._C._dispatch_has_kernel_for_dispatch_key(f"gpp_ext::{op}", "Meta")
+                     for op in _OPS})

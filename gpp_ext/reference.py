@@ -70,7 +70,7 @@ def discriminants(stats: ScatterStats, k: int | None = None, ridge: float = 0.0)
     """The first `k` pairs of `generalized_eigh(stats.between(), stats.within, ridge)` (the full solve; the op
     gets them from a rank-aware one), `k` by default `min(C - 1, D)`."""
     op = "discriminants"
-    count, mean, within = _checks.stats_tensors(stats, op, "stats")
+    count, mean, within = _checks.stats_tensors(stats, op, "stats", counts=True)
     ridge = _checks.real(ridge, op, "ridge")
     k = _checks.discriminant_count(k, *mean.shape, op)
     values, vectors = _generalized_eigh(stats.between(), within, ridge, op, _checks.DISCRIMINANT_NAMES)
@@ -163,7 +163,7 @@ def discriminant_utility(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, 
 
 def fisher_utility(stats: ScatterStats, eps: float = 1e-6) -> torch.Tensor:
     """`v_j = S_b[j,j] / (S_w[j,j] + eps·tr(S_t)/D)` per neuron (0 for a neuron with no variance)."""
-    count, mean, within = _checks.stats_tensors(stats, "fisher_utility", "stats")
+    count, mean, within = _checks.stats_tensors(stats, "fisher_utility", "stats", counts=True)
     eps = _checks.real(eps, "fisher_utility", "eps")
     d = mean.shape[1]
     n = count.sum()

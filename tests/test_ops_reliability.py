@@ -199,3 +199,49 @@ def test_other_unchecked_arguments(impl):
         impl.deconv_backproject(signal, weight, output_size="ten")
     with pytest.raises(ValueError, match=r"slice_channels: index must hold int64 positions, got 18446744073709551616"):
         impl.slice_channels(torch.ones(3), 0, [0, 2 ** 64])
+
+
+@pytest.mark.skipif(not ops.extension_available(), reason="the compiled ops' fake kernels")
+def test_meta_tensors_take_the_fake_kernels_for_shape_inference():
+    """The fake (meta) kernels were registered after the dispatch table was read, so meta tensors went to the
+    reference, which reads values and failed ("Tensor.item() cannot be called on meta tensors")."""
+    x, y = torch.randn(4, 3, device=META), torch.zeros(4, dtype=torch.long, device=META)
+    assert ops.has_kernel("class_scatter", "meta")
+    stats = ops.class_scatter(x, y, 2)
+    assert stats.count.shape == (2,) and stats.within.shape == (3, 3) and stats.within.device == META
+    assert ops.slice_channels(torch.randn(3, 5, device=META), 1, torch.tensor([0, 2], device=META)).shape == (3, 2)
+
+
+def test_second_order_gradients_through_class_scatter_match_the_reference():
+    """The compiled backward had no autograd formula of its own (`mm_out`), so a gradient of the gradient failed.
+    Tolerance 1e-9 relative: float64 throughout, the two paths differ in summation order only."""
+    x = torch.randn(20, 4, **f64, requires_grad=True)
+    y = torch.arange(20) % 3
+
+    def second(scatter):
+        s = scatter(x, y, 3)
+        g, = torch.autograd.grad((s.within ** 2).sum() + (s.mean ** 3).sum(), x, create_graph=True)
+        h, = torch.autograd.grad((g ** 2).sum(), x)
+        return g.detach(), h
+
+    (g1, h1), (g2, h2) = second(ops.class_scatter), second(reference.class_scatter)
+    assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-12) and torch.allclose(h1, h2, rtol=1e-9, atol=1e-9)
+
+
+def test_negative_or_non_finite_counts_are_refused_by_both_paths():
+    """The compiled discriminants read max(count, 0), the reference the count itself: they disagreed silently."""
+    stats = ops.class_scatter(torch.randn(30, 4, **f64), torch.arange(30) % 3, 3)
+    for count in ([7.0, -7.0, 6.0], [7.0, float("nan"), 6.0]):
+        bad = ScatterStats(torch.tensor(count, **f64), stats.mean, stats.within)
+        for path in (ops, reference):
+            with pytest.raises(ValueError, match=r"stats\.count must hold finite sample counts >= 0"):
+                path.discriminants(bad, 2)
+            with pytest.raises(ValueError, match=r"stats\.count must hold finite sample counts >= 0"):
+                path.fisher_utility(bad)
+
+
+@pytest.mark.filterwarnings("ignore:.*quantize")
+def test_quantized_tensors_are_sliced_by_the_reference():
+    q = torch.quantize_per_tensor(torch.randn(3, 5), 0.1, 0, torch.qint8)
+    out = ops.slice_channels(q, 1, torch.tensor([0, 2]))
+    assert out.is_quantized and torch.equal(out.dequantize(), q.dequantize()[:, [0, 2]])
