@@ -287,3 +287,18 @@ def test_taylor_finds_the_channel_axis_of_channels_last_linears_and_survives_in_
     inplace = ChannelsLastBlock(inplace=True)
     again = criteria.taylor(ChannelGraph(inplace, x[:2]), CriterionContext(loader=[(x, y)]))
     assert all(torch.equal(again[k], scores[k]) for k in scores)
+
+
+@pytest.mark.parametrize("size", [4, 8, 32])
+def test_traced_utility_reads_the_channel_axis_of_channels_last_linears(size):
+    """The traced utility took dimension 1 as the channels: on [N, H, W, C] it crashed (H = 4, 8) or silently
+    scored the rows (H = 32). Each group now gets one score per channel, and the LDA criterion runs."""
+    torch.manual_seed(0)
+    model = ChannelsLastBlock()
+    x = torch.randn(40, 1, size, size)
+    y = torch.arange(40) % 10
+    graph = ChannelGraph(model, x[:2])
+    scores = criteria.get("lda")(graph, CriterionContext(loader=[(x, y)], num_classes=10, classifier="classifier"))
+    sizes = {g.name: g.size for g in graph.groups}
+    hidden = next(g for g in graph.groups if "fc1" in g.modules)
+    assert hidden.name in scores and all(scores[n].shape == (sizes[n],) for n in scores)

@@ -119,9 +119,10 @@ def _backproject(graph: ChannelGraph, node: torch.fx.Node, values: dict, signal:
     return _transpose(graph, node, values, signal)
 
 
-def _channel_utility(signal: torch.Tensor) -> torch.Tensor:
-    """Mean over the tracing images, magnitude, spatial maximum: `[C]`."""
-    mean = signal.mean(0).abs()
+def _channel_utility(signal: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """Mean over the tracing images, magnitude, spatial maximum: `[C]`, the channels on `axis` of `signal`
+    (the last one for a `Linear` on `[N, H, W, C]`)."""
+    mean = signal.movedim(axis, 1).mean(0).abs()
     return mean.flatten(1).amax(1) if mean.dim() > 1 else mean
 
 
@@ -195,7 +196,8 @@ def trace_utility(graph: ChannelGraph, inputs: torch.Tensor, neurons: torch.Tens
             reached = [n for n in nodes if n.op == "call_module" and n.target in group.modules
                        and isinstance(signals.get(n), torch.Tensor)]
             if reached:  # a group no signal reaches has no evidence either way and is left out (kept whole)
-                utility[group.name] = sum(_fold(_channel_utility(signals[n]), group.size) for n in reached)
+                utility[group.name] = sum(_fold(_channel_utility(signals[n], graph.axis(n)), group.size)
+                                          for n in reached)
         return utility
     finally:
         model.train(was_training)
