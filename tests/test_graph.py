@@ -526,3 +526,104 @@ def test_split_and_grouped_conv_are_frozen_not_fatal():
     assert [g.name for g in graph.groups] == ["b"]
     reasons = {g.name: g.reason for g in graph.frozen_groups}
     assert "grouped convolution" in reasons["a"]
+
+
+class LinearOnLastAxis(nn.Module):
+    """A Linear over the last axis of [N, C, L] (channels stay on dimension 1), concatenated with a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.lin, self.c = nn.Conv1d(2, 8, 1), nn.Linear(4, 4), nn.Conv1d(2, 6, 1)
+        self.d, self.classifier = nn.Conv1d(14, 5, 1), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.classifier(self.d(torch.cat([self.lin(self.a(x)), self.c(x)], 1)).mean(2))
+
+
+def test_a_linear_on_the_last_axis_keeps_the_channel_count_of_dimension_1():
+    """Its output was given out_features channels instead of the C it has on dimension 1, so the consumer columns
+    of what was concatenated after it were shifted (criteria read the wrong columns; a prune failed)."""
+    torch.manual_seed(0)
+    model, x = LinearOnLastAxis(), torch.randn(2, 2, 4)
+    graph = ChannelGraph(model, x)
+    columns = [p.index.flatten().tolist() for p in graph.channel_params("c") if p.role == "consumer"]
+    assert columns == [list(range(8, 14))]
+    before = model.d.weight.detach().clone()
+    graph.prune({"c": torch.tensor([0, 2, 5])})
+    assert model.d.weight.shape == (5, 11, 1) and torch.equal(model.d.weight, before[:, [*range(8), 8, 10, 13]])
+
+
+class FunctionalLinear(nn.Linear):
+    """A Linear subclass whose forward fx traces into F.linear (as timm's are)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_the_cost_model_counts_the_flops_of_a_linear_subclass_traced_into_f_linear():
+    from gpp_ext import count_flops
+    from gpp_ext.pruning import CostModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), FunctionalLinear(4 * 36, 16), nn.ReLU(),
+                          FunctionalLinear(16, 10))
+    x = torch.zeros(2, 1, 8, 8)
+    graph = ChannelGraph(model, x)
+    widths = {g.name: max(1, g.size // 2) for g in graph.groups}
+    predicted = CostModel(graph, "flops").cost(widths)
+    graph.prune({n: torch.arange(w) for n, w in widths.items()})
+    assert predicted == count_flops(model, x)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated")
+def test_reparametrized_layers_are_frozen_with_a_reason_and_the_rest_prunes():
+    """A parametrization's weight setter writes into its original in place, so a failed slice could not be undone
+    (spectral_norm left the model raising on every forward); such layers keep their channels."""
+    from torch.nn.utils import parametrizations, weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.spectral_norm(nn.Conv2d(1, 8, 3)), nn.ReLU(),
+                          weight_norm(nn.Conv2d(8, 6, 3)), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(5 * 16, 3))
+    x = torch.randn(2, 1, 10, 10)
+    graph = ChannelGraph(model, x)
+    frozen = {g.name: g.reason for g in graph.frozen_groups}
+    assert "has a parametrization on its weight" in frozen["0"] and "has WeightNorm on its weight" in frozen["2"]
+    graph.prune({"4": torch.tensor([0, 2, 4])})
+    assert model(x).shape == (2, 3) and model[4].out_channels == 3
+
+
+class _Scaled(nn.Module):
+    """A block with a layer scale and a read-only width property (a container's, not a layer's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(4))
+
+    @property
+    def out_channels(self):
+        return self.conv.out_channels
+
+    def forward(self, x):
+        return x + self.conv(x) * self.gamma.view(1, -1, 1, 1)
+
+
+def test_a_failed_change_is_undone_even_around_read_only_container_properties(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), _Scaled(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x = torch.randn(2, 1, 8, 8)
+    graph = ChannelGraph(model, x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = ChannelGraph._build, []
+
+    def fail_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(self)
+
+    monkeypatch.setattr(ChannelGraph, "_build", fail_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        graph.prune({graph.groups[0].name: torch.tensor([0, 1])})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()) and model(x).shape == (2, 2)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 
-import torch.nn as nn
-
 from ..cost import count_flops, count_params
 from ..layers import CONV
 from .graph import ChannelGraph
@@ -71,14 +69,10 @@ class CostModel:
         # FLOPs: every traced call of a conv or linear layer, with its output positions per sample
         batch = graph.example_inputs[0].shape[0] if graph.example_inputs[0].dim() > 0 else 1
         self._calls = []  # (positions per sample, weight key, weight shape, has bias)
-        for node in graph.gm.graph.nodes:
-            module = graph.modules.get(node.target) if node.op == "call_module" else None
-            if not isinstance(module, CONV + (nn.Linear,)):
-                continue
+        for node, name, module in graph.layer_calls():
             shape = tuple(node.meta["tensor_meta"].shape)
             positions = math.prod(shape) // max(batch, 1) // module.weight.shape[0]
-            self._calls.append((positions, (node.target, "weight"), list(module.weight.shape),
-                                module.bias is not None))
+            self._calls.append((positions, (name, "weight"), list(module.weight.shape), module.bias is not None))
         full = {name: 0 for name in self.sizes}
         self._constant = count_flops(graph.model, graph.example_inputs) - self._flops(full)
 
@@ -139,13 +133,10 @@ class CostModel:
 
 def _calls(graph: ChannelGraph):
     """Every traced call of a convolution or linear layer: `(node, module, input shape, output shape)`."""
-    for node in graph.gm.graph.nodes:
-        module = graph.modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(module, CONV + (nn.Linear,)):
-            source = node.args[0] if node.args else None
-            meta = getattr(source, "meta", {}).get("tensor_meta") if source is not None else None
-            yield node, module, (tuple(meta.shape) if meta is not None else None), \
-                tuple(node.meta["tensor_meta"].shape)
+    for node, _, module in graph.layer_calls():
+        source = node.args[0] if node.args else None
+        meta = getattr(source, "meta", {}).get("tensor_meta") if source is not None else None
+        yield node, module, (tuple(meta.shape) if meta is not None else None), tuple(node.meta["tensor_meta"].shape)
 
 
 def _cut_copy(graph: ChannelGraph, widths: dict):

@@ -259,6 +259,24 @@ class ChannelGraph:
         names = [n for n in names if isinstance(n, str) and n in self.modules and n]
         return names[-1] if names else None
 
+    def linear_owner(self, node) -> str | None:
+        """The `nn.Linear` whose weight an `F.linear` call reads (a Linear subclass fx traced into), or None."""
+        if node.op != "call_function" or node.target is not F.linear:
+            return None
+        weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+        owner, _, attr = weight.target.rpartition(".") if isinstance(weight, torch.fx.Node) \
+            and weight.op == "get_attr" else ("", "", "")
+        return owner if attr == "weight" and isinstance(self.modules.get(owner), nn.Linear) else None
+
+    def layer_calls(self):
+        """`(node, module name, module)` of every traced call of a convolution or linear layer, those a Linear
+        subclass makes through `F.linear` included."""
+        for node in self.gm.graph.nodes:
+            name = node.target if node.op == "call_module" else self.linear_owner(node)
+            module = self.modules.get(name) if name is not None else None
+            if isinstance(module, CONV + (nn.Linear,)):
+                yield node, name, module
+
     def axis(self, node) -> int:
         """The dimension that holds the channels of `node`'s tensor (1 unless permuted)."""
         return self._axis.get(node, 1)
@@ -428,7 +446,10 @@ class ChannelGraph:
             return (Segment(self._producer_root(name, m.out_features), m.out_features),)
         if in_shape is None or len(in_shape) != 2:
             self._freeze(first, f"input of {name!r}, a linear layer applied to a {len(in_shape or ())}-D tensor")
-            return (Segment(self._new_root(m.out_features, f"output of {name!r}"), m.out_features),)
+            # on [N, C, ..., L] it maps the last axis: dimension 1 of its output still has C entries
+            out_shape = self._shape(node)
+            size = int(out_shape[1]) if out_shape is not None and len(out_shape) > 2 else m.out_features
+            return (Segment(self._new_root(size, f"output of {name!r}"), size),)
         self._consume(name, first)
         return (Segment(self._producer_root(name, m.out_features), m.out_features),)
 
@@ -572,10 +593,8 @@ class ChannelGraph:
         if node.op == "call_function" and target is F.batch_norm:
             return self._batch_norm(node, first, where)
         if node.op == "call_function" and target is F.linear:  # a Linear subclass fx traced into (timm's)
-            weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
-            owner, _, attr = weight.target.rpartition(".") if isinstance(weight, torch.fx.Node) \
-                and weight.op == "get_attr" else ("", "", "")
-            if attr == "weight" and isinstance(self.modules.get(owner), nn.Linear):
+            owner = self.linear_owner(node)
+            if owner is not None:
                 return self._linear(node, owner, self.modules[owner], first)
         if (node.op == "call_function" and target in _ELEMENTWISE) or \
                 (node.op == "call_method" and target in _ELEMENTWISE_METHODS):
@@ -725,8 +744,27 @@ class ChannelGraph:
             for table in (self._consumers, self._depthwise, self._attached):
                 self._freeze(table.get(name), reason)
 
+    def _freeze_reparametrized(self) -> None:
+        """Layers whose weight is computed from others (`torch.nn.utils.parametrizations`, the older
+        `weight_norm` / `spectral_norm` hooks) cannot be sliced by replacing the weight (a parametrization's
+        setter writes into its original in place, a hook recomputes the weight): keep their channels."""
+        from torch.nn.utils import parametrize
+
+        for name, m in self.modules.items():
+            hooks = [type(h).__name__ for h in m._forward_pre_hooks.values()]
+            kind = "a parametrization" if parametrize.is_parametrized(m) else next(
+                (h for h in hooks if h in ("WeightNorm", "SpectralNorm")), None)
+            if kind is None:
+                continue
+            reason = f"{name!r} has {kind} on its weight (remove it to prune this layer)"
+            if name in self._module_root:
+                self._frozen.setdefault(self._module_root[name], reason)
+            for table in (self._consumers, self._depthwise, self._attached):
+                self._freeze(table.get(name), reason)
+
     def _finish_groups(self) -> None:
         self._freeze_tied_parameters()
+        self._freeze_reparametrized()
         for root, parts in self._split_parts.items():
             # A chunked output that is also coupled to other layers (or frozen) cannot be split alone.
             coupled = [r for _, r in self._producers if r != root and self._find(r) == self._find(root)]
@@ -880,6 +918,9 @@ class ChannelGraph:
         The arguments are checked before anything changes, and a failure while slicing or re-tracing undoes
         every change, so on error the model is left as it was. Groups not in `keep` are untouched. The graph is
         rebuilt afterwards, so the same `ChannelGraph` can prune again. See `gpp_ext.pruning.surgery`.
+
+        Every sliced tensor is replaced by a new one (a new `nn.Parameter` for a parameter, `requires_grad` kept):
+        an optimiser made before holds the old tensors and would train nothing; make it after the change.
         """
         return surgery.prune(self, keep)
 
@@ -890,7 +931,8 @@ class ChannelGraph:
         producer rows and depthwise filters drawn at the scale of the existing ones (from `generator`), biases
         zero, norms the identity, and the consumers' new input columns zero, so the widened model computes
         exactly what it did (a group normalised across channels by a LayerNorm or GroupNorm is refused). Checked
-        before anything changes and undone on failure, like `prune`; the graph is rebuilt afterwards.
+        before anything changes and undone on failure, like `prune`; the graph is rebuilt afterwards. Like
+        `prune`, it replaces the tensors it changes: make an optimiser after it.
         """
         return surgery.widen(self, add, generator)
 

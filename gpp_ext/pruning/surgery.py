@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..layers import BATCH_NORMS, CONV, WIDTH_ATTRS
+from ..layers import BATCH_NORMS, CONV, WIDTH_ATTRS, WIDTH_LAYERS
 
 __all__ = ["prune", "widen", "reset", "validate_keep", "validate_add", "cross_channel_norm", "layout_index"]
 
@@ -171,8 +171,11 @@ def _change(graph, keep: dict, new) -> nn.Module:
     try:
         _apply(graph, keep, new)
         graph._build()  # also proves the changed model still runs on the example inputs
-    except Exception:
-        _restore(graph, snapshot)
+    except Exception as error:
+        failed = _restore(graph, snapshot)
+        if failed:  # the model could not be put back as it was: say so beside the error that stopped the change
+            raise RuntimeError(f"ChannelGraph: the change failed ({type(error).__name__}: {error}) and these could "
+                               f"not be restored: {failed}; the model is not as it was") from error
         graph._build()
         raise
     return graph.model
@@ -198,22 +201,29 @@ class _NewChannels:
 
 
 def _snapshot(graph) -> dict:
-    """References to every tensor and width attribute pruning may replace, to undo a failed prune."""
+    """References to every tensor and width attribute pruning may replace, to undo a failed prune (widths only of
+    torch's own layers: a container's attributes of those names may be read-only properties)."""
     snapshot = {}
     for name in [n for n, _, _ in graph._tables()] + [module for module, _ in graph._scales]:
         m = graph.modules[name]
-        snapshot[name] = (dict(m._parameters), dict(m._buffers),
-                          {a: getattr(m, a) for a in WIDTH_ATTRS if hasattr(m, a)})
+        widths = {a: getattr(m, a) for a in WIDTH_ATTRS if hasattr(m, a)} if isinstance(m, WIDTH_LAYERS) else {}
+        snapshot[name] = (dict(m._parameters), dict(m._buffers), widths)
     return snapshot
 
 
-def _restore(graph, snapshot: dict) -> None:
+def _restore(graph, snapshot: dict) -> list:
+    """Puts every snapshot entry back; returns what could not be (each entry is tried)."""
+    failed = []
     for name, (params, buffers, attrs) in snapshot.items():
         m = graph.modules[name]
         m._parameters.update(params)
         m._buffers.update(buffers)
         for attr, value in attrs.items():
-            setattr(m, attr, value)
+            try:
+                setattr(m, attr, value)
+            except Exception as error:  # keep restoring the rest; reported with the error that stopped the change
+                failed.append(f"{name}.{attr} ({type(error).__name__}: {error})")
+    return failed
 
 
 def _apply(graph, keep: dict, new=None) -> None:
