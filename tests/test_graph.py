@@ -627,3 +627,26 @@ def test_a_failed_change_is_undone_even_around_read_only_container_properties(mo
     with pytest.raises(RuntimeError, match="injected"):
         graph.prune({graph.groups[0].name: torch.tensor([0, 1])})
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()) and model(x).shape == (2, 2)
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.att, self.classifier = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 1, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.classifier((y * torch.sigmoid(self.att(y))).mean((2, 3)))
+
+
+def test_a_one_channel_map_broadcast_onto_many_is_refused_widening_up_front():
+    """An attention map of one channel multiplies every channel of another tensor: given more channels it would
+    no longer broadcast (before: a ShapeProp error from deep inside the re-trace)."""
+    from gpp_ext.planting import plantable_groups
+
+    model, x = SpatialAttention(), torch.randn(2, 1, 8, 8)
+    graph = ChannelGraph(model, x)
+    with pytest.raises(ValueError, match=r"group 'att' is one channel broadcast onto a wider tensor"):
+        graph.widen({"att": 2})
+    graph.widen({"conv": 2})   # the channels it is broadcast onto may grow
+    assert model(x).shape == (2, 3) and "att" not in plantable_groups(model, x)

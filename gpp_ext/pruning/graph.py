@@ -233,6 +233,7 @@ class ChannelGraph:
         self._part_of: dict[int, int] = {}                    # part root -> the chunked producer root
         self._scales: dict[tuple, tuple] = {}                # (module, attr) of a channel parameter -> (layout, dim)
         self._axis: dict[torch.fx.Node, int] = {}             # nodes whose channels are not on dim 1 (permuted)
+        self._broadcast: dict[int, str] = {}                  # root of a one-channel map broadcast onto many
         self._unsupported: list[str] = []
         layout: dict[torch.fx.Node, tuple | None] = {}
         for node in self.gm.graph.nodes:
@@ -610,6 +611,10 @@ class ChannelGraph:
             width = shape[ax] if shape is not None and len(shape) > ax else None
             full = [lay for lay, s in zip(others, operand_shapes) if s is not None and len(s) == len(shape)
                     and (s[ax] > 1 or width == 1)]
+            for lay, s in zip(others, operand_shapes):  # a one-channel map (an attention mask) broadcast onto
+                if lay is not None and s is not None and len(s) == len(shape) and s[ax] == 1 and width != 1:
+                    for seg in lay:                     # many channels: it must keep width 1
+                        self._broadcast.setdefault(seg.root, where)
             param_operands = [a for a in self._flat_nodes((node.args, node.kwargs))
                               if a.op == "get_attr" or "gpp_param" in a.meta]
             if param_operands and full:
@@ -792,6 +797,13 @@ class ChannelGraph:
                 self.groups.append(group)
             self._group_of_rep[rep] = group.name
         self._groups_by_name = {g.name: g for g in self.groups + self.frozen_groups}
+
+    def broadcast_at(self, name: str) -> str | None:
+        """Where group `name`'s one channel is broadcast onto a wider tensor (so it cannot gain channels), or
+        None."""
+        group = self.group(name)
+        rep = self._find(self._unit(self._module_root[group.name]))
+        return next((where for root, where in self._broadcast.items() if self._find(root) == rep), None)
 
     # ------------------------------------------------------------------------------------------ groups
     def group(self, name: str) -> Group:

@@ -132,6 +132,10 @@ def validate_add(graph, add: dict) -> dict:
         if norm is not None:
             raise ValueError(f"ChannelGraph.widen: group {name!r} is normalised across channels by {norm}; a new "
                              f"channel would change its outputs")
+        where = graph.broadcast_at(name)
+        if where is not None:
+            raise ValueError(f"ChannelGraph.widen: group {name!r} is one channel broadcast onto a wider tensor at "
+                             f"{where} (e.g. a spatial attention map): it must keep width 1")
         checked[name] = torch.cat([torch.arange(group.size), torch.full((int(n),), -1)])
     return checked
 
