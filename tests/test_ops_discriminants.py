@@ -256,3 +256,28 @@ def test_opcheck_and_compile():
     got = compiled(stats)
     expected = ops.discriminants(stats, ridge=1e-3)
     assert torch.allclose(got[0], expected[0]) and torch.allclose(got[1], expected[1])
+
+
+def test_dead_dimensions_past_the_rank_of_s_b_keep_the_vectors_s_w_orthonormal(impl):
+    """k past the rank of S_b: the vectors of zero eigenvalues are any S_w'-orthonormal completion, which may use
+    the dead dimensions (where S_w' holds the fill value). Masking them there shrank them: the compiled solve gave
+    diag(E^T S_w' E) = [1, 1, 0.81]. Tolerance 1e-10: float64 solves of a well-conditioned 6x6 problem."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    x[:, [1, 4]] = 2.0   # constant: dead dimensions
+    stats = ops.class_scatter(x, torch.arange(30) % 3, 3)
+    values, vectors = impl.discriminants(stats, 3)
+    diag = stats.within.diagonal()
+    dead = (diag == 0) & (stats.between().diagonal() == 0)
+    effective = stats.within.clone()
+    effective[dead, dead] = diag[~dead].max()   # the op's S_w' on the dead dimensions: the largest live entry
+    gram = vectors.T @ effective @ vectors
+    assert torch.allclose(gram, torch.eye(3, dtype=torch.float64), atol=1e-10), gram
+    assert values[2].abs() < 1e-10 * values[0]
+
+
+def test_a_between_class_scatter_that_overflows_is_refused(impl):
+    stats = ops.class_scatter(torch.randn(30, 4, dtype=torch.float64), torch.arange(30) % 3, 3)
+    far = ScatterStats(stats.count, stats.mean * 1e200, stats.within)
+    with pytest.raises(ValueError, match="must be finite"):
+        impl.discriminants(far, 2)

@@ -56,6 +56,7 @@ namespace discriminants_detail {
 constexpr const char* kOp = "discriminants";
 constexpr double kDeadRelative = 1e-12;      // as generalized_eigh (gpp_ext/_checks.py DEAD_RELATIVE)
 constexpr double kConditionError = 1e-3;     // gpp_ext/_checks.py CONDITION_ERROR
+constexpr double kRangeRelative = 1e-12;     // a singular value of Z this far below the largest is a zero one
 constexpr int kConditionSteps = 4;           // gpp_ext/_checks.py _condition_estimate
 
 // Lower bounds of the extreme eigenvalues of SPD `s` [D, D] from its Cholesky factor (a port of
@@ -127,7 +128,6 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> discriminants_impl(const a
   // The checks of gpp_ext/_checks.py eigh_data, for a = S_b (symmetric by construction) and b = within.
   const at::Tensor size_w = at::maximum(within.amax(), within.amin().neg());
   const at::Tensor finite_w = at::isfinite(size_w);
-  const at::Tensor finite_a = at::isfinite(count).all().logical_and(at::isfinite(mean).all());
   at::Tensor s = (within + within.mT()).mul_(0.5);
   // max|W - W^T| = 2 max|W - S| for S = (W + W^T)/2: no second pass over the transpose
   const at::Tensor asym = at::where(size_w.gt(0), (within - s).abs_().amax() * 2.0 / size_w.clamp_min(1e-300),
@@ -139,6 +139,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> discriminants_impl(const a
   const at::Tensor mu = at::matmul(count, mean) / n.clamp_min(1.0);
   at::Tensor m = (mean - mu) * count.clamp_min(0.0).sqrt().unsqueeze(1);
   const at::Tensor between_diag = m.square().sum(0);
+  // S_b must be finite too: finite means far apart (1e200) overflow its entries
+  const at::Tensor finite_a =
+      at::isfinite(count).all().logical_and(at::isfinite(mean).all()).logical_and(at::isfinite(between_diag).all());
   const at::Tensor dead =
       diag.le(largest * kDeadRelative).logical_and(between_diag.le(between_diag.amax() * kDeadRelative));
   const at::Tensor trace = diag.sum();
@@ -186,9 +189,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> discriminants_impl(const a
   z = at::nan_to_num(z, 0.0, 0.0, 0.0);
   auto [u, sv, vh] = at::linalg_svd(z, /*full_matrices=*/false);
   const at::Tensor values = sv.narrow(0, 0, k).square();
-  // Z is zero on the dead rows but the SVD's rotations leave round-off there: the dead entries are set to 0.
-  at::Tensor vectors = at::linalg_solve_triangular(
-      factor.mT(), any_dead ? u.narrow(1, 0, k) * live.unsqueeze(1) : u.narrow(1, 0, k), /*upper=*/true);
+  at::Tensor basis = u.narrow(1, 0, k);
+  if (any_dead && k > 0) {
+    // Z is zero on the dead rows, but the SVD's rotations leave round-off there: the dead entries of the columns
+    // in Z's range are set to 0. The columns past its rank (zero singular values) are any orthonormal completion
+    // and may use the dead rows: masking those would shrink them and break E^T (S_w + ridge) E = I.
+    const at::Tensor in_range = sv.narrow(0, 0, k).gt(sv.amax() * kRangeRelative);
+    basis = at::where(in_range.unsqueeze(0), basis * live.unsqueeze(1), basis);
+  }
+  at::Tensor vectors = at::linalg_solve_triangular(factor.mT(), basis, /*upper=*/true);
   // Sign convention: the largest-magnitude entry of each eigenvector is positive.
   if (k > 0) {
     const at::Tensor pivot = vectors.abs().argmax(0, /*keepdim=*/true);

@@ -47,7 +47,8 @@ __global__ void discriminant_weight_kernel(const double* __restrict__ values, co
   for (int64_t r = threadIdx.x; r < d; r += blockDim.x) sq += e[r * cols + j] * e[r * cols + j];
   const double norm = sqrt(block_sum(sq, shared));
   if (threadIdx.x == 0) {
-    const double lambda = fmax(values[b * cols + j], 0.0);  // negative values are round-off of zero
+    const double v = values[b * cols + j];
+    const double lambda = isnan(v) ? v : fmax(v, 0.0);  // negative values are round-off of zero; NaN stays NaN
     weight[b * k + j] = norm > 0.0 ? lambda / norm : 0.0;
   }
 }
@@ -78,15 +79,22 @@ at::Tensor discriminant_utility_cuda(const at::Tensor& eigenvalues, const at::Te
   const at::Tensor lam = eigenvalues.to(at::kDouble).contiguous().view({-1, cols});
   const at::Tensor vec = eigenvectors.to(at::kDouble).contiguous().view({-1, d, cols});
   const int64_t batch = lam.size(0);
-  TORCH_CHECK_VALUE(batch <= 65535, "discriminant_utility: at most 65535 batch entries on CUDA, got ", batch);
   at::Tensor weight = at::empty({batch, k}, lam.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  discriminant_weight_kernel<<<dim3(static_cast<unsigned>(k), static_cast<unsigned>(batch)), kThreads, 0, stream>>>(
-      lam.const_data_ptr<double>(), vec.const_data_ptr<double>(), d, cols, k, weight.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  discriminant_sum_kernel<<<dim3(static_cast<unsigned>(d), static_cast<unsigned>(batch)), kThreads, 0, stream>>>(
-      vec.const_data_ptr<double>(), weight.const_data_ptr<double>(), d, cols, k, out.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // the batch goes on grid.y, at most 65535 per launch: larger batches in slices of that many
+  constexpr int64_t kMaxGridY = 65535;
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxGridY) {
+    const int64_t n = std::min(kMaxGridY, batch - b0);
+    const double* lam_b = lam.const_data_ptr<double>() + b0 * cols;
+    const double* vec_b = vec.const_data_ptr<double>() + b0 * d * cols;
+    double* weight_b = weight.mutable_data_ptr<double>() + b0 * k;
+    discriminant_weight_kernel<<<dim3(static_cast<unsigned>(k), static_cast<unsigned>(n)), kThreads, 0, stream>>>(
+        lam_b, vec_b, d, cols, k, weight_b);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    discriminant_sum_kernel<<<dim3(static_cast<unsigned>(d), static_cast<unsigned>(n)), kThreads, 0, stream>>>(
+        vec_b, weight_b, d, cols, k, out.mutable_data_ptr<double>() + b0 * d);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return out.to(out_dtype);
 }
 
