@@ -470,7 +470,9 @@ def _compress_run(args, device, config_overrides=None) -> int:
     folder = RunFolder(out, {}, where="gpp compress")
     with folder.lock():
         _check_out(args, out, folder)
-        if getattr(args, "demo_marker", None) and lead:  # the folder now takes a demo: a later demo may replace it
+        if getattr(args, "demo_marker", None) and lead and not args.resume:
+            # the folder now takes a new demo, so a later demo may replace it (a resumed one was marked when it
+            # started; a resume of someone else's run must not mark their folder)
             write_text_atomic(args.demo_marker, "a gpp demo run: the next `gpp demo` replaces this folder\n")
         return _compress_in(args, device, config, out, teacher, ignore, peers, amp, lead)
 

@@ -468,7 +468,8 @@ def test_the_demo_replaces_only_a_demo_and_resumes(finished_run, tmp_path, monke
     before = {p.name: p.read_bytes() for p in (tmp_path / "runs" / "demo").iterdir()}
     calls = len(seen)
     assert cli.main(["demo", "--data", "digits", "--quiet"]) == 2 and len(seen) == calls  # refused, kept
-    assert {p.name: p.read_bytes() for p in (tmp_path / "runs" / "demo").iterdir()} == before
+    assert cli.main(["demo", "--data", "digits", "--quiet", "--resume"]) == 0   # (the stub resumes it)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "runs" / "demo").iterdir()} == before  # and not marked
     (tmp_path / "runs" / "demo" / cli.DEMO_MARKER).write_text("")  # a demo's folder: replaced
     assert cli.main(["demo", "--data", "digits", "--quiet"]) == 0 and seen[-1].overwrite
 
