@@ -643,3 +643,15 @@ def test_a_shorter_preparation_trains_that_long_and_leaves_the_rest_to_the_fine_
     _, cut, used = methods.run(method, base, setup)
     assert trained == [pytest.approx(0.45)] and used == pytest.approx(0.45)
     assert setup.cost(cut) <= 0.3 * setup.cost(base) * harness.protocol.BUDGET_SLACK
+
+
+def test_no_share_a_loop_method_sweeps_prepares_longer_than_the_protocol_allows(harness):
+    """Every method may spend at most `prep_epochs` of its `epochs` before its cut; the loop methods read a swept
+    `push_share` as that share, and Group Fisher's 0.5 (1.5 of 3 epochs) broke the cap."""
+    from benchmarks.compression import methods, protocol
+
+    for mode in protocol.MODES.values():
+        cap = mode["prep_epochs"] / mode["epochs"]
+        for method, knob in methods.SWEEP_KNOBS.items():
+            if knob == "push_share":
+                assert max(methods.SWEEPS[method]) <= cap + 1e-12, (method, methods.SWEEPS[method], cap)

@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--models: the {args.mode} mode runs {', '.join(mode['base_epochs'])}, not {unknown}")
     args.seeds = args.seeds or mode["seeds"]
+    args.choice_seed = mode["seeds"][0]   # every validation choice is made at this seed
     for key in ("base_epochs", "epochs", "prep_epochs", "sweep_values", "choice_budgets", "ablation_budgets"):
         setattr(args, key, mode[key])
     args.candidates = mode["candidates"] or tuple(choosing.CANDIDATES)

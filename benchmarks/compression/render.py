@@ -180,7 +180,7 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
                      f"{mean_std(list(base.values()))} over seeds {sorted(base)}; then {', '.join(conf['epochs'])} "
                      f"epochs per method, of which up to {', '.join(conf['prep_epochs'])} before the cut.")
     lines += ["", "## Who wins", "",
-              "| model | budget | best (test acc) | gpp: test acc, rank | best peer | gpp − best peer | "
+              "| model | budget | best (test acc) | gpp: test acc, rank | best peer on test | gpp − best peer | "
               "per seed: std, gpp ahead |",
               "|---|---:|---|---|---|---:|---|"]
     for (model, kind, budget), by_method in _groups(records).items():
@@ -198,7 +198,10 @@ def _render(records: list, meta: dict, sweeps: list, kd: list) -> str:
         lines.append(f"| {model} | {_budget(kind, budget)} | {names[0]} ({acc(names[0]):.4f}) | "
                      + (f"{acc('gpp'):.4f}, {names.index('gpp') + 1} of {len(names)}" if "gpp" in names else "–")
                      + " | " + (f"{peers[0]} ({acc(peers[0]):.4f})" if peers else "–") + f" | {gap} | {paired} |")
-    lines += ["", "Ranks count the methods that met the budget (2% slack for whole channels) in every seed; † "
+    lines += ["", "The best peer is the one with the best mean test accuracy, picked after the fact among every peer "
+              "(a best-of-many on test, so the gap is if anything conservative for GPP; every choice the methods "
+              "ran with was made on validation). "
+              "Ranks count the methods that met the budget (2% slack for whole channels) in every seed; † "
               "below marks the others; a method still missing some of a cell's seeds is not ranked there yet. The "
               "last column pairs GPP with the best peer seed by seed (the same base model): the standard deviation "
               "of the per-seed differences, and in how many seeds GPP was ahead. A gap smaller than that deviation "
