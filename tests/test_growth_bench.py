@@ -227,3 +227,15 @@ def test_a_pushed_and_pruned_record_from_before_a_loop_field_existed_still_stand
     assert not same_recipe({k: v for k, v in now.items() if k != "algorithms"})
     assert not same_recipe(None)
     _forget()
+
+
+def test_a_pruned_net_that_missed_its_size_is_no_pair_at_equal_size():
+    from benchmarks.growth.render import _pairs
+
+    records = [{"key": [0, "grown", n], "kept": True, "test_accuracy": 0.90} for n in (0, 1)]
+    records += [{"key": [0, "pruned", 0], "test_accuracy": 0.92, "target_reached": True},
+                {"key": [0, "pruned", 1], "test_accuracy": 0.95, "target_reached": False},
+                {"key": [1, "grown", 0], "kept": True, "test_accuracy": 0.90},
+                {"key": [1, "pruned", 0], "test_accuracy": 0.91}]   # recorded before the flag: taken as met
+    pairs = _pairs(records, "pruned", "grown")
+    assert [(s, n) for s, n, _ in pairs] == [(0, 0), (1, 0)] and pairs[0][2] == pytest.approx(0.02)

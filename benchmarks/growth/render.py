@@ -51,7 +51,8 @@ def _pairs(records: list, ours: str, theirs) -> list:
         seed, net = r["key"][0], r["key"][2]
         a = r if ours == "grown" else _at(records, seed, ours, net)
         b = theirs(seed, net) if callable(theirs) else (r if theirs == "grown" else _at(records, seed, theirs, net))
-        if a is not None and b is not None:
+        missed = a is not None and b is not None and False in (a.get("target_reached"), b.get("target_reached"))
+        if a is not None and b is not None and not missed:  # a net that missed its size is no pair at equal size
             out.append((seed, net, a["test_accuracy"] - b["test_accuracy"]))
     return out
 

@@ -241,10 +241,12 @@ def _claims(g: _Grown) -> None:
             with _ResumableLoop(runs, seed, f"pruned-{r['key'][2]}", largest_record, config) as (folder, clock):
                 loop = GrowPushPrune(copy.deepcopy(largest), splits, config, out_dir=folder, progress=False,
                                      onnx_latency=False)
-                loop.run(resume=True)
+                report = loop.run(resume=True)
                 compact = loop.final_model
+                # whether the loop met the size: a pair "at equal size" is one only if it did
                 rec = runs.add(key, dict(_measure(compact, splits, example), target_params=r["params"],
                                          epochs=largest_record["epochs"] + mode["prune_epochs"],
+                                         target_reached=bool(report["target_reached"]), stopped=report["stopped"],
                                          recipe=default_recipe(), **clock.times()))
             log(f"  seed {seed} pruned to net {r['key'][2]}'s size: {rec['params']:,} params, test "
                 f"{rec['test_accuracy']:.4f}")
