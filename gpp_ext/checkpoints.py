@@ -89,6 +89,9 @@ class Hooks:
                 owner.load_state_dict(saved)
 
 
+_ADDED = ("labels",)   # run keys recorded since the first checkpoints: absent from older files, not compared there
+
+
 class FitCheckpoint:
     """One training run's checkpoint file (`path`) for the run described by `run` (a JSON-able dict)."""
 
@@ -112,8 +115,10 @@ class FitCheckpoint:
             raise ValueError(f"fit: checkpoint {self.path} is not a gpp_ext training checkpoint; move it away or "
                              f"pass another checkpoint path")
         saved = json.loads(state["run"])
-        if saved != self.run:
-            differ = sorted(k for k in set(saved) | set(self.run) if saved.get(k) != self.run.get(k))
+        # a checkpoint written before a key was recorded (e.g. the labels' digest) is compared on what it holds
+        current = {k: v for k, v in self.run.items() if k in saved or k not in _ADDED}
+        if saved != current:
+            differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise ValueError(f"fit: checkpoint {self.path} belongs to another training run (it differs in "
                              f"{', '.join(differ)}); remove it to start over, or pass another checkpoint path")
         return state

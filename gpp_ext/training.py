@@ -78,6 +78,20 @@ def training_batches(dataset, batch_size: int, seed: int, balanced: bool = False
     return DataLoader(dataset, batch_sampler=batches, generator=generator)
 
 
+def _labels_digest(dataset) -> str | None:
+    """A digest of a tensor data set's labels (read without its inputs), so a checkpoint is not resumed on other
+    data of the same size; None for data sets whose labels would have to be read sample by sample."""
+    import hashlib
+
+    from torch.utils.data import Subset, TensorDataset
+
+    inner = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if not isinstance(inner, TensorDataset) or len(inner.tensors) < 2:
+        return None
+    labels = labels_of(dataset).to(torch.int64).contiguous().cpu().numpy().tobytes()
+    return hashlib.sha256(labels).hexdigest()[:16]
+
+
 def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_decay: float = 1e-4,
         batch_size: int = 128, seed: int = 0, push=None, penalty=None, teacher: nn.Module | None = None,
         distill: float = 0.0, temperature: float = 4.0, lr_schedule: str = "constant", after_step=None,
@@ -158,6 +172,7 @@ def fit(model: nn.Module, dataset, epochs: float, *, lr: float = 2e-3, weight_de
             epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed, push=push is not None,
             penalty=penalty is not None, teacher=teacher is not None, distill=distill, temperature=temperature,
             lr_schedule=lr_schedule, optimizer=optimizer, warmup=warmup, samples=len(dataset),
+            labels=_labels_digest(dataset),
             hook=type(hook_owner(after_step)).__name__ if hook_owner(after_step) is not None else None,
             start=start_digest(model)))
         saved = checkpoint.load()

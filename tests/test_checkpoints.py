@@ -133,3 +133,25 @@ def test_an_interrupted_grow_and_prune_resumes_to_the_uninterrupted_result(split
     resumed, history_resumed = scheduled_grow_and_prune(start(), splits, checkpoint=path, **kwargs)
     assert _same(resumed, whole) and history_resumed == history
     assert not list(tmp_path.iterdir())   # its checkpoints are removed once it returns
+
+
+def test_a_checkpoint_is_not_resumed_on_other_labels_of_the_same_size(splits, tmp_path):
+    import json as _json
+
+    from torch.utils.data import TensorDataset
+
+    from gpp_ext.atomic import read, save_atomic
+    from gpp_ext.data import labels_of
+
+    x = torch.stack([splits.train[i][0] for i in range(len(splits.train))])
+    y = labels_of(splits.train)
+    path = tmp_path / "run.pt"
+    fit(_net(), TensorDataset(x, y), 1, checkpoint=path, **RECIPE)
+    with pytest.raises(ValueError, match=r"belongs to another training run \(it differs in labels\)"):
+        fit(_net(), TensorDataset(x, y.roll(1)), 1, checkpoint=path, **RECIPE)
+    state = read(path, "test")   # as written before the labels were recorded: compared on what it holds
+    run = _json.loads(state["run"])
+    del run["labels"]
+    state["run"] = _json.dumps(run, sort_keys=True)
+    save_atomic(state, path)
+    fit(_net(), TensorDataset(x, y), 1, checkpoint=path, **RECIPE)
