@@ -107,21 +107,19 @@ def labels_in_range(y: torch.Tensor, num_classes: int, op: str = "class_scatter"
         raise ValueError(f"{op}: y must hold labels in [0, num_classes) = [0, {num_classes}), got {bad}")
 
 
-def stats_tensors(stats, op: str, arg: str, counts: bool = False):
+def stats_tensors(stats, op: str, arg: str, counts: bool = False, on_device: bool = True):
     """The (count, mean, within) of a ScatterStats (which checks float64, shapes and device when it is built);
     with `counts`, the counts must be finite and >= 0 (the compiled and reference discriminants would read
-    a negative count differently). Off the CPU that check reads a flag back to the host: it follows
-    `ops.data_checks`."""
+    a negative count differently). Off the CPU that check reads a flag back to the host: only with `on_device`
+    (`gpp_ext.ops` passes its `data_checks` setting)."""
     from .stats import ScatterStats
 
     if not isinstance(stats, ScatterStats):
         raise TypeError(f"{op}: {arg} must be a ScatterStats (from gpp_ext.ops.class_scatter), "
                         f"got {type(stats).__name__}")
     if counts:
-        from . import ops
-
         c = stats.count
-        if (c.device.type == "cpu" or ops._data_checks and c.device.type != "meta") and \
+        if (c.device.type == "cpu" or on_device and c.device.type != "meta") and \
                 not torch.compiler.is_compiling() and not bool((torch.isfinite(c) & (c >= 0)).all()):
             raise ValueError(f"{op}: {arg}.count must hold finite sample counts >= 0, got {c.tolist()[:8]}")
     return stats.count, stats.mean, stats.within

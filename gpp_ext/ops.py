@@ -213,7 +213,7 @@ def discriminants(stats: ScatterStats, k: int | None = None, ridge: float = 0.0)
     `data_checks(False)`. A gradient (w.r.t. `stats.mean` or `stats.within`) runs the reference, the full solve.
     """
     op = "discriminants"
-    count, mean, within = _checks.stats_tensors(stats, op, "stats", counts=True)
+    count, mean, within = _checks.stats_tensors(stats, op, "stats", counts=True, on_device=_data_checks)
     ridge = _checks.real(ridge, op, "ridge")
     k = _checks.discriminant_count(k, *mean.shape, op)
     if not _compiled("discriminants", mean) or _differentiating(mean, within, count):
@@ -256,7 +256,7 @@ def fisher_utility(stats: ScatterStats, eps: float = 1e-6) -> torch.Tensor:
     Exact as a discriminant measure when the scatter matrices are near diagonal. The ridge is relative to the
     total scatter, so the utility does not depend on the features' scale; a neuron with no variance gets 0.
     """
-    count, mean, within = _checks.stats_tensors(stats, "fisher_utility", "stats", counts=True)
+    count, mean, within = _checks.stats_tensors(stats, "fisher_utility", "stats", counts=True, on_device=_data_checks)
     eps = _checks.real(eps, "fisher_utility", "eps")
     if not _compiled("fisher_utility", mean) or _differentiating(count, mean, within):
         return reference.fisher_utility(stats, eps)
