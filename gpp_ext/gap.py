@@ -140,8 +140,8 @@ class GapSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores `state_dict()`'s progress; a state of another schedule (other partitions, cycles or widths)
-        is refused (`ValueError`)."""
-        if state.get("schedule") != self._plan():
+        is refused (`ValueError`; a state saved before schedules were named is taken as it is)."""
+        if "schedule" in state and state["schedule"] != self._plan():
             raise ValueError(f"GapSchedule: the saved progress belongs to another schedule ({state.get('schedule')}, "
                              f"this one is {self._plan()}); remove the checkpoint or run the same schedule")
         self.phase = int(state["phase"])
