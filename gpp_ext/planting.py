@@ -82,11 +82,12 @@ class PlantedOnly:
         for name, channels in planted.items():
             channels = torch.as_tensor(channels, dtype=torch.long)
             for p in graph.channel_params(name):
-                _, mask = masks.setdefault(id(p.tensor), (p.tensor, torch.zeros_like(p.tensor, dtype=torch.bool)))
+                *_, mask = masks.setdefault(id(p.tensor), (graph.modules[p.module], p.attr, p.tensor,
+                                                           torch.zeros_like(p.tensor, dtype=torch.bool)))
                 mask.index_fill_(p.dim, p.index[channels].reshape(-1).to(mask.device), True)
-        self.mixed = [[t, m, t.detach().clone()] for t, m in masks.values()]
+        # by owner and name: moving the model (`fit(device=...)`) replaces buffer tensors (parameters keep theirs)
+        self.mixed = [[owner, attr, m, t.detach().clone()] for owner, attr, t, m in masks.values()]
         self.frozen = [p for p in model.parameters() if id(p) not in masks and p.requires_grad]
-        # buffers by owner and name: moving the model (`fit(device=...)`) replaces buffer tensors, not modules
         self.buffers = [(owner, name, b.detach().clone()) for owner in model.modules()
                         for name, b in owner.named_buffers(recurse=False)
                         if b is not None and id(b) not in masks and b.is_floating_point()]
@@ -104,10 +105,11 @@ class PlantedOnly:
     @torch.no_grad()
     def after_step(self, step: int = 0, total: int = 0) -> None:
         for entry in self.mixed:
-            tensor, mask, saved = entry
+            owner, attr, mask, saved = entry
+            tensor = getattr(owner, attr)
             if mask.device != tensor.device:  # the model moved since (fit's device): follow it
-                entry[1], entry[2] = mask.to(tensor.device), saved.to(tensor.device)
-            tensor.copy_(torch.where(entry[1], tensor, entry[2]))
+                entry[2], entry[3] = mask.to(tensor.device), saved.to(tensor.device)
+            tensor.copy_(torch.where(entry[2], tensor, entry[3]))
         for owner, name, saved in self.buffers:
             buffer = getattr(owner, name)
             buffer.copy_(saved.to(buffer.device))
