@@ -743,11 +743,14 @@ class ChannelGraph:
                 owners.setdefault(id(p), []).append(name)
         tied = {n for names in owners.values() if len(names) > 1 for n in names}
         for name in tied:
-            reason = f"{name!r} shares parameters with another layer"
-            if name in self._module_root:
-                self._frozen.setdefault(self._module_root[name], reason)
-            for table in (self._consumers, self._depthwise, self._attached):
-                self._freeze(table.get(name), reason)
+            self._freeze_layer(name, f"{name!r} shares parameters with another layer")
+
+    def _freeze_layer(self, name: str, reason: str) -> None:
+        """Keeps every channel layer `name` produces, reads or carries."""
+        if name in self._module_root:
+            self._frozen.setdefault(self._module_root[name], reason)
+        for table in (self._consumers, self._depthwise, self._attached):
+            self._freeze(table.get(name), reason)
 
     def _freeze_reparametrized(self) -> None:
         """Layers whose weight is computed from others (`torch.nn.utils.parametrizations`, the older
@@ -761,11 +764,7 @@ class ChannelGraph:
                 (h for h in hooks if h in ("WeightNorm", "SpectralNorm")), None)
             if kind is None:
                 continue
-            reason = f"{name!r} has {kind} on its weight (remove it to prune this layer)"
-            if name in self._module_root:
-                self._frozen.setdefault(self._module_root[name], reason)
-            for table in (self._consumers, self._depthwise, self._attached):
-                self._freeze(table.get(name), reason)
+            self._freeze_layer(name, f"{name!r} has {kind} on its weight (remove it to prune this layer)")
 
     def _finish_groups(self) -> None:
         self._freeze_tied_parameters()
