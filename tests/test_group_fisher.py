@@ -217,18 +217,18 @@ def test_the_group_fisher_recipe_runs_from_the_command_line_and_needs_push_epoch
 
 
 class _Block(torch.nn.Module):
-    """conv -> BatchNorm -> activation -> conv -> pool -> linear; `after` adds an in-place op the trace cannot
-    see after the BatchNorm."""
+    """conv -> BatchNorm -> activation -> conv -> pool -> linear; `hidden` adds 1 to the BatchNorm's output in
+    place through a detached view, which the trace cannot show."""
 
-    def __init__(self, act, after=False):
+    def __init__(self, act, hidden=False):
         super().__init__()
         self.conv, self.bn, self.act = torch.nn.Conv2d(1, 6, 3), torch.nn.BatchNorm2d(6), act
-        self.conv2, self.fc, self.after = torch.nn.Conv2d(6, 4, 3), torch.nn.Linear(4, 10), after
+        self.conv2, self.fc, self.hidden = torch.nn.Conv2d(6, 4, 3), torch.nn.Linear(4, 10), hidden
 
     def forward(self, x):
         y = self.bn(self.conv(x))
-        if self.after:
-            y += 1.0
+        if self.hidden:
+            y.detach().add_(1.0)
         return self.fc(self.conv2(self.act(y)).mean((2, 3)))
 
 
@@ -252,9 +252,47 @@ def test_an_in_place_activation_after_a_masked_output_does_not_change_the_fisher
     for a, b in zip(*scores):
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     torch.manual_seed(0)
-    hidden = _Block(torch.nn.ReLU(), after=True)
+    hidden = _Block(torch.nn.ReLU(), hidden=True)
     with pytest.raises(RuntimeError, match="'bn' was changed in place"):
         mask_fisher(ChannelGraph(hidden, example), [(x, y)])
+
+
+class _Augmented(torch.nn.Module):
+    """conv -> 1 added (out of place, or as `y += 1`) -> ReLU -> conv -> pool -> linear, without a norm: Taylor
+    and the Fisher both read the first conv's output."""
+
+    def __init__(self, augmented):
+        super().__init__()
+        self.conv, self.conv2, self.fc, self.augmented = (torch.nn.Conv2d(1, 6, 3), torch.nn.Conv2d(6, 4, 3),
+                                                           torch.nn.Linear(4, 10), augmented)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.augmented:
+            y += 1.0
+        else:
+            y = y + 1.0
+        return self.fc(self.conv2(torch.relu(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("score", ["fisher", "taylor"])
+def test_an_augmented_assignment_after_a_tapped_output_scores_as_its_out_of_place_form(score):
+    """`y += 1` after a tapped layer (a residual block's `out += identity`) is traced as `y + 1`: the tap copies
+    the output there, so the scores are those of `y = y + 1` instead of an error."""
+    from gpp_ext.pruning.criteria import CriterionContext
+
+    x, y = _batch((1, 8, 8))
+    example = torch.zeros(2, 1, 8, 8)
+    scores = []
+    for augmented in (False, True):
+        torch.manual_seed(0)
+        graph = ChannelGraph(_Augmented(augmented), example)
+        if score == "fisher":
+            scores.append(mask_fisher(graph, [(x, y)]))
+        else:
+            scores.append(criteria.taylor(graph, CriterionContext(loader=[(x, y)])))
+    assert scores[0] and scores[0].keys() == scores[1].keys()
+    assert all(torch.equal(scores[0][k], scores[1][k]) for k in scores[0])
 
 
 class _Concat(torch.nn.Module):

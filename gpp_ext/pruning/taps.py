@@ -1,9 +1,11 @@
 """Reading `activation x gradient` at a layer's output, safely: the criteria that need it (Taylor, Group Fisher)
 share these.
 
-- `inplace_after(graph, name)`: whether the traced graph changes the layer's output in place after it (a module
-  with `inplace=True`, an `inplace=True` keyword, a `relu_`-style call). The activation must then be copied at
-  the forward pass: the in-place op overwrites it before the gradient arrives.
+- `inplace_after(graph, name)`: whether the layer's output may be changed in place after it: a module with
+  `inplace=True`, an `inplace=True` keyword, a `relu_`-style call, or a binary operator with the output as its
+  left operand (the trace shows `x += y` as `x + y`, so every `operator.add(x, ...)` counts: torchvision's
+  residual blocks end in `out += identity`). The activation must then be copied at the forward pass: the
+  in-place op overwrites it before the gradient arrives.
 - `tap(out, copy)`: `([activation, version, gradient], output)`: the activation is `out` detached, the gradient
   comes from a tensor hook on `out` (not `retain_grad`: after an in-place op `.grad` is the new version's), and
   with `copy` the forward hook returns `output`, a clone of `out`, so the in-place op that follows changes the
@@ -16,6 +18,8 @@ share these.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 
@@ -23,14 +27,21 @@ from .graph import ChannelGraph
 
 __all__ = ["inplace_after", "check_unchanged", "tap", "channel_axis", "per_sample"]
 
+# `x op= y` on a traced tensor is recorded as `x op y` (a proxy has no in-place operators), so these may be in place.
+_AUGMENTABLE = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+                          operator.mod, operator.pow, operator.matmul, operator.and_, operator.or_, operator.xor,
+                          operator.lshift, operator.rshift})
+
 
 def inplace_after(graph: ChannelGraph, name: str) -> bool:
-    """Whether the traced graph changes module `name`'s output in place after it."""
+    """Whether module `name`'s output may be changed in place after it (see the module's doc)."""
     for node in graph.gm.graph.nodes:
         if node.op != "call_module" or node.target != name:
             continue
         for user in node.users:
             if user.op == "call_module" and getattr(graph.modules.get(user.target), "inplace", False) is True:
+                return True
+            if user.op == "call_function" and user.target in _AUGMENTABLE and user.args and user.args[0] is node:
                 return True
             called = getattr(user.target, "__name__", str(user.target))
             if user.op in ("call_function", "call_method") and user.args and user.args[0] is node and (
