@@ -650,3 +650,53 @@ def test_a_one_channel_map_broadcast_onto_many_is_refused_widening_up_front():
         graph.widen({"att": 2})
     graph.widen({"conv": 2})   # the channels it is broadcast onto may grow
     assert model(x).shape == (2, 3) and "att" not in plantable_groups(model, x)
+
+
+class SpatialSplit(nn.Module):
+    """Splits that cut space, not channels: chunk on the height, sizes on the width, unbind of a time axis, and a
+    channels-last split of the tokens; each part still carries the producer's channels."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.conv, self.bn = how, nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.lin = nn.Linear(6, 5)
+        self.classifier = nn.Linear(6 if how != "tokens" else 5, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))                      # [N, 6, 4, 4]
+        if self.how == "chunk":
+            top, bottom = y.chunk(2, dim=2)
+            z = torch.cat([top * 2, bottom], 2)
+        elif self.how == "split":
+            left, right = torch.split(y, [1, 3], dim=-1)
+            z = left.mean(3, keepdim=True) + right
+        elif self.how == "unbind":
+            rows = torch.unbind(y, dim=3)                          # 4 x [N, 6, 4]
+            z = rows[0] + rows[3]
+        else:                                                      # channels last: [N, 4, 4, 6] split on rows
+            first, rest = y.permute(0, 2, 3, 1).split([1, 3], dim=1)
+            z = self.lin(first + rest.mean(1, keepdim=True))       # [N, 1, 4, 5]
+            return self.classifier(z.permute(0, 3, 1, 2).mean((2, 3)))
+        return self.classifier(z.mean((2,) if self.how == "unbind" else (2, 3)))
+
+
+@pytest.mark.parametrize("how", ["chunk", "split", "unbind", "tokens"])
+def test_a_split_along_space_keeps_the_producer_prunable(how):
+    """Each part carries every channel: the producer stays one group, pruned in every part alike (it was frozen as
+    a split 'into fixed-size parts')."""
+    torch.manual_seed(0)
+    model, x = SpatialSplit(how).eval(), torch.randn(3, 2, 4, 4)
+    graph = ChannelGraph(model, x)
+    assert "conv" in [g.name for g in graph.groups] and graph.group_of("conv").size == 6, graph.frozen_groups
+    keep = torch.tensor([0, 2, 5])
+    reference = copy.deepcopy(model)
+    for m in (reference.conv, reference.bn):   # the reference zeroes the removed channels instead
+        dropped = torch.ones(6, dtype=torch.bool)
+        dropped[keep] = False
+        with torch.no_grad():
+            m.weight[dropped] = 0
+            m.bias[dropped] = 0
+    reference.bn.running_mean[dropped] = 0
+    graph.prune({"conv": keep})
+    assert model.conv.out_channels == 3
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)

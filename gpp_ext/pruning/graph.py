@@ -8,12 +8,13 @@ normalisation and dropout pass the layout through; `torch.cat` concatenates layo
 DenseNet chains stay independently prunable); a residual add couples the roots of its two operands (they are
 pruned together); flatten turns a channel into a block of features for the linear layer that follows; a
 depthwise convolution passes its input layout to its output; `chunk(k)` into equal parts couples the parts
-position by position; `permute` moves the channel axis (ConvNeXt's channels-last blocks), where a linear layer
+position by position, and a split along any other dimension (space, tokens) passes the whole layout to every
+part; `permute` moves the channel axis (ConvNeXt's channels-last blocks), where a linear layer
 on the last axis acts as a 1x1 convolution and a LayerNorm over it as a norm over the channels; a parameter
 multiplied elementwise along the channels (ConvNeXt's layer scale) is sliced with them. Roots coupled by adds
 form a *group*, the unit of pruning. Model inputs, model outputs
 (the classifier's logits), and whatever passes through an op that cannot be sliced safely (grouped
-convolutions, splits into sizes written in the code, tied weights, modules the user asked to ignore) are
+convolutions, splits of the channels into sizes written in the code, tied weights, modules the user asked to ignore) are
 *frozen*: those groups are listed in `frozen_groups` with the reason and never pruned. Norms over the channel
 dimension (LayerNorm on [N, C], GroupNorm with one group) are sliced, but their statistics include every
 channel, so removing channels changes them (pruning is exact only up to that renormalisation).
@@ -75,7 +76,7 @@ _PERMUTE = {torch.permute}
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCTION_METHODS = {"mean", "sum", "amax", "amin"}
 _CAT = {torch.cat, torch.concat}
-_SPLIT = {torch.split, torch.chunk, torch.tensor_split}
+_SPLIT = {torch.split, torch.chunk, torch.tensor_split, torch.unbind}
 _SPLIT_METHODS = {"split", "chunk", "tensor_split", "unbind"}
 # The tensors of a module that carry the channels of a layout, by the role the module plays, with the
 # dimension along which they do.
@@ -581,6 +582,8 @@ class ChannelGraph:
         if target is operator.getitem and isinstance(node.args[0], torch.fx.Node) \
                 and "gpp_split" in node.args[0].meta:  # one part of a split: a frozen root of its own
             parts = node.args[0].meta["gpp_split"]
+            if node.args[0].meta.get("gpp_split_axis", 1) != 1:
+                self._axis[node] = node.args[0].meta["gpp_split_axis"]
             return parts[node.args[1]] if isinstance(node.args[1], int) and node.args[1] < len(parts) else None
         if shape is None and not tensor_args:
             return None  # arithmetic on sizes and other Python values
@@ -687,11 +690,15 @@ class ChannelGraph:
             return None
         if (node.op == "call_function" and target in _SPLIT) or \
                 (node.op == "call_method" and target in _SPLIT_METHODS):
+            metas = node.meta.get("tensor_meta")
+            metas = metas if isinstance(metas, (list, tuple)) and not hasattr(metas, "shape") else ()
+            part_axis = self._split_keeps_channels(node, first, metas)
+            if part_axis is not None:  # split along another dimension: every part carries all the channels
+                node.meta["gpp_split"], node.meta["gpp_split_axis"] = tuple(first for _ in metas), part_axis
+                return None
             if first is not None and self.axis(self._source(node)) != 1:
                 self._unsupported.append(f"{where}: split of a tensor whose channels are not on dim 1")
                 return None
-            metas = node.meta.get("tensor_meta")
-            metas = metas if isinstance(metas, (list, tuple)) and not hasattr(metas, "shape") else ()
             parts = self._equal_parts(node, first, metas)
             if parts is None:
                 # Part sizes written as constants in the model's code: the channels on both sides stay as they are.
@@ -703,6 +710,24 @@ class ChannelGraph:
         label = getattr(target, "__name__", str(target))
         self._unsupported.append(f"{node.op} {label} ({where})")
         return None
+
+    def _split_keeps_channels(self, node, lay, metas):
+        """The channel axis of the parts when a split (chunk, split, tensor_split, unbind) cuts a dimension other
+        than the channels' (space, time, heads laid out after the channels): each part then carries the input's
+        channels, the same layout. None when it cuts the channels, or its parts' axis or count is unknown."""
+        source = self._source(node)
+        in_shape = self._shape(source)
+        unbind = node.target in (torch.unbind, "unbind")
+        at = 1 if unbind else 2
+        dim = node.kwargs.get("dim", node.args[at] if len(node.args) > at else 0)
+        if lay is None or not in_shape or not isinstance(dim, int) or not metas \
+                or not all(hasattr(m, "shape") for m in metas):
+            return None
+        d, ax = dim % len(in_shape), self.axis(source)
+        part_axis = ax - 1 if unbind and d < ax else ax
+        if d == ax or part_axis < 1:  # the channels themselves, or unbinding the batch before them
+            return None
+        return part_axis
 
     def _equal_parts(self, node, lay, metas):
         """Layouts of the parts of `chunk(k, dim=1)` (or a split whose size comes from the tensor's own shape):
