@@ -311,6 +311,9 @@ def push_stage(model: nn.Module, splits, config: LoopConfig, seed: int, device="
                   device=device, progress=progress, desc=desc)
     context = pushes.PushContext(model, splits, config, seed, device, epochs, stage_goal(config, iteration),
                                  base_cost, common)
+    # What a push method prepares before it trains (the fade's first selection: a criterion's or a width search's
+    # draws, dropout in their passes) starts from the stage's seed, so a resumed run prepares as an uninterrupted one.
+    torch.manual_seed(seed)
     return pushes.get(config.push)(context)
 
 

@@ -222,3 +222,32 @@ def test_the_prune_stage_draws_its_randomness_from_the_run_seed():
     same, other = kept(3), kept(4)
     assert all(torch.equal(a, b) for a, b in zip(same, kept(3)))
     assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(same, other))
+
+
+def test_the_fade_prepares_from_the_stage_seed_whatever_ran_before():
+    """A criterion that draws from the global generator (a user's own, or dropout in its passes) chooses the fade's
+    first removal set: it must draw from the stage's seed, so a resumed run (which starts with another state)
+    prepares the same cut as an uninterrupted one."""
+    from gpp_ext.loop import push_stage
+    from gpp_ext.pruning import criteria
+
+    def noisy(graph, context):
+        """Random scores from the global generator (test)."""
+        return {g.name: torch.rand(g.size, dtype=torch.float64) for g in graph.groups}
+
+    criteria.register("test-noisy", noisy)
+    try:
+        config = LoopConfig(push="fade", criterion="test-noisy", schedule="budget", push_epochs=0.05,
+                            target_params=0.4, allocation="global", normalize="mean")
+        config.validate()
+        splits = data.load_dataset("digits", seed=0)
+        keeps = []
+        for before in (1, 2):
+            torch.manual_seed(0)
+            model = models.build("lenet5", in_channels=1, num_classes=10, input_size=8)
+            torch.manual_seed(before)   # what ran before the stage (or nothing, after a resume)
+            _, keep = push_stage(model, splits, config, seed=3, iteration=1)
+            keeps.append({name: k.tolist() for name, k in keep.items()})
+        assert keeps[0] == keeps[1]
+    finally:
+        criteria.unregister("test-noisy")
