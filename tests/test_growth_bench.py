@@ -174,6 +174,18 @@ def test_a_run_redone_replaces_its_record(tmp_path, monkeypatch):
     _forget()
 
 
+def test_records_name_the_commit_the_run_started_from(tmp_path, monkeypatch):
+    """A run of days imported its code at the start: a commit made meanwhile must not relabel its later records."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    growth = _harness()
+    monkeypatch.setattr(growth.runner, "git_commit", lambda: "aaaaaaa")
+    runs = growth.Runs(str(tmp_path / "g.json"), {"a": 1}, resume=False)
+    monkeypatch.setattr(growth.runner, "git_commit", lambda: "bbbbbbb")
+    runs.add((0, "base"), {"test_accuracy": 0.5})
+    assert runs.records[0]["commit"] == "aaaaaaa"
+    _forget()
+
+
 def test_an_interrupted_growth_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     """Growth is the benchmark's longest step (an hour a seed): killed half-way, `--resume` goes on from the net
     and history saved after its last attempt, trains only the attempts after it, and records the growth whole."""

@@ -57,6 +57,9 @@ class Runs:
 
     def __init__(self, path: str, settings: dict, resume: bool, after=None):
         self.path, self.settings, self.after = path, settings, after
+        # the code that runs is the one this process imported: its commit is taken once, at the start (commits
+        # made while a run of days goes on must not relabel its later records)
+        self.commit = git_commit()
         # the models the runs reuse and the long steps' checkpoints, beside the records (`growth-nets/` for
         # `growth.json`) and committed with them, so a run that spans sessions (or fresh checkouts) resumes
         self.cache = os.path.splitext(path)[0] + "-nets"
@@ -79,7 +82,7 @@ class Runs:
     def add(self, key: tuple, record: dict) -> dict:
         """Records `record` under `key`, replacing a record of the same key (a run redone because its cached
         model was gone, e.g. in a fresh checkout)."""
-        record = {"key": list(key), **record, "settings": self.settings, "commit": git_commit(),
+        record = {"key": list(key), **record, "settings": self.settings, "commit": self.commit,
                   "machine": machine()}
         self.records = [r for r in self.records if tuple(r["key"]) != tuple(key)] + [record]
         self._saved()
