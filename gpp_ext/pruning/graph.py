@@ -580,7 +580,7 @@ class ChannelGraph:
         if (node.op == "call_method" and target in _NON_TENSOR_METHODS) or target is getattr:
             return None
         if target is operator.getitem and isinstance(node.args[0], torch.fx.Node) \
-                and "gpp_split" in node.args[0].meta:  # one part of a split: a frozen root of its own
+                and "gpp_split" in node.args[0].meta:  # one part of a split (its layout: see the split)
             parts = node.args[0].meta["gpp_split"]
             if node.args[0].meta.get("gpp_split_axis", 1) != 1:
                 self._axis[node] = node.args[0].meta["gpp_split_axis"]
