@@ -16,7 +16,6 @@ import pickle
 import re
 import socket
 import tempfile
-import zipfile
 
 import torch
 
@@ -172,13 +171,15 @@ def write_text_atomic(path, text: str) -> None:
 
 
 def read(path, where: str, what: str = "", hint: str = "") -> object:
-    """`torch.load(path, weights_only=True)` on the CPU, with a damaged or cut-short file turned into a
+    """`torch.load(path, weights_only=True)` on the CPU, with a damaged, cut-short or foreign file turned into a
     `ValueError` from `where` naming it (`what` it is, and a `hint` on what to do) instead of torch's reader
-    errors."""
+    errors (and never torch's advice to load with `weights_only=False`, which would run code the file names)."""
     try:
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except (PermissionError, IsADirectoryError):  # not damage: the file is there but cannot be read as it is
+    except (PermissionError, IsADirectoryError, MemoryError):  # not damage: the file is there but cannot be read
         raise
+    except FileNotFoundError as error:
+        raise ValueError(f"{where}: {what + ' ' if what else ''}{path} does not exist{hint}") from error
     except pickle.UnpicklingError as error:
         named = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(error))
         if named:  # a whole pickled object (torch.save(model)): code, not data
@@ -187,9 +188,19 @@ def read(path, where: str, what: str = "", hint: str = "") -> object:
                              f"(e.g. torch.save(model)), and loading one runs code it names; save the weights "
                              f"instead (torch.save(model.state_dict(), ...) or gpp_ext.io.save(model, ...)){hint}"
                              + f" ({found})") from error
-        raise ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is damaged or incomplete "
-                         f"(e.g. a copy that was cut short){hint} ({type(error).__name__}: {error})") from error
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        # torch reports a cut-short archive as OSError (EINVAL) or RuntimeError, an empty file as EOFError
-        raise ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is damaged or incomplete "
-                         f"(e.g. a copy that was cut short){hint} ({type(error).__name__}: {error})") from error
+        raise _unreadable(path, where, what, hint, error) from error
+    except Exception as error:  # noqa: BLE001  torch's readers fail on foreign bytes with any error type
+        # torch reports a cut-short archive as OSError (EINVAL) or RuntimeError, an empty file as EOFError, a
+        # text file as KeyError
+        raise _unreadable(path, where, what, hint, error) from error
+
+
+def _unreadable(path, where: str, what: str, hint: str, error: Exception) -> ValueError:
+    """The error for a file torch cannot read: what it probably is, and the reader's own reason in a few words
+    (the unpickler's detail, without torch's advice on `weights_only`)."""
+    text = str(error)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = (detail.group(1) if detail else text).strip().splitlines()[0][:200] if text.strip() else ""
+    return ValueError(f"{where}: cannot read {what + ' ' if what else ''}{path}: it is not a file written by "
+                      f"torch.save or gpp_ext.io.save, or it is damaged or incomplete (e.g. a copy that was cut "
+                      f"short){hint} ({type(error).__name__}{': ' + reason if reason else ''})")

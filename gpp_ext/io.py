@@ -118,7 +118,7 @@ def load(path, factory=None, map_location="cpu", trust_code: bool = False) -> nn
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a model file", path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"gpp_ext.io.load: no model file {path}")
-    data = read(path, "gpp_ext.io.load", hint=", or not a model file")
+    data = read(path, "gpp_ext.io.load", "the model file")
     if not isinstance(data, dict) or data.get("format") not in _FORMATS:
         raise ValueError(f"gpp_ext.io.load: {path} is not a gpp_ext model file (format {FORMAT})")
     return from_payload(data, factory, map_location, where=path, near=os.path.dirname(os.path.abspath(path)),

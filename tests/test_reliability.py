@@ -275,6 +275,23 @@ def test_damaged_files_give_messages_not_tracebacks(finished_run, tmp_path):
         io.load(run / "model.pt")
 
 
+def test_a_foreign_file_as_model_or_weights_is_named_without_torch_advice(tmp_path):
+    """A text file (torch's reader fails with KeyError) or random bytes (UnpicklingError, whose text advises
+    weights_only=False: running the file's code) given as a model file or as weights: a ValueError naming the
+    file and what it should be, without that advice."""
+    from gpp_ext.models import sources
+
+    (tmp_path / "text.pt").write_text("hello\n")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 2)
+    for name in ("text.pt", "noise.pt"):
+        for load in (io.load, lambda p: sources.load_weights(lenet(), p)):
+            with pytest.raises(ValueError, match="it is not a file written by torch.save or gpp_ext.io.save") as info:
+                load(tmp_path / name)
+            assert name in str(info.value) and "weights_only" not in str(info.value)
+    out = gpp("compress", "--model", str(tmp_path / "text.pt"), "--data", "digits")
+    assert out.returncode == 2 and "not a file written by torch.save" in out.stderr and "Traceback" not in out.stderr
+
+
 # 9 ------------------------------------------------------------------------------------ file integrity
 
 def test_a_corrupted_model_file_is_refused_and_dtypes_survive(tmp_path):
@@ -472,6 +489,13 @@ def test_the_demo_replaces_only_a_demo_and_resumes(finished_run, tmp_path, monke
     assert {p.name: p.read_bytes() for p in (tmp_path / "runs" / "demo").iterdir()} == before  # and not marked
     (tmp_path / "runs" / "demo" / cli.DEMO_MARKER).write_text("")  # a demo's folder: replaced
     assert cli.main(["demo", "--data", "digits", "--quiet"]) == 0 and seen[-1].overwrite
+    # the same elsewhere (--out): a demo's folder is replaced, someone's run is kept
+    assert cli.main(["demo", "--data", "digits", "--quiet", "--out", "elsewhere"]) == 0
+    assert (tmp_path / "elsewhere" / cli.DEMO_MARKER).exists()
+    assert cli.main(["demo", "--data", "digits", "--quiet", "--out", "elsewhere"]) == 0 and seen[-1].overwrite
+    shutil.copytree(finished_run, tmp_path / "theirs")
+    calls = len(seen)
+    assert cli.main(["demo", "--data", "digits", "--quiet", "--out", "theirs"]) == 2 and len(seen) == calls
 
 
 def test_a_neuron_count_the_pre_decision_layer_cannot_hold_is_refused_before_training(digits, tmp_path):
