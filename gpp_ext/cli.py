@@ -43,7 +43,7 @@ DATA_HELP = ("fashion-mnist, digits, imagefolder:DIR (one sub-folder per class, 
              "DIR/val holding them), or npz:FILE (arrays x [N,C,H,W] and y [N]; optional x_test, y_test)")
 DEMO_OUT = os.path.join("runs", "demo")
 DEMO_MARKER = ".gpp-demo"   # in a folder a demo wrote: the next demo may replace the run there
-MISSED_TARGET = 3  # exit status of a run whose compact model missed the size target (stopped by the floor)
+MISSED_TARGET = 3  # exit status of a run whose compact model missed the size target or the accuracy floor
 
 
 def _number(kind, low=None, high=None, low_open=False, high_open=False):
@@ -77,8 +77,9 @@ _epochs = _number(float, 0)        # fractions of an epoch allowed
 
 # Help for the loop settings people change most; every other LoopConfig field gets a flag too (`_config_flags`).
 CONFIG_HELP = {
-    "target_params": "stop at this fraction of the base model's parameters",
-    "target_flops": "also reach this fraction of FLOPs (with --budget-kind flops the schedule counts FLOPs)",
+    "target_params": "stop at this fraction of the base model's parameters (with --grow: of the grown model's)",
+    "target_flops": "reach this fraction of the base model's FLOPs; given alone, the only target (the budget "
+                    "counts FLOPs); with --target-params, both",
     "target_latency": "reach this fraction of the base model's latency, as per-layer tables measured on this "
                       "machine in --latency-runtime at --latency-batch predict it (sets --budget-kind latency; "
                       "the tables are cached under $GPP_EXT_CACHE, default ~/.cache/gpp_ext)",
@@ -86,8 +87,9 @@ CONFIG_HELP = {
     "latency_batch": "the batch size a latency budget is for (1: one request at a time)",
     "budget_kind": "what --schedule budget counts: params (--target-params), flops (--target-flops) or latency "
                    "(--target-latency)",
-    "accuracy_floor": "largest drop of validation accuracy (a fraction) the compact model may show; a run that "
-                      "stops on it exits with status 3",
+    "accuracy_floor": "largest drop of validation accuracy (a fraction) the compact model may show; a run it "
+                      "stops before the size target, or whose every compact model falls below it, exits with "
+                      "status 3",
     "epochs": "initial training epochs (with --weights or a model file: 0, or 1 when the head is re-initialised "
               "for new classes)",
     "push_epochs": "push epochs per iteration",
@@ -96,6 +98,23 @@ CONFIG_HELP = {
                     "--push-epochs and --finetune-epochs)",
     "push_share": "with --epoch-budget: the push's share of each iteration",
     "max_iterations": "push-prune-fine-tune iterations at most",
+    "batch_size": "training batch size (every phase)",
+    "weight_decay": "weight decay of every training phase",
+    "warmup": "warm-up share of each training phase (--lr-schedule warmup-cosine or onecycle)",
+    "eta_start": "--schedule eta: the first iteration prunes channels whose utility is below eta * its std",
+    "eta_step": "--schedule eta: how much eta rises each iteration",
+    "fade_schedule": "--push fade: how the removal set's weights fade to zero (linear or cosine)",
+    "fade_fixed_widths": "--push fade: keep the first selection's per-layer widths; later selections only change "
+                         "which channels go",
+    "fade_gradual": "--push fade: the removal set grows over the selections towards those widths (needs "
+                    "--fade-fixed-widths)",
+    "temperature": "softmax temperature of every distillation (--grow-distill, --finetune-distill)",
+    "alpha": "--push loss/fade: weight of the separation term (discriminant push; 0 turns it off)",
+    "beta": "--push loss/fade: weight of the decorrelation term (0 turns it off)",
+    "gamma": "--push loss/fade: weight of the concentration term (0 turns it off)",
+    "separation": "--push loss/fade: the separation term, per-neuron fisher ratio or the lda eigenvalues",
+    "neurons": "pre-decision neurons the lda/fisher criteria trace: a count, or a fraction of the classifier's "
+               "inputs",
     "lr": "peak learning rate of every phase",
     "lr_schedule": "every phase's learning rate: constant, cosine (to 0), warmup-cosine or onecycle (warm-up, then "
                    "cosine annealing); each phase is one whole cycle",
@@ -143,7 +162,7 @@ CONFIG_HELP = {
 _CHOICES = {"schedule": SCHEDULES, "push": pushes.names(), "allocation": ALLOCATIONS, "normalize": ("mean", "none"),
             "criterion": tuple(criteria.names()), "budget_kind": ("params", "flops", "latency"),
             "latency_runtime": RUNTIMES, "final_finetune": FINAL_FINETUNE, "fade_schedule": FADE_SCHEDULES,
-            "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "separation": ("fisher", "ratio"),
+            "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "separation": ("fisher", "lda"),
             "grow_order": GROW_ORDERS, "push_optimizer": OPTIMIZERS}
 _TYPES = {"target_params": _fraction, "target_flops": _fraction, "target_latency": _fraction, "fade_end": _fraction,
           "latency_batch": _positive,
@@ -192,9 +211,48 @@ def _config(args, model_name: str, **extra):
                  if f.name not in _OTHER_FIELDS and getattr(args, f.name, None) is not None}
     if "target_latency" in overrides and "budget_kind" not in overrides:
         overrides["budget_kind"] = "latency"  # a latency target is only met by a latency budget
-    grow = args.grow if args.grow is not None else ("inception" if model_name == "inception" else False)
-    return recipes.build(args.recipe, grow=bool(grow), amp=args.amp, **({"growth": grow} if grow else {}),
-                         **overrides, **extra)
+    if "target_flops" in overrides and not {"target_params", "budget_kind", "target_latency"} & set(overrides):
+        # a FLOP target alone is the only target: the budget counts FLOPs, and no parameter target (the
+        # recipe's 10%) is added behind the user's back
+        overrides.update(budget_kind="flops", target_params=1.0)
+    if getattr(args, "no_grow", False) and args.grow is not None:
+        raise ValueError(f"--grow {args.grow} and --no-grow contradict each other; give one of them")
+    if "epoch_budget" in overrides and {"push_epochs", "finetune_epochs"} & set(overrides):
+        given = " and ".join(f"--{n.replace('_', '-')}" for n in ("push_epochs", "finetune_epochs") if n in overrides)
+        raise ValueError(f"--epoch-budget sets the epochs of every push and fine-tuning (split by --push-share), so "
+                         f"{given} would be ignored; give one or the other")
+    if getattr(args, "no_grow", False):
+        grow = False
+    else:
+        grow = args.grow if args.grow is not None else ("inception" if model_name == "inception" else False)
+    try:
+        return recipes.build(args.recipe, grow=bool(grow), amp=args.amp, **({"growth": grow} if grow else {}),
+                             **overrides, **extra)
+    except ValueError as error:  # the settings' check, in the command line's words
+        raise ValueError(_in_flags(str(error))) from error
+
+
+def _in_flags(message: str) -> str:
+    """A `LoopConfig` error as the command line says it: each setting named by its flag (`budget_kind=` ->
+    `--budget-kind=`, `fade_gradual=True` -> `--fade-gradual`)."""
+    import re
+
+    names = {f.name for f in dataclass_fields(LoopConfig) if f.name != "ignore"}
+
+    def flag(match) -> str:
+        name = match.group(1)
+        if name not in names:
+            return match.group(0)
+        value = match.group(2) if match.lastindex and match.lastindex >= 2 else None
+        if value == "=True":
+            return f"--{name.replace('_', '-')}"
+        if value == "=False":
+            return f"--no-{name.replace('_', '-')}"
+        return f"--{name.replace('_', '-')}" + (value or "")
+
+    message = re.sub(r"^LoopConfig: ", "", message)
+    message = re.sub(r"(?<![\w.'-])([a-z][a-z0-9_]*)(=True\b|=False\b|=|(?= must\b))", flag, message)
+    return re.sub(r"(?<![\w.'-])([a-z]+(?:_[a-z0-9]+)+)\b(?!')", flag, message)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -214,7 +272,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "compact, task-specific one.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    compress = sub.add_parser("compress", help="train, (grow,) push and prune a built-in model on a data set",
+    compress = sub.add_parser("compress", help="train, (grow,) push and prune a model (built-in, torchvision, "
+                              "timm, your own .py factory or a saved model file) on a data set",
                               formatter_class=_HelpFormatter)
     compress.add_argument("--model", default="lenet5", help=MODEL_HELP)
     compress.add_argument("--model-args", default=None, help="JSON object of keyword arguments for the model's "
@@ -253,9 +312,7 @@ def _parser() -> argparse.ArgumentParser:
                           + " (--grow alone: inception; default: inception for --model inception, else none)")
     compress.add_argument("--teacher", default=None, metavar="FILE", help="a model file (saved by gpp, e.g. a "
                           "larger run's model.pt) to distil from while growing (--grow-distill sets the weight)")
-    compress.add_argument("--no-grow", dest="grow", action="store_false", default=argparse.SUPPRESS,
-                          help="do not grow (also for --model "
-                          "inception)")
+    compress.add_argument("--no-grow", action="store_true", help="do not grow (also for --model inception)")
     _config_flags(compress)
     compress.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: all cores)")
     run = compress.add_mutually_exclusive_group()
@@ -268,11 +325,12 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--onnx-latency", action=argparse.BooleanOptionalAction, default=None,
                           help="time base and compact model in ONNX Runtime at the end (default: on when onnx, "
                           "onnxscript and onnxruntime are installed, unless GPP_EXT_ONNX_LATENCY=0)")
-    compress.add_argument("--quiet", action="store_true", help="no progress bars")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars (a line per stage stays, on "
+                          "stderr)")
 
     demo = sub.add_parser("demo", help="a short compression run with a printed summary")
-    demo.add_argument("--out", default=DEMO_OUT, help="output folder (an earlier demo in runs/demo is replaced; "
-                      "any other run there, or in another folder, needs --overwrite)")
+    demo.add_argument("--out", default=DEMO_OUT, help="output folder (an earlier demo's folder is replaced; "
+                      "any other run there needs --overwrite)")
     demo.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo in the output folder")
     demo.add_argument("--data", choices=DATA, default=None, help="default: fashion-mnist when installed, else digits")
@@ -280,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
 
     report = sub.add_parser("report", help="print the summary of a finished run")
-    report.add_argument("dir", help="a run's output folder (holding report.json)")
+    report.add_argument("dir", help="a run's output folder (holding report.json), or its report.json")
 
     sub.add_parser("criteria", help="list the registered pruning criteria")
 
@@ -477,6 +535,15 @@ def _compress_run(args, device, config_overrides=None) -> int:
         return _compress_in(args, device, config, out, teacher, ignore, peers, amp, lead)
 
 
+def _stage_line(line: str) -> None:
+    """A stage's line on stderr, above any progress bar (so a run whose output goes to a file shows how far it
+    got; --quiet turns off the bars, not these lines)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"gpp: {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def _check_out(args, out: str, folder) -> None:
     """The output folder `out` takes this run: no input file is one the run writes there (--overwrite would
     delete it, the run would replace it), it is writable, and a run it holds is continued or replaced."""
@@ -516,7 +583,7 @@ def _compress_in(args, device, config, out, teacher, ignore, peers, amp, lead) -
     if unknown:
         raise ValueError(f"--ignore: the model has no modules {unknown[:4]}")
     loop = GrowPushPrune(model, splits, config, out_dir=out, progress=not args.quiet, device=device,
-                         onnx_latency=args.onnx_latency, teacher=teacher)
+                         onnx_latency=args.onnx_latency, teacher=teacher, log=_stage_line)
     if lead:
         processes = f", {gdist.world_size()} processes" if gdist.is_distributed() else ""
         print(f"gpp: {args.model} on {args.data} ({len(splits.train)} train / {len(splits.val)} val / "
@@ -532,15 +599,25 @@ def _compress_in(args, device, config, out, teacher, ignore, peers, amp, lead) -
         write_reports(report, out, loop.final_model)
     print(summary_table(report))
     print(f"gpp: {report['stopped']}; {report['seconds']:.0f} s; report in {os.path.join(out, 'report.md')}")
-    if not report["target_reached"]:
+    floor_met = report.get("accuracy_floor_met", True)
+    if not report["target_reached"] or not floor_met:
         final, base = report["final"], report["base"]
         kept = f"{final['params'] / base['params']:.1%} of the parameters" + \
             (f" and {final['flops'] / base['flops']:.1%} of the FLOPs" if config.target_flops else "") + \
             (f" and {final['latency'] / base['latency']:.1%} of the latency" if "latency" in final else "")
-        print(f"gpp: the compact model MISSED the target: it keeps {kept} (target {_target(config)}): "
-              f"{report['stopped']}. "
-              f"{os.path.join(out, 'model.pt')} is the smallest model above the accuracy floor; exit status 3",
-              file=sys.stderr)
+        model_file = os.path.join(out, "model.pt")
+        if floor_met:
+            print(f"gpp: the compact model MISSED the target: it keeps {kept} (target {_target(config)}): "
+                  f"{report['stopped']}. {model_file} is the smallest model above the accuracy floor; exit status 3",
+                  file=sys.stderr)
+        else:
+            print(f"gpp: the compact model MISSED the accuracy floor: no iteration's model kept validation accuracy "
+                  f"at or above {report['accuracy_floor']:.4f} (the base's {base['val_accuracy']:.4f} less "
+                  f"--accuracy-floor {config.accuracy_floor:g}). {model_file} is the most accurate model met "
+                  f"(validation {final['val_accuracy']:.4f}, test {final['test_accuracy']:.4f}); it keeps {kept} "
+                  f"(target {_target(config)}"
+                  + ("" if report["target_reached"] else ", missed") + "); exit status 3. A larger target, more "
+                  "epochs (--epoch-budget) or a larger --accuracy-floor may reach both", file=sys.stderr)
         return MISSED_TARGET
     return 0
 
@@ -585,10 +662,10 @@ def _demo(args) -> int:
                   "scikit-learn's digits instead", flush=True)
     # The default recipe, sized to finish in a few minutes on 2 CPU cores.
     epochs, budget, batch = {"fashion-mnist": (10, 4, 128), "digits": (30, 10, 64)}[name]
-    # runs/demo is replaced only when a demo made it (its marker file): a run of anyone else's there is kept
+    # a folder is replaced only when a demo made it (its marker file), wherever --out puts it: a run of anyone
+    # else's there is kept
     marker = os.path.join(args.out, DEMO_MARKER)
-    replace = args.overwrite or (not args.resume and os.path.normpath(args.out) == DEMO_OUT
-                                 and (os.path.exists(marker) or not _holds_run(args.out)))
+    replace = args.overwrite or (not args.resume and (os.path.exists(marker) or not _holds_run(args.out)))
     argv = ["compress", "--model", "lenet5", "--data", name, "--target-params", "0.2", "--accuracy-floor", "0.03",
             "--epochs", str(epochs), "--epoch-budget", str(budget), "--batch-size", str(batch), "--no-grow",
             "--out", args.out] + (["--data-dir", args.data_dir] if args.data_dir else []) \
@@ -607,7 +684,10 @@ def _holds_run(folder: str) -> bool:
 def _report(args) -> int:
     from .report import read_report, summary_table
 
-    report = read_report(args.dir)  # ValueError (exit 2) for a missing, damaged, partial or stale report
+    folder = args.dir
+    if os.path.basename(folder) == "report.json" and os.path.isfile(folder):  # the file itself
+        folder = os.path.dirname(folder) or "."
+    report = read_report(folder)  # ValueError (exit 2) for a missing, damaged, partial or stale report
     print(summary_table(report))
     print(f"stopped: {report['stopped']}; {len(report['iterations'])} iterations; {report['seconds']:.0f} s")
     return 0
@@ -631,6 +711,8 @@ def _export(args) -> int:
                              f"would replace it. Give another file")
     if len(targets) == 2 and _same_file(args.onnx, args.torchscript):
         raise ValueError(f"gpp export: --onnx and --torchscript name the same file {args.onnx}; give two files")
+    # the model first: a file that is not a model is the error to report, whatever the shape
+    model = io.load(args.model, factory=args.factory, trust_code=args.trust_model_code)
     if args.input_shape:
         try:
             shape = tuple(int(v) for v in args.input_shape.split(","))
@@ -647,7 +729,6 @@ def _export(args) -> int:
         except (OSError, ValueError, KeyError, TypeError):
             raise ValueError(f"gpp export: no input shape: pass --input-shape (e.g. 1,28,28); there is no readable "
                              f"report.json with input_shape beside {args.model}") from None
-    model = io.load(args.model, factory=args.factory, trust_code=args.trust_model_code)
     if args.onnx:
         try:
             export.check_onnx_available()
@@ -679,9 +760,10 @@ def _same_file(a: str, b: str) -> bool:
 
 def _criteria(args) -> int:
     described = criteria.describe()
-    width = max(map(len, described))
+    default = recipes.build("gpp").criterion
+    width = max(map(len, described)) + len(" (default)")
     for name, summary in described.items():
-        print(f"{name:<{width}}  {summary}")
+        print(f"{name + (' (default)' if name == default else ''):<{width}}  {summary}")
     return 0
 
 
@@ -697,6 +779,12 @@ def _os_error(error: OSError) -> str:
             errno.EROFS: "the disk is read-only; choose another folder",
             errno.EISDIR: "give a file, not a folder"}.get(error.errno)
     return f"{path}: {what}" + (f"; {hint}" if hint else "") if path else what + (f"; {hint}" if hint else "")
+
+
+def _said(error: Exception) -> str:
+    """An error's line on stderr, prefixed `gpp: ` unless it names its command already (`gpp export: ...`)."""
+    text = str(error)
+    return text if text.startswith("gpp ") else f"gpp: {text}"
 
 
 def main(argv=None) -> int:
@@ -715,13 +803,13 @@ def main(argv=None) -> int:
             return _export(args)
         return _report(args)
     except FileNotFoundError as error:
-        print(f"gpp: {error}", file=sys.stderr)
+        print(_said(error), file=sys.stderr)
         return 1
     except OSError as error:  # no space, no permission, a read-only disk: one line naming the path
         print(f"gpp: {_os_error(error)}", file=sys.stderr)
         return 1
     except ValueError as error:
-        print(f"gpp: {error}", file=sys.stderr)
+        print(_said(error), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpp: interrupted; run the same command with --resume to continue from the last stage",

@@ -177,6 +177,8 @@ class LoopConfig:
                              f"{self.target_flops}")
         if not 0 <= self.accuracy_floor < 1 or self.max_iterations < 1 or self.eta_start < 0:
             raise ValueError("LoopConfig: accuracy_floor must be in [0, 1), max_iterations >= 1, eta_start >= 0")
+        if self.separation not in ("fisher", "lda"):
+            raise ValueError(f"LoopConfig: separation must be 'fisher' or 'lda', got {self.separation!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"LoopConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.cuts < 1 or (self.cuts > 1 and self.schedule != "budget"):
@@ -384,11 +386,14 @@ class GrowPushPrune:
             None reads `$GPP_EXT_ONNX_LATENCY` ("0" turns it off; the test suite does), default on.
         teacher: a trained model (a larger one) to distil from while growing, with weight `config.grow_distill`
             (planting's teacher). It is not saved with the checkpoints: pass it again to resume.
+        log: called with one line of text as each stage ends (the base's and each iteration's size and
+            accuracy, where a resumed run goes on from, why the run stopped), on rank 0 only; `gpp compress`
+            prints these lines, so a run whose output goes to a file shows how far it got. None: silent.
     """
 
     def __init__(self, model: nn.Module, splits, config: LoopConfig | None = None, out_dir: str = "runs/gpp",
                  factory=None, progress: bool = True, device="cpu", onnx_latency: bool | None = None,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, log=None):
         self.config = config or LoopConfig()
         self.config.validate()
         # Everything that would otherwise fail after the compute is spent is checked here, before any training.
@@ -412,6 +417,9 @@ class GrowPushPrune:
         self.onnx_latency = onnx_latency if onnx_latency is not None else \
             os.environ.get("GPP_EXT_ONNX_LATENCY", "1") != "0"
         self.progress = progress and gdist.rank() == 0  # one set of bars per job
+        if log is not None and not callable(log):
+            raise TypeError(f"GrowPushPrune: log must be a callable taking a line of text, got {type(log).__name__}")
+        self.log = log if gdist.rank() == 0 else None
         self.state = _State()
         self.example = torch.zeros(2, *splits.input_shape, device=self.device)
         if self.config.amp and self.device.type != "cuda":
@@ -479,10 +487,43 @@ class GrowPushPrune:
         from .pruning import ChannelGraph
 
         try:
-            ChannelGraph(self.model, self.example, ignore=tuple(self.config.ignore))
+            graph = ChannelGraph(self.model, self.example, ignore=tuple(self.config.ignore))
         except ValueError as error:
             raise ValueError(f"GrowPushPrune: the model cannot be pruned as it is: {error} (gpp: --ignore "
                              f"NAME[,NAME])") from error
+        if not self.config.grow:  # a grown model is another model: its smallest cut is known after the growth
+            self._check_reachable(graph)
+
+    def _check_reachable(self, graph) -> None:
+        """Each size target is above the smallest model pruning can reach (every prunable group at its narrowest
+        width: one channel, or `round_to`; what the graph cannot prune stays whole), so an impossible target is
+        refused before any training rather than cutting the model to nothing and blaming the accuracy floor."""
+        from .pruning.costs import cost_model
+
+        cfg = self.config
+        targets = {"params": cfg.target_params, "flops": cfg.target_flops}   # the targets `_reached` counts
+        if cfg.budget_kind == "latency":
+            targets = {"latency": cfg.target_latency}
+        elif cfg.schedule == "budget" and cfg.budget_kind == "flops":
+            targets = {"flops": cfg.target_flops}
+        narrowest = {g.name: min(g.size, cfg.round_to) for g in graph.groups if g.prunable}
+        flags = {"params": "target_params, gpp: --target-params", "flops": "target_flops, gpp: --target-flops",
+                 "latency": "target_latency, gpp: --target-latency"}
+        for kind, target in targets.items():
+            if target is None:
+                continue
+            model = cost_model(graph, kind, latency_table(cfg, self.progress) if kind == "latency" else None)
+            whole, least = model.cost({}), model.cost(narrowest)
+            if target * whole < least:
+                what = {"params": "parameters", "flops": "FLOPs", "latency": f"latency ({cfg.latency_runtime}, "
+                        f"batch {cfg.latency_batch}, predicted by the per-layer table)"}[kind]
+                raise ValueError(f"GrowPushPrune: a target of {target:g} ({flags[kind]}) cannot be met: the "
+                                 f"smallest model pruning can reach keeps {least / whole:.1%} of the {what} "
+                                 f"(every prunable layer at "
+                                 f"{'one channel' if cfg.round_to <= 1 else f'{cfg.round_to} channels'}; "
+                                 f"layers it cannot prune, such as the classifier, stay whole); give a target of at "
+                                 f"least {math.ceil(least / whole * 1000) / 1000:g}, well above it for an accurate "
+                                 f"model")
 
     # -------------------------------------------------------------------------------------------- helpers
     def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, dataset=None, **extra) -> nn.Module:
@@ -550,10 +591,18 @@ class GrowPushPrune:
     def _run(self, resume: bool, overwrite: bool) -> dict:
         cfg = self.config
         self.folder.check_writable()
-        if not (resume and self._resume()):
+        resumed = resume and self._resume()
+        if not resumed:
             self._start_fresh(overwrite)
-        started = time.perf_counter()
+        self._say_where(resume, resumed)
+        started = clock = time.perf_counter()
         stage = 0
+
+        def took() -> str:  # the time since the last stage line
+            nonlocal clock
+            now = time.perf_counter()
+            seconds, clock = now - clock, now
+            return f"{seconds:.0f} s"
 
         def step(name: str):  # each completed stage is checkpointed; a resumed run skips those already done
             nonlocal stage
@@ -567,6 +616,8 @@ class GrowPushPrune:
             self.state.base_model = io.payload(self.model)
             self.state.stage = stage
             self._save()
+            self._say(f"base model: {self._size(self.state.base)}, validation accuracy "
+                      f"{self.state.base['val_accuracy']:.4f} after {cfg.epochs:g} epochs ({took()})")
         if cfg.grow and not step("grow"):
             teach = {"teacher": self.teacher, "distill": cfg.grow_distill, "temperature": cfg.temperature} \
                 if self.teacher is not None else {}
@@ -588,6 +639,9 @@ class GrowPushPrune:
             self.state.base_model = io.payload(self.model)
             self.state.stage = stage
             self._save()
+            self._say(f"grown ({cfg.growth}): {self._size(self.state.base)}, validation accuracy "
+                      f"{self.state.base['val_accuracy']:.4f}; the targets are fractions of this grown model "
+                      f"({took()})")
         base = self.state.base
         floor = base["val_accuracy"] - cfg.accuracy_floor
         for i in range(1, cfg.max_iterations + 1):
@@ -602,6 +656,8 @@ class GrowPushPrune:
                 self.state.end_of_push = evaluate(self.model, self.splits.val, device=self.device)
                 self.state.stage = stage
                 self._save()
+                self._say(f"iteration {i}: push ({cfg.push}) done, validation accuracy {self.state.end_of_push:.4f} "
+                          f"({took()})")
             if not step(f"prune {i}"):
                 params_before = count_params(self.model)
                 pending = self.state.pending_keep
@@ -621,6 +677,8 @@ class GrowPushPrune:
                         else "the model already meets this iteration's budget"
                 self.state.stage = stage
                 self._save()
+                self._say(f"iteration {i}: pruned to {self._size(None)}, validation accuracy "
+                          f"{entry['val_accuracy_after_prune']:.4f} ({took()})")
             if not step(f"finetune {i}"):
                 dataset = None
                 if cfg.final_finetune == "train+val" and self._last(i):
@@ -645,6 +703,9 @@ class GrowPushPrune:
                     self.state.stopped = "size target reached"
                 self.state.stage = stage
                 self._save()
+                self._say(f"iteration {i}: fine-tuned, validation accuracy {metrics['val_accuracy']:.4f} (floor "
+                          f"{floor:.4f}), test {metrics['test_accuracy']:.4f} ({took()})"
+                          + (f"; stopping: {self.state.stopped}" if self.state.stopped else ""))
         if not self.state.stopped:
             self.state.stopped = f"{cfg.max_iterations} iterations done"
         chosen = self.state.best_size or self.state.best_accuracy
@@ -657,7 +718,11 @@ class GrowPushPrune:
             latency = self.compare_latency(base_model, final_model)
             onnx_latency = self.compare_onnx_latency(base_model, final_model) if self.onnx_latency else None
         latency, onnx_latency = gdist.broadcast_object((latency, onnx_latency))
+        # the floor is met when some iteration's model stayed above it (or no iteration ran): a run whose every
+        # compact model fell below it ships the most accurate one, and says so (`gpp compress` exits 3)
+        floor_met = self.state.best_size is not None or self.state.best_accuracy is None
         return {"run_id": self.state.run_id, "target_reached": bool(chosen) and _reached(cfg, final, base),
+                "accuracy_floor_met": floor_met, "accuracy_floor": floor,
                 "input_shape": list(self.splits.input_shape), "dataset": self.splits.name,
                 "num_classes": self.splits.num_classes, "config": asdict(cfg), "base": base, "final": final,
                 "growth": self.state.growth, "iterations": self.state.iterations, "stopped": self.state.stopped,
@@ -665,6 +730,39 @@ class GrowPushPrune:
                 "size_first": self.state.best_size["metrics"] if self.state.best_size else None,
                 "latency": latency, "onnx_latency": onnx_latency, "preprocessing": self.splits.preprocessing,
                 "seconds": time.perf_counter() - started}
+
+    def _say(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
+
+    def _size(self, metrics: dict | None) -> str:
+        """`12,345 params (10.0% of the base), 1,234,567 FLOPs`: of `metrics`, or measured on the current
+        model (None); the share once the base is known."""
+        params, flops = (metrics["params"], metrics["flops"]) if metrics else \
+            (count_params(self.model), count_flops(self.model, self.example))
+        base = self.state.base
+        share = f" ({params / base['params']:.1%} of the base)" if metrics is None and base else ""
+        return f"{params:,} params{share}, {flops:,} FLOPs"
+
+    def _say_where(self, resume: bool, resumed: bool) -> None:
+        """Where the run starts: afresh (saying so when `resume` found nothing to continue), after its last
+        completed stage, or finished already (its report is made again)."""
+        if not resumed:
+            if resume:
+                self._say(f"nothing to resume in {self.out_dir}: starting a new run there")
+            return
+        cfg = self.config
+        names = ["training the base model"] + (["growing"] if cfg.grow else []) + \
+            [f"{what} {i}" for i in range(1, cfg.max_iterations + 1) for what in ("push", "prune", "fine-tune")]
+        done = self.state.stage
+        if self.state.stopped or done >= len(names):
+            self._say(f"the run in {self.out_dir} is finished ({self.state.stopped or 'every iteration done'}); "
+                      f"reporting it again (--overwrite starts it over)")
+        elif self.state.growing:
+            self._say(f"resuming {self.out_dir} inside the growth, from its last checkpoint")
+        else:
+            self._say(f"resuming {self.out_dir} after {names[done - 1] if 0 < done <= len(names) else 'no stage'}"
+                      + (f"; next: {names[done]}" if done < len(names) else ""))
 
     def _last(self, iteration: int) -> bool:
         """Whether iteration `iteration`'s fine-tuning is the run's last: the last iteration, or the model

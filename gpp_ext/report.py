@@ -188,7 +188,10 @@ def render_markdown(report: dict) -> str:
     lines = [f"# Grow-push-prune on {report['dataset']}", "", summary_table(report), "",
              f"Stopped: {report['stopped']}. Input shape {report['input_shape']}, {report['num_classes']} classes, "
              f"{report['seconds']:.0f} s." + (f" ONNX Runtime latency not measured: {skipped}." if skipped else "")
-             + (" **The compact model missed the size target.**" if report.get("target_reached") is False else ""),
+             + (" **The compact model missed the size target.**" if report.get("target_reached") is False else "")
+             + (f" **No compact model stayed at or above the accuracy floor ({report['accuracy_floor']:.4f} "
+                f"validation accuracy); this is the most accurate one met.**"
+                if report.get("accuracy_floor_met") is False else ""),
              "", "## Iterations", "",
              "| # | eta / goal | params | FLOPs | val acc end of push | val acc after prune | val acc | test acc | "
              "latency b=1 (ms) |",

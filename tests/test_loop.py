@@ -151,6 +151,9 @@ def test_cli_compress_runs_and_reports(tmp_path):
     assert [p["method"] for p in json.loads((tmp_path / "report.json").read_text())["peers"]] == ["l1"]
     shown = gpp("report", str(tmp_path))
     assert shown.returncode == 0 and "| test accuracy |" in shown.stdout
+    assert gpp("report", str(tmp_path / "report.json")).stdout == shown.stdout   # the file itself, too
+    # the stage lines on stderr (a run whose output goes to a file shows how far it got)
+    assert "gpp: base model: " in out.stderr and "gpp: iteration 1: pruned to " in out.stderr
 
 
 def test_budget_schedule_reaches_the_target_in_its_iterations(tmp_path):
@@ -177,6 +180,78 @@ def test_loop_config_refuses_bad_settings():
         LoopConfig(schedule="eta", cuts=2).validate()
     with pytest.raises(ValueError, match="criterion must be one of"):
         LoopConfig(criterion="magic").validate()
+    with pytest.raises(ValueError, match="separation must be 'fisher' or 'lda', got 'ratio'"):
+        LoopConfig(separation="ratio").validate()   # once offered by `gpp compress --separation`
+
+
+def test_every_loop_flag_has_its_own_help_and_the_choices_the_loop_accepts():
+    from dataclasses import fields
+
+    from gpp_ext import cli
+
+    assert all(f.name in cli.CONFIG_HELP for f in fields(LoopConfig) if f.name not in cli._OTHER_FIELDS)
+    for name, choices in cli._CHOICES.items():
+        for value in choices:   # each value the command line offers is one the loop's own check accepts
+            target = {f"target_{value}": 0.5} if value in ("flops", "latency") else {}
+            try:     # (another setting may need changing with it: that is not this value refused)
+                LoopConfig(**{name: value, **target}).validate()
+            except ValueError as error:
+                assert not str(error).startswith(f"LoopConfig: {name} must"), (name, value, error)
+
+
+def test_a_size_target_below_the_smallest_reachable_model_is_refused_before_training(tmp_path, monkeypatch):
+    """LeNet-5 on digits with every prunable layer at one channel keeps ~0.4% of its parameters and ~3% of its
+    FLOPs (the classifier stays whole): a target below that is refused, naming it and the smallest reachable
+    fraction, before any training; a target just above it is accepted."""
+    monkeypatch.setattr(loop_module, "fit", lambda *a, **k: pytest.fail("trained before refusing the target"))
+    model, splits = build()
+    graph = gpp_ext.pruning.ChannelGraph(model, torch.zeros(2, 1, 8, 8))
+    narrowest = {g.name: 1 for g in graph.groups if g.prunable}
+    for kind, field in (("params", "target_params"), ("flops", "target_flops")):
+        cost = gpp_ext.pruning.costs.CostModel(graph, kind)
+        least = cost.cost(narrowest) / cost.cost({})
+        cut = copy.deepcopy(model)
+        # the cost model's smallest model is the real one-channel cut
+        real = gpp_ext.pruning.ChannelGraph(cut, torch.zeros(2, 1, 8, 8)).prune(
+            {n: torch.tensor([0]) for n in narrowest})
+        counted = gpp_ext.count_params(real) if kind == "params" else gpp_ext.count_flops(real, torch.zeros(2, 1, 8, 8))
+        assert counted == cost.cost(narrowest)
+        settings = {field: least * 0.9, "budget_kind": kind} if kind == "flops" else {field: least * 0.9}
+        with pytest.raises(ValueError, match=rf"a target of .*{field}, gpp: --{field.replace('_', '-')}\) cannot be "
+                                             rf"met: the smallest model pruning can reach keeps {100 * least:.1f}%"):
+            GrowPushPrune(model, splits, LoopConfig(**{**FAST, **settings}), out_dir=tmp_path / kind,
+                          progress=False)
+        settings[field] = least * 1.1
+        GrowPushPrune(model, splits, LoopConfig(**{**FAST, **settings}), out_dir=tmp_path / kind, progress=False)
+
+
+def test_the_readme_python_loop_runs_after_import_gpp_ext_alone_and_logs_each_stage(tmp_path):
+    """The README's Python form of `gpp compress`, in a fresh interpreter where only `import gpp_ext` ran (the
+    loop, recipes and report modules load on first use); `log` gets a line per stage and `write_reports` makes
+    the folder `gpp compress` makes."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch, gpp_ext
+torch.manual_seed(0)
+model = gpp_ext.models.build("lenet5", in_channels=1, num_classes=10, input_size=8)
+lines = []
+loop = gpp_ext.loop.GrowPushPrune(model, gpp_ext.data.load_dataset("digits"),
+                                  gpp_ext.recipes.build("gpp", target_params=0.5, epochs=2, epoch_budget=1),
+                                  out_dir={str(tmp_path)!r}, log=lines.append, progress=False, onnx_latency=False)
+report = loop.run()
+gpp_ext.report.write_reports(report, {str(tmp_path)!r}, loop.final_model)
+print("\\n".join(lines))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("base model: 21,386 params") and "validation accuracy" in lines[0], lines
+    assert any(line.startswith("iteration 1: pruned to ") for line in lines), lines
+    assert lines[-1].startswith("iteration ") and "stopping: size target reached" in lines[-1], lines
+    assert {"report.json", "report.md", "model.pt", "checkpoint.pt"} <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_fade_loop_cuts_only_zeros_and_resumes_between_push_and_cut(tmp_path, monkeypatch):

@@ -152,6 +152,21 @@ def test_the_default_recipe_reaches_the_target_and_a_missed_target_exits_3(tmp_p
     assert "missed the size target" in (tmp_path / "missed" / "report.md").read_text()
 
 
+def test_a_run_whose_every_compact_model_falls_below_the_accuracy_floor_exits_3(tmp_path):
+    # 5% of LeNet-5's parameters in one iteration on a 3-epoch base: the size is met, the accuracy is not (with
+    # --accuracy-floor 0 any drop breaks it). The size alone once made this exit 0.
+    out = gpp("compress", "--model", "lenet5", "--data", "digits", "--epochs", "3", "--target-params", "0.05",
+              "--max-iterations", "1", "--accuracy-floor", "0", "--quiet", "--threads", "1", "--no-onnx-latency",
+              "--out", tmp_path / "below")
+    report = json.loads((tmp_path / "below" / "report.json").read_text())
+    assert report["target_reached"] and report["accuracy_floor_met"] is False, report["stopped"]
+    assert report["final"]["val_accuracy"] < report["accuracy_floor"] == report["base"]["val_accuracy"]
+    assert out.returncode == 3, (out.returncode, out.stderr)
+    assert "MISSED the accuracy floor" in out.stderr and "most accurate model met" in out.stderr
+    assert "smallest model above the accuracy floor" not in out.stderr
+    assert "No compact model stayed at or above the accuracy floor" in (tmp_path / "below" / "report.md").read_text()
+
+
 def test_a_trained_model_from_weights_is_not_trained_again_unless_its_head_is_new(tmp_path):
     torch.manual_seed(0)
     torch.save(models.build("lenet5", num_classes=10, input_size=8).state_dict(), tmp_path / "same.pt")
