@@ -26,6 +26,21 @@ __all__ = ["ops", "reference", "io", "models", "data", "training", "ScatterStats
            "build_info", "__version__"]
 
 
+# The rest of the package (the loop, recipes, export, growth, triage, ...) loads on first use, so `import gpp_ext`
+# stays light and `gpp_ext.loop.GrowPushPrune(...)` works after it alone.
+_SUBMODULES = ("analysis", "checkpoints", "classifier", "cost", "distributed", "export", "fade", "gap", "grow",
+               "growth", "interop", "latency", "layers", "loop", "planting", "pruning", "push", "pushes", "recipes",
+               "report", "run_folder", "stats", "testing", "triage")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'gpp_ext' has no attribute {name!r}")
+
+
 def build_info() -> dict:
     """How gpp_ext is running.
 

@@ -246,6 +246,10 @@ def test_cli_lists_the_registered_criteria():
     assert out.returncode == 0
     listed = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
     assert listed == criteria.names()
+    from gpp_ext import recipes
+
+    marked = [line.split()[0] for line in out.stdout.splitlines() if "(default)" in line]
+    assert marked == [recipes.build("gpp").criterion]
 
 
 class ChannelsLastBlock(nn.Module):

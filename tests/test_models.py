@@ -140,3 +140,13 @@ def test_unknown_name_lists_known_models():
 def test_invalid_widths_name_the_argument(name, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build(name, **kwargs)
+
+
+def test_an_argument_a_built_in_model_does_not_take_is_named_with_those_it_takes():
+    """`--model-args '{"width": 3}'` for LeNet-5: a ValueError (the command line's exit 2, not a traceback) naming
+    the argument and listing the model's own with their defaults."""
+    with pytest.raises(ValueError, match=r"model 'lenet5' takes no argument width \(gpp: --model-args\); it takes "
+                                         r"in_channels=1, num_classes=10, input_size=28, conv1=6"):
+        build("lenet5", width=3)
+    with pytest.raises(ValueError, match=r"model 'lenet5' refused its arguments .*conv1 must be an int.*it takes"):
+        build("lenet5", conv1="a")

@@ -40,4 +40,17 @@ def build(name: str, **kwargs) -> nn.Module:
         return build_source(name, kwargs=kwargs)
     if name not in MODELS:
         raise ValueError(f"build: unknown model name {name!r}; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](**kwargs)
+    import inspect
+
+    accepted = [p for p in inspect.signature(MODELS[name]).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - {p.name for p in accepted})
+    described = ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in accepted)
+    if unknown:
+        raise ValueError(f"build: model {name!r} takes no argument{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
+                         f"(gpp: --model-args); it takes {described}")
+    try:
+        return MODELS[name](**kwargs)
+    except (TypeError, ValueError) as error:  # a value of the wrong type or range, named by the model's own check
+        raise ValueError(f"build: model {name!r} refused its arguments {kwargs} ({type(error).__name__}: {error}); "
+                         f"it takes {described}") from error
