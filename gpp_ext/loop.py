@@ -37,6 +37,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -495,35 +496,11 @@ class GrowPushPrune:
             self._check_reachable(graph)
 
     def _check_reachable(self, graph) -> None:
-        """Each size target is above the smallest model pruning can reach (every prunable group at its narrowest
-        width: one channel, or `round_to`; what the graph cannot prune stays whole), so an impossible target is
-        refused before any training rather than cutting the model to nothing and blaming the accuracy floor."""
-        from .pruning.costs import cost_model
-
-        cfg = self.config
-        targets = {"params": cfg.target_params, "flops": cfg.target_flops}   # the targets `_reached` counts
-        if cfg.budget_kind == "latency":
-            targets = {"latency": cfg.target_latency}
-        elif cfg.schedule == "budget" and cfg.budget_kind == "flops":
-            targets = {"flops": cfg.target_flops}
-        narrowest = {g.name: min(g.size, cfg.round_to) for g in graph.groups if g.prunable}
-        flags = {"params": "target_params, gpp: --target-params", "flops": "target_flops, gpp: --target-flops",
-                 "latency": "target_latency, gpp: --target-latency"}
-        for kind, target in targets.items():
-            if target is None:
-                continue
-            model = cost_model(graph, kind, latency_table(cfg, self.progress) if kind == "latency" else None)
-            whole, least = model.cost({}), model.cost(narrowest)
-            if target * whole < least:
-                what = {"params": "parameters", "flops": "FLOPs", "latency": f"latency ({cfg.latency_runtime}, "
-                        f"batch {cfg.latency_batch}, predicted by the per-layer table)"}[kind]
-                raise ValueError(f"GrowPushPrune: a target of {target:g} ({flags[kind]}) cannot be met: the "
-                                 f"smallest model pruning can reach keeps {least / whole:.1%} of the {what} "
-                                 f"(every prunable layer at "
-                                 f"{'one channel' if cfg.round_to <= 1 else f'{cfg.round_to} channels'}; "
-                                 f"layers it cannot prune, such as the classifier, stay whole); give a target of at "
-                                 f"least {math.ceil(least / whole * 1000) / 1000:g}, well above it for an accurate "
-                                 f"model")
+        """Refuses, before any training, a size target below the smallest model pruning can reach
+        (`unreachable`), rather than cutting the model to nothing and blaming the accuracy floor."""
+        problem = unreachable(graph, self.config, self.progress)
+        if problem:
+            raise ValueError(f"GrowPushPrune: {problem}")
 
     # -------------------------------------------------------------------------------------------- helpers
     def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, dataset=None, **extra) -> nn.Module:
@@ -642,6 +619,12 @@ class GrowPushPrune:
             self._say(f"grown ({cfg.growth}): {self._size(self.state.base)}, validation accuracy "
                       f"{self.state.base['val_accuracy']:.4f}; the targets are fractions of this grown model "
                       f"({took()})")
+            from .pruning import ChannelGraph
+
+            problem = unreachable(ChannelGraph(self.model, self.example, ignore=tuple(cfg.ignore)), cfg)
+            if problem:  # the run goes on (its growth is kept); it will stop short and say so (exit 3)
+                warnings.warn(f"GrowPushPrune: on the grown model, {problem}", RuntimeWarning, stacklevel=2)
+                self._say(f"warning: on the grown model, {problem}")
         base = self.state.base
         floor = base["val_accuracy"] - cfg.accuracy_floor
         for i in range(1, cfg.max_iterations + 1):
@@ -677,8 +660,9 @@ class GrowPushPrune:
                         else "the model already meets this iteration's budget"
                 self.state.stage = stage
                 self._save()
-                self._say(f"iteration {i}: pruned to {self._size(None)}, validation accuracy "
-                          f"{entry['val_accuracy_after_prune']:.4f} ({took()})")
+                if self.log is not None:
+                    self._say(f"iteration {i}: pruned to {self._size(None)}, validation accuracy "
+                              f"{entry['val_accuracy_after_prune']:.4f} ({took()})")
             if not step(f"finetune {i}"):
                 dataset = None
                 if cfg.final_finetune == "train+val" and self._last(i):
@@ -796,6 +780,41 @@ class GrowPushPrune:
             return {"skipped": str(error)}
         except Exception as error:  # an op the exporter lacks must not lose a finished run
             return {"skipped": f"export failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+
+
+def unreachable(graph, cfg: LoopConfig, progress: bool = False) -> str | None:
+    """Why a size target of `cfg` cannot be met on `graph`'s model, or None: the targets `_reached` counts,
+    against the smallest model pruning can reach, every prunable group at its narrowest width (one channel, or
+    `round_to` where the prune stage's selection applies it; a push that selects the keep-set itself does not);
+    what the graph cannot prune stays whole. Lenient by design (an allocation's own grid may stop wider), never
+    wrong the other way; a push that removes whole blocks can go below it, so it is not checked."""
+    from .pruning.costs import cost_model
+
+    if pushes.removes_blocks(cfg.push):
+        return None
+    targets = {"params": cfg.target_params, "flops": cfg.target_flops}
+    if cfg.budget_kind == "latency":
+        targets = {"latency": cfg.target_latency}
+    elif cfg.schedule == "budget" and cfg.budget_kind == "flops":
+        targets = {"flops": cfg.target_flops}
+    step = 1 if pushes.selects(cfg.push) else cfg.round_to
+    narrowest = {g.name: min(g.size, step) for g in graph.groups if g.prunable}
+    flags = {"params": "target_params, gpp: --target-params", "flops": "target_flops, gpp: --target-flops",
+             "latency": "target_latency, gpp: --target-latency"}
+    for kind, target in targets.items():
+        if target is None:
+            continue
+        model = cost_model(graph, kind, latency_table(cfg, progress) if kind == "latency" else None)
+        whole, least = model.cost({}), model.cost(narrowest)
+        if target * whole < least:
+            what = {"params": "parameters", "flops": "FLOPs", "latency": f"latency ({cfg.latency_runtime}, batch "
+                    f"{cfg.latency_batch}, predicted by the per-layer table)"}[kind]
+            return (f"a target of {target:g} ({flags[kind]}) cannot be met: the smallest model pruning can reach "
+                    f"keeps {least / whole:.1%} of the {what} (every prunable layer at "
+                    f"{'one channel' if step <= 1 else f'{step} channels'}; layers it cannot prune, such as the "
+                    f"classifier, stay whole); give a target of at least {math.ceil(least / whole * 1000) / 1000:g}, "
+                    f"well above it for an accurate model")
+    return None
 
 
 def _reached(cfg: LoopConfig, metrics: dict, base: dict) -> bool:

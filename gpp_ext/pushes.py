@@ -84,17 +84,20 @@ def stage_epochs(config) -> tuple:
     return per * config.push_share, per * (1 - config.push_share)
 
 
-def register(name: str, summary: str, check=None, reads: tuple = (), selects: bool = False, check_model=None):
+def register(name: str, summary: str, check=None, reads: tuple = (), selects: bool = False, check_model=None,
+             removes_blocks: bool = False):
     """Registers a push handler under `name`; `check(config)` (optional) raises `ValueError` for settings it
     cannot run with, `check_model(config, model, example)` (optional) for a model it cannot run on (the loop
     calls it before training anything); `reads` names the `PUSH_SETTINGS` the handler reads; `selects=True` says
     the handler decides the keep-set itself (it returns one whenever the model is above the iteration's goal), so
-    the prune stage's `SELECTION_SETTINGS` do not shape its run. Returns the decorator."""
+    the prune stage's `SELECTION_SETTINGS` do not shape its run; `removes_blocks=True` says it may remove whole
+    blocks (depth), so the model can end smaller than every channel group at one channel. Returns the
+    decorator."""
     unknown = sorted(set(reads) - set(PUSH_SETTINGS))
     if unknown:
         raise ValueError(f"pushes.register({name!r}): reads names settings outside PUSH_SETTINGS: {unknown}")
     return _REGISTRY.register(name, summary, check=check, reads=tuple(reads), selects=bool(selects),
-                              check_model=check_model)
+                              check_model=check_model, removes_blocks=bool(removes_blocks))
 
 
 names, describe, get = _REGISTRY.names, _REGISTRY.describe, _REGISTRY.get
@@ -108,6 +111,11 @@ def reads(name: str) -> tuple:
 def selects(name: str) -> bool:
     """Whether push method `name` decides the keep-set itself (`register(selects=True)`)."""
     return bool(_REGISTRY.extra(name, "selects"))
+
+
+def removes_blocks(name: str) -> bool:
+    """Whether push method `name` may remove whole blocks (`register(removes_blocks=True)`)."""
+    return bool(_REGISTRY.extra(name, "removes_blocks"))
 
 
 def check(config) -> None:
@@ -268,14 +276,15 @@ def _sss_push(ctx: PushContext, channels: bool):
 @register("sss", "sparse structure selection: scales on residual blocks and channels (BatchNorm weights, or a "
           "factor on each layer no norm follows) trained to exact zeros by the modified accelerated proximal "
           "gradient (--sparsity); zero blocks are removed",
-          check=_needs_training("sss"), reads=("sparsity",), check_model=_sss_selectable(channels=True))
+          check=_needs_training("sss"), reads=("sparsity",), check_model=_sss_selectable(channels=True),
+          removes_blocks=True)
 def _sss(ctx: PushContext):
     return _sss_push(ctx, channels=True)
 
 
 @register("sss_blocks", "sparse structure selection of whole residual blocks only (--sparsity): zero blocks are "
           "removed, the prune stage then selects channels with the criterion", check=_needs_training("sss_blocks"),
-          reads=("sparsity",), check_model=_sss_selectable(channels=False))
+          reads=("sparsity",), check_model=_sss_selectable(channels=False), removes_blocks=True)
 def _sss_blocks(ctx: PushContext):
     return _sss_push(ctx, channels=False)
 

@@ -9,7 +9,7 @@ import torch
 import gpp_ext
 from gpp_ext import data, loop as loop_module, models
 from gpp_ext.loop import GrowPushPrune, LoopConfig
-from gpp_ext.recipes import RECIPES
+from gpp_ext.recipes import RECIPES, build as build_recipe
 from gpp_ext.report import write_reports
 from gpp_ext.testing import run_cli
 
@@ -195,8 +195,29 @@ def test_every_loop_flag_has_its_own_help_and_the_choices_the_loop_accepts():
             target = {f"target_{value}": 0.5} if value in ("flops", "latency") else {}
             try:     # (another setting may need changing with it: that is not this value refused)
                 LoopConfig(**{name: value, **target}).validate()
-            except ValueError as error:
-                assert not str(error).startswith(f"LoopConfig: {name} must"), (name, value, error)
+            except ValueError as error:  # a refusal of the value itself ends "got <value>"
+                assert f"got {value!r}" not in str(error), (name, value, error)
+
+
+def test_the_command_line_s_targets_conflicts_and_messages_in_its_own_words(capsys):
+    from gpp_ext import cli
+
+    def config(*argv):
+        return cli._config(cli._parser().parse_args(["compress", *argv]), "lenet5")
+
+    alone = config("--target-flops", "0.3")   # a FLOP target alone is the only target
+    assert (alone.budget_kind, alone.target_flops, alone.target_params) == ("flops", 0.3, 1.0)
+    both = config("--target-flops", "0.3", "--target-params", "0.2")   # with a parameter target: both
+    assert (both.budget_kind, both.target_flops, both.target_params) == ("params", 0.3, 0.2)
+    assert config("--target-latency", "0.5").budget_kind == "latency"
+    for argv, said in ((["--grow", "planting", "--no-grow"], "--grow planting and --no-grow contradict"),
+                       (["--epoch-budget", "2", "--push-epochs", "1"], "--push-epochs would be ignored"),
+                       (["--fade-gradual", "--no-fade-fixed-widths"], "gpp: --fade-gradual needs --fade-fixed-widths"),
+                       (["--budget-kind", "flops"], "gpp: --budget-kind must be 'params', 'flops' (which needs "
+                                                    "--target-flops)")):
+        assert cli.main(["compress", "--data", "digits", "--out", "unused", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and "LoopConfig" not in err and "Traceback" not in err, err
 
 
 def test_a_size_target_below_the_smallest_reachable_model_is_refused_before_training(tmp_path, monkeypatch):
@@ -223,6 +244,16 @@ def test_a_size_target_below_the_smallest_reachable_model_is_refused_before_trai
                           progress=False)
         settings[field] = least * 1.1
         GrowPushPrune(model, splits, LoopConfig(**{**FAST, **settings}), out_dir=tmp_path / kind, progress=False)
+    # round_to=8 narrows what the prune stage can reach (8.4% of the parameters here), but not what a push that
+    # selects the keep-set itself (Group Fisher, grow-and-prune) can: 5% is refused for the fade only
+    for push, refused in (("fade", True), ("group_fisher", False), ("gap", False)):
+        config = build_recipe("gpp", push=push, round_to=8, target_params=0.05)
+        try:
+            GrowPushPrune(model, splits, config, out_dir=tmp_path / push, progress=False)
+        except ValueError as error:
+            assert refused and "keeps 8.4% of the parameters (every prunable layer at 8 channels" in str(error)
+        else:
+            assert not refused, push
 
 
 def test_the_readme_python_loop_runs_after_import_gpp_ext_alone_and_logs_each_stage(tmp_path):

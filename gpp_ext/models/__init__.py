@@ -42,9 +42,10 @@ def build(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"build: unknown model name {name!r}; known models: {', '.join(sorted(MODELS))}")
     import inspect
 
-    accepted = [p for p in inspect.signature(MODELS[name]).parameters.values()
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(set(kwargs) - {p.name for p in accepted})
+    parameters = inspect.signature(MODELS[name]).parameters.values()
+    accepted = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in parameters)   # a registered model taking **kwargs
+    unknown = [] if open_ended else sorted(set(kwargs) - {p.name for p in accepted})
     described = ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in accepted)
     if unknown:
         raise ValueError(f"build: model {name!r} takes no argument{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
