@@ -267,10 +267,27 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose "invalid choice" error also names the closest choice (`--recipe gpp_cut`: did you
+    mean 'gpp-cut'?)."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        wrong = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if wrong:
+            choices = re.findall(r"'([^']*)'", wrong.group(2)) or [c.strip() for c in wrong.group(2).split(",")]
+            close = difflib.get_close_matches(wrong.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpp", description="Grow-Push-Prune: turn a generalist classifier into a "
-                                     "compact, task-specific one.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="gpp", description="Grow-Push-Prune: turn a generalist classifier into a "
+                     "compact, task-specific one.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     compress = sub.add_parser("compress", help="train, (grow,) push and prune a model (built-in, torchvision, "
                               "timm, your own .py factory or a saved model file) on a data set",

@@ -202,6 +202,11 @@ def test_every_loop_flag_has_its_own_help_and_the_choices_the_loop_accepts():
 def test_the_command_line_s_targets_conflicts_and_messages_in_its_own_words(capsys):
     from gpp_ext import cli
 
+    for argv, meant in ((["compress", "--recipe", "gpp_cut"], "'gpp-cut'"), (["compres"], "'compress'")):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert f"did you mean {meant}?" in capsys.readouterr().err, argv
+
     def config(*argv):
         return cli._config(cli._parser().parse_args(["compress", *argv]), "lenet5")
 
