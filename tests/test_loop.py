@@ -274,7 +274,8 @@ torch.manual_seed(0)
 model = gpp_ext.models.build("lenet5", in_channels=1, num_classes=10, input_size=8)
 lines = []
 loop = gpp_ext.loop.GrowPushPrune(model, gpp_ext.data.load_dataset("digits"),
-                                  gpp_ext.recipes.build("gpp", target_params=0.5, epochs=2, epoch_budget=1),
+                                  gpp_ext.recipes.build("gpp", target_params=0.5, epochs=2, epoch_budget=1,
+                                                        accuracy_floor=0.5),
                                   out_dir={str(tmp_path)!r}, log=lines.append, progress=False, onnx_latency=False)
 report = loop.run()
 gpp_ext.report.write_reports(report, {str(tmp_path)!r}, loop.final_model)
