@@ -792,18 +792,12 @@ def unreachable(graph, cfg: LoopConfig, progress: bool = False) -> str | None:
 
     if pushes.removes_blocks(cfg.push):
         return None
-    targets = {"params": cfg.target_params, "flops": cfg.target_flops}
-    if cfg.budget_kind == "latency":
-        targets = {"latency": cfg.target_latency}
-    elif cfg.schedule == "budget" and cfg.budget_kind == "flops":
-        targets = {"flops": cfg.target_flops}
+    targets = _counted_targets(cfg)
     step = 1 if pushes.selects(cfg.push) else cfg.round_to
     narrowest = {g.name: min(g.size, step) for g in graph.groups if g.prunable}
     flags = {"params": "target_params, gpp: --target-params", "flops": "target_flops, gpp: --target-flops",
              "latency": "target_latency, gpp: --target-latency"}
     for kind, target in targets.items():
-        if target is None:
-            continue
         model = cost_model(graph, kind, latency_table(cfg, progress) if kind == "latency" else None)
         whole, least = model.cost({}), model.cost(narrowest)
         if target * whole < least:
@@ -817,15 +811,20 @@ def unreachable(graph, cfg: LoopConfig, progress: bool = False) -> str | None:
     return None
 
 
-def _reached(cfg: LoopConfig, metrics: dict, base: dict) -> bool:
-    """The size target: the FLOP target alone for a FLOP-budget schedule, else the parameter target (and the
-    FLOP target when one is set)."""
-    flops_ok = cfg.target_flops is None or metrics["flops"] <= cfg.target_flops * base["flops"] * (1 + 1e-9)
-    if cfg.schedule == "budget" and cfg.budget_kind == "flops":
-        return flops_ok
+def _counted_targets(cfg: LoopConfig) -> dict:
+    """`{kind: fraction}` of the size targets a run must meet: the latency target alone for a latency budget, the
+    FLOP target alone for a FLOP-budget schedule, else the parameter target (and the FLOP target when one is
+    set)."""
     if cfg.budget_kind == "latency":
-        return metrics["latency"] <= cfg.target_latency * base["latency"] * (1 + 1e-9)
-    return metrics["params"] <= cfg.target_params * base["params"] * (1 + 1e-9) and flops_ok
+        return {"latency": cfg.target_latency}
+    if cfg.schedule == "budget" and cfg.budget_kind == "flops":
+        return {"flops": cfg.target_flops}
+    return {"params": cfg.target_params, **({"flops": cfg.target_flops} if cfg.target_flops is not None else {})}
+
+
+def _reached(cfg: LoopConfig, metrics: dict, base: dict) -> bool:
+    """Whether `metrics` meet every size target of `cfg` (`_counted_targets`) against `base`."""
+    return all(metrics[kind] <= target * base[kind] * (1 + 1e-9) for kind, target in _counted_targets(cfg).items())
 
 
 def _widths(reports: list) -> dict:
