@@ -281,7 +281,10 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(wrong.group(1), choices, n=1, cutoff=0.6)
             if close:
                 message += f"; did you mean {close[0]!r}?"
-        super().error(message)
+        usage = self.format_usage()
+        if usage.count("\n") > 4:  # a command with many options: one line pointing at --help, not a page of them
+            usage = f"usage: {self.prog} [options]   ({self.prog} --help lists them)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -616,7 +619,9 @@ def _compress_in(args, device, config, out, teacher, ignore, peers, amp, lead) -
         write_reports(report, out, loop.final_model)
     print(summary_table(report))
     print(f"gpp: {report['stopped']}; {report['seconds']:.0f} s; report in {os.path.join(out, 'report.md')}")
-    floor_met = report.get("accuracy_floor_met", True)
+    floor_met = report.get("accuracy_floor_met") is not False  # None: no floor applied (a base at chance)
+    if report.get("no_floor"):
+        print(f"gpp: no accuracy floor applied: {report['no_floor']}", file=sys.stderr)
     if not report["target_reached"] or not floor_met:
         final, base = report["final"], report["base"]
         kept = f"{final['params'] / base['params']:.1%} of the parameters" + \
@@ -699,14 +704,18 @@ def _holds_run(folder: str) -> bool:
 
 
 def _report(args) -> int:
-    from .report import read_report, summary_table
+    from .report import read_report, summary_table, verdicts
 
     folder = args.dir
     if os.path.basename(folder) == "report.json" and os.path.isfile(folder):  # the file itself
         folder = os.path.dirname(folder) or "."
     report = read_report(folder)  # ValueError (exit 2) for a missing, damaged, partial or stale report
     print(summary_table(report))
-    print(f"stopped: {report['stopped']}; {len(report['iterations'])} iterations; {report['seconds']:.0f} s")
+    iterations = len(report["iterations"])
+    print(f"stopped: {report['stopped']}; {iterations} iteration{'s' * (iterations != 1)}; "
+          f"{report['seconds']:.0f} s")
+    for missed, line in verdicts(report):
+        print(("MISSED: " if missed else "") + line)
     return 0
 
 
@@ -800,7 +809,9 @@ def _os_error(error: OSError) -> str:
 
 def _said(error: Exception) -> str:
     """An error's line on stderr, prefixed `gpp: ` unless it names its command already (`gpp export: ...`)."""
-    text = str(error)
+    import re
+
+    text = re.sub(r"\b(resume|overwrite)=True \((--\1)\)", r"\2", str(error))  # the API's name beside the flag
     return text if text.startswith("gpp ") else f"gpp: {text}"
 
 

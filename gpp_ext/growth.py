@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ._registry import Registry
 
-__all__ = ["GrowthContext", "register", "names", "describe", "get", "check_model"]
+__all__ = ["GrowthContext", "register", "names", "describe", "get", "check_model", "summary"]
 
 _REGISTRY = Registry("growth", "growth")
 
@@ -54,22 +54,42 @@ class GrowthContext:
 
 
 def register(name: str, summary: str, check_model=None):
-    """Registers a growth handler under `name`; `check_model(model)` (optional) raises `ValueError` for a model
-    it cannot grow, before any training. Returns the decorator."""
+    """Registers a growth handler under `name`; `check_model(model, example, ignore)` (optional) raises
+    `ValueError` for a model it cannot grow (`example`: an input batch; `ignore`: the modules the channel graph
+    treats as opaque), before any training. Returns the decorator."""
     return _REGISTRY.register(name, summary, check_model=check_model)
 
 
 names, describe, get = _REGISTRY.names, _REGISTRY.describe, _REGISTRY.get
 
 
-def check_model(name: str, model: nn.Module) -> None:
-    """`ValueError` when growth method `name` is unknown or cannot grow `model`."""
+def check_model(name: str, model: nn.Module, example: torch.Tensor, ignore=()) -> None:
+    """`ValueError` when growth method `name` is unknown or cannot grow `model` (fed `example`)."""
     check = _REGISTRY.extra(name, "check_model")
     if check is not None:
-        check(model)
+        check(model, example, tuple(ignore))
 
 
-def _inception_check(model: nn.Module) -> None:
+def summary(history: list, config) -> str:
+    """What a growth did, in words, from its history (a handler's second return value): how many candidates it
+    tried and kept, why it tried none, and the triage's order where one chose it."""
+    tried = history[1:]   # the first entry is the trained model itself
+    kept = sum(1 for h in tried if h.get("kept"))
+    if not tried:
+        why = (f"every stage already holds {config.max_modules_per_stage} module"
+               f"{'s' * (config.max_modules_per_stage != 1)} (--max-modules-per-stage)"
+               if config.growth == "inception" else "nothing could be planted")
+        out = f"nothing tried: {why}"
+    else:
+        out = f"{len(tried)} candidate{'s' * (len(tried) != 1)} tried, {kept} kept"
+    first = history[0] if history else {}
+    if first.get("triage"):
+        drops = ", ".join(f"{r['name']} {r['drop']:+.3f}" for r in sorted(first["triage"], key=lambda r: -r["drop"]))
+        out += f"; stages grown in triage order {first['order']} (validation drop when collapsed: {drops})"
+    return out
+
+
+def _inception_check(model: nn.Module, example: torch.Tensor, ignore: tuple) -> None:
     if not hasattr(model, "add_module_to_stage") or not hasattr(model, "stages"):
         raise ValueError(f"growth 'inception' appends Inception modules to growable stages, which "
                          f"{type(model).__name__} does not have (models.InceptionNet has); growth 'planting' grows "
@@ -106,8 +126,17 @@ def _inception(model: nn.Module, ctx: GrowthContext):
     return model, out
 
 
+def _planting_check(model: nn.Module, example: torch.Tensor, ignore: tuple) -> None:
+    from .planting import plantable_groups
+
+    if not plantable_groups(model, example, ignore):
+        raise ValueError(f"growth 'planting' widens the prunable layers of a model, and {type(model).__name__} has "
+                         f"none it can widen (a layer whose output is the model's output is not widened); grow a "
+                         f"model with hidden layers, or run without growth")
+
+
 @register("planting", "new channels planted in the existing layers where validation gain per added parameter is "
-          "highest, trained while every earlier weight stays fixed (any model)")
+          "highest, trained while every earlier weight stays fixed (any model)", check_model=_planting_check)
 def _planting(model: nn.Module, ctx: GrowthContext):
     from .planting import grow_by_planting
 

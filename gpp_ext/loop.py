@@ -53,7 +53,8 @@ from .latency import RUNTIMES, model_cost, table_for as latency_table
 from .pruning import criteria, prune
 from .pruning.allocation import ALLOCATIONS
 from .classifier import find_classifier
-from .training import LR_SCHEDULES, OPTIMIZERS, compare_latency, evaluate, fit, latency_ms, training_batches
+from .training import (LR_SCHEDULES, OPTIMIZERS, compare_latency, evaluate, fit, latency_ms, recalibrate_batchnorm,
+                       training_batches)
 from .models.sources import build_source, is_code_source, spec_of
 from .run_folder import RunFolder, run_identity
 
@@ -360,6 +361,7 @@ def prune_stage(model: nn.Module, splits, config: LoopConfig, iteration: int, ba
 class _State:
     stage: int = 0                   # stages completed
     base: dict = field(default_factory=dict)
+    before_growth: dict | None = None   # with growth: the trained model's metrics (`base` is the grown model's)
     iterations: list = field(default_factory=list)
     growth: list = field(default_factory=list)
     best_accuracy: dict | None = None   # {"metrics": ..., "model": state}
@@ -473,15 +475,20 @@ class GrowPushPrune:
             with torch.no_grad():
                 out = self.model(self.example)
         except Exception as error:
+            spec = spec_of(self.model) or {}
+            hint = ""
+            if "input_size" in spec.get("kwargs", {}) and len(self.splits.input_shape) == 3:  # a built-in's size
+                hint = (f"; build it for these inputs: models.build({spec.get('name', '...')!r}, in_channels="
+                        f"{self.splits.input_shape[0]}, input_size={self.splits.input_shape[-1]})")
             raise ValueError(f"GrowPushPrune: the model does not accept the data's inputs of shape "
-                             f"{list(self.splits.input_shape)} ({type(error).__name__}: {error})") from error
+                             f"{list(self.splits.input_shape)} ({type(error).__name__}: {error}){hint}") from error
         finally:
             self.model.train(was_training)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.splits.num_classes):
             raise ValueError(f"GrowPushPrune: the model must return logits [batch, {self.splits.num_classes}], got "
                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
         if self.config.grow:
-            growth.check_model(self.config.growth, self.model)
+            growth.check_model(self.config.growth, self.model, self.example, self.config.ignore)
         pushes.check_model(self.config, self.model, self.example)
         # The channel graph every prune stage builds: a model it cannot handle (torch.roll, einsum, an `if` on
         # the data) is refused now, not after the base model has been trained.
@@ -503,11 +510,22 @@ class GrowPushPrune:
             raise ValueError(f"GrowPushPrune: {problem}")
 
     # -------------------------------------------------------------------------------------------- helpers
-    def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, dataset=None, **extra) -> nn.Module:
+    def _train(self, model: nn.Module, epochs: int, stage: int, desc: str, dataset=None, settle: bool = False,
+               **extra) -> nn.Module:
+        """`fit` with the loop's recipe. With `settle`, BatchNorm's statistics are then re-estimated for the
+        final weights (`recalibrate_batchnorm`): the running averages of a short training (tens of steps on a
+        small data set) still carry their initial values and the early weights' statistics, and a model measured
+        with them can score at chance although it has learnt (the base model, whose accuracy sets the floor;
+        each grown candidate, compared with it). The fine-tunings need not: each follows a cut that
+        recalibrated."""
         cfg = self.config
-        return fit(model, self.splits.train if dataset is None else dataset, epochs,
-                   seed=stage_seed(cfg.seed, stage), device=self.device,
-                   progress=self.progress, desc=desc, **train_kwargs(cfg), **extra)
+        model = fit(model, self.splits.train if dataset is None else dataset, epochs,
+                    seed=stage_seed(cfg.seed, stage), device=self.device,
+                    progress=self.progress, desc=desc, **train_kwargs(cfg), **extra)
+        if settle and epochs > 0:
+            recalibrate_batchnorm(model, training_batches(self.splits.train, cfg.batch_size,
+                                                          stage_seed(cfg.seed, stage) + 1), device=self.device)
+        return model
 
     def _teacher(self) -> dict:
         """`fit` arguments for distillation from the base model in fine-tuning (`finetune_distill`), or none."""
@@ -588,19 +606,21 @@ class GrowPushPrune:
             return done
 
         if not step("train"):
-            self.model = self._train(self.model, cfg.epochs, stage, "training")
+            self.model = self._train(self.model, cfg.epochs, stage, "training", settle=True)
             self.state.base = self._metrics(self.model)
             self.state.base_model = io.payload(self.model)
             self.state.stage = stage
             self._save()
             self._say(f"base model: {self._size(self.state.base)}, validation accuracy "
-                      f"{self.state.base['val_accuracy']:.4f} after {cfg.epochs:g} epochs ({took()})")
+                      f"{self.state.base['val_accuracy']:.4f} after {cfg.epochs:g} epoch{'s' * (cfg.epochs != 1)} "
+                      f"({took()})")
         if cfg.grow and not step("grow"):
             teach = {"teacher": self.teacher, "distill": cfg.grow_distill, "temperature": cfg.temperature} \
                 if self.teacher is not None else {}
 
             def train(m, after_step=None):
-                return self._train(m, cfg.grow_epochs, stage, "growing", after_step=after_step, **teach)
+                return self._train(m, cfg.grow_epochs, stage, "growing", settle=True, after_step=after_step,
+                                   **teach)
 
             def checkpoint(m, progress):  # after every attempt: the net kept so far and how far the growth got
                 self.model, self.state.growing = m, progress
@@ -612,21 +632,26 @@ class GrowPushPrune:
                                            resume=self.state.growing)
             self.model, self.state.growth = growth.get(cfg.growth)(self.model, context)
             self.state.growing = None
+            self.state.before_growth = self.state.base
             self.state.base = self._metrics(self.model, grown=True)
             self.state.base_model = io.payload(self.model)
             self.state.stage = stage
             self._save()
-            self._say(f"grown ({cfg.growth}): {self._size(self.state.base)}, validation accuracy "
-                      f"{self.state.base['val_accuracy']:.4f}; the targets are fractions of this grown model "
-                      f"({took()})")
+            self._say(f"grown ({cfg.growth}; {growth.summary(self.state.growth, cfg)}): "
+                      f"{self._size(self.state.base)}, validation accuracy {self.state.base['val_accuracy']:.4f}; "
+                      f"the targets are fractions of this grown model ({took()})")
             from .pruning import ChannelGraph
 
             problem = unreachable(ChannelGraph(self.model, self.example, ignore=tuple(cfg.ignore)), cfg)
             if problem:  # the run goes on (its growth is kept); it will stop short and say so (exit 3)
-                warnings.warn(f"GrowPushPrune: on the grown model, {problem}", RuntimeWarning, stacklevel=2)
+                if self.log is None:
+                    warnings.warn(f"GrowPushPrune: on the grown model, {problem}", RuntimeWarning, stacklevel=2)
                 self._say(f"warning: on the grown model, {problem}")
         base = self.state.base
-        floor = base["val_accuracy"] - cfg.accuracy_floor
+        chance = _at_chance(base["val_accuracy"], self.splits.val)
+        floor = None if chance else base["val_accuracy"] - cfg.accuracy_floor
+        if chance and not self.state.iterations:
+            self._say(f"no accuracy floor: {chance}")
         for i in range(1, cfg.max_iterations + 1):
             if self.state.stopped:
                 break
@@ -676,22 +701,23 @@ class GrowPushPrune:
                 best = self.state.best_accuracy
                 if best is None or metrics["val_accuracy"] > best["metrics"]["val_accuracy"]:
                     self.state.best_accuracy = snapshot
-                if metrics["val_accuracy"] >= floor:
+                if floor is None or metrics["val_accuracy"] >= floor:
                     size = self.state.best_size
                     if size is None or metrics["params"] < size["metrics"]["params"]:
                         self.state.best_size = snapshot
-                if metrics["val_accuracy"] < floor:
+                if floor is not None and metrics["val_accuracy"] < floor:
                     self.state.stopped = f"validation accuracy {metrics['val_accuracy']:.4f} fell below the floor " \
                                          f"{floor:.4f}"
                 elif _reached(cfg, metrics, base):
                     self.state.stopped = "size target reached"
                 self.state.stage = stage
                 self._save()
-                self._say(f"iteration {i}: fine-tuned, validation accuracy {metrics['val_accuracy']:.4f} (floor "
-                          f"{floor:.4f}), test {metrics['test_accuracy']:.4f} ({took()})"
+                self._say(f"iteration {i}: fine-tuned, validation accuracy {metrics['val_accuracy']:.4f} ("
+                          + ("no floor" if floor is None else f"floor {floor:.4f}")
+                          + f"), test {metrics['test_accuracy']:.4f} ({took()})"
                           + (f"; stopping: {self.state.stopped}" if self.state.stopped else ""))
         if not self.state.stopped:
-            self.state.stopped = f"{cfg.max_iterations} iterations done"
+            self.state.stopped = f"{cfg.max_iterations} iteration{'s' * (cfg.max_iterations != 1)} done"
         chosen = self.state.best_size or self.state.best_accuracy
         final_model = io.from_payload(chosen["model"], self.factory) if chosen else self.model
         final = chosen["metrics"] if chosen else base
@@ -704,12 +730,14 @@ class GrowPushPrune:
         latency, onnx_latency = gdist.broadcast_object((latency, onnx_latency))
         # the floor is met when some iteration's model stayed above it (or no iteration ran): a run whose every
         # compact model fell below it ships the most accurate one, and says so (`gpp compress` exits 3)
-        floor_met = self.state.best_size is not None or self.state.best_accuracy is None
+        # (None: no floor applied, the base being at chance)
+        floor_met = None if floor is None else self.state.best_size is not None or self.state.best_accuracy is None
         return {"run_id": self.state.run_id, "target_reached": bool(chosen) and _reached(cfg, final, base),
-                "accuracy_floor_met": floor_met, "accuracy_floor": floor,
+                "accuracy_floor_met": floor_met, "accuracy_floor": floor, **({"no_floor": chance} if chance else {}),
                 "input_shape": list(self.splits.input_shape), "dataset": self.splits.name,
                 "num_classes": self.splits.num_classes, "config": asdict(cfg), "base": base, "final": final,
                 "growth": self.state.growth, "iterations": self.state.iterations, "stopped": self.state.stopped,
+                **({"before_growth": self.state.before_growth} if self.state.before_growth else {}),
                 "accuracy_first": self.state.best_accuracy["metrics"] if self.state.best_accuracy else None,
                 "size_first": self.state.best_size["metrics"] if self.state.best_size else None,
                 "latency": latency, "onnx_latency": onnx_latency, "preprocessing": self.splits.preprocessing,
@@ -725,7 +753,8 @@ class GrowPushPrune:
         params, flops = (metrics["params"], metrics["flops"]) if metrics else \
             (count_params(self.model), count_flops(self.model, self.example))
         base = self.state.base
-        share = f" ({params / base['params']:.1%} of the base)" if metrics is None and base else ""
+        of = "the grown model" if self.state.before_growth else "the base"
+        share = f" ({params / base['params']:.1%} of {of})" if metrics is None and base else ""
         return f"{params:,} params{share}, {flops:,} FLOPs"
 
     def _say_where(self, resume: bool, resumed: bool) -> None:
@@ -820,6 +849,23 @@ def _counted_targets(cfg: LoopConfig) -> dict:
     if cfg.schedule == "budget" and cfg.budget_kind == "flops":
         return {"flops": cfg.target_flops}
     return {"params": cfg.target_params, **({"flops": cfg.target_flops} if cfg.target_flops is not None else {})}
+
+
+def _at_chance(accuracy: float, val_set) -> str:
+    """Why a base model of validation accuracy `accuracy` on `val_set` has no accuracy to keep (and the run no
+    floor), or "": it is no better than always answering the most frequent class, within three standard errors
+    of that share on this many samples -- an untrained model, as recipe `gap` starts from (--epochs 0)."""
+    from .data.splits import labels_of
+
+    labels = labels_of(val_set)
+    n = int(labels.numel())
+    if n == 0:
+        return ""
+    share = float(torch.bincount(labels).max()) / n
+    if accuracy > share + 3 * math.sqrt(share * (1 - share) / n):
+        return ""
+    return (f"the base model's validation accuracy {accuracy:.4f} is at chance (the most frequent class is "
+            f"{share:.4f} of the {n} validation samples): it has learnt nothing to keep, as an untrained model has")
 
 
 def _reached(cfg: LoopConfig, metrics: dict, base: dict) -> bool:

@@ -251,7 +251,16 @@ def _sss_selectable(channels: bool):
     def check(config, model, example) -> None:
         from .pruning.sss import check_selectable
 
-        check_selectable(model, blocks=True, channels=channels, example=example, ignore=tuple(config.ignore))
+        try:
+            check_selectable(model, blocks=True, channels=channels, example=example, ignore=tuple(config.ignore))
+        except ValueError as error:  # said in the words a user chose the method by: the push and its recipe
+            if channels:
+                raise ValueError(f"push {config.push!r} (recipe sss) scales residual blocks and channels, and "
+                                 f"{type(model).__name__} has neither; push 'hgs' or 'group_fisher' (recipes hgs, "
+                                 f"group-fisher) prune its channels") from error
+            raise ValueError(f"push {config.push!r} (recipe sss-blocks) removes whole residual blocks, and "
+                             f"{type(model).__name__} has none; push 'sss' (recipe sss) selects its channels "
+                             f"instead") from error
     return check
 
 

@@ -9,7 +9,7 @@ import os
 
 from . import io
 
-__all__ = ["write_reports", "render_markdown", "summary_table", "read_report"]
+__all__ = ["write_reports", "render_markdown", "summary_table", "read_report", "verdicts"]
 
 # What `summary_table` and `gpp report` read; a report without one of them is refused with its name.
 REQUIRED = {"base": ("params", "flops", "test_accuracy"), "final": ("params", "flops", "test_accuracy"),
@@ -33,6 +33,9 @@ def _timed_row(label: str, t: dict, digits: int) -> tuple:
     change = _change(t["ratio"])
     if not t["ratio"].get("reliable", True):
         change += "; unreliable: the machine was busy, the rounds disagree"
+    apart = t["base"]["median_ms"] / max(t["compact"]["median_ms"], 1e-12)
+    if abs(math.log(apart / t["ratio"]["median"])) > math.log(1.05):  # the two readings disagree by over 5%
+        change += f"; the medians' ratio: {_speed(apart)}"
     return (label, f"{t['base']['median_ms']:.{digits}f}", f"{t['compact']['median_ms']:.{digits}f}", change)
 
 
@@ -74,6 +77,10 @@ def summary_table(report: dict) -> str:
     rows += _latency_rows(report)
     lines = ["| | base | compact | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    if any((report.get(key) or {}).get(f"b{batch}") for key in ("latency", "onnx_latency") for batch in (1, 64)):
+        lines += ["", "Latencies: base and compact timed in alternating rounds; each column is a model's median "
+                      "over the rounds, the change the median of the per-round speed-ups (what a busy machine "
+                      "disturbs least; it can differ from the ratio of the two medians)."]
     return "\n".join(lines)
 
 
@@ -183,15 +190,26 @@ def read_report(folder: str) -> dict:
     return report
 
 
+def verdicts(report: dict) -> list:
+    """`[(missed, sentence)]`: what a run missed (the size target, the accuracy floor), and that no floor applied
+    when the base was at chance; empty for a run that met both."""
+    out = []
+    if report.get("target_reached") is False:
+        out.append((True, "The compact model missed the size target."))
+    if report.get("accuracy_floor_met") is False:
+        out.append((True, f"No compact model stayed at or above the accuracy floor ({report['accuracy_floor']:.4f} "
+                          f"validation accuracy); this is the most accurate one met."))
+    if report.get("no_floor"):
+        out.append((False, f"No accuracy floor applied: {report['no_floor']}."))
+    return out
+
+
 def render_markdown(report: dict) -> str:
     skipped = (report.get("onnx_latency") or {}).get("skipped")
     lines = [f"# Grow-push-prune on {report['dataset']}", "", summary_table(report), "",
              f"Stopped: {report['stopped']}. Input shape {report['input_shape']}, {report['num_classes']} classes, "
              f"{report['seconds']:.0f} s." + (f" ONNX Runtime latency not measured: {skipped}." if skipped else "")
-             + (" **The compact model missed the size target.**" if report.get("target_reached") is False else "")
-             + (f" **No compact model stayed at or above the accuracy floor ({report['accuracy_floor']:.4f} "
-                f"validation accuracy); this is the most accurate one met.**"
-                if report.get("accuracy_floor_met") is False else ""),
+             + "".join(f" **{line}**" if missed else f" {line}" for missed, line in verdicts(report)),
              "", "## Iterations", "",
              "| # | eta / goal | params | FLOPs | val acc end of push | val acc after prune | val acc | test acc | "
              "latency b=1 (ms) |",
@@ -207,10 +225,26 @@ def render_markdown(report: dict) -> str:
                      f"{it['val_accuracy']:.4f} | {it['test_accuracy']:.4f} | "
                      f"{it['latency_ms_b1']:.3f} |")
     if report.get("growth"):
-        lines += ["", "## Growth", "", "| step | what was tried | val acc | params | kept |",
+        before, base = report.get("before_growth"), report["base"]
+        lines += ["", "## Growth", ""]
+        if before:
+            lines += [f"Grown from {before['params']:,} parameters and {before['flops']:,} FLOPs (validation "
+                      f"accuracy {before.get('val_accuracy', float('nan')):.4f}, test "
+                      f"{before['test_accuracy']:.4f}) to the base above: {base['params']:,} parameters, "
+                      f"{base['params'] / before['params']:.2f}x; the size targets are fractions of the grown model, "
+                      f"and the compact model keeps {report['final']['params'] / before['params']:.1%} of the "
+                      f"parameters of the model before growth.", ""]
+        lines += ["| step | what was tried | val acc | params | kept |",
                   "|---|---|---:|---:|:---:|"]
         lines += [f"| {_growth_step(g)} | {g['accuracy']:.4f} | {g['params']:,} | {'yes' if g['kept'] else 'no'} |"
                   for g in report["growth"]]
+        triaged = report["growth"][0].get("triage")
+        if triaged:  # grow_order "triage": the criticality that chose the order
+            from .triage import BlockCriticality, triage_table
+
+            lines += ["", f"The stages grew in triage order {report['growth'][0].get('order')}: each block collapsed "
+                          f"into a single layer, briefly trained, and the validation accuracy it lost:", "",
+                      triage_table([BlockCriticality(**r) for r in triaged]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

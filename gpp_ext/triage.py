@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .cost import count_params
-from .training import evaluate, fit
+from .training import evaluate, fit, recalibrate_batchnorm, training_batches
 
 __all__ = ["triage", "triage_table", "BlockCriticality", "find_blocks", "collapse", "stage_order"]
 
@@ -138,9 +138,12 @@ def triage(model: nn.Module, splits, epochs: float = 0.5, distill: float = 0.0, 
         _stride(name, *shapes[name], "triage")
     teacher = copy.deepcopy(model).eval() if distill > 0 else None
 
-    def train(m):
-        return fit(m, splits.train, epochs, seed=seed, device=device, teacher=teacher, distill=distill,
-                   desc="triage", **fit_kwargs)
+    def train(m):  # then BatchNorm's statistics re-estimated for the trained weights: the running averages of a
+        # short training (tens of steps on a small data set) still carry their starting values
+        m = fit(m, splits.train, epochs, seed=seed, device=device, teacher=teacher, distill=distill,
+                desc="triage", **fit_kwargs)
+        return recalibrate_batchnorm(m, training_batches(splits.train, fit_kwargs.get("batch_size", 128), seed + 1),
+                                     device=device)
 
     reference = evaluate(train(copy.deepcopy(model)), splits.val, device=device)
     out = []
@@ -166,6 +169,9 @@ def stage_order(results: list, stages: int) -> list:
     return sorted(range(stages), key=lambda s: (s not in worst, -worst.get(s, 0.0), s))
 
 
+NEGLIGIBLE = 0.005  # a drop of validation accuracy this small (half a point) says a single layer does the work
+
+
 def triage_table(results: list) -> str:
     """A markdown table of `results`, most critical first, saying where to grow and what to prune."""
     if not results:
@@ -175,10 +181,12 @@ def triage_table(results: list) -> str:
     lines = ["| block | in -> out | params (block -> layer) | val acc collapsed | drop | what it says |",
              "|---|---|---:|---:|---:|---|"]
     for r in ranked:
-        if r.drop == top and top > 0:
+        if r.drop == top and top > NEGLIGIBLE:
             hint = "most critical: grow here first, prune lightly"
-        elif r.drop <= max(0.0, bottom) + 1e-9 or r.drop <= 0.005:
+        elif r.drop <= NEGLIGIBLE:
             hint = "a single layer does its work: prune hard or collapse"
+        elif r.drop == bottom:
+            hint = f"least critical, though a single layer loses {r.drop:.1%}: prune here first"
         else:
             hint = ""
         lines.append(f"| {r.name} | {r.in_shape} -> {r.out_shape} | {r.params:,} -> {r.layer_params:,} | "

@@ -10,6 +10,7 @@ import gpp_ext
 from gpp_ext import data, loop as loop_module, models
 from gpp_ext.loop import GrowPushPrune, LoopConfig
 from gpp_ext.recipes import RECIPES, build as build_recipe
+from gpp_ext.cost import count_params
 from gpp_ext.report import write_reports
 from gpp_ext.testing import run_cli
 
@@ -28,10 +29,20 @@ def build(name="lenet5", seed=0):
 def test_end_to_end_grows_pushes_prunes_and_reports(tmp_path):
     model, splits = build("inception")
     config = LoopConfig(**FAST, grow=True, grow_epochs=1, max_modules_per_stage=2)
-    run = GrowPushPrune(model, splits, config, out_dir=tmp_path, progress=False)
+    said = []
+    run = GrowPushPrune(model, splits, config, out_dir=tmp_path, progress=False, log=said.append)
     report = run.run()
     write_reports(report, tmp_path, run.final_model)
     assert len(report["growth"]) > 1 and report["growth"][0]["kept"]  # the base entry, then the attempts
+    tried = len(report["growth"]) - 1
+    kept = sum(g["kept"] for g in report["growth"][1:])
+    assert any(line.startswith(f"grown (inception; {tried} candidate{'s' * (tried != 1)} tried, {kept} kept)")
+               for line in said), said
+    # the sizes after growth are shares of the grown model, and the report keeps the model before growth
+    assert any("% of the grown model)" in line for line in said) and not any("of the base)" in line for line in said)
+    assert report["before_growth"]["params"] == count_params(models.build("inception", in_channels=1,
+                                                                          num_classes=10))
+    assert f"Grown from {report['before_growth']['params']:,} parameters" in (tmp_path / "report.md").read_text()
     assert report["iterations"] and all("val_accuracy_after_prune" in it for it in report["iterations"])
     base, final = report["base"], report["final"]
     assert final["params"] < base["params"]
@@ -46,6 +57,45 @@ def test_end_to_end_grows_pushes_prunes_and_reports(tmp_path):
     assert {g["method"] for g in report["growth"]} == {"inception"}
     compact = gpp_ext.io.load(tmp_path / "model.pt").eval()
     assert gpp_ext.count_params(compact) == final["params"]
+
+
+def test_the_base_is_measured_with_the_statistics_of_its_final_weights(tmp_path):
+    """Two epochs on digits are 24 steps: BatchNorm's running averages still hold much of their starting values,
+    and the trained base scored at chance (0.098) with them, which set the accuracy floor and each growth
+    candidate's comparison. The loop re-estimates them after training the base."""
+    model, splits = build("inception")
+    said = []
+    config = build_recipe("gpp-cut", epochs=2, epoch_budget=0.5, target_params=0.9)   # batches of 128
+    report = GrowPushPrune(model, splits, config, out_dir=tmp_path, progress=False, log=said.append).run()
+    assert report["base"]["val_accuracy"] > 0.5 and "no_floor" not in report, report["base"]
+    assert report["accuracy_floor"] == pytest.approx(report["base"]["val_accuracy"] - config.accuracy_floor)
+    assert any(line.startswith("base model: ") and "after 2 epochs" in line for line in said)
+
+
+def test_an_untrained_base_sets_no_accuracy_floor(tmp_path):
+    """A base no better than always answering the most frequent class (an untrained one, as recipe gap starts
+    from) has no accuracy to keep: the run applies no floor and says so, instead of a floor below chance."""
+    model, splits = build()
+    said = []
+    config = build_recipe("gpp-cut", epochs=0, epoch_budget=1, target_params=0.5, batch_size=64)
+    report = GrowPushPrune(model, splits, config, out_dir=tmp_path / "run", progress=False, log=said.append).run()
+    assert report["base"]["val_accuracy"] < 0.2 and "at chance" in report["no_floor"]
+    assert report["accuracy_floor"] is None and report["accuracy_floor_met"] is None
+    assert any(line.startswith("no accuracy floor: ") for line in said) and "(no floor)" in said[-1]
+    write_reports(report, tmp_path / "run")
+    assert "No accuracy floor applied: the base model's validation accuracy" in (tmp_path / "run" / "report.md"
+                                                                                 ).read_text()
+    shown = gpp("report", str(tmp_path / "run"))
+    assert shown.returncode == 0 and "No accuracy floor applied" in shown.stdout and "MISSED" not in shown.stdout
+
+
+def test_chance_is_the_most_frequent_class_within_three_standard_errors():
+    from torch.utils.data import TensorDataset
+
+    half = TensorDataset(torch.zeros(100, 1), torch.tensor([0] * 50 + [1] * 50))   # 0.5 +- 3 * 0.05
+    assert loop_module._at_chance(0.64, half) and not loop_module._at_chance(0.66, half)
+    skewed = TensorDataset(torch.zeros(400, 1), torch.tensor([0] * 360 + [1] * 40))   # 0.9 +- 3 * 0.015
+    assert loop_module._at_chance(0.93, skewed) and not loop_module._at_chance(0.95, skewed)
 
 
 def _comparable(report):
@@ -130,6 +180,9 @@ def test_cli_help_errors_and_missing_data(tmp_path):
     assert out.returncode == 0 and "--target-params" in out.stdout
     out = gpp("compress", "--target-params", "2")
     assert out.returncode == 2 and "--target-params: must be a finite number in (0, 1], got 2" in out.stderr
+    # an argument error is the usage line and the error, not the page of every option's usage
+    assert out.stderr.splitlines()[0] == "usage: gpp compress [options]   (gpp compress --help lists them)"
+    assert len(out.stderr.splitlines()) == 2
     out = gpp("compress", "--model", "alexnet")
     assert out.returncode == 2 and "--model 'alexnet': not a built-in model and no such file" in out.stderr
     out = gpp("compress", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"))

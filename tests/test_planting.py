@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 from gpp_ext import data, growth, models
 from gpp_ext.cost import count_params
@@ -102,9 +103,21 @@ def test_the_growth_registry_and_the_loops_check():
     assert set(growth.names()) >= {"inception", "planting"} and "planting" in growth.describe()
     with pytest.raises(ValueError, match="growth must be one of"):
         LoopConfig(grow=True, growth="nope").validate()
+    example = torch.zeros(2, 1, 28, 28)
     with pytest.raises(ValueError, match="growable stages"):
-        growth.check_model("inception", models.build("lenet5"))
-    growth.check_model("planting", models.build("lenet5"))
+        growth.check_model("inception", models.build("lenet5"), example)
+    growth.check_model("planting", models.build("lenet5"), example)
+    # a model whose only layer gives the output has nothing to widen: refused before any training
+    with pytest.raises(ValueError, match="has none it can widen"):
+        growth.check_model("planting", nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), example)
+    from gpp_ext.loop import GrowPushPrune
+
+    def linear():
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    with pytest.raises(ValueError, match="has none it can widen"):   # the loop asks before training the base
+        GrowPushPrune(linear(), data.load_dataset("digits", seed=0), LoopConfig(grow=True, growth="planting"),
+                      out_dir="unused", factory=linear, progress=False)
     with pytest.raises(ValueError, match="plant_share"):
         LoopConfig(plant_share=0.0).validate()
 

@@ -150,6 +150,8 @@ def test_the_default_recipe_reaches_the_target_and_a_missed_target_exits_3(tmp_p
     report = json.loads((tmp_path / "missed" / "report.json").read_text())
     assert report["target_reached"] is False
     assert "missed the size target" in (tmp_path / "missed" / "report.md").read_text()
+    shown = gpp("report", tmp_path / "missed")   # the summary says it too, not only the run's last lines
+    assert shown.returncode == 0 and "MISSED: The compact model missed the size target." in shown.stdout
 
 
 def test_a_run_whose_every_compact_model_falls_below_the_accuracy_floor_exits_3(tmp_path):
@@ -165,6 +167,9 @@ def test_a_run_whose_every_compact_model_falls_below_the_accuracy_floor_exits_3(
     assert "MISSED the accuracy floor" in out.stderr and "most accurate model met" in out.stderr
     assert "smallest model above the accuracy floor" not in out.stderr
     assert "No compact model stayed at or above the accuracy floor" in (tmp_path / "below" / "report.md").read_text()
+    shown = gpp("report", tmp_path / "below")
+    assert "MISSED: No compact model stayed at or above the accuracy floor" in shown.stdout
+    assert "missed the size target" not in shown.stdout
 
 
 def test_a_trained_model_from_weights_is_not_trained_again_unless_its_head_is_new(tmp_path):

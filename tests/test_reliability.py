@@ -187,6 +187,7 @@ def test_a_folder_holding_a_run_is_never_overwritten_without_overwrite(finished_
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     out = gpp(*COMPRESS, "--out", str(run))
     assert out.returncode == 2 and "holds a run already" in out.stderr and "--overwrite" in out.stderr
+    assert "continue it with --resume, replace it with --overwrite" in out.stderr   # the flags alone, on the CLI
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert gpp("compress", "--resume", "--overwrite").returncode == 2  # one or the other
     # --overwrite interrupted: the old report is gone with the old run, never beside the new checkpoint
@@ -238,7 +239,8 @@ def test_late_failures_come_before_any_training(digits, tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="pass factory="):
         GrowPushPrune(UserNet(), digits, LoopConfig(**TINY), out_dir=tmp_path, progress=False)
     wrong = models.build("lenet5", in_channels=1, num_classes=10, input_size=28)
-    with pytest.raises(ValueError, match=r"does not accept the data's inputs of shape \[1, 8, 8\]"):
+    with pytest.raises(ValueError, match=r"does not accept the data's inputs of shape \[1, 8, 8\] .*; build it "
+                                         r"for these inputs: models.build\('lenet5', in_channels=1, input_size=8\)"):
         GrowPushPrune(wrong, digits, LoopConfig(**TINY), out_dir=tmp_path, progress=False)
 
     def no_training(*args, **kwargs):
@@ -343,7 +345,13 @@ def test_latency_is_timed_interleaved_and_flagged_when_the_rounds_disagree():
     report = {"base": {"params": 10, "flops": 10, "test_accuracy": 0.9},
               "final": {"params": 5, "flops": 5, "test_accuracy": 0.9}, "latency": {"b1": entry, "b64": entry}}
     table = summary_table(report)
-    assert "2.00x faster (1.00-4.00x); unreliable" in table
+    assert "2.00x faster (1.00-4.00x); unreliable" in table and "the medians' ratio" not in table
+    assert "the change the median of the per-round speed-ups" in table
+    # the per-round median and the ratio of the two medians shown can disagree (a busy machine): both are said
+    entry = {"base": {"median_ms": 3.129}, "compact": {"median_ms": 3.547},
+             "ratio": {"median": 1 / 1.02, "min": 0.8, "max": 1.1}}
+    table = summary_table({**report, "latency": {"b1": entry}})
+    assert "1.02x slower (0.91-1.25x); the medians' ratio: 1.13x slower" in table
 
 
 def test_a_finished_run_reports_interleaved_latency(finished_run):

@@ -220,8 +220,10 @@ def test_the_loop_refuses_sss_on_such_a_model_before_training_it(tmp_path, monke
     monkeypatch.setattr(loop_module, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
     splits = data.load_dataset("digits", seed=0)
     lenet = models.build("lenet5", input_size=8)
-    for push, model, factory, message in (("sss", _linear_only(), _linear_only, "no residual blocks and channels"),
-                                          ("sss_blocks", lenet, None, "no residual blocks to select")):
+    for push, model, factory, message in (("sss", _linear_only(), _linear_only,
+                                           r"push 'sss' \(recipe sss\) .* has neither; push 'hgs'"),
+                                          ("sss_blocks", lenet, None,
+                                           r"push 'sss_blocks' \(recipe sss-blocks\) .* LeNet5 has none; push 'sss'")):
         with pytest.raises(ValueError, match=message):
             GrowPushPrune(model, splits, recipes.build("sss", push=push), out_dir=tmp_path / push, progress=False,
                           factory=factory)
@@ -229,13 +231,13 @@ def test_the_loop_refuses_sss_on_such_a_model_before_training_it(tmp_path, monke
     GrowPushPrune(models.build("lenet5", input_size=8), splits, recipes.build("sss"), out_dir=tmp_path / "l",
                   progress=False)   # its layers get explicit factors: accepted
     vgg = models.build("vgg", in_channels=1, num_classes=10)
-    with pytest.raises(ValueError, match="no residual blocks to select"):   # its BatchNorm weights do not count
+    with pytest.raises(ValueError, match="removes whole residual blocks"):   # its BatchNorm weights do not count
         GrowPushPrune(vgg, splits, recipes.build("sss", push="sss_blocks"), out_dir=tmp_path / "v", progress=False)
     GrowPushPrune(vgg, splits, recipes.build("sss"), out_dir=tmp_path / "v", progress=False)   # channels: accepted
     out = subprocess.run([sys.executable, "-m", "gpp_ext.cli", "compress", "--recipe", "sss", "--push", "sss_blocks",
                           "--model", "lenet5", "--data", "digits", "--quiet", "--threads", "1",
                           "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "no residual blocks to select" in out.stderr
+    assert out.returncode != 0 and "(recipe sss-blocks) removes whole residual blocks" in out.stderr
     assert "Traceback" not in out.stderr
 
 

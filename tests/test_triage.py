@@ -42,6 +42,18 @@ def test_blocks_are_found_and_collapse_keeps_the_shapes():
     assert torch.equal(weight[0], weight[1]) and not torch.equal(weight[0], weight[2])
 
 
+def test_the_table_advises_collapsing_only_a_block_whose_collapse_costs_little():
+    def block(name, drop):
+        return BlockCriticality(name, [8, 8, 8], [8, 8, 8], 1000, 600, 0.9 - drop, drop)
+
+    rows = {line.split(" | ")[0].strip("| "): line for line in
+            triage_table([block("a", 0.61), block("b", 0.30), block("c", 0.25)]).splitlines()[2:]}
+    assert "most critical" in rows["a"] and "collapse" not in rows["b"] + rows["c"]
+    assert "least critical, though a single layer loses 25.0%" in rows["c"]
+    rows = triage_table([block("a", 0.02), block("b", 0.004), block("c", -0.01)])
+    assert rows.count("prune hard or collapse") == 2 and "most critical" in rows
+
+
 @pytest.mark.parametrize("name", ["resnet20", "inception"])
 def test_triage_reports_every_block_on_real_data_and_leaves_the_model(splits, name):
     torch.manual_seed(0)
@@ -99,3 +111,30 @@ def test_blocks_that_cannot_be_collapsed_are_refused_before_any_training(splits,
         triage(model, splits, blocks=["stages.0.0", "spare"], progress=False)
     with pytest.raises(ValueError, match=r"'classifier' must map \[C, H, W\]"):
         triage(model, splits, blocks=["stages.0.0", "classifier"], progress=False)
+
+
+def test_the_growth_says_what_it_tried_and_the_triage_that_ordered_it():
+    from gpp_ext import growth
+    from gpp_ext.loop import LoopConfig
+    from gpp_ext.report import render_markdown
+
+    config = LoopConfig(grow=True, max_modules_per_stage=1)
+    first = {"stage": -1, "modules": 0, "accuracy": 0.9, "params": 100, "kept": True, "method": "inception"}
+    assert growth.summary([first], config) == ("nothing tried: every stage already holds 1 module "
+                                               "(--max-modules-per-stage)")
+    triaged = [{"name": f"stages.{s}.0", "in_shape": [8, 8, 8], "out_shape": [8, 8, 8], "params": 900,
+                "layer_params": 600, "accuracy": 0.9 - d, "drop": d} for s, d in enumerate((0.01, 0.2))]
+    history = [dict(first, triage=triaged, order=[1, 0]),
+               dict(first, stage=1, modules=2, accuracy=0.93, params=150),
+               dict(first, stage=0, modules=2, accuracy=0.92, params=200, kept=False)]
+    assert growth.summary(history, config) == (
+        "2 candidates tried, 1 kept; stages grown in triage order [1, 0] (validation drop when collapsed: "
+        "stages.1.0 +0.200, stages.0.0 +0.010)")
+    report = {"dataset": "digits", "input_shape": [1, 8, 8], "num_classes": 10, "seconds": 1.0, "stopped": "done",
+              "iterations": [], "growth": history,
+              "base": {"params": 150, "flops": 1500, "test_accuracy": 0.93},
+              "final": {"params": 75, "flops": 700, "test_accuracy": 0.92},
+              "before_growth": {"params": 100, "flops": 1000, "val_accuracy": 0.9, "test_accuracy": 0.9}}
+    text = render_markdown(report)
+    assert "Grown from 100 parameters and 1,000 FLOPs" in text and "keeps 75.0% of the parameters" in text
+    assert "The stages grew in triage order [1, 0]" in text and "| stages.1.0 |" in text
