@@ -632,14 +632,16 @@ class GrowPushPrune:
                                            resume=self.state.growing)
             self.model, self.state.growth = growth.get(cfg.growth)(self.model, context)
             self.state.growing = None
-            self.state.before_growth = self.state.base
+            if any(h.get("kept") for h in self.state.growth[1:]):  # the model grew: the base is now another
+                self.state.before_growth = self.state.base
             self.state.base = self._metrics(self.model, grown=True)
             self.state.base_model = io.payload(self.model)
             self.state.stage = stage
             self._save()
             self._say(f"grown ({cfg.growth}; {growth.summary(self.state.growth, cfg)}): "
                       f"{self._size(self.state.base)}, validation accuracy {self.state.base['val_accuracy']:.4f}; "
-                      f"the targets are fractions of this grown model ({took()})")
+                      + ("the targets are fractions of this grown model" if self.state.before_growth else
+                         "the model is unchanged") + f" ({took()})")
             from .pruning import ChannelGraph
 
             problem = unreachable(ChannelGraph(self.model, self.example, ignore=tuple(cfg.ignore)), cfg)

@@ -28,7 +28,8 @@ def build(name="lenet5", seed=0):
 
 def test_end_to_end_grows_pushes_prunes_and_reports(tmp_path):
     model, splits = build("inception")
-    config = LoopConfig(**FAST, grow=True, grow_epochs=1, max_modules_per_stage=2)
+    # a one-epoch base leaves room to grow (after four epochs it scores 0.986, and no module pays for itself)
+    config = LoopConfig(**{**FAST, "epochs": 1}, grow=True, grow_epochs=1, max_modules_per_stage=2)
     said = []
     run = GrowPushPrune(model, splits, config, out_dir=tmp_path, progress=False, log=said.append)
     report = run.run()
@@ -38,10 +39,11 @@ def test_end_to_end_grows_pushes_prunes_and_reports(tmp_path):
     kept = sum(g["kept"] for g in report["growth"][1:])
     assert any(line.startswith(f"grown (inception; {tried} candidate{'s' * (tried != 1)} tried, {kept} kept)")
                for line in said), said
-    # the sizes after growth are shares of the grown model, and the report keeps the model before growth
-    assert any("% of the grown model)" in line for line in said) and not any("of the base)" in line for line in said)
+    # once the model grew, sizes are shares of the grown model, and the report keeps the model before growth
+    assert kept and any("% of the grown model)" in line for line in said)
+    assert not any("of the base)" in line for line in said)
     assert report["before_growth"]["params"] == count_params(models.build("inception", in_channels=1,
-                                                                          num_classes=10))
+                                                                          num_classes=10)) < base_params(report)
     assert f"Grown from {report['before_growth']['params']:,} parameters" in (tmp_path / "report.md").read_text()
     assert report["iterations"] and all("val_accuracy_after_prune" in it for it in report["iterations"])
     base, final = report["base"], report["final"]
@@ -59,6 +61,10 @@ def test_end_to_end_grows_pushes_prunes_and_reports(tmp_path):
     assert gpp_ext.count_params(compact) == final["params"]
 
 
+def base_params(report):
+    return report["base"]["params"]
+
+
 def test_the_base_is_measured_with_the_statistics_of_its_final_weights(tmp_path):
     """Two epochs on digits are 24 steps: BatchNorm's running averages still hold much of their starting values,
     and the trained base scored at chance (0.098) with them, which set the accuracy floor and each growth
@@ -70,6 +76,15 @@ def test_the_base_is_measured_with_the_statistics_of_its_final_weights(tmp_path)
     assert report["base"]["val_accuracy"] > 0.5 and "no_floor" not in report, report["base"]
     assert report["accuracy_floor"] == pytest.approx(report["base"]["val_accuracy"] - config.accuracy_floor)
     assert any(line.startswith("base model: ") and "after 2 epochs" in line for line in said)
+    # a growth that cannot add a module says why, and the model it leaves is the base
+    said.clear()
+    config = build_recipe("gpp-cut", epochs=2, epoch_budget=0.5, target_params=0.9, grow=True, growth="inception",
+                          max_modules_per_stage=1)
+    report = GrowPushPrune(build("inception")[0], splits, config, out_dir=tmp_path / "grown", progress=False,
+                           log=said.append).run()
+    assert any(line.startswith("grown (inception; nothing tried: every stage already holds 1 module") and
+               line.endswith("the model is unchanged (0 s)") or "the model is unchanged (" in line for line in said)
+    assert "before_growth" not in report and any("% of the base)" in line for line in said)
 
 
 def test_an_untrained_base_sets_no_accuracy_floor(tmp_path):
