@@ -630,7 +630,9 @@ def _compress_in(args, device, config, out, teacher, ignore, peers, amp, lead) -
         model_file = os.path.join(out, "model.pt")
         if floor_met:
             print(f"gpp: the compact model MISSED the target: it keeps {kept} (target {_target(config)}): "
-                  f"{report['stopped']}. {model_file} is the smallest model above the accuracy floor; exit status 3",
+                  f"{report['stopped']}. {model_file} is the smallest model "
+                  + ("met" if report.get("accuracy_floor") is None else "above the accuracy floor")
+                  + "; exit status 3",
                   file=sys.stderr)
         else:
             print(f"gpp: the compact model MISSED the accuracy floor: no iteration's model kept validation accuracy "

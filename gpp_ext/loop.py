@@ -362,6 +362,8 @@ class _State:
     stage: int = 0                   # stages completed
     base: dict = field(default_factory=dict)
     before_growth: dict | None = None   # with growth: the trained model's metrics (`base` is the grown model's)
+    settled: bool = False               # the base was measured after BatchNorm's re-estimate (`_train(settle=)`;
+                                        # False in checkpoints written before the loop did it)
     iterations: list = field(default_factory=list)
     growth: list = field(default_factory=list)
     best_accuracy: dict | None = None   # {"metrics": ..., "model": state}
@@ -487,11 +489,9 @@ class GrowPushPrune:
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.splits.num_classes):
             raise ValueError(f"GrowPushPrune: the model must return logits [batch, {self.splits.num_classes}], got "
                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-        if self.config.grow:
-            growth.check_model(self.config.growth, self.model, self.example, self.config.ignore)
-        pushes.check_model(self.config, self.model, self.example)
         # The channel graph every prune stage builds: a model it cannot handle (torch.roll, einsum, an `if` on
-        # the data) is refused now, not after the base model has been trained.
+        # the data) is refused now, not after the base model has been trained; first, since the growth's and the
+        # push's checks trace it too, and only this message says what to do (--ignore).
         from .pruning import ChannelGraph
 
         try:
@@ -499,6 +499,9 @@ class GrowPushPrune:
         except ValueError as error:
             raise ValueError(f"GrowPushPrune: the model cannot be pruned as it is: {error} (gpp: --ignore "
                              f"NAME[,NAME])") from error
+        if self.config.grow:
+            growth.check_model(self.config.growth, self.model, self.example, self.config.ignore)
+        pushes.check_model(self.config, self.model, self.example)
         if not self.config.grow:  # a grown model is another model: its smallest cut is known after the growth
             self._check_reachable(graph)
 
@@ -562,7 +565,22 @@ class GrowPushPrune:
             return False
         self.state = _State(**data["state"])
         self.model = io.from_payload(data["model"], self.factory).to(self.device)
+        if self.state.stage == 1 and not self.state.settled and self.config.epochs > 0:
+            self._settle_base()
         return True
+
+    def _settle_base(self) -> None:
+        """A checkpoint whose base was trained before the loop re-estimated BatchNorm after training, resumed
+        before anything was measured against it: the base is re-estimated and measured again, so the floor and
+        the growth compare with what the model does. (Later stages keep the reference they started with.)"""
+        recalibrate_batchnorm(self.model, training_batches(self.splits.train, self.config.batch_size,
+                                                           stage_seed(self.config.seed, 1) + 1), device=self.device)
+        self.state.base = self._metrics(self.model)
+        self.state.base_model = io.payload(self.model)
+        self.state.settled = True
+        self._save()
+        self._say(f"the base's BatchNorm statistics re-estimated for its trained weights: validation accuracy "
+                  f"{self.state.base['val_accuracy']:.4f}")
 
     def _start_fresh(self, overwrite: bool) -> None:
         self.folder.start_fresh(overwrite)
@@ -609,6 +627,7 @@ class GrowPushPrune:
             self.model = self._train(self.model, cfg.epochs, stage, "training", settle=True)
             self.state.base = self._metrics(self.model)
             self.state.base_model = io.payload(self.model)
+            self.state.settled = True
             self.state.stage = stage
             self._save()
             self._say(f"base model: {self._size(self.state.base)}, validation accuracy "
@@ -619,8 +638,8 @@ class GrowPushPrune:
                 if self.teacher is not None else {}
 
             def train(m, after_step=None):
-                return self._train(m, cfg.grow_epochs, stage, "growing", settle=True, after_step=after_step,
-                                   **teach)
+                return self._train(m, cfg.grow_epochs, stage, "growing", settle=cfg.growth != "planting",
+                                   after_step=after_step, **teach)   # (planting re-estimates in its own way)
 
             def checkpoint(m, progress):  # after every attempt: the net kept so far and how far the growth got
                 self.model, self.state.growing = m, progress
@@ -634,8 +653,8 @@ class GrowPushPrune:
             self.state.growing = None
             if any(h.get("kept") for h in self.state.growth[1:]):  # the model grew: the base is now another
                 self.state.before_growth = self.state.base
-            self.state.base = self._metrics(self.model, grown=True)
-            self.state.base_model = io.payload(self.model)
+                self.state.base = self._metrics(self.model, grown=True)
+                self.state.base_model = io.payload(self.model)
             self.state.stage = stage
             self._save()
             self._say(f"grown ({cfg.growth}; {growth.summary(self.state.growth, cfg)}): "
@@ -646,9 +665,10 @@ class GrowPushPrune:
 
             problem = unreachable(ChannelGraph(self.model, self.example, ignore=tuple(cfg.ignore)), cfg)
             if problem:  # the run goes on (its growth is kept); it will stop short and say so (exit 3)
+                problem = f"{'on the grown model' if self.state.before_growth else 'after the growth'}, {problem}"
                 if self.log is None:
-                    warnings.warn(f"GrowPushPrune: on the grown model, {problem}", RuntimeWarning, stacklevel=2)
-                self._say(f"warning: on the grown model, {problem}")
+                    warnings.warn(f"GrowPushPrune: {problem}", RuntimeWarning, stacklevel=2)
+                self._say(f"warning: {problem}")
         base = self.state.base
         chance = _at_chance(base["val_accuracy"], self.splits.val)
         floor = None if chance else base["val_accuracy"] - cfg.accuracy_floor

@@ -249,11 +249,11 @@ def _hgs(ctx: PushContext):
 
 def _sss_selectable(channels: bool):
     def check(config, model, example) -> None:
-        from .pruning.sss import check_selectable
+        from .pruning.sss import NothingToSelect, check_selectable
 
         try:
             check_selectable(model, blocks=True, channels=channels, example=example, ignore=tuple(config.ignore))
-        except ValueError as error:  # said in the words a user chose the method by: the push and its recipe
+        except NothingToSelect as error:  # said in the words a user chose the method by: the push and its recipe
             if channels:
                 raise ValueError(f"push {config.push!r} (recipe sss) scales residual blocks and channels, and "
                                  f"{type(model).__name__} has neither; push 'hgs' or 'group_fisher' (recipes hgs, "

@@ -34,7 +34,7 @@ def _timed_row(label: str, t: dict, digits: int) -> tuple:
     if not t["ratio"].get("reliable", True):
         change += "; unreliable: the machine was busy, the rounds disagree"
     apart = t["base"]["median_ms"] / max(t["compact"]["median_ms"], 1e-12)
-    if abs(math.log(apart / t["ratio"]["median"])) > math.log(1.05):  # the two readings disagree by over 5%
+    if apart > 0 and abs(math.log(apart / t["ratio"]["median"])) > math.log(1.05):  # they disagree by over 5%
         change += f"; the medians' ratio: {_speed(apart)}"
     return (label, f"{t['base']['median_ms']:.{digits}f}", f"{t['compact']['median_ms']:.{digits}f}", change)
 

@@ -181,9 +181,9 @@ def triage_table(results: list) -> str:
     lines = ["| block | in -> out | params (block -> layer) | val acc collapsed | drop | what it says |",
              "|---|---|---:|---:|---:|---|"]
     for r in ranked:
-        if r.drop == top and top > NEGLIGIBLE:
+        if r.drop == top and top > NEGLIGIBLE + 1e-9:
             hint = "most critical: grow here first, prune lightly"
-        elif r.drop <= NEGLIGIBLE:
+        elif r.drop <= NEGLIGIBLE + 1e-9:  # one sample of 200 is 0.0050000000000000044
             hint = "a single layer does its work: prune hard or collapse"
         elif r.drop == bottom:
             hint = f"least critical, though a single layer loses {r.drop:.1%}: prune here first"

@@ -66,7 +66,7 @@ def base_params(report):
 
 
 def test_the_base_is_measured_with_the_statistics_of_its_final_weights(tmp_path):
-    """Two epochs on digits are 24 steps: BatchNorm's running averages still hold much of their starting values,
+    """Two epochs on digits are 22 steps: BatchNorm's running averages still hold much of their starting values,
     and the trained base scored at chance (0.098) with them, which set the accuracy floor and each growth
     candidate's comparison. The loop re-estimates them after training the base."""
     model, splits = build("inception")
@@ -82,9 +82,37 @@ def test_the_base_is_measured_with_the_statistics_of_its_final_weights(tmp_path)
                           max_modules_per_stage=1)
     report = GrowPushPrune(build("inception")[0], splits, config, out_dir=tmp_path / "grown", progress=False,
                            log=said.append).run()
-    assert any(line.startswith("grown (inception; nothing tried: every stage already holds 1 module") and
-               line.endswith("the model is unchanged (0 s)") or "the model is unchanged (" in line for line in said)
+    grown = [line for line in said if line.startswith("grown (")]
+    assert len(grown) == 1 and grown[0].startswith("grown (inception; nothing tried: every stage already holds 1 "
+                                                   "module (--max-modules-per-stage)): ")
+    assert "the model is unchanged (" in grown[0]
     assert "before_growth" not in report and any("% of the base)" in line for line in said)
+
+
+def test_a_base_checkpointed_before_the_re_estimate_is_re_estimated_when_resumed(tmp_path, monkeypatch):
+    """A run whose base was trained and checkpointed by a loop that did not yet re-estimate BatchNorm, resumed
+    before its first push: the base is re-estimated and measured again, so the floor is not set from a base at
+    chance."""
+    from gpp_ext.atomic import read, save_atomic
+
+    config = build_recipe("gpp-cut", epochs=2, epoch_budget=0.5, target_params=0.9)
+    real = loop_module.recalibrate_batchnorm
+    monkeypatch.setattr(loop_module, "recalibrate_batchnorm", lambda model, *a, **k: model)   # the old loop
+    monkeypatch.setattr(loop_module, "push_stage", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        GrowPushPrune(*build("inception"), config, out_dir=tmp_path, progress=False).run()
+    checkpoint = tmp_path / "checkpoint.pt"
+    data = read(checkpoint, "test")
+    assert data["state"]["stage"] == 1 and data["state"]["base"]["val_accuracy"] < 0.2   # stale statistics
+    del data["state"]["settled"]   # as a checkpoint of the old loop has it
+    save_atomic(data, checkpoint)
+    monkeypatch.undo()
+    said = []
+    report = GrowPushPrune(*build("inception"), config, out_dir=tmp_path, progress=False,
+                           log=said.append).run(resume=True)
+    assert report["base"]["val_accuracy"] > 0.5 and "no_floor" not in report
+    assert any(line.startswith("the base's BatchNorm statistics re-estimated") for line in said)
+    assert loop_module.recalibrate_batchnorm is real
 
 
 def test_an_untrained_base_sets_no_accuracy_floor(tmp_path):

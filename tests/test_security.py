@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpp_ext import data, export, io, loop as loop_module, models
+from gpp_ext import data, export, io, loop as loop_module, models, recipes
 from gpp_ext.data.files import image_folder, npz
 from gpp_ext.loop import GrowPushPrune, LoopConfig
 from gpp_ext.report import read_report
@@ -267,9 +267,10 @@ def test_a_model_the_graph_cannot_handle_is_refused_before_training(tmp_path, mo
         raise AssertionError("trained a model that cannot be pruned")
 
     monkeypatch.setattr(loop_module, "fit", no_training)
-    with pytest.raises(ValueError, match="cannot be pruned as it is"):
-        GrowPushPrune(model, data.load_dataset("digits"), LoopConfig(epochs=1), out_dir=tmp_path / "o",
-                      progress=False)
+    for config in (LoopConfig(epochs=1), recipes.build("sss", epochs=1),   # the pushes' and the growths' checks
+                   LoopConfig(epochs=1, grow=True, growth="planting")):       # trace it too: this message first
+        with pytest.raises(ValueError, match="cannot be pruned as it is"):
+            GrowPushPrune(model, data.load_dataset("digits"), config, out_dir=tmp_path / "o", progress=False)
     out = gpp("compress", "--model", "unprunable.py:make", "--model-args", json.dumps({"kind": kind}), *TINY,
               "--epochs", "50", "--out", tmp_path / "run", cwd=tmp_path)
     assert out.returncode == 2 and "cannot be pruned as it is" in out.stderr and "--ignore" in out.stderr

@@ -13,7 +13,10 @@ compression benchmark:
 1. `grown`: the Inception net (`models.build("inception")`) trained `base_epochs`, then grown stage by stage by
    `growth.inception` (each candidate trained `grow_epochs`, kept if validation accuracy rose at all); every net
    met on the way is recorded (params, FLOPs, validation and test accuracy, the epochs that built it, kept or not;
-   the largest's record also counts the epochs spent on refused attempts, `refused_epochs`).
+   the largest's record also counts the epochs spent on refused attempts, `refused_epochs`). Its candidates are
+   measured with BatchNorm's running averages as training left them, where `gpp compress --grow` now
+   re-estimates them after each candidate's training: that matters for a few dozen steps on a small data set
+   (digits); here a candidate trains 860 steps, and the records predate the loop's re-estimate.
 2. `pruned`: the largest grown net pushed and pruned by the default loop (`GrowPushPrune(...).run()`, epoch
    budget `prune_epochs`) to the size of each smaller kept net; each record states the default recipe it ran
    and the pruning algorithms' version (`recipe`); one made by another is redone on `--resume`. It has seen

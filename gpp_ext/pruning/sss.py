@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..layers import is_batch_norm
 from .blocks import BlockScales, residual_blocks
 
-__all__ = ["SparseStructureSelection", "ChannelScales", "check_selectable", "ETA", "MOMENTUM"]
+__all__ = ["SparseStructureSelection", "ChannelScales", "check_selectable", "NothingToSelect", "ETA", "MOMENTUM"]
 
 ETA = 0.1        # the step of the factors' proximal update at the peak of the schedule (the paper's SGD rate)
 MOMENTUM = 0.9
@@ -68,6 +68,10 @@ def scalable_layers(model: nn.Module, example, ignore=()) -> list:
     return names
 
 
+class NothingToSelect(ValueError):
+    """`check_selectable`'s refusal: the model has none of the structures SSS would scale."""
+
+
 def check_selectable(model: nn.Module, blocks: bool = True, channels: bool = True, example=None, ignore=()) -> None:
     """`ValueError` when `model` has none of the structures SSS would scale (removable residual blocks when
     `blocks`; when `channels`, BatchNorm weights, or with `example` inputs a layer `ChannelScales` would scale):
@@ -81,8 +85,8 @@ def check_selectable(model: nn.Module, blocks: bool = True, channels: bool = Tru
         return
     what = " and ".join(n for n, on in (("residual blocks", blocks),
                                         ("channels (BatchNorm weights or prunable layers)", channels)) if on)
-    raise ValueError(f"SparseStructureSelection: the model has no {what} to select; use a model with them, or "
-                     f"another push (hgs, group_fisher)")
+    raise NothingToSelect(f"SparseStructureSelection: the model has no {what} to select; use a model with them, "
+                          f"or another push (hgs, group_fisher)")
 
 
 class ChannelScales:
