@@ -565,8 +565,8 @@ class GrowPushPrune:
             return False
         self.state = _State(**data["state"])
         self.model = io.from_payload(data["model"], self.factory).to(self.device)
-        if self.state.stage == 1 and not self.state.settled and self.config.epochs > 0:
-            self._settle_base()
+        if self.state.stage == 1 and self.state.growing is None and not self.state.settled and self.config.epochs > 0:
+            self._settle_base()   # (inside a growth, the checkpointed model is the net kept so far, not the base)
         return True
 
     def _settle_base(self) -> None:
