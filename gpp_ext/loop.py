@@ -526,9 +526,13 @@ class GrowPushPrune:
                     seed=stage_seed(cfg.seed, stage), device=self.device,
                     progress=self.progress, desc=desc, **train_kwargs(cfg), **extra)
         if settle and epochs > 0:
-            recalibrate_batchnorm(model, training_batches(self.splits.train, cfg.batch_size,
-                                                          stage_seed(cfg.seed, stage) + 1), device=self.device)
+            self._re_estimate(model, stage)
         return model
+
+    def _re_estimate(self, model: nn.Module, stage: int) -> None:
+        """BatchNorm's statistics of `model` re-estimated on training batches drawn from stage `stage`'s seed."""
+        recalibrate_batchnorm(model, training_batches(self.splits.train, self.config.batch_size,
+                                                      stage_seed(self.config.seed, stage) + 1), device=self.device)
 
     def _teacher(self) -> dict:
         """`fit` arguments for distillation from the base model in fine-tuning (`finetune_distill`), or none."""
@@ -573,8 +577,7 @@ class GrowPushPrune:
         """A checkpoint whose base was trained before the loop re-estimated BatchNorm after training, resumed
         before anything was measured against it: the base is re-estimated and measured again, so the floor and
         the growth compare with what the model does. (Later stages keep the reference they started with.)"""
-        recalibrate_batchnorm(self.model, training_batches(self.splits.train, self.config.batch_size,
-                                                           stage_seed(self.config.seed, 1) + 1), device=self.device)
+        self._re_estimate(self.model, 1)   # as the base's training (stage 1) now ends
         self.state.base = self._metrics(self.model)
         self.state.base_model = io.payload(self.model)
         self.state.settled = True
